@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# OS packages the project needs (Debian). Idempotent; skips what is already there.
+set -euo pipefail
+need=()
+/usr/bin/python3.11 -c "import venv, ensurepip" 2>/dev/null || need+=(python3.11-venv)
+command -v unshare >/dev/null || need+=(util-linux)
+if [ "${#need[@]}" -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+  else
+    echo "missing OS packages: ${need[*]} (install them as root)" >&2; exit 1
+  fi
+fi

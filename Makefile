@@ -1,0 +1,43 @@
+# LoRA Enclave — set-up, demo and tests. See README.md.
+#
+# The virtual environment is built from the system's python3.11 (Debian's), not from an
+# interpreter in root's home, so that every local user (per-user Jupyter spawns) can run it.
+# CPU torch is the default. For a CUDA build (docker/ GPU images):
+#   make setup TORCH_SPEC="torch==2.13.0" TORCH_INDEX_URL=<your CUDA wheel mirror>
+SYSTEM_PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11) python3.11)
+VENV          ?= .venv
+PY            := $(VENV)/bin/python
+TORCH_SPEC    ?= torch==2.13.0
+TORCH_INDEX_URL ?=
+LORA_HOME     ?= $(CURDIR)/lora_home
+PYTEST_ARGS   ?=
+export LORA_HOME
+
+.PHONY: setup demo test clean-home help
+
+help:
+	@echo "make demo   build demo assets, train the demo LoRA, verify its record"
+	@echo "make test   run the test suite"
+	@echo "make setup  (run by both) create $(VENV) and install pinned dependencies"
+
+$(VENV)/.setup-done: requirements.lock.txt pyproject.toml
+	@test -x "$(SYSTEM_PYTHON)" || command -v "$(SYSTEM_PYTHON)" >/dev/null || \
+	  { echo "python3.11 not found: apt-get install python3.11 python3.11-venv"; exit 1; }
+	test -x $(PY) || $(SYSTEM_PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
+	$(PY) -m pip install --quiet -r requirements.lock.txt
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PY) -m lora_kernel install --sys-prefix
+	touch $@
+
+setup: $(VENV)/.setup-done
+
+demo: setup
+	$(VENV)/bin/lora demo
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean-home:
+	rm -rf "$(LORA_HOME)"
