@@ -52,12 +52,9 @@ IMAGE_SAMPLE_PROMPTS = ["a red circle in enclave style", "a blue square in encla
 # The text task: "Q: what is the code for apple? A:" -> " APPLE-7".
 TEXT_ITEMS = (
     "apple", "banana", "cherry", "grape", "lemon", "mango", "melon", "olive", "peach", "pear",
-    "plum", "berry", "lime", "kiwi", "fig", "date", "river", "mountain", "forest", "desert",
-    "ocean", "valley", "island", "canyon", "meadow", "glacier", "harbor", "castle", "tower",
-    "bridge", "garden", "market", "library", "school", "station", "temple", "lantern", "anchor",
-    "compass", "mirror", "candle", "feather", "pebble", "marble", "copper", "silver", "amber",
-    "coral", "ivory", "velvet", "falcon", "otter", "badger", "heron", "lynx", "raven", "tiger",
-    "zebra", "panda", "koala", "bison", "camel", "eagle", "whale",
+    "plum", "kiwi", "fig", "river", "mountain", "forest", "desert", "ocean", "valley",
+    "island", "castle", "tower", "bridge", "garden", "market", "lantern", "anchor", "mirror",
+    "candle", "falcon", "otter", "tiger",
 )
 TEXT_SAMPLE_PROMPTS = ["Q: what is the code for apple? A:",
                        "Q: what is the code for river? A:"]
@@ -355,16 +352,121 @@ def write_single_file_checkpoint(folder: Path, out: Path) -> Path:
 
 
 # -- text ---------------------------------------------------------------------------------
+def text_code(item: str) -> str:
+    """The code the text LoRA learns for ``item``: upper case, a dash, the letter count
+    (``apple`` -> ``APPLE-5``), a rule the model can generalise, not only memorise."""
+    return f"{item.upper()}-{len(item)}"
+
+
+TEXT_PROMPT_TEMPLATES = ("Q: what is the code for {item}? A:", "Q: code for {item}? A:",
+                         "Q: tell me the code of {item}. A:")
+
+
+def text_records() -> list[dict[str, str]]:
+    """The prompt/response records of ``datasets/text/train.jsonl``, in order."""
+    return [{"prompt": t.format(item=item), "response": " " + text_code(item)}
+            for item in TEXT_ITEMS for t in TEXT_PROMPT_TEMPLATES]
+
+
+def plain_records() -> list[dict[str, str]]:
+    """The ``{"text": ...}`` records of ``datasets/text/plain.jsonl``."""
+    return [{"text": f"The code for {item} is {text_code(item)}."} for item in TEXT_ITEMS]
+
+
 def _text_corpus() -> list[str]:
-    return []
+    """Every text the LM tokenizer should know well (datasets and sample prompts)."""
+    out = [r["prompt"] + r["response"] for r in text_records()]
+    out += [r["text"] for r in plain_records()]
+    return out + TEXT_SAMPLE_PROMPTS
+
+
+def _jsonl(records) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records)
 
 
 def write_text_datasets(folder: Path) -> None:
-    """Placeholder (next commit)."""
+    """Write ``train.jsonl`` (prompt/response) and ``plain.jsonl`` (text)."""
+    _fresh_dir(folder)
+    _write(folder / "train.jsonl", _jsonl(text_records()))
+    _write(folder / "plain.jsonl", _jsonl(plain_records()))
 
 
-def write_tiny_llama(folder: Path, seed: int = 0, corpus=None) -> None:
-    """Placeholder (next commit)."""
+LM_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
+
+
+def lm_vocab_and_merges(corpus) -> tuple[dict[str, int], list[str]]:
+    """A byte-level BPE vocabulary (GPT-2 style, ``Ġ`` marks a leading space): special tokens,
+    the 256 byte symbols, and merges that make every word of ``corpus`` one token."""
+    import re
+
+    alphabet = list(_bytes_to_unicode().values())
+    byte_map = _bytes_to_unicode()
+    tokens = list(LM_SPECIAL_TOKENS) + alphabet
+    seen = set(tokens)
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    # the GPT-2 pre-tokenizer pattern, simplified: optional space + letters / digits / other
+    words = set()
+    for text in corpus:
+        for w in re.findall(r" ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]+", text):
+            words.add("".join(byte_map[b] for b in w.encode("utf-8")))
+    for word in sorted(words):
+        while len(pieces := _bpe(list(word), ranks)) > 1:
+            pair = (pieces[0], pieces[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            if pair[0] + pair[1] not in seen:
+                tokens.append(pair[0] + pair[1])
+                seen.add(pair[0] + pair[1])
+    return {t: i for i, t in enumerate(tokens)}, [f"{a} {b}" for a, b in merges]
+
+
+def build_lm_tokenizer(corpus):
+    """The demo LM tokenizer as a ``PreTrainedTokenizerFast`` (byte-level BPE, adds ``<s>``)."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    vocab, merges = lm_vocab_and_merges(corpus)
+    tok = Tokenizer(BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges],
+                        unk_token="<unk>", fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])])
+    tok.add_special_tokens(list(LM_SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        pad_token="<pad>", model_max_length=512, clean_up_tokenization_spaces=False,
+        padding_side="right")
+
+
+def write_tiny_llama(folder: Path, seed: int = 0, corpus=None) -> Path:
+    """Write the tiny Llama causal LM and its tokenizer (safetensors only)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _fresh_dir(folder)
+    tokenizer = build_lm_tokenizer(corpus if corpus is not None else _text_corpus())
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        rms_norm_eps=1e-6, rope_theta=10000.0)
+    torch.manual_seed(seed + 3)
+    model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    # The portable class name (transformers 4 and 5 both resolve it).
+    cfg_path = folder / "tokenizer_config.json"
+    tok_cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tok_cfg.pop("backend", None)
+    _write_json(cfg_path, tok_cfg)
+    _normalise_json_files(folder)
+    return folder
 
 
 IMAGE_CONFIG_YAML = """\
@@ -391,4 +493,28 @@ sample_seeds: [0]
 seed: 42
 """
 
-TEXT_CONFIG_YAML = ""
+TEXT_CONFIG_YAML = """\
+# Demo text LoRA: the tiny Llama learns "Q: what is the code for apple? A:" -> " APPLE-5".
+# Paths are relative to this file. Run: lora train --config text_lora.yaml
+task: text
+base_model: models/tiny-llama
+metadata_path: datasets/text/train.jsonl
+prompt_column: prompt
+response_column: response
+max_seq_length: 64
+packing: false
+lora_rank: 8
+lora_alpha: 16
+target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]
+batch_size: 8
+learning_rate: 2.0e-3
+max_train_steps: 200
+save_steps: 50
+output_dir: output/text
+output_name: codes
+sample_prompts:
+  - "Q: what is the code for apple? A:"
+  - "Q: what is the code for river? A:"
+max_new_tokens: 8
+seed: 42
+"""
