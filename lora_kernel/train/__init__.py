@@ -42,6 +42,8 @@ class TrainResult:
     dataset_version: str
     dataset_digests: dict[str, str]
     samples: dict = field(default_factory=dict)
+    eval_loss_before: float | None = None
+    eval_loss_after: float | None = None
     cache_hit: bool = False
     resumed_from: str | None = None
     summary_path: str = ""
@@ -98,6 +100,8 @@ def train(cfg, *, resume: bool | str | Path | None = None, progress: bool = True
                       base_model_sha256=model_sha, dataset_version=version,
                       dataset_digests=digests if cfg.record_dataset_paths else {},
                       samples=sample_info, cache_hit=cache_hit,
+                      eval_loss_before=result.eval_loss_before,
+                      eval_loss_after=result.eval_loss_after,
                       resumed_from=result.resumed_from)
     summary = asdict(res)
     summary.update({"config": cfg.to_dict(), "started": started, "ended": time.time(),

@@ -231,6 +231,13 @@ class ImageTask:
     def batch_size_of(self, batch: list[int]) -> int:
         return len(batch)
 
+    def num_examples(self) -> int:
+        return len(self.examples)
+
+    def train_mode(self, enabled: bool) -> None:
+        self.comps.unet.train(enabled)
+        self.comps.text_encoder.train(enabled and self.cfg.train_text_encoder)
+
     def loss(self, batch: list[int], generator: torch.Generator) -> torch.Tensor:
         cfg, dev = self.cfg, self.device
         if self.latents is not None:

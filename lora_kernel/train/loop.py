@@ -50,6 +50,12 @@ class Task(Protocol):
     def batch_size_of(self, batch: list[int]) -> int:
         """Examples (images / sequences) in a batch, for throughput."""
 
+    def train_mode(self, enabled: bool) -> None:
+        """Switch the trained modules between train and eval mode (dropout)."""
+
+    def num_examples(self) -> int:
+        """Examples in the dataset (for the fixed evaluation pass)."""
+
 
 @dataclass
 class LoopResult:
@@ -62,6 +68,30 @@ class LoopResult:
     examples_per_second: float = 0.0
     resumed_from: str | None = None
     checkpoints: list[str] = field(default_factory=list)
+    eval_loss_before: float | None = None
+    eval_loss_after: float | None = None
+
+
+@torch.no_grad()
+def evaluate(task: Task, cfg, device: torch.device) -> float:
+    """Mean loss over the whole dataset with fixed noise (seeded apart from training).
+
+    The same noise, timesteps and batches every call, so the value before and after
+    training measures what the LoRA learned, free of the noise of training losses.
+    Touches no global RNG, so calling it does not change the training trajectory.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 7919)
+    task.train_mode(False)
+    total, count = 0.0, 0
+    try:
+        idx = list(range(task.num_examples()))
+        for batch in iter_chunks(idx, cfg.batch_size):
+            with autocast_context(cfg, device):
+                total += task.loss(batch, gen).item() * len(batch)
+            count += len(batch)
+    finally:
+        task.train_mode(True)
+    return total / max(1, count)
 
 
 def seed_everything(seed: int) -> None:
@@ -168,6 +198,7 @@ def save_checkpoint(path: Path, *, step: int, epoch: int, batch_in_epoch: int,
         "optimizer_param_groups": opt["param_groups"], "optimizer_scalars": opt_meta,
         "scheduler": scheduler.state_dict(), "rng": rng_meta, "config": config,
         "losses": result.losses, "lrs": result.lrs,
+        "eval_loss_before": result.eval_loss_before,
     }
     (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default))
     if path.exists():
@@ -279,6 +310,9 @@ def run_loop(cfg, task: Task, *, output_dir: Path, device: torch.device,
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         result.losses, result.lrs = list(state["losses"]), list(state["lrs"])
         result.resumed_from = str(ckpt)
+        result.eval_loss_before = state.get("eval_loss_before")
+    else:
+        result.eval_loss_before = evaluate(task, cfg, device)
 
     writer = SummaryWriter(log_dir=str(output_dir / "tb"), purge_step=step or None)
     bar = tqdm(total=n_steps, initial=step, desc=f"{cfg.task} LoRA", unit="step",
@@ -350,6 +384,7 @@ def run_loop(cfg, task: Task, *, output_dir: Path, device: torch.device,
         writer.flush()
         writer.close()
     result.steps = step
+    result.eval_loss_after = evaluate(task, cfg, device)
     result.seconds = time.perf_counter() - t_start
     result.examples_per_second = examples / result.seconds if result.seconds else 0.0
     return result

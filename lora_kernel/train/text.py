@@ -113,6 +113,12 @@ class TextTask:
     def batch_size_of(self, batch: list[int]) -> int:
         return len(batch)
 
+    def num_examples(self) -> int:
+        return len(self.sequences)
+
+    def train_mode(self, enabled: bool) -> None:
+        self.model.train(enabled)
+
     def loss(self, batch: list[int], generator: torch.Generator) -> torch.Tensor:
         ids, mask, labels = collate([self.sequences[i] for i in batch], self.pad_id)
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
