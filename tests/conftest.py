@@ -6,13 +6,163 @@ append their fixtures below with a line in this list.
 Fixtures
 --------
 lora_home_tmp
-    A fresh working home (``LORA_HOME``) in a temp folder for one test.
+    A fresh working home (``LORA_HOME`` set) in a temp folder for one test.
 lora_kernel_prefix (session)
-    A temp prefix with the ``lora`` kernelspec installed (``share/jupyter/kernels/lora``),
-    added to ``JUPYTER_PATH`` so that ``KernelManager(kernel_name="lora")`` finds it.
+    A temp prefix with the ``lora`` kernelspec installed by ``lora_kernel.kernelspec.install``
+    (``<prefix>/share/jupyter/kernels/lora``).
+netns_available (session)
+    True when running as root and ``unshare -n`` works: network cases then run their kernel
+    in a fresh network namespace (only a loopback inside), so even a bug sends no packet
+    off the machine.
 lora_kernel (function)
-    Factory: ``lora_kernel(env=..., policy=..., netns=...)`` starts a *fresh* guarded kernel
-    with ``jupyter_client`` and returns a ``KernelSession`` (``.run(code)`` -> result dict,
-    ``.home``, ``.km``); shut down after the test. Audit hooks cannot be removed, so tests
-    never share a kernel process.
+    Factory ``lora_kernel(env=None, policy=None, netns="auto")`` starting a *fresh* guarded
+    kernel (``KernelManager(kernel_name="lora")``) and returning a ``KernelSession``:
+    ``.run(code)`` -> dict(status, ename, evalue, stdout, stderr), ``.run_json(code)`` (the
+    last stdout line parsed as JSON), ``.events()`` (the kernel's log events), ``.home``.
+    ``policy`` is YAML text written as ``egress.yaml`` into a temp ``LORA_POLICIES`` folder.
+    Kernels are shut down after the test. Audit hooks cannot be removed, so tests never
+    share a kernel process.
 """
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture
+def lora_home_tmp(tmp_path, monkeypatch):
+    """A fresh ``LORA_HOME`` for one test."""
+    home = tmp_path / "lora_home"
+    home.mkdir()
+    monkeypatch.setenv("LORA_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def lora_kernel_prefix(tmp_path_factory):
+    """A prefix with the ``lora`` kernelspec installed into it."""
+    from lora_kernel.kernelspec import install
+
+    prefix = tmp_path_factory.mktemp("kprefix")
+    install(prefix=str(prefix))
+    return prefix
+
+
+@pytest.fixture(scope="session")
+def netns_available():
+    """Whether kernels can be started in a fresh network namespace (root + unshare -n)."""
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
+        return False
+    probe = subprocess.run(["unshare", "-n", "sh", "-c", "ip link set lo up"],
+                           capture_output=True, timeout=10)
+    return probe.returncode == 0
+
+
+@pytest.fixture(scope="session")
+def _netns_prefix(lora_kernel_prefix, tmp_path_factory):
+    """The ``lora`` spec again, argv wrapped in ``unshare -n`` (loopback brought up first)."""
+    src = lora_kernel_prefix / "share/jupyter/kernels/lora"
+    prefix = tmp_path_factory.mktemp("kprefix_netns")
+    dst = prefix / "share/jupyter/kernels/lora"
+    shutil.copytree(src, dst)
+    spec = json.loads((dst / "kernel.json").read_text())
+    spec["argv"] = ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$0" "$@"',
+                    *spec["argv"]]
+    (dst / "kernel.json").write_text(json.dumps(spec, indent=1))
+    return prefix
+
+
+class KernelSession:
+    """A started guarded kernel and its client."""
+
+    def __init__(self, km, kc, home: Path, netns: bool):
+        self.km, self.kc, self.home, self.netns = km, kc, home, netns
+
+    def run(self, code: str, timeout: float = 60) -> dict:
+        """Execute ``code``; return status, ename, evalue, stdout, stderr."""
+        out = {"stdout": "", "stderr": ""}
+
+        def hook(msg):
+            if msg["msg_type"] == "stream":
+                out[msg["content"]["name"]] += msg["content"]["text"]
+
+        reply = self.kc.execute_interactive(code, timeout=timeout, output_hook=hook)
+        content = reply["content"]
+        return {"status": content["status"], "ename": content.get("ename"),
+                "evalue": content.get("evalue"), **out}
+
+    def run_json(self, code: str, timeout: float = 60):
+        """Execute ``code`` that prints JSON as its last line; return it parsed."""
+        result = self.run(code, timeout)
+        assert result["status"] == "ok", result
+        return json.loads(result["stdout"].strip().splitlines()[-1])
+
+    def events(self, **kw) -> list[dict]:
+        """This home's kernel events (``lora_kernel.execlog.read_events``)."""
+        from lora_kernel.execlog import read_events
+
+        return read_events(self.home, **kw)
+
+    def shutdown(self):
+        """Stop the client and the kernel (gracefully, so the log is closed)."""
+        self.kc.stop_channels()
+        if self.km.has_kernel:
+            self.km.shutdown_kernel(now=False)
+
+
+@pytest.fixture
+def lora_kernel(lora_kernel_prefix, _netns_prefix, netns_available, tmp_path):
+    """Factory starting fresh guarded kernels; see the module docstring."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import KernelManager
+
+    sessions = []
+    short_dirs = []
+
+    def start(env: dict | None = None, policy: str | None = None, netns="auto"):
+        use_netns = netns_available if netns == "auto" else bool(netns)
+        if use_netns and not netns_available:
+            pytest.skip("needs root and unshare -n")
+        n = len(sessions)
+        home = tmp_path / f"home{n}"
+        home.mkdir()
+        kenv = dict(os.environ)
+        kenv.update({"LORA_HOME": str(home), "PYTHONUNBUFFERED": "1"})
+        if policy is not None:
+            pdir = tmp_path / f"policies{n}"
+            pdir.mkdir()
+            (pdir / "egress.yaml").write_text(policy)
+            kenv["LORA_POLICIES"] = str(pdir)
+        kenv.update(env or {})
+        prefix = _netns_prefix if use_netns else lora_kernel_prefix
+        ksm = KernelSpecManager(kernel_dirs=[str(prefix / "share/jupyter/kernels")])
+        kw = {}
+        if use_netns:  # ZMQ over unix sockets: they cross the namespace boundary
+            short = tempfile.mkdtemp(prefix="lk")
+            short_dirs.append(short)
+            kw = {"transport": "ipc", "ip": os.path.join(short, "k")}
+        km = KernelManager(kernel_name="lora", kernel_spec_manager=ksm, **kw)
+        km.start_kernel(env=kenv, cwd=str(tmp_path))
+        kc = km.client()
+        kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=60)
+        except RuntimeError:
+            kc.stop_channels()
+            km.shutdown_kernel(now=True)
+            raise
+        session = KernelSession(km, kc, home, use_netns)
+        sessions.append(session)
+        return session
+
+    yield start
+    for session in sessions:
+        session.shutdown()
+    for short in short_dirs:
+        shutil.rmtree(short, ignore_errors=True)
