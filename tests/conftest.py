@@ -22,6 +22,12 @@ lora_kernel (function)
     ``policy`` is YAML text written as ``egress.yaml`` into a temp ``LORA_POLICIES`` folder.
     Kernels are shut down after the test. Audit hooks cannot be removed, so tests never
     share a kernel process.
+make_run (function)
+    Factory: ``make_run(run_id, user="alice", dataset="ds-a", base_model="tiny", started=None,
+    ledger=True)`` seals a structurally real run record (real .safetensors adapter, nbformat
+    notebook, events.jsonl, tb/, manifest) under ``lora_home_tmp/runs`` and appends its ledger
+    entry; returns the record path. Inputs live in ``lora_home_tmp/inputs``. (records/ledger/
+    review/audit tests.)
 """
 from __future__ import annotations
 
@@ -166,3 +172,62 @@ def lora_kernel(lora_kernel_prefix, _netns_prefix, netns_available, tmp_path):
         session.shutdown()
     for short in short_dirs:
         shutil.rmtree(short, ignore_errors=True)
+
+
+@pytest.fixture
+def make_run(lora_home_tmp):
+    """Factory sealing a synthetic but structurally real run record; see the module docstring."""
+    import datetime as dt
+
+    import nbformat
+    import torch
+    from safetensors.torch import save_file
+
+    from lora_kernel.data import sha256_file
+    from lora_kernel.ledger import Ledger
+    from lora_kernel.records import (build_manifest, make_staging_dir, seal_record,
+                                     write_manifest)
+
+    inputs = lora_home_tmp / "inputs"
+
+    def make(run_id, user="alice", dataset="ds-a", base_model="tiny", started=None,
+             ledger=True, seed=42):
+        ddir = inputs / dataset
+        if not ddir.exists():
+            ddir.mkdir(parents=True)
+            (ddir / "metadata.csv").write_text(f"file_name,text\na.png,{dataset}\n")
+            (ddir / "a.png").write_bytes(dataset.encode() * 7)
+        digests = {p.name: sha256_file(p) for p in sorted(ddir.iterdir())}
+        model = inputs / "models" / base_model / "model.safetensors"
+        if not model.exists():
+            model.parent.mkdir(parents=True)
+            save_file({"w": torch.arange(4, dtype=torch.float32)}, str(model))
+        staging = make_staging_dir(lora_home_tmp / "runs", run_id)
+        (staging / "adapter").mkdir()
+        save_file({"lora_A": torch.full((2, 4), float(seed)), "lora_B": torch.zeros(4, 2)},
+                  str(staging / "adapter" / "lora.safetensors"))
+        nb = nbformat.v4.new_notebook()
+        nb.cells = [nbformat.v4.new_code_cell("lr = 1e-4", metadata={"tags": ["parameters"]}),
+                    nbformat.v4.new_code_cell("print('train')", outputs=[
+                        nbformat.v4.new_output("stream", name="stdout", text="train\n")]),
+                    nbformat.v4.new_markdown_cell("# done")]
+        nbformat.write(nb, str(staging / "executed.ipynb"))
+        (staging / "events.jsonl").write_text('{"event": "cell", "n": 1}\n')
+        (staging / "tb").mkdir()
+        (staging / "tb" / "events.out.tfevents.1").write_bytes(b"tb-bytes")
+        t0 = started or dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+        manifest = build_manifest(
+            staging, run_id=run_id, user=user, host="testhost", started=t0,
+            ended=t0 + dt.timedelta(minutes=2), status="succeeded",
+            config={"base_model": str(model.parent), "lora_rank": 4, "seed": seed},
+            base_model_sha256=sha256_file(model), dataset_version=dataset,
+            dataset_digests=digests, notebook_source_sha256="ab" * 32, seed=seed,
+            egress_refusals=0)
+        write_manifest(staging, manifest)
+        record = seal_record(staging, lora_home_tmp / "runs", run_id)
+        if ledger:
+            with Ledger(home=lora_home_tmp) as led:
+                led.append_run(record)
+        return record
+
+    return make
