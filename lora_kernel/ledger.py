@@ -13,8 +13,9 @@ Tamper evidence, in layers:
   ``(upto_seq, head_hash)`` with the ledger's Ed25519 key (``<ledger dir>/signing_key.pem``,
   mode 0600, made on first use; its public key fingerprint is in each checkpoint), so re-hashing
   the whole chain after an edit is caught without the key;
-* a signed head file ``head.json`` (seq and hash of the newest entry, rewritten on each append)
-  catches deleted *trailing* entries, which a chain alone cannot see.
+* a signed head (seq and hash of the newest entry, table ``head``, rewritten in the same
+  transaction as each append) catches deleted *trailing* entries, which a chain alone cannot
+  see.
 
 SQLite triggers refuse UPDATE and DELETE, against accidents; the chain is what proves it.
 """
@@ -45,6 +46,9 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
     seq INTEGER PRIMARY KEY, time TEXT NOT NULL, kind TEXT NOT NULL, subject TEXT NOT NULL,
     payload TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS head (
+    id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL, hash TEXT NOT NULL,
+    key_fingerprint TEXT NOT NULL, signature TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS entries_subject ON entries (subject, kind);
 CREATE TRIGGER IF NOT EXISTS entries_no_update BEFORE UPDATE ON entries
     BEGIN SELECT RAISE(ABORT, 'the ledger is append-only'); END;
@@ -137,6 +141,7 @@ def verify_entries(rows: list[dict], public_key: Ed25519PublicKey | None, *,
     fingerprint = key_fingerprint(public_key) if public_key is not None else None
     expected_seq = rows[0]["seq"] if rows and anchor_prev is None else 1
     prev_hash = anchor_prev
+    prev_flagged = False  # the previous row was already reported: its link is explained
     for row in rows:
         seq = row["seq"]
         at = f"{where} seq {seq}"
@@ -149,7 +154,8 @@ def verify_entries(rows: list[dict], public_key: Ed25519PublicKey | None, *,
             problems.append(Problem("edited", at, f"unknown kind {row['kind']!r}"))
         recomputed = entry_hash(seq, row["time"], row["kind"], row["subject"], row["payload"],
                                 row["prev_hash"])
-        if recomputed != row["hash"]:
+        flagged = recomputed != row["hash"]
+        if flagged:
             moved = _relocated(row, max(1, seq - 8), seq + 8)
             if moved is not None:
                 problems.append(Problem("reordered", at,
@@ -158,7 +164,8 @@ def verify_entries(rows: list[dict], public_key: Ed25519PublicKey | None, *,
                 problems.append(Problem("edited", at,
                                         f"{row['kind']} entry for {row['subject']!r}: content "
                                         "does not match its hash (entry edited)"))
-        elif prev_hash is not None and row["prev_hash"] != prev_hash and seq == expected_seq:
+        elif (prev_hash is not None and row["prev_hash"] != prev_hash and seq == expected_seq
+              and not prev_flagged):
             linked = by_hash.get(row["prev_hash"])
             if linked is not None:
                 problems.append(Problem("reordered", at,
@@ -171,6 +178,7 @@ def verify_entries(rows: list[dict], public_key: Ed25519PublicKey | None, *,
         if row["kind"] == "checkpoint" and public_key is not None:
             problems += _verify_checkpoint(row, public_key, fingerprint, seq_hash, at)
         prev_hash = row["hash"]
+        prev_flagged = flagged
         expected_seq = seq + 1
     return problems
 
@@ -199,22 +207,23 @@ class Ledger:
 
     ``checkpoint_every``: a signed checkpoint is appended after that many entries (0: only on
     demand). ``trusted_public_key``: a PEM file to verify checkpoints with (default: the key
-    beside the ledger).
+    beside the ledger). ``durable=False`` skips SQLite's fsync per append (benchmarks, tests).
     """
 
     def __init__(self, path: str | os.PathLike | None = None, *, home=None,
                  checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY,
-                 trusted_public_key: str | os.PathLike | None = None):
+                 trusted_public_key: str | os.PathLike | None = None, durable: bool = True):
         self.path = Path(path) if path else lora_home(home) / "ledger" / "ledger.sqlite"
         self.dir = self.path.parent
         self.key_path = self.dir / "signing_key.pem"
         self.pub_path = self.dir / "signing_key.pub"
-        self.head_path = self.dir / "head.json"
         self.checkpoint_every = int(checkpoint_every)
         self.trusted_public_key = Path(trusted_public_key) if trusted_public_key else None
         self.dir.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
         self._db.executescript(_SCHEMA)
+        if not durable:
+            self._db.execute("PRAGMA synchronous = OFF")
         self._key: Ed25519PrivateKey | None = None
 
     def close(self) -> None:
@@ -305,11 +314,9 @@ class Ledger:
 
     def _write_head(self, seq: int, digest: str) -> None:
         key = self.signing_key()
-        head = {"seq": seq, "hash": digest, "key_fingerprint": key_fingerprint(key.public_key()),
-                "signature": base64.b64encode(key.sign(_head_message(seq, digest))).decode()}
-        tmp = self.head_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(head), encoding="utf-8")
-        os.replace(tmp, self.head_path)
+        sig = base64.b64encode(key.sign(_head_message(seq, digest))).decode()
+        self._db.execute("INSERT OR REPLACE INTO head VALUES (1, ?, ?, ?, ?)",
+                         (seq, digest, key_fingerprint(key.public_key()), sig))
 
     def checkpoint(self) -> Entry:
         """Append a checkpoint signing the current head (seq and hash) and return it."""
@@ -397,15 +404,12 @@ class Ledger:
         return problems
 
     def _verify_head(self, rows: list[dict], key: Ed25519PublicKey) -> list[Problem]:
-        where = str(self.head_path)
-        if not self.head_path.exists():
+        where = f"{self.path} head"
+        head = self._db.execute("SELECT seq, hash, signature FROM head WHERE id = 1").fetchone()
+        if head is None:
             return [Problem("signature", where, "signed head missing")] if rows else []
-        try:
-            head = json.loads(self.head_path.read_text(encoding="utf-8"))
-            seq, digest = int(head["seq"]), str(head["hash"])
-        except (ValueError, KeyError, TypeError) as exc:
-            return [Problem("signature", where, f"signed head unreadable: {exc}")]
-        if not _sig_ok(key, head.get("signature", ""), _head_message(seq, digest)):
+        seq, digest, signature = head
+        if not _sig_ok(key, signature, _head_message(seq, digest)):
             return [Problem("signature", where, "signed head has an invalid signature")]
         last = rows[-1]["seq"] if rows else 0
         stored = {r["seq"]: r["hash"] for r in rows}
