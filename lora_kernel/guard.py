@@ -412,12 +412,13 @@ _PATCH_TARGETS = {
 }
 
 
-def _refusing(module_name: str, func_name: str, policy_file: str):
+def _refusing(module_name: str, func_name: str, original, policy_file: str):
     def refuse_remote_code(*args, **kwargs):
         trust = kwargs.get("trust_remote_code", args[0] if args else None)
         if func_name == "resolve_trust_remote_code" and not trust:
-            return False
+            return original(*args, **kwargs)  # transformers' own "needs remote code" error
         raise UnsafeModelError(remote_code_message(f"{module_name}.{func_name}", policy_file))
+    refuse_remote_code._lora_refusal = True
     refuse_remote_code.__name__ = func_name
     refuse_remote_code.__qualname__ = func_name
     return refuse_remote_code
@@ -453,8 +454,10 @@ class _RemoteCodeFinder:
     def patch(self, module):
         """Replace the remote-code entry points of an already imported ``module``."""
         for func in _PATCH_TARGETS[module.__name__]:
-            if hasattr(module, func):
-                setattr(module, func, _refusing(module.__name__, func, self.policy_file))
+            original = getattr(module, func, None)
+            if original is not None and not getattr(original, "_lora_refusal", False):
+                setattr(module, func, _refusing(module.__name__, func, original,
+                                                self.policy_file))
 
 
 def install_remote_code_refusal(policy_file: str | Path | None = None) -> None:
