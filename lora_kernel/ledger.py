@@ -386,6 +386,18 @@ class Ledger:
         found = self.entries("run", run_id)
         return found[0] if found else None
 
+    def expected_manifest_sha256(self, run_id: str) -> tuple[str, int] | None:
+        """``(manifest sha256, seq of the entry that attests it)`` for a run: its ``run``
+        entry, else the newest ``import`` entry that brought it in; None if neither exists."""
+        entry = self.run_entry(run_id)
+        if entry is not None:
+            return entry.payload.get("manifest_sha256"), entry.seq
+        for imp in reversed(self.entries("import")):
+            sha = imp.payload.get("runs", {}).get(run_id)
+            if sha:
+                return sha, imp.seq
+        return None
+
     def slice_rows(self, from_seq: int) -> list[dict]:
         """Entries from ``from_seq`` to the head as plain dicts (for exports)."""
         return self._rows("WHERE seq >= ?", (from_seq,))
