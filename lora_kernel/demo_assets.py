@@ -69,6 +69,9 @@ VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
     block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
     up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=32, sample_size=32,
+    # 1 / std of this randomly initialised VAE's latents over the demo images (3.5 .. 4.3 for
+    # seeds 0-4); SD's 0.18215 plays the same role for the real VAE.
+    scaling_factor=4.0,
 )
 # The Stable Diffusion 1.x noise schedule.
 SCHEDULER_CONFIG = dict(
@@ -107,7 +110,7 @@ def build_demo_assets(home: str | os.PathLike | None = None, seed: int = 0) -> d
         "text_config": root / "text_lora.yaml",
     }
     write_image_dataset(paths["image_dataset"])
-    write_tiny_sd(paths["tiny_sd"], seed=seed, image_dir=paths["image_dataset"])
+    write_tiny_sd(paths["tiny_sd"], seed=seed)
     write_single_file_checkpoint(paths["tiny_sd"], paths["tiny_sd_single_file"])
     write_text_datasets(paths["text_train"].parent)
     write_tiny_llama(paths["tiny_llama"], seed=seed, corpus=_text_corpus())
@@ -275,25 +278,7 @@ def write_clip_tokenizer(folder: Path) -> Path:
 
 
 # -- the tiny Stable Diffusion model ----------------------------------------------------
-def _latent_scaling_factor(vae, image_dir: Path | None) -> float:
-    """``1 / std`` of the (random) VAE's latents over the demo images, rounded: SD's 0.18215
-    plays this role for the real VAE, keeping latents near unit variance."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    if image_dir is None or not image_dir.is_dir():
-        return 0.18215
-    files = sorted(image_dir.glob("*.png"))[:8]
-    arr = np.stack([np.asarray(Image.open(f).convert("RGB").resize((32, 32), Image.BICUBIC),
-                               dtype=np.float32) for f in files])
-    x = torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
-    with torch.no_grad():
-        mean = vae.encode(x).latent_dist.mean
-    return round(float(1.0 / mean.std()), 3)
-
-
-def build_tiny_sd_components(seed: int = 0, image_dir: Path | None = None) -> dict:
+def build_tiny_sd_components(seed: int = 0) -> dict:
     """The tiny SD components (seeded init), as a dict of pipeline keyword arguments."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -304,9 +289,6 @@ def build_tiny_sd_components(seed: int = 0, image_dir: Path | None = None) -> di
     unet = UNet2DConditionModel(**UNET_CONFIG)
     torch.manual_seed(seed + 1)
     vae = AutoencoderKL(**VAE_CONFIG)
-    vae.eval()
-    scale = _latent_scaling_factor(vae, image_dir)
-    vae.register_to_config(scaling_factor=scale)
     torch.manual_seed(seed + 2)
     text_cfg = CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -319,13 +301,13 @@ def build_tiny_sd_components(seed: int = 0, image_dir: Path | None = None) -> di
             "scheduler": DDIMScheduler(**SCHEDULER_CONFIG)}
 
 
-def write_tiny_sd(folder: Path, seed: int = 0, image_dir: Path | None = None) -> Path:
+def write_tiny_sd(folder: Path, seed: int = 0) -> Path:
     """Write the tiny SD model as a diffusers folder (safetensors only)."""
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
     _fresh_dir(folder)
-    parts = build_tiny_sd_components(seed, image_dir)
+    parts = build_tiny_sd_components(seed)
     tok_dir = write_clip_tokenizer(folder / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
     pipe = StableDiffusionPipeline(**parts, tokenizer=tokenizer, safety_checker=None,
@@ -347,8 +329,99 @@ def _normalise_json_files(folder: Path) -> None:
 
 
 def write_single_file_checkpoint(folder: Path, out: Path) -> Path:
-    """Placeholder until the LDM writer lands (see :mod:`lora_kernel.models`)."""
-    return out
+    """Write the diffusers folder as one ``.safetensors`` in the LDM/A1111 key layout."""
+    from lora_kernel.single_file import write_single_file
+    return write_single_file(folder, out, layout="ldm",
+                             metadata={"modelspec.title": "LoRA Enclave tiny-sd demo"})
+
+
+def write_config_bundle(model_folder: Path, dst: Path) -> Path:
+    """Copy every config and tokenizer file (no weights) of a diffusers folder to ``dst``:
+    what ``lora_kernel/configs/tiny-sd`` holds."""
+    _fresh_dir(dst)
+    for f in sorted(model_folder.rglob("*")):
+        if f.is_file() and f.suffix != ".safetensors":
+            target = dst / f.relative_to(model_folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(f.read_bytes())
+    return dst
+
+
+# The Stable Diffusion 1.x architecture (v1-inference.yaml in diffusers' terms).
+SD15_CONFIGS = {
+    "model_index.json": {
+        "_class_name": "StableDiffusionPipeline",
+        "feature_extractor": [None, None], "safety_checker": [None, None],
+        "requires_safety_checker": False,
+        "scheduler": ["diffusers", "PNDMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    },
+    "unet/config.json": {
+        "_class_name": "UNet2DConditionModel", "act_fn": "silu", "attention_head_dim": 8,
+        "block_out_channels": [320, 640, 1280, 1280], "center_input_sample": False,
+        "cross_attention_dim": 768,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                             "CrossAttnDownBlock2D", "DownBlock2D"],
+        "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 4,
+        "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-05,
+        "norm_num_groups": 32, "out_channels": 4, "sample_size": 64,
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                           "CrossAttnUpBlock2D"],
+    },
+    "vae/config.json": {
+        "_class_name": "AutoencoderKL", "act_fn": "silu",
+        "block_out_channels": [128, 256, 512, 512],
+        "down_block_types": ["DownEncoderBlock2D"] * 4, "in_channels": 3,
+        "latent_channels": 4, "layers_per_block": 2, "norm_num_groups": 32, "out_channels": 3,
+        "sample_size": 512, "scaling_factor": 0.18215,
+        "up_block_types": ["UpDecoderBlock2D"] * 4,
+    },
+    "text_encoder/config.json": {
+        "architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0,
+        "dropout": 0.0, "eos_token_id": 2, "hidden_act": "quick_gelu", "hidden_size": 768,
+        "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 3072,
+        "layer_norm_eps": 1e-05, "max_position_embeddings": 77, "model_type": "clip_text_model",
+        "num_attention_heads": 12, "num_hidden_layers": 12, "pad_token_id": 1,
+        "projection_dim": 768, "vocab_size": 49408,
+    },
+    "scheduler/scheduler_config.json": {
+        "_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
+        "prediction_type": "epsilon", "set_alpha_to_one": False, "skip_prk_steps": True,
+        "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None,
+    },
+    "tokenizer/README.txt": (
+        "The CLIP ViT-L/14 tokenizer vocabulary (vocab.json, merges.txt) cannot be generated\n"
+        "offline, so it is not bundled. Put the tokenizer folder of any SD1.x diffusers model\n"
+        "next to the checkpoint as tokenizer/ (or pass tokenizer= / config= to\n"
+        "lora_kernel.models.load_sd_components).\n"),
+}
+
+
+def write_sd15_configs(dst: Path) -> Path:
+    """Write the bundled SD1.x config set (``lora_kernel/configs/sd15``)."""
+    _fresh_dir(dst)
+    for rel, content in SD15_CONFIGS.items():
+        if isinstance(content, str):
+            _write(dst / rel, content)
+        else:
+            _write_json(dst / rel, content)
+    return dst
+
+
+def regenerate_bundled_configs(package_configs: Path | None = None) -> None:
+    """Rewrite ``lora_kernel/configs/{tiny-sd,sd15}`` (a developer tool; the files are
+    committed and a test checks they match a fresh build)."""
+    import tempfile
+
+    dst = package_configs or Path(__file__).resolve().parent / "configs"
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_tiny_sd(Path(tmp) / "tiny-sd")
+        write_config_bundle(folder, dst / "tiny-sd")
+    write_sd15_configs(dst / "sd15")
 
 
 # -- text ---------------------------------------------------------------------------------
@@ -456,6 +529,11 @@ def write_tiny_llama(folder: Path, seed: int = 0, corpus=None) -> Path:
         rms_norm_eps=1e-6, rope_theta=10000.0)
     torch.manual_seed(seed + 3)
     model = LlamaForCausalLM(config)
+    # The final RMSNorm bounds the hidden state's norm (~sqrt(hidden)); with the default
+    # 0.02 init no logit could exceed ~1.3 and no LoRA could ever fit the data (the loss
+    # plateaus near log(vocab)). A wider output head makes the random model learnable.
+    with torch.no_grad():
+        torch.nn.init.normal_(model.lm_head.weight, std=0.4)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
