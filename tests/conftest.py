@@ -28,6 +28,11 @@ make_run (function)
     notebook, events.jsonl, tb/, manifest) under ``lora_home_tmp/runs`` and appends its ledger
     entry; returns the record path. Inputs live in ``lora_home_tmp/inputs``. (records/ledger/
     review/audit tests.)
+demo_home (session)
+    A home folder (``Path``) with ``demo/`` built once per session by
+    ``lora_kernel.demo_assets.build_demo_assets`` (tiny SD folder + single file, tiny Llama,
+    image and text datasets, ``demo/image_lora.yaml`` and ``demo/text_lora.yaml``). Treat it
+    as read-only: write outputs elsewhere.
 """
 from __future__ import annotations
 
@@ -231,3 +236,12 @@ def make_run(lora_home_tmp):
         return record
 
     return make
+
+
+@pytest.fixture(scope="session")
+def demo_home(tmp_path_factory) -> Path:
+    """The demo assets, built once per test session (see the module docstring)."""
+    from lora_kernel.demo_assets import build_demo_assets
+    home = tmp_path_factory.mktemp("demo_home")
+    build_demo_assets(home)
+    return home
