@@ -29,7 +29,12 @@ __all__ = ["TrainResult", "train", "pick_device"]
 
 @dataclass
 class TrainResult:
-    """What a finished training run produced."""
+    """What a finished training run produced.
+
+    ``live`` (not a field, not serialised) holds the in-memory trained objects: for image
+    runs the :class:`~lora_kernel.models.SDComponents` with the LoRA attached, for text
+    runs the PEFT model and tokenizer — for notebooks that want to try the adapter at once.
+    """
 
     task: str
     output_dir: str
@@ -85,12 +90,12 @@ def train(cfg, *, resume: bool | str | Path | None = None, progress: bool = True
     cache_dir = lora_home(home) / "cache"
     started = time.time()
     if cfg.task == "image":
-        result, files, sample_info, cache_hit, model_sha = _train_image(
+        result, files, sample_info, cache_hit, model_sha, live = _train_image(
             cfg, device=device, out=out, cache_dir=cache_dir, version=version, digests=digests,
             resume=resume, progress=progress, interrupt_at_step=interrupt_at_step,
             on_step=on_step, samples=samples, log=log, run_loop=run_loop)
     else:
-        result, files, sample_info, cache_hit, model_sha = _train_text(
+        result, files, sample_info, cache_hit, model_sha, live = _train_text(
             cfg, device=device, out=out, version=version, digests=digests, resume=resume,
             progress=progress, interrupt_at_step=interrupt_at_step, on_step=on_step,
             samples=samples, run_loop=run_loop)
@@ -103,6 +108,7 @@ def train(cfg, *, resume: bool | str | Path | None = None, progress: bool = True
                       eval_loss_before=result.eval_loss_before,
                       eval_loss_after=result.eval_loss_after,
                       resumed_from=result.resumed_from)
+    res.live = live
     summary = asdict(res)
     summary.update({"config": cfg.to_dict(), "started": started, "ended": time.time(),
                     "device": str(device), "version": version_info(),
@@ -136,7 +142,7 @@ def _train_image(cfg, *, device, out, cache_dir, version, digests, resume, progr
                                      te, cfg.alpha, meta)),
     }
     info = sample_grid(cfg, comps, out / "samples", device=device) if samples else {}
-    return result, files, info, task.cache_hit, comps.sha256
+    return result, files, info, task.cache_hit, comps.sha256, {"components": comps}
 
 
 def _train_text(cfg, *, device, out, version, digests, resume, progress, interrupt_at_step,
@@ -155,4 +161,4 @@ def _train_text(cfg, *, device, out, version, digests, resume, progress, interru
     folder = save_peft_adapter(out / cfg.output_name, task.model, meta)
     files = {"peft": str(folder)}
     info = sample_completions(cfg, task, out / "samples") if samples else {}
-    return result, files, info, False, sha
+    return result, files, info, False, sha, {"model": task.model, "tokenizer": tokenizer}
