@@ -41,6 +41,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import uuid
 from pathlib import Path
 
 import pytest
@@ -153,13 +154,15 @@ def lora_kernel(lora_kernel_prefix, _netns_prefix, netns_available, tmp_path):
         kenv.update(env or {})
         prefix = _netns_prefix if use_netns else lora_kernel_prefix
         ksm = KernelSpecManager(kernel_dirs=[str(prefix / "share/jupyter/kernels")])
+        short = tempfile.mkdtemp(prefix="lk")  # unix socket paths must stay short
+        short_dirs.append(short)
         kw = {}
         if use_netns:  # ZMQ over unix sockets: they cross the namespace boundary
-            short = tempfile.mkdtemp(prefix="lk")
-            short_dirs.append(short)
             kw = {"transport": "ipc", "ip": os.path.join(short, "k")}
-        km = KernelManager(kernel_name="lora", kernel_spec_manager=ksm, **kw)
-        km.start_kernel(env=kenv, cwd=str(tmp_path))
+        kernel_id = str(uuid.uuid4())  # named like jupyter_server's kernels: kernel-<id>.json
+        conn = os.path.join(short, f"kernel-{kernel_id}.json")
+        km = KernelManager(kernel_name="lora", kernel_spec_manager=ksm, connection_file=conn, **kw)
+        km.start_kernel(env=kenv, cwd=str(tmp_path), kernel_id=kernel_id)
         kc = km.client()
         kc.start_channels()
         try:
