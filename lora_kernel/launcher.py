@@ -75,13 +75,20 @@ def main(argv: list[str] | None = None) -> None:
     from lora_kernel.offline import apply_offline_env
     from lora_kernel.version import __version__
 
+    from lora_kernel.errors import LoraError
+
     apply_offline_env()
-    policy = guard.load_egress_policy()
-    log = ExecLog(kernel_id=kernel_id_from_argv(argv), sink=sink_from_env())
+    try:
+        policy = guard.load_egress_policy()
+        log = ExecLog(kernel_id=kernel_id_from_argv(argv), sink=sink_from_env())
+    except (LoraError, ValueError, OSError) as exc:
+        print(f"lora kernel: not started: {exc}", file=sys.stderr)  # the kernel's stderr
+        raise SystemExit(getattr(exc, "exit_code", 1)) from None
     guard.install(policy, report=log.record_guard_event)
     guard.install_remote_code_refusal(policy.path)
     log.emit("kernel_start", version=__version__, policy=policy.path,
-             python=sys.version.split()[0])
+             python=sys.version.split()[0],
+             ipykernel_loaded_before_guard="ipykernel" in sys.modules)
     log.start()
     atexit.register(log.close)
 
