@@ -139,6 +139,7 @@ def verify_entries(rows: list[dict], public_key: Ed25519PublicKey | None, *,
     by_hash = {row["hash"]: row["seq"] for row in rows}
     seq_hash = {row["seq"]: row["hash"] for row in rows}
     fingerprint = key_fingerprint(public_key) if public_key is not None else None
+    first_seq = rows[0]["seq"] if rows else 1
     expected_seq = rows[0]["seq"] if rows and anchor_prev is None else 1
     prev_hash = anchor_prev
     prev_flagged = False  # the previous row was already reported: its link is explained
@@ -176,14 +177,14 @@ def verify_entries(rows: list[dict], public_key: Ed25519PublicKey | None, *,
                                         f"entry edited and re-hashed (or replaced): seq {seq} "
                                         "links to a different hash"))
         if row["kind"] == "checkpoint" and public_key is not None:
-            problems += _verify_checkpoint(row, public_key, fingerprint, seq_hash, at)
+            problems += _verify_checkpoint(row, public_key, fingerprint, seq_hash, first_seq, at)
         prev_hash = row["hash"]
         prev_flagged = flagged
         expected_seq = seq + 1
     return problems
 
 
-def _verify_checkpoint(row, public_key, fingerprint, seq_hash, at) -> list[Problem]:
+def _verify_checkpoint(row, public_key, fingerprint, seq_hash, first, at) -> list[Problem]:
     p = row["payload"]
     if p.get("key_fingerprint") != fingerprint:
         return [Problem("signature", at, f"checkpoint signed by unknown key "
@@ -196,7 +197,7 @@ def _verify_checkpoint(row, public_key, fingerprint, seq_hash, at) -> list[Probl
         return [Problem("signature", at, "malformed checkpoint payload")]
     if not _sig_ok(public_key, p.get("signature", ""), message):
         return [Problem("signature", at, f"checkpoint signature over seq 1-{upto} is invalid")]
-    if upto > 0 and seq_hash.get(upto) != head:
+    if upto >= first and seq_hash.get(upto) != head:  # a slice may start after ``upto``
         return [Problem("signature", at, f"signed head hash of seq {upto} does not match the "
                                          f"entry stored at seq {upto} (history rewritten)")]
     return []

@@ -209,7 +209,8 @@ def make_run(lora_home_tmp):
         model = inputs / "models" / base_model / "model.safetensors"
         if not model.exists():
             model.parent.mkdir(parents=True)
-            save_file({"w": torch.arange(4, dtype=torch.float32)}, str(model))
+            save_file({"w": torch.arange(4, dtype=torch.float32)}, str(model),
+                      metadata={"name": base_model})
         staging = make_staging_dir(lora_home_tmp / "runs", run_id)
         (staging / "adapter").mkdir()
         save_file({"lora_A": torch.full((2, 4), float(seed)), "lora_B": torch.zeros(4, 2)},
