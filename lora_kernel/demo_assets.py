@@ -331,8 +331,9 @@ def _normalise_json_files(folder: Path) -> None:
 def write_single_file_checkpoint(folder: Path, out: Path) -> Path:
     """Write the diffusers folder as one ``.safetensors`` in the LDM/A1111 key layout."""
     from lora_kernel.single_file import write_single_file
-    return write_single_file(folder, out, layout="ldm",
-                             metadata={"modelspec.title": "LoRA Enclave tiny-sd demo"})
+    # No extra metadata: safetensors writes the metadata map in hash order, so more than
+    # one entry would make the bytes differ between builds.
+    return write_single_file(folder, out, layout="ldm")
 
 
 def write_config_bundle(model_folder: Path, dst: Path) -> Path:

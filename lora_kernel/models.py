@@ -202,12 +202,12 @@ def load_sd_components(path: str | os.PathLike, *, dtype=None, config: str | os.
     folder overriding the model's. All modules are returned in eval mode on CPU in ``dtype``
     (default float32).
     """
+    p = check_model_path(path)  # refuse before any ML library is even imported
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
 
     dtype = dtype or torch.float32
-    p = check_model_path(path)
     if p.is_dir():
         kw = dict(local_files_only=True, use_safetensors=True)
         unet = UNet2DConditionModel.from_pretrained(p, subfolder="unet", **kw)
@@ -319,10 +319,10 @@ def _load_single_file(p: Path, config):
 def load_causal_lm(path: str | os.PathLike, *, dtype=None):
     """``(model, tokenizer)`` of a local Hugging Face causal-LM folder (safetensors only, no
     custom code). If the tokenizer has no pad token, its eos token is used for padding."""
+    p = check_model_path(path)  # refuse before any ML library is even imported
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    p = check_model_path(path)
     if not p.is_dir():
         raise ConfigError(f"{p}: a causal LM must be a model folder (config.json, "
                           f"*.safetensors, tokenizer files)", key="base_model")

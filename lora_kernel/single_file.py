@@ -169,7 +169,9 @@ def split_checkpoint(checkpoint: dict, unet_config: dict, vae_config: dict) -> t
 def write_single_file(folder: str | os.PathLike, out: str | os.PathLike, *,
                       layout: str = "ldm", metadata: dict | None = None) -> Path:
     """Write the diffusers SD folder ``folder`` as one ``.safetensors`` file ``out`` in the
-    ``"ldm"`` (default) or ``"prefixed"`` layout. Keys are written sorted (stable bytes)."""
+    ``"ldm"`` (default) or ``"prefixed"`` layout. Keys are written sorted; the bytes are
+    stable as long as ``metadata`` stays empty (safetensors orders a metadata map of more than
+    one entry, ``format`` included, by hash)."""
     import json
 
     from safetensors.torch import load_file, save_file
