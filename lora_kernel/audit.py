@@ -239,8 +239,10 @@ def render_notebook_html(path: str | os.PathLike) -> str:
 def show(run_id: str, *, home=None, ledger: Ledger | None = None) -> dict:
     """A run's audit summary: listing fields, inputs, files, verification problems."""
     with open_ledger(ledger, home) as led:
-        info = run_info(run_id, led, home)
         record = runs_dir(home) / check_run_id(run_id)
+        if not record.is_dir() and not led.entries(subject=run_id):
+            raise VerificationError(f"no run {run_id} in {record.parent} or the ledger")
+        info = run_info(run_id, led, home)
         if (record / "manifest.json").exists():
             s = summary(load_manifest(record))
             info.update({k: s[k] for k in ("host", "seed", "base_model", "base_model_sha256",
