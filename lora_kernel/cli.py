@@ -14,6 +14,7 @@ from lora_kernel.version import __version__
 # ``func`` on its parsers to a callable taking the parsed ``args`` and returning an exit code.
 COMMAND_MODULES = [
     "lora_kernel.cli_train",
+    "lora_kernel.cli_assets",
 ]
 
 

@@ -384,9 +384,9 @@ def run_loop(cfg, task: Task, *, output_dir: Path, device: torch.device,
         writer.flush()
         writer.close()
     result.steps = step
-    result.eval_loss_after = evaluate(task, cfg, device)
     result.seconds = time.perf_counter() - t_start
     result.examples_per_second = examples / result.seconds if result.seconds else 0.0
+    result.eval_loss_after = evaluate(task, cfg, device)
     return result
 
 
