@@ -48,7 +48,9 @@ def cmd_verify(args) -> int:
     from lora_kernel.audit import verify
     if not args.run and not args.all:
         raise ConfigError("give a RUN or --all")
-    problems = verify(None if args.all else args.run, home=args.home)
+    from lora_kernel.ledger import Ledger
+    with Ledger(home=args.home, trusted_public_key=args.trusted_key) as led:
+        problems = verify(None if args.all else args.run, home=args.home, ledger=led)
     for p in problems:
         print(p)
     if problems:
@@ -180,6 +182,8 @@ def register(sub) -> None:
     p = asub.add_parser("verify", help="re-hash records, check ledger and published copies")
     p.add_argument("run", nargs="?", help="run id")
     p.add_argument("--all", action="store_true", help="every run")
+    p.add_argument("--trusted-key", metavar="PEM",
+                   help="ledger public key pinned elsewhere (default: the one beside the ledger)")
     _home(p)
     p.set_defaults(func=cmd_verify)
 

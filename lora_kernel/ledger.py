@@ -255,6 +255,9 @@ class Ledger:
                 with os.fdopen(fd, "wb") as fh:
                     fh.write(pem)
                 self.pub_path.write_text(public_key_pem(key.public_key()), encoding="utf-8")
+        if os.stat(self.key_path).st_mode & 0o077:
+            raise VerificationError(f"{self.key_path}: signing key is readable or writable by "
+                                    "others; fix: chmod 600")
         loaded = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
         if not isinstance(loaded, Ed25519PrivateKey):
             raise VerificationError(f"{self.key_path}: not an Ed25519 private key")

@@ -230,8 +230,12 @@ def publish(run_id: str, to_dir: str | os.PathLike, name: str | None = None, *,
         os.chmod(tmp / PUBLICATION_FILE, 0o444)
         os.chmod(tmp, 0o755)
         os.rename(tmp, dest)
-        led.append("publication", run_id, {**meta, "path": str(dest),
-                                           "metadata_sha256": sha256_file(dest / PUBLICATION_FILE)})
+        try:
+            led.append("publication", run_id, {
+                **meta, "path": str(dest), "metadata_sha256": sha256_file(dest / PUBLICATION_FILE)})
+        except BaseException:
+            shutil.rmtree(dest)  # never a publication the ledger does not know of
+            raise
     return dest
 
 

@@ -174,3 +174,17 @@ def test_prune_refuses_young_and_records_itself(make_run, lora, lora_home_tmp, p
         assert entry.payload["keep_days"] == 180 and entry.payload["manifest_sha256"]
     assert lora("audit", "verify", "--all")[0] == 0  # the pruned record is accounted for
     assert [r["run_id"] for r in list_runs() if r["pruned"]] == ["old"]
+
+
+def test_verify_with_pinned_key_catches_replaced_ledger_key(make_run, lora, lora_home_tmp,
+                                                            tmp_path):
+    make_run("r1")
+    pinned = tmp_path / "pinned.pub"
+    pinned.write_bytes((lora_home_tmp / "ledger" / "signing_key.pub").read_bytes())
+    with Ledger(home=lora_home_tmp) as led:
+        led.checkpoint()
+    assert lora("audit", "verify", "--all", "--trusted-key", pinned)[0] == 0
+    other = Ledger(home=tmp_path / "attacker")
+    other.append("review", "x", {})
+    code, out = lora("audit", "verify", "--all", "--trusted-key", other.pub_path)
+    assert code == 5 and "unknown key" in out

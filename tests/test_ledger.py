@@ -131,3 +131,11 @@ def test_unknown_kind_refused_and_run_entry_unique(ledger, make_run, lora_home_t
         assert led.run_entry("r1").payload["adapter_digest"]
         with pytest.raises(PolicyRefusal):
             led.append_run(record)
+
+
+def test_signing_key_readable_by_others_refused(tmp_path):
+    led = Ledger(home=tmp_path)
+    led.append("review", "x", {})
+    (tmp_path / "ledger" / "signing_key.pem").chmod(0o644)
+    with pytest.raises(VerificationError, match="chmod 600"):
+        Ledger(home=tmp_path).append("review", "y", {})
