@@ -11,9 +11,9 @@ lora_kernel_prefix (session)
     A temp prefix with the ``lora`` kernelspec installed by ``lora_kernel.kernelspec.install``
     (``<prefix>/share/jupyter/kernels/lora``).
 netns_available (session)
-    True when running as root and ``unshare -n`` works: network cases then run their kernel
-    in a fresh network namespace (only a loopback inside), so even a bug sends no packet
-    off the machine.
+    True when running as root and ``unshare -n`` works (and ``LORA_TEST_NETNS`` is not "0"):
+    network cases then run their kernel in a fresh network namespace (only a loopback
+    inside), so even a bug sends no packet off the machine.
 lora_kernel (function)
     Factory ``lora_kernel(env=None, policy=None, netns="auto")`` starting a *fresh* guarded
     kernel (``KernelManager(kernel_name="lora")``) and returning a ``KernelSession``:
@@ -68,7 +68,12 @@ def lora_kernel_prefix(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def netns_available():
-    """Whether kernels can be started in a fresh network namespace (root + unshare -n)."""
+    """Whether kernels can be started in a fresh network namespace (root + unshare -n).
+
+    ``LORA_TEST_NETNS=0`` turns it off (to exercise the non-root path, e.g. with the whole
+    pytest run already inside ``unshare -n``)."""
+    if os.environ.get("LORA_TEST_NETNS") == "0":
+        return False
     if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("ip"):
         return False
     probe = subprocess.run(["unshare", "-n", "sh", "-c", "ip link set lo up"],
