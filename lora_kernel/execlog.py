@@ -42,7 +42,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from lora_kernel.home import lora_home
-from lora_kernel.version import __version__
 
 FORMAT_VERSION = 1
 BATCH_MAX = 200
