@@ -15,6 +15,7 @@ from lora_kernel.version import __version__
 COMMAND_MODULES = [
     "lora_kernel.cli_train",
     "lora_kernel.cli_assets",
+    "lora_kernel.cli_audit",
 ]
 
 
