@@ -1,0 +1,161 @@
+"""``lora run`` and ``lora demo``: recorded notebook runs (papermill, kernel ``lora``).
+
+    lora run --config my.yaml [-p key value ...]     the training notebook of the config's task
+    lora run NOTEBOOK [-f params.yaml] [-p k v ...]  any parameterized notebook
+    lora demo [-p key value ...]                     demo assets + the image notebook + verify
+
+Exit codes: 0 success, 2 invalid config/parameters, 5 the new record does not verify,
+7 the run failed (its record, marked failed, was written first).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from lora_kernel.cli_train import add_override_args, parse_overrides
+from lora_kernel.errors import ConfigError, VerificationError
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def load_params_file(path: str | None) -> dict:
+    """papermill parameters from a YAML file; a relative ``config_path`` in it resolves
+    against the file's folder (like paths inside a config)."""
+    if not path:
+        return {}
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read parameters file: {exc.strerror}", file=p) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"is not valid YAML: {exc}", file=p) from None
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError("must be a YAML mapping of parameter: value", file=p)
+    if data.get("config_path") and not Path(data["config_path"]).is_absolute():
+        data["config_path"] = str((p.resolve().parent / data["config_path"]).resolve())
+    return data
+
+
+def _print_record(rec) -> None:
+    res = rec.result or {}
+    loss = ""
+    if res.get("steps"):
+        loss = f": {res['steps']} steps, loss {res['first_loss']:.4f} -> {res['final_loss']:.4f}"
+        if res.get("eval_loss_before") is not None and res.get("eval_loss_after") is not None:
+            loss += f" (eval {res['eval_loss_before']:.4f} -> {res['eval_loss_after']:.4f})"
+    print(f"run {rec.run_id} {rec.status} in {rec.seconds:.1f}s{loss}")
+    print(f"record: {rec.path}")
+    for rel in rec.files:
+        if rel.startswith("adapter/") or rel in ("executed.ipynb", "samples/grid.png",
+                                                  "samples/completions.md"):
+            print(f"  {rel}")
+    print(f"  manifest.json  sha256 {rec.manifest_sha256}  (ledger seq {rec.ledger_seq})")
+
+
+def cmd_run(args) -> int:
+    """Run a notebook (or a config's training notebook) and print where its record is."""
+    from lora_kernel.runs import run_config, run_notebook
+
+    overrides = parse_overrides(args.param)
+    progress = not args.quiet and sys.stdout.isatty()
+    if args.config:
+        if args.notebook and args.params_file:
+            raise ConfigError("give either --config or -f params.yaml, not both")
+        rec = run_config(args.config, overrides, home=args.home, notebook=args.notebook,
+                         timeout=args.timeout, progress=progress, log=_log)
+    elif args.notebook:
+        params = load_params_file(args.params_file)
+        if overrides:
+            params["overrides"] = {**(params.get("overrides") or {}), **overrides}
+        rec = run_notebook(args.notebook, params, home=args.home, timeout=args.timeout,
+                           progress=progress, log=_log)
+    else:
+        raise ConfigError("nothing to run; fix: lora run --config my.yaml, or "
+                          "lora run NOTEBOOK -f params.yaml")
+    _print_record(rec)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Build the demo assets, train the demo image LoRA as a recorded run, verify the record."""
+    from lora_kernel.demo_assets import build_demo_assets, demo_dir
+    from lora_kernel.home import lora_home
+    from lora_kernel.ledger import Ledger
+    from lora_kernel.records import verify_record
+    from lora_kernel.runs import run_config
+
+    home = lora_home(args.home)
+    print(f"LoRA Enclave demo (home: {home})")
+    config = demo_dir(home) / "image_lora.yaml"
+    if config.is_file() and not args.rebuild:
+        print(f"1/3 demo assets: {demo_dir(home)} (already built; --rebuild to rebuild)")
+    else:
+        t0 = time.monotonic()
+        build_demo_assets(home)
+        print(f"1/3 demo assets: built {demo_dir(home)} in {time.monotonic() - t0:.1f}s "
+              f"(tiny SD model, 24 captioned images; generated locally, nothing downloaded)")
+    print("2/3 training the demo image LoRA: notebooks/train_image_lora.ipynb, executed by "
+          "papermill in the guarded kernel 'lora'", flush=True)
+    rec = run_config(config, parse_overrides(args.param), home=home, timeout=args.timeout,
+                     progress=not args.quiet and sys.stdout.isatty(), log=_log)
+    _print_record(rec)
+    print("3/3 verifying")
+    problems = verify_record(rec.path, expected_manifest_sha256=rec.manifest_sha256)
+    with Ledger(home=home) as ledger:
+        expected = ledger.expected_manifest_sha256(rec.run_id)
+        problems += ledger.verify()
+        head, _hash = ledger.head()
+    if expected is None or expected[0] != rec.manifest_sha256:
+        raise VerificationError(f"the ledger does not attest run {rec.run_id}'s manifest")
+    if problems:
+        raise VerificationError("the new record does not verify: "
+                                + "; ".join(map(str, problems)))
+    print(f"  record: OK ({len(rec.files)} files match manifest.json)")
+    print(f"  ledger: OK (run entry seq {rec.ledger_seq}; chain, checkpoints and signed head "
+          f"verify up to seq {head})")
+    print("Next: open the executed notebook in JupyterLab, or try\n"
+          f"  lora audit show {rec.run_id}\n"
+          f"  lora run --config {config} -p max_train_steps 40")
+    return 0
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    add_override_args(p)
+    p.add_argument("--home", help="working home (default $LORA_HOME or ./lora_home)")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="fail (and record) the run after this many seconds")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+
+def register(sub) -> None:
+    """Add ``run`` and ``demo`` to the ``lora`` CLI."""
+    p = sub.add_parser(
+        "run", help="run a training notebook with papermill and seal its run record",
+        description="Execute a parameterized notebook in the guarded 'lora' kernel and write "
+                    "the run record <home>/runs/<run_id>/ (executed notebook, adapter, "
+                    "manifest, kernel events, TensorBoard logs), appended to the ledger. "
+                    "A failed run is recorded too (exit 7).")
+    p.add_argument("notebook", nargs="?", help="notebook to run (default with --config: the "
+                                               "training notebook of the config's task)")
+    p.add_argument("--config", "-c", help="training config (YAML); picks the notebook")
+    p.add_argument("-f", "--parameters-file", dest="params_file", metavar="PARAMS.yaml",
+                   help="papermill parameters (YAML mapping), e.g. config_path: my.yaml")
+    _common(p)
+    p.set_defaults(func=cmd_run)
+
+    d = sub.add_parser("demo", help="build demo assets, train the demo image LoRA as a "
+                                    "recorded run, verify it",
+                       description="The whole slice on tiny generated assets: demo assets, "
+                                   "the image notebook through `lora run`, record + ledger "
+                                   "verification.")
+    d.add_argument("--rebuild", action="store_true", help="rebuild the demo assets")
+    _common(d)
+    d.set_defaults(func=cmd_demo)
