@@ -559,7 +559,7 @@ resolution: 32
 lora_rank: 8
 lora_alpha: 8
 batch_size: 4
-learning_rate: 1.0e-3
+learning_rate: 3.0e-3
 max_train_steps: 80
 save_steps: 20
 output_dir: output/image

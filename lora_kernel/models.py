@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_kernel.config import PICKLE_SUFFIXES  # one list for the validator and the loader
 from lora_kernel.errors import ConfigError, UnsafeModelError
 
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
 CODE_KEYS = ("auto_map", "trust_remote_code", "custom_pipeline")
 SAFE_LIBRARIES = ("diffusers", "transformers", None)
 BUNDLED_CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -130,9 +130,9 @@ def model_sha256(path: str | os.PathLike) -> str:
     always re-hashed.
     """
     p = Path(path).expanduser().resolve()
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
     if not p.exists():
         raise ConfigError(f"model not found: {p}", key="base_model")
+    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
     stamp = tuple((f.as_posix(), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     key = (p.as_posix(), stamp)
     if key in _SHA_CACHE:
