@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "lora_kernel.cli_train",
     "lora_kernel.cli_assets",
     "lora_kernel.cli_audit",
+    "lora_kernel.cli_run",
 ]
 
 
