@@ -231,8 +231,13 @@ class ImageTask:
     def batch_size_of(self, batch: list[int]) -> int:
         return len(batch)
 
-    def num_examples(self) -> int:
-        return len(self.examples)
+    def eval_batches(self) -> list[list[int]]:
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i, e in enumerate(self.examples):
+            by_bucket.setdefault(e.bucket, []).append(i)
+        b = self.cfg.batch_size
+        return [idx[i:i + b] for bucket in sorted(by_bucket)
+                for idx in [by_bucket[bucket]] for i in range(0, len(idx), b)]
 
     def train_mode(self, enabled: bool) -> None:
         self.comps.unet.train(enabled)

@@ -18,7 +18,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -53,8 +53,8 @@ class Task(Protocol):
     def train_mode(self, enabled: bool) -> None:
         """Switch the trained modules between train and eval mode (dropout)."""
 
-    def num_examples(self) -> int:
-        """Examples in the dataset (for the fixed evaluation pass)."""
+    def eval_batches(self) -> list[list[int]]:
+        """Every example once, in a fixed order, in batches (for the evaluation pass)."""
 
 
 @dataclass
@@ -84,8 +84,7 @@ def evaluate(task: Task, cfg, device: torch.device) -> float:
     task.train_mode(False)
     total, count = 0.0, 0
     try:
-        idx = list(range(task.num_examples()))
-        for batch in iter_chunks(idx, cfg.batch_size):
+        for batch in task.eval_batches():
             with autocast_context(cfg, device):
                 total += task.loss(batch, gen).item() * len(batch)
             count += len(batch)
@@ -388,9 +387,3 @@ def run_loop(cfg, task: Task, *, output_dir: Path, device: torch.device,
     result.examples_per_second = examples / result.seconds if result.seconds else 0.0
     result.eval_loss_after = evaluate(task, cfg, device)
     return result
-
-
-def iter_chunks(items: list, size: int) -> Iterable[list]:
-    """Consecutive chunks of ``size`` (the last may be shorter)."""
-    for i in range(0, len(items), size):
-        yield items[i:i + size]

@@ -113,8 +113,10 @@ class TextTask:
     def batch_size_of(self, batch: list[int]) -> int:
         return len(batch)
 
-    def num_examples(self) -> int:
-        return len(self.sequences)
+    def eval_batches(self) -> list[list[int]]:
+        b = self.cfg.batch_size
+        return [list(range(i, min(i + b, len(self.sequences))))
+                for i in range(0, len(self.sequences), b)]
 
     def train_mode(self, enabled: bool) -> None:
         self.model.train(enabled)
