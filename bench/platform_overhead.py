@@ -1,0 +1,122 @@
+"""Benchmark: what a recorded run costs over training directly.
+
+The same training (the demo image config, ``max_train_steps`` chosen so that the training
+loop takes about ``--target-seconds``) two ways, each as the command a user types, timed wall
+clock from start to exit:
+
+* baseline: ``lora train --config image_lora.yaml -p max_train_steps N -q``
+* platform: ``lora run --config image_lora.yaml -p max_train_steps N -q`` — papermill, the
+  guarded ``lora`` kernel (egress hook, execution log), the notebook's displays (loss curve,
+  sample grid, summary), the sealed run record and the ledger append.
+
+Prints the ratio platform / baseline (target <= 1.05 on a 60-second training) and the fixed
+overhead in seconds. Both share one home with warm latent caches (a calibration run first).
+
+    .venv/bin/python bench/platform_overhead.py [--target-seconds 60] [--repeat 1]
+    .venv/bin/python bench/platform_overhead.py --quick      # a short smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def lscpu_model() -> str:
+    """``lscpu``'s "Model name" (falls back to platform.processor())."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except OSError:
+        out = ""
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def lora(*args, env) -> tuple[float, str]:
+    """Run ``python -m lora_kernel.cli ARGS``; return (wall seconds, stdout). Raises on failure."""
+    t0 = time.perf_counter()
+    res = subprocess.run([sys.executable, "-m", "lora_kernel.cli", *map(str, args)],
+                         capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if res.returncode != 0:
+        raise SystemExit(f"lora {' '.join(map(str, args))} failed ({res.returncode}):\n"
+                         f"{res.stdout[-2000:]}\n{res.stderr[-4000:]}")
+    return wall, res.stdout
+
+
+def train_seconds(output_dir: Path) -> tuple[float, int]:
+    """Training-loop seconds and steps from a ``training_summary.json``."""
+    s = json.loads((output_dir / "training_summary.json").read_text())
+    return s["seconds"], s["steps"]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target-seconds", type=float, default=60.0,
+                        help="training-loop time to aim for (default 60)")
+    parser.add_argument("--steps", type=int, help="max_train_steps (default: calibrated)")
+    parser.add_argument("--repeat", type=int, default=1, help="pairs of runs (median)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: ~5 s of training")
+    parser.add_argument("--home", help="working home (default: a temp folder)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.target_seconds = 5.0
+
+    from lora_kernel.demo_assets import build_demo_assets
+
+    home = Path(args.home or tempfile.mkdtemp(prefix="bench_overhead_"))
+    env = dict(os.environ, LORA_HOME=str(home))
+    paths = build_demo_assets(home)
+    config = paths["image_config"]
+    fixed = ["-p", "save_steps", "0", "-q"]
+
+    steps = args.steps
+    if steps is None:  # calibrate: seconds per step of the training loop (warms the caches)
+        cal = home / "cal"
+        lora("train", "--config", config, "-p", "max_train_steps", 10, "-p", "output_dir", cal,
+             *fixed, env=env)
+        sec, n = train_seconds(cal)
+        steps = max(2, round(args.target_seconds / (sec / n)))
+        print(f"calibration: {sec / n:.3f} s/step -> max_train_steps {steps}", flush=True)
+
+    rows = []
+    for i in range(args.repeat):
+        out = home / f"train{i}"
+        t_train, _ = lora("train", "--config", config, "-p", "max_train_steps", steps,
+                          "-p", "output_dir", out, *fixed, env=env)
+        loop_train, _ = train_seconds(out)
+        t_run, stdout = lora("run", "--config", config, "-p", "max_train_steps", steps,
+                             "--home", home, *fixed, env=env)
+        record = Path(next(line.split(": ", 1)[1] for line in stdout.splitlines()
+                           if line.startswith("record: ")))
+        loop_run = json.loads((record / "run_result.json").read_text())["seconds"]
+        rows.append((t_train, t_run, loop_train, loop_run))
+        print(f"pair {i + 1}: lora train {t_train:.1f}s (loop {loop_train:.1f}s), "
+              f"lora run {t_run:.1f}s (loop {loop_run:.1f}s)", flush=True)
+
+    t_train, t_run, loop_train, loop_run = (statistics.median(c) for c in zip(*rows))
+    import torch
+    print()
+    print(f"machine: {lscpu_model()}, {os.cpu_count()} cores, Python "
+          f"{platform.python_version()}, torch {torch.__version__}, "
+          f"{'CUDA ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'CPU'}")
+    print(f"training: demo image config, {steps} steps, median of {args.repeat}")
+    print(f"  lora train (baseline)     {t_train:8.1f} s   training loop {loop_train:.1f} s")
+    print(f"  lora run (record)         {t_run:8.1f} s   training loop {loop_run:.1f} s")
+    print(f"  ratio run / train         {t_run / t_train:8.3f}   (target <= 1.05)")
+    print(f"  fixed overhead            {t_run - t_train:8.1f} s")
+    print(f"  loop ratio run / train    {loop_run / loop_train:8.3f}   (in-kernel vs direct)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
