@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     steps = args.steps
     if steps is None:  # calibrate: seconds per step of the training loop (warms the caches)
         cal = home / "cal"
-        lora("train", "--config", config, "-p", "max_train_steps", 10, "-p", "output_dir", cal,
+        lora("train", "--config", config, "-p", "max_train_steps", 20, "-p", "output_dir", cal,
              *fixed, env=env)
         sec, n = train_seconds(cal)
         steps = max(2, round(args.target_seconds / (sec / n)))
@@ -115,6 +115,8 @@ def main(argv=None) -> int:
     print(f"  ratio run / train         {t_run / t_train:8.3f}   (target <= 1.05)")
     print(f"  fixed overhead            {t_run - t_train:8.1f} s")
     print(f"  loop ratio run / train    {loop_run / loop_train:8.3f}   (in-kernel vs direct)")
+    print(f"  overhead outside the loop {(t_run - loop_run) - (t_train - loop_train):8.1f} s   "
+          f"(run {t_run - loop_run:.1f} s, train {t_train - loop_train:.1f} s)")
     return 0
 
 

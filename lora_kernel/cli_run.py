@@ -10,6 +10,7 @@ Exit codes: 0 success, 2 invalid config/parameters, 5 the new record does not ve
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,13 @@ from lora_kernel.errors import ConfigError, VerificationError
 
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def _sigterm_as_interrupt() -> None:
+    """Let SIGTERM end a run like Ctrl-C does: the runner then records it as interrupted."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, handler)
 
 
 def load_params_file(path: str | None) -> dict:
@@ -64,10 +72,11 @@ def cmd_run(args) -> int:
     """Run a notebook (or a config's training notebook) and print where its record is."""
     from lora_kernel.runs import run_config, run_notebook
 
+    _sigterm_as_interrupt()
     overrides = parse_overrides(args.param)
     progress = not args.quiet and sys.stdout.isatty()
     if args.config:
-        if args.notebook and args.params_file:
+        if args.params_file:
             raise ConfigError("give either --config or -f params.yaml, not both")
         rec = run_config(args.config, overrides, home=args.home, notebook=args.notebook,
                          timeout=args.timeout, progress=progress, log=_log)
@@ -92,6 +101,7 @@ def cmd_demo(args) -> int:
     from lora_kernel.records import verify_record
     from lora_kernel.runs import run_config
 
+    _sigterm_as_interrupt()
     home = lora_home(args.home)
     print(f"LoRA Enclave demo (home: {home})")
     config = demo_dir(home) / "image_lora.yaml"

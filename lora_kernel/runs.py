@@ -121,7 +121,9 @@ def run_notebook(notebook: str | os.PathLike, parameters: Mapping[str, Any] | No
     notebooks' convention) the runner validates that config with ``overrides``, points
     ``output_dir`` at the run's work folder and injects ``result_path``; the manifest then pins
     the resolved config, base model, dataset files and seed. ``timeout`` bounds the whole run
-    (seconds). Raises :class:`RunFailed` (record written) when the run does not succeed.
+    (seconds). Raises :class:`RunFailed` (record written; its ``record`` attribute is the
+    failed :class:`RunRecord`) when the run does not succeed, :class:`ConfigError` (nothing
+    run, nothing recorded) for an invalid notebook, parameters or config.
     """
     from lora_kernel.config import load_config
     from lora_kernel.records import make_staging_dir
@@ -130,20 +132,24 @@ def run_notebook(notebook: str | os.PathLike, parameters: Mapping[str, Any] | No
     notebook = Path(notebook).resolve()
     if not notebook.is_file():
         raise ConfigError(f"notebook not found: {notebook}", file=notebook)
-    params = json.loads(json.dumps(dict(parameters or {})))  # plain JSON, our own copy
+    try:
+        params = json.loads(json.dumps(dict(parameters or {})))  # plain JSON, our own copy
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"notebook parameters must be plain JSON values: {exc}") from None
     home = lora_home(home)
     runs = home / "runs"
     run_id = new_run_id()
     work = runs / ".work" / run_id
-    (work / "output").mkdir(parents=True)
     declared = _declared_parameters(notebook)
     cfg = None
     if params.get("config_path"):
         params["config_path"] = str(Path(params["config_path"]).resolve())
-        overrides = dict(params.get("overrides") or {})
-        overrides["output_dir"] = str(work / "output")
-        params["overrides"] = overrides
-        cfg = load_config(params["config_path"], overrides)
+        overrides = params.get("overrides") or {}
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"parameter 'overrides' must be a mapping, got {overrides!r}")
+        params["overrides"] = {**overrides, "output_dir": str(work / "output")}
+        cfg = load_config(params["config_path"], params["overrides"])  # before any run exists
+    (work / "output").mkdir(parents=True)
     if "result_path" in declared:
         params["result_path"] = str(work / "run_result.json")
     spec = {"input": str(notebook), "output": str(work / "executed.ipynb"),
@@ -191,7 +197,7 @@ def _execute_child(work: Path, run_id: str, home: Path, timeout: float | None,
             reason = f"timed out after {timeout:g}s"
             _stop(proc)
         except KeyboardInterrupt:
-            reason = "interrupted (Ctrl-C / SIGINT)"
+            reason = "interrupted (SIGINT / SIGTERM)"
             _stop(proc)
         finally:
             if proc.poll() is None:  # an exception we did not expect: never leave it running

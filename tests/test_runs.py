@@ -255,6 +255,29 @@ def test_sigkill_of_the_executor_is_recorded_and_the_kernel_stopped(run_home, tm
     assert printed.outputs[0]["text"] == "started\n"
 
 
+def test_sigterm_of_lora_run_records_an_interrupted_run(run_home, tmp_path):
+    import psutil
+
+    nb = write_notebook(tmp_path / "sleep.ipynb", "seconds = 600", "print('started')",
+                        "import time; time.sleep(seconds)")
+    proc = lora_cli("run", nb, home=run_home, wait=False)
+    try:
+        deadline = time.monotonic() + 60
+        while not _started(run_home) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        kernel, = find_processes(lambda p, env: env.get("LORA_HOME") == str(run_home)
+                                 and "-f" in p.info["cmdline"])
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 7, err
+    assert "interrupted" in err
+    assert not psutil.pid_exists(kernel.pid) or kernel.status() == psutil.STATUS_ZOMBIE
+    assert_sealed(Path(re.search(r"recorded in (\S+)", err).group(1)), "failed")
+
+
 def _started(home: Path) -> bool:
     """Whether the sleep notebook's ``print`` output was saved into the executed notebook."""
     for path in (home / "runs" / ".work").glob("*/executed.ipynb"):
