@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -71,9 +72,18 @@ def main(argv=None) -> int:
     if args.quick:
         args.target_seconds = 5.0
 
+    home = Path(args.home or tempfile.mkdtemp(prefix="bench_overhead_"))
+    try:
+        return _bench(args, home)
+    finally:
+        if not args.home:
+            shutil.rmtree(home, ignore_errors=True)
+
+
+def _bench(args, home: Path) -> int:
+    """Calibrate, run the pairs, print the table."""
     from lora_kernel.demo_assets import build_demo_assets
 
-    home = Path(args.home or tempfile.mkdtemp(prefix="bench_overhead_"))
     env = dict(os.environ, LORA_HOME=str(home))
     paths = build_demo_assets(home)
     config = paths["image_config"]
