@@ -101,3 +101,12 @@ def test_prompt_tokens_are_masked_and_packing_fills_sequences(demo_home):
     assert all(len(s[0]) == 64 for s in packed[:-1])
     total = sum(len(i) for i, _ in records)
     assert sum(len(s[0]) for s in packed) == total
+
+
+def test_plain_text_records_train_without_packing(demo_home, tmp_path):
+    plain = demo_home / "demo" / "datasets" / "text" / "plain.jsonl"
+    cfg = load_config(demo_home / "demo" / "text_lora.yaml",
+                      {"metadata_path": str(plain), "packing": False, "max_train_steps": 20,
+                       "output_dir": str(tmp_path), "save_steps": 0})
+    res = train(cfg, progress=False, home=demo_home, samples=False, log=lambda m: None)
+    assert res.steps == 20 and res.eval_loss_after < res.eval_loss_before
