@@ -68,9 +68,13 @@ class PolicyRefusal(LoraError, PermissionError):
 
 
 class RunFailed(LoraError):
-    """A training run failed; its record (marked failed) was written before this was raised."""
+    """A training run failed; its record (marked failed) was written before this was raised.
+
+    ``record`` is the :class:`lora_kernel.runs.RunRecord` of the failed run (set by the runner).
+    """
 
     exit_code = 7
+    record = None
 
 
 class DataError(LoraError):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import signal
 import time
@@ -283,7 +284,10 @@ def run_loop(cfg, task: Task, *, output_dir: Path, device: torch.device,
     """
     from diffusers.optimization import get_scheduler
     from torch.utils.tensorboard import SummaryWriter
-    from tqdm.auto import tqdm
+    if os.environ.get("LORA_RUN_ID"):  # a papermill batch run: text bar, readable in the record
+        from tqdm.std import tqdm
+    else:  # terminal or live notebook: widget when a front-end shows it
+        from tqdm.auto import tqdm
 
     output_dir = Path(output_dir)
     seed_everything(cfg.seed)
