@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-STEPS = 40
+STEPS = 200
 
 
 def _plain(home: Path, steps: int) -> dict:
