@@ -15,7 +15,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 from lora_kernel.data import sha256_file
-from lora_kernel.errors import PolicyRefusal, VerificationError
+from lora_kernel.errors import ConfigError, PolicyRefusal, VerificationError
 from lora_kernel.home import lora_home
 from lora_kernel.ledger import Ledger
 from lora_kernel.policy import load_policy
@@ -56,7 +56,8 @@ def verify_run(run_id: str, ledger: Ledger, home=None) -> list[Problem]:
         if expected is not None:
             return [Problem("missing", str(record), f"record attested by ledger seq "
                                                     f"{expected[1]} is gone (no prune entry)")]
-        return [Problem("missing", str(record), "no such run in the store or the ledger")]
+        raise ConfigError(f"no such run {run_id!r} in {record.parent} or the ledger; fix: pick "
+                          f"a run id from `lora audit list`", key="RUN")
     if expected is None:
         return [Problem("ledger", str(record), "record has no ledger entry (not attested)")] \
             + verify_record(record)

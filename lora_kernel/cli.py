@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from lora_kernel.errors import LoraError
@@ -42,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     except LoraError as exc:
         print(f"lora {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:  # e.g. `lora config --keys | head`: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"lora {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -28,6 +28,8 @@ def cmd_train(args) -> int:
     resume = args.resume if args.resume not in (None, "latest") else (
         True if args.resume == "latest" else None)
     res = train(cfg, resume=resume, progress=not args.quiet, samples=not args.no_samples)
+    if res.resumed_from:
+        print(f"resumed from {res.resumed_from}")
     print(f"trained {res.steps} steps in {res.seconds:.1f}s "
           f"(loss {res.first_loss:.4f} -> {res.final_loss:.4f})")
     for fmt, path in res.adapter_files.items():

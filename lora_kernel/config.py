@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+from PIL import Image
 
 from lora_kernel.errors import ConfigError
 
@@ -382,6 +383,13 @@ def _check_image_dataset(cfg: TrainConfig, file: str) -> None:
             raise ConfigError(f"line {i} of {meta} names {row[cfg.image_column]!r}, which is "
                               f"not in {data}; fix: add the image or remove the row", file=file,
                               key="metadata_path")
+        try:  # reads the header only: cheap, and catches truncated or non-image files
+            with Image.open(img) as im:
+                im.verify()
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ConfigError(f"line {i} of {meta} names {row[cfg.image_column]!r}, which is "
+                              f"not a readable image ({exc}); fix: re-export it as PNG/JPEG or "
+                              f"remove the row", file=file, key="metadata_path") from None
 
 
 def _check_text_dataset(cfg: TrainConfig, file: str) -> None:

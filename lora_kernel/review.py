@@ -134,7 +134,9 @@ def _review(run_id: str, decision: str, note: str, user, home, ledger) -> Entry:
     with open_ledger(ledger, home) as led:
         if not is_reviewer(user, policy):
             raise PolicyRefusal(f"{user} may not review: not in the reviewers group "
-                                f"{policy.get('reviewers_group')!r} (policies/review.yaml)")
+                                f"{policy.get('reviewers_group')!r} (policies/review.yaml); fix: an admin adds "
+                                f"{user} to that OS group, or to `members:` in that policy "
+                                f"on a single-user machine")
         s = verified_summary(run_id, led, home)
         if decision == "approved" and s["user"] == user and not policy.get("allow_self_approval"):
             raise PolicyRefusal(f"{user} trained run {run_id} and may not approve it "

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from PIL import Image
 
 from lora_kernel.config import load_config, parse_value, validate_config
 from lora_kernel.errors import ConfigError
@@ -16,7 +17,7 @@ def image_setup(tmp_path: Path) -> Path:
     """A minimal valid image config (tiny files, no model is loaded by validation)."""
     data = tmp_path / "data"
     data.mkdir()
-    (data / "a.png").write_bytes(b"png")
+    Image.new("RGB", (8, 8)).save(data / "a.png")
     (data / "metadata.csv").write_text("file_name,text\na.png,a cat\n")
     (tmp_path / "model").mkdir()
     cfg = {"train_data_dir": "data", "base_model": "model", "lora_rank": 4,
@@ -82,6 +83,16 @@ def test_missing_image_named_in_metadata_is_refused(image_setup):
     (image_setup.parent / "data" / "metadata.csv").write_text("file_name,text\nb.png,x\n")
     with pytest.raises(ConfigError, match="line 2 .* names 'b.png'"):
         load_config(image_setup)
+
+
+def test_unreadable_image_is_refused_and_a_real_one_accepted(image_setup):
+    data = image_setup.parent / "data"
+    (data / "metadata.csv").write_text("file_name,text\na.png,x\nb.png,y\n")
+    (data / "b.png").write_bytes(b"not an image")
+    with pytest.raises(ConfigError, match="line 3 .* not a readable image"):
+        load_config(image_setup)
+    Image.new("RGB", (8, 8)).save(data / "b.png")
+    assert load_config(image_setup)
 
 
 def test_pickle_base_model_is_refused_before_loading(image_setup):

@@ -306,8 +306,9 @@ def run_loop(cfg, task: Task, *, output_dir: Path, device: torch.device,
         ckpt = latest_checkpoint(output_dir) if resume is True else Path(resume)
         if ckpt is None:
             raise ConfigError(f"--resume: no checkpoint under {output_dir / 'checkpoints'}; "
-                              f"fix: set save_steps so checkpoints are written, or drop --resume",
-                              file=cfg.source, key="save_steps")
+                              f"fix: use the output_dir (and other -p overrides) of the run to "
+                              f"continue, make sure it had save_steps > 0, or drop --resume",
+                              file=cfg.source, key="output_dir")
         state = load_checkpoint(ckpt, named=named, optimizer=optimizer, scheduler=scheduler,
                                 generator=generator, config=config, source=cfg.source)
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
@@ -374,14 +375,15 @@ def run_loop(cfg, task: Task, *, output_dir: Path, device: torch.device,
                 bar.update(1)
                 if on_step is not None:
                     on_step(step, step_loss, lr)
-                if cfg.save_steps and step % cfg.save_steps == 0 and step < n_steps:
-                    checkpoint(step)
+                if cfg.save_steps and (step % cfg.save_steps == 0 or step == n_steps):
+                    checkpoint(step)  # the last step too, so a longer run can continue it
                 if stop.signum is not None or (interrupt_at_step is not None
                                                and step == interrupt_at_step):
                     path = checkpoint(step)
                     raise TrainingInterrupted(
                         f"interrupted at step {step}/{n_steps}; checkpoint saved to {path}; "
-                        f"resume with: lora train --config {cfg.source} --resume")
+                        f"resume: run the same command (same config and -p overrides) "
+                        f"with --resume")
     finally:
         bar.close()
         writer.flush()
