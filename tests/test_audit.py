@@ -62,6 +62,13 @@ def test_verify_clean_then_tampered_file_and_ledger(make_run, lora, lora_home_tm
     assert code == 5 and "seq 1" in out and "deleted" in out
 
 
+def test_unknown_run_id_is_a_usage_error_not_tampering(make_run, lora, lora_home_tmp):
+    make_run("r1")
+    assert lora("audit", "verify", "r1")[0] == 0
+    code, out = lora("audit", "verify", "nosuchrun")
+    assert code == 2 and "no such run 'nosuchrun'" in out and "lora audit list" in out
+
+
 def test_deleted_record_without_prune_entry_reported(make_run, lora_home_tmp):
     import shutil
     r1 = make_run("r1")
