@@ -131,8 +131,8 @@ def cmd_demo(args) -> int:
     print(f"  record: OK ({len(rec.files)} files match manifest.json)")
     print(f"  ledger: OK (run entry seq {rec.ledger_seq}; chain, checkpoints and signed head "
           f"verify up to seq {head})")
-    print("Next: open the executed notebook in JupyterLab, or try\n"
-          f"  lora audit show {rec.run_id}\n"
+    print("Next (with . .venv/bin/activate):\n"
+          f"  lora audit show {rec.run_id} --html run.html   # the executed notebook as HTML\n"
           f"  lora run --config {config} -p max_train_steps 40")
     return 0
 
