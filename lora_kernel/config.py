@@ -140,7 +140,8 @@ class TrainConfig:
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise self._err("max_train_steps", f"must be >= 1 or omitted, got "
                                                f"{self.max_train_steps}")
-        for key in ("save_steps", "lr_warmup_steps"):
+        for key in ("save_steps", "lr_warmup_steps", "max_grad_norm", "weight_decay",
+                    "noise_offset"):
             if getattr(self, key) < 0:
                 raise self._err(key, f"must be >= 0, got {getattr(self, key)}")
         if not (0 < self.learning_rate < 1) or not math.isfinite(self.learning_rate):
@@ -165,10 +166,6 @@ class TrainConfig:
             hint = _did_you_mean(str(self.lr_scheduler), LR_SCHEDULERS)
             raise self._err("lr_scheduler", f"unknown scheduler {self.lr_scheduler!r}{hint}; "
                                             f"choose one of {', '.join(LR_SCHEDULERS)}")
-        if self.max_grad_norm < 0 or self.weight_decay < 0 or self.noise_offset < 0:
-            for key in ("max_grad_norm", "weight_decay", "noise_offset"):
-                if getattr(self, key) < 0:
-                    raise self._err(key, f"must be >= 0, got {getattr(self, key)}")
         if not self.base_model:
             raise self._err("base_model", "is required; fix: point it at a local model folder "
                                           "or .safetensors file (see `lora demo-assets`)")
@@ -318,8 +315,6 @@ def validate_config(raw: Mapping[str, Any], *, source: str | os.PathLike | None 
             raise ConfigError(f"unknown key{hint}; fix: remove it or use one of the keys "
                               f"listed by `lora config --keys`", file=file, key=str(key))
         values[key] = _coerce(key, value, file)
-    if isinstance(values.get("learning_rate"), str):
-        pass
     base = Path(base_dir) if base_dir is not None else Path.cwd()
     task = values.get("task", "image")
     if task == "image" and values.get("train_data_dir") and not values.get("metadata_path"):

@@ -70,13 +70,20 @@ def dataset_digests(cfg) -> dict[str, str]:
     return dict(sorted(out.items()))
 
 
+def listing_sha256(digests: dict[str, str]) -> str:
+    """sha256 over the sorted lines ``<relative path>\\0<file sha256>\\n`` of a file set:
+    the digest of a folder (model) or of a dataset."""
+    h = hashlib.sha256()
+    for rel, digest in sorted(digests.items()):
+        h.update(f"{rel}\0{digest}\n".encode("utf-8"))
+    return h.hexdigest()
+
+
 def dataset_version(cfg, digests: dict[str, str] | None = None) -> str:
-    """A content-addressed dataset version id: ``ds-`` + sha256 over (path, digest) pairs.
+    """A content-addressed dataset version id: ``ds-`` + the first 32 hex digits of
+    :func:`listing_sha256` over the dataset's files.
 
     Renaming the folder keeps the id; changing, adding or removing any file changes it.
     """
     digests = digests if digests is not None else dataset_digests(cfg)
-    h = hashlib.sha256()
-    for rel, digest in sorted(digests.items()):
-        h.update(f"{rel}\0{digest}\n".encode())
-    return "ds-" + h.hexdigest()[:32]
+    return "ds-" + listing_sha256(digests)[:32]

@@ -228,6 +228,24 @@ def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     return symbols
 
 
+def _learn_merges(tokens: list[str], words) -> list[tuple[str, str]]:
+    """Merges that build each word (a list of symbols) into one token, word by word, each
+    joining the current first two pieces; new merged tokens are appended to ``tokens``.
+    Later merges rank higher, so they never break an earlier word."""
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    seen = set(tokens)
+    for symbols in words:
+        while len(pieces := _bpe(symbols, ranks)) > 1:
+            pair = (pieces[0], pieces[1])
+            ranks[pair] = len(merges)
+            merges.append(pair)
+            if pair[0] + pair[1] not in seen:
+                tokens.append(pair[0] + pair[1])
+                seen.add(pair[0] + pair[1])
+    return merges
+
+
 def clip_vocab_and_merges(words=CLIP_WORDS) -> tuple[dict[str, int], list[str]]:
     """A small CLIP-style BPE vocabulary: the 256 byte symbols, their ``</w>`` variants, the
     merges that build each of ``words`` into one token, and the two special tokens.
@@ -237,18 +255,7 @@ def clip_vocab_and_merges(words=CLIP_WORDS) -> tuple[dict[str, int], list[str]]:
     """
     alphabet = list(_bytes_to_unicode().values())
     tokens = alphabet + [c + "</w>" for c in alphabet]
-    merges: list[tuple[str, str]] = []
-    ranks: dict[tuple[str, str], int] = {}
-    seen = set(tokens)
-    for word in words:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces := _bpe(symbols, ranks)) > 1:
-            pair = (pieces[0], pieces[1])
-            ranks[pair] = len(merges)
-            merges.append(pair)
-            if pair[0] + pair[1] not in seen:
-                tokens.append(pair[0] + pair[1])
-                seen.add(pair[0] + pair[1])
+    merges = _learn_merges(tokens, (list(w[:-1]) + [w[-1] + "</w>"] for w in words))
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     return {t: i for i, t in enumerate(tokens)}, [f"{a} {b}" for a, b in merges]
 
@@ -476,22 +483,12 @@ def lm_vocab_and_merges(corpus) -> tuple[dict[str, int], list[str]]:
     alphabet = list(_bytes_to_unicode().values())
     byte_map = _bytes_to_unicode()
     tokens = list(LM_SPECIAL_TOKENS) + alphabet
-    seen = set(tokens)
-    merges: list[tuple[str, str]] = []
-    ranks: dict[tuple[str, str], int] = {}
     # the GPT-2 pre-tokenizer pattern, simplified: optional space + letters / digits / other
     words = set()
     for text in corpus:
         for w in re.findall(r" ?[A-Za-z]+| ?[0-9]| ?[^\sA-Za-z0-9]+", text):
             words.add("".join(byte_map[b] for b in w.encode("utf-8")))
-    for word in sorted(words):
-        while len(pieces := _bpe(list(word), ranks)) > 1:
-            pair = (pieces[0], pieces[1])
-            ranks[pair] = len(merges)
-            merges.append(pair)
-            if pair[0] + pair[1] not in seen:
-                tokens.append(pair[0] + pair[1])
-                seen.add(pair[0] + pair[1])
+    merges = _learn_merges(tokens, (list(w) for w in sorted(words)))
     return {t: i for i, t in enumerate(tokens)}, [f"{a} {b}" for a, b in merges]
 
 

@@ -20,7 +20,6 @@ checkpoint as ``tokenizer/`` or pass ``tokenizer=``.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_kernel.config import PICKLE_SUFFIXES  # one list for the validator and the loader
+from lora_kernel.data import listing_sha256, sha256_file
 from lora_kernel.errors import ConfigError, UnsafeModelError
 
 CODE_KEYS = ("auto_map", "trust_remote_code", "custom_pipeline")
@@ -114,14 +114,6 @@ def _check_config_file(cfg: Path) -> None:
 _SHA_CACHE: dict[tuple, str] = {}
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def model_sha256(path: str | os.PathLike) -> str:
     """The digest of a model: a file's sha256, or for a folder the sha256 over the sorted
     lines ``<relative posix path>\\0<file sha256>\\n`` of every file in it.
@@ -138,12 +130,9 @@ def model_sha256(path: str | os.PathLike) -> str:
     if key in _SHA_CACHE:
         return _SHA_CACHE[key]
     if p.is_file():
-        digest = _file_sha256(p)
+        digest = sha256_file(p)
     else:
-        h = hashlib.sha256()
-        for f in files:
-            h.update(f"{f.relative_to(p).as_posix()}\0{_file_sha256(f)}\n".encode("utf-8"))
-        digest = h.hexdigest()
+        digest = listing_sha256({f.relative_to(p).as_posix(): sha256_file(f) for f in files})
     _SHA_CACHE[key] = digest
     return digest
 

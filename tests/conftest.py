@@ -28,6 +28,9 @@ make_run (function)
     notebook, events.jsonl, tb/, manifest) under ``lora_home_tmp/runs`` and appends its ledger
     entry; returns the record path. Inputs live in ``lora_home_tmp/inputs``. (records/ledger/
     review/audit tests.)
+lora (function)
+    ``lora(*argv) -> (exit code, stdout + stderr)``: runs ``lora ...`` in process through
+    :func:`lora_kernel.cli.main` with only ``lora_kernel.cli_audit`` registered.
 demo_home (session)
     A home folder (``Path``) with ``demo/`` built once per session by
     ``lora_kernel.demo_assets.build_demo_assets`` (tiny SD folder + single file, tiny Llama,
@@ -254,3 +257,17 @@ def demo_home(tmp_path_factory) -> Path:
     home = tmp_path_factory.mktemp("demo_home")
     build_demo_assets(home)
     return home
+
+
+@pytest.fixture
+def lora(monkeypatch, capsys):
+    """Run ``lora ...`` via :func:`lora_kernel.cli.main` with cli_audit registered;
+    returns ``(exit code, stdout + stderr)``."""
+    from lora_kernel import cli
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["lora_kernel.cli_audit"])
+
+    def run(*argv):
+        code = cli.main([str(a) for a in argv])
+        out = capsys.readouterr()
+        return code, out.out + out.err
+    return run

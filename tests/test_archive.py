@@ -9,23 +9,10 @@ import struct
 import pytest
 
 from lora_kernel import archive as arc
-from lora_kernel import cli
 from lora_kernel.errors import ConfigError, VerificationError
 from lora_kernel.ledger import Ledger
 
 NOW = dt.datetime.now(dt.timezone.utc)
-
-
-@pytest.fixture
-def lora(monkeypatch, capsys):
-    """Run ``lora ...`` via :func:`lora_kernel.cli.main` with cli_audit registered."""
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["lora_kernel.cli_audit"])
-
-    def run(*argv):
-        code = cli.main([str(a) for a in argv])
-        out = capsys.readouterr()
-        return code, out.out + out.err
-    return run
 
 
 def test_export_import_roundtrip_and_tampered_archive_refused(make_run, lora, lora_home_tmp,

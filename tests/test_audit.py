@@ -10,26 +10,12 @@ import sqlite3
 import nbformat
 import pytest
 
-from lora_kernel import cli
 from lora_kernel.audit import list_runs, lineage, prune, render_notebook_html, verify
 from lora_kernel.errors import PolicyRefusal
 from lora_kernel.ledger import Ledger
 
 NOW = dt.datetime.now(dt.timezone.utc)
 OLD = NOW - dt.timedelta(days=400)
-
-
-@pytest.fixture
-def lora(monkeypatch, capsys):
-    """Run ``lora ...`` via :func:`lora_kernel.cli.main` with cli_audit registered;
-    returns ``(exit code, stdout + stderr)``."""
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["lora_kernel.cli_audit"])
-
-    def run(*argv):
-        code = cli.main([str(a) for a in argv])
-        out = capsys.readouterr()
-        return code, out.out + out.err
-    return run
 
 
 @pytest.fixture

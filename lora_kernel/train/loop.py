@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -202,7 +203,7 @@ def save_checkpoint(path: Path, *, step: int, epoch: int, batch_in_epoch: int,
     }
     (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default))
     if path.exists():
-        _rmtree(path)
+        shutil.rmtree(path)
     tmp.rename(path)
     return path
 
@@ -213,11 +214,6 @@ def _json_default(obj):
     if torch.is_tensor(obj):
         return obj.item()
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-    shutil.rmtree(path)
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
