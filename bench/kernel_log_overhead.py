@@ -52,7 +52,7 @@ def end_to_end(cells: int) -> tuple[float, float]:
     """Median seconds per cell: (stock ipykernel, lora kernel)."""
     from ipykernel.kernelspec import write_kernel_spec as write_stock
 
-    from lora_kernel.kernelspec import write_kernel_spec
+    from lora_kernel.kernel.kernelspec import write_kernel_spec
 
     tmp = Path(tempfile.mkdtemp(prefix="lkbench"))
     write_stock(str(tmp / "kernels" / "stock"))
@@ -67,7 +67,7 @@ def end_to_end(cells: int) -> tuple[float, float]:
 
 def in_process(n: int = 5000) -> dict:
     """Mean seconds per call of the log's own work."""
-    from lora_kernel.execlog import ExecLog, HttpSink
+    from lora_kernel.kernel.execlog import ExecLog, HttpSink
 
     tmp = Path(tempfile.mkdtemp(prefix="lkbench"))
     code = "import torch\nloss = train_step(batch)\nprint(f'{loss=:.4f}')\n" * 4

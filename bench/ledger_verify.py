@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from lora_kernel.ledger import Ledger
+from lora_kernel.trusted.ledger import Ledger
 
 
 def fill(led: Ledger, n: int) -> None:

@@ -43,7 +43,7 @@ def lscpu_model() -> str:
 
 
 def lora(*args, env) -> tuple[float, str]:
-    """Run ``python -m lora_kernel.cli ARGS``; return (wall seconds, stdout). Raises on failure."""
+    """Run ``python -m lora_kernel.cli.main ARGS``; return (wall seconds, stdout). Raises on failure."""
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "-m", "lora_kernel.cli", *map(str, args)],
                          capture_output=True, text=True, env=env)
@@ -82,7 +82,7 @@ def main(argv=None) -> int:
 
 def _bench(args, home: Path) -> int:
     """Calibrate, run the pairs, print the table."""
-    from lora_kernel.demo_assets import build_demo_assets
+    from lora_kernel.training.demo_assets import build_demo_assets
 
     env = dict(os.environ, LORA_HOME=str(home))
     paths = build_demo_assets(home)

@@ -39,8 +39,8 @@ def _plain(home: Path, steps: int) -> dict:
     from peft import LoraConfig
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from lora_kernel.config import load_config
-    from lora_kernel.train.image import load_examples
+    from lora_kernel.training.config import load_config
+    from lora_kernel.training.image import load_examples
     cfg = load_config(home / "demo" / "image_lora.yaml")
     root = Path(cfg.base_model)
     torch.manual_seed(0)
@@ -78,8 +78,8 @@ def _plain(home: Path, steps: int) -> dict:
 
 
 def _ours(home: Path, steps: int, out: Path) -> dict:
-    from lora_kernel.config import load_config
-    from lora_kernel.train import train
+    from lora_kernel.training.config import load_config
+    from lora_kernel.training.train import train
     cfg = load_config(home / "demo" / "image_lora.yaml",
                       {"max_train_steps": steps, "save_steps": 0, "output_dir": str(out)})
     res = train(cfg, progress=False, home=home, samples=False, log=lambda m: None)
@@ -102,9 +102,9 @@ def _full_unet_share(steps: int = 3) -> dict:
     import torch
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from lora_kernel.config import validate_config
-    from lora_kernel.models import bundled_config
-    from lora_kernel.train.loop import run_loop
+    from lora_kernel.training.config import validate_config
+    from lora_kernel.training.models import bundled_config
+    from lora_kernel.training.loop import run_loop
     cfg_dir = bundled_config("sd15")
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(cfg_dir / "unet"))
@@ -188,7 +188,7 @@ def main() -> None:
         out["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(out))
         return
-    from lora_kernel.demo_assets import build_demo_assets
+    from lora_kernel.training.demo_assets import build_demo_assets
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         os.environ["LORA_HOME"] = str(home)

@@ -4,6 +4,6 @@ Everything in this package runs in a user's environment. Importing it has no sid
 effects: the egress guard is installed explicitly by the kernel launcher
 (``python -m lora_kernel``) and the offline environment by the CLI.
 """
-from lora_kernel.version import __version__, version_info
+from lora_kernel.common.version import __version__, version_info
 
 __all__ = ["__version__", "version_info"]

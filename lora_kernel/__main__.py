@@ -8,10 +8,10 @@ import sys
 
 def _main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "install":
-        from lora_kernel.kernelspec import main as install_main
+        from lora_kernel.kernel.kernelspec import main as install_main
 
         return install_main(sys.argv[2:])
-    from lora_kernel.launcher import main as launch
+    from lora_kernel.kernel.launcher import main as launch
 
     launch(sys.argv[1:])
     return 0

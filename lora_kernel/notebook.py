@@ -3,8 +3,8 @@
 one function here.
 
 A notebook's ``parameters`` cell sets ``config_path`` (empty: the demo config, built into
-``lora_kernel.home.lora_home()`` if missing), ``overrides`` (config keys) and ``result_path``
-(set by ``lora run``: where :func:`write_result` puts the :class:`~lora_kernel.train.TrainResult`
+``lora_kernel.common.paths.lora_home()`` if missing), ``overrides`` (config keys) and ``result_path``
+(set by ``lora run``: where :func:`write_result` puts the :class:`~lora_kernel.training.train.TrainResult`
 as JSON for the runner). Every function returns an object Jupyter displays (PNG, HTML) so the
 executed notebook an auditor rereads holds the loss curve, the samples and the summary.
 """
@@ -18,9 +18,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping
 
-from lora_kernel.config import TrainConfig, load_config
-from lora_kernel.demo_assets import build_demo_assets, demo_dir
-from lora_kernel.errors import ConfigError
+from lora_kernel.training.config import TrainConfig, load_config
+from lora_kernel.training.demo_assets import build_demo_assets, demo_dir
+from lora_kernel.common.errors import ConfigError
 
 __all__ = ["prepare_config", "run_training", "loss_curve", "samples_view", "summary_view",
            "write_result", "result_dict"]
@@ -28,7 +28,7 @@ __all__ = ["prepare_config", "run_training", "loss_curve", "samples_view", "summ
 
 def prepare_config(config_path: str | os.PathLike = "", overrides: Mapping[str, Any] | None = None,
                    *, task: str, home: str | os.PathLike | None = None) -> TrainConfig:
-    """Load and validate the run's config (the one validator, :func:`lora_kernel.config.load_config`).
+    """Load and validate the run's config (the one validator, :func:`lora_kernel.training.config.load_config`).
 
     An empty ``config_path`` means the demo config of ``task`` (``<home>/demo/<task>_lora.yaml``);
     the demo assets are built first when that file is missing. Raises :class:`ConfigError`
@@ -49,8 +49,8 @@ def prepare_config(config_path: str | os.PathLike = "", overrides: Mapping[str, 
 
 def run_training(cfg: TrainConfig, *, home: str | os.PathLike | None = None):
     """Train with a live progress bar (tqdm) and return the
-    :class:`~lora_kernel.train.TrainResult`. Errors propagate: the cell fails, visibly."""
-    from lora_kernel.train import train
+    :class:`~lora_kernel.training.train.TrainResult`. Errors propagate: the cell fails, visibly."""
+    from lora_kernel.training.train import train
     return train(cfg, progress=True, home=home)
 
 
@@ -113,7 +113,7 @@ def samples_view(result):
 
 def _adapter_digests(result) -> dict[str, str]:
     """``{file: sha256}`` of every adapter file (a PEFT folder counts file by file)."""
-    from lora_kernel.data import sha256_file
+    from lora_kernel.training.data import sha256_file
 
     out = {}
     for path in result.adapter_files.values():
@@ -154,7 +154,7 @@ def summary_view(result, cfg: TrainConfig | None = None):
 
 
 def result_dict(result) -> dict:
-    """The :class:`~lora_kernel.train.TrainResult` as plain JSON data (live objects dropped)."""
+    """The :class:`~lora_kernel.training.train.TrainResult` as plain JSON data (live objects dropped)."""
     data = asdict(result)
     data["first_loss"], data["final_loss"] = result.first_loss, result.final_loss
     return data

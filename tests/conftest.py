@@ -5,10 +5,17 @@ append their fixtures below with a line in this list.
 
 Fixtures
 --------
+isolated_state (autouse)
+    Every test gets its own ``LORA_STATE`` (a temp folder) so nothing writes the real one.
 lora_home_tmp
     A fresh working home (``LORA_HOME`` set) in a temp folder for one test.
+state_tmp
+    A fresh state directory (``LORA_STATE`` set: runs/, ledger/, key) for one test.
+actor (function)
+    ``actor(name, groups=())`` -> :class:`lora_kernel.trusted.identity.Actor` for a user that
+    need not exist on this machine (uid derived from the name); for review/publish unit tests.
 lora_kernel_prefix (session)
-    A temp prefix with the ``lora`` kernelspec installed by ``lora_kernel.kernelspec.install``
+    A temp prefix with the ``lora`` kernelspec installed by ``lora_kernel.kernel.kernelspec.install``
     (``<prefix>/share/jupyter/kernels/lora``).
 netns_available (session)
     True when running as root and ``unshare -n`` works (and ``LORA_TEST_NETNS`` is not "0"):
@@ -25,15 +32,23 @@ lora_kernel (function)
 make_run (function)
     Factory: ``make_run(run_id, user="alice", dataset="ds-a", base_model="tiny", started=None,
     ledger=True)`` seals a structurally real run record (real .safetensors adapter, nbformat
-    notebook, events.jsonl, tb/, manifest) under ``lora_home_tmp/runs`` and appends its ledger
-    entry; returns the record path. Inputs live in ``lora_home_tmp/inputs``. (records/ledger/
+    notebook, events.jsonl, tb/, manifest) under ``state_tmp/runs`` and appends its ledger
+    entry; returns the record path. Inputs (dataset, base model) live beside it in ``inputs/``;
+    ``status`` and ``uid`` are recorded as given. (records/ledger/
     review/audit tests.)
 lora (function)
     ``lora(*argv) -> (exit code, stdout + stderr)``: runs ``lora ...`` in process through
-    :func:`lora_kernel.cli.main` with only ``lora_kernel.cli_audit`` registered.
+    :func:`lora_kernel.cli.main.main` with only ``lora_kernel.cli.audit`` registered.
+repo_accessible (session)
+    Root only: makes the checkout and its ``.venv`` traversable by other users (adds o+x to
+    the folders above it) so per-user runs can execute the shared Python; returns the repo.
+system_users (session)
+    Root only: creates (once) the service account ``lora-svc``, users ``lora-alice``,
+    ``lora-bob``, ``lora-carol`` and the group ``lora-reviewers`` (bob, carol); returns a dict
+    name -> pwd entry. Skips when not root.
 demo_home (session)
     A home folder (``Path``) with ``demo/`` built once per session by
-    ``lora_kernel.demo_assets.build_demo_assets`` (tiny SD folder + single file, tiny Llama,
+    ``lora_kernel.training.demo_assets.build_demo_assets`` (tiny SD folder + single file, tiny Llama,
     image and text datasets, ``demo/image_lora.yaml`` and ``demo/text_lora.yaml``). Treat it
     as read-only: write outputs elsewhere.
 """
@@ -50,6 +65,15 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def isolated_state(tmp_path_factory, monkeypatch):
+    """A private ``LORA_STATE`` for every test (never the real state directory)."""
+    state = tmp_path_factory.mktemp("state")
+    monkeypatch.setenv("LORA_STATE", str(state))
+    monkeypatch.delenv("LORA_RUNNER", raising=False)
+    return state
+
+
 @pytest.fixture
 def lora_home_tmp(tmp_path, monkeypatch):
     """A fresh ``LORA_HOME`` for one test."""
@@ -59,10 +83,32 @@ def lora_home_tmp(tmp_path, monkeypatch):
     return home
 
 
+@pytest.fixture
+def state_tmp(tmp_path, monkeypatch):
+    """A fresh ``LORA_STATE`` (runs/, ledger/) for one test."""
+    state = tmp_path / "state"
+    state.mkdir()
+    monkeypatch.setenv("LORA_STATE", str(state))
+    return state
+
+
+@pytest.fixture
+def actor():
+    """Factory of :class:`~lora_kernel.trusted.identity.Actor` for review/publish tests."""
+    import zlib
+
+    from lora_kernel.trusted.identity import Actor
+
+    def make(name, groups=()):
+        uid = 50000 + zlib.crc32(name.encode()) % 10000
+        return Actor(name, uid, uid, tuple(groups), "test")
+    return make
+
+
 @pytest.fixture(scope="session")
 def lora_kernel_prefix(tmp_path_factory):
     """A prefix with the ``lora`` kernelspec installed into it."""
-    from lora_kernel.kernelspec import install
+    from lora_kernel.kernel.kernelspec import install
 
     prefix = tmp_path_factory.mktemp("kprefix")
     install(prefix=str(prefix))
@@ -124,8 +170,8 @@ class KernelSession:
         return json.loads(result["stdout"].strip().splitlines()[-1])
 
     def events(self, **kw) -> list[dict]:
-        """This home's kernel events (``lora_kernel.execlog.read_events``)."""
-        from lora_kernel.execlog import read_events
+        """This home's kernel events (``lora_kernel.kernel.execlog.read_events``)."""
+        from lora_kernel.kernel.execlog import read_events
 
         return read_events(self.home, **kw)
 
@@ -191,7 +237,7 @@ def lora_kernel(lora_kernel_prefix, _netns_prefix, netns_available, tmp_path):
 
 
 @pytest.fixture
-def make_run(lora_home_tmp):
+def make_run(state_tmp):
     """Factory sealing a synthetic but structurally real run record; see the module docstring."""
     import datetime as dt
 
@@ -199,15 +245,15 @@ def make_run(lora_home_tmp):
     import torch
     from safetensors.torch import save_file
 
-    from lora_kernel.data import sha256_file
-    from lora_kernel.ledger import Ledger
-    from lora_kernel.records import (build_manifest, make_staging_dir, seal_record,
-                                     write_manifest)
+    from lora_kernel.common.digests import path_sha256, sha256_file
+    from lora_kernel.trusted.ledger import Ledger
+    from lora_kernel.trusted.sealing import (build_manifest, make_staging_dir, seal_record,
+                                             write_manifest)
 
-    inputs = lora_home_tmp / "inputs"
+    inputs = state_tmp.parent / "inputs"
 
     def make(run_id, user="alice", dataset="ds-a", base_model="tiny", started=None,
-             ledger=True, seed=42):
+             ledger=True, seed=42, status="succeeded", uid=None):
         ddir = inputs / dataset
         if not ddir.exists():
             ddir.mkdir(parents=True)
@@ -219,7 +265,7 @@ def make_run(lora_home_tmp):
             model.parent.mkdir(parents=True)
             save_file({"w": torch.arange(4, dtype=torch.float32)}, str(model),
                       metadata={"name": base_model})
-        staging = make_staging_dir(lora_home_tmp / "runs", run_id)
+        staging = make_staging_dir(state_tmp / "runs", run_id)
         (staging / "adapter").mkdir()
         save_file({"lora_A": torch.full((2, 4), float(seed)), "lora_B": torch.zeros(4, 2)},
                   str(staging / "adapter" / "lora.safetensors"))
@@ -234,16 +280,17 @@ def make_run(lora_home_tmp):
         (staging / "tb" / "events.out.tfevents.1").write_bytes(b"tb-bytes")
         t0 = started or dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
         manifest = build_manifest(
-            staging, run_id=run_id, user=user, host="testhost", started=t0,
-            ended=t0 + dt.timedelta(minutes=2), status="succeeded",
-            config={"base_model": str(model.parent), "lora_rank": 4, "seed": seed},
-            base_model_sha256=sha256_file(model), dataset_version=dataset,
+            staging, run_id=run_id, user=user, uid=uid, host="testhost", started=t0,
+            ended=t0 + dt.timedelta(minutes=2), status=status,
+            config={"base_model": str(model), "train_data_dir": str(ddir),
+                    "lora_rank": 4, "seed": seed},
+            base_model_sha256=path_sha256(model), dataset_version=dataset,
             dataset_digests=digests, notebook_source_sha256="ab" * 32, seed=seed,
             egress_refusals=0)
         write_manifest(staging, manifest)
-        record = seal_record(staging, lora_home_tmp / "runs", run_id)
+        record = seal_record(staging, state_tmp / "runs", run_id)
         if ledger:
-            with Ledger(home=lora_home_tmp) as led:
+            with Ledger(state=state_tmp) as led:
                 led.append_run(record)
         return record
 
@@ -253,7 +300,7 @@ def make_run(lora_home_tmp):
 @pytest.fixture(scope="session")
 def demo_home(tmp_path_factory) -> Path:
     """The demo assets, built once per test session (see the module docstring)."""
-    from lora_kernel.demo_assets import build_demo_assets
+    from lora_kernel.training.demo_assets import build_demo_assets
     home = tmp_path_factory.mktemp("demo_home")
     build_demo_assets(home)
     return home
@@ -261,10 +308,10 @@ def demo_home(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def lora(monkeypatch, capsys):
-    """Run ``lora ...`` via :func:`lora_kernel.cli.main` with cli_audit registered;
+    """Run ``lora ...`` via :func:`lora_kernel.cli.main.main` with cli_audit registered;
     returns ``(exit code, stdout + stderr)``."""
-    from lora_kernel import cli
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["lora_kernel.cli_audit"])
+    from lora_kernel.cli import main as cli
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["lora_kernel.cli.audit"])
 
     def run(*argv):
         code = cli.main([str(a) for a in argv])

@@ -1,0 +1,341 @@
+"""``lora audit``, ``lora review`` and ``lora publish``: thin parsers over
+:mod:`lora_kernel.provenance.audit` (read-only), :mod:`lora_kernel.trusted.recovery`,
+:mod:`lora_kernel.trusted.retention`, :mod:`lora_kernel.trusted.archive` and
+:mod:`lora_kernel.trusted.review`. Who acts is the OS user (local mode) or, through the runner
+service, the socket's peer (service mode) — never an environment variable.
+
+Exit codes: 0 clean, 5 (VerificationError) when anything fails verification, 6 (PolicyRefusal)
+when a policy forbids the action, 2 (ConfigError) for bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import sys
+from pathlib import Path
+
+from lora_kernel.cli.options import add_runner, add_state
+from lora_kernel.common.errors import ConfigError, VerificationError
+from lora_kernel.common.timeutil import parse_time
+
+
+def _date(text: str):
+    try:
+        return parse_time(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD or ISO time): {text!r}") \
+            from None
+
+
+def _secret(args) -> bytes:
+    from lora_kernel.trusted.archive import key_material
+    if args.key_file:
+        return key_material(key_file=args.key_file)
+    if args.passphrase_env:
+        value = os.environ.get(args.passphrase_env)
+        if value is None:
+            raise ConfigError(f"environment variable {args.passphrase_env} is not set")
+        return key_material(passphrase=value)
+    if sys.stdin.isatty():
+        return key_material(passphrase=getpass.getpass("archive passphrase: "))
+    raise ConfigError("give --key-file or --passphrase-env (no terminal to ask on)")
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=1, sort_keys=True, default=str))
+
+
+def _recover(state) -> None:
+    """Seal stale runs first (local mode, where this user owns the state directory)."""
+    from lora_kernel.common.paths import runs_dir
+    from lora_kernel.trusted.recovery import leftovers, recover
+
+    if not os.access(runs_dir(state), os.W_OK):
+        return
+    for rec in recover(state=state):
+        print(f"recovered {rec.run_id}: sealed as failed ({rec.error})")
+    for left in leftovers(state):
+        print(f"leftover {left.path}: {left.what}")
+
+
+def cmd_verify(args) -> int:
+    """Verify one run or all; print each problem; VerificationError if any."""
+    from lora_kernel.provenance.audit import list_runs, trust_statement, verify
+
+    if not args.run and not args.all:
+        raise ConfigError("give a RUN or --all")
+    if args.all:
+        _recover(args.state)
+    problems = verify(None if args.all else args.run, state=args.state,
+                      trusted_key=args.trusted_key, inputs=args.inputs)
+    checked = len(list_runs(state=args.state)) if args.all else 1
+    for p in problems:
+        print(p)
+    print(trust_statement(args.state, args.trusted_key))
+    if problems:
+        raise VerificationError(f"{len(problems)} problem(s) found in {checked} run(s)")
+    what = "inputs, " if args.inputs else ""
+    print(f"OK: {checked} run(s) ({'all' if args.all else args.run}): records, {what}ledger "
+          "chain, signatures and published copies verify")
+    return 0
+
+
+def cmd_recover(args) -> int:
+    """Seal stale runs as failed; report leftover staging folders."""
+    from lora_kernel.trusted.service import call, runner_socket
+
+    sock = runner_socket(args.runner)
+    if sock is not None:
+        for rec in call(sock, {"op": "recover"}):
+            print(f"recovered {rec['run_id']}: sealed as failed ({rec['error']})")
+        return 0
+    from lora_kernel.trusted.recovery import leftovers, recover
+
+    recs = recover(state=args.state)
+    for rec in recs:
+        print(f"recovered {rec.run_id}: sealed as failed ({rec.error})")
+    lefts = leftovers(args.state)
+    for left in lefts:
+        print(f"leftover {left.path}: {left.what}")
+    if not recs and not lefts:
+        print("nothing to recover")
+    return 0
+
+
+def cmd_key(args) -> int:
+    """Print the ledger's public key fingerprint (to pin) or PEM."""
+    from lora_kernel.provenance.ledger import LedgerReader, trust_root
+
+    with LedgerReader(state=args.state) as led:
+        root = trust_root(led.dir)
+        pub = led.pub_path
+    if args.pem:
+        if not pub.is_file():
+            raise ConfigError(f"no public key at {pub} yet (made with the first record)")
+        print(pub.read_text(encoding="utf-8"), end="")
+        return 0
+    for p in root.problems:
+        print(p)
+    print(f"key_fingerprint: {root.fingerprint}   # {root.source}; pin it in "
+          "policies/ledger.yaml")
+    if root.problems:
+        raise VerificationError("the ledger key does not match its pin")
+    return 0
+
+
+def cmd_list(args) -> int:
+    """List runs matching the filters."""
+    from lora_kernel.provenance.audit import list_runs
+    rows = list_runs(state=args.state, user=args.user, since=args.since, until=args.until,
+                     status=args.status, review=args.review, expired=args.expired)
+    if args.json:
+        _print_json(rows)
+        return 0
+    print(f"{'RUN':24s} {'USER':10s} {'STATUS':10s} {'STARTED':22s} {'REVIEW':9s} NOTES")
+    for r in rows:
+        notes = [n for n, on in (("pruned", r["pruned"]), ("published", r["published"]),
+                                 ("EXPIRED", r["expired"])) if on]
+        print(f"{r['run_id']:24s} {str(r['user']):10s} {str(r['status']):10s} "
+              f"{str(r['started']):22s} {r['review']:9s} {' '.join(notes)}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    """Print a run's summary; write the executed notebook as sanitized HTML with --html."""
+    from lora_kernel.provenance.audit import notebook_path, render_notebook_html, show
+    info = show(args.run, state=args.state)
+    if args.html:
+        Path(args.html).write_text(render_notebook_html(notebook_path(args.run, args.state)),
+                                   encoding="utf-8")
+        info["html"] = str(args.html)
+    if args.json:
+        _print_json(info)
+    else:
+        for key in ("run_id", "user", "host", "status", "started", "ended", "review",
+                    "reviewer", "adapter_digest", "dataset_version", "base_model",
+                    "base_model_sha256", "seed", "egress_refusals", "published", "html"):
+            if key in info:
+                print(f"{key:18s} {info[key]}")
+        for e in info["ledger"]:
+            print(f"ledger seq {e['seq']:<6d} {e['time']} {e['kind']}")
+        for p in info["problems"]:
+            print(f"PROBLEM {p}")
+    if info["problems"]:
+        raise VerificationError(f"run {args.run}: {len(info['problems'])} problem(s)")
+    return 0
+
+
+def cmd_lineage(args) -> int:
+    """Print every run that used the path / digest / dataset version / base model."""
+    from lora_kernel.provenance.audit import lineage
+    hits = lineage(args.query, state=args.state)
+    if args.json:
+        _print_json(hits)
+    for h in [] if args.json else hits:
+        print(f"{h['run_id']:24s} {str(h['user']):10s} {str(h['status']):10s} "
+              f"{', '.join(h['matched'])}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    """Write an encrypted archive."""
+    from lora_kernel.trusted.archive import export_archive
+    out = export_archive(args.to, since=args.since, secret=_secret(args), state=args.state)
+    print(f"exported {len(out['runs'])} run(s), ledger seq {out['ledger_from_seq']}-"
+          f"{out['ledger_to_seq']} to {out['to']} (key fingerprint {out['key_fingerprint']})")
+    return 0
+
+
+def cmd_import(args) -> int:
+    """Restore and verify an encrypted archive."""
+    from lora_kernel.trusted.archive import import_archive
+    out = import_archive(args.archive, secret=_secret(args), state=args.state)
+    print(f"imported {args.archive}: restored {out['restored'] or 'none'}, already present "
+          f"{out['skipped'] or 'none'} (key fingerprint {out['key_fingerprint']})")
+    return 0
+
+
+def cmd_prune(args) -> int:
+    """Prune records past retention."""
+    from lora_kernel.trusted.retention import prune
+    done = prune(args.runs or None, state=args.state, dry_run=args.dry_run)
+    for item in done:
+        print(f"{'would prune' if args.dry_run else 'pruned'} {item['run_id']} "
+              f"(ended {item['ended']})" + (f", ledger seq {item['seq']}" if "seq" in item else ""))
+    if not done:
+        print("nothing to prune")
+    return 0
+
+
+def cmd_review(args) -> int:
+    """Approve or reject a run."""
+    from lora_kernel.trusted.service import call, runner_socket
+
+    sock = runner_socket(args.runner)
+    if sock is not None:
+        out = call(sock, {"op": "review", "decision": args.decision, "run": args.run,
+                          "note": args.note})
+        seq, payload = out["seq"], out["payload"]
+    else:
+        from lora_kernel.trusted.review import approve, reject
+
+        fn = approve if args.decision == "approve" else reject
+        entry = fn(args.run, args.note, state=args.state)
+        seq, payload = entry.seq, entry.payload
+    print(f"{payload['decision']} {args.run} by {payload['reviewer']} "
+          f"(adapter {payload['adapter_digest'][:16]}…, ledger seq {seq})")
+    return 0
+
+
+def cmd_publish(args) -> int:
+    """Publish an approved adapter."""
+    from lora_kernel.trusted.service import call, runner_socket
+
+    sock = runner_socket(args.runner)
+    if sock is not None:
+        dest = call(sock, {"op": "publish", "run": args.run, "to": str(Path(args.to).resolve()),
+                           "name": args.name})["path"]
+    else:
+        from lora_kernel.trusted.review import publish
+
+        dest = publish(args.run, args.to, args.name, state=args.state)
+    print(f"published {args.run} to {dest}")
+    return 0
+
+
+def _secret_args(p) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--key-file", help="file whose bytes the archive key is derived from")
+    g.add_argument("--passphrase-env", metavar="VAR",
+                   help="environment variable holding the passphrase (asked for if neither)")
+
+
+def register(sub) -> None:
+    """Add ``audit``, ``review`` and ``publish`` to the ``lora`` CLI."""
+    audit = sub.add_parser("audit", help="verify, list, show, trace, export, import, prune")
+    asub = audit.add_subparsers(dest="audit_command", metavar="ACTION")
+    asub.required = True
+
+    p = asub.add_parser("verify", help="re-hash records, check ledger and published copies")
+    p.add_argument("run", nargs="?", help="run id")
+    p.add_argument("--all", action="store_true", help="every run")
+    p.add_argument("--trusted-key", metavar="PEM",
+                   help="the ledger's public key, obtained out of band (default: the key beside "
+                        "the ledger, only as far as policies/ledger.yaml or pin.json pins it)")
+    p.add_argument("--inputs", action="store_true",
+                   help="also re-hash each run's dataset files and base model against its "
+                        "manifest and name what drifted")
+    add_state(p)
+    p.set_defaults(func=cmd_verify)
+
+    p = asub.add_parser("recover", help="seal runs whose runner died as failed; report "
+                                        "leftover staging folders")
+    add_state(p)
+    add_runner(p)
+    p.set_defaults(func=cmd_recover)
+
+    p = asub.add_parser("key", help="the ledger key's fingerprint (to pin) or --pem")
+    p.add_argument("--pem", action="store_true", help="print the public key PEM")
+    add_state(p)
+    p.set_defaults(func=cmd_key)
+
+    p = asub.add_parser("list", help="list runs")
+    p.add_argument("--user", help="trainer")
+    p.add_argument("--since", type=_date, help="started at or after (YYYY-MM-DD)")
+    p.add_argument("--until", type=_date, help="started before (YYYY-MM-DD)")
+    p.add_argument("--status", help="run status, e.g. succeeded, failed")
+    p.add_argument("--review", choices=["pending", "approved", "rejected", "void"])
+    p.add_argument("--expired", action="store_true", help="only runs with expired publications")
+    p.add_argument("--json", action="store_true")
+    add_state(p)
+    p.set_defaults(func=cmd_list)
+
+    p = asub.add_parser("show", help="a run's summary and its notebook as standalone HTML")
+    p.add_argument("run")
+    p.add_argument("--html", metavar="FILE", help="write the executed notebook as sanitized HTML")
+    p.add_argument("--json", action="store_true")
+    add_state(p)
+    p.set_defaults(func=cmd_show)
+
+    p = asub.add_parser("lineage", help="every run that used a file, digest, dataset or model")
+    p.add_argument("query", metavar="PATH|SHA256|DATASET_VERSION|BASE_MODEL")
+    p.add_argument("--json", action="store_true")
+    add_state(p)
+    p.set_defaults(func=cmd_lineage)
+
+    p = asub.add_parser("export", help="encrypted archive of records and the ledger slice")
+    p.add_argument("--since", type=_date, required=True, help="runs sealed at or after DATE")
+    p.add_argument("--to", required=True, metavar="FILE")
+    _secret_args(p)
+    add_state(p)
+    p.set_defaults(func=cmd_export)
+
+    p = asub.add_parser("import", help="restore and verify an encrypted archive")
+    p.add_argument("archive", metavar="FILE")
+    _secret_args(p)
+    add_state(p)
+    p.set_defaults(func=cmd_import)
+
+    p = asub.add_parser("prune", help="remove records past retention (policies/retention.yaml)")
+    p.add_argument("runs", nargs="*", metavar="RUN", help="only these (refused if too young)")
+    p.add_argument("--dry-run", action="store_true")
+    add_state(p)
+    p.set_defaults(func=cmd_prune)
+
+    review = sub.add_parser("review", help="approve or reject a run's adapter")
+    review.add_argument("decision", choices=["approve", "reject"])
+    review.add_argument("run")
+    review.add_argument("--note", required=True, help="the reviewer's reason")
+    add_state(review)
+    add_runner(review)
+    review.set_defaults(func=cmd_review)
+
+    pub = sub.add_parser("publish", help="publish an approved adapter")
+    pub.add_argument("run")
+    pub.add_argument("--to", required=True, metavar="DIR")
+    pub.add_argument("--name", help="published name (default: the run id)")
+    add_state(pub)
+    add_runner(pub)
+    pub.set_defaults(func=cmd_publish)

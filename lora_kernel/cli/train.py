@@ -1,0 +1,61 @@
+"""``lora train`` and ``lora config``: direct training (for debugging) and config checks."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from lora_kernel.cli.options import add_override_args, parse_overrides
+from lora_kernel.training.config import config_keys, load_config
+
+
+def cmd_train(args) -> int:
+    """Validate the config, train, print where the adapter went."""
+    from lora_kernel.training.train import train
+    cfg = load_config(args.config, parse_overrides(args.param))
+    resume = args.resume if args.resume not in (None, "latest") else (
+        True if args.resume == "latest" else None)
+    res = train(cfg, resume=resume, progress=not args.quiet, samples=not args.no_samples)
+    if res.resumed_from:
+        print(f"resumed from {res.resumed_from}")
+    print(f"trained {res.steps} steps in {res.seconds:.1f}s "
+          f"(loss {res.first_loss:.4f} -> {res.final_loss:.4f})")
+    for fmt, path in res.adapter_files.items():
+        print(f"adapter ({fmt}): {path}")
+    if res.samples:
+        print(f"samples: {res.samples.get('grid') or res.samples.get('completions')}")
+    print(f"summary: {res.summary_path}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    """List the config keys, or validate a config file."""
+    if args.keys or not args.file:
+        for key, text in config_keys().items():
+            print(f"{key:28s} {text}")
+        return 0
+    cfg = load_config(args.file, parse_overrides(args.param))
+    print(json.dumps(cfg.to_dict(), indent=1))
+    print(f"{args.file}: OK", flush=True)
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``train`` and ``config`` to the ``lora`` CLI."""
+    p = sub.add_parser("train", help="train a LoRA directly from a YAML config",
+                       description="Train an image or text LoRA from a YAML config "
+                                   "(see templates/).")
+    p.add_argument("--config", "-c", required=True, help="YAML config file")
+    add_override_args(p)
+    p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
+                   help="continue from the latest checkpoint in output_dir (or the one given)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--no-samples", action="store_true", help="skip the final samples")
+    p.set_defaults(func=cmd_train)
+
+    c = sub.add_parser("config", help="list config keys or validate a config file")
+    c.add_argument("file", nargs="?", help="config file to validate")
+    c.add_argument("--keys", action="store_true", help="list every key with its meaning")
+    add_override_args(c)
+    c.set_defaults(func=cmd_config)
+
+

@@ -1,0 +1,4 @@
+"""Neutral code every zone may use: digests, time, paths, policy loading, errors, version.
+
+Standard library, PyYAML and cryptography only; nothing here holds a key or imports torch.
+"""

@@ -1,0 +1,55 @@
+"""Digests used everywhere a file, a folder, a dataset or a JSON document is pinned.
+
+Standard library only: the kernel, the training code, the verifiers and the trusted side all
+hash the same way.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+CHUNK = 1 << 20
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(CHUNK), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Canonical JSON bytes used for every hash: sorted keys, no spaces, UTF-8."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")
+
+
+def listing_sha256(digests: dict[str, str]) -> str:
+    """sha256 over the sorted lines ``<relative path>\\0<file sha256>\\n`` of a file set:
+    the digest of a folder (model) or of a dataset."""
+    h = hashlib.sha256()
+    for rel, digest in sorted(digests.items()):
+        h.update(f"{rel}\0{digest}\n".encode("utf-8"))
+    return h.hexdigest()
+
+
+def path_sha256(path: str | os.PathLike[str]) -> str:
+    """The digest of a model (or any input): a file's sha256, or for a folder
+    :func:`listing_sha256` over every file in it. ``FileNotFoundError`` when it is missing."""
+    p = Path(path)
+    if p.is_file():
+        return sha256_file(p)
+    if not p.is_dir():
+        raise FileNotFoundError(str(p))
+    return listing_sha256({f.relative_to(p).as_posix(): sha256_file(f)
+                           for f in sorted(p.rglob("*")) if f.is_file()})

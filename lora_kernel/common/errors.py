@@ -1,0 +1,89 @@
+"""Typed errors. Library code raises these; only the CLI turns them into exit codes.
+
+Exit codes (documented in README "Exit codes"):
+
+====  ======================  ===============================================
+code  exception               meaning
+====  ======================  ===============================================
+0     -                       success
+1     (any other exception)   crash: a bug, report it
+2     ConfigError             the config / parameters are invalid
+3     UnsafeModelError        a model file or config was refused (pickle, remote code)
+4     EgressBlocked           outbound network traffic was refused
+5     VerificationError       an audit record, ledger or file failed verification
+6     PolicyRefusal           a policy forbids the action (review, publish, prune)
+7     RunFailed               a training run / notebook failed (record written)
+8     DataError               a dataset is missing, empty or malformed
+130   TrainingInterrupted     Ctrl-C; a checkpoint was saved
+====  ======================  ===============================================
+"""
+from __future__ import annotations
+
+
+class LoraError(Exception):
+    """Base class of every error LoRA Enclave raises on purpose."""
+
+    exit_code = 1
+
+
+class ConfigError(LoraError, ValueError):
+    """A configuration value is invalid. The message names file, key, problem and fix."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, file=None, key: str | None = None):
+        self.file = str(file) if file is not None else None
+        self.key = key
+        where = []
+        if self.file:
+            where.append(self.file)
+        if key:
+            where.append(f"key '{key}'")
+        prefix = ": ".join(where)
+        super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+class UnsafeModelError(LoraError):
+    """A model was refused because loading it could run code or reach the network."""
+
+    exit_code = 3
+
+
+class EgressBlocked(LoraError, PermissionError):
+    """Outbound network traffic was refused by the egress policy."""
+
+    exit_code = 4
+
+
+class VerificationError(LoraError):
+    """An audit record, ledger entry or file did not verify."""
+
+    exit_code = 5
+
+
+class PolicyRefusal(LoraError, PermissionError):
+    """A policy forbids this action (self-approval, unapproved publish, young prune...)."""
+
+    exit_code = 6
+
+
+class RunFailed(LoraError):
+    """A training run failed; its record (marked failed) was written before this was raised.
+
+    ``record`` is the :class:`lora_kernel.trusted.runner.RunRecord` of the failed run (set by the runner).
+    """
+
+    exit_code = 7
+    record = None
+
+
+class DataError(LoraError):
+    """A dataset is missing, empty or malformed."""
+
+    exit_code = 8
+
+
+class TrainingInterrupted(LoraError, KeyboardInterrupt):
+    """Training was interrupted (Ctrl-C / SIGTERM) after saving a checkpoint."""
+
+    exit_code = 130

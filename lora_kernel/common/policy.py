@@ -1,0 +1,43 @@
+"""Policies: YAML files under ``policies/``, the single source of truth for kernel, runner,
+hub and firewall (egress allowlist, data access, GPU quotas, review, retention)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+from lora_kernel.common.errors import ConfigError
+
+_REPO_POLICIES = Path(__file__).resolve().parents[2] / "policies"
+
+
+def policies_dir() -> Path:
+    """The policy folder: ``$LORA_POLICIES`` if set, else the repository's ``policies/``."""
+    env = os.environ.get("LORA_POLICIES")
+    return Path(env) if env else _REPO_POLICIES
+
+
+def policy_path(name: str) -> Path:
+    """Path of the policy file ``<name>.yaml``."""
+    return policies_dir() / f"{name}.yaml"
+
+
+def load_policy(name: str, defaults: dict | None = None) -> dict:
+    """Load ``<name>.yaml`` as a mapping merged over ``defaults``.
+
+    A missing file yields the defaults; a malformed one raises :class:`ConfigError`
+    naming the file.
+    """
+    path = policy_path(name)
+    data: dict = dict(defaults or {})
+    if not path.exists():
+        return data
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"is not valid YAML: {exc}", file=path) from None
+    if not isinstance(loaded, dict):
+        raise ConfigError("must be a YAML mapping", file=path)
+    data.update(loaded)
+    return data

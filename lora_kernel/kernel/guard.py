@@ -1,0 +1,476 @@
+"""The egress guard: a ``sys.addaudithook`` hook that refuses non-allowed network traffic.
+
+Installed by the kernel launcher (``python -m lora_kernel``) before ipykernel or any user
+code runs; importing this module has no side effect. What the hook sees and refuses:
+
+* ``socket.connect`` (also raised by ``connect_ex``), ``socket.sendto``, ``socket.sendmsg``
+  and ``socket.bind`` to an address the policy does not allow;
+* name resolution (``socket.getaddrinfo``, ``gethostbyname[_ex]``, ``gethostbyaddr``,
+  ``getnameinfo``) of names / addresses the policy does not allow;
+* process launches and ``ctypes.dlopen`` are reported (and refused if the policy says so);
+* code executed from the ``transformers_modules`` / ``diffusers_modules`` caches, i.e.
+  ``trust_remote_code`` models (see also :func:`install_remote_code_refusal`).
+
+What it cannot see (the OS layer enforces; see docs/security.md): C-level networking
+(libzmq, libcurl, calls through ctypes), child processes, and the DNS lookup CPython does
+inside ``connect(("name", port))`` (the name itself is checked before that lookup).
+
+Addresses are normalised before the check: IPv4 in any ``inet_aton`` form ("2130706433",
+"0x7f.1", "127.1", octal parts), IPv6 with scope ids, v4-mapped IPv6, "" and "<broadcast>".
+"""
+from __future__ import annotations
+
+import ipaddress
+import socket
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from lora_kernel.common.errors import ConfigError, EgressBlocked, UnsafeModelError
+from lora_kernel.common.policy import load_policy, policy_path
+
+#: Defaults when ``policies/egress.yaml`` is missing: loopback only, everything logged.
+DEFAULT_POLICY = {
+    "loopback": True,
+    "allow": [],
+    "allow_bind_any": False,
+    "allow_families": [],
+    "processes": "log",
+    "ctypes": "log",
+}
+
+NET_EVENTS = frozenset({"socket.connect", "socket.sendto", "socket.sendmsg", "socket.bind"})
+DNS_EVENTS = frozenset({"socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr",
+                        "socket.getnameinfo"})
+PROCESS_EVENTS = frozenset({"subprocess.Popen", "os.system", "os.exec", "os.posix_spawn",
+                            "os.spawn", "pty.spawn", "os.fork", "os.forkpty"})
+CTYPES_EVENTS = frozenset({"ctypes.dlopen"})
+REMOTE_CODE_MARKERS = ("transformers_modules", "diffusers_modules")
+WATCHED = NET_EVENTS | DNS_EVENTS | PROCESS_EVENTS | CTYPES_EVENTS | {"exec", "sys.addaudithook"}
+
+_LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+_LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost",
+                          "ip6-loopback"})
+
+
+# ----------------------------------------------------------------- address normalisation
+
+def parse_ipv4_loose(text: str) -> ipaddress.IPv4Address | None:
+    """Parse ``text`` the way ``inet_aton`` (and glibc's numeric getaddrinfo) does.
+
+    Accepts 1 to 4 dot-separated parts in decimal, octal (leading ``0``) or hex (``0x``):
+    ``"2130706433"``, ``"0x7f.1"``, ``"127.1"``, ``"0177.0.0.01"``. Returns ``None`` when
+    ``text`` is not such a number (i.e. it is a host name).
+    """
+    parts = text.split(".")
+    if not 1 <= len(parts) <= 4:
+        return None
+    values = []
+    for part in parts:
+        p = part.lower()
+        try:
+            if p.startswith("0x"):
+                values.append(int(p[2:] or "0", 16))
+            elif len(p) > 1 and p.startswith("0"):
+                values.append(int(p, 8))
+            elif p.isdigit():
+                values.append(int(p, 10))
+            else:
+                return None
+        except ValueError:
+            return None
+    *head, last = values
+    if any(v > 255 for v in head) or last >= 256 ** (4 - len(head)):
+        return None
+    number = 0
+    for v in head:
+        number = number * 256 + v
+    number = (number << (8 * (4 - len(head)))) | last
+    return ipaddress.IPv4Address(number)
+
+
+def normalise_host(host) -> ipaddress.IPv4Address | ipaddress.IPv6Address | str:
+    """Return an IP address object for a numeric host, else the lower-cased name.
+
+    v4-mapped IPv6 (``::ffff:a.b.c.d``) becomes the IPv4 address; scope ids are dropped;
+    ``""`` means INADDR_ANY and ``"<broadcast>"`` 255.255.255.255, as CPython reads them.
+    """
+    if isinstance(host, (bytes, bytearray)):
+        host = bytes(host).decode("ascii", "replace")
+    if isinstance(host, int):
+        return ipaddress.IPv4Address(host & 0xFFFFFFFF)
+    host = str(host).strip()
+    if host == "":
+        return ipaddress.IPv4Address(0)
+    if host == "<broadcast>":
+        return ipaddress.IPv4Address("255.255.255.255")
+    text = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if ":" in text:
+        try:
+            addr = ipaddress.IPv6Address(text.split("%", 1)[0])
+        except ValueError:
+            return text.lower()
+        return addr.ipv4_mapped or addr
+    v4 = parse_ipv4_loose(text)
+    if v4 is not None:
+        return v4
+    return text.lower().rstrip(".")
+
+
+# ------------------------------------------------------------------------------- policy
+
+@dataclass(frozen=True)
+class EgressPolicy:
+    """The egress allowlist, read from ``policies/egress.yaml``."""
+
+    path: str
+    loopback: bool = True
+    networks: tuple = ()          # ((ip_network, frozenset(ports) | None), ...)
+    hosts: tuple = ()             # ((name or "*.suffix", frozenset(ports) | None), ...)
+    allow_bind_any: bool = False
+    allow_families: frozenset = field(default_factory=frozenset)
+    processes: str = "log"
+    ctypes: str = "log"
+
+    def allows_address(self, addr, port=None) -> bool:
+        """Whether a connection to ``addr`` (an ``ip_address``) on ``port`` is allowed."""
+        if self.loopback and any(addr in net for net in _LOOPBACK if net.version == addr.version):
+            return True
+        for net, ports in self.networks:
+            if net.version == addr.version and addr in net and _port_ok(ports, port):
+                return True
+        return False
+
+    def allows_name(self, name: str, port=None) -> bool:
+        """Whether the host name ``name`` may be resolved / connected to on ``port``."""
+        if self.loopback and name in _LOCAL_NAMES:
+            return True
+        for pattern, ports in self.hosts:
+            if pattern.startswith("*."):
+                hit = name.endswith(pattern[1:])
+            else:
+                hit = name == pattern
+            if hit and _port_ok(ports, port):
+                return True
+        return False
+
+    def allows(self, host, port=None) -> bool:
+        """Whether ``host`` (numeric in any form, or a name) on ``port`` is allowed."""
+        norm = normalise_host(host)
+        if isinstance(norm, str):
+            return self.allows_name(norm, port)
+        return self.allows_address(norm, port)
+
+
+def _port_ok(ports, port) -> bool:
+    return ports is None or port is None or int(port) in ports
+
+
+def _ports(entry, path, key):
+    ports = entry.get("ports")
+    if ports is None:
+        return None
+    if not isinstance(ports, list) or not all(isinstance(p, int) and 0 < p < 65536 for p in ports):
+        raise ConfigError("ports must be a list of integers 1..65535", file=path, key=key)
+    return frozenset(ports)
+
+
+def policy_from_mapping(data: dict, path: str = "<memory>") -> EgressPolicy:
+    """Validate an egress policy mapping (as read from YAML) into an :class:`EgressPolicy`."""
+    networks, hosts = [], []
+    for i, entry in enumerate(data.get("allow") or []):
+        key = f"allow[{i}]"
+        if not isinstance(entry, dict) or not ({"cidr", "host"} & set(entry)):
+            raise ConfigError("each entry needs 'cidr' or 'host'", file=path, key=key)
+        if "cidr" in entry:
+            try:
+                net = ipaddress.ip_network(str(entry["cidr"]), strict=False)
+            except ValueError as exc:
+                raise ConfigError(f"bad cidr: {exc}", file=path, key=key) from None
+            networks.append((net, _ports(entry, path, key)))
+        if "host" in entry:
+            hosts.append((str(entry["host"]).lower().rstrip("."), _ports(entry, path, key)))
+    families = frozenset()
+    for name in data.get("allow_families") or []:
+        if not hasattr(socket, str(name)):
+            raise ConfigError(f"unknown socket family {name!r}", file=path, key="allow_families")
+        families |= {int(getattr(socket, str(name)))}
+    for key in ("processes", "ctypes"):
+        if data.get(key, "log") not in ("log", "refuse"):
+            raise ConfigError("must be 'log' or 'refuse'", file=path, key=key)
+    return EgressPolicy(path=str(path), loopback=bool(data.get("loopback", True)),
+                        networks=tuple(networks), hosts=tuple(hosts),
+                        allow_bind_any=bool(data.get("allow_bind_any", False)),
+                        allow_families=families, processes=data.get("processes", "log"),
+                        ctypes=data.get("ctypes", "log"))
+
+
+def load_egress_policy() -> EgressPolicy:
+    """Load ``policies/egress.yaml`` (``$LORA_POLICIES`` overrides the folder)."""
+    return policy_from_mapping(load_policy("egress", DEFAULT_POLICY), str(policy_path("egress")))
+
+
+# -------------------------------------------------------------------------------- hook
+
+@dataclass(frozen=True)
+class GuardEvent:
+    """What the hook reports: a refusal, or a logged process launch / library load."""
+
+    kind: str            # "refusal" | "process" | "ctypes" | "audithook"
+    event: str           # the audit event name
+    destination: str     # address, name, command or library
+    location: str        # innermost user-code frame, "file:line (function)"
+    message: str = ""
+
+
+def _as_port(port):
+    if isinstance(port, (bytes, bytearray)):
+        port = bytes(port).decode("ascii", "replace")
+    if isinstance(port, str):
+        return int(port) if port.isdigit() else None  # a service name: no port rule applies
+    return port
+
+
+def _destination(host, port) -> str:
+    norm = normalise_host(host)
+    shown = f"[{norm}]" if getattr(norm, "version", 4) == 6 else str(norm)
+    if str(host) != str(norm):
+        shown += f" (given as {host!r})"
+    return f"{shown}:{port}" if port is not None else shown
+
+
+def _code_location() -> str:
+    """The innermost frame outside this module and the stdlib's socket plumbing."""
+    frame = sys._getframe(2)
+    fallback = None
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if name != __file__ and not name.startswith("<frozen"):
+            if fallback is None:
+                fallback = frame
+            if "ipykernel_" in name or name.startswith(("<ipython-input", "<string>")):
+                return f"{name}:{frame.f_lineno} ({frame.f_code.co_name})"
+        frame = frame.f_back
+    if fallback is None:
+        return "?"
+    return f"{fallback.f_code.co_filename}:{fallback.f_lineno} ({fallback.f_code.co_name})"
+
+
+def refusal_message(event: str, destination: str, policy_file: str) -> str:
+    """The text of an :class:`EgressBlocked`: destination, event, policy file, and why."""
+    return (f"Egress refused: {event} to {destination} is not allowed by the egress policy "
+            f"{policy_file}. Data, models and logs must stay inside the organisation's "
+            f"network; if this is an internal service, ask an administrator to add it "
+            f"to the policy.")
+
+
+def make_hook(policy: EgressPolicy, report: Callable[[GuardEvent], None] | None = None):
+    """Build the audit hook for ``policy``; ``report`` receives every :class:`GuardEvent`.
+
+    ``report`` is called inside the hook: it must be quick and must not raise.
+    """
+    state = threading.local()
+    watched = WATCHED
+    allowed_families = frozenset({int(socket.AF_INET), int(socket.AF_INET6)})
+    unix = int(getattr(socket, "AF_UNIX", -1))
+
+    def refuse(event, destination):
+        msg = refusal_message(event, destination, policy.path)
+        _report(GuardEvent("refusal", event, destination, _code_location(), msg))
+        raise EgressBlocked(msg)
+
+    def _report(ev):
+        if report is None or getattr(state, "busy", False):
+            return
+        state.busy = True
+        try:
+            report(ev)
+        finally:
+            state.busy = False
+
+    def check_socket(event, sock, address):
+        family = int(getattr(sock, "family", socket.AF_INET))
+        if family == unix or family in policy.allow_families:
+            return
+        if family not in allowed_families:
+            refuse(event, f"socket family {family} address {address!r}")
+        if address is None and event == "socket.sendmsg":
+            return  # sendmsg on a connected socket: the connect was checked
+        if not isinstance(address, tuple) or not address:
+            refuse(event, repr(address))
+        host, port = address[0], (address[1] if len(address) > 1 else None)
+        norm = normalise_host(host)
+        if event == "socket.bind":
+            if not isinstance(norm, str) and norm.is_unspecified:
+                if policy.allow_bind_any:
+                    return
+                refuse(event, _destination(host, port) + " (all interfaces)")
+            if isinstance(norm, str) and policy.allows_name(norm):
+                return
+            if not isinstance(norm, str) and policy.allows_address(norm):
+                return
+            refuse(event, _destination(host, port))
+        if isinstance(norm, str):
+            ok = policy.allows_name(norm, port)
+        else:
+            ok = policy.allows_address(norm, port)
+        if not ok:
+            refuse(event, _destination(host, port))
+
+    def check_dns(event, args):
+        if event == "socket.getaddrinfo":
+            host, port = args[0], args[1]
+            if host is None:
+                return  # loopback / wildcard, no lookup
+        elif event == "socket.getnameinfo":
+            sockaddr = args[0]
+            host, port = sockaddr[0], (sockaddr[1] if len(sockaddr) > 1 else None)
+        else:
+            host, port = args[0], None
+        port = _as_port(port)
+        if not policy.allows(host, port):
+            refuse(event, _destination(host, port))
+
+    def hook(event, args):
+        if event not in watched:
+            return
+        if event == "exec":
+            filename = getattr(args[0], "co_filename", "")
+            if any(m in filename for m in REMOTE_CODE_MARKERS):
+                msg = remote_code_message(filename, policy.path)
+                _report(GuardEvent("refusal", "exec", filename, _code_location(), msg))
+                raise UnsafeModelError(msg)
+            return
+        if event in NET_EVENTS:
+            check_socket(event, args[0], args[1] if len(args) > 1 else None)
+        elif event in DNS_EVENTS:
+            check_dns(event, args)
+        elif event in PROCESS_EVENTS:
+            what = " ".join(str(a) for a in args[:2] if a is not None)[:500] or event
+            if policy.processes == "refuse":
+                msg = (f"Process launch refused: {event} {what} is not allowed by the egress "
+                       f"policy {policy.path} (processes: refuse).")
+                _report(GuardEvent("refusal", event, what, _code_location(), msg))
+                raise EgressBlocked(msg)
+            _report(GuardEvent("process", event, what, _code_location()))
+        elif event in CTYPES_EVENTS:
+            what = str(args[0])
+            if policy.ctypes == "refuse":
+                msg = (f"Library load refused: ctypes.dlopen {what} is not allowed by the "
+                       f"egress policy {policy.path} (ctypes: refuse).")
+                _report(GuardEvent("refusal", event, what, _code_location(), msg))
+                raise EgressBlocked(msg)
+            _report(GuardEvent("ctypes", event, what, _code_location()))
+        elif event == "sys.addaudithook":
+            _report(GuardEvent("audithook", event, "another audit hook was added",
+                               _code_location()))
+
+    return hook
+
+
+_INSTALLED: list = []
+
+
+def install(policy: EgressPolicy | None = None,
+            report: Callable[[GuardEvent], None] | None = None) -> EgressPolicy:
+    """Install the egress hook in this process (once; audit hooks cannot be removed).
+
+    A second call raises :class:`~lora_kernel.common.errors.PolicyRefusal`-like ``RuntimeError``
+    rather than stacking a weaker policy. Returns the policy in force.
+    """
+    if _INSTALLED:
+        raise RuntimeError("the egress guard is already installed in this process")
+    policy = policy if policy is not None else load_egress_policy()
+    sys.addaudithook(make_hook(policy, report))
+    _INSTALLED.append(policy)
+    return policy
+
+
+def installed() -> bool:
+    """Whether :func:`install` ran in this process."""
+    return bool(_INSTALLED)
+
+
+# ------------------------------------------------------------------ trust_remote_code
+
+def remote_code_message(what: str, policy_file: str) -> str:
+    """The text of the :class:`UnsafeModelError` raised for remote model code."""
+    return (f"trust_remote_code refused ({what}): running code shipped with a model is not "
+            f"allowed on this platform (policy {policy_file}). Use a model whose "
+            f"architecture is built into transformers/diffusers, from a local path.")
+
+
+_PATCH_TARGETS = {
+    "transformers.dynamic_module_utils": ("resolve_trust_remote_code",
+                                          "get_class_from_dynamic_module",
+                                          "get_cached_module_file"),
+    "diffusers.utils.dynamic_modules_utils": ("resolve_trust_remote_code",
+                                              "get_class_from_dynamic_module",
+                                              "get_cached_module_file"),
+}
+
+
+def _refusing(module_name: str, func_name: str, original, policy_file: str):
+    def refuse_remote_code(*args, **kwargs):
+        trust = kwargs.get("trust_remote_code", args[0] if args else None)
+        if func_name == "resolve_trust_remote_code" and not trust:
+            return original(*args, **kwargs)  # transformers' own "needs remote code" error
+        raise UnsafeModelError(remote_code_message(f"{module_name}.{func_name}", policy_file))
+    refuse_remote_code._lora_refusal = True
+    refuse_remote_code.__name__ = func_name
+    refuse_remote_code.__qualname__ = func_name
+    return refuse_remote_code
+
+
+class _RemoteCodeFinder:
+    """A ``sys.meta_path`` finder that patches the remote-code loaders right after their
+    module executes, before any other module binds the names with ``from ... import``."""
+
+    def __init__(self, policy_file: str):
+        self.policy_file = policy_file
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in _PATCH_TARGETS:
+            return None
+        from importlib.machinery import PathFinder
+        spec = PathFinder.find_spec(fullname, path)
+        if spec is None or spec.loader is None:
+            return spec
+        loader, finder = spec.loader, self
+
+        class PatchingLoader:
+            def create_module(self, spec):
+                return loader.create_module(spec)
+
+            def exec_module(self, module):
+                loader.exec_module(module)
+                finder.patch(module)
+
+        spec.loader = PatchingLoader()
+        return spec
+
+    def patch(self, module):
+        """Replace the remote-code entry points of an already imported ``module``."""
+        for func in _PATCH_TARGETS[module.__name__]:
+            original = getattr(module, func, None)
+            if original is not None and not getattr(original, "_lora_refusal", False):
+                setattr(module, func, _refusing(module.__name__, func, original,
+                                                self.policy_file))
+
+
+def install_remote_code_refusal(policy_file: str | Path | None = None) -> None:
+    """Make ``trust_remote_code=True`` (transformers, diffusers) raise
+    :class:`~lora_kernel.common.errors.UnsafeModelError` with a message naming the policy.
+
+    A meta-path finder patches the loaders when their module is first imported (or now, if
+    it already is). The audit hook's ``exec`` check is the backstop if user code restores
+    the originals.
+    """
+    policy_file = str(policy_file or policy_path("egress"))
+    finder = _RemoteCodeFinder(policy_file)
+    sys.meta_path.insert(0, finder)
+    for name in _PATCH_TARGETS:
+        if name in sys.modules:
+            finder.patch(sys.modules[name])

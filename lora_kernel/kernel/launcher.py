@@ -1,0 +1,101 @@
+"""The guarded kernel launcher: ``python -m lora_kernel -f {connection_file}``.
+
+Order matters, and is the whole point of this module:
+
+1. drop the current directory from ``sys.path`` (a notebook folder must not shadow modules);
+2. set the offline environment (``lora_kernel.kernel.offline.apply_offline_env``);
+3. open the execution log (``lora_kernel.kernel.execlog.ExecLog``);
+4. install the egress guard (audit hook, ``policies/egress.yaml``) reporting to the log, and
+   the ``trust_remote_code`` refusal;
+5. only then import ipykernel and start ``IPKernelApp`` with :class:`GuardedKernel`, which
+   logs every execute_request (duration, status and error name come from the reply).
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+KERNEL_ID_RE = re.compile(r"kernel-(?P<id>[A-Za-z0-9-]+)\.json$")
+
+
+def kernel_id_from_argv(argv: list[str]) -> str | None:
+    """The kernel id in the connection file name (``kernel-<id>.json``), if any."""
+    conn = None
+    for i, arg in enumerate(argv):
+        if arg in ("-f", "--f", "--connection-file", "--ConnectionFileMixin.connection_file"):
+            conn = argv[i + 1] if i + 1 < len(argv) else None
+        elif arg.startswith(("-f=", "--f=", "--connection-file=")):
+            conn = arg.split("=", 1)[1]
+    match = KERNEL_ID_RE.search(conn or "")
+    return match.group("id") if match else None
+
+
+def make_kernel_class(execlog):
+    """An ``IPythonKernel`` subclass that logs each execution to ``execlog``.
+
+    Wrapping ``do_execute`` (not IPython's pre/post_run_cell events) also covers silent
+    executions and gives the reply's status and error name as the frontend sees them.
+    """
+    from ipykernel.ipkernel import IPythonKernel
+
+    class GuardedKernel(IPythonKernel):
+        """IPython kernel with the LoRA Enclave execution log."""
+
+        implementation = "lora_kernel"
+
+        async def do_execute(self, code, silent, store_history=True, user_expressions=None,
+                             allow_stdin=False, *, cell_meta=None, cell_id=None):
+            """Run the cell as ipykernel does, then log one ``execute`` event."""
+            start = time.perf_counter()
+            reply = None
+            try:
+                reply = await super().do_execute(
+                    code, silent, store_history, user_expressions, allow_stdin,
+                    cell_meta=cell_meta, cell_id=cell_id)
+                return reply
+            finally:
+                execlog.record_execution(code, self.get_parent("shell"), reply,
+                                         time.perf_counter() - start, silent=silent,
+                                         cell_id=cell_id)
+
+    return GuardedKernel
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Start the guarded kernel (the kernelspec's argv runs this)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if sys.path and (sys.path[0] in ("", ".") or Path(sys.path[0]) == Path.cwd()):
+        del sys.path[0]  # IPython adds the notebook folder back for user imports
+
+    from lora_kernel.common.process import die_with_parent
+    from lora_kernel.kernel import guard
+    from lora_kernel.kernel.execlog import ExecLog, sink_from_env
+    from lora_kernel.kernel.offline import apply_offline_env
+    from lora_kernel.common.version import __version__
+
+    from lora_kernel.common.errors import LoraError
+
+    apply_offline_env()
+    if os.environ.get("LORA_RUN_ID"):  # a recorded run: never outlive its executor
+        die_with_parent()
+    try:
+        policy = guard.load_egress_policy()
+        log = ExecLog(kernel_id=kernel_id_from_argv(argv), sink=sink_from_env())
+    except (LoraError, ValueError, OSError) as exc:
+        print(f"lora kernel: not started: {exc}", file=sys.stderr)  # the kernel's stderr
+        raise SystemExit(getattr(exc, "exit_code", 1)) from None
+    guard.install(policy, report=log.record_guard_event)
+    guard.install_remote_code_refusal(policy.path)
+    log.emit("kernel_start", version=__version__, policy=policy.path,
+             python=sys.version.split()[0],
+             ipykernel_loaded_before_guard="ipykernel" in sys.modules)
+    log.start()
+    atexit.register(log.close)
+
+    from ipykernel.kernelapp import IPKernelApp
+
+    IPKernelApp.launch_instance(argv=argv, kernel_class=make_kernel_class(log))

@@ -1,0 +1,327 @@
+"""The auditor's side, read-only: verify records, ledger and publications; list, show, trace
+lineage. Every function takes ``state`` (the state directory, default
+:func:`lora_kernel.common.paths.state_dir`) and an optional open
+:class:`~lora_kernel.provenance.ledger.LedgerReader`. Pruning is
+:mod:`lora_kernel.trusted.retention`; encrypted export/import :mod:`lora_kernel.trusted.archive`.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import html
+import os
+import pwd
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+
+from lora_kernel.common.digests import sha256_file
+from lora_kernel.common.errors import ConfigError, VerificationError
+from lora_kernel.common.paths import check_run_id, runs_dir, state_dir
+from lora_kernel.common.timeutil import parse_time
+from lora_kernel.provenance.inputs import verify_inputs
+from lora_kernel.provenance.ledger import LedgerReader, open_ledger, trust_root
+from lora_kernel.provenance.publications import publications, review_state, verify_publications
+from lora_kernel.provenance.records import NOTEBOOK, Problem, load_manifest, summary, verify_record
+
+_HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+def run_ids(ledger: LedgerReader, state=None) -> list[str]:
+    """Every run id known from record folders (hidden ones skipped) or ledger entries."""
+    ids = {e.subject for e in ledger.entries("run")}
+    for imp in ledger.entries("import"):
+        ids.update(imp.payload.get("runs", {}))
+    base = runs_dir(state)
+    if base.is_dir():
+        ids.update(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(ids)
+
+
+# -- verify ---------------------------------------------------------------------------------
+def verify_run(run_id: str, ledger: LedgerReader, state=None) -> list[Problem]:
+    """Problems of one run: files vs manifest, manifest vs ledger, presence vs prune entries."""
+    record = runs_dir(state) / check_run_id(run_id)
+    expected = ledger.expected_manifest_sha256(run_id)
+    pruned = ledger.latest("prune", run_id)
+    if not record.exists():
+        if pruned is not None:
+            return []
+        if expected is not None:
+            return [Problem("missing", str(record), f"record attested by ledger seq "
+                                                    f"{expected[1]} is gone (no prune entry)")]
+        raise ConfigError(f"no such run {run_id!r} in {record.parent} or the ledger; fix: pick "
+                          f"a run id from `lora audit list`", key="RUN")
+    if expected is None:
+        return [Problem("ledger", str(record), "record has no ledger entry (not attested)")] \
+            + verify_record(record)
+    return verify_record(record, expected_manifest_sha256=expected[0])
+
+
+def verify(run_id: str | None = None, *, state=None, ledger: LedgerReader | None = None,
+           trusted_key: str | os.PathLike[str] | None = None, inputs: bool = False
+           ) -> list[Problem]:
+    """Verify the ledger (chain, signatures, head) against its trust root
+    (:func:`~lora_kernel.provenance.ledger.trust_root`: ``trusted_key`` or the pin) and one run,
+    or every run when ``run_id`` is None, plus published copies; with ``inputs``, also re-hash
+    each run's dataset files and base model (:func:`~lora_kernel.provenance.inputs.verify_inputs`).
+    Returns all problems (empty: everything verifies)."""
+    with open_ledger(ledger, state) as led:
+        problems = led.verify(trusted_key)
+        ids = [run_id] if run_id else run_ids(led, state)
+        for rid in ids:
+            problems += verify_run(rid, led, state)
+            record = runs_dir(state) / rid
+            if inputs and (record / "manifest.json").is_file():
+                problems += verify_inputs(load_manifest(record), rid)
+        problems += verify_publications(led, run_id)
+    return problems
+
+
+def trust_statement(state=None, trusted_key: str | os.PathLike[str] | None = None) -> str:
+    """One line for the auditor: what the ledger was verified against, and how far records
+    can be trusted given who owns the state directory."""
+    root = state_dir(state)
+    try:
+        how = trust_root(root / "ledger", trusted_key).source
+    except (ConfigError, VerificationError):
+        how = "no usable key"
+    try:
+        owner = root.stat().st_uid
+    except OSError:
+        return f"trust: ledger key from {how}"
+    if owner == os.getuid() and owner != 0:
+        return (f"trust: ledger key from {how}; local mode: {root} belongs to you, so these "
+                "records are only as trustworthy as your account")
+    try:
+        name = pwd.getpwuid(owner).pw_name
+    except KeyError:
+        name = str(owner)
+    return f"trust: ledger key from {how}; state directory {root} owned by {name}"
+
+
+# -- list / show ----------------------------------------------------------------------------
+def run_info(run_id: str, ledger: LedgerReader, state=None, now: dt.datetime | None = None) -> dict:
+    """One run's summary for listings: from its manifest if present, else from the ledger."""
+    record = runs_dir(state) / run_id
+    entry = ledger.run_entry(run_id)
+    if (record / "manifest.json").exists():
+        s = summary(load_manifest(record))
+    else:
+        p = entry.payload if entry else {}
+        s = {"run_id": run_id, "user": p.get("user"), "status": p.get("status"),
+             "started": p.get("started"), "ended": p.get("ended"),
+             "adapter_digest": p.get("adapter_digest"), "dataset_version":
+                 p.get("dataset_version"), "base_model_sha256": p.get("base_model_sha256")}
+    state, review = review_state(ledger, run_id, s.get("adapter_digest"))
+    pubs = [p for p in publications(ledger, now) if p.get("run_id") == run_id]
+    return {"run_id": run_id, "user": s.get("user"), "status": s.get("status"),
+            "started": s.get("started"), "ended": s.get("ended"), "review": state,
+            "reviewer": review.payload.get("reviewer") if review else None,
+            "adapter_digest": s.get("adapter_digest"),
+            "dataset_version": s.get("dataset_version"), "present": record.is_dir(),
+            "pruned": ledger.latest("prune", run_id) is not None,
+            "published": [p["path"] for p in pubs],
+            "expired": any(p["expired"] for p in pubs)}
+
+
+def list_runs(*, state=None, ledger: LedgerReader | None = None, user: str | None = None,
+              since: dt.datetime | None = None, until: dt.datetime | None = None,
+              status: str | None = None, review: str | None = None, expired: bool = False,
+              now: dt.datetime | None = None) -> list[dict]:
+    """Runs matching every filter given: trainer, start time in ``[since, until)``, status,
+    review state (pending/approved/rejected/void), with an expired publication."""
+    out = []
+    with open_ledger(ledger, state) as led:
+        for rid in run_ids(led, state):
+            info = run_info(rid, led, state, now)
+            started = parse_time(info["started"]) if info["started"] else None
+            if user and info["user"] != user or status and info["status"] != status:
+                continue
+            if review and info["review"] != review or expired and not info["expired"]:
+                continue
+            if since and (started is None or started < since):
+                continue
+            if until and (started is None or started >= until):
+                continue
+            out.append(info)
+    return out
+
+
+class _Sanitizer(HTMLParser):
+    """Re-serialises HTML keeping only what a standalone, offline page needs.
+
+    Drops script/iframe/object/embed/base/form/link elements (with content), event-handler
+    attributes, and any src/href/action that points off the page (http:, https:, //,
+    javascript:, file:); remote ``url(...)`` and ``@import`` in styles are removed.
+    """
+
+    DROP = {"script", "iframe", "object", "embed", "base", "form", "link", "frame", "frameset",
+            "applet", "meta"}
+    URL_ATTRS = {"src", "href", "action", "srcset", "xlink:href", "poster", "data", "formaction",
+                 "background"}
+    _REMOTE_CSS = re.compile(r"@import[^;]*;|url\(\s*['\"]?\s*(?:https?:|//|javascript:|file:)"
+                             r"[^)]*\)", re.I)
+
+    def __init__(self):
+        super().__init__(convert_charrefs=False)
+        self.out: list[str] = []
+        self.skip: list[str] = []
+
+    @staticmethod
+    def _safe_url(value: str) -> bool:
+        v = re.sub(r"[\s\x00-\x1f]", "", html.unescape(value or "")).lower()
+        return not v.startswith(("http:", "https:", "//", "javascript:", "file:", "vbscript:",
+                                 "ftp:")) and "://" not in v
+
+    def _attrs(self, attrs) -> str:
+        parts = []
+        for name, value in attrs:
+            name = name.lower()
+            if name.startswith("on"):
+                continue
+            if name in self.URL_ATTRS and value is not None and not self._safe_url(value):
+                parts.append(f' title="{html.escape("external link removed: " + value)}"')
+                continue
+            if name == "style" and value and self._REMOTE_CSS.search(value):
+                value = self._REMOTE_CSS.sub("", value)
+            parts.append(f" {name}" if value is None else f' {name}="{html.escape(value)}"')
+        return "".join(parts)
+
+    def handle_starttag(self, tag, attrs):
+        if self.skip or tag in self.DROP:
+            if tag in self.DROP and tag not in ("base", "link", "meta"):
+                self.skip.append(tag)
+            return
+        self.out.append(f"<{tag}{self._attrs(attrs)}>")
+
+    def handle_startendtag(self, tag, attrs):
+        if not self.skip and tag not in self.DROP:
+            self.out.append(f"<{tag}{self._attrs(attrs)}/>")
+
+    def handle_endtag(self, tag):
+        if self.skip:
+            if tag == self.skip[-1]:
+                self.skip.pop()
+            return
+        if tag not in self.DROP:
+            self.out.append(f"</{tag}>")
+
+    def handle_data(self, data):
+        if not self.skip:
+            last = self.out[-1] if self.out else ""
+            if last.startswith("<style"):
+                data = self._REMOTE_CSS.sub("", data)
+            self.out.append(data)
+
+    def handle_entityref(self, name):
+        if not self.skip:
+            self.out.append(f"&{name};")
+
+    def handle_charref(self, name):
+        if not self.skip:
+            self.out.append(f"&#{name};")
+
+    def handle_decl(self, decl):
+        self.out.append(f"<!{decl}>")
+
+    def handle_comment(self, data):
+        pass  # conditional comments can load resources; nothing of value is lost
+
+
+def sanitize_html(text: str) -> str:
+    """Standalone, script-free HTML: see :class:`_Sanitizer`."""
+    parser = _Sanitizer()
+    parser.feed(text)
+    parser.close()
+    return "".join(parser.out)
+
+
+def render_notebook_html(path: str | os.PathLike) -> str:
+    """The executed notebook as one standalone HTML page: CSS inlined (nbconvert's ``lab``
+    template), images embedded, no scripts, no external assets."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    nb = nbformat.read(str(path), as_version=4)
+    exporter = HTMLExporter(template_name="lab", embed_images=True, sanitize_html=False,
+                            exclude_anchor_links=True, mathjax_url="", require_js_url="",
+                            jquery_url="", widget_renderer_url="", mermaid_js_url="")
+    body, _resources = exporter.from_notebook_node(nb)
+    return sanitize_html(body)
+
+
+def show(run_id: str, *, state=None, ledger: LedgerReader | None = None) -> dict:
+    """A run's audit summary: listing fields, inputs, files, verification problems."""
+    with open_ledger(ledger, state) as led:
+        record = runs_dir(state) / check_run_id(run_id)
+        if not record.is_dir() and not led.entries(subject=run_id):
+            raise ConfigError(f"no such run {run_id!r} in {record.parent} or the ledger; fix: pick a run id from `lora audit list`", key="RUN")
+        info = run_info(run_id, led, state)
+        if (record / "manifest.json").exists():
+            s = summary(load_manifest(record))
+            info.update({k: s[k] for k in ("host", "seed", "base_model", "base_model_sha256",
+                                           "notebook_source_sha256", "egress_refusals",
+                                           "config", "files")})
+            info["dataset_files"] = len(s["dataset_digests"])
+        info["problems"] = [str(p) for p in verify_run(run_id, led, state)]
+        info["ledger"] = [{"seq": e.seq, "time": e.time, "kind": e.kind}
+                          for e in led.entries(subject=run_id)]
+    return info
+
+
+# -- lineage --------------------------------------------------------------------------------
+def _query_digests(query: str) -> tuple[set[str], set[str]]:
+    """``(digests, names)`` a lineage query stands for."""
+    path = Path(query)
+    if path.is_file():
+        return {sha256_file(path)}, {str(path.resolve())}
+    if path.is_dir():
+        return {sha256_file(p) for p in path.rglob("*") if p.is_file()}, {str(path.resolve())}
+    if _HEX64.match(query):
+        return {query.lower()}, set()
+    return set(), {query}
+
+
+def lineage(query: str, *, state=None, ledger: LedgerReader | None = None) -> list[dict]:
+    """Every run that used (or produced) ``query``: a file or folder path (its digests), a
+    sha256, a dataset version id, or a base model path/name. Each hit says what matched.
+    Pruned runs are matched on what their ledger entry keeps (dataset version, base model,
+    notebook and adapter digests)."""
+    digests, names = _query_digests(query)
+    hits = []
+    with open_ledger(ledger, state) as led:
+        for rid in run_ids(led, state):
+            record = runs_dir(state) / rid
+            matched = []
+            if (record / "manifest.json").exists():
+                m = load_manifest(record)
+                s = summary(m)
+                for dep in m["predicate"]["buildDefinition"]["resolvedDependencies"]:
+                    if dep.get("digest", {}).get("sha256") in digests:
+                        matched.append(f"input {dep['name']}")
+                for rel, d in s["files"].items():
+                    if d in digests:
+                        matched.append(f"output {rel}")
+                base = s.get("base_model") or ""
+                if names & {base, str(Path(base).resolve()) if base else "", Path(base).name}:
+                    matched.append("base_model path")
+            else:
+                p = (led.run_entry(rid).payload if led.run_entry(rid) else {})
+                s = {"user": p.get("user"), "status": p.get("status"), **p}
+                for key in ("base_model_sha256", "notebook_source_sha256", "adapter_digest"):
+                    if p.get(key) in digests:
+                        matched.append(f"{key} (ledger)")
+            if s.get("dataset_version") in names:
+                matched.append("dataset version")
+            if s.get("adapter_digest") in digests and not any("adapter" in x for x in matched):
+                matched.append("adapter digest")
+            if matched:
+                hits.append({"run_id": rid, "user": s.get("user"), "status": s.get("status"),
+                             "matched": sorted(set(matched))})
+    return hits
+
+
+def notebook_path(run_id: str, state=None) -> Path:
+    """The executed notebook of a run."""
+    return runs_dir(state) / check_run_id(run_id) / NOTEBOOK

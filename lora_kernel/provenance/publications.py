@@ -1,0 +1,73 @@
+"""Reading reviews and publications from the ledger, and re-verifying published copies.
+
+Writing them (approve, reject, publish) is :mod:`lora_kernel.trusted.review`.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from lora_kernel.common.digests import sha256_file
+from lora_kernel.provenance.ledger import Entry, LedgerReader
+from lora_kernel.provenance.records import Problem
+
+PUBLICATION_FILE = "publication.json"
+
+
+def review_state(ledger: LedgerReader, run_id: str, adapter_digest: str | None = None
+                 ) -> tuple[str, Entry | None]:
+    """``(state, latest review entry)``; state is pending, approved, rejected, or void (an
+    approval whose digest differs from ``adapter_digest``, the adapter's current digest)."""
+    entry = ledger.latest("review", run_id)
+    if entry is None:
+        return "pending", None
+    decision = str(entry.payload.get("decision"))
+    if decision == "approved" and adapter_digest is not None \
+            and entry.payload.get("adapter_digest") != adapter_digest:
+        return "void", entry
+    return decision, entry
+
+
+def publications(ledger: LedgerReader, now: dt.datetime | None = None) -> list[dict[str, Any]]:
+    """Every publication entry's payload plus ``seq`` and ``expired`` (past its expiry date)."""
+    today = (now or dt.datetime.now(dt.timezone.utc)).date()
+    out = []
+    for e in ledger.entries("publication"):
+        expired = dt.date.fromisoformat(e.payload["expires"]) < today \
+            if e.payload.get("expires") else False
+        out.append({**e.payload, "seq": e.seq, "expired": expired})
+    return out
+
+
+def verify_publications(ledger: LedgerReader, run_id: str | None = None) -> list[Problem]:
+    """Re-hash published copies against their ledger entries; also flag publications whose
+    run's approval was later revoked or voided."""
+    problems = []
+    for pub in publications(ledger):
+        if run_id is not None and pub.get("run_id") != run_id:
+            continue
+        dest = Path(pub["path"])
+        if not dest.is_dir():
+            problems.append(Problem("publication", str(dest), "published folder missing"))
+            continue
+        present = {p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file()}
+        for rel, digest in sorted(pub["files"].items()):
+            if rel not in present:
+                problems.append(Problem("publication", str(dest / rel), "published file missing"))
+            elif sha256_file(dest / rel) != digest:
+                problems.append(Problem("publication", str(dest / rel),
+                                        "published file changed (sha256 differs from the "
+                                        "ledger)"))
+        for rel in sorted(present - set(pub["files"]) - {PUBLICATION_FILE}):
+            problems.append(Problem("publication", str(dest / rel), "extra file in publication"))
+        meta = dest / PUBLICATION_FILE
+        if PUBLICATION_FILE not in present or sha256_file(meta) != pub.get("metadata_sha256"):
+            problems.append(Problem("publication", str(meta),
+                                    "publication.json missing or edited"))
+        state, entry = review_state(ledger, pub["run_id"], pub["adapter_digest"])
+        if state != "approved":
+            problems.append(Problem("publication", str(dest),
+                                    f"run {pub['run_id']} is published but its review is now "
+                                    f"{state} (seq {entry.seq if entry else '-'})"))
+    return problems

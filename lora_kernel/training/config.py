@@ -1,0 +1,448 @@
+"""The one config validator, shared by the CLI, the notebooks and the studio widgets.
+
+A training config is a flat YAML mapping. The seed's keys (``train_data_dir``,
+``metadata_path``, ``base_model``, ``lora_rank``, ``batch_size``, ``epochs``,
+``learning_rate``, ``output_dir``, ``save_steps``) keep their meaning; the rest follow
+kohya sd-scripts / diffusers naming. Relative paths resolve against the config file.
+
+Validation happens before any model loads. Every error is a :class:`ConfigError`
+naming the file, the key, what is wrong and the fix.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import difflib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+from PIL import Image
+
+from lora_kernel.common.errors import ConfigError
+
+TASKS = ("image", "text")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULERS = (
+    "constant", "constant_with_warmup", "linear", "cosine",
+    "cosine_with_restarts", "polynomial",
+)
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+# The keys whose values are filesystem paths, resolved against the config's folder.
+PATH_KEYS = ("train_data_dir", "metadata_path", "base_model", "output_dir")
+DEFAULT_IMAGE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+DEFAULT_TEXT_TARGETS = ["q_proj", "v_proj"]
+
+
+def _h(text: str, **kw):
+    """A dataclass field carrying its help text (shown by ``lora config --help-keys``)."""
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class TrainConfig:
+    """A validated training configuration (image or text LoRA)."""
+
+    # -- the seed's keys --------------------------------------------------
+    train_data_dir: str | None = _h(
+        "Folder with the training images (image) or .jsonl files (text).", default=None)
+    metadata_path: str | None = _h(
+        "Captions CSV (image: file_name,<caption_column>) or the .jsonl file (text). "
+        "Default: <train_data_dir>/metadata.csv (image).", default=None)
+    base_model: str = _h(
+        "Local base model: a diffusers folder or single-file .safetensors (image), "
+        "a Hugging Face folder (text).", default="")
+    lora_rank: int = _h("LoRA rank r (kohya: network_dim).", default=8)
+    batch_size: int = _h("Samples per optimizer micro-step.", default=1)
+    epochs: int = _h("Passes over the dataset (ignored when max_train_steps is set).", default=1)
+    learning_rate: float = _h("Peak learning rate for the LoRA weights.", default=1e-4)
+    output_dir: str = _h("Where adapters, checkpoints, samples and TensorBoard logs go.",
+                         default="output")
+    save_steps: int = _h("Save a resumable checkpoint every N optimizer steps (0: never).",
+                         default=0)
+    # -- what kohya / diffusers users expect --------------------------------
+    task: str = _h("'image' (Stable Diffusion family) or 'text' (causal LM).", default="image")
+    output_name: str = _h("File stem of the exported adapter.", default="lora")
+    lora_alpha: float | None = _h("LoRA alpha (kohya: network_alpha). Default: lora_rank.",
+                                  default=None)
+    lora_dropout: float = _h("Dropout on the LoRA branch, in [0, 1).", default=0.0)
+    target_modules: list[str] | None = _h(
+        "Module names LoRA attaches to. Default: UNet attention projections "
+        "to_q,to_k,to_v,to_out.0 (image); q_proj,v_proj (text).", default=None)
+    resolution: int = _h("Training resolution in pixels (image; multiple of 8).", default=512)
+    center_crop: bool = _h("Center-crop to a square instead of random crop (image).",
+                           default=True)
+    enable_bucket: bool = _h("Aspect-ratio buckets at `resolution` instead of square crops.",
+                             default=False)
+    random_flip: bool = _h("Randomly flip images horizontally (image).", default=False)
+    caption_column: str = _h("Caption column in metadata.csv (image).", default="text")
+    image_column: str = _h("Image file column in metadata.csv (image).", default="file_name")
+    text_column: str = _h("Field holding plain text in the .jsonl (text).", default="text")
+    prompt_column: str = _h("Field holding the prompt (text; loss masked).", default="prompt")
+    response_column: str = _h("Field holding the response (text; loss on it only).",
+                              default="response")
+    max_seq_length: int = _h("Tokens per training sequence (text).", default=256)
+    packing: bool = _h("Pack several examples into one sequence (text).", default=True)
+    seed: int = _h("Random seed: data order, LoRA init, noise, sampling.", default=42)
+    mixed_precision: str = _h("'no', 'fp16' or 'bf16' (autocast; fp16 needs a GPU).",
+                              default="no")
+    gradient_checkpointing: bool = _h("Trade compute for memory.", default=False)
+    gradient_accumulation_steps: int = _h("Micro-batches per optimizer step.", default=1)
+    lr_scheduler: str = _h("One of: " + ", ".join(LR_SCHEDULERS) + ".", default="constant")
+    lr_warmup_steps: int = _h("Warm-up steps of the LR schedule.", default=0)
+    max_train_steps: int | None = _h("Stop after this many optimizer steps (overrides epochs).",
+                                     default=None)
+    max_grad_norm: float = _h("Gradient clipping norm (0: off).", default=1.0)
+    weight_decay: float = _h("AdamW weight decay.", default=1e-2)
+    train_text_encoder: bool = _h("Also train a LoRA on the CLIP text encoder (image).",
+                                  default=False)
+    text_encoder_lr: float | None = _h("Text-encoder LR. Default: learning_rate.", default=None)
+    noise_offset: float = _h("Noise offset (image; 0 disables).", default=0.0)
+    cache_latents: bool = _h("Cache VAE latents and text embeddings on disk (image).",
+                             default=True)
+    sample_prompts: list[str] = _h("Prompts for the final sample grid / completions.",
+                                   default_factory=list)
+    sample_steps: int = _h("Denoising steps of sample images.", default=20)
+    sample_seeds: list[int] = _h("Fixed seeds of sample images.", default_factory=lambda: [0, 1])
+    max_new_tokens: int = _h("Tokens generated per text sample.", default=24)
+    record_dataset_paths: bool = _h(
+        "Record dataset file paths in adapter metadata (off: only digests).", default=False)
+    logging_steps: int = _h("Log loss to TensorBoard every N steps.", default=1)
+
+    # Where this config came from (not a user key).
+    source: str | None = field(default=None, repr=False, compare=False,
+                               metadata={"internal": True})
+
+    def __post_init__(self):
+        self._check()
+
+    # -- validation --------------------------------------------------------
+    def _err(self, key: str, msg: str) -> ConfigError:
+        return ConfigError(msg, file=self.source or "<config>", key=key)
+
+    def _check(self):
+        if self.task not in TASKS:
+            raise self._err("task", f"must be one of {', '.join(TASKS)}, got {self.task!r}; "
+                                    f"fix: set task: image or task: text")
+        positive = ["lora_rank", "batch_size", "epochs", "gradient_accumulation_steps",
+                    "resolution", "max_seq_length", "sample_steps", "max_new_tokens",
+                    "logging_steps"]
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise self._err(key, f"must be >= 1, got {getattr(self, key)}; fix: use a "
+                                     f"positive integer")
+        if self.max_train_steps is not None and self.max_train_steps < 1:
+            raise self._err("max_train_steps", f"must be >= 1 or omitted, got "
+                                               f"{self.max_train_steps}")
+        for key in ("save_steps", "lr_warmup_steps", "max_grad_norm", "weight_decay",
+                    "noise_offset"):
+            if getattr(self, key) < 0:
+                raise self._err(key, f"must be >= 0, got {getattr(self, key)}")
+        if not (0 < self.learning_rate < 1) or not math.isfinite(self.learning_rate):
+            raise self._err("learning_rate", f"must be in (0, 1), got {self.learning_rate}; "
+                                             f"typical LoRA values are 1e-5 .. 1e-3")
+        if self.text_encoder_lr is not None and not (0 < self.text_encoder_lr < 1):
+            raise self._err("text_encoder_lr", f"must be in (0, 1), got {self.text_encoder_lr}")
+        if not (0 <= self.lora_dropout < 1):
+            raise self._err("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise self._err("lora_alpha", f"must be > 0, got {self.lora_alpha}")
+        if self.lora_rank > 1024:
+            raise self._err("lora_rank", f"must be <= 1024, got {self.lora_rank}")
+        if self.task == "image" and self.resolution % 8:
+            raise self._err("resolution", f"must be a multiple of 8 (VAE downsampling), got "
+                                          f"{self.resolution}; fix: use e.g. "
+                                          f"{self.resolution // 8 * 8 or 8}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise self._err("mixed_precision", f"must be one of {', '.join(MIXED_PRECISION)}, "
+                                               f"got {self.mixed_precision!r}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            hint = _did_you_mean(str(self.lr_scheduler), LR_SCHEDULERS)
+            raise self._err("lr_scheduler", f"unknown scheduler {self.lr_scheduler!r}{hint}; "
+                                            f"choose one of {', '.join(LR_SCHEDULERS)}")
+        if not self.base_model:
+            raise self._err("base_model", "is required; fix: point it at a local model folder "
+                                          "or .safetensors file (see `lora demo-assets`)")
+        if self.target_modules is not None and not self.target_modules:
+            raise self._err("target_modules", "must list at least one module name or be omitted")
+        if not self.output_name or any(c in self.output_name for c in "/\\"):
+            raise self._err("output_name", f"must be a plain file stem, got {self.output_name!r}")
+
+    # -- derived values ----------------------------------------------------
+    @property
+    def alpha(self) -> float:
+        """The effective LoRA alpha (defaults to the rank, i.e. scale 1)."""
+        return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
+
+    @property
+    def targets(self) -> list[str]:
+        """The effective target modules."""
+        if self.target_modules:
+            return list(self.target_modules)
+        return list(DEFAULT_IMAGE_TARGETS if self.task == "image" else DEFAULT_TEXT_TARGETS)
+
+    def to_dict(self) -> dict:
+        """The resolved config as plain data (what manifests and adapter metadata record)."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.metadata.get("internal"):
+                continue
+            out[f.name] = getattr(self, f.name)
+        out["lora_alpha"] = self.alpha
+        out["target_modules"] = self.targets
+        return out
+
+    def dataset_files(self) -> list[Path]:
+        """Every file of the dataset this config trains on (sorted), used for versioning."""
+        from lora_kernel.training.data import dataset_files
+        return dataset_files(self)
+
+
+def config_keys() -> dict[str, str]:
+    """Every user key with its help text."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(TrainConfig)
+            if not f.metadata.get("internal")}
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+_TYPES = {}
+
+
+def _field_types() -> dict[str, tuple[type, ...]]:
+    """Allowed Python types per key, derived from the dataclass annotations."""
+    if _TYPES:
+        return _TYPES
+    for f in dataclasses.fields(TrainConfig):
+        if f.metadata.get("internal"):
+            continue
+        ann = str(f.type)
+        if ann.startswith("int"):
+            types = (int,)
+        elif ann.startswith("float"):
+            types = (int, float)
+        elif ann.startswith("bool"):
+            types = (bool,)
+        elif ann.startswith("list[str]"):
+            types = (list,)
+        elif ann.startswith("list[int]"):
+            types = (list,)
+        else:
+            types = (str,)
+        _TYPES[f.name] = (types, "None" in ann, ann)
+    return _TYPES
+
+
+def _coerce(key: str, value: Any, file: str):
+    types, nullable, ann = _field_types()[key]
+    if value is None:
+        if nullable:
+            return None
+        raise ConfigError(f"must not be empty; fix: give a value of type {ann.split(' ')[0]}",
+                          file=file, key=key)
+    if key == "target_modules" and isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if key == "sample_prompts" and isinstance(value, str):
+        value = [value]
+    if bool in types:
+        if not isinstance(value, bool):
+            raise ConfigError(f"must be true or false, got {value!r}", file=file, key=key)
+        return value
+    if isinstance(value, bool) or not isinstance(value, types):
+        want = {int: "an integer", float: "a number", str: "a string", list: "a list"}
+        raise ConfigError(f"must be {want[types[-1]]}, got {type(value).__name__} {value!r}; "
+                          f"fix: e.g. {key}: {_example(key)}", file=file, key=key)
+    if float in types:
+        return float(value)
+    if list in types:
+        inner = int if "int" in ann else str
+        for item in value:
+            if isinstance(item, bool) or not isinstance(item, inner):
+                raise ConfigError(f"every item must be {inner.__name__}, got {item!r}",
+                                  file=file, key=key)
+    return value
+
+
+def _example(key: str) -> str:
+    f = {f.name: f for f in dataclasses.fields(TrainConfig)}[key]
+    if f.default is not dataclasses.MISSING and f.default not in (None, ""):
+        return json.dumps(f.default)
+    return {"base_model": "models/tiny-sd", "lora_alpha": "8",
+            "max_train_steps": "100"}.get(key, "...")
+
+
+def parse_value(text: str) -> Any:
+    """Parse a ``-p key value`` override the way YAML would (``1e-4`` -> float)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else value
+        except ValueError:
+            return value
+    return value
+
+
+def validate_config(raw: Mapping[str, Any], *, source: str | os.PathLike | None = None,
+                    base_dir: str | os.PathLike | None = None,
+                    check_paths: bool = True) -> TrainConfig:
+    """Validate a mapping of config keys and return a :class:`TrainConfig`.
+
+    Unknown keys, wrong types, out-of-range values, missing paths and empty datasets
+    raise :class:`ConfigError`. Relative paths resolve against ``base_dir`` (the config
+    file's folder). Nothing is loaded but small metadata files.
+    """
+    file = str(source) if source is not None else "<config>"
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"must be a YAML mapping of key: value, got {type(raw).__name__}; "
+                          f"fix: start from templates/image_lora.yaml", file=file)
+    keys = config_keys()
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in keys:
+            hint = _did_you_mean(str(key), keys)
+            raise ConfigError(f"unknown key{hint}; fix: remove it or use one of the keys "
+                              f"listed by `lora config --keys`", file=file, key=str(key))
+        values[key] = _coerce(key, value, file)
+    base = Path(base_dir) if base_dir is not None else Path.cwd()
+    task = values.get("task", "image")
+    if task == "image" and values.get("train_data_dir") and not values.get("metadata_path"):
+        values["metadata_path"] = str(Path(values["train_data_dir"]) / "metadata.csv")
+    for key in PATH_KEYS:
+        if values.get(key):
+            p = Path(os.path.expanduser(values[key]))
+            values[key] = str(p if p.is_absolute() else (base / p).resolve())
+    cfg = TrainConfig(**values, source=file)
+    if check_paths:
+        check_inputs(cfg)
+    return cfg
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """Check that the base model and dataset exist and the dataset is not empty."""
+    file = cfg.source or "<config>"
+    model = Path(cfg.base_model)
+    if not model.exists():
+        raise ConfigError(f"base model not found at {model}; fix: point base_model at a local "
+                          f"model (run `lora demo-assets` for a tiny one)", file=file,
+                          key="base_model")
+    if model.suffix.lower() in PICKLE_SUFFIXES:
+        raise ConfigError(f"{model.name} is a pickle file, which can run arbitrary code when "
+                          f"loaded; fix: convert it to .safetensors on a trusted machine",
+                          file=file, key="base_model")
+    if cfg.task == "image":
+        _check_image_dataset(cfg, file)
+    else:
+        _check_text_dataset(cfg, file)
+
+
+def _check_image_dataset(cfg: TrainConfig, file: str) -> None:
+    if not cfg.train_data_dir:
+        raise ConfigError("is required for task: image; fix: set it to the image folder",
+                          file=file, key="train_data_dir")
+    data = Path(cfg.train_data_dir)
+    if not data.is_dir():
+        raise ConfigError(f"folder not found: {data}; fix: create it or correct the path",
+                          file=file, key="train_data_dir")
+    meta = Path(cfg.metadata_path)
+    if not meta.is_file():
+        raise ConfigError(f"captions file not found: {meta}; fix: write a metadata.csv with "
+                          f"columns {cfg.image_column},{cfg.caption_column}", file=file,
+                          key="metadata_path")
+    with open(meta, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        cols = reader.fieldnames or []
+        for col, key in ((cfg.image_column, "image_column"), (cfg.caption_column,
+                                                               "caption_column")):
+            if col not in cols:
+                raise ConfigError(f"column {col!r} not in {meta} (columns: {cols}); fix: set "
+                                  f"{key} to one of them", file=file, key=key)
+        rows = list(reader)
+    if not rows:
+        raise ConfigError(f"dataset is empty: {meta} has no rows; fix: add one row per image",
+                          file=file, key="metadata_path")
+    for i, row in enumerate(rows, start=2):
+        img = data / row[cfg.image_column]
+        if not img.is_file():
+            raise ConfigError(f"line {i} of {meta} names {row[cfg.image_column]!r}, which is "
+                              f"not in {data}; fix: add the image or remove the row", file=file,
+                              key="metadata_path")
+        try:  # reads the header only: cheap, and catches truncated or non-image files
+            with Image.open(img) as im:
+                im.verify()
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ConfigError(f"line {i} of {meta} names {row[cfg.image_column]!r}, which is "
+                              f"not a readable image ({exc}); fix: re-export it as PNG/JPEG or "
+                              f"remove the row", file=file, key="metadata_path") from None
+
+
+def _check_text_dataset(cfg: TrainConfig, file: str) -> None:
+    from lora_kernel.training.data import text_files
+    files = text_files(cfg)
+    if not files:
+        raise ConfigError("no .jsonl file given; fix: set metadata_path to a .jsonl file or "
+                          "train_data_dir to a folder holding some", file=file,
+                          key="metadata_path" if cfg.metadata_path else "train_data_dir")
+    n = 0
+    for path in files:
+        if not path.is_file():
+            raise ConfigError(f"file not found: {path}", file=file, key="metadata_path")
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ConfigError(f"{path} line {lineno} is not JSON ({exc.msg}); fix: one "
+                                      f"JSON object per line", file=file,
+                                      key="metadata_path") from None
+                if not isinstance(rec, dict) or not (
+                        cfg.text_column in rec
+                        or (cfg.prompt_column in rec and cfg.response_column in rec)):
+                    raise ConfigError(
+                        f"{path} line {lineno} has neither {cfg.text_column!r} nor "
+                        f"{cfg.prompt_column!r}+{cfg.response_column!r}; fix: set "
+                        f"text_column / prompt_column / response_column", file=file,
+                        key="text_column")
+                n += 1
+    if n == 0:
+        raise ConfigError(f"dataset is empty: {', '.join(map(str, files))} has no records; "
+                          f"fix: add one JSON object per line", file=file, key="metadata_path")
+
+
+def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None,
+                *, check_paths: bool = True) -> TrainConfig:
+    """Read a YAML config file, apply ``overrides`` and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}; fix: copy templates/image_lora.yaml "
+                          f"or templates/text_lora.yaml", file=path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"is not valid YAML{where}: {getattr(exc, 'problem', exc)}; fix: "
+                          f"check indentation and quoting", file=path) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("must be a YAML mapping of key: value; fix: start from "
+                          "templates/image_lora.yaml", file=path)
+    raw = dict(raw)
+    for key, value in (overrides or {}).items():
+        raw[key] = value
+    return validate_config(raw, source=path, base_dir=path.resolve().parent,
+                           check_paths=check_paths)

@@ -1,0 +1,167 @@
+"""Adapter export: diffusers/PEFT and kohya/A1111 formats, ``.safetensors`` only.
+
+Every file carries header metadata: the resolved config, base-model sha256, dataset
+version id and package version (dataset file paths only when the config opts in), plus
+the ``ss_*`` keys kohya's tools and the A1111 WebUI display.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from lora_kernel.common.version import version_info
+
+# Config keys holding dataset locations: recorded only with record_dataset_paths: true.
+PATH_KEYS = ("train_data_dir", "metadata_path")
+KOHYA_UNET_PREFIX = "lora_unet"
+KOHYA_TE_PREFIX = "lora_te"
+
+
+def adapter_metadata(cfg, *, base_model_sha256: str, dataset_version: str,
+                     dataset_digests: dict[str, str] | None = None,
+                     extra: dict | None = None) -> dict[str, str]:
+    """The safetensors header metadata (all values strings) for an adapter of ``cfg``."""
+    conf = cfg.to_dict()
+    if not cfg.record_dataset_paths:
+        for key in PATH_KEYS:
+            conf.pop(key, None)
+        conf["base_model"] = Path(conf["base_model"]).name
+        conf.pop("output_dir", None)
+    info = version_info()
+    meta = {
+        "lora_enclave.config": json.dumps(conf, sort_keys=True),
+        "lora_enclave.base_model_sha256": base_model_sha256,
+        "lora_enclave.dataset_version": dataset_version,
+        "lora_enclave.version": info["lora_enclave"],
+        "lora_enclave.git_commit": info["git_commit"] or "",
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(cfg.lora_rank),
+        "ss_network_alpha": str(cfg.alpha),
+        "ss_output_name": cfg.output_name,
+        "ss_learning_rate": str(cfg.learning_rate),
+        "ss_resolution": str(cfg.resolution),
+        "ss_seed": str(cfg.seed),
+        "ss_sd_model_hash": base_model_sha256[:10],
+        "ss_new_sd_model_hash": base_model_sha256,
+        "ss_dataset_version": dataset_version,
+    }
+    if cfg.record_dataset_paths and dataset_digests:
+        meta["lora_enclave.dataset_files"] = json.dumps(dataset_digests, sort_keys=True)
+    for key, value in (extra or {}).items():
+        meta[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return meta
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The header metadata of a ``.safetensors`` file."""
+    with safe_open(str(path), framework="pt") as fh:
+        return dict(fh.metadata() or {})
+
+
+def _merge_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Re-write ``path`` in place with ``metadata`` added to its header (atomic)."""
+    existing = read_metadata(path)
+    tensors = load_file(str(path))
+    merged = {**existing, **metadata, "format": "pt"}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=merged)
+    tmp.replace(path)
+
+
+# -- image (Stable Diffusion) ---------------------------------------------------------
+
+def peft_state_dicts(unet, text_encoder=None) -> tuple[dict, dict | None]:
+    """The PEFT LoRA state dicts of the UNet (and text encoder when it has a LoRA)."""
+    from peft import get_peft_model_state_dict
+    unet_sd = get_peft_model_state_dict(unet)
+    te_sd = None
+    if text_encoder is not None and getattr(text_encoder, "peft_config", None):
+        te_sd = get_peft_model_state_dict(text_encoder)
+    return unet_sd, te_sd
+
+
+def save_diffusers_lora(path: Path, unet, text_encoder, unet_config, te_config,
+                        metadata: dict[str, str]) -> Path:
+    """Write a diffusers/PEFT-format LoRA file (loadable by ``load_lora_weights``)."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    unet_sd, te_sd = peft_state_dicts(unet, text_encoder)
+    path = Path(path)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        StableDiffusionPipeline.save_lora_weights(
+            tmp, unet_lora_layers=convert_state_dict_to_diffusers(unet_sd),
+            text_encoder_lora_layers=(convert_state_dict_to_diffusers(te_sd)
+                                      if te_sd else None),
+            weight_name=path.name, safe_serialization=True,
+            unet_lora_adapter_metadata=unet_config.to_dict(),
+            text_encoder_lora_adapter_metadata=te_config.to_dict() if te_sd else None,
+        )
+        written = Path(tmp) / path.name
+        _merge_metadata(written, metadata)
+        shutil.move(str(written), str(path))
+    return path
+
+
+def _kohya_name(prefix: str, module: str) -> str:
+    return f"{prefix}_{module.replace('.', '_')}"
+
+
+def kohya_state_dict(unet_sd: dict, te_sd: dict | None, alpha: float) -> dict:
+    """Convert PEFT LoRA state dicts to kohya/A1111 keys with the real ``alpha``.
+
+    ``<module>.lora_A.weight`` becomes ``lora_unet_<module_with_underscores>.lora_down.weight``
+    (``lora_te_`` for the text encoder), ``lora_B`` becomes ``lora_up``, and each module gets
+    an ``.alpha`` scalar, so the WebUI's ``<lora:name:w>`` scales by ``w * alpha / rank``.
+    """
+    out: dict[str, torch.Tensor] = {}
+    pattern = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$")
+    for prefix, sd in ((KOHYA_UNET_PREFIX, unet_sd), (KOHYA_TE_PREFIX, te_sd or {})):
+        for key, tensor in sd.items():
+            match = pattern.match(key)
+            if not match:
+                raise ValueError(f"unexpected LoRA key {key!r}: cannot convert to kohya format")
+            module, which = match.groups()
+            name = _kohya_name(prefix, module)
+            part = "lora_down" if which == "A" else "lora_up"
+            out[f"{name}.{part}.weight"] = tensor.detach().cpu().contiguous()
+            out[f"{name}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+    return out
+
+
+def save_kohya_lora(path: Path, unet, text_encoder, alpha: float,
+                    metadata: dict[str, str]) -> Path:
+    """Write the kohya/A1111-format LoRA file (``lora_unet_*.lora_down/.lora_up/.alpha``)."""
+    unet_sd, te_sd = peft_state_dicts(unet, text_encoder)
+    tensors = kohya_state_dict(unet_sd, te_sd, alpha)
+    tmp = Path(path).with_name(Path(path).name + ".tmp")
+    save_file(tensors, str(tmp), metadata={**metadata, "format": "pt"})
+    tmp.replace(path)
+    return Path(path)
+
+
+def kohya_module_names(model: torch.nn.Module, prefix: str = KOHYA_UNET_PREFIX) -> dict:
+    """``{kohya module name: module}`` for every named module of ``model``."""
+    return {_kohya_name(prefix, name): mod for name, mod in model.named_modules() if name}
+
+
+# -- text (causal LM) ----------------------------------------------------------------
+
+def save_peft_adapter(folder: Path, model, metadata: dict[str, str]) -> Path:
+    """Save a PEFT adapter folder (``adapter_model.safetensors`` + ``adapter_config.json``)
+    with our metadata in the safetensors header."""
+    folder = Path(folder)
+    model.save_pretrained(str(folder), safe_serialization=True)
+    weights = folder / "adapter_model.safetensors"
+    if not weights.exists():
+        raise FileNotFoundError(f"PEFT did not write {weights}")
+    _merge_metadata(weights, metadata)
+    for pickle_file in folder.glob("*.bin"):
+        pickle_file.unlink()
+    return folder

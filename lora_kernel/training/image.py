@@ -1,0 +1,338 @@
+"""Image LoRA (Stable Diffusion family): diffusers + peft on the UNet attention projections,
+optionally the CLIP text encoder; noise-prediction loss on the DDPM schedule.
+
+VAE latents and text-encoder outputs are computed once and cached on disk, keyed by
+content (dataset version × base-model sha256 × resolution × preprocessing), so a second
+run skips them. Images are center-cropped (or randomly cropped once, deterministically)
+to ``resolution``, or sorted into aspect-ratio buckets of about ``resolution²`` pixels.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from lora_kernel.training.data import read_image_rows
+from lora_kernel.training.loop import seed_everything
+
+CACHE_FORMAT = 1
+TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+# -- preprocessing ---------------------------------------------------------------------
+
+def make_buckets(resolution: int, step: int = 8, max_ratio: float = 2.0) -> list[tuple[int, int]]:
+    """Aspect-ratio buckets (w, h), multiples of ``step``, with area close to resolution²."""
+    area = resolution * resolution
+    buckets = set()
+    w = step
+    while w <= resolution * max_ratio:
+        h = int(area / w) // step * step
+        if h >= step and max(w / h, h / w) <= max_ratio:
+            buckets.add((w, h))
+        w += step
+    return sorted(buckets)
+
+
+def pick_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to the image's (ties: the larger area)."""
+    ratio = size[0] / size[1]
+    return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - math.log(ratio)),
+                                       -b[0] * b[1]))
+
+
+def prepare_image(path: Path, target: tuple[int, int], *, center: bool,
+                  rng: random.Random) -> torch.Tensor:
+    """Load, resize to cover ``target`` (w, h), crop, and scale to [-1, 1] (C, H, W)."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        tw, th = target
+        scale = max(tw / im.width, th / im.height)
+        new = (max(tw, round(im.width * scale)), max(th, round(im.height * scale)))
+        im = im.resize(new, Image.Resampling.BICUBIC)
+        if center:
+            left, top = (new[0] - tw) // 2, (new[1] - th) // 2
+        else:
+            left, top = rng.randint(0, new[0] - tw), rng.randint(0, new[1] - th)
+        im = im.crop((left, top, left + tw, top + th))
+        arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+@dataclass
+class Example:
+    """One training image after preprocessing."""
+
+    pixels: torch.Tensor | None
+    bucket: tuple[int, int]
+    caption: str
+
+
+def load_examples(cfg) -> list[Example]:
+    """Preprocess every row of the dataset (deterministic in ``cfg.seed``)."""
+    rows = read_image_rows(cfg)
+    rng = random.Random(cfg.seed)
+    buckets = make_buckets(cfg.resolution) if cfg.enable_bucket else None
+    out = []
+    for row in rows:
+        if buckets:
+            with Image.open(row["image"]) as im:
+                target = pick_bucket(im.size, buckets)
+        else:
+            target = (cfg.resolution, cfg.resolution)
+        pixels = prepare_image(row["image"], target, center=cfg.center_crop, rng=rng)
+        out.append(Example(pixels=pixels, bucket=target, caption=row["caption"]))
+    return out
+
+
+def cache_key(cfg, dataset_version: str, model_sha256: str) -> str:
+    """Content key of the latent / text-embedding cache."""
+    parts = {"format": CACHE_FORMAT, "dataset": dataset_version, "model": model_sha256,
+             "resolution": cfg.resolution, "bucket": cfg.enable_bucket,
+             "center_crop": cfg.center_crop, "flip": cfg.random_flip,
+             "crop_seed": None if cfg.center_crop else cfg.seed,
+             "captions": [cfg.caption_column, cfg.image_column],
+             "text_encoder_cached": not cfg.train_text_encoder}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """CLIP token ids padded to the tokenizer's max length."""
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids
+
+
+# -- the task --------------------------------------------------------------------------
+
+class ImageTask:
+    """LoRA training of a Stable Diffusion UNet (and optionally text encoder)."""
+
+    def __init__(self, cfg, comps, *, device: torch.device, cache_dir: Path | None,
+                 dataset_version: str, log=print):
+        from peft import LoraConfig
+        self.cfg, self.comps, self.device, self.log = cfg, comps, device, log
+        unet, vae, te = comps.unet, comps.vae, comps.text_encoder
+        for module in (unet, vae, te):
+            module.requires_grad_(False)
+            module.to(device)
+        vae.eval()
+        te.eval()
+        seed_everything(cfg.seed)
+        self.unet_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha,
+                                      lora_dropout=cfg.lora_dropout, init_lora_weights="gaussian",
+                                      target_modules=cfg.targets)
+        unet.add_adapter(self.unet_config)
+        self.te_config = None
+        if cfg.train_text_encoder:
+            self.te_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha,
+                                        lora_dropout=cfg.lora_dropout,
+                                        init_lora_weights="gaussian", target_modules=TE_TARGETS)
+            te.add_adapter(self.te_config)
+            te.train()
+        unet.train()
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+            if cfg.train_text_encoder:
+                te.gradient_checkpointing_enable()
+        self.scheduler = comps.noise_scheduler
+        self.examples = load_examples(cfg)
+        self.input_ids = tokenize(comps.tokenizer, [e.caption for e in self.examples])
+        self.latents: list[torch.Tensor] | None = None
+        self.flipped: list[torch.Tensor] | None = None
+        self.te_states: list[torch.Tensor] | None = None
+        self.cache_hit = False
+        if cfg.cache_latents:
+            self._load_or_build_cache(cache_dir, dataset_version)
+
+    # cache ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.comps.vae
+        dist = vae.encode(pixels.unsqueeze(0).to(self.device, vae.dtype)).latent_dist
+        return (dist.mean * vae.config.scaling_factor).squeeze(0).float().cpu()
+
+    @torch.no_grad()
+    def _encode_text(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.comps.text_encoder(ids.to(self.device))[0].float().cpu()
+
+    def _load_or_build_cache(self, cache_dir: Path | None, dataset_version: str) -> None:
+        key = cache_key(self.cfg, dataset_version, self.comps.sha256)
+        path = Path(cache_dir) / f"sd-{key}.safetensors" if cache_dir else None
+        if path is not None and path.exists():
+            tensors = load_file(str(path))
+            n = len(self.examples)
+            self.latents = [tensors[f"latent.{i}"] for i in range(n)]
+            if self.cfg.random_flip:
+                self.flipped = [tensors[f"latent_flip.{i}"] for i in range(n)]
+            if not self.cfg.train_text_encoder:
+                self.te_states = [tensors[f"te.{i}"] for i in range(n)]
+            self.cache_hit = True
+            self.log(f"latent cache hit: {path}")
+            return
+        tensors = {}
+        self.latents = [self._encode_pixels(e.pixels) for e in self.examples]
+        tensors.update({f"latent.{i}": t for i, t in enumerate(self.latents)})
+        if self.cfg.random_flip:
+            self.flipped = [self._encode_pixels(torch.flip(e.pixels, dims=[2]))
+                            for e in self.examples]
+            tensors.update({f"latent_flip.{i}": t for i, t in enumerate(self.flipped)})
+        if not self.cfg.train_text_encoder:
+            states = self._encode_text(self.input_ids)
+            self.te_states = [s.clone() for s in states]
+            tensors.update({f"te.{i}": t for i, t in enumerate(self.te_states)})
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            save_file(tensors, str(tmp), metadata={"key": key,
+                                                   "dataset_version": dataset_version})
+            tmp.replace(path)
+            self.log(f"latent cache written: {path}")
+
+    # Task protocol --------------------------------------------------------------------
+    def param_groups(self) -> list[dict]:
+        groups = [{"params": [p for p in self.comps.unet.parameters() if p.requires_grad],
+                   "lr": self.cfg.learning_rate}]
+        if self.cfg.train_text_encoder:
+            groups.append({"params": [p for p in self.comps.text_encoder.parameters()
+                                      if p.requires_grad],
+                           "lr": self.cfg.text_encoder_lr or self.cfg.learning_rate})
+        return groups
+
+    def named_trainable(self) -> dict[str, torch.nn.Parameter]:
+        named = {f"unet.{n}": p for n, p in self.comps.unet.named_parameters()
+                 if p.requires_grad}
+        if self.cfg.train_text_encoder:
+            named.update({f"text_encoder.{n}": p for n, p in
+                          self.comps.text_encoder.named_parameters() if p.requires_grad})
+        return named
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch)
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i in torch.randperm(len(self.examples), generator=gen).tolist():
+            by_bucket.setdefault(self.examples[i].bucket, []).append(i)
+        batches = []
+        for bucket in sorted(by_bucket):
+            idx = by_bucket[bucket]
+            batches.extend(idx[i:i + self.cfg.batch_size]
+                           for i in range(0, len(idx), self.cfg.batch_size))
+        order = torch.randperm(len(batches), generator=gen).tolist()
+        return [batches[i] for i in order]
+
+    def batch_size_of(self, batch: list[int]) -> int:
+        return len(batch)
+
+    def eval_batches(self) -> list[list[int]]:
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for i, e in enumerate(self.examples):
+            by_bucket.setdefault(e.bucket, []).append(i)
+        b = self.cfg.batch_size
+        return [idx[i:i + b] for bucket in sorted(by_bucket)
+                for idx in [by_bucket[bucket]] for i in range(0, len(idx), b)]
+
+    def train_mode(self, enabled: bool) -> None:
+        self.comps.unet.train(enabled)
+        self.comps.text_encoder.train(enabled and self.cfg.train_text_encoder)
+
+    def loss(self, batch: list[int], generator: torch.Generator) -> torch.Tensor:
+        cfg, dev = self.cfg, self.device
+        if self.latents is not None:
+            if cfg.random_flip:
+                flips = torch.rand(len(batch), generator=generator) < 0.5
+                lat = [self.flipped[i] if f else self.latents[i] for i, f in zip(batch, flips)]
+            else:
+                lat = [self.latents[i] for i in batch]
+            latents = torch.stack(lat).to(dev)
+        else:
+            pixels = torch.stack([self.examples[i].pixels for i in batch])
+            if cfg.random_flip:
+                flips = torch.rand(len(batch), generator=generator) < 0.5
+                pixels = torch.where(flips[:, None, None, None], torch.flip(pixels, dims=[3]),
+                                     pixels)
+            with torch.no_grad():
+                vae = self.comps.vae
+                latents = vae.encode(pixels.to(dev, vae.dtype)).latent_dist.sample(
+                    generator=generator) * vae.config.scaling_factor
+            latents = latents.float()
+        noise = torch.randn(latents.shape, generator=generator).to(dev)
+        if cfg.noise_offset:
+            noise = noise + cfg.noise_offset * torch.randn(
+                (latents.shape[0], latents.shape[1], 1, 1), generator=generator).to(dev)
+        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps,
+                                  (latents.shape[0],), generator=generator).to(dev)
+        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        if self.te_states is not None and not cfg.train_text_encoder:
+            hidden = torch.stack([self.te_states[i] for i in batch]).to(dev)
+        else:
+            ids = self.input_ids[batch].to(dev)
+            with torch.set_grad_enabled(cfg.train_text_encoder):
+                hidden = self.comps.text_encoder(ids)[0]
+        if self.scheduler.config.prediction_type == "v_prediction":
+            target = self.scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        pred = self.comps.unet(noisy, timesteps, hidden).sample
+        return F.mse_loss(pred.float(), target.float())
+
+
+# -- samples ---------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_grid(cfg, comps, out_dir: Path, *, device: torch.device) -> dict:
+    """Render each sample prompt at fixed seeds, without and with the LoRA, as one grid.
+
+    Returns ``{"grid": path, "mean_abs_diff": float, "layout": ...}``: the mean absolute
+    pixel difference (0..255) between the two halves says how much the LoRA changes images.
+    """
+    from diffusers import StableDiffusionPipeline
+    prompts = cfg.sample_prompts or ["a sample"]
+    unet, te = comps.unet, comps.text_encoder
+    was_training = unet.training
+    unet.eval()
+    te.eval()
+    pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=te, tokenizer=comps.tokenizer,
+                                   unet=unet, scheduler=comps.sample_scheduler,
+                                   safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    rows, diffs = [], []
+    for prompt in prompts:
+        row = []
+        for with_lora in (False, True):
+            for seed in cfg.sample_seeds:
+                _set_adapters(unet, te, with_lora)
+                gen = torch.Generator(device="cpu").manual_seed(int(seed))
+                image = pipe(prompt, num_inference_steps=cfg.sample_steps, generator=gen,
+                             height=cfg.resolution, width=cfg.resolution,
+                             guidance_scale=5.0, output_type="np").images[0]
+                row.append(image)
+        half = len(cfg.sample_seeds)
+        diffs.extend(float(np.abs(a - b).mean() * 255) for a, b in zip(row[:half], row[half:]))
+        rows.append(row)
+    _set_adapters(unet, te, True)
+    if was_training:
+        unet.train()
+    grid = np.concatenate([np.concatenate(r, axis=1) for r in rows], axis=0)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "grid.png"
+    Image.fromarray((grid * 255).round().clip(0, 255).astype(np.uint8)).save(path)
+    info = {"grid": str(path), "prompts": prompts, "seeds": list(cfg.sample_seeds),
+            "layout": "rows: prompts; columns: seeds without LoRA, then seeds with LoRA",
+            "mean_abs_diff": float(np.mean(diffs))}
+    (out_dir / "samples.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+def _set_adapters(unet, te, enabled: bool) -> None:
+    for model in (unet, te):
+        if getattr(model, "peft_config", None):
+            model.enable_adapters() if enabled else model.disable_adapters()

@@ -1,0 +1,391 @@
+"""The training loop shared by image and text LoRA: optimizer, LR schedule, gradient
+accumulation, progress, TensorBoard, checkpoints and exact resume, Ctrl-C handling.
+
+The task modules (:mod:`lora_kernel.training.image`, :mod:`lora_kernel.training.text`) supply a
+:class:`Task`: the trainable parameters, the batches of an epoch and the loss of a batch.
+Everything random the loop or a task draws comes from RNGs whose states are saved in
+each checkpoint, and the data position is saved too, so a resumed run ends with the same
+adapter as an uninterrupted one (on CPU, to float tolerance).
+
+Checkpoints are pickle-free: tensors in ``.safetensors``, everything else in JSON.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from lora_kernel.common.errors import ConfigError, TrainingInterrupted
+
+# Keys whose change between a checkpoint and a resumed run is harmless.
+RESUME_FREE_KEYS = {"max_train_steps", "epochs", "save_steps", "output_dir", "sample_prompts",
+                    "sample_steps", "sample_seeds", "max_new_tokens", "logging_steps",
+                    "output_name", "record_dataset_paths", "cache_latents"}
+
+
+class Task(Protocol):
+    """What a task module gives the loop."""
+
+    def param_groups(self) -> list[dict]:
+        """Optimizer parameter groups (``{"params": [...], "lr": float}``)."""
+
+    def named_trainable(self) -> dict[str, torch.nn.Parameter]:
+        """Trainable parameters by stable name (checkpointed)."""
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The batches (lists of example indices) of ``epoch``, deterministic in the seed."""
+
+    def loss(self, batch: list[int], generator: torch.Generator) -> torch.Tensor:
+        """The loss of one micro-batch; all randomness drawn from ``generator``."""
+
+    def batch_size_of(self, batch: list[int]) -> int:
+        """Examples (images / sequences) in a batch, for throughput."""
+
+    def train_mode(self, enabled: bool) -> None:
+        """Switch the trained modules between train and eval mode (dropout)."""
+
+    def eval_batches(self) -> list[list[int]]:
+        """Every example once, in a fixed order, in batches (for the evaluation pass)."""
+
+
+@dataclass
+class LoopResult:
+    """What a finished (or interrupted) loop reports."""
+
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    lrs: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    examples_per_second: float = 0.0
+    resumed_from: str | None = None
+    checkpoints: list[str] = field(default_factory=list)
+    eval_loss_before: float | None = None
+    eval_loss_after: float | None = None
+
+
+@torch.no_grad()
+def evaluate(task: Task, cfg, device: torch.device) -> float:
+    """Mean loss over the whole dataset with fixed noise (seeded apart from training).
+
+    The same noise, timesteps and batches every call, so the value before and after
+    training measures what the LoRA learned, free of the noise of training losses.
+    Touches no global RNG, so calling it does not change the training trajectory.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed + 7919)
+    task.train_mode(False)
+    total, count = 0.0, 0
+    try:
+        for batch in task.eval_batches():
+            with autocast_context(cfg, device):
+                total += task.loss(batch, gen).item() * len(batch)
+            count += len(batch)
+    finally:
+        task.train_mode(True)
+    return total / max(1, count)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def total_steps(cfg, batches_per_epoch: int) -> int:
+    """Optimizer steps of a run: ``max_train_steps`` or epochs × ceil(batches / accumulation)."""
+    if cfg.max_train_steps:
+        return int(cfg.max_train_steps)
+    return cfg.epochs * max(1, math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps))
+
+
+def autocast_context(cfg, device: torch.device):
+    """The autocast context for ``mixed_precision`` (a no-op for ``no``)."""
+    if cfg.mixed_precision == "no":
+        return torch.autocast(device.type, enabled=False)
+    dtype = torch.float16 if cfg.mixed_precision == "fp16" else torch.bfloat16
+    if dtype is torch.float16 and device.type != "cuda":
+        raise ConfigError("fp16 needs a CUDA GPU; fix: use mixed_precision: bf16 or no on CPU",
+                          file=cfg.source, key="mixed_precision")
+    return torch.autocast(device.type, dtype=dtype)
+
+
+class _StopFlag:
+    """Turns SIGINT/SIGTERM into a flag checked at step boundaries (second Ctrl-C aborts)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. a widget's worker): no handler
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+# -- checkpoints -----------------------------------------------------------------------
+
+def _rng_state(generator: torch.Generator) -> tuple[dict, dict]:
+    py_state = random.getstate()
+    np_state = np.random.get_state()
+    tensors = {"rng.torch": torch.get_rng_state(), "rng.generator": generator.get_state(),
+               "rng.numpy_keys": torch.from_numpy(np_state[1].astype(np.int64))}
+    meta = {"python": [py_state[0], list(py_state[1]), py_state[2]],
+            "numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict, meta: dict, generator: torch.Generator) -> None:
+    py = meta["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    np_meta = meta["numpy"]
+    np.random.set_state((np_meta[0], tensors["rng.numpy_keys"].numpy().astype(np.uint32),
+                         np_meta[1], np_meta[2], np_meta[3]))
+    torch.set_rng_state(tensors["rng.torch"])
+    generator.set_state(tensors["rng.generator"])
+    cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+
+
+def save_checkpoint(path: Path, *, step: int, epoch: int, batch_in_epoch: int,
+                    named: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                    scheduler, generator: torch.Generator, config: dict,
+                    result: LoopResult) -> Path:
+    """Write a resumable checkpoint folder atomically (``path`` appears complete or not at all)."""
+    tmp = path.with_name(path.name + ".partial")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in named.items()},
+              str(tmp / "adapter_state.safetensors"))
+    opt = optimizer.state_dict()
+    opt_tensors, opt_meta = {}, {}
+    for pid, state in opt["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                opt_tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                opt_meta[f"{pid}.{key}"] = value
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+    rng_tensors, rng_meta = _rng_state(generator)
+    save_file({k: v.contiguous() for k, v in rng_tensors.items()},
+              str(tmp / "rng.safetensors"))
+    state = {
+        "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+        "optimizer_param_groups": opt["param_groups"], "optimizer_scalars": opt_meta,
+        "scheduler": scheduler.state_dict(), "rng": rng_meta, "config": config,
+        "losses": result.losses, "lrs": result.lrs,
+        "eval_loss_before": result.eval_loss_before,
+    }
+    (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default))
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+    return path
+
+
+def _json_default(obj):
+    if isinstance(obj, (set, tuple)):
+        return list(obj)
+    if torch.is_tensor(obj):
+        return obj.item()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint under ``<output_dir>/checkpoints``, or None."""
+    root = Path(output_dir) / "checkpoints"
+    found = [p for p in root.glob("checkpoint-*") if p.is_dir()
+             and not p.name.endswith(".partial") and (p / "state.json").exists()]
+    if not found:
+        return None
+    return max(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def load_checkpoint(path: Path, *, named: dict[str, torch.nn.Parameter],
+                    optimizer: torch.optim.Optimizer, scheduler, generator: torch.Generator,
+                    config: dict, source: str | None) -> dict:
+    """Restore adapter, optimizer, scheduler and RNG states; return the checkpoint's state."""
+    path = Path(path)
+    if not (path / "state.json").exists():
+        raise ConfigError(f"{path} is not a checkpoint (no state.json); fix: pass a "
+                          f"checkpoints/checkpoint-N folder or use --resume alone",
+                          file=source, key="--resume")
+    state = json.loads((path / "state.json").read_text())
+    diffs = sorted(k for k in set(config) | set(state["config"])
+                   if k not in RESUME_FREE_KEYS and config.get(k) != state["config"].get(k))
+    if diffs:
+        raise ConfigError(f"cannot resume from {path}: the config changed in {', '.join(diffs)}; "
+                          f"fix: restore those values or start a new run", file=source,
+                          key=diffs[0])
+    weights = load_file(str(path / "adapter_state.safetensors"))
+    missing = set(named) ^ set(weights)
+    if missing:
+        raise ConfigError(f"checkpoint {path} does not match the model's LoRA layers "
+                          f"({len(missing)} differ); fix: resume with the same target_modules",
+                          file=source, key="target_modules")
+    with torch.no_grad():
+        for name, param in named.items():
+            param.copy_(weights[name].to(param.device, param.dtype))
+    opt_tensors = load_file(str(path / "optimizer.safetensors"))
+    opt_state: dict = {}
+    for key, value in opt_tensors.items():
+        pid, name = key.split(".", 1)
+        opt_state.setdefault(int(pid), {})[name] = value
+    for key, value in state["optimizer_scalars"].items():
+        pid, name = key.split(".", 1)
+        opt_state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": opt_state,
+                               "param_groups": state["optimizer_param_groups"]})
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"], generator)
+    return state
+
+
+# -- the loop --------------------------------------------------------------------------
+
+def run_loop(cfg, task: Task, *, output_dir: Path, device: torch.device,
+             resume: str | Path | bool | None = None,
+             on_step: Callable[[int, float, float], None] | None = None,
+             interrupt_at_step: int | None = None, progress: bool = True) -> LoopResult:
+    """Train ``task`` per ``cfg``; return losses and timing.
+
+    ``resume``: True for the latest checkpoint in ``output_dir``, or a checkpoint path.
+    ``interrupt_at_step`` simulates a Ctrl-C after that optimizer step (for tests).
+    Raises :class:`TrainingInterrupted` after saving a checkpoint when interrupted.
+    """
+    from diffusers.optimization import get_scheduler
+    from torch.utils.tensorboard import SummaryWriter
+    if os.environ.get("LORA_RUN_ID"):  # a papermill batch run: text bar, readable in the record
+        from tqdm.std import tqdm
+    else:  # terminal or live notebook: widget when a front-end shows it
+        from tqdm.auto import tqdm
+
+    output_dir = Path(output_dir)
+    seed_everything(cfg.seed)
+    generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    named = task.named_trainable()
+    optimizer = torch.optim.AdamW(task.param_groups(), lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
+    n_steps = total_steps(cfg, len(task.epoch_batches(0)))
+    scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
+                              num_warmup_steps=cfg.lr_warmup_steps,
+                              num_training_steps=n_steps)
+    config = cfg.to_dict()
+    result = LoopResult(steps=0)
+    step, epoch, batch_in_epoch = 0, 0, 0
+    if resume:
+        ckpt = latest_checkpoint(output_dir) if resume is True else Path(resume)
+        if ckpt is None:
+            raise ConfigError(f"--resume: no checkpoint under {output_dir / 'checkpoints'}; "
+                              f"fix: use the output_dir (and other -p overrides) of the run to "
+                              f"continue, make sure it had save_steps > 0, or drop --resume",
+                              file=cfg.source, key="output_dir")
+        state = load_checkpoint(ckpt, named=named, optimizer=optimizer, scheduler=scheduler,
+                                generator=generator, config=config, source=cfg.source)
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        result.losses, result.lrs = list(state["losses"]), list(state["lrs"])
+        result.resumed_from = str(ckpt)
+        result.eval_loss_before = state.get("eval_loss_before")
+    else:
+        result.eval_loss_before = evaluate(task, cfg, device)
+
+    writer = SummaryWriter(log_dir=str(output_dir / "tb"), purge_step=step or None)
+    bar = tqdm(total=n_steps, initial=step, desc=f"{cfg.task} LoRA", unit="step",
+               disable=not progress, dynamic_ncols=True, mininterval=0.5)
+    accum = cfg.gradient_accumulation_steps
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    batches = task.epoch_batches(epoch)
+    t_start = time.perf_counter()
+    examples = 0
+
+    def checkpoint(at: int) -> Path:
+        path = save_checkpoint(output_dir / "checkpoints" / f"checkpoint-{at}", step=at,
+                               epoch=epoch, batch_in_epoch=batch_in_epoch, named=named,
+                               optimizer=optimizer, scheduler=scheduler, generator=generator,
+                               config=config, result=result)
+        result.checkpoints.append(str(path))
+        return path
+
+    try:
+        with _StopFlag() as stop:
+            while step < n_steps:
+                t0 = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                step_loss, step_examples = 0.0, 0
+                for _ in range(accum):
+                    if batch_in_epoch >= len(batches):
+                        epoch, batch_in_epoch = epoch + 1, 0
+                        batches = task.epoch_batches(epoch)
+                    batch = batches[batch_in_epoch]
+                    batch_in_epoch += 1
+                    with autocast_context(cfg, device):
+                        loss = task.loss(batch, generator)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"loss became {loss.item()} at step {step + 1}; lower "
+                            f"learning_rate (now {cfg.learning_rate}) or enable max_grad_norm")
+                    (loss / accum).backward()
+                    step_loss += loss.item() / accum
+                    step_examples += task.batch_size_of(batch)
+                if cfg.max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                lr = scheduler.get_last_lr()[0]
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                examples += step_examples
+                result.losses.append(step_loss)
+                result.lrs.append(lr)
+                dt = time.perf_counter() - t0
+                if step % cfg.logging_steps == 0 or step == n_steps:
+                    writer.add_scalar("train/loss", step_loss, step)
+                    writer.add_scalar("train/learning_rate", lr, step)
+                    writer.add_scalar("train/examples_per_second", step_examples / dt, step)
+                    writer.add_scalar("train/epoch", epoch + batch_in_epoch / len(batches), step)
+                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+                bar.update(1)
+                if on_step is not None:
+                    on_step(step, step_loss, lr)
+                if cfg.save_steps and (step % cfg.save_steps == 0 or step == n_steps):
+                    checkpoint(step)  # the last step too, so a longer run can continue it
+                if stop.signum is not None or (interrupt_at_step is not None
+                                               and step == interrupt_at_step):
+                    path = checkpoint(step)
+                    raise TrainingInterrupted(
+                        f"interrupted at step {step}/{n_steps}; checkpoint saved to {path}; "
+                        f"resume: run the same command (same config and -p overrides) "
+                        f"with --resume")
+    finally:
+        bar.close()
+        writer.flush()
+        writer.close()
+    result.steps = step
+    result.seconds = time.perf_counter() - t_start
+    result.examples_per_second = examples / result.seconds if result.seconds else 0.0
+    result.eval_loss_after = evaluate(task, cfg, device)
+    return result

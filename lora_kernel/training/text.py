@@ -1,0 +1,162 @@
+"""Text LoRA (causal LM): transformers + peft ``CAUSAL_LM`` LoRA.
+
+The dataset is JSON Lines with either ``text`` records (loss on every token) or
+``prompt``/``response`` records (loss on the response and end-of-sequence only). With
+``packing`` several examples share one sequence of ``max_seq_length`` tokens, as in
+LLaMA-Factory and TRL; without it each example is its own (padded) sequence.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from lora_kernel.training.data import read_text_records
+from lora_kernel.common.errors import DataError
+from lora_kernel.training.loop import seed_everything
+
+IGNORE = -100
+
+
+def encode_records(cfg, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """Token ids and labels of each record (prompt tokens masked with -100)."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    out = []
+    for n, rec in enumerate(read_text_records(cfg), start=1):
+        if cfg.prompt_column in rec and cfg.response_column in rec:
+            p = tokenizer(str(rec[cfg.prompt_column]), add_special_tokens=False).input_ids
+            r = tokenizer(str(rec[cfg.response_column]), add_special_tokens=False).input_ids
+            ids = bos + p + r + eos
+            labels = [IGNORE] * (len(bos) + len(p)) + r + eos
+        elif cfg.text_column in rec:
+            t = tokenizer(str(rec[cfg.text_column]), add_special_tokens=False).input_ids
+            ids = bos + t + eos
+            labels = [IGNORE] * len(bos) + t + eos
+        else:
+            raise DataError(f"record {n} has neither {cfg.text_column!r} nor "
+                            f"{cfg.prompt_column!r}+{cfg.response_column!r}")
+        out.append((ids, labels))
+    return out
+
+
+def build_sequences(cfg, records, pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Training sequences: packed into ``max_seq_length`` chunks, or one per record."""
+    L = cfg.max_seq_length
+    seqs = []
+    if cfg.packing:
+        ids, labels = [], []
+        for i, lab in records:
+            ids.extend(i)
+            labels.extend(lab)
+        for start in range(0, len(ids), L):
+            seqs.append((torch.tensor(ids[start:start + L]),
+                         torch.tensor(labels[start:start + L])))
+    else:
+        for i, lab in records:
+            seqs.append((torch.tensor(i[:L]), torch.tensor(lab[:L])))
+    seqs = [s for s in seqs if (s[1] != IGNORE).any()]
+    if not seqs:
+        raise DataError("no training tokens: every sequence is fully masked; check "
+                        "max_seq_length and the prompt/response fields")
+    return seqs
+
+
+def collate(seqs: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int):
+    """Right-pad a batch: input ids, attention mask, labels (-100 on padding)."""
+    n = max(len(s[0]) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(seqs), n), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for row, (i, lab) in enumerate(seqs):
+        ids[row, :len(i)] = i
+        labels[row, :len(lab)] = lab
+        mask[row, :len(i)] = 1
+    return ids, mask, labels
+
+
+class TextTask:
+    """PEFT LoRA training of a causal language model."""
+
+    def __init__(self, cfg, model, tokenizer, *, device: torch.device):
+        from peft import LoraConfig, TaskType, get_peft_model
+        self.cfg, self.tokenizer, self.device = cfg, tokenizer, device
+        seed_everything(cfg.seed)
+        self.lora_config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.lora_rank,
+                                      lora_alpha=cfg.alpha, target_modules=cfg.targets,
+                                      lora_dropout=cfg.lora_dropout, bias="none")
+        model.to(device)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.enable_input_require_grads()
+        self.model = get_peft_model(model, self.lora_config)
+        self.model.train()
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
+            tokenizer.eos_token_id or 0)
+        self.sequences = build_sequences(cfg, encode_records(cfg, tokenizer), self.pad_id)
+        self.tokens = sum(int((s[1] != IGNORE).sum()) for s in self.sequences)
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": [p for p in self.model.parameters() if p.requires_grad],
+                 "lr": self.cfg.learning_rate}]
+
+    def named_trainable(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch)
+        order = torch.randperm(len(self.sequences), generator=gen).tolist()
+        b = self.cfg.batch_size
+        return [order[i:i + b] for i in range(0, len(order), b)]
+
+    def batch_size_of(self, batch: list[int]) -> int:
+        return len(batch)
+
+    def eval_batches(self) -> list[list[int]]:
+        b = self.cfg.batch_size
+        return [list(range(i, min(i + b, len(self.sequences))))
+                for i in range(0, len(self.sequences), b)]
+
+    def train_mode(self, enabled: bool) -> None:
+        self.model.train(enabled)
+
+    def loss(self, batch: list[int], generator: torch.Generator) -> torch.Tensor:
+        ids, mask, labels = collate([self.sequences[i] for i in batch], self.pad_id)
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         labels=labels.to(self.device))
+        return out.loss
+
+
+@torch.no_grad()
+def sample_completions(cfg, task: TextTask, out_dir: Path) -> dict:
+    """Greedy completions of the sample prompts, without and with the LoRA."""
+    prompts = list(cfg.sample_prompts)
+    if not prompts:
+        recs = read_text_records(cfg)
+        prompts = [str(r[cfg.prompt_column]) for r in recs[:3] if cfg.prompt_column in r]
+    model, tok = task.model, task.tokenizer
+    model.eval()
+    rows = []
+    for prompt in prompts:
+        ids = tok(prompt, return_tensors="pt", add_special_tokens=True).input_ids
+        if tok.bos_token_id is not None and ids[0, 0] != tok.bos_token_id:
+            ids = torch.cat([torch.tensor([[tok.bos_token_id]]), ids], dim=1)
+        ids = ids.to(task.device)
+        gen = dict(max_new_tokens=cfg.max_new_tokens, do_sample=False,
+                   pad_token_id=task.pad_id, eos_token_id=tok.eos_token_id)
+        with model.disable_adapter():
+            base = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen)
+        tuned = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen)
+        n = ids.shape[1]
+        rows.append({"prompt": prompt,
+                     "base": tok.decode(base[0, n:], skip_special_tokens=True),
+                     "lora": tok.decode(tuned[0, n:], skip_special_tokens=True)})
+    model.train()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "completions.json"
+    path.write_text(json.dumps(rows, indent=1, ensure_ascii=False))
+    md = ["| prompt | base model | with LoRA |", "|---|---|---|"]
+    md += [f"| {r['prompt']} | {r['base']} | {r['lora']} |" for r in rows]
+    (out_dir / "completions.md").write_text("\n".join(md) + "\n")
+    return {"completions": str(path), "rows": rows}

@@ -1,0 +1,195 @@
+"""The runner's child process: ``python -m lora_kernel.trusted.executor pin|run|collect``.
+
+It runs as the run's user (service mode: their uid and groups; local mode: the same user), so
+everything it reads — config, dataset, base model, notebook, the work folder — is read with
+that user's permissions, and nothing it does can touch the state directory. It reads one JSON
+spec on stdin and answers on stdout; the trusted runner (:mod:`lora_kernel.trusted.runner`)
+decides what to believe:
+
+``pin``      validate the config and hash every input (notebook bytes, config file, dataset
+             files, base model); answer JSON. A notebook that declares ``config_path`` (a
+             training notebook) without one is refused before anything runs.
+``run``      execute the pinned notebook (its bytes come from the spec, not from disk again)
+             with papermill in the ``lora`` kernel into the work folder; on a cell error
+             papermill saves the notebook first, then ``error.json`` says what failed (exit 1).
+``collect``  write the run's evidence from the work folder as an uncompressed tar on stdout:
+             only plain files under fixed names (:data:`COLLECTED`), links refused. The runner
+             extracts it with its own checks (:func:`lora_kernel.trusted.runner.extract_evidence`).
+
+Errors of ``pin`` come back as ``{"error": {"type", "exit_code", "message"}}`` with that exit
+code. Heavy imports (papermill, the training package) happen inside the commands.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tarfile
+from pathlib import Path
+from typing import Any
+
+from lora_kernel.common.digests import sha256_bytes
+from lora_kernel.common.errors import ConfigError, LoraError
+
+# What a run's output folder contributes to the record (checkpoints stay out: they are
+# resumable state, not evidence); adapter files go under adapter/.
+OUTPUT_EXTRAS = ("tb", "samples", "loss_curve.png", "training_summary.json")
+# Names the collector writes at the top of its tar, and the runner accepts.
+COLLECTED = ("executed.ipynb", "run_result.json", "error.json", "events.jsonl", "adapter",
+             *OUTPUT_EXTRAS)
+
+
+def _answer(obj: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+# -- pin ------------------------------------------------------------------------------------
+def pin(spec: dict[str, Any]) -> dict[str, Any]:
+    """Validate and hash the inputs of a run request (see the module docstring)."""
+    import papermill
+
+    notebook = Path(spec["notebook"])
+    try:
+        source = notebook.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the notebook: {exc.strerror}", file=notebook) from None
+    declared = set(papermill.inspect_notebook(str(notebook)))
+    params = dict(spec.get("parameters") or {})
+    home = Path(spec["home"])
+    out: dict[str, Any] = {"notebook": str(notebook), "notebook_sha256": sha256_bytes(source),
+                           "notebook_source": source.decode("utf-8"),
+                           "declared": sorted(declared), "kind": "notebook"}
+    _check_writable(home)
+    if "config_path" in declared and not params.get("config_path"):
+        raise ConfigError(f"{notebook.name} is a training notebook and no config was given: a "
+                          "run is recorded only with its inputs pinned; fix: lora run --config "
+                          "my.yaml, or lora run NOTEBOOK -f params.yaml with config_path: in it")
+    if params.get("config_path"):
+        out.update(_pin_training(params, Path(spec["work"])))
+    return out
+
+
+def _check_writable(home: Path) -> None:
+    """The working home must be a folder this user can write (runs work inside it)."""
+    if home.exists() and not home.is_dir():
+        raise ConfigError("the working home is a file, not a folder; fix: --home a folder",
+                          file=home)
+    probe = home if home.exists() else next((p for p in home.parents if p.exists()), home)
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"the working home is not writable by {os.getuid()}; fix: --home a "
+                          "folder you own", file=home)
+
+
+def _pin_training(params: dict[str, Any], work: Path) -> dict[str, Any]:
+    from lora_kernel.common.digests import sha256_file
+    from lora_kernel.training.config import load_config
+    from lora_kernel.training.data import dataset_digests, dataset_version
+    from lora_kernel.training.models import model_sha256
+
+    overrides = params.get("overrides") or {}
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"parameter 'overrides' must be a mapping, got {overrides!r}")
+    overrides = {**overrides, "output_dir": str(work / "output")}
+    cfg = load_config(params["config_path"], overrides)
+    digests = dataset_digests(cfg)
+    return {"kind": "training", "config": cfg.to_dict(), "overrides": overrides,
+            "config_path": str(cfg.source), "config_sha256": sha256_file(cfg.source),
+            "task": cfg.task, "seed": cfg.seed, "dataset_digests": digests,
+            "dataset_version": dataset_version(cfg, digests),
+            "base_model_sha256": model_sha256(cfg.base_model)}
+
+
+# -- run ------------------------------------------------------------------------------------
+def run(spec: dict[str, Any]) -> int:
+    """Execute the pinned notebook with papermill; 0 on success, 1 after writing error.json."""
+    import nbformat
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    work = Path(spec["work"])
+    (work / "output").mkdir(parents=True, exist_ok=True)
+    nb = nbformat.reads(spec["notebook_source"], as_version=4)
+    try:
+        papermill.execute_notebook(
+            nb, str(work / "executed.ipynb"), parameters=spec["parameters"],
+            kernel_name=spec["kernel_name"], cwd=str(work),
+            progress_bar={"file": sys.stdout} if spec.get("progress") else False)
+    except PapermillExecutionError as exc:
+        _write_error(work, exc.ename, exc.evalue, exc.cell_index)
+        return 1
+    except Exception as exc:  # noqa: BLE001 - recorded for the runner, then a failing exit
+        _write_error(work, type(exc).__name__, str(exc), None)
+        raise
+    return 0
+
+
+def _write_error(work: Path, ename: str, evalue: str, cell_index: int | None) -> None:
+    (work / "error.json").write_text(json.dumps(
+        {"ename": ename, "evalue": str(evalue)[:2000], "cell_index": cell_index}),
+        encoding="utf-8")
+
+
+# -- collect --------------------------------------------------------------------------------
+def collect(spec: dict[str, Any]) -> int:
+    """Write the work folder's evidence as a tar on stdout (see the module docstring)."""
+    from lora_kernel.kernel.execlog import read_events
+
+    work, run_id = Path(spec["work"]), spec["run_id"]
+    with tarfile.open(fileobj=sys.stdout.buffer, mode="w|") as tar:
+        for name in ("executed.ipynb", "run_result.json", "error.json"):
+            _add(tar, work / name, name)
+        output = work / "output"
+        if output.is_dir() and not output.is_symlink():
+            for item in sorted(output.iterdir()):
+                if item.is_file() and item.suffix == ".safetensors":
+                    _add(tar, item, f"adapter/{item.name}")
+                elif item.is_dir() and (item / "adapter_config.json").is_file():
+                    _add(tar, item, f"adapter/{item.name}")
+                elif item.name in OUTPUT_EXTRAS:
+                    _add(tar, item, item.name)
+        try:
+            events = read_events(spec["home"], run_id=run_id)
+        except (OSError, ValueError) as exc:
+            events = [{"type": "log_unreadable", "run_id": run_id, "error": str(exc)}]
+        data = b"".join(json.dumps(e, sort_keys=True).encode() + b"\n" for e in events)
+        info = tarfile.TarInfo("events.jsonl")
+        info.size = len(data)
+        import io
+        tar.addfile(info, io.BytesIO(data))
+    return 0
+
+
+def _add(tar: tarfile.TarFile, path: Path, arcname: str) -> None:
+    """Add a plain file or a folder of plain files; links and special files are left out."""
+    if path.is_symlink() or not path.exists():
+        return
+    if path.is_file():
+        tar.add(str(path), arcname=arcname, recursive=False)
+        return
+    if path.is_dir():
+        for child in sorted(path.iterdir()):
+            _add(tar, child, f"{arcname}/{child.name}")
+
+
+def main(argv: list[str]) -> int:
+    """Dispatch ``pin``, ``run`` or ``collect`` on the JSON spec read from stdin."""
+    spec = json.loads(sys.stdin.read())
+    command = argv[0] if argv else ""
+    if command == "pin":
+        try:
+            _answer(pin(spec))
+        except LoraError as exc:
+            _answer({"error": {"type": type(exc).__name__, "exit_code": exc.exit_code,
+                               "message": str(exc)}})
+            return exc.exit_code
+        return 0
+    if command == "run":
+        return run(spec)
+    if command == "collect":
+        return collect(spec)
+    raise SystemExit(f"usage: python -m lora_kernel.trusted.executor pin|run|collect")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,110 @@
+"""``lora audit recover``: seal the runs whose runner died, and report leftovers.
+
+A runner announces each run in ``<state>/runs/.active/<run_id>.json`` and holds an exclusive
+``flock`` on ``<run_id>.lock`` while it lives; Linux drops the lock when the process dies, however
+it dies. A run whose lock can be taken is therefore stale: its children died with the runner
+(``PR_SET_PDEATHSIG``), and :func:`recover` seals it as failed with whatever evidence its work
+folder holds (collected as the run's user), naming who recovered it. Staging folders that no
+active run owns are reported, never deleted: the evidence is the product.
+
+Run by ``lora audit recover``, at the start of every ``lora run`` and of ``verify --all``.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lora_kernel.common.errors import RunFailed
+from lora_kernel.common.paths import runs_dir
+from lora_kernel.common.timeutil import iso_time, parse_time, utc_now
+from lora_kernel.trusted.runner import RunContext, RunRecord, seal_run
+from lora_kernel.trusted.supervisor import RunAs
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """A staging folder no active run owns (reported; kept for an investigator)."""
+
+    path: Path
+    what: str
+
+
+def _try_lock(path: Path) -> int | None:
+    """An fd holding the exclusive lock on ``path``, or None when a live runner holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def stale_runs(state: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
+    """Descriptions of active runs whose runner is gone (their lock is free)."""
+    active = runs_dir(state) / ".active"
+    out = []
+    for desc in sorted(active.glob("*.json")) if active.is_dir() else []:
+        fd = _try_lock(active / f"{desc.stem}.lock")
+        if fd is None:
+            continue
+        os.close(fd)
+        out.append(json.loads(desc.read_text(encoding="utf-8")))
+    return out
+
+
+def recover(*, state: str | os.PathLike[str] | None = None,
+            ctx: RunContext | None = None) -> list[RunRecord]:
+    """Seal every stale run as failed; return their records. ``ctx`` is the recovering
+    runner's (its actor is named in each record; service mode: children run as each run's
+    own user)."""
+    ctx = ctx or RunContext.local()
+    active = runs_dir(state) / ".active"
+    if not active.is_dir():
+        return []
+    records = []
+    for run in stale_runs(state):
+        run_id = run["run_id"]
+        lock = active / f"{run_id}.lock"
+        fd = _try_lock(lock)
+        if fd is None:  # a live runner took it meanwhile
+            continue
+        try:
+            staging = Path(run["staging"])
+            staging.mkdir(parents=True, exist_ok=True)
+            service = ctx.privileges.active and run["run_as"].get("name")
+            run_as = RunAs.for_user(run["run_as"]["name"]) if service else ctx.run_as
+            rctx = RunContext(actor=ctx.actor, run_as=run_as, privileges=ctx.privileges,
+                              env=ctx.env)
+            since = utc_now() - parse_time(run["started"])
+            reason = (f"the runner stopped before sealing (lora run killed, its terminal "
+                      f"closed, or the machine restarted); recovered by {ctx.actor.name} at "
+                      f"{iso_time()} after {since.total_seconds():.0f}s")
+            try:
+                rec = seal_run(run, staging, rc=None, reason=reason, ctx=rctx, state=state,
+                               seconds=since.total_seconds(), log=lambda _m: None)
+            except RunFailed as exc:
+                rec = exc.record
+            records.append(rec)
+        finally:
+            (active / f"{run_id}.json").unlink(missing_ok=True)
+            lock.unlink(missing_ok=True)
+            os.close(fd)
+    return records
+
+
+def leftovers(state: str | os.PathLike[str] | None = None) -> list[Leftover]:
+    """Staging folders that belong to no active run (a crash between sealing steps)."""
+    runs = runs_dir(state)
+    owned = {Path(json.loads(p.read_text(encoding="utf-8")).get("staging", ""))
+             for p in (runs / ".active").glob("*.json")} if (runs / ".active").is_dir() else set()
+    out = []
+    staging = runs / ".staging"
+    for path in sorted(staging.iterdir()) if staging.is_dir() else []:
+        if path not in owned:
+            out.append(Leftover(path, "staging folder of no active run (kept for inspection)"))
+    return out

@@ -1,0 +1,209 @@
+"""Review and publication: approve or reject a run's adapter, publish approved adapters.
+
+Rules (``policies/review.yaml``; ``policies/publication.yaml`` may override ``publication``):
+
+* the reviewer must be in the reviewers group (a real OS group, or the policy's ``members:``
+  list for single-user setups) and, to approve, must not be the run's trainer under any
+  spelling (:meth:`lora_kernel.trusted.identity.Actor.same_person`);
+* only a succeeded run with adapter files can be approved;
+* an approval is a ledger ``review`` entry bound to the adapter digest (sha256 over the adapter
+  files' digests, :func:`lora_kernel.provenance.records.adapter_digest_of`): a changed adapter
+  voids it and an approval replayed onto another run or digest is refused at publication;
+* :func:`publish` copies only approved, verified adapter files under a chosen name, with a
+  ``publication.json`` (access groups, expiry date from policy) and a ``publication`` ledger
+  entry; :func:`lora_kernel.provenance.publications.verify_publications` re-hashes the copies.
+
+Who acts is an :class:`~lora_kernel.trusted.identity.Actor` handed in by the caller (the CLI:
+the OS user; the runner service: the socket's peer) — never an environment variable.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from lora_kernel.common.digests import sha256_file
+from lora_kernel.common.errors import PolicyRefusal, VerificationError
+from lora_kernel.common.paths import check_run_id, runs_dir
+from lora_kernel.common.policy import load_policy
+from lora_kernel.common.timeutil import iso_time
+from lora_kernel.common.version import __version__
+from lora_kernel.provenance.ledger import Entry, LedgerReader, open_ledger
+from lora_kernel.provenance.publications import PUBLICATION_FILE, review_state
+from lora_kernel.provenance.records import load_manifest, summary, verify_record
+from lora_kernel.trusted.identity import Actor, actor_by_name, current_actor, in_group
+from lora_kernel.trusted.ledger import Ledger
+
+REVIEW_DEFAULTS = {"reviewers_group": "lora-reviewers", "members": [],
+                   "allow_self_approval": False}
+PUBLICATION_DEFAULTS = {"access_groups": [], "expiry_days": 180}
+
+
+def review_policy() -> dict[str, Any]:
+    """``policies/review.yaml`` over :data:`REVIEW_DEFAULTS`."""
+    return load_policy("review", REVIEW_DEFAULTS)
+
+
+def publication_policy() -> dict[str, Any]:
+    """Access groups and expiry for publications: ``publication:`` in review.yaml, overridden
+    key by key by ``policies/publication.yaml`` if that exists."""
+    merged = dict(PUBLICATION_DEFAULTS)
+    merged.update(review_policy().get("publication") or {})
+    merged.update(load_policy("publication"))
+    return merged
+
+
+def is_reviewer(actor: Actor, policy: dict[str, Any] | None = None) -> bool:
+    """Whether ``actor`` is in the reviewers group (OS group) or the policy's ``members:``."""
+    policy = policy if policy is not None else review_policy()
+    if actor.name in (policy.get("members") or []):
+        return True
+    return in_group(actor, policy.get("reviewers_group"))
+
+
+def verified_summary(run_id: str, ledger: LedgerReader, state: str | os.PathLike[str] | None
+                     ) -> dict[str, Any]:
+    """The manifest summary of a run whose files verify against its manifest and whose
+    manifest matches the ledger; :class:`VerificationError` listing the problems otherwise."""
+    expected = ledger.expected_manifest_sha256(run_id)
+    if expected is None:
+        raise VerificationError(f"run {run_id} has no entry in the ledger")
+    record = runs_dir(state) / check_run_id(run_id)
+    problems = verify_record(record, expected_manifest_sha256=expected[0])
+    if problems:
+        raise VerificationError(f"run {run_id} does not verify: "
+                                + "; ".join(map(str, problems)))
+    return summary(load_manifest(record))
+
+
+def _review(run_id: str, decision: str, note: str, actor: Actor | None,
+            state: str | os.PathLike[str] | None, ledger: Ledger | None) -> Entry:
+    actor = actor or current_actor()
+    policy = review_policy()
+    check_run_id(run_id)
+    with open_ledger(ledger, state, Ledger) as led:
+        assert isinstance(led, Ledger)
+        if not is_reviewer(actor, policy):
+            raise PolicyRefusal(f"{actor.name} may not review: not in the reviewers group "
+                                f"{policy.get('reviewers_group')!r} (policies/review.yaml); fix: "
+                                f"an admin adds {actor.name} to that OS group, or to `members:` "
+                                "in that policy on a single-user machine")
+        s = verified_summary(run_id, led, state)
+        if decision == "approved":
+            if actor.same_person(s["user"], s.get("uid")) \
+                    and not policy.get("allow_self_approval"):
+                raise PolicyRefusal(f"{actor.name} trained run {run_id} (as {s['user']}) and may "
+                                    "not approve it (self-approval); ask another reviewer")
+            if s["status"] != "succeeded":
+                raise PolicyRefusal(f"run {run_id} {s['status']}; only a succeeded run can be "
+                                    "approved (reject it, or approve a run that succeeded)")
+            if not s["adapter_files"]:
+                raise PolicyRefusal(f"run {run_id} has no adapter files; there is nothing to "
+                                    "approve")
+        expected = led.expected_manifest_sha256(run_id)
+        return led.append("review", run_id, {
+            "decision": decision, "reviewer": actor.name, "reviewer_uid": actor.uid,
+            "identity": actor.source, "note": note, "trainer": s["user"],
+            "adapter_digest": s["adapter_digest"],
+            "manifest_sha256": expected[0] if expected else None})
+
+
+def approve(run_id: str, note: str = "", *, actor: Actor | None = None,
+            state: str | os.PathLike[str] | None = None, ledger: Ledger | None = None) -> Entry:
+    """Approve a run's adapter (bound to its current digest); returns the ledger entry.
+
+    Raises :class:`PolicyRefusal` (not a reviewer, self-approval, failed run, no adapter) or
+    :class:`VerificationError` (the record does not verify).
+    """
+    return _review(run_id, "approved", note, actor, state, ledger)
+
+
+def reject(run_id: str, note: str = "", *, actor: Actor | None = None,
+           state: str | os.PathLike[str] | None = None, ledger: Ledger | None = None) -> Entry:
+    """Reject a run's adapter (also revokes an earlier approval); returns the ledger entry."""
+    return _review(run_id, "rejected", note, actor, state, ledger)
+
+
+def check_approved(run_id: str, s: dict[str, Any], ledger: LedgerReader) -> Entry:
+    """The approval entry that lets ``run_id`` (summary ``s``) be published, or
+    :class:`PolicyRefusal` saying why not (pending, rejected, replayed/void, self-approved)."""
+    state, entry = review_state(ledger, run_id, s["adapter_digest"])
+    if state == "void" and entry is not None:
+        raise PolicyRefusal(
+            f"the approval of run {run_id} (ledger seq {entry.seq}) is bound to adapter digest "
+            f"{str(entry.payload.get('adapter_digest'))[:16]}… but the adapter's digest is "
+            f"{s['adapter_digest'][:16]}… (adapter changed or approval replayed)")
+    if state != "approved" or entry is None:
+        raise PolicyRefusal(f"run {run_id} is not approved (review state: {state})")
+    reviewer = str(entry.payload.get("reviewer"))
+    policy = review_policy()
+    if reviewer == s["user"] and not policy.get("allow_self_approval"):
+        raise PolicyRefusal(f"the approval of run {run_id} (seq {entry.seq}) is a "
+                            "self-approval")
+    who = actor_by_name(reviewer)
+    if reviewer not in (policy.get("members") or []) and not (who and is_reviewer(who, policy)):
+        raise PolicyRefusal(f"the approval of run {run_id} (seq {entry.seq}) is by "
+                            f"{reviewer!r}, who is not a reviewer")
+    return entry
+
+
+def publish(run_id: str, to_dir: str | os.PathLike[str], name: str | None = None, *,
+            actor: Actor | None = None, state: str | os.PathLike[str] | None = None,
+            ledger: Ledger | None = None) -> Path:
+    """Copy an approved, verified run's adapter files to ``to_dir/<name>``; return that path.
+
+    Writes ``publication.json`` (run, digests, access groups and expiry date from policy) and a
+    ``publication`` ledger entry. The folder appears by one rename. Raises
+    :class:`PolicyRefusal` (not approved, approval void, name taken) or
+    :class:`VerificationError` (record does not verify, copy differs).
+    """
+    name = check_run_id(name or run_id)
+    actor = actor or current_actor()
+    with open_ledger(ledger, state, Ledger) as led:
+        assert isinstance(led, Ledger)
+        s = verified_summary(run_id, led, state)
+        approval = check_approved(run_id, s, led)
+        if not s["adapter_files"]:
+            raise PolicyRefusal(f"run {run_id} has no adapter files to publish")
+        to = Path(to_dir).resolve()
+        to.mkdir(parents=True, exist_ok=True)
+        dest = to / name
+        if dest.exists():
+            raise PolicyRefusal(f"{dest} already exists; publications are immutable")
+        record = runs_dir(state) / run_id
+        policy = publication_policy()
+        now = dt.datetime.now(dt.timezone.utc)
+        expires = (now + dt.timedelta(days=int(policy["expiry_days"]))).date().isoformat()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=to))
+        files = {}
+        for rel in s["adapter_files"]:
+            out_rel = rel[len("adapter/"):] if rel.startswith("adapter/") else rel
+            out = tmp / out_rel
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(record / rel, out)
+            digest = sha256_file(out)
+            if digest != s["files"][rel]:
+                shutil.rmtree(tmp)
+                raise VerificationError(f"{record / rel}: changed while being published")
+            files[out_rel] = digest
+            os.chmod(out, 0o444)
+        meta = {"run_id": run_id, "name": name, "adapter_digest": s["adapter_digest"],
+                "files": files, "access_groups": list(policy.get("access_groups") or []),
+                "expires": expires, "published_at": iso_time(now), "published_by": actor.name,
+                "approval_seq": approval.seq, "lora_enclave": __version__}
+        (tmp / PUBLICATION_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n",
+                                            encoding="utf-8")
+        os.chmod(tmp / PUBLICATION_FILE, 0o444)
+        os.chmod(tmp, 0o755)
+        os.rename(tmp, dest)
+        try:
+            led.append("publication", run_id, {
+                **meta, "path": str(dest), "metadata_sha256": sha256_file(dest / PUBLICATION_FILE)})
+        except BaseException:
+            shutil.rmtree(dest)  # never a publication the ledger does not know of
+            raise
+    return dest

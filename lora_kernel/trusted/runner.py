@@ -1,0 +1,506 @@
+"""Recorded runs: a parameterized notebook executed by papermill in the guarded ``lora`` kernel,
+sealed as a run record ``<state>/runs/<run_id>/`` and appended to the ledger.
+
+The runner is the trusted side. It never trusts what the notebook or the user's files claim;
+everything untrusted happens in children that run as the run's user
+(:mod:`lora_kernel.trusted.executor`), and the runner keeps only what it checked::
+
+    runner (this module; service mode: root, effective uid of the service account)
+      ├─ recover stale runs (lora_kernel.trusted.recovery)
+      ├─ child "pin" as the user: validate config, hash notebook/config/dataset/base model
+      ├─ <state>/runs/.active/<run_id>.json + lock (who, what, pinned inputs, when)
+      ├─ child "run" as the user: papermill → kernel "lora" (guard + execution log),
+      │    env: LORA_RUN_ID, LORA_HOME=<working home>; never the state directory;
+      │    work folder <home>/work/<run_id>/ (output/, checkpoints, executed.ipynb)
+      ├─ waits (timeout, Ctrl-C/SIGTERM/SIGHUP, a cancelled request); then kills every process
+      │    carrying LORA_RUN_ID; children die with the runner (PR_SET_PDEATHSIG)
+      ├─ child "collect" as the user: evidence as a tar → checked, extracted into staging
+      └─ manifest (pinned inputs), seal (atomic rename), ledger entry
+A run that fails — a cell raises, the kernel dies (even SIGKILL), the executor is killed, the
+timeout passes, Ctrl-C — is recorded too, with whatever the executor wrote of the notebook,
+marked ``failed``; then :class:`~lora_kernel.common.errors.RunFailed` is raised naming the
+record. If the runner itself dies, ``lora audit recover`` seals the run as failed later.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Callable, Mapping
+
+from lora_kernel.common.errors import ConfigError, LoraError, RunFailed, UnsafeModelError
+from lora_kernel.common.paths import lora_home, runs_dir
+from lora_kernel.common.timeutil import iso_time, utc_now
+from lora_kernel.provenance.records import manifest_sha256, record_files
+from lora_kernel.trusted.executor import COLLECTED
+from lora_kernel.trusted.identity import Actor, current_actor
+from lora_kernel.trusted.ledger import Ledger
+from lora_kernel.trusted.sealing import build_manifest, make_staging_dir, seal_record, \
+    write_manifest
+from lora_kernel.trusted.supervisor import (Privileges, RunAs, kill_run_processes, spawn,
+                                            stop)
+
+__all__ = ["RunRecord", "RunContext", "new_run_id", "notebook_dir", "notebook_for_task",
+           "run_config", "run_notebook", "KERNEL_NAME"]
+
+KERNEL_NAME = "lora"
+NOTEBOOKS = {"image": "train_image_lora.ipynb", "text": "train_text_lora.ipynb"}
+# Environment the children of a service-mode run get (nothing else of the runner's).
+SERVICE_ENV_KEEP = ("PATH", "LANG", "LC_ALL", "TZ")
+# Variables never handed to a run's children, in any mode.
+ENV_DROP = ("LORA_STATE", "LORA_RUNNER")
+
+
+@dataclass
+class RunRecord:
+    """A sealed run: its id, folder, status, ``manifest.json`` sha256 and ledger entry."""
+
+    run_id: str
+    path: Path
+    status: str
+    manifest_sha256: str
+    ledger_seq: int
+    seconds: float
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON (what the runner service sends back)."""
+        return {"run_id": self.run_id, "path": str(self.path), "status": self.status,
+                "manifest_sha256": self.manifest_sha256, "ledger_seq": self.ledger_seq,
+                "seconds": self.seconds, "result": self.result, "error": self.error,
+                "files": self.files}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RunRecord":
+        """The inverse of :meth:`to_dict`."""
+        return cls(**{**data, "path": Path(data["path"])})
+
+
+@dataclass
+class RunContext:
+    """Who a run is for and how its children are started.
+
+    ``actor`` is the authenticated requester (trainer); ``run_as`` the OS user its children run
+    as; ``privileges`` the runner's root/service-account switching; ``env`` the children's base
+    environment (local mode: this process's, minus the state directory); ``cancelled`` is
+    polled while the run executes (the service: the requester hung up); ``progress`` receives
+    the executor's output (papermill's progress bar), or None.
+    """
+
+    actor: Actor
+    run_as: RunAs = field(default_factory=RunAs.local)
+    privileges: Privileges = field(default_factory=Privileges)
+    env: dict[str, str] | None = None
+    cancelled: Callable[[], bool] = lambda: False
+    progress: Callable[[bytes], None] | None = None
+
+    @classmethod
+    def local(cls, progress: Callable[[bytes], None] | None = None) -> "RunContext":
+        """This process's user, no switching (local mode)."""
+        return cls(actor=current_actor(), progress=progress)
+
+    def child_env(self, home: Path, run_id: str | None = None) -> dict[str, str]:
+        """The environment of a child: the base environment without the state directory,
+        plus the working home and the run id (which tags the kernel's events)."""
+        if self.env is not None:
+            env = dict(self.env)
+        else:
+            env = {k: v for k, v in os.environ.items() if k not in ENV_DROP}
+        env.update({"LORA_HOME": str(home), "PYTHONUNBUFFERED": "1"})
+        if run_id:
+            env["LORA_RUN_ID"] = run_id
+        return env
+
+
+def service_env(run_as: RunAs, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The base environment of a service-mode run's children: the user's identity variables
+    from the passwd entry, a few of the runner's neutral variables, and ``extra``."""
+    env = {k: os.environ[k] for k in SERVICE_ENV_KEEP if k in os.environ}
+    env.setdefault("PATH", f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin:/bin")
+    env.update({"HOME": run_as.home_dir or "/", "USER": run_as.name or "",
+                "LOGNAME": run_as.name or ""})
+    env.update(extra or {})
+    return env
+
+
+def new_run_id(now: dt.datetime | None = None) -> str:
+    """A time-sortable, unguessable run id: ``20261125T201500Z-ab12cd``."""
+    now = now or utc_now()
+    return f"{now.astimezone(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+def notebook_dir() -> Path:
+    """Where the training notebooks live: ``$LORA_NOTEBOOKS`` or the checkout's ``notebooks/``."""
+    env = os.environ.get("LORA_NOTEBOOKS")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "notebooks"
+
+
+def notebook_for_task(task: str) -> Path:
+    """The training notebook of ``task`` (``image`` or ``text``)."""
+    if task not in NOTEBOOKS:
+        raise ConfigError(f"no notebook for task {task!r}; use image or text", key="task")
+    path = notebook_dir() / NOTEBOOKS[task]
+    if not path.is_file():
+        raise ConfigError(f"training notebook {path} not found; fix: set LORA_NOTEBOOKS to the "
+                          f"folder holding {NOTEBOOKS[task]}", key="task")
+    return path
+
+
+def config_task(config_path: str | os.PathLike[str]) -> str:
+    """The ``task:`` of a config file (``image`` when absent), read without validating it:
+    it only picks the notebook, which then validates the whole config as the user."""
+    import yaml
+
+    path = Path(config_path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config: {exc.strerror}", file=path) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"is not valid YAML: {exc}", file=path) from None
+    task = data.get("task", "image") if isinstance(data, dict) else "image"
+    return str(task)
+
+
+def run_config(config_path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None,
+               *, notebook: str | os.PathLike[str] | None = None, **kw: Any) -> RunRecord:
+    """Run the training notebook of a config's task (``lora run --config``); see
+    :func:`run_notebook` for the keywords. ``overrides`` are config keys (``-p key value``)."""
+    config_path = Path(config_path).resolve()
+    nb = Path(notebook) if notebook else notebook_for_task(config_task(config_path))
+    params = {"config_path": str(config_path), "overrides": dict(overrides or {})}
+    return run_notebook(nb, params, **kw)
+
+
+def run_notebook(notebook: str | os.PathLike[str], parameters: Mapping[str, Any] | None = None,
+                 *, home: str | os.PathLike[str] | None = None,
+                 state: str | os.PathLike[str] | None = None, timeout: float | None = None,
+                 ctx: RunContext | None = None,
+                 log: Callable[[str], None] | None = None) -> RunRecord:
+    """Execute ``notebook`` with papermill in the ``lora`` kernel and seal its run record.
+
+    ``parameters`` are papermill parameters. A training notebook (one that declares
+    ``config_path``) needs ``config_path``: the runner validates that config with
+    ``overrides``, points ``output_dir`` at the run's work folder, injects ``result_path`` and
+    pins the resolved config, base model, dataset files and seed before anything runs.
+    ``timeout`` bounds the run (seconds); ``ctx`` says who the run is for (default: this
+    process's user, local mode). Raises :class:`ConfigError`/:class:`UnsafeModelError`
+    (nothing run, nothing recorded) for invalid input, :class:`RunFailed` (record written;
+    ``.record`` is the failed :class:`RunRecord`) when the run does not succeed.
+    """
+    from lora_kernel.trusted.recovery import recover
+
+    ctx = ctx or RunContext.local()
+    say = log or (lambda _msg: None)
+    home_p = lora_home(home)
+    runs = runs_dir(state)
+    notebook = Path(notebook).resolve()
+    try:
+        params = json.loads(json.dumps(dict(parameters or {})))  # plain JSON, our own copy
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"notebook parameters must be plain JSON values: {exc}") from None
+    for rec in recover(state=state, ctx=ctx):
+        say(f"recovered stale run {rec.run_id}: sealed as failed ({rec.error})")
+    run_id = new_run_id()
+    work = home_p / "work" / run_id
+    pinned = _child_json(ctx, "pin", {"notebook": str(notebook), "parameters": params,
+                                      "home": str(home_p), "work": str(work)}, home_p)
+    if pinned.get("kind") == "training":
+        params["config_path"] = pinned["config_path"]
+        params["overrides"] = pinned["overrides"]
+    if "result_path" in pinned["declared"]:
+        params["result_path"] = str(work / "run_result.json")
+    run = {"run_id": run_id, "notebook": str(notebook), "parameters": params,
+           "home": str(home_p), "work": str(work), "started": iso_time(),
+           "actor": {"name": ctx.actor.name, "uid": ctx.actor.uid, "source": ctx.actor.source},
+           "run_as": {"uid": ctx.run_as.uid, "name": ctx.run_as.name},
+           "pinned": {k: v for k, v in pinned.items() if k != "notebook_source"}}
+    with ActiveRun(runs, run) as active:
+        say(f"run {run_id}: {notebook.name} in kernel '{KERNEL_NAME}' (papermill)")
+        t0 = time.monotonic()
+        rc, reason = _execute(ctx, run, pinned["notebook_source"], active.staging, timeout)
+        return seal_run(run, active.staging, rc=rc, reason=reason, ctx=ctx, state=state,
+                        seconds=time.monotonic() - t0, log=say)
+
+
+class ActiveRun:
+    """``<runs>/.active/<run_id>.json`` (what the run is) and ``.lock`` (held while the runner
+    lives): how :func:`lora_kernel.trusted.recovery.recover` tells a dead runner's run from a
+    live one. Also makes the run's staging folder."""
+
+    def __init__(self, runs: Path, run: dict[str, Any]) -> None:
+        self.dir = runs / ".active"
+        self.run = run
+        self.run_id = run["run_id"]
+        self._fd: int | None = None
+        self.staging = Path()
+
+    def __enter__(self) -> "ActiveRun":
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._fd = os.open(self.dir / f"{self.run_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        self.staging = make_staging_dir(self.dir.parent, self.run_id)
+        self.run["staging"] = str(self.staging)
+        tmp = self.dir / f".{self.run_id}.json.tmp"
+        tmp.write_text(json.dumps(self.run, indent=1), encoding="utf-8")
+        os.replace(tmp, self.dir / f"{self.run_id}.json")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        (self.dir / f"{self.run_id}.json").unlink(missing_ok=True)
+        (self.dir / f"{self.run_id}.lock").unlink(missing_ok=True)
+        if self._fd is not None:
+            os.close(self._fd)
+
+
+def _python() -> list[str]:
+    return [sys.executable, "-m", "lora_kernel.trusted.executor"]
+
+
+def _child_json(ctx: RunContext, command: str, spec: dict[str, Any], home: Path
+                ) -> dict[str, Any]:
+    """Run an executor command that answers one JSON object; re-raise its typed errors."""
+    cwd = str(home) if home.is_dir() else "/"
+    proc = spawn([*_python(), command], run_as=ctx.run_as, privileges=ctx.privileges,
+                 env=ctx.child_env(home), cwd=cwd, stdin=subprocess.PIPE,
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(json.dumps(spec).encode())
+    try:
+        answer = json.loads(out.decode("utf-8").strip().splitlines()[-1])
+    except (ValueError, IndexError, UnicodeDecodeError):
+        raise LoraError(f"the run's {command} step crashed (exit {proc.returncode}): "
+                        + err.decode("utf-8", "replace")[-2000:]) from None
+    if "error" in answer:
+        e = answer["error"]
+        cls = {2: ConfigError, 3: UnsafeModelError}.get(int(e.get("exit_code", 1)), LoraError)
+        raise cls(str(e.get("message")))
+    return dict(answer)
+
+
+def _execute(ctx: RunContext, run: dict[str, Any], notebook_source: str, staging: Path,
+             timeout: float | None) -> tuple[int | None, str | None]:
+    """Run the executor as the run's user; return ``(exit code, why it stopped)``.
+
+    Its stderr goes to ``executor.log`` in the staging folder (written by the runner), its
+    stdout (progress) to ``ctx.progress``. Whatever ends the run, every process still carrying
+    ``LORA_RUN_ID`` is killed before the record is built.
+    """
+    home, work = Path(run["home"]), Path(run["work"])
+    spec = {"notebook_source": notebook_source, "parameters": run["parameters"],
+            "work": str(work), "kernel_name": KERNEL_NAME, "progress": ctx.progress is not None}
+    reason = None
+    with open(staging / "executor.log", "wb") as errlog:
+        proc = spawn([*_python(), "run"], run_as=ctx.run_as, privileges=ctx.privileges,
+                     env=ctx.child_env(home, run["run_id"]),
+                     cwd=str(home) if home.is_dir() else "/", stdin=subprocess.PIPE,
+                     stdout=subprocess.PIPE, stderr=errlog)
+        pump = _pump(proc.stdout, ctx.progress)
+        deadline = time.monotonic() + timeout if timeout else None
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write(json.dumps(spec).encode())
+            proc.stdin.close()
+            while proc.poll() is None:
+                if deadline is not None and time.monotonic() > deadline:
+                    reason = f"timed out after {timeout:g}s"
+                    break
+                if ctx.cancelled():
+                    reason = "cancelled: the requester went away"
+                    break
+                try:
+                    proc.wait(timeout=0.25)
+                except subprocess.TimeoutExpired:
+                    continue
+        except KeyboardInterrupt:
+            reason = "interrupted (SIGINT / SIGTERM / SIGHUP)"
+        except BrokenPipeError:
+            pass  # the executor died before reading its spec: its exit code says why
+        finally:
+            if proc.poll() is None:
+                stop(proc, ctx.privileges)
+            kill_run_processes(run["run_id"], ctx.privileges)
+            pump.join(timeout=5)
+    return proc.returncode, reason
+
+
+def _pump(stream: IO[bytes] | None, sink: Callable[[bytes], None] | None) -> threading.Thread:
+    """Forward a child's output to ``sink`` (or drop it) on a thread."""
+    def loop() -> None:
+        assert stream is not None
+        while True:
+            chunk = stream.read1(4096) if hasattr(stream, "read1") else stream.read(4096)
+            if not chunk:
+                break
+            if sink is not None:
+                try:
+                    sink(chunk)
+                except (OSError, ValueError):
+                    pass  # a gone terminal or client must not stop the run
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    return thread
+
+
+# -- collecting and sealing -------------------------------------------------------------------
+def collect_evidence(ctx: RunContext, run: dict[str, Any], staging: Path) -> list[str]:
+    """Collect the work folder's evidence (as the run's user) into ``staging``; return notes
+    about what was refused."""
+    home = Path(run["home"])
+    proc = spawn([*_python(), "collect"], run_as=ctx.run_as, privileges=ctx.privileges,
+                 env=ctx.child_env(home), cwd="/", stdin=subprocess.PIPE,
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(json.dumps({"work": run["work"], "home": run["home"],
+                                 "run_id": run["run_id"]}).encode())
+    proc.stdin.close()
+    notes = extract_evidence(proc.stdout, staging)
+    err = proc.stderr.read() if proc.stderr else b""
+    if proc.wait() != 0:
+        notes.append("collecting the work folder failed: "
+                     + err.decode("utf-8", "replace")[-500:])
+    return notes
+
+
+def extract_evidence(stream: IO[bytes], dest: Path) -> list[str]:
+    """Extract a collector's tar into ``dest``: plain files and folders under the names of
+    :data:`~lora_kernel.trusted.executor.COLLECTED` only, never outside ``dest``, never over an
+    existing file. Returns notes about refused members (the rest is kept)."""
+    notes: list[str] = []
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                parts = Path(member.name).parts
+                bad = (not parts or member.name.startswith("/") or ".." in parts
+                       or parts[0] not in COLLECTED or not (member.isfile() or member.isdir()))
+                if bad:
+                    notes.append(f"refused {member.name!r} from the work folder (not a plain "
+                                 "file under an expected name)")
+                    continue
+                target = dest.joinpath(*parts)
+                if member.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                src = tar.extractfile(member)
+                assert src is not None
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+                with os.fdopen(fd, "wb") as out:
+                    shutil.copyfileobj(src, out)
+    except (tarfile.TarError, OSError) as exc:
+        notes.append(f"the work folder's evidence was cut short: {exc}")
+    return notes
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object from ``path``, or None when missing or unreadable (a killed writer)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _failure_reason(rc: int | None, reason: str | None, error: dict[str, Any] | None,
+                    result: dict[str, Any] | None, training: bool) -> str | None:
+    """Why the run failed, in one line; None when it succeeded."""
+    if reason:
+        return reason
+    if error:
+        where = f" in cell {error['cell_index']}" if error.get("cell_index") is not None else ""
+        return f"{error.get('ename')}{where}: {error.get('evalue')}"
+    if rc is not None and rc < 0:
+        return f"executor killed by signal {signal.Signals(-rc).name}"
+    if rc != 0:
+        return f"executor exited with code {rc}"
+    if training and result is None:
+        return "the notebook finished without writing its result (result_path)"
+    return None
+
+
+def seal_run(run: dict[str, Any], staging: Path, *, rc: int | None, reason: str | None,
+             ctx: RunContext, state: str | os.PathLike[str] | None, seconds: float,
+             log: Callable[[str], None]) -> RunRecord:
+    """Collect, build, seal and ledger the record of ``run``; raise :class:`RunFailed` for a
+    failed run. Used by :func:`run_notebook` and by recovery (``rc`` None, a ``reason``)."""
+    run_id = run["run_id"]
+    notes = collect_evidence(ctx, run, staging)
+    error = _read_json(staging / "error.json")
+    (staging / "error.json").unlink(missing_ok=True)
+    result = _read_json(staging / "run_result.json")
+    pinned = run["pinned"]
+    training = pinned.get("kind") == "training"
+    failure = _failure_reason(rc, reason, error, result, training)
+    executed = staging / "executed.ipynb"
+    if executed.is_file() and _read_json(executed) is None:  # cut mid-write: keep the bytes
+        os.rename(executed, staging / "executed.ipynb.partial")
+        notes.append("executed notebook was cut mid-write (kept as executed.ipynb.partial)")
+    elif not executed.is_file():
+        notes.append("the executor wrote no notebook")
+    events = [json.loads(line) for line in
+              (staging / "events.jsonl").read_text(encoding="utf-8").splitlines()
+              if line.strip()] if (staging / "events.jsonl").is_file() else []
+    status = "failed" if failure else "succeeded"
+    params = run["parameters"]
+    extra: dict[str, Any] = {
+        "kind": pinned.get("kind"), "notebook": Path(run["notebook"]).name,
+        "notebook_path": run["notebook"], "parameters": params, "kernel": KERNEL_NAME,
+        "executor_exit_code": rc, "error": failure, "notes": notes,
+        "identity": run["actor"]["source"], "run_as": run["run_as"],
+        "cells_executed": sum(1 for e in events if e.get("type") == "execute")}
+    if training:
+        extra.update({"config_path": pinned["config_path"],
+                      "config_sha256": pinned["config_sha256"]})
+    if result is not None:
+        extra.update({k: result.get(k) for k in ("steps", "losses", "eval_loss_before",
+                                                 "eval_loss_after", "seconds", "cache_hit")})
+    if failure:
+        extra["work_dir"] = run["work"]  # checkpoints stay there for `lora train --resume`
+    manifest = build_manifest(
+        staging, run_id=run_id, user=run["actor"]["name"], uid=run["actor"]["uid"],
+        host=socket.gethostname(), started=run["started"], ended=utc_now(), status=status,
+        config=pinned.get("config") or {"parameters": params},
+        base_model_sha256=pinned.get("base_model_sha256", ""),
+        dataset_version=pinned.get("dataset_version", ""),
+        dataset_digests=pinned.get("dataset_digests", {}),
+        notebook_source_sha256=pinned["notebook_sha256"],
+        seed=int(pinned.get("seed", params.get("seed", 0)) or 0),
+        egress_refusals=sum(1 for e in events if e.get("type") == "refusal"), extra=extra)
+    write_manifest(staging, manifest)
+    record = seal_record(staging, runs_dir(state), run_id)
+    with Ledger(state=state) as ledger:
+        entry = ledger.append_run(record)
+    rec = RunRecord(run_id=run_id, path=record, status=status,
+                    manifest_sha256=manifest_sha256(record), ledger_seq=entry.seq,
+                    seconds=seconds, result=result, error=failure, files=record_files(record))
+    log(f"run {run_id}: {status} in {seconds:.1f}s; record {record}")
+    if failure:
+        exc = RunFailed(f"run {run_id} failed: {failure}; the failed run is recorded in {record}")
+        exc.record = rec
+        raise exc
+    _remove_work(ctx, run)
+    return rec
+
+
+def _remove_work(ctx: RunContext, run: dict[str, Any]) -> None:
+    """Remove a succeeded run's work folder (as its user: it is theirs)."""
+    if not ctx.run_as.switches:
+        shutil.rmtree(run["work"], ignore_errors=True)
+        return
+    proc = spawn(["rm", "-rf", "--", run["work"]], run_as=ctx.run_as,
+                 privileges=ctx.privileges, env=ctx.child_env(Path(run["home"])), cwd="/")
+    proc.wait()
+

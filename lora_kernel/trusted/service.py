@@ -1,0 +1,206 @@
+"""The runner service (service mode): ``lora runner serve``, and the client the CLI uses.
+
+The service is started as root (systemd unit, container entrypoint) with the state directory,
+the service account and a Unix socket. It makes the state directory the service account's
+(mode 0700) and listens on the socket (mode 0666: any local user may ask). Per connection it
+forks a handler that
+
+1. learns who is asking from the socket itself (``SO_PEERCRED``: the kernel states the peer's
+   uid; :func:`lora_kernel.trusted.identity.peer_actor`) — the request carries no identity;
+2. drops to the service account's effective uid (records, ledger and key are written as that
+   account) and serves one request:
+
+   ``run``      a notebook run (:func:`lora_kernel.trusted.runner.run_notebook`) whose
+                children run as the requesting user, with their groups and only their working
+                home; log lines and the progress bar stream back; if the requester hangs up,
+                the run is stopped and sealed as failed;
+   ``review``   approve / reject as the requesting user (the reviewers-group check uses the
+                OS groups of the peer uid);
+   ``publish``  publish an approved run as the requesting user;
+   ``recover``  seal stale runs (:func:`lora_kernel.trusted.recovery.recover`).
+
+Protocol: one JSON line from the client; JSON lines back: ``{"log": text}``,
+``{"progress": text}``, then ``{"result": ...}`` or ``{"error": {"type", "exit_code",
+"message", "record"}}``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import select
+import socket
+import socketserver
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from lora_kernel.common.errors import (ConfigError, LoraError, PolicyRefusal, RunFailed,
+                                       UnsafeModelError, VerificationError)
+from lora_kernel.common.paths import RUNNER_SOCKET
+from lora_kernel.trusted.identity import Actor, peer_actor
+from lora_kernel.trusted.supervisor import Privileges, RunAs
+
+# Variables of the service's own (root's) environment handed to a run's children.
+PASS_ENV = ("LORA_POLICIES", "LORA_NOTEBOOKS", "JUPYTER_PATH")
+_ERRORS: dict[int, type[LoraError]] = {2: ConfigError, 3: UnsafeModelError,
+                                       5: VerificationError, 6: PolicyRefusal, 7: RunFailed}
+
+
+def prepare_state(state: Path, service_user: str) -> None:
+    """Create the state directory (and ``runs/``, ``ledger/``) owned by the service account,
+    mode 0700. Refuses a state directory that others can read or write."""
+    pw = pwd.getpwnam(service_user)
+    for path in (state, state / "runs", state / "ledger"):
+        path.mkdir(mode=0o700, exist_ok=True)
+        os.chown(path, pw.pw_uid, pw.pw_gid)
+        os.chmod(path, 0o700)
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    server: "RunnerServer"
+
+    def send(self, obj: dict[str, Any]) -> None:
+        self.wfile.write(json.dumps(obj, default=str).encode() + b"\n")
+        self.wfile.flush()
+
+    def hung_up(self) -> bool:
+        """Whether the client closed its end (poll, without reading its data)."""
+        ready, _w, _x = select.select([self.request], [], [], 0)
+        if not ready:
+            return False
+        try:
+            return self.request.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+    def handle(self) -> None:
+        try:
+            actor = peer_actor(self.request)
+            line = self.rfile.readline(1 << 20)
+            request = json.loads(line)
+            if not isinstance(request, dict):
+                raise ConfigError("a request is one JSON object")
+            privileges = Privileges.for_service_account(self.server.service_user)
+            privileges.drop()
+            result = self.server.dispatch(request, actor, privileges, self)
+            self.send({"result": result})
+        except LoraError as exc:
+            record = getattr(exc, "record", None)
+            self.send({"error": {"type": type(exc).__name__, "exit_code": exc.exit_code,
+                                 "message": str(exc),
+                                 "record": record.to_dict() if record is not None else None}})
+        except (ValueError, KeyError, TypeError) as exc:
+            self.send({"error": {"type": "ConfigError", "exit_code": 2,
+                                 "message": f"malformed request: {exc}"}})
+        except BrokenPipeError:
+            pass
+
+
+class RunnerServer(socketserver.ForkingMixIn, socketserver.UnixStreamServer):
+    """The runner service: one forked handler per connection (see the module docstring)."""
+
+    def __init__(self, socket_path: Path, state: Path, service_user: str) -> None:
+        self.state = state
+        self.service_user = service_user
+        socket_path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
+        socket_path.unlink(missing_ok=True)
+        super().__init__(str(socket_path), _Handler)
+        os.chmod(socket_path, 0o666)
+
+    def dispatch(self, request: dict[str, Any], actor: Actor, privileges: Privileges,
+                 conn: _Handler) -> Any:
+        """Serve one request for ``actor`` (already authenticated)."""
+        from lora_kernel.trusted.runner import RunContext, run_notebook, service_env
+
+        op = request.get("op")
+        run_as = RunAs.for_user(actor.name)
+        extra = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
+        ctx = RunContext(actor=actor, run_as=run_as, privileges=privileges,
+                         env=service_env(run_as, extra), cancelled=conn.hung_up)
+        if op == "run":
+            home = Path(str(request["home"]))
+            if not home.is_absolute():
+                raise ConfigError(f"the working home must be an absolute path, got {home}")
+            if request.get("progress"):
+                ctx.progress = lambda chunk: conn.send(
+                    {"progress": chunk.decode("utf-8", "replace")})
+            rec = run_notebook(str(request["notebook"]), request.get("parameters") or {},
+                               home=home, state=self.state, timeout=request.get("timeout"),
+                               ctx=ctx, log=lambda msg: conn.send({"log": msg}))
+            return rec.to_dict()
+        if op == "review":
+            from lora_kernel.trusted.review import approve, reject
+
+            fn = approve if request.get("decision") == "approve" else reject
+            entry = fn(str(request["run"]), str(request.get("note", "")), actor=actor,
+                       state=self.state)
+            return {"seq": entry.seq, "payload": entry.payload}
+        if op == "publish":
+            from lora_kernel.trusted.review import publish
+
+            dest = publish(str(request["run"]), str(request["to"]), request.get("name"),
+                           actor=actor, state=self.state)
+            return {"path": str(dest)}
+        if op == "recover":
+            from lora_kernel.trusted.recovery import recover
+
+            return [r.to_dict() for r in recover(state=self.state, ctx=ctx)]
+        raise ConfigError(f"unknown request {op!r}; one of run, review, publish, recover")
+
+
+def serve(socket_path: Path, state: Path, service_user: str) -> None:
+    """Run the service until interrupted (root only)."""
+    if os.geteuid() != 0:
+        raise PolicyRefusal("the runner service starts as root (it runs each user's kernel as "
+                            "that user); fix: start it from systemd or the hub image as root")
+    prepare_state(state, service_user)
+    with RunnerServer(socket_path, state, service_user) as server:
+        print(f"lora runner: serving {socket_path} (state {state}, service account "
+              f"{service_user})", file=sys.stderr, flush=True)
+        server.serve_forever()
+
+
+# -- client -----------------------------------------------------------------------------------
+def runner_socket(explicit: str | None = None) -> Path | None:
+    """The runner service's socket if service mode applies: ``--runner``, ``$LORA_RUNNER``, or
+    the platform's default socket when it exists; None means local mode."""
+    value = explicit or os.environ.get("LORA_RUNNER")
+    if value:
+        return Path(value)
+    return RUNNER_SOCKET if RUNNER_SOCKET.exists() else None
+
+
+def call(socket_path: Path, request: dict[str, Any],
+         on_log: Callable[[str], None] = lambda _m: None,
+         on_progress: Callable[[str], None] = lambda _m: None) -> Any:
+    """Send one request to the runner service and return its result; its typed errors are
+    raised as the same classes (a failed run's :class:`RunFailed` carries the record)."""
+    from lora_kernel.trusted.runner import RunRecord
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(socket_path))
+    except OSError as exc:
+        raise ConfigError(f"cannot reach the runner service at {socket_path}: {exc.strerror}; "
+                          "fix: ask an admin to start `lora runner serve`, or unset "
+                          "LORA_RUNNER for a local run") from None
+    with sock, sock.makefile("rwb") as stream:
+        stream.write(json.dumps(request).encode() + b"\n")
+        stream.flush()
+        for raw in stream:
+            msg = json.loads(raw)
+            if "log" in msg:
+                on_log(str(msg["log"]))
+            elif "progress" in msg:
+                on_progress(str(msg["progress"]))
+            elif "result" in msg:
+                return msg["result"]
+            elif "error" in msg:
+                err = msg["error"]
+                exc = _ERRORS.get(int(err.get("exit_code", 1)), LoraError)(str(err["message"]))
+                if isinstance(exc, RunFailed) and err.get("record"):
+                    exc.record = RunRecord.from_dict(err["record"])
+                raise exc
+    raise LoraError(f"the runner service at {socket_path} closed the connection without an "
+                    "answer")

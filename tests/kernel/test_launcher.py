@@ -1,0 +1,47 @@
+"""lora_kernel.kernel.launcher: the kernel starts guarded, offline, and logs from the first event."""
+from __future__ import annotations
+
+import pytest
+
+from lora_kernel.kernel.launcher import kernel_id_from_argv
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["-f", "/run/kernel-0a1b-2c.json"], "0a1b-2c"),
+    (["--f=/x/kernel-abc.json"], "abc"),
+    (["-f", "/x/other.json"], None),
+    ([], None),
+])
+def test_kernel_id_from_connection_file(argv, expected):
+    assert kernel_id_from_argv(argv) == expected
+
+
+@pytest.mark.slow
+def test_kernel_is_offline_guarded_and_logged_from_the_start(lora_kernel):
+    k = lora_kernel(env={"HTTPS_PROXY": "http://proxy.example:3128",
+                         "http_proxy": "http://proxy.example:3128", "HF_HUB_OFFLINE": "0"})
+    res = k.run_json(r'''
+import os, sys, json
+from lora_kernel.kernel import guard
+keys = ["HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE",
+        "HF_HUB_DISABLE_TELEMETRY", "DO_NOT_TRACK", "WANDB_MODE", "GRADIO_ANALYTICS_ENABLED",
+        "HTTPS_PROXY", "http_proxy"]
+print(json.dumps({"env": {k: os.environ.get(k) for k in keys}, "guard": guard.installed(),
+                  "impl": get_ipython().kernel.implementation}))
+''')
+    assert res["env"] == {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                          "HF_DATASETS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+                          "DO_NOT_TRACK": "1", "WANDB_MODE": "disabled",
+                          "GRADIO_ANALYTICS_ENABLED": "False", "HTTPS_PROXY": None,
+                          "http_proxy": None}
+    assert res["guard"] is True and res["impl"] == "lora_kernel"
+    start = k.events()[0]
+    assert start["type"] == "kernel_start" and start["seq"] == 1
+    assert start["ipykernel_loaded_before_guard"] is False
+    assert start["policy"].endswith("egress.yaml")
+
+
+@pytest.mark.slow
+def test_kernel_refuses_to_start_on_a_malformed_policy(lora_kernel):
+    with pytest.raises(RuntimeError):
+        lora_kernel(policy="allow: [{cidr: not-a-network}]\n")

@@ -1,0 +1,311 @@
+"""Recorded runs (lora_kernel.trusted.runner, lora run / lora demo) with real papermill and the real
+guarded ``lora`` kernel on the demo assets; nbval on the training notebooks.
+
+Trainings are cut to a few steps; every test here starts at least one kernel (``slow``).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from lora_kernel.training.data import sha256_file
+from lora_kernel.common.errors import RunFailed
+from lora_kernel.trusted.ledger import Ledger
+from lora_kernel.provenance.records import load_manifest, verify_record
+from lora_kernel.trusted.runner import new_run_id, notebook_for_task, run_config, run_notebook
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+# A few steps and one cheap sample: the record is the same shape as a long run's.
+FAST_IMAGE = {"max_train_steps": 2, "sample_steps": 1, "save_steps": 0,
+              "sample_prompts": ["a red circle in enclave style"]}
+FAST_TEXT = {"max_train_steps": 2, "max_new_tokens": 2, "save_steps": 0,
+             "sample_prompts": ["Q: what is the code for apple? A:"]}
+
+
+@pytest.fixture
+def run_home(tmp_path, monkeypatch, lora_kernel_prefix):
+    """A fresh home for runs (``LORA_HOME``), the test's ``lora`` kernelspec first on
+    ``JUPYTER_PATH`` (inherited by the executor and the kernel)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("LORA_HOME", str(home))
+    monkeypatch.setenv("JUPYTER_PATH", str(lora_kernel_prefix / "share" / "jupyter"))
+    return home
+
+
+def lora_cli(*args, home, wait=True, **kw):
+    """Run the ``lora`` CLI in a subprocess (the environment of the test)."""
+    cmd = [sys.executable, "-m", "lora_kernel.cli", *map(str, args), "--home", str(home)]
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, **kw)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kw)
+
+
+def write_notebook(path: Path, *cells: str) -> Path:
+    """A notebook for the ``lora`` kernel: a ``parameters`` cell, then code cells."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "lora", "display_name": "LoRA (guarded)",
+                                 "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell(cells[0], metadata={"tags": ["parameters"]})]
+    nb.cells += [nbformat.v4.new_code_cell(c) for c in cells[1:]]
+    nbformat.write(nb, str(path))
+    return path
+
+
+def assert_sealed(record: Path, status: str) -> dict:
+    """The record verifies, the ledger attests its manifest, and its status is ``status``."""
+    assert verify_record(record) == []
+    manifest = load_manifest(record)
+    meta = manifest["predicate"]["runDetails"]["metadata"]
+    assert meta["status"] == status
+    for entry in manifest["subject"]:
+        assert sha256_file(record / entry["name"]) == entry["digest"]["sha256"], entry["name"]
+    with Ledger(home=record.parent.parent) as ledger:
+        entry = ledger.run_entry(record.name)
+        assert entry is not None and entry.payload["status"] == status
+        assert entry.payload["manifest_sha256"] == sha256_file(record / "manifest.json")
+        assert ledger.verify() == []
+    staging = record.parent / ".staging"
+    assert not staging.exists() or not any(staging.iterdir())
+    return manifest
+
+
+def find_processes(pred, timeout=120):
+    """Wait until processes matching ``pred(proc, environ)`` exist; return them."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = []
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                if pred(proc, proc.environ()):
+                    found.append(proc)
+            except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+                continue
+        if found:
+            return found
+        time.sleep(0.2)
+    raise AssertionError("process did not appear")
+
+
+def test_run_id_sorts_by_time():
+    import datetime as dt
+
+    a = new_run_id(dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc))
+    b = new_run_id(dt.datetime(2026, 1, 2, 3, 4, 6, tzinfo=dt.timezone.utc))
+    assert re.fullmatch(r"20260102T030405Z-[0-9a-f]{6}", a) and a < b
+
+
+def test_image_run_record_is_complete(run_home, demo_home):
+    cfg_path = demo_home / "demo" / "image_lora.yaml"
+    rec = run_config(cfg_path, FAST_IMAGE, home=run_home)
+    assert rec.status == "succeeded" and rec.path == run_home / "runs" / rec.run_id
+    manifest = assert_sealed(rec.path, "succeeded")
+    files = set(rec.files)
+    assert {"adapter/enclave_style.safetensors", "adapter/enclave_style_kohya.safetensors",
+            "executed.ipynb", "events.jsonl", "samples/grid.png", "loss_curve.png",
+            "run_result.json"} <= files
+    assert any(f.startswith("tb/events.out.tfevents") for f in files)
+    assert not any("checkpoint" in f for f in files)
+    assert not (run_home / "runs" / ".work" / rec.run_id).exists()
+
+    # the executed notebook: injected parameters, every cell ran, displays recorded
+    nb = nbformat.read(str(rec.path / "executed.ipynb"), as_version=4)
+    injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(injected) == 1
+    assert str(cfg_path) in injected[0].source and "max_train_steps" in injected[0].source
+    assert str(run_home / "runs" / ".work" / rec.run_id / "output") in injected[0].source
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.execution_count for c in code)
+    assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+    mimes = {m for c in code for o in c.outputs for m in o.get("data", {})}
+    assert {"image/png", "text/html"} <= mimes
+    html = "".join(o["data"]["text/html"] for c in code for o in c.outputs
+                   if "text/html" in o.get("data", {}))
+    assert sha256_file(rec.path / "adapter/enclave_style.safetensors") in html
+
+    # the manifest pins the inputs
+    build = manifest["predicate"]["buildDefinition"]
+    assert build["externalParameters"]["notebook_source_sha256"] == sha256_file(
+        notebook_for_task("image"))
+    assert build["externalParameters"]["config"]["max_train_steps"] == 2
+    deps = {d["name"]: d for d in build["resolvedDependencies"]}
+    from lora_kernel.training.models import model_sha256
+    assert deps["base_model"]["digest"]["sha256"] == model_sha256(demo_home / "demo/models/tiny-sd")
+    data = demo_home / "demo" / "datasets" / "image"
+    assert {n[len("dataset/"):] for n in deps if n.startswith("dataset/")} == {
+        p.name for p in data.iterdir()}
+    meta = manifest["predicate"]["runDetails"]["metadata"]
+    assert meta["egressRefusals"] == 0 and meta["extra"]["steps"] == 2
+    assert build["internalParameters"]["environment"]["packages"]["papermill"]
+
+    # the kernel's events of this run: one execute event per code cell, in order
+    events = [json.loads(line) for line in (rec.path / "events.jsonl").read_text().splitlines()]
+    assert events and {e["run_id"] for e in events} == {rec.run_id}
+    executed = [e for e in events if e["type"] == "execute"]
+    assert [e["code"] for e in executed] == [c.source for c in code]
+    assert all(e["status"] == "ok" for e in executed)
+
+
+def test_cli_run_text_config(run_home, demo_home):
+    args = ["run", "--config", demo_home / "demo" / "text_lora.yaml"]
+    for key, value in FAST_TEXT.items():
+        args += ["-p", key, json.dumps(value)]
+    res = lora_cli(*args, home=run_home)
+    assert res.returncode == 0, res.stderr
+    record = Path(re.search(r"^record: (.+)$", res.stdout, re.M).group(1))
+    assert_sealed(record, "succeeded")
+    assert (record / "adapter" / "codes" / "adapter_config.json").is_file()
+    assert (record / "samples" / "completions.json").is_file()
+
+
+def test_failing_notebook_leaves_failed_record(run_home, tmp_path):
+    nb = write_notebook(tmp_path / "boom.ipynb", "x = 1", "print('before', x)",
+                        "raise RuntimeError(f'boom {x}')", "print('never')")
+    (tmp_path / "params.yaml").write_text("x: 7\n")
+    res = lora_cli("run", nb, "-f", tmp_path / "params.yaml", home=run_home)
+    assert res.returncode == 7, res.stderr
+    record = Path(re.search(r"recorded in (\S+)", res.stderr).group(1))
+    assert "RuntimeError" in res.stderr and "boom 7" in res.stderr
+    manifest = assert_sealed(record, "failed")
+    assert "RuntimeError" in manifest["predicate"]["runDetails"]["metadata"]["extra"]["error"]
+    executed = nbformat.read(str(record / "executed.ipynb"), as_version=4)
+    outputs = [c.outputs for c in executed.cells if c.cell_type == "code"]
+    assert outputs[2][0]["text"] == "before 7\n"  # [parameters, injected, print, raise, never]
+    assert outputs[3][0]["output_type"] == "error" and outputs[3][0]["evalue"] == "boom 7"
+    assert outputs[4] == []
+
+    # the same through the API: RunFailed carries the record
+    with pytest.raises(RunFailed) as info:
+        run_notebook(nb, {"x": 8}, home=run_home)
+    assert info.value.exit_code == 7 and info.value.record.status == "failed"
+    assert_sealed(info.value.record.path, "failed")
+
+
+def test_sigkill_of_the_kernel_mid_training_is_recorded(run_home, demo_home):
+    proc = lora_cli("run", "--config", demo_home / "demo" / "image_lora.yaml",
+                    "-p", "max_train_steps", "5000", "-p", "save_steps", "0",
+                    home=run_home, wait=False)
+    try:
+        work = run_home / "runs" / ".work"
+        deadline = time.monotonic() + 180
+        while not list(work.glob("*/output/tb")) and time.monotonic() < deadline:
+            time.sleep(0.3)  # the TensorBoard folder appears as the training loop starts
+        kernel, = find_processes(lambda p, env: env.get("LORA_HOME") == str(run_home)
+                                 and env.get("LORA_RUN_ID") and "-f" in p.info["cmdline"])
+        time.sleep(1.0)
+        os.kill(kernel.pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 7, err
+    record = Path(re.search(r"recorded in (\S+)", err).group(1))
+    manifest = assert_sealed(record, "failed")
+    extra = manifest["predicate"]["runDetails"]["metadata"]["extra"]
+    assert "DeadKernelError" in extra["error"]
+    assert Path(extra["work_dir"]).is_dir()  # checkpoints are kept for a resume
+    nb = nbformat.read(str(record / "executed.ipynb"), as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert code[2].outputs[0]["text"].startswith("config:")  # ran before the kill
+    assert code[-1].outputs == []  # never reached
+    events = [json.loads(x) for x in (record / "events.jsonl").read_text().splitlines()]
+    assert [e["code"] for e in events if e["type"] == "execute"] == [c.source for c in code[:3]]
+
+
+def test_sigkill_of_the_executor_is_recorded_and_the_kernel_stopped(run_home, tmp_path):
+    import psutil
+
+    nb = write_notebook(tmp_path / "sleep.ipynb", "seconds = 600", "print('started')",
+                        "import time; time.sleep(seconds)")
+    proc = lora_cli("run", nb, home=run_home, wait=False)
+    try:
+        executor, = find_processes(lambda p, env: p.ppid() == proc.pid)
+        kernel, = find_processes(lambda p, env: env.get("LORA_HOME") == str(run_home)
+                                 and "-f" in p.info["cmdline"])
+        deadline = time.monotonic() + 60
+        while not _started(run_home) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        os.kill(executor.pid, signal.SIGKILL)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 7, err
+    assert "executor killed by signal SIGKILL" in err
+    assert not psutil.pid_exists(kernel.pid) or kernel.status() == psutil.STATUS_ZOMBIE
+    record = Path(re.search(r"recorded in (\S+)", err).group(1))
+    assert_sealed(record, "failed")
+    nb_out = nbformat.read(str(record / "executed.ipynb"), as_version=4)
+    printed, = [c for c in nb_out.cells if c.source == "print('started')"]
+    assert printed.outputs[0]["text"] == "started\n"
+
+
+def test_sigterm_of_lora_run_records_an_interrupted_run(run_home, tmp_path):
+    import psutil
+
+    nb = write_notebook(tmp_path / "sleep.ipynb", "seconds = 600", "print('started')",
+                        "import time; time.sleep(seconds)")
+    proc = lora_cli("run", nb, home=run_home, wait=False)
+    try:
+        deadline = time.monotonic() + 60
+        while not _started(run_home) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        kernel, = find_processes(lambda p, env: env.get("LORA_HOME") == str(run_home)
+                                 and "-f" in p.info["cmdline"])
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 7, err
+    assert "interrupted" in err
+    assert not psutil.pid_exists(kernel.pid) or kernel.status() == psutil.STATUS_ZOMBIE
+    assert_sealed(Path(re.search(r"recorded in (\S+)", err).group(1)), "failed")
+
+
+def _started(home: Path) -> bool:
+    """Whether the sleep notebook's ``print`` output was saved into the executed notebook."""
+    for path in (home / "runs" / ".work").glob("*/executed.ipynb"):
+        try:
+            nb = json.loads(path.read_text())
+        except (OSError, ValueError):  # being written
+            return False
+        return any("started\n" in "".join(o.get("text", "")) for c in nb["cells"]
+                   for o in c.get("outputs", []))
+    return False
+
+
+def test_nbval_runs_the_notebooks_as_they_are(tmp_path, demo_home, lora_kernel_prefix):
+    """``pytest --nbval-lax notebooks/``: the notebooks, unchanged, on the demo assets of a
+    home whose demo configs train only a few steps."""
+    import yaml
+
+    home = tmp_path / "home"
+    shutil.copytree(demo_home / "demo", home / "demo",
+                    ignore=shutil.ignore_patterns("output"))
+    for name, fast in (("image_lora.yaml", FAST_IMAGE), ("text_lora.yaml", FAST_TEXT)):
+        cfg = home / "demo" / name
+        cfg.write_text(yaml.safe_dump({**yaml.safe_load(cfg.read_text()), **fast}))
+    env = dict(os.environ, LORA_HOME=str(home),
+               JUPYTER_PATH=str(lora_kernel_prefix / "share" / "jupyter"))
+    res = subprocess.run([sys.executable, "-m", "pytest", "--nbval-lax", "-p", "no:cacheprovider",
+                          "-q", str(REPO / "notebooks")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-4000:]
+    assert (home / "demo" / "output" / "image" / "enclave_style.safetensors").is_file()
+    assert (home / "demo" / "output" / "text" / "codes" / "adapter_config.json").is_file()
