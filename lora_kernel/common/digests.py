@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 CHUNK = 1 << 20
+# Dataset digest keys of files outside the dataset folder (``allow_outside_dataset``): the
+# prefix + the absolute resolved path, so they never pass for files inside it.
+OUTSIDE_PREFIX = "outside:"
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lora_kernel.common.digests import path_sha256, sha256_file
+from lora_kernel.common.digests import OUTSIDE_PREFIX, path_sha256, sha256_file
 from lora_kernel.provenance.records import Problem, summary
 
 
@@ -30,7 +30,10 @@ def verify_inputs(manifest: dict[str, Any], run_id: str) -> list[Problem]:
     problems = []
     root = _dataset_root(config)
     for rel, want in sorted(s["dataset_digests"].items()):
-        path = (root / rel) if root is not None else Path(rel)
+        if rel.startswith(OUTSIDE_PREFIX):  # allow_outside_dataset: recorded by absolute path
+            path = Path(rel[len(OUTSIDE_PREFIX):])
+        else:
+            path = (root / rel) if root is not None else Path(rel)
         try:
             got = sha256_file(path)
         except FileNotFoundError:

@@ -113,6 +113,9 @@ class TrainConfig:
     max_new_tokens: int = _h("Tokens generated per text sample.", default=24)
     record_dataset_paths: bool = _h(
         "Record dataset file paths in adapter metadata (off: only digests).", default=False)
+    allow_outside_dataset: bool = _h(
+        "Accept dataset entries outside train_data_dir (.., absolute paths, symlinks); they "
+        "are then recorded as outside in the manifest.", default=False)
     logging_steps: int = _h("Log loss to TensorBoard every N steps.", default=1)
 
     # Where this config came from (not a user key).
@@ -348,6 +351,7 @@ def check_inputs(cfg: TrainConfig) -> None:
 
 
 def _check_image_dataset(cfg: TrainConfig, file: str) -> None:
+    from lora_kernel.training.data import is_inside
     if not cfg.train_data_dir:
         raise ConfigError("is required for task: image; fix: set it to the image folder",
                           file=file, key="train_data_dir")
@@ -378,6 +382,10 @@ def _check_image_dataset(cfg: TrainConfig, file: str) -> None:
             raise ConfigError(f"line {i} of {meta} names {row[cfg.image_column]!r}, which is "
                               f"not in {data}; fix: add the image or remove the row", file=file,
                               key="metadata_path")
+        if not cfg.allow_outside_dataset and not is_inside(img, data):
+            raise ConfigError(f"line {i} of {meta} names {row[cfg.image_column]!r}, which "
+                              f"resolves to {img.resolve()}, outside {data}; {_outside_fix(data)}",
+                              file=file, key="metadata_path")
         try:  # reads the header only: cheap, and catches truncated or non-image files
             with Image.open(img) as im:
                 im.verify()
@@ -387,8 +395,12 @@ def _check_image_dataset(cfg: TrainConfig, file: str) -> None:
                               f"remove the row", file=file, key="metadata_path") from None
 
 
+def _outside_fix(data: Path) -> str:
+    return f"fix: move the file into {data}, or set allow_outside_dataset: true"
+
+
 def _check_text_dataset(cfg: TrainConfig, file: str) -> None:
-    from lora_kernel.training.data import text_files
+    from lora_kernel.training.data import is_inside, text_files
     files = text_files(cfg)
     if not files:
         raise ConfigError("no .jsonl file given; fix: set metadata_path to a .jsonl file or "
@@ -398,6 +410,14 @@ def _check_text_dataset(cfg: TrainConfig, file: str) -> None:
     for path in files:
         if not path.is_file():
             raise ConfigError(f"file not found: {path}", file=file, key="metadata_path")
+    if cfg.train_data_dir and not cfg.allow_outside_dataset:
+        data = Path(cfg.train_data_dir)
+        for path in files:
+            if not is_inside(path, data):
+                raise ConfigError(f"dataset file {path} resolves to {path.resolve()}, outside "
+                                  f"{data}; {_outside_fix(data)}", file=file,
+                                  key="metadata_path" if cfg.metadata_path else "train_data_dir")
+    for path in files:
         with open(path, encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, start=1):
                 if not line.strip():

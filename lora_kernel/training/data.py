@@ -5,8 +5,8 @@ import csv
 import json
 from pathlib import Path
 
-from lora_kernel.common.digests import listing_sha256, sha256_file
-
+from lora_kernel.common.digests import OUTSIDE_PREFIX, listing_sha256, sha256_file
+from lora_kernel.common.errors import ConfigError
 
 
 def text_files(cfg) -> list[Path]:
@@ -47,17 +47,38 @@ def dataset_files(cfg) -> list[Path]:
     return sorted(files)
 
 
+def is_inside(path: Path, root: Path) -> bool:
+    """Whether ``path`` resolves (symlinks followed) to ``root`` or somewhere below it."""
+    return Path(path).resolve().is_relative_to(Path(root).resolve())
+
+
 def dataset_digests(cfg) -> dict[str, str]:
-    """``{relative path: sha256}`` of every dataset file (relative to train_data_dir or its file)."""
+    """``{key: sha256}`` of every dataset file.
+
+    Files inside train_data_dir (or, without one, the text file's folder) are keyed by their
+    relative POSIX path. Files outside it (only accepted with ``allow_outside_dataset: true``)
+    are keyed ``OUTSIDE_PREFIX + <absolute resolved path>``; a clash with a relative path
+    (a sub-folder literally named ``outside:``) raises :class:`ConfigError` rather than
+    merging two files under one key. An image dataset's captions file named by
+    ``metadata_path`` outside train_data_dir keeps its file name as key (as it always has).
+    """
     files = dataset_files(cfg)
     root = Path(cfg.train_data_dir).resolve() if cfg.train_data_dir else files[0].parent
+    meta = (Path(cfg.metadata_path).resolve()
+            if cfg.task == "image" and cfg.metadata_path else None)
     out = {}
     for f in files:
-        try:
-            rel = f.relative_to(root).as_posix()
-        except ValueError:
-            rel = f.name
-        out[rel] = sha256_file(f)
+        if f.is_relative_to(root):
+            key = f.relative_to(root).as_posix()
+        elif f == meta:
+            key = f.name
+        else:
+            key = OUTSIDE_PREFIX + str(f)
+        if key in out:  # only a sub-folder literally named "outside:" can cause this
+            raise ConfigError(f"two dataset files would be recorded as {key!r}; fix: rename "
+                              f"the folder {OUTSIDE_PREFIX!r} in {root}", file=cfg.source,
+                              key="train_data_dir")
+        out[key] = sha256_file(f)
     return dict(sorted(out.items()))
 
 

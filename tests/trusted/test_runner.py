@@ -18,9 +18,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from lora_kernel.training.data import sha256_file
-from lora_kernel.common.errors import RunFailed
-from lora_kernel.trusted.ledger import Ledger
+from lora_kernel.common.digests import sha256_file
+from lora_kernel.common.errors import ConfigError, RunFailed
+from lora_kernel.provenance.ledger import LedgerReader
 from lora_kernel.provenance.records import load_manifest, verify_record
 from lora_kernel.trusted.runner import new_run_id, notebook_for_task, run_config, run_notebook
 
@@ -36,13 +36,19 @@ FAST_TEXT = {"max_train_steps": 2, "max_new_tokens": 2, "save_steps": 0,
 
 @pytest.fixture
 def run_home(tmp_path, monkeypatch, lora_kernel_prefix):
-    """A fresh home for runs (``LORA_HOME``), the test's ``lora`` kernelspec first on
-    ``JUPYTER_PATH`` (inherited by the executor and the kernel)."""
+    """A fresh working home for runs (``LORA_HOME``), the test's ``lora`` kernelspec first on
+    ``JUPYTER_PATH`` (inherited by the executor and the kernel). Records go to the test's
+    own ``LORA_STATE`` (``state_of(home)``)."""
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("LORA_HOME", str(home))
     monkeypatch.setenv("JUPYTER_PATH", str(lora_kernel_prefix / "share" / "jupyter"))
     return home
+
+
+def state_of(_home) -> Path:
+    """The state directory runs of the test go to (the autouse ``LORA_STATE``)."""
+    return Path(os.environ["LORA_STATE"])
 
 
 def lora_cli(*args, home, wait=True, **kw):
@@ -73,7 +79,7 @@ def assert_sealed(record: Path, status: str) -> dict:
     assert meta["status"] == status
     for entry in manifest["subject"]:
         assert sha256_file(record / entry["name"]) == entry["digest"]["sha256"], entry["name"]
-    with Ledger(home=record.parent.parent) as ledger:
+    with LedgerReader(state=record.parent.parent) as ledger:
         entry = ledger.run_entry(record.name)
         assert entry is not None and entry.payload["status"] == status
         assert entry.payload["manifest_sha256"] == sha256_file(record / "manifest.json")
@@ -113,7 +119,7 @@ def test_run_id_sorts_by_time():
 def test_image_run_record_is_complete(run_home, demo_home):
     cfg_path = demo_home / "demo" / "image_lora.yaml"
     rec = run_config(cfg_path, FAST_IMAGE, home=run_home)
-    assert rec.status == "succeeded" and rec.path == run_home / "runs" / rec.run_id
+    assert rec.status == "succeeded" and rec.path == state_of(run_home) / "runs" / rec.run_id
     manifest = assert_sealed(rec.path, "succeeded")
     files = set(rec.files)
     assert {"adapter/enclave_style.safetensors", "adapter/enclave_style_kohya.safetensors",
@@ -121,14 +127,15 @@ def test_image_run_record_is_complete(run_home, demo_home):
             "run_result.json"} <= files
     assert any(f.startswith("tb/events.out.tfevents") for f in files)
     assert not any("checkpoint" in f for f in files)
-    assert not (run_home / "runs" / ".work" / rec.run_id).exists()
+    assert not (run_home / "work" / rec.run_id).exists()
+    assert not (state_of(run_home) / "runs" / ".active" / f"{rec.run_id}.json").exists()
 
     # the executed notebook: injected parameters, every cell ran, displays recorded
     nb = nbformat.read(str(rec.path / "executed.ipynb"), as_version=4)
     injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert len(injected) == 1
     assert str(cfg_path) in injected[0].source and "max_train_steps" in injected[0].source
-    assert str(run_home / "runs" / ".work" / rec.run_id / "output") in injected[0].source
+    assert str(run_home / "work" / rec.run_id / "output") in injected[0].source
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.execution_count for c in code)
     assert not [o for c in code for o in c.outputs if o.output_type == "error"]
@@ -201,7 +208,7 @@ def test_sigkill_of_the_kernel_mid_training_is_recorded(run_home, demo_home):
                     "-p", "max_train_steps", "5000", "-p", "save_steps", "0",
                     home=run_home, wait=False)
     try:
-        work = run_home / "runs" / ".work"
+        work = run_home / "work"
         deadline = time.monotonic() + 180
         while not list(work.glob("*/output/tb")) and time.monotonic() < deadline:
             time.sleep(0.3)  # the TensorBoard folder appears as the training loop starts
@@ -234,7 +241,8 @@ def test_sigkill_of_the_executor_is_recorded_and_the_kernel_stopped(run_home, tm
                         "import time; time.sleep(seconds)")
     proc = lora_cli("run", nb, home=run_home, wait=False)
     try:
-        executor, = find_processes(lambda p, env: p.ppid() == proc.pid)
+        executor, = find_processes(lambda p, env: p.ppid() == proc.pid
+                                   and p.info["cmdline"][-1:] == ["run"])
         kernel, = find_processes(lambda p, env: env.get("LORA_HOME") == str(run_home)
                                  and "-f" in p.info["cmdline"])
         deadline = time.monotonic() + 60
@@ -280,7 +288,7 @@ def test_sigterm_of_lora_run_records_an_interrupted_run(run_home, tmp_path):
 
 def _started(home: Path) -> bool:
     """Whether the sleep notebook's ``print`` output was saved into the executed notebook."""
-    for path in (home / "runs" / ".work").glob("*/executed.ipynb"):
+    for path in (home / "work").glob("*/executed.ipynb"):
         try:
             nb = json.loads(path.read_text())
         except (OSError, ValueError):  # being written
@@ -309,3 +317,87 @@ def test_nbval_runs_the_notebooks_as_they_are(tmp_path, demo_home, lora_kernel_p
     assert res.returncode == 0, res.stdout[-4000:]
     assert (home / "demo" / "output" / "image" / "enclave_style.safetensors").is_file()
     assert (home / "demo" / "output" / "text" / "codes" / "adapter_config.json").is_file()
+
+
+def test_training_notebook_without_its_config_is_refused_before_it_runs(run_home, demo_home):
+    """`lora run NOTEBOOK -p max_train_steps 2` used to train the demo config outside the
+    record; a training notebook is only run with its inputs pinned (the must-work twin is
+    test_image_run_record_is_complete)."""
+    res = lora_cli("run", REPO / "notebooks" / "train_image_lora.ipynb",
+                   "-p", "max_train_steps", "2", home=run_home)
+    assert res.returncode == 2, res.stderr
+    assert "lora run --config" in res.stderr and "params.yaml" in res.stderr
+    runs = state_of(run_home) / "runs"
+    assert not runs.is_dir() or not [p for p in runs.iterdir() if not p.name.startswith(".")]
+    assert not (run_home / "work").exists() or not any((run_home / "work").iterdir())
+
+
+def _gone(pid: int, timeout: float = 20) -> bool:
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_kill9_of_lora_run_ends_the_kernel_and_recover_seals_the_run(run_home, tmp_path):
+    nb = write_notebook(tmp_path / "sleep.ipynb", "seconds = 600", "print('started')",
+                        "import time; time.sleep(seconds)")
+    proc = lora_cli("run", nb, home=run_home, wait=False)
+    try:
+        deadline = time.monotonic() + 60
+        while not _started(run_home) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        kernel, = find_processes(lambda p, env: env.get("LORA_HOME") == str(run_home)
+                                 and "-f" in p.info["cmdline"])
+        executor, = find_processes(lambda p, env: p.ppid() == proc.pid
+                                   and p.info["cmdline"][-1:] == ["run"])
+        proc.kill()  # SIGKILL: no handler, no clean-up in lora run
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert _gone(executor.pid) and _gone(kernel.pid)  # nothing trains on without a record
+    active = list((state_of(run_home) / "runs" / ".active").glob("*.json"))
+    assert len(active) == 1
+    run_id = active[0].stem
+    res = subprocess.run([sys.executable, "-m", "lora_kernel.cli", "audit", "recover"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and f"recovered {run_id}" in res.stdout, res.stderr
+    record = state_of(run_home) / "runs" / run_id
+    manifest = assert_sealed(record, "failed")
+    assert "runner stopped before sealing" in \
+        manifest["predicate"]["runDetails"]["metadata"]["extra"]["error"]
+    nb_out = nbformat.read(str(record / "executed.ipynb"), as_version=4)
+    printed, = [c for c in nb_out.cells if c.source == "print('started')"]
+    assert printed.outputs[0]["text"] == "started\n"  # the evidence up to the kill is kept
+    res = subprocess.run([sys.executable, "-m", "lora_kernel.cli", "audit", "verify", "--all"],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "1 run(s)" in res.stdout, res.stdout + res.stderr
+    again = subprocess.run([sys.executable, "-m", "lora_kernel.cli", "audit", "recover"],
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "nothing to recover" in again.stdout
+
+
+def test_sighup_of_lora_run_records_an_interrupted_run(run_home, tmp_path):
+    """The terminal or SSH session closes: the run is stopped and sealed, not orphaned."""
+    nb = write_notebook(tmp_path / "sleep.ipynb", "seconds = 600", "print('started')",
+                        "import time; time.sleep(seconds)")
+    proc = lora_cli("run", nb, home=run_home, wait=False)
+    try:
+        deadline = time.monotonic() + 60
+        while not _started(run_home) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        kernel, = find_processes(lambda p, env: env.get("LORA_HOME") == str(run_home)
+                                 and "-f" in p.info["cmdline"])
+        proc.send_signal(signal.SIGHUP)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 7 and "interrupted" in err, err
+    assert _gone(kernel.pid)
+    assert_sealed(Path(re.search(r"recorded in (\S+)", err).group(1)), "failed")
