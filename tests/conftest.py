@@ -318,3 +318,47 @@ def lora(monkeypatch, capsys):
         out = capsys.readouterr()
         return code, out.out + out.err
     return run
+
+
+# -- service mode (root): real system users, the runner service ----------------------------
+SERVICE_USERS = {"lora-svc": (), "lora-alice": ("lora-reviewers",),
+                 "lora-bob": ("lora-reviewers",), "lora-carol": ()}
+
+
+@pytest.fixture(scope="session")
+def repo_accessible():
+    """Root only: the checkout and its ``.venv`` must be executable by the per-user processes
+    the runner starts; add the traverse bit (o+x, nothing else) to the folders above it."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (system users)")
+    repo = Path(__file__).resolve().parents[1]
+    for folder in [repo, *repo.parents]:
+        mode = folder.stat().st_mode
+        if not mode & 0o001:
+            os.chmod(folder, mode | 0o001)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def system_users(repo_accessible):
+    """Root only: the service account, test users and the reviewers group (created once)."""
+    import grp
+    import pwd
+
+    try:
+        grp.getgrnam("lora-reviewers")
+    except KeyError:
+        subprocess.run(["groupadd", "lora-reviewers"], check=True)
+    out = {}
+    for name, groups in SERVICE_USERS.items():
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            cmd = ["useradd", "--create-home", "--shell", "/bin/sh"]
+            if name == "lora-svc":
+                cmd = ["useradd", "--system", "--shell", "/usr/sbin/nologin"]
+            if groups:
+                cmd += ["--groups", ",".join(groups)]
+            subprocess.run([*cmd, name], check=True)
+        out[name] = pwd.getpwnam(name)
+    return out

@@ -48,11 +48,16 @@ def _print_json(obj) -> None:
 
 
 def _recover(state) -> None:
-    """Seal stale runs first (local mode, where this user owns the state directory)."""
-    from lora_kernel.common.paths import runs_dir
+    """Seal stale runs first (local mode, where this user owns the state directory and the
+    ledger's signing key). An auditor's copy without the key is only read: sealing there would
+    make a new key and sign with it."""
+    from lora_kernel.common.paths import ledger_path, runs_dir
+    from lora_kernel.provenance.ledger import KEY_NAME
     from lora_kernel.trusted.recovery import leftovers, recover
 
     if not os.access(runs_dir(state), os.W_OK):
+        return
+    if not (ledger_path(state).parent / KEY_NAME).is_file():
         return
     for rec in recover(state=state):
         print(f"recovered {rec.run_id}: sealed as failed ({rec.error})")
@@ -111,13 +116,16 @@ def cmd_key(args) -> int:
     with LedgerReader(state=args.state) as led:
         root = trust_root(led.dir)
         pub = led.pub_path
+    for p in root.problems:
+        print(p)
     if args.pem:
+        if root.problems:  # never hand out a key its pin disowns as "the" ledger key
+            raise VerificationError("the public key beside the ledger does not match its pin; "
+                                    "not printing it")
         if not pub.is_file():
             raise ConfigError(f"no public key at {pub} yet (made with the first record)")
         print(pub.read_text(encoding="utf-8"), end="")
         return 0
-    for p in root.problems:
-        print(p)
     print(f"key_fingerprint: {root.fingerprint}   # {root.source}; pin it in "
           "policies/ledger.yaml")
     if root.problems:

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -99,16 +99,28 @@ def public_key_pem(public_key: Ed25519PublicKey) -> str:
                                    serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
 
+def _parse_public_key(pem: str | bytes) -> Ed25519PublicKey:
+    """Parse a PEM Ed25519 public key; ``ValueError`` saying what it is instead."""
+    data = pem.encode() if isinstance(pem, str) else bytes(pem)
+    if b"PRIVATE KEY-----" in data:
+        raise ValueError("this is a private key, not the public key (keep it secret; the "
+                         "public half is signing_key.pub)")
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise ValueError(f"not a PEM public key ({exc})") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError(f"not an Ed25519 public key (a {type(key).__name__.lstrip('_')})")
+    return key
+
+
 def load_public_key(pem: str | bytes, where: str = "public key") -> Ed25519PublicKey:
     """Parse a PEM Ed25519 public key; :class:`VerificationError` naming ``where`` if it is
     not one (garbage, another algorithm, a private key)."""
     try:
-        key = serialization.load_pem_public_key(pem.encode() if isinstance(pem, str) else pem)
-    except (ValueError, TypeError) as exc:
-        raise VerificationError(f"{where}: not a PEM public key ({exc})") from None
-    if not isinstance(key, Ed25519PublicKey):
-        raise VerificationError(f"{where}: not an Ed25519 public key")
-    return key
+        return _parse_public_key(pem)
+    except ValueError as exc:
+        raise VerificationError(f"{where}: {exc}") from None
 
 
 def _checkpoint_message(upto_seq: int, head_hash: str) -> bytes:
@@ -261,19 +273,27 @@ def trust_root(ledger_dir: str | os.PathLike[str],
         try:
             data = path.read_bytes()
         except OSError as exc:
-            raise ConfigError(f"cannot read the trusted key: {exc.strerror}; fix: give the "
-                              "ledger's public key PEM (`lora audit key --pem` prints it)",
+            raise ConfigError(f"cannot read the trusted key: {exc.strerror or exc}; fix: give "
+                              "the ledger's public key PEM (`lora audit key --pem` prints it)",
                               file=path) from None
         try:
-            key = load_public_key(data, str(path))
-        except VerificationError as exc:
+            key = _parse_public_key(data)
+        except ValueError as exc:
             raise ConfigError(f"{exc}; fix: give the ledger's public key PEM "
                               "(`lora audit key --pem` prints it)", file=path) from None
         return TrustRoot(key, f"trusted-key {path}", key_fingerprint(key))
     pub = ldir / PUB_NAME
-    beside = load_public_key(pub.read_bytes(), str(pub)) if pub.is_file() else None
-    fp = key_fingerprint(beside) if beside is not None else None
     pin, source = pinned_fingerprint(), "policy pin"
+    beside = None
+    if pub.is_file():
+        try:
+            beside = _parse_public_key(pub.read_bytes())
+        except (OSError, ValueError) as exc:
+            what = exc.strerror if isinstance(exc, OSError) else str(exc)
+            return TrustRoot(None, source if pin is not None else "unpinned", pin, (Problem(
+                "signature", str(pub), f"the public key beside the ledger is unusable: "
+                f"{what}"),))
+    fp = key_fingerprint(beside) if beside is not None else None
     if pin is None:
         pin_file = ldir / PIN_NAME
         if pin_file.is_file():

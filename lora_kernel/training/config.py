@@ -333,8 +333,18 @@ def validate_config(raw: Mapping[str, Any], *, source: str | os.PathLike | None 
 
 
 def check_inputs(cfg: TrainConfig) -> None:
-    """Check that the base model and dataset exist and the dataset is not empty."""
-    file = cfg.source or "<config>"
+    """Check that the base model and dataset exist, can be read by this user, and the dataset
+    is not empty. A path this user may not read is a :class:`ConfigError` naming it (Linux
+    permissions on other people's data hold: the kernel runs as the user)."""
+    try:
+        _check_inputs(cfg, cfg.source or "<config>")
+    except PermissionError as exc:
+        raise ConfigError(f"permission denied reading {exc.filename}; fix: train on data and "
+                          "models you may read (ask the owner for access, or copy them into "
+                          "your working home)", file=cfg.source or "<config>") from None
+
+
+def _check_inputs(cfg: TrainConfig, file: str) -> None:
     model = Path(cfg.base_model)
     if not model.exists():
         raise ConfigError(f"base model not found at {model}; fix: point base_model at a local "

@@ -1,0 +1,220 @@
+"""Service mode as root, with real system users: the runner service runs each kernel as the
+requesting user and writes records, ledger and key as the service account; identity comes from
+the socket (SO_PEERCRED), never from the caller's environment.
+
+Users: lora-svc (service account), lora-alice and lora-bob (reviewers), lora-carol.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.root, pytest.mark.slow]
+
+FAST_IMAGE = {"max_train_steps": 2, "sample_steps": 1, "save_steps": 0,
+              "sample_prompts": ["a red circle in enclave style"]}
+
+
+@pytest.fixture(scope="module")
+def service(system_users, tmp_path_factory):
+    """``lora runner serve`` as root on a socket in a folder every user can reach; yields
+    ``(socket, state)``."""
+    base = Path(tempfile.mkdtemp(prefix="lora-svc-test-", dir="/tmp"))
+    os.chmod(base, 0o711)
+    state, sock = base / "state", base / "run" / "runner.sock"
+    env = {k: v for k, v in os.environ.items() if k not in ("LORA_STATE", "JUPYTER_PATH")}
+    log = open(base / "service.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "lora_kernel.cli", "runner", "serve",
+                             "--state", str(state), "--service-user", "lora-svc",
+                             "--socket", str(sock)], env=env, stdout=log, stderr=log)
+    deadline = time.monotonic() + 30
+    while not sock.exists() and time.monotonic() < deadline:
+        assert proc.poll() is None, (base / "service.log").read_text()
+        time.sleep(0.1)
+    yield sock, state
+    proc.terminate()
+    proc.wait(timeout=10)
+    log.close()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def user_home(name: str, demo_home: Path | None = None) -> Path:
+    """A fresh working home owned by ``name`` (with a copy of the demo assets if given)."""
+    pw = pwd.getpwnam(name)
+    home = Path(pw.pw_dir) / f"lh-{uuid.uuid4().hex[:8]}"
+    if demo_home is not None:
+        shutil.copytree(demo_home / "demo", home / "demo",
+                        ignore=shutil.ignore_patterns("output"))
+    home.mkdir(exist_ok=True)
+    for dirpath, dirs, files in os.walk(home):
+        for n in [dirpath, *[os.path.join(dirpath, x) for x in dirs + files]]:
+            os.chown(n, pw.pw_uid, pw.pw_gid)
+    os.chmod(home, 0o700)
+    return home
+
+
+def as_user(name: str, *args, env: dict | None = None, timeout: float = 300, wait=True):
+    """Run ``lora ARGS`` as the system user ``name`` (uid, gid, groups from the OS)."""
+    pw = pwd.getpwnam(name)
+    cmd = [sys.executable, "-m", "lora_kernel.cli", *map(str, args)]
+    environ = {"PATH": os.environ["PATH"], "HOME": pw.pw_dir, "USER": name, "LOGNAME": name,
+               **(env or {})}
+    kw = dict(user=pw.pw_uid, group=pw.pw_gid, extra_groups=os.getgrouplist(name, pw.pw_gid),
+              env=environ, cwd=pw.pw_dir)
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                **kw)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def write_notebook(path: Path, owner: str, *cells: str) -> Path:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "lora", "display_name": "LoRA (guarded)",
+                                 "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell(cells[0], metadata={"tags": ["parameters"]})]
+    nb.cells += [nbformat.v4.new_code_cell(c) for c in cells[1:]]
+    nbformat.write(nb, str(path))
+    pw = pwd.getpwnam(owner)
+    os.chown(path, pw.pw_uid, pw.pw_gid)
+    return path
+
+
+def record_of(res) -> str:
+    match = re.search(r"^run (\S+) (succeeded|failed)", res.stdout, re.M) or \
+        re.search(r"run (\S+) failed", res.stderr)
+    assert match, res.stdout + res.stderr
+    return match.group(1)
+
+
+def test_a_run_trains_as_the_user_and_is_sealed_by_the_service_account(service, demo_home):
+    sock, state = service
+    home = user_home("lora-alice", demo_home)
+    args = ["run", "--config", home / "demo" / "image_lora.yaml", "--home", home,
+            "--runner", sock]
+    for key, value in FAST_IMAGE.items():
+        args += ["-p", key, json.dumps(value)]
+    # the caller's environment claims to be bob; the socket says who it is
+    res = as_user("lora-alice", *args, env={"LORA_USER": "lora-bob", "JUPYTERHUB_USER": "lora-bob"})
+    assert res.returncode == 0, res.stdout + res.stderr
+    run_id = record_of(res)
+    record = state / "runs" / run_id
+    svc = pwd.getpwnam("lora-svc")
+    assert stat.S_IMODE(state.stat().st_mode) == 0o700 and state.stat().st_uid == svc.pw_uid
+    for path in [record, *record.rglob("*")]:
+        assert path.stat().st_uid == svc.pw_uid, path
+    assert stat.S_IMODE((record / "manifest.json").stat().st_mode) == 0o444
+    key = state / "ledger" / "signing_key.pem"
+    assert key.stat().st_uid == svc.pw_uid and stat.S_IMODE(key.stat().st_mode) == 0o600
+    manifest = json.loads((record / "manifest.json").read_text())
+    meta = manifest["predicate"]["runDetails"]["metadata"]
+    alice = pwd.getpwnam("lora-alice")
+    assert meta["user"] == "lora-alice" and meta["uid"] == alice.pw_uid
+    assert meta["extra"]["identity"] == "peercred" and meta["status"] == "succeeded"
+    assert (record / "adapter" / "enclave_style.safetensors").is_file()
+    events = [json.loads(x) for x in (record / "events.jsonl").read_text().splitlines()]
+    assert events and all(e["user"] == "lora-alice" for e in events)
+    # the auditor (here root) verifies the service's state
+    res = subprocess.run([sys.executable, "-m", "lora_kernel.cli", "audit", "verify", run_id,
+                          "--state", state], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "owned by lora-svc" in res.stdout
+
+
+def test_user_code_cannot_touch_the_key_the_ledger_or_a_sealed_record(service, demo_home):
+    sock, state = service
+    home = user_home("lora-alice", demo_home)
+    sealed = next(p for p in (state / "runs").iterdir() if not p.name.startswith(".")) \
+        if (state / "runs").is_dir() and any(not p.name.startswith(".")
+                                             for p in (state / "runs").iterdir()) else None
+    probe = f'''
+import json, os, sqlite3
+def attempt(fn):
+    try:
+        fn()
+        return "allowed"
+    except Exception as exc:
+        return type(exc).__name__
+state = {str(state)!r}
+out = {{
+  "read_key": attempt(lambda: open(state + "/ledger/signing_key.pem", "rb").read()),
+  "open_ledger": attempt(lambda: sqlite3.connect(state + "/ledger/ledger.sqlite").execute(
+      "SELECT count(*) FROM entries").fetchone()),
+  "list_runs": attempt(lambda: os.listdir(state + "/runs")),
+  "write_record": attempt(lambda: open({str(sealed) + "/x.txt" if sealed else state + "/x"!r},
+                                       "w").write("x")),
+  "own_data": attempt(lambda: open({str(home / "demo" / "datasets" / "image" / "metadata.csv")!r}).read()),
+  "uid": os.getuid(),
+  "state_in_env": any(state in v for v in os.environ.values()),
+}}
+print(json.dumps(out))
+'''
+    nb = write_notebook(home / "probe.ipynb", "lora-alice", "x = 1", probe)
+    res = as_user("lora-alice", "run", nb, "--home", home, "--runner", sock)
+    assert res.returncode == 0, res.stdout + res.stderr
+    executed = nbformat.read(str(state / "runs" / record_of(res) / "executed.ipynb"),
+                             as_version=4)
+    text = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
+    out = json.loads(text.strip().splitlines()[-1])
+    assert out["uid"] == pwd.getpwnam("lora-alice").pw_uid
+    assert out["read_key"] == "PermissionError"
+    assert out["open_ledger"] in ("OperationalError", "PermissionError")
+    assert out["list_runs"] == "PermissionError"
+    assert out["write_record"] == "PermissionError"
+    assert out["own_data"] == "allowed"  # the must-work twin: the user's own data
+    assert out["state_in_env"] is False
+
+
+def test_a_run_cannot_read_another_users_data(service, demo_home):
+    sock, _state = service
+    bob_home = user_home("lora-bob", demo_home)  # 0700, owned by bob
+    alice_home = user_home("lora-alice")
+    cfg = yaml.safe_load((bob_home / "demo" / "image_lora.yaml").read_text())
+    cfg.update({"train_data_dir": str(bob_home / "demo" / "datasets" / "image"),
+                "base_model": str(bob_home / "demo" / "models" / "tiny-sd"),
+                "output_dir": "out", **FAST_IMAGE})
+    cfg.pop("metadata_path", None)
+    (alice_home / "steal.yaml").write_text(yaml.safe_dump(cfg))
+    os.chown(alice_home / "steal.yaml", *[pwd.getpwnam("lora-alice")[i] for i in (2, 3)])
+    res = as_user("lora-alice", "run", "--config", alice_home / "steal.yaml", "--home",
+                  alice_home, "--runner", sock)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert str(bob_home) in res.stderr and "Traceback" not in res.stderr
+    # the must-work twin: bob trains on his own data through the same service
+    res = as_user("lora-bob", "run", "--config", bob_home / "demo" / "image_lora.yaml",
+                  "--home", bob_home, "--runner", sock,
+                  *[x for k, v in FAST_IMAGE.items() for x in ("-p", k, json.dumps(v))])
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_review_identity_comes_from_the_socket(service, demo_home):
+    sock, state = service
+    home = user_home("lora-alice", demo_home)
+    res = as_user("lora-alice", "run", "--config", home / "demo" / "image_lora.yaml",
+                  "--home", home, "--runner", sock,
+                  *[x for k, v in FAST_IMAGE.items() for x in ("-p", k, json.dumps(v))])
+    assert res.returncode == 0, res.stdout + res.stderr
+    run_id = record_of(res)
+    spoof = {"LORA_USER": "lora-bob", "USER": "lora-bob", "LOGNAME": "lora-bob",
+             "JUPYTERHUB_USER": "lora-bob"}
+    res = as_user("lora-alice", "review", "approve", run_id, "--note", "mine",
+                  "--runner", sock, env=spoof)
+    assert res.returncode == 6 and "self-approval" in res.stderr, res.stderr
+    res = as_user("lora-carol", "review", "approve", run_id, "--note", "ok", "--runner", sock)
+    assert res.returncode == 6 and "reviewers group" in res.stderr, res.stderr
+    res = as_user("lora-bob", "review", "approve", run_id, "--note", "checked", "--runner", sock)
+    assert res.returncode == 0 and f"approved {run_id} by lora-bob" in res.stdout, res.stderr
