@@ -10,8 +10,9 @@ PY            := $(VENV)/bin/python
 TORCH_SPEC    ?= torch==2.13.0
 TORCH_INDEX_URL ?=
 LORA_HOME     ?= $(CURDIR)/lora_home
+LORA_STATE    ?= $(CURDIR)/lora_state
 PYTEST_ARGS   ?=
-export LORA_HOME
+export LORA_HOME LORA_STATE
 
 .PHONY: setup demo test clean-home help
 
@@ -40,4 +41,4 @@ test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean-home:
-	rm -rf "$(LORA_HOME)"
+	rm -rf "$(LORA_HOME)" "$(LORA_STATE)"

@@ -73,7 +73,11 @@ def verify(run_id: str | None = None, *, state=None, ledger: LedgerReader | None
             problems += verify_run(rid, led, state)
             record = runs_dir(state) / rid
             if inputs and (record / "manifest.json").is_file():
-                problems += verify_inputs(load_manifest(record), rid)
+                try:
+                    manifest = load_manifest(record)
+                except VerificationError:
+                    continue  # verify_run reported the manifest; its inputs are unknown
+                problems += verify_inputs(manifest, rid)
         problems += verify_publications(led, run_id)
     return problems
 
@@ -105,9 +109,13 @@ def run_info(run_id: str, ledger: LedgerReader, state=None, now: dt.datetime | N
     """One run's summary for listings: from its manifest if present, else from the ledger."""
     record = runs_dir(state) / run_id
     entry = ledger.run_entry(run_id)
+    s = None
     if (record / "manifest.json").exists():
-        s = summary(load_manifest(record))
-    else:
+        try:
+            s = summary(load_manifest(record))
+        except VerificationError:
+            pass  # a corrupt manifest (verify reports it): list the run from its ledger entry
+    if s is None:
         p = entry.payload if entry else {}
         s = {"run_id": run_id, "user": p.get("user"), "status": p.get("status"),
              "started": p.get("started"), "ended": p.get("ended"),

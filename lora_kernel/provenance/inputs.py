@@ -20,6 +20,17 @@ def _dataset_root(config: dict[str, Any]) -> Path | None:
     return None
 
 
+def _captions_outside(config: dict[str, Any], root: Path | None) -> Path | None:
+    """An image dataset's ``metadata_path`` when it lies outside ``train_data_dir``: recorded
+    under its bare file name (not relative to the folder), so re-hashed where it is."""
+    meta = config.get("metadata_path")
+    if config.get("task") != "image" or not meta or root is None:
+        return None
+    if Path(meta).resolve().is_relative_to(root.resolve()):
+        return None
+    return Path(meta)
+
+
 def verify_inputs(manifest: dict[str, Any], run_id: str) -> list[Problem]:
     """Problems with a run's inputs today: each dataset file and the base model re-hashed
     against the manifest (``drifted``: changed or missing, ``unreadable``)."""
@@ -29,9 +40,12 @@ def verify_inputs(manifest: dict[str, Any], run_id: str) -> list[Problem]:
         return []  # not a training run: nothing was pinned
     problems = []
     root = _dataset_root(config)
+    captions = _captions_outside(config, root)
     for rel, want in sorted(s["dataset_digests"].items()):
         if rel.startswith(OUTSIDE_PREFIX):  # allow_outside_dataset: recorded by absolute path
             path = Path(rel[len(OUTSIDE_PREFIX):])
+        elif captions is not None and rel == captions.name:
+            path = captions
         else:
             path = (root / rel) if root is not None else Path(rel)
         try:
