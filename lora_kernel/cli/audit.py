@@ -48,17 +48,19 @@ def _print_json(obj) -> None:
 
 
 def _recover(state) -> None:
-    """Seal stale runs first (local mode, where this user owns the state directory and the
-    ledger's signing key). An auditor's copy without the key is only read: sealing there would
+    """Seal stale runs first (local mode, where this user owns the state directory). A ledger
+    without its signing key beside it is an auditor's copy, only read: sealing there would
     make a new key and sign with it."""
     from lora_kernel.common.paths import ledger_path, runs_dir
     from lora_kernel.provenance.ledger import KEY_NAME
-    from lora_kernel.trusted.recovery import leftovers, recover
 
     if not os.access(runs_dir(state), os.W_OK):
         return
-    if not (ledger_path(state).parent / KEY_NAME).is_file():
+    ledger = ledger_path(state)
+    if ledger.exists() and not (ledger.parent / KEY_NAME).exists():
         return
+    from lora_kernel.trusted.recovery import leftovers, recover
+
     for rec in recover(state=state):
         print(f"recovered {rec.run_id}: sealed as failed ({rec.error})")
     for left in leftovers(state):
