@@ -64,8 +64,8 @@ def _resolve(module: str | None, level: int, current: str, is_package: bool) -> 
 def collect_imports(source: str, module: str, is_package: bool = False) -> list[Import]:
     """Every import in ``source`` (the text of module ``module``), at any depth."""
     found: list[Import] = []
+    lines = source.splitlines()
     for node in ast.walk(ast.parse(source)):
-        text = ast.get_source_segment(source, node) if isinstance(node, ast.stmt) else None
         if isinstance(node, ast.Import):
             targets = tuple(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -78,10 +78,10 @@ def collect_imports(source: str, module: str, is_package: bool = False) -> list[
                    or (isinstance(node.func, ast.Attribute)
                        and node.func.attr == "import_module"))):
             targets = (node.args[0].value,)
-            text = ast.get_source_segment(source, node)
         else:
             continue
-        found.append(Import(node.lineno, targets, " ".join((text or "").split())))
+        text = " ".join(lines[node.lineno - 1:node.end_lineno or node.lineno]).split()
+        found.append(Import(node.lineno, targets, " ".join(text)))
     return sorted(found, key=lambda i: i.line)
 
 
@@ -226,7 +226,7 @@ for name in ("lora_kernel.trusted", "lora_kernel.provenance"):
         for heavy_mod in set(loaded()) - before:
             first.setdefault(heavy_mod.split(".")[0], mod)
 print(json.dumps({"imported": sorted(m for m in sys.modules if m.startswith("lora_kernel")),
-                  "heavy": loaded()[:20], "pulled_in_by": first, "errors": errors}))
+                  "heavy": sorted({m.split(".")[0] for m in loaded()}), "pulled_in_by": first, "errors": errors}))
 """
 
 

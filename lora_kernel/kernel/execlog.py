@@ -42,6 +42,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from lora_kernel.common.paths import lora_home
+from lora_kernel.common.timeutil import parse_time
 
 FORMAT_VERSION = 1
 BATCH_MAX = 200
@@ -354,18 +355,6 @@ class ExecLog:
                 self._fh = None
 
 
-def _as_datetime(value) -> datetime | None:
-    if value is None:
-        return None
-    if isinstance(value, (int, float)):
-        return datetime.fromtimestamp(value, timezone.utc)
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=timezone.utc)
-    return value
-
-
 def read_events(home=None, run_id: str | None = None, since=None,
                 user: str | None = None) -> list[dict]:
     """Read kernel events from ``<home>/logs/*/kernel-*.jsonl`` as dicts.
@@ -376,7 +365,7 @@ def read_events(home=None, run_id: str | None = None, since=None,
     kernel killed mid-write) is skipped; any other malformed line raises ``ValueError``.
     """
     root = lora_home(home) / "logs"
-    since_dt = _as_datetime(since)
+    since_dt = parse_time(since) if since is not None else None
     first_day = since_dt.strftime("%Y-%m-%d") if since_dt else ""
     events = []
     pattern = f"{user}/kernel-*.jsonl" if user else "*/kernel-*.jsonl"
@@ -393,7 +382,7 @@ def read_events(home=None, run_id: str | None = None, since=None,
                 raise ValueError(f"{path}:{number}: not a JSON event: {exc}") from None
             if run_id is not None and event.get("run_id") != run_id:
                 continue
-            if since_dt is not None and _as_datetime(event["time"]) < since_dt:
+            if since_dt is not None and parse_time(event["time"]) < since_dt:
                 continue
             events.append(event)
     events.sort(key=lambda e: (e["time"], e.get("kernel_id", ""), e.get("seq", 0)))

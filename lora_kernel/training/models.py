@@ -149,14 +149,6 @@ class SDComponents:
     sha256: str
     config_path: Path | None = None  # where the configs came from (a single file's bundle)
 
-    def pipeline(self):
-        """A ``StableDiffusionPipeline`` over these components (no safety checker)."""
-        from diffusers import StableDiffusionPipeline
-        return StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-            unet=self.unet, scheduler=self.sample_scheduler, safety_checker=None,
-            feature_extractor=None, requires_safety_checker=False)
-
 
 def _schedulers(config_dir: Path):
     import diffusers

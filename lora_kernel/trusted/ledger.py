@@ -64,8 +64,9 @@ class Ledger(LedgerReader):
         if not self.key_path.exists():
             self._create_key()
         if os.stat(self.key_path).st_mode & 0o077:
-            raise VerificationError(f"{self.key_path}: signing key is readable or writable by "
-                                    "others; fix: chmod 600")
+            raise PolicyRefusal(f"{self.key_path}: signing key is readable or writable by "
+                                "others, refusing to sign with it; fix: chmod 600 (and rotate "
+                                "the key if others may have read it)")
         loaded = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
         if not isinstance(loaded, Ed25519PrivateKey):
             raise VerificationError(f"{self.key_path}: not an Ed25519 private key")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_kernel.common.digests import sha256_file
-from lora_kernel.common.errors import PolicyRefusal, VerificationError
+from lora_kernel.common.errors import ConfigError, PolicyRefusal, VerificationError
 from lora_kernel.common.paths import check_run_id, runs_dir
 from lora_kernel.common.policy import load_policy
 from lora_kernel.common.timeutil import iso_time
@@ -70,9 +70,13 @@ def verified_summary(run_id: str, ledger: LedgerReader, state: str | os.PathLike
     """The manifest summary of a run whose files verify against its manifest and whose
     manifest matches the ledger; :class:`VerificationError` listing the problems otherwise."""
     expected = ledger.expected_manifest_sha256(run_id)
-    if expected is None:
-        raise VerificationError(f"run {run_id} has no entry in the ledger")
     record = runs_dir(state) / check_run_id(run_id)
+    if expected is None and not record.exists():
+        raise ConfigError(f"no such run {run_id!r} in {record.parent} or the ledger; fix: pick "
+                          "a run id from `lora audit list`", key="RUN")
+    if expected is None:
+        raise VerificationError(f"run {run_id} has a record but no entry in the ledger (not "
+                                "attested)")
     problems = verify_record(record, expected_manifest_sha256=expected[0])
     if problems:
         raise VerificationError(f"run {run_id} does not verify: "

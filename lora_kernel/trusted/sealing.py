@@ -181,7 +181,7 @@ def seal_record(staging_dir: str | Path, runs_dir: str | Path, run_id: str) -> P
     runs.mkdir(parents=True, exist_ok=True)
     target = runs / run_id
     if os.stat(staging).st_dev != os.stat(runs).st_dev:
-        raise VerificationError(f"staging folder {staging} is not on the filesystem of {runs}; "
+        raise ValueError(f"staging folder {staging} is not on the filesystem of {runs}; "
                                 "create it with make_staging_dir()")
     problems = verify_record(staging, run_id=run_id)
     if problems:

@@ -139,5 +139,5 @@ def test_signing_key_readable_by_others_refused(tmp_path):
     led = Ledger(state=tmp_path)
     led.append("review", "x", {})
     (tmp_path / "ledger" / "signing_key.pem").chmod(0o644)
-    with pytest.raises(VerificationError, match="chmod 600"):
+    with pytest.raises(PolicyRefusal, match="chmod 600"):
         Ledger(state=tmp_path).append("review", "y", {})

@@ -1,0 +1,59 @@
+"""lora_kernel.common: the one time parser, the digests, the run-id rule and the two folders."""
+from __future__ import annotations
+
+import datetime as dt
+import os
+
+import pytest
+
+from lora_kernel.common.digests import listing_sha256, path_sha256, sha256_file
+from lora_kernel.common.errors import ConfigError
+from lora_kernel.common.paths import check_run_id, default_state_dir, lora_home, state_dir
+from lora_kernel.common.timeutil import iso_time, parse_time
+
+
+def test_one_time_format_round_trips():
+    t = dt.datetime(2026, 11, 26, 3, 4, 5, 123000, tzinfo=dt.timezone.utc)
+    assert iso_time(t) == "2026-11-26T03:04:05.123000Z"
+    assert parse_time(iso_time(t)) == t
+    assert parse_time("2026-11-26") == dt.datetime(2026, 11, 26, tzinfo=dt.timezone.utc)
+    assert parse_time("2026-11-26T04:04:05+01:00") == t.replace(microsecond=0)
+    assert parse_time(0) == dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+    for bad in ("yesterday", True, None):
+        with pytest.raises((ValueError, TypeError)):
+            parse_time(bad)
+
+
+def test_path_digest_of_a_file_and_a_folder(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "a.bin").write_bytes(b"a")
+    (tmp_path / "m" / "sub").mkdir()
+    (tmp_path / "m" / "sub" / "b.bin").write_bytes(b"b")
+    assert path_sha256(tmp_path / "m" / "a.bin") == sha256_file(tmp_path / "m" / "a.bin")
+    assert path_sha256(tmp_path / "m") == listing_sha256({
+        "a.bin": sha256_file(tmp_path / "m" / "a.bin"),
+        "sub/b.bin": sha256_file(tmp_path / "m" / "sub" / "b.bin")})
+    before = path_sha256(tmp_path / "m")
+    (tmp_path / "m" / "sub" / "b.bin").write_bytes(b"B")
+    assert path_sha256(tmp_path / "m") != before
+    with pytest.raises(FileNotFoundError):
+        path_sha256(tmp_path / "missing")
+
+
+def test_run_ids_are_folder_names_or_a_usage_error():
+    assert check_run_id("20261126T030405Z-ab12cd") == "20261126T030405Z-ab12cd"
+    for bad in ("../evil", "", ".hidden", "a/b", "x" * 200):
+        with pytest.raises(ConfigError, match="invalid run id"):
+            check_run_id(bad)
+
+
+def test_state_and_home_are_separate_folders(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_HOME", str(tmp_path / "h"))
+    monkeypatch.setenv("LORA_STATE", str(tmp_path / "s"))
+    assert lora_home() == tmp_path / "h" and state_dir() == tmp_path / "s"
+    assert state_dir(tmp_path / "x") == tmp_path / "x"
+    monkeypatch.delenv("LORA_STATE")
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    assert default_state_dir() == tmp_path / "xdg" / "lora-enclave"
+    assert not str(default_state_dir()).startswith(str(lora_home()))
+    assert os.environ["LORA_HOME"]  # the working home is untouched by the state's default
