@@ -19,7 +19,7 @@ import nbformat
 import pytest
 
 from lora_kernel.common.digests import sha256_file
-from lora_kernel.common.errors import ConfigError, RunFailed
+from lora_kernel.common.errors import RunFailed
 from lora_kernel.provenance.ledger import LedgerReader
 from lora_kernel.provenance.records import load_manifest, verify_record
 from lora_kernel.trusted.runner import new_run_id, notebook_for_task, run_config, run_notebook
@@ -111,8 +111,8 @@ def find_processes(pred, timeout=120):
 def test_run_id_sorts_by_time():
     import datetime as dt
 
-    a = new_run_id(dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.timezone.utc))
-    b = new_run_id(dt.datetime(2026, 1, 2, 3, 4, 6, tzinfo=dt.timezone.utc))
+    a = new_run_id(dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC))
+    b = new_run_id(dt.datetime(2026, 1, 2, 3, 4, 6, tzinfo=dt.UTC))
     assert re.fullmatch(r"20260102T030405Z-[0-9a-f]{6}", a) and a < b
 
 
@@ -401,3 +401,17 @@ def test_sighup_of_lora_run_records_an_interrupted_run(run_home, tmp_path):
     assert proc.returncode == 7 and "interrupted" in err, err
     assert _gone(kernel.pid)
     assert_sealed(Path(re.search(r"recorded in (\S+)", err).group(1)), "failed")
+
+
+def test_the_kernel_environment_never_names_the_state_directory(run_home, tmp_path):
+    state = str(state_of(run_home))
+    nb = write_notebook(tmp_path / "env.ipynb", "x = 1",
+                        "import json, os\n"
+                        f"print(json.dumps({{'state': any({state!r} in v for v in os.environ.values()),"
+                        " 'home': os.environ.get('LORA_HOME'), 'run': os.environ.get('LORA_RUN_ID')}))")
+    rec = run_notebook(nb, {}, home=run_home)
+    executed = nbformat.read(str(rec.path / "executed.ipynb"), as_version=4)
+    out = json.loads(executed.cells[-1].outputs[0]["text"])
+    assert out == {"state": False, "home": str(run_home), "run": rec.run_id}
+    assert load_manifest(rec.path)["predicate"]["runDetails"]["metadata"]["extra"]["kind"] \
+        == "notebook"

@@ -11,7 +11,6 @@ import os
 import pwd
 import re
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -218,3 +217,45 @@ def test_review_identity_comes_from_the_socket(service, demo_home):
     assert res.returncode == 6 and "reviewers group" in res.stderr, res.stderr
     res = as_user("lora-bob", "review", "approve", run_id, "--note", "checked", "--runner", sock)
     assert res.returncode == 0 and f"approved {run_id} by lora-bob" in res.stdout, res.stderr
+
+
+def test_a_requester_that_dies_ends_its_run_which_is_sealed_as_failed(service):
+    import psutil
+
+    sock, state = service
+    home = user_home("lora-alice")
+    nb = write_notebook(home / "sleep.ipynb", "lora-alice", "seconds = 600",
+                        "print('started', flush=True)", "import time; time.sleep(seconds)")
+    before = {p.name for p in (state / "runs").iterdir()}
+    client = as_user("lora-alice", "run", nb, "--home", home, "--runner", sock, wait=False)
+    try:
+        deadline = time.monotonic() + 120
+        kernel = None
+        while kernel is None and time.monotonic() < deadline:
+            for p in psutil.process_iter(["cmdline", "uids"]):
+                try:
+                    if p.info["uids"].real == pwd.getpwnam("lora-alice").pw_uid and \
+                            p.environ().get("LORA_HOME") == str(home) and \
+                            "-f" in p.info["cmdline"]:
+                        kernel = p
+                except (psutil.AccessDenied, psutil.NoSuchProcess):
+                    continue
+            time.sleep(0.3)
+        assert kernel is not None, "the kernel did not start"
+        assert kernel.uids().real == pwd.getpwnam("lora-alice").pw_uid
+        time.sleep(2)
+        client.kill()
+        client.communicate(timeout=30)
+    finally:
+        if client.poll() is None:
+            client.kill()
+    deadline = time.monotonic() + 60
+    new = set()
+    while not new and time.monotonic() < deadline:
+        new = {p.name for p in (state / "runs").iterdir()} - before - {".staging", ".active"}
+        time.sleep(0.5)
+    assert len(new) == 1, new
+    assert not psutil.pid_exists(kernel.pid) or kernel.status() == psutil.STATUS_ZOMBIE
+    meta = json.loads((state / "runs" / new.pop() / "manifest.json").read_text())[
+        "predicate"]["runDetails"]["metadata"]
+    assert meta["status"] == "failed" and "requester went away" in meta["extra"]["error"]
