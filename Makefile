@@ -14,11 +14,12 @@ LORA_STATE    ?= $(CURDIR)/lora_state
 PYTEST_ARGS   ?=
 export LORA_HOME LORA_STATE
 
-.PHONY: setup demo test clean-home help
+.PHONY: setup demo test lint clean-home help
 
 help:
 	@echo "make demo   build demo assets, train the demo LoRA, verify its record"
-	@echo "make test   run the test suite"
+	@echo "make test   lint, then run the test suite"
+	@echo "make lint   ruff on lora_kernel, tests and bench; mypy (strict) on common, provenance, trusted"
 	@echo "make setup  (run by both) create $(VENV) and install pinned dependencies"
 
 $(VENV)/.setup-done: requirements.lock.txt pyproject.toml
@@ -37,7 +38,11 @@ setup: $(VENV)/.setup-done
 demo: setup
 	$(VENV)/bin/lora demo
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check lora_kernel tests bench
+	$(VENV)/bin/mypy lora_kernel/common lora_kernel/provenance lora_kernel/trusted
+
+test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean-home:

@@ -43,7 +43,8 @@ def lscpu_model() -> str:
 
 
 def lora(*args, env) -> tuple[float, str]:
-    """Run ``python -m lora_kernel.cli.main ARGS``; return (wall seconds, stdout). Raises on failure."""
+    """Run ``python -m lora_kernel.cli.main ARGS``; return (wall seconds, stdout).
+    Raises on failure."""
     t0 = time.perf_counter()
     res = subprocess.run([sys.executable, "-m", "lora_kernel.cli", *map(str, args)],
                          capture_output=True, text=True, env=env)
@@ -113,7 +114,7 @@ def _bench(args, home: Path) -> int:
         print(f"pair {i + 1}: lora train {t_train:.1f}s (loop {loop_train:.1f}s), "
               f"lora run {t_run:.1f}s (loop {loop_run:.1f}s)", flush=True)
 
-    t_train, t_run, loop_train, loop_run = (statistics.median(c) for c in zip(*rows))
+    t_train, t_run, loop_train, loop_run = (statistics.median(c) for c in zip(*rows, strict=True))
     import torch
     print()
     print(f"machine: {lscpu_model()}, {os.cpu_count()} cores, Python "

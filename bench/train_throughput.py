@@ -60,7 +60,7 @@ def _plain(home: Path, steps: int) -> dict:
     ids = tok([e.caption for e in examples], padding="max_length",
               max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
     t0 = time.perf_counter()
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.randint(0, len(examples), (cfg.batch_size,))
         with torch.no_grad():
             latents = vae.encode(pixels[idx]).latent_dist.sample() * vae.config.scaling_factor
@@ -103,8 +103,8 @@ def _full_unet_share(steps: int = 3) -> dict:
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
     from lora_kernel.training.config import validate_config
-    from lora_kernel.training.models import bundled_config
     from lora_kernel.training.loop import run_loop
+    from lora_kernel.training.models import bundled_config
     cfg_dir = bundled_config("sd15")
     torch.manual_seed(0)
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(cfg_dir / "unet"))

@@ -3,10 +3,11 @@
 one function here.
 
 A notebook's ``parameters`` cell sets ``config_path`` (empty: the demo config, built into
-``lora_kernel.common.paths.lora_home()`` if missing), ``overrides`` (config keys) and ``result_path``
-(set by ``lora run``: where :func:`write_result` puts the :class:`~lora_kernel.training.train.TrainResult`
-as JSON for the runner). Every function returns an object Jupyter displays (PNG, HTML) so the
-executed notebook an auditor rereads holds the loss curve, the samples and the summary.
+``lora_kernel.common.paths.lora_home()`` if missing), ``overrides`` (config keys) and
+``result_path`` (set by ``lora run``: where :func:`write_result` puts the
+:class:`~lora_kernel.training.train.TrainResult` as JSON for the runner). Every function
+returns an object Jupyter displays (PNG, HTML) so the executed notebook an auditor rereads holds
+the loss curve, the samples and the summary.
 """
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ import html
 import io
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
+from lora_kernel.common.errors import ConfigError
 from lora_kernel.training.config import TrainConfig, load_config
 from lora_kernel.training.demo_assets import build_demo_assets, demo_dir
-from lora_kernel.common.errors import ConfigError
 
 __all__ = ["prepare_config", "run_training", "loss_curve", "samples_view", "summary_view",
            "write_result", "result_dict"]
@@ -28,7 +30,8 @@ __all__ = ["prepare_config", "run_training", "loss_curve", "samples_view", "summ
 
 def prepare_config(config_path: str | os.PathLike = "", overrides: Mapping[str, Any] | None = None,
                    *, task: str, home: str | os.PathLike | None = None) -> TrainConfig:
-    """Load and validate the run's config (the one validator, :func:`lora_kernel.training.config.load_config`).
+    """Load and validate the run's config (the one validator,
+    :func:`lora_kernel.training.config.load_config`).
 
     An empty ``config_path`` means the demo config of ``task`` (``<home>/demo/<task>_lora.yaml``);
     the demo assets are built first when that file is missing. Raises :class:`ConfigError`
@@ -154,7 +157,8 @@ def summary_view(result, cfg: TrainConfig | None = None):
 
 
 def result_dict(result) -> dict:
-    """The :class:`~lora_kernel.training.train.TrainResult` as plain JSON data (live objects dropped)."""
+    """The :class:`~lora_kernel.training.train.TrainResult` as plain JSON data (live objects
+    dropped)."""
     data = asdict(result)
     data["first_loss"], data["final_loss"] = result.first_loss, result.final_loss
     return data

@@ -15,8 +15,8 @@ actor (function)
     ``actor(name, groups=())`` -> :class:`lora_kernel.trusted.identity.Actor` for a user that
     need not exist on this machine (uid derived from the name); for review/publish unit tests.
 lora_kernel_prefix (session)
-    A temp prefix with the ``lora`` kernelspec installed by ``lora_kernel.kernel.kernelspec.install``
-    (``<prefix>/share/jupyter/kernels/lora``).
+    A temp prefix with the ``lora`` kernelspec installed by
+    ``lora_kernel.kernel.kernelspec.install`` (``<prefix>/share/jupyter/kernels/lora``).
 netns_available (session)
     True when running as root and ``unshare -n`` works (and ``LORA_TEST_NETNS`` is not "0"):
     network cases then run their kernel in a fresh network namespace (only a loopback
@@ -48,8 +48,8 @@ system_users (session)
     name -> pwd entry. Skips when not root.
 demo_home (session)
     A home folder (``Path``) with ``demo/`` built once per session by
-    ``lora_kernel.training.demo_assets.build_demo_assets`` (tiny SD folder + single file, tiny Llama,
-    image and text datasets, ``demo/image_lora.yaml`` and ``demo/text_lora.yaml``). Treat it
+    ``lora_kernel.training.demo_assets.build_demo_assets`` (tiny SD folder + single file, tiny
+    Llama, image and text datasets, ``demo/image_lora.yaml`` and ``demo/text_lora.yaml``). Treat it
     as read-only: write outputs elsewhere.
 """
 from __future__ import annotations
@@ -247,8 +247,12 @@ def make_run(state_tmp):
 
     from lora_kernel.common.digests import path_sha256, sha256_file
     from lora_kernel.trusted.ledger import Ledger
-    from lora_kernel.trusted.sealing import (build_manifest, make_staging_dir, seal_record,
-                                             write_manifest)
+    from lora_kernel.trusted.sealing import (
+        build_manifest,
+        make_staging_dir,
+        seal_record,
+        write_manifest,
+    )
 
     inputs = state_tmp.parent / "inputs"
 
@@ -278,7 +282,7 @@ def make_run(state_tmp):
         (staging / "events.jsonl").write_text('{"event": "cell", "n": 1}\n')
         (staging / "tb").mkdir()
         (staging / "tb" / "events.out.tfevents.1").write_bytes(b"tb-bytes")
-        t0 = started or dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+        t0 = started or dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
         manifest = build_manifest(
             staging, run_id=run_id, user=user, uid=uid, host="testhost", started=t0,
             ended=t0 + dt.timedelta(minutes=2), status=status,

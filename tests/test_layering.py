@@ -226,7 +226,8 @@ for name in ("lora_kernel.trusted", "lora_kernel.provenance"):
         for heavy_mod in set(loaded()) - before:
             first.setdefault(heavy_mod.split(".")[0], mod)
 print(json.dumps({"imported": sorted(m for m in sys.modules if m.startswith("lora_kernel")),
-                  "heavy": sorted({m.split(".")[0] for m in loaded()}), "pulled_in_by": first, "errors": errors}))
+                  "heavy": sorted({m.split(".")[0] for m in loaded()}),
+                  "pulled_in_by": first, "errors": errors}))
 """
 
 

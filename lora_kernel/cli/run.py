@@ -21,8 +21,13 @@ from pathlib import Path
 
 import yaml
 
-from lora_kernel.cli.options import (add_home, add_override_args, add_runner, add_state,
-                                     parse_overrides)
+from lora_kernel.cli.options import (
+    add_home,
+    add_override_args,
+    add_runner,
+    add_state,
+    parse_overrides,
+)
 from lora_kernel.common.errors import ConfigError, VerificationError
 
 

@@ -1,7 +1,6 @@
 """``lora train`` and ``lora config``: direct training (for debugging) and config checks."""
 from __future__ import annotations
 
-import argparse
 import json
 
 from lora_kernel.cli.options import add_override_args, parse_overrides

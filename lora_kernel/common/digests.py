@@ -42,7 +42,7 @@ def listing_sha256(digests: dict[str, str]) -> str:
     the digest of a folder (model) or of a dataset."""
     h = hashlib.sha256()
     for rel, digest in sorted(digests.items()):
-        h.update(f"{rel}\0{digest}\n".encode("utf-8"))
+        h.update(f"{rel}\0{digest}\n".encode())
     return h.hexdigest()
 
 

@@ -19,6 +19,9 @@ code  exception               meaning
 """
 from __future__ import annotations
 
+import os
+from typing import Any
+
 
 class LoraError(Exception):
     """Base class of every error LoRA Enclave raises on purpose."""
@@ -31,7 +34,8 @@ class ConfigError(LoraError, ValueError):
 
     exit_code = 2
 
-    def __init__(self, message: str, *, file=None, key: str | None = None):
+    def __init__(self, message: str, *, file: str | os.PathLike[str] | None = None,
+                 key: str | None = None):
         self.file = str(file) if file is not None else None
         self.key = key
         where = []
@@ -70,11 +74,12 @@ class PolicyRefusal(LoraError, PermissionError):
 class RunFailed(LoraError):
     """A training run failed; its record (marked failed) was written before this was raised.
 
-    ``record`` is the :class:`lora_kernel.trusted.runner.RunRecord` of the failed run (set by the runner).
+    ``record`` is the :class:`lora_kernel.trusted.runner.RunRecord` of the failed run (set by
+    the runner).
     """
 
     exit_code = 7
-    record = None
+    record: Any = None  # a RunRecord; common/ may not import lora_kernel.trusted
 
 
 class DataError(LoraError):

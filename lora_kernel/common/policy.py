@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -23,14 +24,14 @@ def policy_path(name: str) -> Path:
     return policies_dir() / f"{name}.yaml"
 
 
-def load_policy(name: str, defaults: dict | None = None) -> dict:
+def load_policy(name: str, defaults: dict[str, Any] | None = None) -> dict[str, Any]:
     """Load ``<name>.yaml`` as a mapping merged over ``defaults``.
 
     A missing file yields the defaults; a malformed one raises :class:`ConfigError`
     naming the file.
     """
     path = policy_path(name)
-    data: dict = dict(defaults or {})
+    data: dict[str, Any] = dict(defaults or {})
     if not path.exists():
         return data
     try:

@@ -10,22 +10,22 @@ def parse_time(value: str | dt.datetime | int | float) -> dt.datetime:
     if isinstance(value, bool):
         raise ValueError(f"not a time: {value!r}")
     if isinstance(value, (int, float)):
-        return dt.datetime.fromtimestamp(value, dt.timezone.utc)
+        return dt.datetime.fromtimestamp(value, dt.UTC)
     if isinstance(value, str):
         value = dt.datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
     if not isinstance(value, dt.datetime):
         raise ValueError(f"not a time: {value!r}")
     if value.tzinfo is None:
-        value = value.replace(tzinfo=dt.timezone.utc)
-    return value.astimezone(dt.timezone.utc)
+        value = value.replace(tzinfo=dt.UTC)
+    return value.astimezone(dt.UTC)
 
 
 def iso_time(value: str | dt.datetime | int | float | None = None) -> str:
     """``value`` (anything :func:`parse_time` takes; None for now) as ``YYYY-MM-DDTHH:MM:SS…Z``."""
-    when = dt.datetime.now(dt.timezone.utc) if value is None else parse_time(value)
+    when = dt.datetime.now(dt.UTC) if value is None else parse_time(value)
     return when.isoformat().replace("+00:00", "Z")
 
 
 def utc_now() -> dt.datetime:
     """The current time, aware, in UTC."""
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import subprocess
 from pathlib import Path
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -28,6 +29,6 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def version_info() -> dict:
+def version_info() -> dict[str, Any]:
     """Version and commit of this package, as recorded in adapters, manifests and ledger."""
     return {"lora_enclave": __version__, "git_commit": git_commit()}

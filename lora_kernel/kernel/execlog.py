@@ -37,7 +37,7 @@ import socket
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -65,7 +65,7 @@ def log_dir(home=None, user: str | None = None) -> Path:
 
 
 def _now() -> tuple[str, str]:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return now.isoformat(timespec="microseconds").replace("+00:00", "Z"), now.strftime("%Y-%m-%d")
 
 
@@ -87,7 +87,8 @@ class HttpSink:
     def send(self, kernel_id: str, user: str, events: list[dict]) -> None:
         """Deliver one batch, or raise :class:`SinkError`."""
         p = self._parts
-        conn_cls = http.client.HTTPSConnection if p.scheme == "https" else http.client.HTTPConnection
+        conn_cls = (http.client.HTTPSConnection if p.scheme == "https"
+                    else http.client.HTTPConnection)
         body = json.dumps({"kernel_id": kernel_id, "user": user, "events": events}).encode()
         headers = {"Content-Type": "application/json"}
         if self.token:

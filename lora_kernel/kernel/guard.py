@@ -24,9 +24,9 @@ import ipaddress
 import socket
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from lora_kernel.common.errors import ConfigError, EgressBlocked, UnsafeModelError
 from lora_kernel.common.policy import load_policy, policy_path

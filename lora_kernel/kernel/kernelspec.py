@@ -39,7 +39,8 @@ def write_kernel_spec(path: str | os.PathLike | None = None, executable: str | N
                       extra_env: dict | None = None) -> str:
     """Write ``kernel.json`` (and ipykernel's logos when available) into ``path``
     (a new temp folder when ``None``); return the folder."""
-    folder = Path(path) if path is not None else Path(tempfile.mkdtemp(suffix="_kernels")) / KERNEL_NAME
+    folder = (Path(path) if path is not None
+              else Path(tempfile.mkdtemp(suffix="_kernels")) / KERNEL_NAME)
     folder.mkdir(parents=True, exist_ok=True)
     try:
         from ipykernel.kernelspec import RESOURCES

@@ -71,13 +71,12 @@ def main(argv: list[str] | None = None) -> None:
     if sys.path and (sys.path[0] in ("", ".") or Path(sys.path[0]) == Path.cwd()):
         del sys.path[0]  # IPython adds the notebook folder back for user imports
 
+    from lora_kernel.common.errors import LoraError
     from lora_kernel.common.process import die_with_parent
+    from lora_kernel.common.version import __version__
     from lora_kernel.kernel import guard
     from lora_kernel.kernel.execlog import ExecLog, sink_from_env
     from lora_kernel.kernel.offline import apply_offline_env
-    from lora_kernel.common.version import __version__
-
-    from lora_kernel.common.errors import LoraError
 
     apply_offline_env()
     if os.environ.get("LORA_RUN_ID"):  # a recorded run: never outlive its executor

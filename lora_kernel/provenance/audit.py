@@ -26,8 +26,10 @@ from lora_kernel.provenance.records import NOTEBOOK, Problem, load_manifest, sum
 
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
 
+_State = str | os.PathLike[str] | None  # the state directory (default: state_dir())
 
-def run_ids(ledger: LedgerReader, state=None) -> list[str]:
+
+def run_ids(ledger: LedgerReader, state: _State = None) -> list[str]:
     """Every run id known from record folders (hidden ones skipped) or ledger entries."""
     ids = {e.subject for e in ledger.entries("run")}
     for imp in ledger.entries("import"):
@@ -39,7 +41,7 @@ def run_ids(ledger: LedgerReader, state=None) -> list[str]:
 
 
 # -- verify ---------------------------------------------------------------------------------
-def verify_run(run_id: str, ledger: LedgerReader, state=None) -> list[Problem]:
+def verify_run(run_id: str, ledger: LedgerReader, state: _State = None) -> list[Problem]:
     """Problems of one run: files vs manifest, manifest vs ledger, presence vs prune entries."""
     record = runs_dir(state) / check_run_id(run_id)
     expected = ledger.expected_manifest_sha256(run_id)
@@ -58,7 +60,7 @@ def verify_run(run_id: str, ledger: LedgerReader, state=None) -> list[Problem]:
     return verify_record(record, expected_manifest_sha256=expected[0])
 
 
-def verify(run_id: str | None = None, *, state=None, ledger: LedgerReader | None = None,
+def verify(run_id: str | None = None, *, state: _State = None, ledger: LedgerReader | None = None,
            trusted_key: str | os.PathLike[str] | None = None, inputs: bool = False
            ) -> list[Problem]:
     """Verify the ledger (chain, signatures, head) against its trust root
@@ -82,7 +84,7 @@ def verify(run_id: str | None = None, *, state=None, ledger: LedgerReader | None
     return problems
 
 
-def trust_statement(state=None, trusted_key: str | os.PathLike[str] | None = None) -> str:
+def trust_statement(state: _State = None, trusted_key: str | os.PathLike[str] | None = None) -> str:
     """One line for the auditor: what the ledger was verified against, and how far records
     can be trusted given who owns the state directory."""
     root = state_dir(state)
@@ -105,7 +107,8 @@ def trust_statement(state=None, trusted_key: str | os.PathLike[str] | None = Non
 
 
 # -- list / show ----------------------------------------------------------------------------
-def run_info(run_id: str, ledger: LedgerReader, state=None, now: dt.datetime | None = None) -> dict:
+def run_info(run_id: str, ledger: LedgerReader, state: _State = None,
+             now: dt.datetime | None = None) -> dict[str, Any]:
     """One run's summary for listings: from its manifest if present, else from the ledger."""
     record = runs_dir(state) / run_id
     entry = ledger.run_entry(run_id)
@@ -133,10 +136,10 @@ def run_info(run_id: str, ledger: LedgerReader, state=None, now: dt.datetime | N
             "expired": any(p["expired"] for p in pubs)}
 
 
-def list_runs(*, state=None, ledger: LedgerReader | None = None, user: str | None = None,
+def list_runs(*, state: _State = None, ledger: LedgerReader | None = None, user: str | None = None,
               since: dt.datetime | None = None, until: dt.datetime | None = None,
               status: str | None = None, review: str | None = None, expired: bool = False,
-              now: dt.datetime | None = None) -> list[dict]:
+              now: dt.datetime | None = None) -> list[dict[str, Any]]:
     """Runs matching every filter given: trainer, start time in ``[since, until)``, status,
     review state (pending/approved/rejected/void), with an expired publication."""
     out = []
@@ -171,7 +174,7 @@ class _Sanitizer(HTMLParser):
     _REMOTE_CSS = re.compile(r"@import[^;]*;|url\(\s*['\"]?\s*(?:https?:|//|javascript:|file:)"
                              r"[^)]*\)", re.I)
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__(convert_charrefs=False)
         self.out: list[str] = []
         self.skip: list[str] = []
@@ -182,7 +185,7 @@ class _Sanitizer(HTMLParser):
         return not v.startswith(("http:", "https:", "//", "javascript:", "file:", "vbscript:",
                                  "ftp:")) and "://" not in v
 
-    def _attrs(self, attrs) -> str:
+    def _attrs(self, attrs: list[tuple[str, str | None]]) -> str:
         parts = []
         for name, value in attrs:
             name = name.lower()
@@ -196,18 +199,18 @@ class _Sanitizer(HTMLParser):
             parts.append(f" {name}" if value is None else f' {name}="{html.escape(value)}"')
         return "".join(parts)
 
-    def handle_starttag(self, tag, attrs):
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if self.skip or tag in self.DROP:
             if tag in self.DROP and tag not in ("base", "link", "meta"):
                 self.skip.append(tag)
             return
         self.out.append(f"<{tag}{self._attrs(attrs)}>")
 
-    def handle_startendtag(self, tag, attrs):
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
         if not self.skip and tag not in self.DROP:
             self.out.append(f"<{tag}{self._attrs(attrs)}/>")
 
-    def handle_endtag(self, tag):
+    def handle_endtag(self, tag: str) -> None:
         if self.skip:
             if tag == self.skip[-1]:
                 self.skip.pop()
@@ -215,25 +218,25 @@ class _Sanitizer(HTMLParser):
         if tag not in self.DROP:
             self.out.append(f"</{tag}>")
 
-    def handle_data(self, data):
+    def handle_data(self, data: str) -> None:
         if not self.skip:
             last = self.out[-1] if self.out else ""
             if last.startswith("<style"):
                 data = self._REMOTE_CSS.sub("", data)
             self.out.append(data)
 
-    def handle_entityref(self, name):
+    def handle_entityref(self, name: str) -> None:
         if not self.skip:
             self.out.append(f"&{name};")
 
-    def handle_charref(self, name):
+    def handle_charref(self, name: str) -> None:
         if not self.skip:
             self.out.append(f"&#{name};")
 
-    def handle_decl(self, decl):
+    def handle_decl(self, decl: str) -> None:
         self.out.append(f"<!{decl}>")
 
-    def handle_comment(self, data):
+    def handle_comment(self, data: str) -> None:
         pass  # conditional comments can load resources; nothing of value is lost
 
 
@@ -245,7 +248,7 @@ def sanitize_html(text: str) -> str:
     return "".join(parser.out)
 
 
-def render_notebook_html(path: str | os.PathLike) -> str:
+def render_notebook_html(path: str | os.PathLike[str]) -> str:
     """The executed notebook as one standalone HTML page: CSS inlined (nbconvert's ``lab``
     template), images embedded, no scripts, no external assets."""
     import nbformat
@@ -259,12 +262,14 @@ def render_notebook_html(path: str | os.PathLike) -> str:
     return sanitize_html(body)
 
 
-def show(run_id: str, *, state=None, ledger: LedgerReader | None = None) -> dict:
+def show(run_id: str, *, state: _State = None,
+         ledger: LedgerReader | None = None) -> dict[str, Any]:
     """A run's audit summary: listing fields, inputs, files, verification problems."""
     with open_ledger(ledger, state) as led:
         record = runs_dir(state) / check_run_id(run_id)
         if not record.is_dir() and not led.entries(subject=run_id):
-            raise ConfigError(f"no such run {run_id!r} in {record.parent} or the ledger; fix: pick a run id from `lora audit list`", key="RUN")
+            raise ConfigError(f"no such run {run_id!r} in {record.parent} or the ledger; fix: "
+                              "pick a run id from `lora audit list`", key="RUN")
         info = run_info(run_id, led, state)
         if (record / "manifest.json").exists():
             s = summary(load_manifest(record))
@@ -291,7 +296,8 @@ def _query_digests(query: str) -> tuple[set[str], set[str]]:
     return set(), {query}
 
 
-def lineage(query: str, *, state=None, ledger: LedgerReader | None = None) -> list[dict]:
+def lineage(query: str, *, state: _State = None,
+            ledger: LedgerReader | None = None) -> list[dict[str, Any]]:
     """Every run that used (or produced) ``query``: a file or folder path (its digests), a
     sha256, a dataset version id, or a base model path/name. Each hit says what matched.
     Pruned runs are matched on what their ledger entry keeps (dataset version, base model,
@@ -315,7 +321,8 @@ def lineage(query: str, *, state=None, ledger: LedgerReader | None = None) -> li
                 if names & {base, str(Path(base).resolve()) if base else "", Path(base).name}:
                     matched.append("base_model path")
             else:
-                p = (led.run_entry(rid).payload if led.run_entry(rid) else {})
+                entry = led.run_entry(rid)
+                p = entry.payload if entry is not None else {}
                 s = {"user": p.get("user"), "status": p.get("status"), **p}
                 for key in ("base_model_sha256", "notebook_source_sha256", "adapter_digest"):
                     if p.get(key) in digests:
@@ -330,6 +337,6 @@ def lineage(query: str, *, state=None, ledger: LedgerReader | None = None) -> li
     return hits
 
 
-def notebook_path(run_id: str, state=None) -> Path:
+def notebook_path(run_id: str, state: _State = None) -> Path:
     """The executed notebook of a run."""
     return runs_dir(state) / check_run_id(run_id) / NOTEBOOK

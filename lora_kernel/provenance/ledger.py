@@ -30,9 +30,10 @@ import contextlib
 import json
 import os
 import sqlite3
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Self, TypeVar, overload
 
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
@@ -71,16 +72,16 @@ class Entry:
     time: str
     kind: str
     subject: str
-    payload: dict
+    payload: dict[str, Any]
     prev_hash: str
     hash: str
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """Plain data (as exported in ledger slices)."""
         return asdict(self)
 
 
-def entry_hash(seq: int, time: str, kind: str, subject: str, payload: dict,
+def entry_hash(seq: int, time: str, kind: str, subject: str, payload: dict[str, Any],
                prev_hash: str) -> str:
     """The hash of an entry: sha256 of canonical JSON ``[seq, time, kind, subject, payload,
     prev_hash]``."""
@@ -139,7 +140,7 @@ def _sig_ok(key: Ed25519PublicKey, signature_b64: str, message: bytes) -> bool:
     return True
 
 
-def _relocated(row: dict, lo: int, hi: int) -> int | None:
+def _relocated(row: dict[str, Any], lo: int, hi: int) -> int | None:
     """If the row's stored hash matches its content under another seq, return that seq."""
     for seq in range(lo, hi + 1):
         if seq != row["seq"] and entry_hash(seq, row["time"], row["kind"], row["subject"],
@@ -148,7 +149,7 @@ def _relocated(row: dict, lo: int, hi: int) -> int | None:
     return None
 
 
-def verify_entries(rows: list[dict], public_key: Ed25519PublicKey | None, *,
+def verify_entries(rows: list[dict[str, Any]], public_key: Ed25519PublicKey | None, *,
                    anchor_prev: str | None = GENESIS, where: str = "ledger") -> list[Problem]:
     """Check a run of entries (dicts with parsed ``payload``), sorted by seq.
 
@@ -198,7 +199,7 @@ def verify_entries(rows: list[dict], public_key: Ed25519PublicKey | None, *,
                 problems.append(Problem("edited", f"{where} seq {seq - 1}",
                                         f"entry edited and re-hashed (or replaced): seq {seq} "
                                         "links to a different hash"))
-        if row["kind"] == "checkpoint" and public_key is not None:
+        if row["kind"] == "checkpoint" and public_key is not None and fingerprint is not None:
             problems += _verify_checkpoint(row, public_key, fingerprint, seq_hash, first_seq, at)
         prev_hash = row["hash"]
         prev_flagged = flagged
@@ -206,7 +207,8 @@ def verify_entries(rows: list[dict], public_key: Ed25519PublicKey | None, *,
     return problems
 
 
-def _verify_checkpoint(row, public_key, fingerprint, seq_hash, first, at) -> list[Problem]:
+def _verify_checkpoint(row: dict[str, Any], public_key: Ed25519PublicKey, fingerprint: str,
+                       seq_hash: dict[int, str], first: int, at: str) -> list[Problem]:
     p = row["payload"]
     if p.get("key_fingerprint") != fingerprint:
         return [Problem("signature", at, f"checkpoint signed by unknown key "
@@ -339,7 +341,7 @@ class LedgerReader:
         """Close the database connection."""
         self._db.close()
 
-    def __enter__(self) -> "LedgerReader":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -352,7 +354,7 @@ class LedgerReader:
                                ).fetchone()
         return (row[0], row[1]) if row else (0, GENESIS)
 
-    def _rows(self, where: str = "", params: tuple[object, ...] = ()) -> list[dict]:
+    def _rows(self, where: str = "", params: tuple[object, ...] = ()) -> list[dict[str, Any]]:
         cur = self._db.execute("SELECT seq, time, kind, subject, payload, prev_hash, hash "
                                f"FROM entries {where} ORDER BY seq", params)
         out = []
@@ -368,7 +370,8 @@ class LedgerReader:
     def entries(self, kind: str | None = None, subject: str | None = None,
                 from_seq: int = 1) -> list[Entry]:
         """Entries in seq order, optionally of one kind / subject, from ``from_seq`` on."""
-        clauses, params = ["seq >= ?"], [from_seq]
+        clauses: list[str] = ["seq >= ?"]
+        params: list[object] = [from_seq]
         if kind is not None:
             clauses.append("kind = ?")
             params.append(kind)
@@ -389,17 +392,20 @@ class LedgerReader:
 
     def expected_manifest_sha256(self, run_id: str) -> tuple[str, int] | None:
         """``(manifest sha256, seq of the entry that attests it)`` for a run: its ``run``
-        entry, else the newest ``import`` entry that brought it in; None if neither exists."""
+        entry, else the newest ``import`` entry that brought it in; None if neither exists
+        (an entry without a digest attests nothing)."""
         entry = self.run_entry(run_id)
         if entry is not None:
-            return entry.payload.get("manifest_sha256"), entry.seq
+            sha = entry.payload.get("manifest_sha256")
+            if isinstance(sha, str) and sha:
+                return sha, entry.seq
         for imp in reversed(self.entries("import")):
             sha = imp.payload.get("runs", {}).get(run_id)
-            if sha:
+            if isinstance(sha, str) and sha:
                 return sha, imp.seq
         return None
 
-    def slice_rows(self, from_seq: int) -> list[dict]:
+    def slice_rows(self, from_seq: int) -> list[dict[str, Any]]:
         """Entries from ``from_seq`` to the head as plain dicts (for exports)."""
         return self._rows("WHERE seq >= ?", (from_seq,))
 
@@ -419,7 +425,7 @@ class LedgerReader:
         problems += self._verify_head(rows, root.key)
         return problems
 
-    def _verify_head(self, rows: list[dict], key: Ed25519PublicKey) -> list[Problem]:
+    def _verify_head(self, rows: list[dict[str, Any]], key: Ed25519PublicKey) -> list[Problem]:
         where = f"{self.path} head"
         head = self._db.execute("SELECT seq, hash, signature FROM head WHERE id = 1").fetchone()
         if head is None:
@@ -442,11 +448,26 @@ class LedgerReader:
         return []
 
 
+_L = TypeVar("_L", bound=LedgerReader)
+
+
+@overload
+def open_ledger(ledger: LedgerReader | None = None, state: str | os.PathLike[str] | None = None,
+                ) -> contextlib.AbstractContextManager[LedgerReader]: ...
+
+
+@overload
+def open_ledger(ledger: _L | None, state: str | os.PathLike[str] | None,
+                factory: Callable[..., _L]) -> contextlib.AbstractContextManager[_L]: ...
+
+
 @contextlib.contextmanager
 def open_ledger(ledger: LedgerReader | None = None, state: str | os.PathLike[str] | None = None,
-                factory: Callable[..., LedgerReader] = LedgerReader) -> Iterator[LedgerReader]:
+                factory: Callable[..., LedgerReader] = LedgerReader) -> Iterator[Any]:
     """Yield ``ledger`` or, when None, ``factory(state=state)`` (a :class:`LedgerReader`, or the
-    trusted writer) closed afterwards: the one way every command opens the ledger."""
+    trusted writer) closed afterwards: the one way every command opens the ledger.
+
+    Typed by ``factory``: ``open_ledger(ledger, state, Ledger)`` yields a ``Ledger``."""
     if ledger is not None:
         yield ledger
         return

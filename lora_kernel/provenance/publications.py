@@ -31,7 +31,7 @@ def review_state(ledger: LedgerReader, run_id: str, adapter_digest: str | None =
 
 def publications(ledger: LedgerReader, now: dt.datetime | None = None) -> list[dict[str, Any]]:
     """Every publication entry's payload plus ``seq`` and ``expired`` (past its expiry date)."""
-    today = (now or dt.datetime.now(dt.timezone.utc)).date()
+    today = (now or dt.datetime.now(dt.UTC)).date()
     out = []
     for e in ledger.entries("publication"):
         expired = dt.date.fromisoformat(e.payload["expires"]) < today \

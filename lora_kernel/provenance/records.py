@@ -32,7 +32,6 @@ from typing import Any
 
 from lora_kernel.common.digests import canonical_json, sha256_bytes, sha256_file
 from lora_kernel.common.errors import VerificationError
-from lora_kernel.common.paths import check_run_id
 
 MANIFEST = "manifest.json"
 NOTEBOOK = "executed.ipynb"
@@ -108,7 +107,7 @@ def adapter_digest_of(files: dict[str, str]) -> str:
     return sha256_bytes(canonical_json(adapter))
 
 
-def hash_record(record_dir: str | Path) -> list[dict]:
+def hash_record(record_dir: str | Path) -> list[dict[str, Any]]:
     """The ``subject`` list of a record: one entry per file except ``manifest.json``."""
     root = Path(record_dir)
     subject = []
@@ -126,7 +125,7 @@ def hash_record(record_dir: str | Path) -> list[dict]:
     return subject
 
 
-def load_manifest(record_dir: str | Path) -> dict:
+def load_manifest(record_dir: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and parse ``manifest.json``; :class:`VerificationError` if missing or invalid."""
     path = Path(record_dir) / MANIFEST
     try:
@@ -140,12 +139,12 @@ def load_manifest(record_dir: str | Path) -> dict:
     return data
 
 
-def manifest_sha256(record_dir: str | Path) -> str:
+def manifest_sha256(record_dir: str | os.PathLike[str]) -> str:
     """sha256 of ``manifest.json``'s bytes as stored (what the ledger records)."""
     return sha256_file(Path(record_dir) / MANIFEST)
 
 
-def summary(manifest: dict) -> dict:
+def summary(manifest: dict[str, Any]) -> dict[str, Any]:
     """A flat view of a manifest: run id, user, status, times, inputs, adapter digest."""
     pred = manifest.get("predicate", {})
     meta = pred.get("runDetails", {}).get("metadata", {})

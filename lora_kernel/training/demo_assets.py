@@ -206,13 +206,14 @@ def _bytes_to_unicode() -> dict[int, str]:
             bs.append(b)
             cs.append(256 + n)
             n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
+    return dict(zip(bs, (chr(c) for c in cs), strict=True))
 
 
 def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """Apply BPE merges (lowest rank first, as the tokenizers library does)."""
     while len(symbols) > 1:
-        pairs = [(ranks.get(p, 1 << 30), i, p) for i, p in enumerate(zip(symbols, symbols[1:]))]
+        pairs = [(ranks.get(p, 1 << 30), i, p)
+                 for i, p in enumerate(zip(symbols, symbols[1:], strict=False))]
         rank, _, best = min(pairs)
         if rank == 1 << 30:
             break

@@ -248,7 +248,8 @@ class ImageTask:
         if self.latents is not None:
             if cfg.random_flip:
                 flips = torch.rand(len(batch), generator=generator) < 0.5
-                lat = [self.flipped[i] if f else self.latents[i] for i, f in zip(batch, flips)]
+                lat = [self.flipped[i] if f else self.latents[i]
+                       for i, f in zip(batch, flips, strict=True)]
             else:
                 lat = [self.latents[i] for i in batch]
             latents = torch.stack(lat).to(dev)
@@ -316,7 +317,8 @@ def sample_grid(cfg, comps, out_dir: Path, *, device: torch.device) -> dict:
                              guidance_scale=5.0, output_type="np").images[0]
                 row.append(image)
         half = len(cfg.sample_seeds)
-        diffs.extend(float(np.abs(a - b).mean() * 255) for a, b in zip(row[:half], row[half:]))
+        diffs.extend(float(np.abs(a - b).mean() * 255)
+                     for a, b in zip(row[:half], row[half:], strict=True))
         rows.append(row)
     _set_adapters(unet, te, True)
     if was_training:

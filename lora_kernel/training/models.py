@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora_kernel.training.config import PICKLE_SUFFIXES  # one list for the validator and the loader
 from lora_kernel.common.digests import path_sha256
 from lora_kernel.common.errors import ConfigError, UnsafeModelError
+from lora_kernel.training.config import PICKLE_SUFFIXES  # one list for the validator and the loader
 
 CODE_KEYS = ("auto_map", "trust_remote_code", "custom_pipeline")
 SAFE_LIBRARIES = ("diffusers", "transformers", None)
@@ -78,7 +78,7 @@ def _check_folder_pickles(folder: Path) -> None:
     for f in sorted(folder.rglob("*")):
         if f.is_file():
             by_dir.setdefault(f.parent, []).append(f)
-    for d, files in by_dir.items():
+    for files in by_dir.values():
         pickles = [f for f in files if f.suffix.lower() in PICKLE_SUFFIXES]
         if pickles and not any(f.suffix.lower() == ".safetensors" for f in files):
             names = ", ".join(f.relative_to(folder).as_posix() for f in pickles)
@@ -227,7 +227,7 @@ def detect_bundled_config(path: str | os.PathLike) -> Path:
     from the safetensors header; no tensor is loaded)."""
     from safetensors import safe_open
 
-    from lora_kernel.training.single_file import LDM_CLIP, LDM_UNET
+    from lora_kernel.training.single_file import LDM_UNET
 
     with safe_open(str(path), framework="pt") as fh:
         keys = set(fh.keys())

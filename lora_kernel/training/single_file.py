@@ -102,7 +102,8 @@ def diffusers_to_ldm(unet: dict, vae: dict, text_encoder: dict, *, layers_per_bl
                      num_vae_up_blocks: int) -> dict:
     """One LDM/A1111 state dict from the three diffusers state dicts."""
     out = {}
-    up_with_attn = {int(k.split(".")[1]) for k in unet if re.match(r"up_blocks\.\d+\.attentions", k)}
+    up_with_attn = {int(k.split(".")[1]) for k in unet
+                    if re.match(r"up_blocks\.\d+\.attentions", k)}
     for key, value in unet.items():
         name = unet_key_to_ldm(key, layers_per_block)
         if name is None:  # up_blocks.{i}.upsamplers.0.conv.*
@@ -146,20 +147,25 @@ def detect_layout(keys) -> str:
     return "unknown"
 
 
-def split_checkpoint(checkpoint: dict, unet_config: dict, vae_config: dict) -> tuple[dict, dict, dict]:
+def split_checkpoint(checkpoint: dict, unet_config: dict,
+                     vae_config: dict) -> tuple[dict, dict, dict]:
     """``(unet, vae, text_encoder)`` diffusers state dicts from a single-file checkpoint in
     either layout (LDM conversion by diffusers' own single-file utilities)."""
     layout = detect_layout(checkpoint)
     if layout == "prefixed":
         parts = []
         for prefix in PREFIXED:
-            parts.append({k[len(prefix):]: v for k, v in checkpoint.items() if k.startswith(prefix)})
+            parts.append({k[len(prefix):]: v for k, v in checkpoint.items()
+                          if k.startswith(prefix)})
         return tuple(parts)
     if layout != "ldm":
         raise KeyError("no UNet weights found (expected keys starting with "
                        f"{LDM_UNET!r} or 'unet.')")
     from diffusers.loaders.single_file_utils import (
-        convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint)
+        convert_ldm_clip_checkpoint,
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+    )
     unet = convert_ldm_unet_checkpoint(checkpoint, dict(unet_config))
     vae = convert_ldm_vae_checkpoint(checkpoint, dict(vae_config))
     text = convert_ldm_clip_checkpoint(checkpoint)
@@ -186,7 +192,8 @@ def write_single_file(folder: str | os.PathLike, out: str | os.PathLike, *,
         sd = diffusers_to_ldm(unet, vae, text, layers_per_block=unet_cfg["layers_per_block"],
                               num_vae_up_blocks=len(vae_cfg["up_block_types"]))
     elif layout == "prefixed":
-        sd = {f"{p}{k}": v for p, part in zip(PREFIXED, (unet, vae, text)) for k, v in part.items()}
+        sd = {f"{p}{k}": v for p, part in zip(PREFIXED, (unet, vae, text), strict=True)
+              for k, v in part.items()}
     else:
         raise ValueError(f"layout must be 'ldm' or 'prefixed', got {layout!r}")
     sd = {k: sd[k].contiguous() for k in sorted(sd)}

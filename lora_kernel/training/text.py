@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from lora_kernel.training.data import read_text_records
 from lora_kernel.common.errors import DataError
+from lora_kernel.training.data import read_text_records
 from lora_kernel.training.loop import seed_everything
 
 IGNORE = -100

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from lora_kernel.training.data import dataset_digests, dataset_version
 from lora_kernel.common.paths import lora_home
 from lora_kernel.common.version import version_info
+from lora_kernel.training.data import dataset_digests, dataset_version
 
 __all__ = ["TrainResult", "train", "pick_device"]
 
@@ -122,8 +122,8 @@ def train(cfg, *, resume: bool | str | Path | None = None, progress: bool = True
 def _train_image(cfg, *, device, out, cache_dir, version, digests, resume, progress,
                  interrupt_at_step, on_step, samples, log, run_loop):
     from lora_kernel.training.export import adapter_metadata, save_diffusers_lora, save_kohya_lora
-    from lora_kernel.training.models import load_sd_components
     from lora_kernel.training.image import ImageTask, sample_grid
+    from lora_kernel.training.models import load_sd_components
     comps = load_sd_components(cfg.base_model)
     task = ImageTask(cfg, comps, device=device,
                      cache_dir=cache_dir if cfg.cache_latents else None,

@@ -25,6 +25,7 @@ import struct
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -34,19 +35,23 @@ from lora_kernel.common.digests import canonical_json, sha256_bytes, sha256_file
 from lora_kernel.common.errors import ConfigError, PolicyRefusal, VerificationError
 from lora_kernel.common.paths import runs_dir
 from lora_kernel.common.timeutil import iso_time, parse_time
-from lora_kernel.provenance.audit import verify_run
-from lora_kernel.provenance.ledger import (load_public_key, open_ledger, public_key_pem,
-                                           verify_entries)
-from lora_kernel.trusted.ledger import Ledger
-from lora_kernel.provenance.records import Problem, manifest_sha256, verify_record
 from lora_kernel.common.version import __version__
+from lora_kernel.provenance.audit import verify_run
+from lora_kernel.provenance.ledger import (
+    load_public_key,
+    open_ledger,
+    public_key_pem,
+    verify_entries,
+)
+from lora_kernel.provenance.records import Problem, manifest_sha256, verify_record
+from lora_kernel.trusted.ledger import Ledger
 
 MAGIC = b"LORAAUD1"
 CHUNK = 1 << 20
 SCRYPT_N = 1 << 15
 
 
-def key_material(key_file: str | os.PathLike | None = None,
+def key_material(key_file: str | os.PathLike[str] | None = None,
                  passphrase: str | None = None) -> bytes:
     """The secret an archive key is derived from: a key file's bytes or a passphrase."""
     if (key_file is None) == (passphrase is None):
@@ -56,12 +61,14 @@ def key_material(key_file: str | os.PathLike | None = None,
         if len(data) < 16:
             raise ConfigError("key file is shorter than 16 bytes", file=key_file)
         return data
+    if passphrase is None:  # not reached: exactly one of the two was given
+        raise ConfigError("give exactly one of a key file or a passphrase")
     if len(passphrase) < 8:
         raise ConfigError("passphrase is shorter than 8 characters")
     return passphrase.encode("utf-8")
 
 
-def _derive(secret: bytes, kdf: dict) -> bytes:
+def _derive(secret: bytes, kdf: dict[str, Any]) -> bytes:
     return Scrypt(salt=base64.b64decode(kdf["salt"]), length=32, n=int(kdf["n"]),
                   r=int(kdf["r"]), p=int(kdf["p"])).derive(secret)
 
@@ -136,9 +143,10 @@ def decrypt_file(src: Path, dst: Path, secret: bytes) -> str:
             index += 1
             if final:
                 break
-    if key_fingerprint(key) != meta.get("key_fingerprint"):
+    fingerprint = key_fingerprint(key)
+    if fingerprint != meta.get("key_fingerprint"):
         raise VerificationError(f"{src}: key fingerprint does not match the header")
-    return meta["key_fingerprint"]
+    return fingerprint
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -147,8 +155,9 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def export_archive(to_file: str | os.PathLike, *, since: dt.datetime, secret: bytes,
-                   state=None, ledger: Ledger | None = None) -> dict:
+def export_archive(to_file: str | os.PathLike[str], *, since: dt.datetime, secret: bytes,
+                   state: str | os.PathLike[str] | None = None,
+                   ledger: Ledger | None = None) -> dict[str, Any]:
     """Write an encrypted archive of the runs sealed at or after ``since`` (and the ledger
     slice from there on); record an ``export`` ledger entry. Returns that entry's payload."""
     to = Path(to_file).resolve()
@@ -203,12 +212,16 @@ def _safe_extract(tar: tarfile.TarFile, dest: Path) -> None:
             target.mkdir(parents=True, exist_ok=True)
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        with tar.extractfile(member) as src, open(target, "wb") as out:
+        src = tar.extractfile(member)
+        if src is None:  # not reached: only regular files and folders pass the check above
+            raise VerificationError(f"archive member {member.name!r} has no data")
+        with src, open(target, "wb") as out:
             shutil.copyfileobj(src, out)
 
 
-def import_archive(archive: str | os.PathLike, *, secret: bytes, state=None,
-                   ledger=None) -> dict:
+def import_archive(archive: str | os.PathLike[str], *, secret: bytes,
+                   state: str | os.PathLike[str] | None = None,
+                   ledger: Ledger | None = None) -> dict[str, Any]:
     """Decrypt, verify and restore an archive into ``<state>/runs``; record an ``import``
     ledger entry (which attests the restored manifests). Returns that entry's payload.
 

@@ -92,6 +92,8 @@ def _pin_training(params: dict[str, Any], work: Path) -> dict[str, Any]:
         raise ConfigError(f"parameter 'overrides' must be a mapping, got {overrides!r}")
     overrides = {**overrides, "output_dir": str(work / "output")}
     cfg = load_config(params["config_path"], overrides)
+    if cfg.source is None:  # load_config always records the file it read
+        raise RuntimeError(f"load_config({params['config_path']!r}) lost its source file")
     digests = dataset_digests(cfg)
     return {"kind": "training", "config": cfg.to_dict(), "overrides": overrides,
             "config_path": str(cfg.source), "config_sha256": sha256_file(cfg.source),
@@ -188,7 +190,7 @@ def main(argv: list[str]) -> int:
         return run(spec)
     if command == "collect":
         return collect(spec)
-    raise SystemExit(f"usage: python -m lora_kernel.trusted.executor pin|run|collect")
+    raise SystemExit("usage: python -m lora_kernel.trusted.executor pin|run|collect")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import base64
 import json
 import os
 import sqlite3
-from pathlib import Path
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -22,10 +22,21 @@ from lora_kernel.common.digests import canonical_json
 from lora_kernel.common.errors import PolicyRefusal, VerificationError
 from lora_kernel.common.timeutil import iso_time
 from lora_kernel.common.version import __version__
-from lora_kernel.provenance.ledger import (_SCHEMA, GENESIS, KEY_NAME, KINDS, PIN_NAME, Entry,
-                                           LedgerReader, _checkpoint_message, _head_message,
-                                           entry_hash, key_fingerprint, pinned_fingerprint,
-                                           public_key_pem)
+from lora_kernel.provenance.ledger import (
+    _SCHEMA,
+    GENESIS,
+    KEY_NAME,
+    KINDS,
+    PIN_NAME,
+    Entry,
+    LedgerReader,
+    _checkpoint_message,
+    _head_message,
+    entry_hash,
+    key_fingerprint,
+    pinned_fingerprint,
+    public_key_pem,
+)
 from lora_kernel.provenance.records import load_manifest, manifest_sha256, summary
 
 DEFAULT_CHECKPOINT_EVERY = 100
@@ -100,7 +111,7 @@ class Ledger(LedgerReader):
         return key_fingerprint(self.signing_key().public_key())
 
     # -- writing ----------------------------------------------------------------------------
-    def append(self, kind: str, subject: str, payload: dict) -> Entry:
+    def append(self, kind: str, subject: str, payload: dict[str, Any]) -> Entry:
         """Append one entry (payload stamped with the lora_enclave version) and return it.
 
         Appends a signed checkpoint after it when ``checkpoint_every`` entries have passed
@@ -114,7 +125,7 @@ class Ledger(LedgerReader):
                 self.checkpoint()
         return entry
 
-    def _append(self, kind: str, subject: str, payload: dict) -> Entry:
+    def _append(self, kind: str, subject: str, payload: dict[str, Any]) -> Entry:
         if kind not in KINDS:
             raise ValueError(f"unknown ledger entry kind {kind!r} (one of {KINDS})")
         payload = json.loads(canonical_json({**payload, "lora_enclave": __version__}))
@@ -152,7 +163,7 @@ class Ledger(LedgerReader):
             "key_fingerprint": key_fingerprint(key.public_key()),
             "signature": base64.b64encode(sig).decode()})
 
-    def append_run(self, record_dir: str | os.PathLike) -> Entry:
+    def append_run(self, record_dir: str | os.PathLike[str]) -> Entry:
         """Record a sealed run: manifest sha256, adapter digest and the inputs' digests.
 
         Raises :class:`PolicyRefusal` when the run already has a run entry.

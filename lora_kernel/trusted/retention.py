@@ -28,8 +28,8 @@ def retention_policy() -> dict[str, Any]:
     return load_policy("retention", RETENTION_DEFAULTS)
 
 
-def prune(run_ids_: list[str] | None = None, *, state=None, ledger: Ledger | None = None,
-          now: dt.datetime | None = None, dry_run: bool = False,
+def prune(run_ids_: list[str] | None = None, *, state: str | os.PathLike[str] | None = None,
+          ledger: Ledger | None = None, now: dt.datetime | None = None, dry_run: bool = False,
           actor: Actor | None = None) -> list[dict[str, Any]]:
     """Remove records older than the retention policy's ``keep_days``; each removal is a
     ``prune`` ledger entry written before the files go.
@@ -40,13 +40,13 @@ def prune(run_ids_: list[str] | None = None, *, state=None, ledger: Ledger | Non
     """
     policy = retention_policy()
     keep_days = int(policy["keep_days"])
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     cutoff = now - dt.timedelta(days=keep_days)
     explicit = run_ids_ is not None
     done = []
     with open_ledger(ledger, state, Ledger) as led:
         base = runs_dir(state)
-        candidates = run_ids_ if explicit else [
+        candidates = run_ids_ if run_ids_ is not None else [
             r for r in run_ids(led, state) if (base / r).is_dir()]
         plan = []
         for rid in candidates:

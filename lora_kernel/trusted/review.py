@@ -90,7 +90,6 @@ def _review(run_id: str, decision: str, note: str, actor: Actor | None,
     policy = review_policy()
     check_run_id(run_id)
     with open_ledger(ledger, state, Ledger) as led:
-        assert isinstance(led, Ledger)
         if not is_reviewer(actor, policy):
             raise PolicyRefusal(f"{actor.name} may not review: not in the reviewers group "
                                 f"{policy.get('reviewers_group')!r} (policies/review.yaml); fix: "
@@ -168,7 +167,6 @@ def publish(run_id: str, to_dir: str | os.PathLike[str], name: str | None = None
     name = check_run_id(name or run_id)
     actor = actor or current_actor()
     with open_ledger(ledger, state, Ledger) as led:
-        assert isinstance(led, Ledger)
         s = verified_summary(run_id, led, state)
         approval = check_approved(run_id, s, led)
         if not s["adapter_files"]:
@@ -180,7 +178,7 @@ def publish(run_id: str, to_dir: str | os.PathLike[str], name: str | None = None
             raise PolicyRefusal(f"{dest} already exists; publications are immutable")
         record = runs_dir(state) / run_id
         policy = publication_policy()
-        now = dt.datetime.now(dt.timezone.utc)
+        now = dt.datetime.now(dt.UTC)
         expires = (now + dt.timedelta(days=int(policy["expiry_days"]))).date().isoformat()
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=to))
         files = {}

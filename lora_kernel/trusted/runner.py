@@ -36,9 +36,10 @@ import sys
 import tarfile
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable, Mapping
+from typing import IO, Any
 
 from lora_kernel.common.errors import ConfigError, LoraError, RunFailed, UnsafeModelError
 from lora_kernel.common.paths import lora_home, runs_dir
@@ -47,10 +48,13 @@ from lora_kernel.provenance.records import manifest_sha256, record_files
 from lora_kernel.trusted.executor import COLLECTED
 from lora_kernel.trusted.identity import Actor, current_actor
 from lora_kernel.trusted.ledger import Ledger
-from lora_kernel.trusted.sealing import build_manifest, make_staging_dir, seal_record, \
-    write_manifest
-from lora_kernel.trusted.supervisor import (Privileges, RunAs, kill_run_processes, spawn,
-                                            stop)
+from lora_kernel.trusted.sealing import (
+    build_manifest,
+    make_staging_dir,
+    seal_record,
+    write_manifest,
+)
+from lora_kernel.trusted.supervisor import Privileges, RunAs, kill_run_processes, spawn, stop
 
 __all__ = ["RunRecord", "RunContext", "new_run_id", "notebook_dir", "notebook_for_task",
            "run_config", "run_notebook", "KERNEL_NAME"]
@@ -85,7 +89,7 @@ class RunRecord:
                 "files": self.files}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "RunRecord":
+    def from_dict(cls, data: Mapping[str, Any]) -> RunRecord:
         """The inverse of :meth:`to_dict`."""
         return cls(**{**data, "path": Path(data["path"])})
 
@@ -109,7 +113,7 @@ class RunContext:
     progress: Callable[[bytes], None] | None = None
 
     @classmethod
-    def local(cls, progress: Callable[[bytes], None] | None = None) -> "RunContext":
+    def local(cls, progress: Callable[[bytes], None] | None = None) -> RunContext:
         """This process's user, no switching (local mode)."""
         return cls(actor=current_actor(), progress=progress)
 
@@ -140,7 +144,7 @@ def service_env(run_as: RunAs, extra: Mapping[str, str] | None = None) -> dict[s
 def new_run_id(now: dt.datetime | None = None) -> str:
     """A time-sortable, unguessable run id: ``20261125T201500Z-ab12cd``."""
     now = now or utc_now()
-    return f"{now.astimezone(dt.timezone.utc):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+    return f"{now.astimezone(dt.UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
 def notebook_dir() -> Path:
@@ -249,7 +253,7 @@ class ActiveRun:
         self._fd: int | None = None
         self.staging = Path()
 
-    def __enter__(self) -> "ActiveRun":
+    def __enter__(self) -> ActiveRun:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._fd = os.open(self.dir / f"{self.run_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(self._fd, fcntl.LOCK_EX)

@@ -13,6 +13,7 @@ The manifest format itself (and its verification) is :mod:`lora_kernel.provenanc
 """
 from __future__ import annotations
 
+import datetime as dt
 import importlib.metadata
 import json
 import os
@@ -29,13 +30,19 @@ from lora_kernel.common.errors import PolicyRefusal, VerificationError
 from lora_kernel.common.paths import check_run_id
 from lora_kernel.common.timeutil import iso_time
 from lora_kernel.common.version import version_info
-from lora_kernel.provenance.records import (BUILD_TYPE, MANIFEST, PACKAGES, PREDICATE_TYPE,
-                                            STATEMENT_TYPE, hash_record, load_manifest,
-                                            verify_record)
+from lora_kernel.provenance.records import (
+    BUILD_TYPE,
+    MANIFEST,
+    PACKAGES,
+    PREDICATE_TYPE,
+    STATEMENT_TYPE,
+    hash_record,
+    verify_record,
+)
 
 
-def _package_versions() -> dict:
-    out = {}
+def _package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
     for name in PACKAGES:
         try:
             out[name] = importlib.metadata.version(name)
@@ -54,7 +61,7 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def hardware_info() -> dict:
+def hardware_info() -> dict[str, Any]:
     """CPU model and core count; GPUs from ``nvidia-smi`` (if present) or an already-imported
     torch. Never imports torch itself (the trusted side may not have it)."""
     gpus: list[str] = []
@@ -74,18 +81,19 @@ def hardware_info() -> dict:
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
-def environment_info() -> dict:
+def environment_info() -> dict[str, Any]:
     """Python, platform and library versions (importlib.metadata) plus hardware."""
     return {"python": platform.python_version(), "implementation": platform.python_implementation(),
             "platform": platform.platform(), "packages": _package_versions(),
             "hardware": hardware_info()}
 
 
-def build_manifest(record_dir, *, run_id: str, user: str, uid: int | None = None,
-                   host: str, started, ended,
-                   status: str, config: dict, base_model_sha256: str, dataset_version: str,
-                   dataset_digests: dict, notebook_source_sha256: str, seed: int,
-                   egress_refusals: int, extra: dict | None = None) -> dict:
+def build_manifest(record_dir: str | Path, *, run_id: str, user: str, uid: int | None = None,
+                   host: str, started: str | dt.datetime, ended: str | dt.datetime,
+                   status: str, config: dict[str, Any], base_model_sha256: str,
+                   dataset_version: str, dataset_digests: dict[str, str],
+                   notebook_source_sha256: str, seed: int, egress_refusals: int,
+                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Build the provenance manifest of the record in ``record_dir`` (not written; see
     :func:`write_manifest`). Hashes every file present except ``manifest.json``.
 
@@ -130,12 +138,12 @@ def build_manifest(record_dir, *, run_id: str, user: str, uid: int | None = None
     }
 
 
-def manifest_bytes(manifest: dict) -> bytes:
+def manifest_bytes(manifest: dict[str, Any]) -> bytes:
     """The exact bytes written to ``manifest.json`` (sorted keys, indented, trailing newline)."""
     return (json.dumps(manifest, sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode()
 
 
-def write_manifest(record_dir: str | Path, manifest: dict) -> Path:
+def write_manifest(record_dir: str | Path, manifest: dict[str, Any]) -> Path:
     """Write ``manifest.json`` into ``record_dir`` (fsynced) and return its path."""
     path = Path(record_dir) / MANIFEST
     with open(path, "wb") as fh:

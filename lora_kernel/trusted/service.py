@@ -32,11 +32,18 @@ import select
 import socket
 import socketserver
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from lora_kernel.common.errors import (ConfigError, LoraError, PolicyRefusal, RunFailed,
-                                       UnsafeModelError, VerificationError)
+from lora_kernel.common.errors import (
+    ConfigError,
+    LoraError,
+    PolicyRefusal,
+    RunFailed,
+    UnsafeModelError,
+    VerificationError,
+)
 from lora_kernel.common.paths import RUNNER_SOCKET
 from lora_kernel.trusted.identity import Actor, peer_actor
 from lora_kernel.trusted.supervisor import Privileges, RunAs
@@ -58,7 +65,7 @@ def prepare_state(state: Path, service_user: str) -> None:
 
 
 class _Handler(socketserver.StreamRequestHandler):
-    server: "RunnerServer"
+    server: RunnerServer
 
     def send(self, obj: dict[str, Any]) -> None:
         self.wfile.write(json.dumps(obj, default=str).encode() + b"\n")
@@ -70,7 +77,8 @@ class _Handler(socketserver.StreamRequestHandler):
         if not ready:
             return False
         try:
-            return self.request.recv(1, socket.MSG_PEEK) == b""
+            peeked: bytes = self.request.recv(1, socket.MSG_PEEK)
+            return peeked == b""
         except OSError:
             return True
 
@@ -198,9 +206,9 @@ def call(socket_path: Path, request: dict[str, Any],
                 return msg["result"]
             elif "error" in msg:
                 err = msg["error"]
-                exc = _ERRORS.get(int(err.get("exit_code", 1)), LoraError)(str(err["message"]))
-                if isinstance(exc, RunFailed) and err.get("record"):
-                    exc.record = RunRecord.from_dict(err["record"])
-                raise exc
+                error = _ERRORS.get(int(err.get("exit_code", 1)), LoraError)(str(err["message"]))
+                if isinstance(error, RunFailed) and err.get("record"):
+                    error.record = RunRecord.from_dict(err["record"])
+                raise error
     raise LoraError(f"the runner service at {socket_path} closed the connection without an "
                     "answer")

@@ -20,8 +20,9 @@ import os
 import pwd
 import signal
 import subprocess
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any, Iterator, Sequence
+from typing import IO, Any
 
 from lora_kernel.common.process import die_with_parent
 
@@ -40,12 +41,12 @@ class RunAs:
     home_dir: str | None = None
 
     @classmethod
-    def local(cls) -> "RunAs":
+    def local(cls) -> RunAs:
         """Children run as this process's own user (local mode)."""
         return cls()
 
     @classmethod
-    def for_user(cls, name: str) -> "RunAs":
+    def for_user(cls, name: str) -> RunAs:
         """The passwd user ``name`` with every group it belongs to."""
         pw = pwd.getpwnam(name)
         return cls(pw.pw_uid, pw.pw_gid, tuple(os.getgrouplist(name, pw.pw_gid)), name,
@@ -76,7 +77,7 @@ class Privileges:
     _dropped: bool = field(default=False, repr=False)
 
     @classmethod
-    def for_service_account(cls, name: str) -> "Privileges":
+    def for_service_account(cls, name: str) -> Privileges:
         """Privileges of a root runner that writes as the service account ``name``."""
         pw = pwd.getpwnam(name)
         return cls(pw.pw_uid, pw.pw_gid)

@@ -13,12 +13,12 @@ from lora_kernel.common.timeutil import iso_time, parse_time
 
 
 def test_one_time_format_round_trips():
-    t = dt.datetime(2026, 11, 26, 3, 4, 5, 123000, tzinfo=dt.timezone.utc)
+    t = dt.datetime(2026, 11, 26, 3, 4, 5, 123000, tzinfo=dt.UTC)
     assert iso_time(t) == "2026-11-26T03:04:05.123000Z"
     assert parse_time(iso_time(t)) == t
-    assert parse_time("2026-11-26") == dt.datetime(2026, 11, 26, tzinfo=dt.timezone.utc)
+    assert parse_time("2026-11-26") == dt.datetime(2026, 11, 26, tzinfo=dt.UTC)
     assert parse_time("2026-11-26T04:04:05+01:00") == t.replace(microsecond=0)
-    assert parse_time(0) == dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+    assert parse_time(0) == dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
     for bad in ("yesterday", True, None):
         with pytest.raises((ValueError, TypeError)):
             parse_time(bad)

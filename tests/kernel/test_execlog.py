@@ -10,7 +10,7 @@ import json
 import socket
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -64,7 +64,7 @@ def test_emit_writes_daily_jsonl_with_common_fields(tmp_path):
                                                           "username": "alice"}},
                                   {"status": "ok", "execution_count": 1}, 0.0123)
     log.close()
-    day = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    day = datetime.now(UTC).strftime("%Y-%m-%d")
     path = tmp_path / "logs" / "alice" / f"kernel-{day}.jsonl"
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     assert [e["seq"] for e in lines] == [1, 2, 3]
@@ -86,7 +86,7 @@ def test_read_events_filters_by_run_since_and_user(tmp_path):
     a = ExecLog(home=tmp_path, user="alice", environ={"LORA_RUN_ID": "run-a"})
     b = ExecLog(home=tmp_path, user="bob", environ={})
     a.emit("execute", code="1")
-    cut = datetime.now(timezone.utc)
+    cut = datetime.now(UTC)
     time.sleep(0.01)
     b.emit("execute", code="2")
     a.emit("execute", code="3")
@@ -197,9 +197,9 @@ def test_one_event_per_cell_with_the_right_fields(lora_kernel):
     assert k.run("y")["status"] == "ok"
     events = k.events(run_id="run-42")
     executes = [e for e in events if e["type"] == "execute"]
-    assert [e["code"] for e in executes] == ["x = 21 * 2\nprint(x)", "1 / 0",
-                                             "import socket\nsocket.getaddrinfo('example.com', 443)",
-                                             "y = 1", "y"]
+    assert [e["code"] for e in executes] == [
+        "x = 21 * 2\nprint(x)", "1 / 0", "import socket\nsocket.getaddrinfo('example.com', 443)",
+        "y = 1", "y"]
     first = executes[0]
     assert first["status"] == "ok" and first["ename"] is None and first["duration_ms"] >= 0
     assert first["notebook"] == "work/train.ipynb" and first["session"] == k.kc.session.session

@@ -12,8 +12,8 @@ import socket
 
 import pytest
 
-from lora_kernel.kernel import guard
 from lora_kernel.common.errors import ConfigError, EgressBlocked
+from lora_kernel.kernel import guard
 
 LOOPBACK_ONLY = guard.policy_from_mapping(guard.DEFAULT_POLICY, "policies/egress.yaml")
 

@@ -1,4 +1,5 @@
-"""lora_kernel.kernel.launcher: the kernel starts guarded, offline, and logs from the first event."""
+"""lora_kernel.kernel.launcher: the kernel starts guarded, offline, and logs from the first
+event."""
 from __future__ import annotations
 
 import pytest

@@ -11,14 +11,14 @@ import nbformat
 import pytest
 
 from lora_kernel.common.errors import PolicyRefusal
-from lora_kernel.provenance.audit import list_runs, lineage, render_notebook_html, verify
+from lora_kernel.provenance.audit import lineage, list_runs, render_notebook_html, verify
 from lora_kernel.trusted.identity import current_actor
 from lora_kernel.trusted.ledger import Ledger
 from lora_kernel.trusted.retention import prune
 
 ME = current_actor().name
 
-NOW = dt.datetime.now(dt.timezone.utc)
+NOW = dt.datetime.now(dt.UTC)
 OLD = NOW - dt.timedelta(days=400)
 
 

@@ -10,8 +10,12 @@ from lora_kernel.common.digests import OUTSIDE_PREFIX, path_sha256, sha256_file
 from lora_kernel.provenance.inputs import verify_inputs
 from lora_kernel.provenance.records import load_manifest, summary
 from lora_kernel.trusted.ledger import Ledger
-from lora_kernel.trusted.sealing import (build_manifest, make_staging_dir, seal_record,
-                                         write_manifest)
+from lora_kernel.trusted.sealing import (
+    build_manifest,
+    make_staging_dir,
+    seal_record,
+    write_manifest,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -138,7 +142,7 @@ def test_outside_dataset_record_through_the_cli(tmp_path, state_tmp, lora):
     (staging / "events.jsonl").write_text("{}\n")
     manifest = build_manifest(
         staging, run_id="ro1", user="alice", host="h",
-        started=dt.datetime.now(dt.timezone.utc), ended=dt.datetime.now(dt.timezone.utc),
+        started=dt.datetime.now(dt.UTC), ended=dt.datetime.now(dt.UTC),
         status="succeeded", config={"base_model": str(model), "train_data_dir": str(ddir),
                                     "allow_outside_dataset": True},
         base_model_sha256=path_sha256(model), dataset_version="ds-o",

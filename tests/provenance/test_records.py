@@ -2,7 +2,6 @@
 record that verifies."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
@@ -10,9 +9,15 @@ import nbformat
 import pytest
 
 from lora_kernel.provenance.ledger import LedgerReader
-from lora_kernel.provenance.records import (MANIFEST, PREDICATE_TYPE, hash_record, load_manifest,
-                                            summary, verify_record)
-from lora_kernel.trusted.sealing import manifest_bytes, write_manifest
+from lora_kernel.provenance.records import (
+    MANIFEST,
+    PREDICATE_TYPE,
+    hash_record,
+    load_manifest,
+    summary,
+    verify_record,
+)
+from lora_kernel.trusted.sealing import manifest_bytes
 
 
 def writable(path):

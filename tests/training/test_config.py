@@ -8,8 +8,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from lora_kernel.training.config import load_config, parse_value, validate_config
 from lora_kernel.common.errors import ConfigError
+from lora_kernel.training.config import load_config, parse_value, validate_config
 
 
 @pytest.fixture

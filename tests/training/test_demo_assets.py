@@ -1,4 +1,5 @@
-"""lora_kernel.training.demo_assets: byte-identical builds, loadable models, learnable data, valid configs."""
+"""lora_kernel.training.demo_assets: byte-identical builds, loadable models, learnable data,
+valid configs."""
 from __future__ import annotations
 
 import csv

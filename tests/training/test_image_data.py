@@ -59,9 +59,9 @@ def test_bucketed_examples_and_batches_are_bucket_pure(mixed_dataset):
 
 @pytest.mark.slow
 def test_bucketed_training_runs_and_batches_never_mix_sizes(mixed_dataset, demo_home):
+    from lora_kernel.training.image import ImageTask
     from lora_kernel.training.models import load_sd_components
     from lora_kernel.training.train import train
-    from lora_kernel.training.image import ImageTask
     cfg = load_config(mixed_dataset)
     task = ImageTask(cfg, load_sd_components(cfg.base_model), device=__import__("torch").device(
         "cpu"), cache_dir=None, dataset_version="ds-test", log=lambda m: None)

@@ -6,16 +6,14 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
-from lora_kernel.training.config import load_config
 from lora_kernel.common.errors import ConfigError, TrainingInterrupted
-from lora_kernel.training.train import train
+from lora_kernel.training.config import load_config
 from lora_kernel.training.loop import latest_checkpoint
+from lora_kernel.training.train import train
 
 pytestmark = pytest.mark.slow
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_kernel.training import models
 from lora_kernel.common.errors import ConfigError, UnsafeModelError
+from lora_kernel.training import models
 
 
 class _Payload:
@@ -153,7 +153,7 @@ def test_single_file_loads_the_same_model_as_the_folder(demo_home):
         a, b = getattr(folder, name).state_dict(), getattr(single, name).state_dict()
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), name
-    for x, y in zip(_outputs(folder), _outputs(single)):
+    for x, y in zip(_outputs(folder), _outputs(single), strict=True):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
 
 
@@ -189,8 +189,8 @@ def test_prefixed_single_file_layout_loads_too(demo_home, tmp_path):
 
 
 def test_sd15_single_file_without_tokenizer_says_what_to_do(tmp_path):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     # Only the header matters for detection; a truncated SD1.5-shaped file suffices.
     path = tmp_path / "sd15.safetensors"
@@ -203,8 +203,8 @@ def test_sd15_single_file_without_tokenizer_says_what_to_do(tmp_path):
 
 
 def test_unknown_architecture_asks_for_config(tmp_path):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     path = tmp_path / "odd.safetensors"
     save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(48, 4, 3, 3)},

@@ -10,8 +10,8 @@ import torch
 
 from lora_kernel.training.config import load_config
 from lora_kernel.training.export import read_metadata
-from lora_kernel.training.train import train
 from lora_kernel.training.text import build_sequences, encode_records
+from lora_kernel.training.train import train
 
 pytestmark = pytest.mark.slow
 CODE = re.compile(r"^\s*[A-Z]+-\d\b")
@@ -53,6 +53,7 @@ def test_lora_learns_the_pattern_the_base_model_lacks(text_run):
 
 def test_peft_adapter_reloads_to_identical_logits(text_run):
     from peft import PeftModel
+
     from lora_kernel.training.models import load_causal_lm
     cfg, res, _ = text_run
     trained = res.live["model"]

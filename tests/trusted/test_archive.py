@@ -8,11 +8,11 @@ import struct
 
 import pytest
 
-from lora_kernel.trusted import archive as arc
 from lora_kernel.common.errors import ConfigError, VerificationError
+from lora_kernel.trusted import archive as arc
 from lora_kernel.trusted.ledger import Ledger
 
-NOW = dt.datetime.now(dt.timezone.utc)
+NOW = dt.datetime.now(dt.UTC)
 
 
 def test_export_import_roundtrip_and_tampered_archive_refused(make_run, lora, state_tmp,

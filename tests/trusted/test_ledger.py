@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from lora_kernel.common.errors import PolicyRefusal, VerificationError
+from lora_kernel.common.errors import PolicyRefusal
 from lora_kernel.provenance.ledger import LedgerReader, entry_hash
 from lora_kernel.trusted.ledger import Ledger
 
@@ -141,3 +141,18 @@ def test_signing_key_readable_by_others_refused(tmp_path):
     (tmp_path / "ledger" / "signing_key.pem").chmod(0o644)
     with pytest.raises(PolicyRefusal, match="chmod 600"):
         Ledger(state=tmp_path).append("review", "y", {})
+
+
+def test_run_entry_without_manifest_digest_attests_nothing(make_run, state_tmp):
+    from lora_kernel.provenance.audit import verify_run
+    from lora_kernel.provenance.records import manifest_sha256
+
+    good = make_run("good")
+    make_run("bare", ledger=False)
+    with Ledger(state=state_tmp) as led:
+        led.append("run", "bare", {"user": "alice"})  # names no manifest: binds nothing
+        assert led.expected_manifest_sha256("good") == (manifest_sha256(good),
+                                                        led.run_entry("good").seq)
+        assert verify_run("good", led, state_tmp) == []  # must work
+        assert led.expected_manifest_sha256("bare") is None
+        assert [p.code for p in verify_run("bare", led, state_tmp)] == ["ledger"]

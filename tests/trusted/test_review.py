@@ -8,9 +8,9 @@ import os
 import pytest
 
 from lora_kernel.common.errors import PolicyRefusal, VerificationError
+from lora_kernel.provenance.publications import review_state, verify_publications
 from lora_kernel.trusted.identity import Actor
 from lora_kernel.trusted.ledger import Ledger
-from lora_kernel.provenance.publications import review_state, verify_publications
 from lora_kernel.trusted.review import approve, is_reviewer, publish, reject
 
 
@@ -63,7 +63,8 @@ def test_non_reviewer_refused(make_run, policies, led, actor):
     assert not is_reviewer(actor("mallory")) and is_reviewer(actor("carol"))
     with pytest.raises(PolicyRefusal, match="reviewers group"):
         approve("r1", "", actor=actor("mallory"), ledger=led)
-    assert reject("r1", "bad samples", actor=actor("carol"), ledger=led).payload["decision"] == "rejected"
+    rejected = reject("r1", "bad samples", actor=actor("carol"), ledger=led)
+    assert rejected.payload["decision"] == "rejected"
 
 
 def test_os_group_membership(policies, actor):
@@ -84,7 +85,7 @@ def test_publish_approved_adapter(make_run, policies, led, tmp_path, actor):
     meta = json.loads((dest / "publication.json").read_text())
     assert meta["access_groups"] == ["lora-users"] and meta["run_id"] == "r1"
     assert meta["expires"] == (dt.date.today() + dt.timedelta(days=30)).isoformat() or \
-        meta["expires"] == (dt.datetime.now(dt.timezone.utc).date()
+        meta["expires"] == (dt.datetime.now(dt.UTC).date()
                             + dt.timedelta(days=30)).isoformat()
     assert led.latest("publication", "r1").payload["path"] == str(dest)
     assert verify_publications(led) == []

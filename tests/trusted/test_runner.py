@@ -407,8 +407,10 @@ def test_the_kernel_environment_never_names_the_state_directory(run_home, tmp_pa
     state = str(state_of(run_home))
     nb = write_notebook(tmp_path / "env.ipynb", "x = 1",
                         "import json, os\n"
-                        f"print(json.dumps({{'state': any({state!r} in v for v in os.environ.values()),"
-                        " 'home': os.environ.get('LORA_HOME'), 'run': os.environ.get('LORA_RUN_ID')}))")
+                        f"print(json.dumps({{'state': any({state!r} in v"
+                        " for v in os.environ.values()),"
+                        " 'home': os.environ.get('LORA_HOME'),"
+                        " 'run': os.environ.get('LORA_RUN_ID')}))")
     rec = run_notebook(nb, {}, home=run_home)
     executed = nbformat.read(str(rec.path / "executed.ipynb"), as_version=4)
     out = json.loads(executed.cells[-1].outputs[0]["text"])

@@ -156,7 +156,8 @@ out = {{
   "list_runs": attempt(lambda: os.listdir(state + "/runs")),
   "write_record": attempt(lambda: open({str(sealed) + "/x.txt" if sealed else state + "/x"!r},
                                        "w").write("x")),
-  "own_data": attempt(lambda: open({str(home / "demo" / "datasets" / "image" / "metadata.csv")!r}).read()),
+  "own_data": attempt(lambda: open(
+      {str(home / "demo" / "datasets" / "image" / "metadata.csv")!r}).read()),
   "uid": os.getuid(),
   "state_in_env": any(state in v for v in os.environ.values()),
 }}
