@@ -251,6 +251,10 @@ def import_archive(archive: str | os.PathLike[str], *, secret: bytes,
         attested = {r["subject"]: r["payload"].get("manifest_sha256") for r in rows
                     if r["kind"] == "run"}
         for rid, sha in sorted(meta["runs"].items()):
+            if not isinstance(sha, str) or not sha:
+                problems.append(Problem("ledger", f"{archive} run {rid}",
+                                        "no manifest digest for this run in the archive"))
+                continue
             if attested.get(rid) != sha:
                 problems.append(Problem("ledger", f"{archive} run {rid}",
                                          "run not attested by the archived ledger slice"))
