@@ -19,8 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from lora_kernel.cli.options import (
     add_home,
     add_override_args,
@@ -29,6 +27,7 @@ from lora_kernel.cli.options import (
     parse_overrides,
 )
 from lora_kernel.common.errors import ConfigError, VerificationError
+from lora_kernel.common.yamlio import load_yaml
 
 
 def _log(msg: str) -> None:
@@ -50,12 +49,7 @@ def load_params_file(path: str | None) -> dict:
     if not path:
         return {}
     p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read parameters file: {exc.strerror}", file=p) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"is not valid YAML: {exc}", file=p) from None
+    data = load_yaml(p, what="parameters file")
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError("must be a YAML mapping of parameter: value", file=p)

@@ -6,9 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lora_kernel.common.errors import ConfigError
+from lora_kernel.common.yamlio import load_yaml
 
 _REPO_POLICIES = Path(__file__).resolve().parents[2] / "policies"
 
@@ -34,10 +33,7 @@ def load_policy(name: str, defaults: dict[str, Any] | None = None) -> dict[str, 
     data: dict[str, Any] = dict(defaults or {})
     if not path.exists():
         return data
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"is not valid YAML: {exc}", file=path) from None
+    loaded = load_yaml(path, what="policy file") or {}
     if not isinstance(loaded, dict):
         raise ConfigError("must be a YAML mapping", file=path)
     data.update(loaded)

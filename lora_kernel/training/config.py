@@ -25,6 +25,7 @@ import yaml
 from PIL import Image
 
 from lora_kernel.common.errors import ConfigError
+from lora_kernel.common.yamlio import load_yaml
 
 TASKS = ("image", "text")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -460,13 +461,7 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}; fix: copy templates/image_lora.yaml "
                           f"or templates/text_lora.yaml", file=path)
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"is not valid YAML{where}: {getattr(exc, 'problem', exc)}; fix: "
-                          f"check indentation and quoting", file=path) from None
+    raw = load_yaml(path, what="config")
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -44,6 +44,7 @@ from typing import IO, Any
 from lora_kernel.common.errors import ConfigError, LoraError, RunFailed, UnsafeModelError
 from lora_kernel.common.paths import lora_home, runs_dir
 from lora_kernel.common.timeutil import iso_time, utc_now
+from lora_kernel.common.yamlio import load_yaml
 from lora_kernel.provenance.records import manifest_sha256, record_files
 from lora_kernel.trusted.executor import COLLECTED
 from lora_kernel.trusted.identity import Actor, current_actor
@@ -167,15 +168,7 @@ def notebook_for_task(task: str) -> Path:
 def config_task(config_path: str | os.PathLike[str]) -> str:
     """The ``task:`` of a config file (``image`` when absent), read without validating it:
     it only picks the notebook, which then validates the whole config as the user."""
-    import yaml
-
-    path = Path(config_path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read the config: {exc.strerror}", file=path) from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"is not valid YAML: {exc}", file=path) from None
+    data = load_yaml(config_path, what="config")
     task = data.get("task", "image") if isinstance(data, dict) else "image"
     return str(task)
 
