@@ -38,6 +38,7 @@ class ConfigError(LoraError, ValueError):
                  key: str | None = None):
         self.file = str(file) if file is not None else None
         self.key = key
+        self.detail = message  # the message without the file/key prefix
         where = []
         if self.file:
             where.append(self.file)

@@ -26,6 +26,7 @@ from PIL import Image
 
 from lora_kernel.common.errors import ConfigError
 from lora_kernel.common.yamlio import load_yaml
+from lora_kernel.training.model_safety import check_model_path
 
 TASKS = ("image", "text")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -33,7 +34,6 @@ LR_SCHEDULERS = (
     "constant", "constant_with_warmup", "linear", "cosine",
     "cosine_with_restarts", "polynomial",
 )
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl", ".pickle")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 # The keys whose values are filesystem paths, resolved against the config's folder.
@@ -352,10 +352,10 @@ def _check_inputs(cfg: TrainConfig, file: str) -> None:
         raise ConfigError(f"base model not found at {model}; fix: point base_model at a local "
                           f"model (run `lora demo-assets` for a tiny one)", file=file,
                           key="base_model")
-    if model.suffix.lower() in PICKLE_SUFFIXES:
-        raise ConfigError(f"{model.name} is a pickle file, which can run arbitrary code when "
-                          f"loaded; fix: convert it to .safetensors on a trusted machine",
-                          file=file, key="base_model")
+    try:
+        check_model_path(model)  # the loaders' own refusal: pickles are UnsafeModelError (3)
+    except ConfigError as exc:  # e.g. an unsupported file type: name the config too
+        raise ConfigError(exc.detail, file=file, key=exc.key or "base_model") from None
     if cfg.task == "image":
         _check_image_dataset(cfg, file)
     else:

@@ -96,10 +96,19 @@ def test_unreadable_image_is_refused_and_a_real_one_accepted(image_setup):
 
 
 def test_pickle_base_model_is_refused_before_loading(image_setup):
+    """The validator and the loader share one refusal: UnsafeModelError, exit code 3."""
+    from lora_kernel.common.errors import UnsafeModelError
+
     (image_setup.parent / "model.ckpt").write_bytes(b"not loaded")
     _write(image_setup, base_model="model.ckpt")
-    with pytest.raises(ConfigError, match="pickle"):
+    with pytest.raises(UnsafeModelError, match="pickle") as info:
         load_config(image_setup)
+    assert info.value.exit_code == 3 and "safetensors" in str(info.value)
+    (image_setup.parent / "model.txt").write_bytes(b"not a model")
+    _write(image_setup, base_model="model.txt")
+    with pytest.raises(ConfigError, match="unsupported model file model.txt") as info:
+        load_config(image_setup)
+    assert str(info.value).count("key 'base_model'") == 1
 
 
 def test_bad_yaml_names_line(tmp_path):
