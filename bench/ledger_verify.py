@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        led = Ledger(home=tmp, durable=False)
+        led = Ledger(state=tmp, durable=False)
         t0 = time.perf_counter()
         fill(led, args.entries)
         build = time.perf_counter() - t0

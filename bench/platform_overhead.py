@@ -106,7 +106,7 @@ def _bench(args, home: Path) -> int:
                           "-p", "output_dir", out, *fixed, env=env)
         loop_train, _ = train_seconds(out)
         t_run, stdout = lora("run", "--config", config, "-p", "max_train_steps", steps,
-                             "--home", home, *fixed, env=env)
+                             "--home", home, "--state", home / "state", *fixed, env=env)
         record = Path(next(line.split(": ", 1)[1] for line in stdout.splitlines()
                            if line.startswith("record: ")))
         loop_run = json.loads((record / "run_result.json").read_text())["seconds"]

@@ -1,6 +1,8 @@
 """LoRA Enclave: offline LoRA training, the guarded kernel and sealed audit records.
 
-Everything in this package runs in a user's environment. Importing it has no side
+The package is split by who may run it (see README "Trust boundary"): ``common`` (neutral),
+``kernel`` and ``training`` (the user's side, untrusted), ``provenance`` (read-only
+verifiers), ``trusted`` (the service account's side) and ``cli``. Importing it has no side
 effects: the egress guard is installed explicitly by the kernel launcher
 (``python -m lora_kernel``) and the offline environment by the CLI.
 """
