@@ -14,9 +14,11 @@ from __future__ import annotations
 import html
 import io
 import json
+import logging
 import os
-from collections.abc import Mapping
-from dataclasses import asdict
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +52,30 @@ def prepare_config(config_path: str | os.PathLike = "", overrides: Mapping[str, 
     return cfg
 
 
+@contextmanager
+def _training_notes_in_cell() -> Iterator[None]:
+    """While training, show the ``lora_kernel.training`` loggers' INFO notes (latent cache hit /
+    written) in the cell's output, which the executed notebook keeps; removed afterwards."""
+    target = logging.getLogger("lora_kernel.training")
+    handler = logging.StreamHandler(sys.stdout)  # the kernel's stdout at call time: the cell
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    old_level = target.level
+    target.addHandler(handler)
+    target.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        target.removeHandler(handler)
+        target.setLevel(old_level)
+
+
 def run_training(cfg: TrainConfig, *, home: str | os.PathLike | None = None):
     """Train with a live progress bar (tqdm) and return the
-    :class:`~lora_kernel.training.train.TrainResult`. Errors propagate: the cell fails, visibly."""
+    :class:`~lora_kernel.training.train.TrainResult`; the training notes are shown in the cell.
+    Errors propagate: the cell fails, visibly."""
     from lora_kernel.training.train import train
-    return train(cfg, progress=True, home=home)
+    with _training_notes_in_cell():
+        return train(cfg, progress=True, home=home)
 
 
 def _png(fig) -> bytes:
@@ -159,7 +180,7 @@ def summary_view(result, cfg: TrainConfig | None = None):
 def result_dict(result) -> dict:
     """The :class:`~lora_kernel.training.train.TrainResult` as plain JSON data (live objects
     dropped)."""
-    data = asdict(result)
+    data = result.to_dict()
     data["first_loss"], data["final_loss"] = result.first_loss, result.final_loss
     return data
 

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import logging
+import sys
 
-from lora_kernel.cli.options import add_override_args, parse_overrides
+from lora_kernel.cli.options import add_home, add_override_args, parse_overrides
 from lora_kernel.training.config import config_keys, load_config
 
 
@@ -13,7 +15,20 @@ def cmd_train(args) -> int:
     cfg = load_config(args.config, parse_overrides(args.param))
     resume = args.resume if args.resume not in (None, "latest") else (
         True if args.resume == "latest" else None)
-    res = train(cfg, resume=resume, progress=not args.quiet, samples=not args.no_samples)
+    # The library logs its notes (latent cache hit / written) at INFO: show ours, bare, on
+    # stdout for this command only (not the root logger: no third-party INFO chatter).
+    notes = logging.getLogger("lora_kernel")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    old_level = notes.level
+    notes.addHandler(handler)
+    notes.setLevel(logging.INFO)
+    try:
+        res = train(cfg, resume=resume, progress=not args.quiet, samples=not args.no_samples,
+                    home=args.home)
+    finally:
+        notes.removeHandler(handler)
+        notes.setLevel(old_level)
     if res.resumed_from:
         print(f"resumed from {res.resumed_from}")
     print(f"trained {res.steps} steps in {res.seconds:.1f}s "
@@ -45,6 +60,7 @@ def register(sub) -> None:
                                    "(see templates/).")
     p.add_argument("--config", "-c", required=True, help="YAML config file")
     add_override_args(p)
+    add_home(p)
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="continue from the latest checkpoint in output_dir (or the one given)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")

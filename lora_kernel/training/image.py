@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,8 @@ from safetensors.torch import load_file, save_file
 
 from lora_kernel.training.data import read_image_rows
 from lora_kernel.training.loop import seed_everything
+
+logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
@@ -114,10 +118,13 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
 # -- the task --------------------------------------------------------------------------
 
 class ImageTask:
-    """LoRA training of a Stable Diffusion UNet (and optionally text encoder)."""
+    """LoRA training of a Stable Diffusion UNet (and optionally text encoder).
+
+    ``log`` receives the latent-cache notes (hit / written); default: this module's logger.
+    """
 
     def __init__(self, cfg, comps, *, device: torch.device, cache_dir: Path | None,
-                 dataset_version: str, log=print):
+                 dataset_version: str, log: Callable[[str], None] = logger.info):
         from peft import LoraConfig
         self.cfg, self.comps, self.device, self.log = cfg, comps, device, log
         unet, vae, te = comps.unet, comps.vae, comps.text_encoder

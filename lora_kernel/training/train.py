@@ -13,10 +13,12 @@ Outputs under ``cfg.output_dir``::
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,16 +26,22 @@ from lora_kernel.common.paths import lora_home
 from lora_kernel.common.version import version_info
 from lora_kernel.training.data import dataset_digests, dataset_version
 
-__all__ = ["TrainResult", "train", "pick_device"]
+if TYPE_CHECKING:
+    from lora_kernel.training.loop import LoopResult
+
+__all__ = ["TrainResult", "TaskOutcome", "train", "pick_device"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class TrainResult:
     """What a finished training run produced.
 
-    ``live`` (not a field, not serialised) holds the in-memory trained objects: for image
-    runs the :class:`~lora_kernel.training.models.SDComponents` with the LoRA attached, for text
-    runs the PEFT model and tokenizer — for notebooks that want to try the adapter at once.
+    ``live`` (not serialised, not compared, not in the repr) holds the in-memory trained
+    objects: for image runs ``{"components": SDComponents}`` with the LoRA attached, for text
+    runs ``{"model": PeftModel, "tokenizer": ...}`` — for notebooks that want to try the adapter
+    at once. :meth:`to_dict` leaves it out.
     """
 
     task: str
@@ -52,6 +60,14 @@ class TrainResult:
     cache_hit: bool = False
     resumed_from: str | None = None
     summary_path: str = ""
+    live: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field but ``live`` as plain data, in declaration order (``asdict`` without
+        deep-copying the live models)."""
+        data = asdict(replace(self, live={}))
+        del data["live"]
+        return data
 
     @property
     def first_loss(self) -> float:
@@ -75,8 +91,11 @@ def train(cfg, *, resume: bool | str | Path | None = None, progress: bool = True
           interrupt_at_step: int | None = None,
           on_step: Callable[[int, float, float], None] | None = None,
           home: str | Path | None = None, samples: bool = True,
-          log: Callable[[str], None] = print) -> TrainResult:
+          log: Callable[[str], None] = logger.info) -> TrainResult:
     """Train the LoRA described by a validated :class:`~lora_kernel.training.config.TrainConfig`.
+
+    ``log`` receives the run's notes (latent cache hit / written); by default they go to this
+    module's :mod:`logging` logger at INFO.
 
     Raises :class:`~lora_kernel.common.errors.TrainingInterrupted` (after saving a checkpoint) on
     Ctrl-C / SIGTERM, :class:`~lora_kernel.common.errors.UnsafeModelError` for refused models.
@@ -90,26 +109,26 @@ def train(cfg, *, resume: bool | str | Path | None = None, progress: bool = True
     cache_dir = lora_home(home) / "cache"
     started = time.time()
     if cfg.task == "image":
-        result, files, sample_info, cache_hit, model_sha, live = _train_image(
+        outcome = _train_image(
             cfg, device=device, out=out, cache_dir=cache_dir, version=version, digests=digests,
             resume=resume, progress=progress, interrupt_at_step=interrupt_at_step,
             on_step=on_step, samples=samples, log=log, run_loop=run_loop)
     else:
-        result, files, sample_info, cache_hit, model_sha, live = _train_text(
+        outcome = _train_text(
             cfg, device=device, out=out, version=version, digests=digests, resume=resume,
             progress=progress, interrupt_at_step=interrupt_at_step, on_step=on_step,
             samples=samples, run_loop=run_loop)
-    res = TrainResult(task=cfg.task, output_dir=str(out), adapter_files=files,
-                      losses=result.losses, steps=result.steps, seconds=result.seconds,
-                      examples_per_second=result.examples_per_second,
-                      base_model_sha256=model_sha, dataset_version=version,
+    loop = outcome.loop
+    res = TrainResult(task=cfg.task, output_dir=str(out), adapter_files=outcome.adapter_files,
+                      losses=loop.losses, steps=loop.steps, seconds=loop.seconds,
+                      examples_per_second=loop.examples_per_second,
+                      base_model_sha256=outcome.base_model_sha256, dataset_version=version,
                       dataset_digests=digests if cfg.record_dataset_paths else {},
-                      samples=sample_info, cache_hit=cache_hit,
-                      eval_loss_before=result.eval_loss_before,
-                      eval_loss_after=result.eval_loss_after,
-                      resumed_from=result.resumed_from)
-    res.live = live
-    summary = asdict(res)
+                      samples=outcome.samples, cache_hit=outcome.cache_hit,
+                      eval_loss_before=loop.eval_loss_before,
+                      eval_loss_after=loop.eval_loss_after,
+                      resumed_from=loop.resumed_from, live=outcome.live)
+    summary = res.to_dict()
     summary.update({"config": cfg.to_dict(), "started": started, "ended": time.time(),
                     "device": str(device), "version": version_info(),
                     "dataset_file_count": len(digests)})
@@ -119,8 +138,21 @@ def train(cfg, *, resume: bool | str | Path | None = None, progress: bool = True
     return res
 
 
+@dataclass(frozen=True)
+class TaskOutcome:
+    """What one task's training (:func:`_train_image` / :func:`_train_text`) hands back to
+    :func:`train`, which adds the dataset and timing facts to make the :class:`TrainResult`."""
+
+    loop: LoopResult
+    adapter_files: dict[str, str]
+    samples: dict
+    cache_hit: bool
+    base_model_sha256: str
+    live: dict[str, Any]
+
+
 def _train_image(cfg, *, device, out, cache_dir, version, digests, resume, progress,
-                 interrupt_at_step, on_step, samples, log, run_loop):
+                 interrupt_at_step, on_step, samples, log, run_loop) -> TaskOutcome:
     from lora_kernel.training.export import adapter_metadata, save_diffusers_lora, save_kohya_lora
     from lora_kernel.training.image import ImageTask, sample_grid
     from lora_kernel.training.models import load_sd_components
@@ -142,11 +174,12 @@ def _train_image(cfg, *, device, out, cache_dir, version, digests, resume, progr
                                      te, cfg.alpha, meta)),
     }
     info = sample_grid(cfg, comps, out / "samples", device=device) if samples else {}
-    return result, files, info, task.cache_hit, comps.sha256, {"components": comps}
+    return TaskOutcome(loop=result, adapter_files=files, samples=info, cache_hit=task.cache_hit,
+                       base_model_sha256=comps.sha256, live={"components": comps})
 
 
 def _train_text(cfg, *, device, out, version, digests, resume, progress, interrupt_at_step,
-                on_step, samples, run_loop):
+                on_step, samples, run_loop) -> TaskOutcome:
     from lora_kernel.training.export import adapter_metadata, save_peft_adapter
     from lora_kernel.training.models import load_causal_lm, model_sha256
     from lora_kernel.training.text import TextTask, sample_completions
@@ -161,4 +194,5 @@ def _train_text(cfg, *, device, out, version, digests, resume, progress, interru
     folder = save_peft_adapter(out / cfg.output_name, task.model, meta)
     files = {"peft": str(folder)}
     info = sample_completions(cfg, task, out / "samples") if samples else {}
-    return result, files, info, False, sha, {"model": task.model, "tokenizer": tokenizer}
+    return TaskOutcome(loop=result, adapter_files=files, samples=info, cache_hit=False,
+                       base_model_sha256=sha, live={"model": task.model, "tokenizer": tokenizer})
