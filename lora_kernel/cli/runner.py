@@ -9,8 +9,11 @@ from lora_kernel.common.paths import RUNNER_SOCKET, SERVICE_STATE_DIR
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Serve run, review, publish and recover requests until interrupted."""
+    import logging
+
     from lora_kernel.trusted.service import serve
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     serve(Path(args.socket), Path(args.state).resolve(), args.service_user)
     return 0
 

@@ -26,12 +26,12 @@ Protocol: one JSON line from the client; JSON lines back: ``{"log": text}``,
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pwd
 import select
 import socket
 import socketserver
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ from lora_kernel.common.paths import RUNNER_SOCKET
 from lora_kernel.trusted.identity import Actor, peer_actor
 from lora_kernel.trusted.supervisor import Privileges, RunAs
 
+logger = logging.getLogger(__name__)
 # Variables of the service's own (root's) environment handed to a run's children.
 PASS_ENV = ("LORA_POLICIES", "LORA_NOTEBOOKS", "JUPYTER_PATH")
 _ERRORS: dict[int, type[LoraError]] = {2: ConfigError, 3: UnsafeModelError,
@@ -164,8 +165,8 @@ def serve(socket_path: Path, state: Path, service_user: str) -> None:
                             "that user); fix: start it from systemd or the hub image as root")
     prepare_state(state, service_user)
     with RunnerServer(socket_path, state, service_user) as server:
-        print(f"lora runner: serving {socket_path} (state {state}, service account "
-              f"{service_user})", file=sys.stderr, flush=True)
+        logger.info("lora runner: serving %s (state %s, service account %s)", socket_path, state,
+                    service_user)
         server.serve_forever()
 
 
