@@ -5,7 +5,8 @@
 service, the socket's peer (service mode) — never an environment variable.
 
 Exit codes: 0 clean, 5 (VerificationError) when anything fails verification, 6 (PolicyRefusal)
-when a policy forbids the action, 2 (ConfigError) for bad arguments.
+when a policy forbids the action, 2 (ConfigError) for bad arguments, 3 (NoMatch) when
+``audit lineage`` finds no run.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 
 from lora_kernel.cli.options import add_runner, add_state
-from lora_kernel.common.errors import ConfigError, VerificationError
+from lora_kernel.common.errors import ConfigError, NoMatch, VerificationError
 from lora_kernel.common.timeutil import parse_time
 
 
@@ -45,6 +46,31 @@ def _secret(args) -> bytes:
 
 def _print_json(obj) -> None:
     print(json.dumps(obj, indent=1, sort_keys=True, default=str))
+
+
+def _print_table(header: list[str], rows: list[list[str]]) -> None:
+    """Columns as wide as their widest cell; the last column is not padded."""
+    widths = [max(len(c) for c in col) for col in zip(header, *rows, strict=True)]
+    for row in [header, *rows]:
+        cells = [c.ljust(w) for c, w in zip(row[:-1], widths, strict=False)]
+        print(" ".join([*cells, row[-1]]).rstrip())
+
+
+def _cell(value) -> str:
+    """A value as a table or summary cell: None is "-", containers compact JSON."""
+    if value is None:
+        return "-"
+    if isinstance(value, dict | list):
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+    return str(value)
+
+
+def _short_time(text) -> str:
+    """An ISO time to the second (``2025-01-31T12:00:00Z``); anything else as it is."""
+    try:
+        return parse_time(str(text)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        return _cell(text)
 
 
 def _recover(state) -> None:
@@ -77,7 +103,7 @@ def cmd_verify(args) -> int:
         _recover(args.state)
     problems = verify(None if args.all else args.run, state=args.state,
                       trusted_key=args.trusted_key, inputs=args.inputs)
-    checked = len(list_runs(state=args.state)) if args.all else 1
+    checked = len(list_runs(state=args.state, verify=False)) if args.all else 1
     for p in problems:
         print(p)
     print(trust_statement(args.state, args.trusted_key))
@@ -136,20 +162,50 @@ def cmd_key(args) -> int:
 
 
 def cmd_list(args) -> int:
-    """List runs matching the filters."""
+    """List runs matching the filters; a run that does not verify is marked TAMPERED."""
     from lora_kernel.provenance.audit import list_runs
+    columns = [c.strip() for c in (args.columns or "").split(",") if c.strip()]
     rows = list_runs(state=args.state, user=args.user, since=args.since, until=args.until,
-                     status=args.status, review=args.review, expired=args.expired)
+                     status=args.status, review=args.review, expired=args.expired,
+                     columns=columns)
     if args.json:
         _print_json(rows)
         return 0
-    print(f"{'RUN':24s} {'USER':10s} {'STATUS':10s} {'STARTED':22s} {'REVIEW':9s} NOTES")
+    table = []
     for r in rows:
-        notes = [n for n, on in (("pruned", r["pruned"]), ("published", r["published"]),
-                                 ("EXPIRED", r["expired"])) if on]
-        print(f"{r['run_id']:24s} {str(r['user']):10s} {str(r['status']):10s} "
-              f"{str(r['started']):22s} {r['review']:9s} {' '.join(notes)}")
+        notes = [n for n, on in (("TAMPERED", not r["verified"]), ("pruned", r["pruned"]),
+                                 ("published", r["published"]), ("EXPIRED", r["expired"])) if on]
+        table.append([r["run_id"], _cell(r["user"]), _cell(r["status"]),
+                      _short_time(r["started"]) if r["started"] else "-", _cell(r["review"]),
+                      *(_cell(r["columns"][c]) for c in columns), " ".join(notes)])
+    _print_table(["RUN", "USER", "STATUS", "STARTED", "REVIEW", *(c.upper() for c in columns),
+                  "NOTES"], table)
     return 0
+
+
+def _show_line(key: str, info: dict) -> str | None:
+    """One ``lora audit show`` line for ``key`` (None: the run has no such field)."""
+    if key not in info:
+        return None
+    value = info[key]
+    if key == "config":
+        essentials = info.get("config_essentials") or {}  # none once a record is pruned
+        value = " ".join(f"{k}={_cell(v)}" for k, v in essentials.items()) or None
+    elif key == "notebook":
+        value = f"{value.get('name') or '-'} sha256 {value.get('sha256') or '-'}"
+    elif key == "run_as" and isinstance(value, dict):
+        value = f"{value.get('name')} (uid {value.get('uid')})"
+    elif key == "dataset_version" and "dataset_files" in info:
+        value = f"{_cell(value)} ({info['dataset_files']} files)"
+    elif key == "published":
+        value = ", ".join(value) or None
+    return f"{key:18s} {_cell(value)}"
+
+
+SHOW_FIELDS = ("run_id", "kind", "status", "error", "user", "uid", "identity", "run_as", "host",
+               "started", "ended", "review", "reviewer", "notebook", "parameters", "config",
+               "dataset_version", "base_model", "base_model_sha256", "adapter_digest", "seed",
+               "egress_refusals", "published", "html")
 
 
 def cmd_show(args) -> int:
@@ -163,11 +219,15 @@ def cmd_show(args) -> int:
     if args.json:
         _print_json(info)
     else:
-        for key in ("run_id", "user", "host", "status", "started", "ended", "review",
-                    "reviewer", "adapter_digest", "dataset_version", "base_model",
-                    "base_model_sha256", "seed", "egress_refusals", "published", "html"):
-            if key in info:
-                print(f"{key:18s} {info[key]}")
+        for key in SHOW_FIELDS:
+            line = _show_line(key, info)
+            if line is not None:
+                print(line)
+        for pub in info["publications"]:
+            state = f"withdrawn (seq {pub['withdrawn']})" if pub["withdrawn"] else \
+                f"expires {pub['expires']}"
+            print(f"publication seq {pub['seq']:<6d} {pub['path']} by {pub['published_by']}, "
+                  f"{state}")
         for e in info["ledger"]:
             print(f"ledger seq {e['seq']:<6d} {e['time']} {e['kind']}")
         for p in info["problems"]:
@@ -178,7 +238,8 @@ def cmd_show(args) -> int:
 
 
 def cmd_lineage(args) -> int:
-    """Print every run that used the path / digest / dataset version / base model."""
+    """Print every run that used the path / digest / dataset version / base model; NoMatch
+    (exit 3) when none did."""
     from lora_kernel.provenance.audit import lineage
     hits = lineage(args.query, state=args.state)
     if args.json:
@@ -186,6 +247,10 @@ def cmd_lineage(args) -> int:
     for h in [] if args.json else hits:
         print(f"{h['run_id']:24s} {str(h['user']):10s} {str(h['status']):10s} "
               f"{', '.join(h['matched'])}")
+    if not hits:
+        raise NoMatch(f"no run used {args.query} (compared with every run's input and output "
+                      "digests, dataset version and base model; a path is matched by its "
+                      "contents' sha256)")
     return 0
 
 
@@ -240,9 +305,15 @@ def cmd_review(args) -> int:
 
 
 def cmd_publish(args) -> int:
-    """Publish an approved adapter."""
+    """Publish an approved adapter, or withdraw a run's publication (--withdraw RUN)."""
     from lora_kernel.trusted.service import call, runner_socket
 
+    if args.withdraw:
+        return _withdraw(args)
+    if not args.run or not args.to:
+        raise ConfigError("give RUN and --to DIR (or --withdraw RUN)")
+    if args.note is not None:
+        raise ConfigError("--note goes with --withdraw (a publication takes no note)")
     sock = runner_socket(args.runner)
     if sock is not None:
         dest = call(sock, {"op": "publish", "run": args.run, "to": str(Path(args.to).resolve()),
@@ -252,6 +323,30 @@ def cmd_publish(args) -> int:
 
         dest = publish(args.run, args.to, args.name, state=args.state)
     print(f"published {args.run} to {dest}")
+    return 0
+
+
+def _withdraw(args) -> int:
+    """Withdraw a run's publications (or the one named --name): folder removed, ledger entry."""
+    from lora_kernel.trusted.service import call, runner_socket
+
+    if args.run or args.to:
+        raise ConfigError("--withdraw RUN takes no other RUN and no --to (the ledger knows "
+                          "where it was published)")
+    note = args.note or ""
+    sock = runner_socket(args.runner)
+    if sock is not None:
+        done = [(e["seq"], e["payload"]) for e in call(sock, {
+            "op": "withdraw", "run": args.withdraw, "note": note, "name": args.name})]
+    else:
+        from lora_kernel.trusted.review import withdraw
+
+        done = [(e.seq, e.payload) for e in withdraw(args.withdraw, note, name=args.name,
+                                                     state=args.state)]
+    for seq, p in done:
+        gone = "folder removed" if p["removed"] else "folder was already gone"
+        print(f"withdrew {args.withdraw} from {p['path']} by {p['by']} ({gone}; publication "
+              f"seq {p['publication_seq']}, ledger seq {seq})")
     return 0
 
 
@@ -298,6 +393,8 @@ def register(sub) -> None:
     p.add_argument("--status", help="run status, e.g. succeeded, failed")
     p.add_argument("--review", choices=["pending", "approved", "rejected", "void"])
     p.add_argument("--expired", action="store_true", help="only runs with expired publications")
+    p.add_argument("--columns", metavar="KEY,KEY",
+                   help="also show these config keys, e.g. learning_rate,lora_rank")
     p.add_argument("--json", action="store_true")
     add_state(p)
     p.set_defaults(func=cmd_list)
@@ -342,10 +439,15 @@ def register(sub) -> None:
     add_runner(review)
     review.set_defaults(func=cmd_review)
 
-    pub = sub.add_parser("publish", help="publish an approved adapter")
-    pub.add_argument("run")
-    pub.add_argument("--to", required=True, metavar="DIR")
-    pub.add_argument("--name", help="published name (default: the run id)")
+    pub = sub.add_parser("publish", help="publish an approved adapter, or withdraw one")
+    pub.add_argument("run", nargs="?")
+    pub.add_argument("--to", metavar="DIR", help="folder to publish into (required to publish)")
+    pub.add_argument("--name", help="published name (default: the run id); with --withdraw, "
+                                    "only the publication of that name")
+    pub.add_argument("--withdraw", metavar="RUN",
+                     help="withdraw RUN's publication: remove the published folder and record "
+                          "it in the ledger (a reviewer or the publisher)")
+    pub.add_argument("--note", help="why it is withdrawn (with --withdraw)")
     add_state(pub)
     add_runner(pub)
     pub.set_defaults(func=cmd_publish)

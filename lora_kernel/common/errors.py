@@ -9,6 +9,7 @@ code  exception               meaning
 1     (any other exception)   crash: a bug, report it
 2     ConfigError             the config / parameters are invalid
 3     UnsafeModelError        a model file or config was refused (pickle, remote code)
+3     NoMatch                 a search found nothing (``lora audit lineage``: no run used it)
 4     EgressBlocked           outbound network traffic was refused
 5     VerificationError       an audit record, ledger or file failed verification
 6     PolicyRefusal           a policy forbids the action (review, publish, prune)
@@ -50,6 +51,13 @@ class ConfigError(LoraError, ValueError):
 
 class UnsafeModelError(LoraError):
     """A model was refused because loading it could run code or reach the network."""
+
+    exit_code = 3
+
+
+class NoMatch(LoraError):
+    """A search matched nothing (``lora audit lineage``: no run used the query). Not a fault:
+    the exit code lets a script tell "nothing used it" from "it was used" (0)."""
 
     exit_code = 3
 

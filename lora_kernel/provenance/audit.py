@@ -7,6 +7,7 @@ lineage. Every function takes ``state`` (the state directory, default
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import html
 import os
 import pwd
@@ -25,6 +26,9 @@ from lora_kernel.provenance.publications import publications, review_state, veri
 from lora_kernel.provenance.records import NOTEBOOK, Problem, load_manifest, summary, verify_record
 
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
+# The config keys `lora audit show` prints first (max_train_steps when set, else epochs).
+CONFIG_ESSENTIALS = ("task", "learning_rate", "lora_rank", "lora_alpha", "batch_size",
+                     "max_train_steps", "epochs", "resolution", "seed")
 
 _State = str | os.PathLike[str] | None  # the state directory (default: state_dir())
 
@@ -109,7 +113,11 @@ def trust_statement(state: _State = None, trusted_key: str | os.PathLike[str] | 
 # -- list / show ----------------------------------------------------------------------------
 def run_info(run_id: str, ledger: LedgerReader, state: _State = None,
              now: dt.datetime | None = None) -> dict[str, Any]:
-    """One run's summary for listings: from its manifest if present, else from the ledger."""
+    """One run's summary for listings: from its manifest if present, else from the ledger.
+
+    ``review`` is None for a run that did not succeed and has no review (it cannot be
+    approved, so nothing is pending); ``config`` is the resolved config ({} when only the
+    ledger entry is left); ``published`` lists the paths of publications not withdrawn."""
     record = runs_dir(state) / run_id
     entry = ledger.run_entry(run_id)
     s = None
@@ -124,28 +132,52 @@ def run_info(run_id: str, ledger: LedgerReader, state: _State = None,
              "started": p.get("started"), "ended": p.get("ended"),
              "adapter_digest": p.get("adapter_digest"), "dataset_version":
                  p.get("dataset_version"), "base_model_sha256": p.get("base_model_sha256")}
-    state, review = review_state(ledger, run_id, s.get("adapter_digest"))
-    pubs = [p for p in publications(ledger, now) if p.get("run_id") == run_id]
+    review_st, review = review_state(ledger, run_id, s.get("adapter_digest"))
+    pubs = [p for p in publications(ledger, now)
+            if p.get("run_id") == run_id and p["withdrawn"] is None]
+    config = s.get("config")
     return {"run_id": run_id, "user": s.get("user"), "status": s.get("status"),
-            "started": s.get("started"), "ended": s.get("ended"), "review": state,
+            "started": s.get("started"), "ended": s.get("ended"),
+            "review": None if review is None and s.get("status") != "succeeded" else review_st,
             "reviewer": review.payload.get("reviewer") if review else None,
             "adapter_digest": s.get("adapter_digest"),
             "dataset_version": s.get("dataset_version"), "present": record.is_dir(),
             "pruned": ledger.latest("prune", run_id) is not None,
             "published": [p["path"] for p in pubs],
-            "expired": any(p["expired"] for p in pubs)}
+            "expired": any(p["expired"] for p in pubs),
+            "config": config if isinstance(config, dict) else {}}
+
+
+def check_columns(columns: list[str], configs: list[dict[str, Any]]) -> None:
+    """:class:`ConfigError` naming the first of ``columns`` that no config in ``configs`` has,
+    with the closest key that one has (did you mean) and the keys there are."""
+    known = sorted({k for c in configs for k in c})
+    for col in columns:
+        if col in known:
+            continue
+        close = difflib.get_close_matches(col, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown column {col!r}: no run's config has that key{hint}; fix: "
+                          "name config keys the runs recorded: " + (", ".join(known) or "none"),
+                          key="--columns")
 
 
 def list_runs(*, state: _State = None, ledger: LedgerReader | None = None, user: str | None = None,
               since: dt.datetime | None = None, until: dt.datetime | None = None,
               status: str | None = None, review: str | None = None, expired: bool = False,
-              now: dt.datetime | None = None) -> list[dict[str, Any]]:
+              now: dt.datetime | None = None, columns: list[str] | None = None,
+              verify: bool = True) -> list[dict[str, Any]]:
     """Runs matching every filter given: trainer, start time in ``[since, until)``, status,
-    review state (pending/approved/rejected/void), with an expired publication."""
-    out = []
+    review state (pending/approved/rejected/void), with an expired publication.
+
+    With ``verify`` each listed run is verified (:func:`verify_run`): ``verified`` and its
+    ``problems``. ``columns`` (config keys; unknown ones: :func:`check_columns`) adds
+    ``columns``: ``{key: value or None}`` to each run."""
+    out, configs = [], []
     with open_ledger(ledger, state) as led:
         for rid in run_ids(led, state):
             info = run_info(rid, led, state, now)
+            configs.append(info["config"])
             started = parse_time(info["started"]) if info["started"] else None
             if user and info["user"] != user or status and info["status"] != status:
                 continue
@@ -155,8 +187,42 @@ def list_runs(*, state: _State = None, ledger: LedgerReader | None = None, user:
                 continue
             if until and (started is None or started >= until):
                 continue
+            if verify:
+                problems = verify_run(rid, led, state)
+                info.update(verified=not problems, problems=[str(p) for p in problems])
             out.append(info)
+    if columns:
+        check_columns(columns, configs)
+        for info in out:
+            info["columns"] = {c: info["config"].get(c) for c in columns}
     return out
+
+
+def config_essentials(config: dict[str, Any]) -> dict[str, Any]:
+    """The keys of :data:`CONFIG_ESSENTIALS` that ``config`` has, in that order; the step
+    budget is ``max_train_steps`` when set, else ``epochs``."""
+    out = {k: config[k] for k in CONFIG_ESSENTIALS if k in config}
+    if out.get("max_train_steps") is not None:
+        out.pop("epochs", None)
+    else:
+        out.pop("max_train_steps", None)
+    return out
+
+
+def run_details(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a manifest says about how a run ran: its kind, error, the notebook (name, sha256)
+    and its papermill parameters, the config essentials, the dataset's file count, who ran it
+    (uid) and how they were identified (``identity``: os, peercred...), the account it ran as
+    (``run_as``), and the whole free-form ``extra`` (losses, steps, notes...)."""
+    s = summary(manifest)
+    extra = manifest.get("predicate", {}).get("runDetails", {}).get("metadata", {}).get("extra")
+    extra = extra if isinstance(extra, dict) else {}
+    return {"kind": extra.get("kind"), "error": extra.get("error"), "uid": s.get("uid"),
+            "identity": extra.get("identity"), "run_as": extra.get("run_as"),
+            "notebook": {"name": extra.get("notebook"), "sha256": s["notebook_source_sha256"]},
+            "parameters": extra.get("parameters"),
+            "config_essentials": config_essentials(s["config"]),
+            "dataset_files": len(s["dataset_digests"]), "extra": extra}
 
 
 class _Sanitizer(HTMLParser):
@@ -264,7 +330,9 @@ def render_notebook_html(path: str | os.PathLike[str]) -> str:
 
 def show(run_id: str, *, state: _State = None,
          ledger: LedgerReader | None = None) -> dict[str, Any]:
-    """A run's audit summary: listing fields, inputs, files, verification problems."""
+    """A run's audit summary: listing fields, :func:`run_details` (kind, error, notebook,
+    parameters, config essentials, identity), inputs, files, verification problems, ledger
+    entries and every publication (``publications``, withdrawn ones included)."""
     with open_ledger(ledger, state) as led:
         record = runs_dir(state) / check_run_id(run_id)
         if not record.is_dir() and not led.entries(subject=run_id):
@@ -272,12 +340,16 @@ def show(run_id: str, *, state: _State = None,
                               "pick a run id from `lora audit list`", key="RUN")
         info = run_info(run_id, led, state)
         if (record / "manifest.json").exists():
-            s = summary(load_manifest(record))
+            manifest = load_manifest(record)
+            s = summary(manifest)
             info.update({k: s[k] for k in ("host", "seed", "base_model", "base_model_sha256",
                                            "notebook_source_sha256", "egress_refusals",
                                            "config", "files")})
-            info["dataset_files"] = len(s["dataset_digests"])
+            info.update(run_details(manifest))
         info["problems"] = [str(p) for p in verify_run(run_id, led, state)]
+        info["publications"] = [
+            {k: p.get(k) for k in ("seq", "path", "published_by", "expires", "withdrawn")}
+            for p in publications(led) if p.get("run_id") == run_id]
         info["ledger"] = [{"seq": e.seq, "time": e.time, "kind": e.kind}
                           for e in led.entries(subject=run_id)]
     return info

@@ -45,7 +45,7 @@ from lora_kernel.common.paths import ledger_path
 from lora_kernel.common.policy import load_policy, policy_path
 from lora_kernel.provenance.records import Problem
 
-KINDS = ("run", "review", "publication", "prune", "export", "import", "checkpoint")
+KINDS = ("run", "review", "publication", "withdrawal", "prune", "export", "import", "checkpoint")
 GENESIS = "0" * 64
 DEFAULT_CHECKPOINT_EVERY = 100
 

@@ -1,6 +1,9 @@
-"""Reading reviews and publications from the ledger, and re-verifying published copies.
+"""Reading reviews, publications and withdrawals from the ledger, and re-verifying published
+copies.
 
-Writing them (approve, reject, publish) is :mod:`lora_kernel.trusted.review`.
+Writing them (approve, reject, publish, withdraw) is :mod:`lora_kernel.trusted.review`. A
+``withdrawal`` entry names the publication it ends (``publication_seq``); a withdrawn
+publication is no longer checked, except that its folder must be gone.
 """
 from __future__ import annotations
 
@@ -29,23 +32,54 @@ def review_state(ledger: LedgerReader, run_id: str, adapter_digest: str | None =
     return decision, entry
 
 
+def withdrawals(ledger: LedgerReader) -> dict[int, Entry]:
+    """``{publication seq: the withdrawal entry that ended it}``. An entry that names no
+    publication of its own run withdraws nothing (that publication stays checked)."""
+    published = {e.seq: e.subject for e in ledger.entries("publication")}
+    out: dict[int, Entry] = {}
+    for e in ledger.entries("withdrawal"):
+        seq = e.payload.get("publication_seq")
+        if isinstance(seq, int) and published.get(seq) == e.subject:
+            out.setdefault(seq, e)
+    return out
+
+
 def publications(ledger: LedgerReader, now: dt.datetime | None = None) -> list[dict[str, Any]]:
-    """Every publication entry's payload plus ``seq`` and ``expired`` (past its expiry date)."""
+    """Every publication entry's payload plus ``seq``, ``expired`` (past its expiry date) and
+    ``withdrawn`` (the seq of the withdrawal entry, or None while it is published)."""
     today = (now or dt.datetime.now(dt.UTC)).date()
+    ended = withdrawals(ledger)
     out = []
     for e in ledger.entries("publication"):
         expired = dt.date.fromisoformat(e.payload["expires"]) < today \
             if e.payload.get("expires") else False
-        out.append({**e.payload, "seq": e.seq, "expired": expired})
+        gone = ended.get(e.seq)
+        out.append({**e.payload, "seq": e.seq, "expired": expired,
+                    "withdrawn": gone.seq if gone is not None else None})
     return out
+
+
+def _still_there(pub: dict[str, Any]) -> list[Problem]:
+    """A withdrawn publication whose copy is still at its path (its publication.json unchanged):
+    the withdrawal did not take, or the folder was put back."""
+    meta = Path(pub["path"]) / PUBLICATION_FILE
+    if meta.is_file() and sha256_file(meta) == pub.get("metadata_sha256"):
+        return [Problem("publication", str(meta.parent),
+                        f"run {pub['run_id']}'s publication (seq {pub['seq']}) was withdrawn "
+                        f"(seq {pub['withdrawn']}) but its folder is still there")]
+    return []
 
 
 def verify_publications(ledger: LedgerReader, run_id: str | None = None) -> list[Problem]:
     """Re-hash published copies against their ledger entries; also flag publications whose
-    run's approval was later revoked or voided."""
+    run's approval was later revoked or voided. Withdrawn publications are skipped (a folder
+    that is gone is what a withdrawal leaves), unless the withdrawn copy is still there."""
     problems = []
     for pub in publications(ledger):
         if run_id is not None and pub.get("run_id") != run_id:
+            continue
+        if pub["withdrawn"] is not None:
+            problems += _still_there(pub)
             continue
         dest = Path(pub["path"])
         if not dest.is_dir():

@@ -11,7 +11,10 @@ Rules (``policies/review.yaml``; ``policies/publication.yaml`` may override ``pu
   voids it and an approval replayed onto another run or digest is refused at publication;
 * :func:`publish` copies only approved, verified adapter files under a chosen name, with a
   ``publication.json`` (access groups, expiry date from policy) and a ``publication`` ledger
-  entry; :func:`lora_kernel.provenance.publications.verify_publications` re-hashes the copies.
+  entry; :func:`lora_kernel.provenance.publications.verify_publications` re-hashes the copies;
+* :func:`withdraw` ends a publication (a reviewer, or whoever published it): the published
+  folder is removed and a ``withdrawal`` ledger entry names the publication it ends, so a
+  later rejection need not leave verification failing for good.
 
 Who acts is an :class:`~lora_kernel.trusted.identity.Actor` handed in by the caller (the CLI:
 the OS user; the runner service: the socket's peer) — never an environment variable.
@@ -33,7 +36,7 @@ from lora_kernel.common.policy import load_policy
 from lora_kernel.common.timeutil import iso_time
 from lora_kernel.common.version import __version__
 from lora_kernel.provenance.ledger import Entry, LedgerReader, open_ledger
-from lora_kernel.provenance.publications import PUBLICATION_FILE, review_state
+from lora_kernel.provenance.publications import PUBLICATION_FILE, publications, review_state
 from lora_kernel.provenance.records import load_manifest, summary, verify_record
 from lora_kernel.trusted.identity import Actor, actor_by_name, current_actor, in_group
 from lora_kernel.trusted.ledger import Ledger
@@ -204,8 +207,72 @@ def publish(run_id: str, to_dir: str | os.PathLike[str], name: str | None = None
         os.rename(tmp, dest)
         try:
             led.append("publication", run_id, {
-                **meta, "path": str(dest), "metadata_sha256": sha256_file(dest / PUBLICATION_FILE)})
+                **meta, "path": str(dest), "published_by_uid": actor.uid,
+                "metadata_sha256": sha256_file(dest / PUBLICATION_FILE)})
         except BaseException:
             shutil.rmtree(dest)  # never a publication the ledger does not know of
             raise
     return dest
+
+
+def withdraw(run_id: str, note: str = "", *, name: str | None = None,
+             actor: Actor | None = None, state: str | os.PathLike[str] | None = None,
+             ledger: Ledger | None = None) -> list[Entry]:
+    """Withdraw the run's current publications (only the one published as ``name`` if given):
+    remove each published folder and append a ``withdrawal`` ledger entry (run id, path, who,
+    note, the publication's seq); return the entries.
+
+    Allowed to a reviewer (the rule of :func:`approve`) or to whoever published it. Raises
+    :class:`ConfigError` (nothing published to withdraw) or :class:`PolicyRefusal` (neither
+    reviewer nor publisher); nothing is removed unless every publication may be withdrawn.
+    """
+    actor = actor or current_actor()
+    check_run_id(run_id)
+    policy = review_policy()
+    with open_ledger(ledger, state, Ledger) as led:
+        every = publications(led)
+        pubs = [p for p in every if p.get("run_id") == run_id and p["withdrawn"] is None
+                and (name is None or p.get("name") == name)]
+        if not pubs:
+            what = f"publication named {name!r}" if name else "publication"
+            raise ConfigError(f"run {run_id} has no {what} to withdraw (never published, or "
+                              f"already withdrawn); fix: `lora audit show {run_id}` lists "
+                              "where it is published", key="RUN")
+        reviewer = is_reviewer(actor, policy)
+        for pub in pubs:
+            if not reviewer and not actor.same_person(pub.get("published_by"),
+                                                      pub.get("published_by_uid")):
+                raise PolicyRefusal(
+                    f"{actor.name} may not withdraw {pub['path']}: neither a reviewer (group "
+                    f"{policy.get('reviewers_group')!r}, policies/review.yaml) nor its "
+                    f"publisher ({pub.get('published_by')}); fix: ask a reviewer or the "
+                    "publisher")
+        # a path published again after this one was removed belongs to the newer publication
+        claimed = {p["path"]: p["seq"] for p in every if p["withdrawn"] is None}
+        return [_withdraw_one(pub, note, "reviewer" if reviewer else "publisher", actor, led,
+                              remove=claimed.get(pub["path"]) == pub["seq"]) for pub in pubs]
+
+
+def _withdraw_one(pub: dict[str, Any], note: str, role: str, actor: Actor, led: Ledger, *,
+                  remove: bool) -> Entry:
+    """Move the published folder aside (it stops being served at once), append the withdrawal
+    entry, then delete the folder; if the entry cannot be written, the folder is put back."""
+    dest = Path(pub["path"])
+    aside = None
+    if remove and dest.is_dir():
+        aside = Path(tempfile.mkdtemp(prefix=f".{dest.name}.withdrawn.", dir=dest.parent))
+        os.rename(dest, aside / dest.name)
+    try:
+        entry = led.append("withdrawal", str(pub["run_id"]), {
+            "run_id": pub["run_id"], "name": pub.get("name"), "path": str(dest),
+            "publication_seq": pub["seq"], "adapter_digest": pub.get("adapter_digest"),
+            "by": actor.name, "by_uid": actor.uid, "identity": actor.source, "as": role,
+            "note": note, "removed": aside is not None})
+    except BaseException:
+        if aside is not None:
+            os.rename(aside / dest.name, dest)
+            aside.rmdir()
+        raise
+    if aside is not None:
+        shutil.rmtree(aside)
+    return entry

@@ -17,6 +17,8 @@ forks a handler that
    ``review``   approve / reject as the requesting user (the reviewers-group check uses the
                 OS groups of the peer uid);
    ``publish``  publish an approved run as the requesting user;
+   ``withdraw`` withdraw a run's publication as the requesting user (a reviewer or its
+                publisher);
    ``recover``  seal stale runs (:func:`lora_kernel.trusted.recovery.recover`).
 
 Protocol: one JSON line from the client; JSON lines back: ``{"log": text}``,
@@ -151,11 +153,19 @@ class RunnerServer(socketserver.ForkingMixIn, socketserver.UnixStreamServer):
             dest = publish(str(request["run"]), str(request["to"]), request.get("name"),
                            actor=actor, state=self.state)
             return {"path": str(dest)}
+        if op == "withdraw":
+            from lora_kernel.trusted.review import withdraw
+
+            name = request.get("name")
+            entries = withdraw(str(request["run"]), str(request.get("note", "")),
+                               name=str(name) if name else None, actor=actor, state=self.state)
+            return [{"seq": e.seq, "payload": e.payload} for e in entries]
         if op == "recover":
             from lora_kernel.trusted.recovery import recover
 
             return [r.to_dict() for r in recover(state=self.state, ctx=ctx)]
-        raise ConfigError(f"unknown request {op!r}; one of run, review, publish, recover")
+        raise ConfigError(f"unknown request {op!r}; one of run, review, publish, withdraw, "
+                          "recover")
 
 
 def serve(socket_path: Path, state: Path, service_user: str) -> None:

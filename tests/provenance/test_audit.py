@@ -3,6 +3,7 @@ audit library: verify, list, show (sanitized HTML), lineage, prune, export/impor
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import re
 import sqlite3
@@ -189,3 +190,147 @@ def test_verify_with_pinned_key_catches_replaced_ledger_key(make_run, lora, stat
     other.append("review", "x", {})
     code, out = lora("audit", "verify", "--all", "--trusted-key", other.pub_path)
     assert code == 5 and "unknown key" in out
+
+
+def _as_the_runner_records(record, state, *, status="succeeded", error=None, **config):
+    """Give a ``make_run(..., ledger=False)`` record the manifest fields the runner writes
+    (kind, notebook, papermill parameters, identity, run_as, error, config keys), then attest it
+    in the ledger. The manifest is not among its own subjects, so the files still verify."""
+    from lora_kernel.trusted.sealing import write_manifest
+
+    path = record / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["predicate"]["buildDefinition"]["externalParameters"]["config"].update(config)
+    manifest["predicate"]["runDetails"]["metadata"].update(status=status, uid=1234, extra={
+        "kind": "training", "notebook": "train_image_lora.ipynb", "error": error,
+        "parameters": {"config_path": "/cfg/image.yaml", "overrides": {"learning_rate": 5e-4}},
+        "identity": "peercred", "run_as": {"name": "alice", "uid": 1234}, "losses": [0.3, 0.2]})
+    path.unlink()
+    write_manifest(record, manifest)
+    os.chmod(path, 0o444)
+    with Ledger(state=state) as led:
+        led.append_run(record)
+    return record
+
+
+ESSENTIALS = {"task": "image", "learning_rate": 5e-4, "lora_alpha": 8, "batch_size": 2,
+              "max_train_steps": 20, "epochs": 1, "resolution": 32, "lora_dropout": 0.1}
+
+
+def test_show_prints_how_the_run_ran_and_json_keeps_everything(make_run, lora, state_tmp):
+    _as_the_runner_records(make_run("r1", ledger=False), state_tmp, **ESSENTIALS)
+    code, out = lora("audit", "show", "r1")
+    assert code == 0, out
+    lines = {line[:18].strip(): line[19:] for line in out.splitlines() if line[:1] != " "}
+    assert lines["kind"] == "training" and lines["status"] == "succeeded"
+    assert lines["error"] == "-" and lines["user"] == "alice" and lines["uid"] == "1234"
+    assert lines["identity"] == "peercred" and lines["run_as"] == "alice (uid 1234)"
+    assert lines["notebook"] == "train_image_lora.ipynb sha256 " + "ab" * 32
+    assert lines["parameters"] == ('{"config_path":"/cfg/image.yaml","overrides":'
+                                   '{"learning_rate":0.0005}}')
+    # max_train_steps is set, so epochs (ignored) is not shown; lora_dropout is no essential
+    assert lines["config"] == ("task=image learning_rate=0.0005 lora_rank=4 lora_alpha=8 "
+                               "batch_size=2 max_train_steps=20 resolution=32 seed=42")
+    assert lines["dataset_version"] == "ds-a (2 files)"
+    code, out = lora("audit", "show", "r1", "--json")
+    info = json.loads(out)
+    assert info["config"]["lora_dropout"] == 0.1 and info["extra"]["losses"] == [0.3, 0.2]
+    assert info["notebook"] == {"name": "train_image_lora.ipynb", "sha256": "ab" * 32}
+    assert info["config_essentials"]["max_train_steps"] == 20 and info["dataset_files"] == 2
+    assert (info["kind"], info["identity"], info["run_as"]["uid"]) == ("training", "peercred",
+                                                                       1234)
+
+
+def test_show_failed_run_names_its_error_and_epochs_when_no_step_budget(make_run, lora,
+                                                                         state_tmp):
+    _as_the_runner_records(make_run("r1", ledger=False), state_tmp, status="failed",
+                           error="RuntimeError in cell 3: boom", epochs=3,
+                           max_train_steps=None)
+    code, out = lora("audit", "show", "r1")
+    assert code == 0 and "error              RuntimeError in cell 3: boom" in out
+    assert "status             failed" in out and "review             -" in out
+    assert "epochs=3" in out and "max_train_steps" not in out
+
+
+def test_lineage_without_a_match_exits_3_a_match_exits_0(make_run, lora, state_tmp):
+    make_run("r1", dataset="ds-a")
+    code, out = lora("audit", "lineage", "ds-a")
+    assert code == 0 and "r1" in out and "dataset version" in out
+    code, out = lora("audit", "lineage", "ds-zzz")
+    assert code == 3 and "no run used ds-zzz" in out
+    code, out = lora("audit", "lineage", "f" * 64, "--json")
+    assert code == 3 and out.startswith("[]")
+
+
+def test_list_marks_tampered_runs_and_failed_runs_are_not_pending(make_run, lora, state_tmp):
+    r1 = make_run("r1", seed=1)
+    make_run("a-much-longer-run-id-than-24-chars", seed=2, user="someone-with-a-long-name")
+    make_run("r3", seed=3, status="failed")
+    code, out = lora("audit", "list")
+    assert code == 0 and "TAMPERED" not in out
+    rows = out.splitlines()
+    # every column starts at the same offset in the header and in each row
+    starts = [rows[0].index(h) for h in ("USER", "STATUS", "STARTED", "REVIEW", "NOTES")]
+    for row in rows[1:]:
+        assert all(row[s - 1] == " " and row[s] != " " for s in starts[:-1]), (rows, starts)
+    assert [r.split()[4] for r in rows[1:]] == ["pending", "pending", "-"]
+    by_id = {r["run_id"]: r for r in json.loads(lora("audit", "list", "--json")[1])}
+    assert by_id["r3"]["review"] is None and by_id["r1"]["review"] == "pending"
+    os.chmod(r1 / "events.jsonl", 0o644)
+    (r1 / "events.jsonl").write_text("{}\n")
+    code, out = lora("audit", "list")
+    assert code == 0 and [r.split()[0] for r in out.splitlines() if "TAMPERED" in r] == ["r1"]
+    by_id = {r["run_id"]: r for r in json.loads(lora("audit", "list", "--json")[1])}
+    assert by_id["r1"]["verified"] is False and "events.jsonl" in by_id["r1"]["problems"][0]
+    assert by_id["r3"]["verified"] is True
+
+
+def test_list_shows_chosen_config_columns_unknown_one_named(make_run, lora, state_tmp):
+    _as_the_runner_records(make_run("r1", ledger=False, seed=1), state_tmp, **ESSENTIALS)
+    make_run("r2", seed=2)  # has lora_rank, no learning_rate
+    code, out = lora("audit", "list", "--columns", "learning_rate,lora_rank")
+    assert code == 0, out
+    header, *rows = out.splitlines()
+    assert header.split() == ["RUN", "USER", "STATUS", "STARTED", "REVIEW", "LEARNING_RATE",
+                              "LORA_RANK", "NOTES"]
+    assert [r.split()[5:7] for r in rows] == [["0.0005", "4"], ["-", "4"]]
+    rows = json.loads(lora("audit", "list", "--columns", "lora_rank", "--json")[1])
+    assert [r["columns"] for r in rows] == [{"lora_rank": 4}, {"lora_rank": 4}]
+    code, out = lora("audit", "list", "--columns", "lora_rank,learning_rat")
+    assert code == 2 and "'learning_rat'" in out and "did you mean 'learning_rate'?" in out
+    assert "Traceback" not in out
+
+
+def test_withdrawn_publication_lets_verify_pass_again(make_run, lora, policies, tmp_path,
+                                                       state_tmp):
+    make_run("r1", user="alice")
+    assert lora("review", "approve", "r1", "--note", "ok")[0] == 0
+    code, out = lora("publish", "r1", "--to", tmp_path / "pub", "--name", "style")
+    assert code == 0, out
+    assert lora("review", "reject", "r1", "--note", "found a problem")[0] == 0
+    code, out = lora("audit", "verify", "--all")
+    assert code == 5 and "now rejected" in out  # rejected but still published: a problem
+    code, out = lora("publish", "--withdraw", "r1", "--note", "rejected after publication")
+    assert code == 0 and f"withdrew r1 from {tmp_path / 'pub' / 'style'} by {ME}" in out
+    assert not (tmp_path / "pub" / "style").exists()
+    code, out = lora("audit", "verify", "--all")
+    assert code == 0, out
+    with Ledger(state=state_tmp) as led:
+        w = led.latest("withdrawal", "r1").payload
+        pub = led.latest("publication", "r1")
+    assert (w["run_id"], w["by"], w["note"], w["publication_seq"], w["path"]) == (
+        "r1", ME, "rejected after publication", pub.seq, str(tmp_path / "pub" / "style"))
+    code, out = lora("audit", "list", "--json")
+    assert json.loads(out)[0]["published"] == []
+    code, out = lora("publish", "--withdraw", "r1")
+    assert code == 2 and "no publication to withdraw" in out
+    assert lora("publish", "--withdraw", "r1", "--to", tmp_path / "pub")[0] == 2
+
+
+def test_show_of_a_pruned_run_prints_what_the_ledger_keeps(make_run, lora, state_tmp,
+                                                           policies):
+    make_run("old", started=OLD)
+    prune(["old"])
+    code, out = lora("audit", "show", "old")
+    assert code == 0 and "config             -" in out and "dataset_version    ds-a" in out
+    assert "notebook" not in out  # the manifest, which named it, is gone

@@ -135,3 +135,56 @@ def test_changed_adapter_voids_approval(make_run, policies, led, tmp_path, actor
         approve("r1", "re-approve the changed one", actor=actor("carol"), ledger=led)
     assert review_state(led, "r1", "0" * 64) == ("void", led.latest("review", "r1"))
     assert approval.payload["adapter_digest"] == led.run_entry("r1").payload["adapter_digest"]
+
+
+def test_withdraw_by_stranger_refused_by_publisher_or_reviewer_works(make_run, policies, led,
+                                                                     tmp_path, actor):
+    from lora_kernel.common.errors import ConfigError
+    from lora_kernel.provenance.publications import publications
+    from lora_kernel.trusted.review import withdraw
+
+    make_run("r1", user="alice")
+    approve("r1", "ok", actor=actor("bob"), ledger=led)
+    dave = actor("dave")  # publishes, but is no reviewer
+    first = publish("r1", tmp_path / "pub", "one", actor=dave, ledger=led)
+    second = publish("r1", tmp_path / "pub", "two", actor=dave, ledger=led)
+    with pytest.raises(PolicyRefusal, match="neither a reviewer .* nor its publisher"):
+        withdraw("r1", "not mine", actor=actor("mallory"), ledger=led)
+    assert first.is_dir() and second.is_dir() and led.latest("withdrawal", "r1") is None
+    [entry] = withdraw("r1", "superseded", name="one", actor=dave, ledger=led)
+    assert not first.exists() and second.is_dir()
+    assert entry.kind == "withdrawal" and entry.payload["as"] == "publisher"
+    assert (entry.payload["by"], entry.payload["note"], entry.payload["path"],
+            entry.payload["removed"]) == ("dave", "superseded", str(first), True)
+    assert [p["withdrawn"] for p in publications(led)] == [entry.seq, None]
+    assert verify_publications(led) == []
+    with pytest.raises(ConfigError, match="no publication named 'one' to withdraw"):
+        withdraw("r1", "again", name="one", actor=dave, ledger=led)
+    # a reviewer may withdraw what someone else published, even when its folder is gone
+    os.chmod(second, 0o755)
+    for f in second.iterdir():
+        f.unlink()
+    second.rmdir()
+    assert "published folder missing" in verify_publications(led)[0].what
+    [entry] = withdraw("r1", "cleanup", actor=actor("carol"), ledger=led)
+    assert entry.payload["as"] == "reviewer" and entry.payload["removed"] is False
+    assert verify_publications(led) == []
+
+
+def test_withdrawn_publication_folder_put_back_is_a_problem_republishing_is_not(
+        make_run, policies, led, tmp_path, actor):
+    import shutil
+
+    from lora_kernel.trusted.review import withdraw
+
+    make_run("r1", user="alice")
+    approve("r1", "ok", actor=actor("bob"), ledger=led)
+    dest = publish("r1", tmp_path / "pub", "style", actor=actor("bob"), ledger=led)
+    shutil.copytree(dest, tmp_path / "kept")
+    withdraw("r1", "pulled", actor=actor("bob"), ledger=led)
+    shutil.copytree(tmp_path / "kept", dest)
+    [problem] = verify_publications(led)
+    assert problem.where == str(dest) and "withdrawn" in problem.what
+    shutil.rmtree(dest)
+    again = publish("r1", tmp_path / "pub", "style", actor=actor("bob"), ledger=led)
+    assert again == dest and verify_publications(led) == []
