@@ -36,6 +36,9 @@ def service(system_users, tmp_path_factory):
     base = Path(tempfile.mkdtemp(prefix="lora-svc-test-", dir="/tmp"))
     os.chmod(base, 0o711)
     state, sock = base / "state", base / "run" / "runner.sock"
+    pub = base / "pub"  # a publication store the service account may write
+    pub.mkdir()
+    os.chown(pub, pwd.getpwnam("lora-svc").pw_uid, pwd.getpwnam("lora-svc").pw_gid)
     env = {k: v for k, v in os.environ.items() if k not in ("LORA_STATE", "JUPYTER_PATH")}
     log = open(base / "service.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "lora_kernel.cli", "runner", "serve",
@@ -218,6 +221,16 @@ def test_review_identity_comes_from_the_socket(service, demo_home):
     assert res.returncode == 6 and "reviewers group" in res.stderr, res.stderr
     res = as_user("lora-bob", "review", "approve", run_id, "--note", "checked", "--runner", sock)
     assert res.returncode == 0 and f"approved {run_id} by lora-bob" in res.stdout, res.stderr
+    # publish and withdraw through the service: who acts is the socket's peer again
+    pub = state.parent / "pub"
+    res = as_user("lora-bob", "publish", run_id, "--to", pub, "--runner", sock)
+    assert res.returncode == 0 and (pub / run_id / "publication.json").is_file(), res.stderr
+    res = as_user("lora-carol", "publish", "--withdraw", run_id, "--note", "no", "--runner",
+                  sock, env=spoof)
+    assert res.returncode == 6, res.stdout + res.stderr
+    res = as_user("lora-bob", "publish", "--withdraw", run_id, "--note", "superseded",
+                  "--runner", sock)
+    assert res.returncode == 0 and not (pub / run_id).exists(), res.stdout + res.stderr
 
 
 def test_a_requester_that_dies_ends_its_run_which_is_sealed_as_failed(service):
