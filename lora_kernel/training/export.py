@@ -110,6 +110,15 @@ def save_diffusers_lora(path: Path, unet, text_encoder, unet_config, te_config,
 
 
 def _kohya_name(prefix: str, module: str) -> str:
+    """The kohya/A1111 name of ``module``: ``<prefix>_<dotted name with underscores>``.
+
+    Text-encoder names always carry CLIP's ``text_model.`` level
+    (``lora_te_text_model_encoder_layers_<i>_self_attn_q_proj``), the names AUTOMATIC1111 and
+    ComfyUI look up: transformers >= 5.6 flattened ``CLIPTextModel``, so its module names
+    (``encoder.layers.0...``) lack that level and would otherwise be dropped by those clients.
+    """
+    if prefix == KOHYA_TE_PREFIX and not module.startswith("text_model."):
+        module = "text_model." + module
     return f"{prefix}_{module.replace('.', '_')}"
 
 
@@ -117,8 +126,9 @@ def kohya_state_dict(unet_sd: dict, te_sd: dict | None, alpha: float) -> dict:
     """Convert PEFT LoRA state dicts to kohya/A1111 keys with the real ``alpha``.
 
     ``<module>.lora_A.weight`` becomes ``lora_unet_<module_with_underscores>.lora_down.weight``
-    (``lora_te_`` for the text encoder), ``lora_B`` becomes ``lora_up``, and each module gets
-    an ``.alpha`` scalar, so the WebUI's ``<lora:name:w>`` scales by ``w * alpha / rank``.
+    (``lora_te_text_model_`` for the text encoder, see :func:`_kohya_name`), ``lora_B``
+    becomes ``lora_up``, and each module gets an ``.alpha`` scalar, so the WebUI's
+    ``<lora:name:w>`` scales by ``w * alpha / rank``.
     """
     out: dict[str, torch.Tensor] = {}
     pattern = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$")
@@ -147,7 +157,8 @@ def save_kohya_lora(path: Path, unet, text_encoder, alpha: float,
 
 
 def kohya_module_names(model: torch.nn.Module, prefix: str = KOHYA_UNET_PREFIX) -> dict:
-    """``{kohya module name: module}`` for every named module of ``model``."""
+    """``{kohya module name: module}`` for every named module of ``model`` (``prefix``
+    :data:`KOHYA_TE_PREFIX` for a CLIP text encoder gives the ``lora_te_text_model_`` names)."""
     return {_kohya_name(prefix, name): mod for name, mod in model.named_modules() if name}
 
 

@@ -13,18 +13,25 @@ the configs bundled in ``lora_kernel/configs/`` (``tiny-sd``; ``sd15`` for SD1.x
 the checkpoint's shapes. The bundled ``sd15`` has no tokenizer (CLIP's vocabulary cannot be
 written offline): put the CLIP tokenizer folder (``vocab.json``, ``merges.txt``) next to the
 checkpoint as ``tokenizer/`` or pass ``tokenizer=``.
+
+Before anything loads, :func:`estimate_training_memory` sizes a training run from the
+safetensors headers and configs alone (the validator compares it with the free memory), and
+:func:`check_target_modules` checks that ``target_modules`` names modules of the loaded model
+before LoRA is attached.
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lora_kernel.common.digests import path_sha256
 from lora_kernel.common.errors import ConfigError
-from lora_kernel.training.model_safety import check_model_path
+from lora_kernel.training.model_safety import check_model_path, read_safetensors_header
 
 BUNDLED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -99,7 +106,7 @@ def load_sd_components(path: str | os.PathLike, *, dtype=None, config: str | os.
     folder overriding the model's. All modules are returned in eval mode on CPU in ``dtype``
     (default float32).
     """
-    p = check_model_path(path)  # refuse before any ML library is even imported
+    p = check_model_path(path, "image")  # refuse before any ML library is even imported
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -144,20 +151,17 @@ def bundled_config(name: str) -> Path:
 def detect_bundled_config(path: str | os.PathLike) -> Path:
     """Pick the bundled config for a single-file checkpoint from its tensor shapes (read
     from the safetensors header; no tensor is loaded)."""
-    from safetensors import safe_open
-
     from lora_kernel.training.single_file import LDM_UNET
 
-    with safe_open(str(path), framework="pt") as fh:
-        keys = set(fh.keys())
-        shapes = {}
-        for key in (LDM_UNET + "input_blocks.0.0.weight", "unet.conv_in.weight"):
-            if key in keys:
-                shapes["conv_in"] = tuple(fh.get_slice(key).get_shape())
-        for key in sorted(keys):
-            if key.endswith("attn2.to_k.weight"):
-                shapes["cross"] = tuple(fh.get_slice(key).get_shape())
-                break
+    header = read_safetensors_header(path)  # no torch import, no tensor read
+    shapes = {}
+    for key in (LDM_UNET + "input_blocks.0.0.weight", "unet.conv_in.weight"):
+        if key in header:
+            shapes["conv_in"] = tuple(header[key]["shape"])
+    for key in sorted(header):
+        if key.endswith("attn2.to_k.weight"):
+            shapes["cross"] = tuple(header[key]["shape"])
+            break
     known = {((32, 4, 3, 3), 32): "tiny-sd", ((320, 4, 3, 3), 768): "sd15"}
     arch = (shapes.get("conv_in"), (shapes.get("cross") or (0, 0))[1])
     if arch not in known:
@@ -216,13 +220,18 @@ def _load_single_file(p: Path, config):
 def load_causal_lm(path: str | os.PathLike, *, dtype=None):
     """``(model, tokenizer)`` of a local Hugging Face causal-LM folder (safetensors only, no
     custom code). If the tokenizer has no pad token, its eos token is used for padding."""
-    p = check_model_path(path)  # refuse before any ML library is even imported
+    p = check_model_path(path, "text")  # refuse before any ML library is even imported
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    if not p.is_dir():
-        raise ConfigError(f"{p}: a causal LM must be a model folder (config.json, "
-                          f"*.safetensors, tokenizer files)", key="base_model")
+    config = AutoConfig.from_pretrained(str(p), local_files_only=True, trust_remote_code=False)
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        archs = ", ".join(getattr(config, "architectures", None) or []) or config.model_type
+        raise ConfigError(f"{p} is a {archs} model (model_type {config.model_type!r}), which "
+                          f"is not a causal language model; fix: point base_model at a "
+                          f"causal-LM folder (e.g. LlamaForCausalLM), or set task: image for a "
+                          f"Stable Diffusion model", key="base_model")
     tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True,
                                               trust_remote_code=False)
     model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True,
@@ -234,3 +243,185 @@ def load_causal_lm(path: str | os.PathLike, *, dtype=None):
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+# -- LoRA targets ---------------------------------------------------------------------------
+def check_target_modules(model, targets: list[str], *, what: str, file: str | None = None,
+                         key: str = "target_modules", default: list[str] | None = None) -> None:
+    """Refuse (:class:`ConfigError` naming ``key``) target names that match no module of
+    ``model``, or only modules LoRA cannot wrap, before peft attaches anything.
+
+    A name matches the way peft matches a list of names: a module's full dotted name equals
+    it or ends with ``"." + name``. The message lists the closest existing names (difflib on
+    the last one and two parts of the model's Linear module names) and ``what`` the model is.
+    """
+    import torch
+
+    wrappable = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d,
+                 torch.nn.Conv3d, torch.nn.MultiheadAttention)
+    modules = [(n, m) for n, m in model.named_modules() if n]
+    linear = [n for n, m in modules if isinstance(m, torch.nn.Linear)]
+    suffixes = Counter()
+    for name in linear:
+        parts = name.split(".")
+        suffixes.update({parts[-1], ".".join(parts[-2:])} if len(parts) > 1 else {parts[-1]})
+    leaves = [n for n, _ in Counter(n.rsplit(".", 1)[-1] for n in linear
+                                    if not n.rsplit(".", 1)[-1].isdigit()).most_common(8)]
+    source = file or "<config>"
+    for target in targets:
+        hits = [(n, m) for n, m in modules if n == target or n.endswith("." + target)]
+        if hits and any(isinstance(m, wrappable) or type(m).__name__ == "Conv1D"
+                        for _, m in hits):
+            continue
+        close = difflib.get_close_matches(target, sorted(suffixes), n=5, cutoff=0.5)
+        hint = f"closest names: {', '.join(close)}" if close else (
+            f"its Linear layers are named e.g. {', '.join(sorted(leaves))}")
+        if hits:
+            kinds = sorted({type(m).__name__ for _, m in hits})
+            problem = (f"{target!r} names {len(hits)} {'/'.join(kinds)} module(s) of the {what} "
+                       f"(e.g. {hits[0][0]}), which LoRA cannot wrap (it attaches to Linear, "
+                       f"Conv and Embedding layers)")
+        else:
+            problem = f"{target!r} names no module of the {what}"
+        fix = (f"set {key} to names of its Linear layers" if key == "target_modules"
+               else f"set {key}: false")
+        if key == "target_modules" and default:
+            fix += f", or remove the key for the default ({', '.join(default)})"
+        raise ConfigError(f"{problem}; {hint}; fix: {fix}", file=source, key=key)
+
+
+# -- memory estimate ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a training run needs (see :func:`estimate_training_memory`)."""
+
+    weights: int  # model parameters, float32
+    activations: int  # what the backward pass keeps, for one micro-batch
+    data: int  # preprocessed dataset kept in host memory (image pixels)
+
+    @property
+    def device(self) -> int:
+        """On the training device: weights and activations."""
+        return self.weights + self.activations
+
+    @property
+    def host_with_cuda(self) -> int:
+        """In host memory when training on CUDA (weights load there first, pixels stay)."""
+        return max(self.weights, self.data)
+
+    @property
+    def total(self) -> int:
+        """Everything, when the device is the CPU."""
+        return self.weights + self.activations + self.data
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    """The weight files a loader reads from ``folder``: those named by a
+    ``*.safetensors.index.json``, else the standard single file, else every non-variant
+    ``*.safetensors`` (``x.fp16.safetensors`` variants are not counted twice)."""
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        try:
+            names = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            continue
+        return [folder / n for n in sorted(names) if (folder / n).is_file()]
+    for name in ("model.safetensors", "diffusion_pytorch_model.safetensors"):
+        if (folder / name).is_file():
+            return [folder / name]
+    return sorted(f for f in folder.glob("*.safetensors") if f.name.count(".") == 1)
+
+
+def _param_count(files: list[Path], skip: tuple[str, ...] = ()) -> int:
+    """Parameters in safetensors files, from their headers only."""
+    n = 0
+    for f in files:
+        for name, info in read_safetensors_header(f).items():
+            if name == "__metadata__" or name.startswith(skip):
+                continue
+            count = 1
+            for d in info["shape"]:
+                count *= d
+            n += count
+    return n
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _unet_config(path: Path) -> dict:
+    if path.is_dir():
+        return _read_json(path / "unet" / "config.json")
+    try:
+        return _read_json(detect_bundled_config(path) / "unet" / "config.json")
+    except ConfigError:  # unknown architecture: the loader says so; estimate weights only
+        return {}
+
+
+def estimate_training_memory(cfg) -> MemoryEstimate:
+    """Estimate the memory a training run of ``cfg`` needs, before anything loads.
+
+    Read from the safetensors headers and configs only (no tensor is loaded)::
+
+        weights     = 4 B x parameters              (every component is trained in float32)
+        activations = a x B x sum over levels i of  T_i x C_i x n_i x m_i
+        data        = N x 3 x R^2 x 4 B             (image: preprocessed pixels stay in RAM)
+
+    Image (UNet): B = batch_size, R = resolution, level i of the UNet has
+    T_i = (R / 8 / 2^i)^2 latent positions, C_i = block_out_channels[i] channels and
+    n_i = 2 x layers_per_block + 1 layers (down and up path); m_i = 36 feature maps of
+    width C_i kept per layer where the level has cross-attention (resnet 6 + transformer
+    block 30), else 6. With gradient_checkpointing only layer inputs are kept (m_i = 1) plus
+    one layer recomputed at a time (max_i T_i x C_i x m_i). N = dataset rows.
+
+    Text (causal LM): one level, T = max_seq_length, C = hidden_size, n = num_hidden_layers,
+    m = 18 (attention 6 + MLP 12), the same rule for gradient_checkpointing, plus the logits
+    and their gradient: 2 x B x T x vocab_size x 4 B.
+
+    a = 2 bytes with mixed_precision fp16/bf16 (autocast), else 4. LoRA weights, their
+    gradients and AdamW states (well under 1% of the weights) and the attention score
+    matrices (fused attention kernels do not keep them) are left out: the estimate is a lower
+    bound of what training needs, so a run it refuses could not fit.
+    """
+    p = Path(cfg.base_model)
+    a = 2 if cfg.mixed_precision in ("fp16", "bf16") else 4
+    b = cfg.batch_size
+    levels: list[tuple[int, int, int, int]] = []  # (positions T, channels C, layers n, maps m)
+    extra = 0
+    if cfg.task == "image":
+        if p.is_dir():
+            params = sum(_param_count(_weight_files(p / part))
+                         for part in ("unet", "vae", "text_encoder"))
+        else:
+            params = _param_count([p], skip=("model_ema.",))
+        unet = _unet_config(p)
+        side = cfg.resolution / 8
+        per_block = int(unet.get("layers_per_block", 2))
+        types = unet.get("down_block_types") or []
+        for i, c in enumerate(unet.get("block_out_channels") or []):
+            attn = i < len(types) and "CrossAttn" in str(types[i])
+            levels.append((int((side / 2 ** i) ** 2), int(c), 2 * per_block + 1,
+                           36 if attn else 6))
+        from lora_kernel.training.data import read_csv_rows
+        _, rows = read_csv_rows(cfg.metadata_path, source=cfg.source)
+        data = len(rows) * 3 * cfg.resolution ** 2 * 4
+    else:
+        params = _param_count(_weight_files(p))
+        conf = _read_json(p / "config.json")
+        hidden, layers = conf.get("hidden_size"), conf.get("num_hidden_layers")
+        if isinstance(hidden, int) and isinstance(layers, int):
+            levels.append((cfg.max_seq_length, hidden, layers, 18))
+        vocab = conf.get("vocab_size")
+        if isinstance(vocab, int):
+            extra = 2 * b * cfg.max_seq_length * vocab * 4
+        data = 0
+    if cfg.gradient_checkpointing:
+        kept = sum(t * c * n for t, c, n, _ in levels)
+        kept += max((t * c * m for t, c, _, m in levels), default=0)
+    else:
+        kept = sum(t * c * n * m for t, c, n, m in levels)
+    return MemoryEstimate(weights=4 * params, activations=a * b * kept + extra, data=data)

@@ -81,7 +81,13 @@ class TextTask:
 
     def __init__(self, cfg, model, tokenizer, *, device: torch.device):
         from peft import LoraConfig, TaskType, get_peft_model
+
+        from lora_kernel.training.config import DEFAULT_TEXT_TARGETS
+        from lora_kernel.training.models import check_target_modules
         self.cfg, self.tokenizer, self.device = cfg, tokenizer, device
+        # Names that match nothing are refused (exit 2) before anything is attached or trained.
+        check_target_modules(model, cfg.targets, what=f"model {cfg.base_model}",
+                             file=cfg.source, default=DEFAULT_TEXT_TARGETS)
         seed_everything(cfg.seed)
         self.lora_config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.lora_rank,
                                       lora_alpha=cfg.alpha, target_modules=cfg.targets,

@@ -1,0 +1,76 @@
+"""Model-input cases: base model files and folders of the wrong kind, target modules, output
+folders and memory."""
+from __future__ import annotations
+
+import pickle
+import random
+from collections.abc import Callable
+
+import yaml
+
+from exit_cases import Case
+
+
+def _model_file(c: Case, data: bytes) -> list:
+    (c.tmp / "model.safetensors").write_bytes(data)
+    return ["config", c.config(base_model=str(c.tmp / "model.safetensors"))]
+
+
+def _corrupt(c: Case) -> list:
+    data = random.Random(7).randbytes(4096)  # seeded: never starts like a pickle
+    return _model_file(c, data)
+
+
+def _renamed_pickle(c: Case) -> list:
+    return _model_file(c, pickle.dumps({"state_dict": [1, 2, 3]}, protocol=4))
+
+
+def _empty_folder(c: Case) -> list:
+    (c.tmp / "model").mkdir()
+    return ["config", c.config(base_model=str(c.tmp / "model"))]
+
+
+def _only_config_json(c: Case) -> list:
+    (c.tmp / "model").mkdir()
+    config = c.demo / "models" / "tiny-llama" / "config.json"
+    (c.tmp / "model" / "config.json").write_text(config.read_text())
+    return ["config", _text_config(c, base_model=str(c.tmp / "model"))]
+
+
+def _text_config(c: Case, **changes) -> str:
+    """The demo text config with ``changes``, in a temp file."""
+    data = yaml.safe_load((c.demo / "text_lora.yaml").read_text())
+    for key in ("metadata_path", "base_model"):
+        data[key] = str((c.demo / data[key]).resolve())
+    data.update(changes)
+    path = c.tmp / "text.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def _output_under_file(c: Case) -> list:
+    (c.tmp / "a-file").write_text("not a folder")
+    return ["config", c.config(output_dir=str(c.tmp / "a-file" / "out"))]
+
+
+def _bad_targets(c: Case) -> list:
+    return ["train", "--config", c.config(target_modules=["to_qq"], max_train_steps=1),
+            "--no-samples", "--quiet", "--home", c.tmp / "home"]
+
+
+CASES: dict[str, Callable[[Case], list]] = {
+    "base model `.safetensors` is corrupt": _corrupt,
+    "base model `.safetensors` is empty (0 bytes)": lambda c: _model_file(c, b""),
+    "base model `.safetensors` is a renamed pickle": _renamed_pickle,
+    "base model folder is empty": _empty_folder,
+    "base model folder holds only `config.json`": _only_config_json,
+    "a text model given to `task: image`":
+        lambda c: ["config", c.config(base_model=str(c.demo / "models" / "tiny-llama"))],
+    "a Stable Diffusion model given to `task: text`":
+        lambda c: ["config", _text_config(c, base_model=str(c.demo / "models" / "tiny-sd"))],
+    "`target_modules` names no module": _bad_targets,
+    "`output_dir` is under a file": _output_under_file,
+    "`resolution` needs more memory than the machine has":
+        lambda c: ["config", c.config(resolution=16384)],
+}
+SLOW = {"`target_modules` names no module"}
