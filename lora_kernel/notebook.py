@@ -3,11 +3,14 @@
 one function here.
 
 A notebook's ``parameters`` cell sets ``config_path`` (empty: the demo config, built into
-``lora_kernel.common.paths.lora_home()`` if missing), ``overrides`` (config keys) and
+``lora_kernel.common.paths.lora_home()`` if missing), ``overrides`` (config keys: a mapping, or
+a JSON/YAML string as ``papermill -p overrides '{"learning_rate": 0.002}'`` passes it),
 ``result_path`` (set by ``lora run``: where :func:`write_result` puts the
-:class:`~lora_kernel.training.train.TrainResult` as JSON for the runner). Every function
-returns an object Jupyter displays (PNG, HTML) so the executed notebook an auditor rereads holds
-the loss curve, the samples and the summary.
+:class:`~lora_kernel.training.train.TrainResult` as JSON for the runner) and ``resume_from``
+(set by ``lora run --resume RUN``: the checkpoint to continue). The first output,
+:func:`run_notice`, says whether the run is recorded. Every function returns an object Jupyter
+displays (PNG, HTML) so the executed notebook an auditor rereads holds the loss curve, the
+samples and the summary.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import io
 import json
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -23,27 +27,87 @@ from pathlib import Path
 from typing import Any
 
 from lora_kernel.common.errors import ConfigError
-from lora_kernel.training.config import TrainConfig, load_config
+from lora_kernel.training.config import TrainConfig, load_config, parse_value
 from lora_kernel.training.demo_assets import build_demo_assets, demo_dir
 
-__all__ = ["prepare_config", "run_training", "loss_curve", "samples_view", "summary_view",
-           "write_result", "result_dict"]
+__all__ = ["run_notice", "parse_overrides", "prepare_config", "run_training", "loss_curve",
+           "samples_view", "summary_view", "write_result", "result_dict"]
 
 
-def prepare_config(config_path: str | os.PathLike = "", overrides: Mapping[str, Any] | None = None,
+def parse_overrides(overrides: Mapping[str, Any] | str | None) -> dict[str, Any]:
+    """The ``overrides`` parameter as a dict: a mapping as is, or a JSON/YAML mapping given as
+    a string (``papermill -p overrides '{"learning_rate": 0.002}'`` passes a string); empty or
+    None is no override. Anything else is a :class:`ConfigError`."""
+    if overrides is None:
+        return {}
+    if isinstance(overrides, str):
+        import yaml
+
+        try:
+            parsed = yaml.safe_load(overrides) if overrides.strip() else {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"is not a JSON/YAML mapping ({exc}); fix: e.g. -p overrides "
+                              '\'{"learning_rate": 0.002}\'', key="overrides") from None
+        overrides = parsed if parsed is not None else {}
+    if not isinstance(overrides, Mapping):
+        raise ConfigError(f"must be a mapping of config key: value, got {overrides!r}; fix: "
+                          'e.g. -p overrides \'{"learning_rate": 0.002}\'', key="overrides")
+    return dict(overrides)
+
+
+def run_notice(config_path: str | os.PathLike = "",
+               overrides: Mapping[str, Any] | str | None = None, *, task: str,
+               home: str | os.PathLike | None = None) -> str:
+    """The notebook's first output: whether this run is recorded.
+
+    Under ``lora run`` (``LORA_RUN_ID`` set) one line naming the run. Otherwise (papermill or
+    Jupyter directly) a warning that nothing is recorded — no run record, manifest or ledger
+    entry, so the adapter cannot be reviewed or published — and the ``lora run --config ...``
+    command that records the same run. Printed (the warning on stderr, so Jupyter shows it in
+    red) and returned.
+    """
+    run_id = os.environ.get("LORA_RUN_ID")
+    if run_id:
+        text = (f"recorded run {run_id} (lora run): the executed notebook, adapter and inputs "
+                f"are sealed in its run record")
+        print(text)
+        return text
+    config = Path(config_path).resolve() if config_path else demo_dir(home) / f"{task}_lora.yaml"
+    cmd = ["lora", "run", "--config", shlex.quote(str(config))]
+    try:
+        items = parse_overrides(overrides).items()
+    except ConfigError:
+        items = []  # prepare_config reports it next
+    for key, value in items:
+        if key == "output_dir":
+            continue  # lora run trains in the run's own work folder
+        text = value if isinstance(value, str) and parse_value(value) == value \
+            else json.dumps(value)
+        cmd += ["-p", shlex.quote(str(key)), shlex.quote(text)]
+    text = ("NOT RECORDED: this notebook runs outside `lora run` (no LORA_RUN_ID), so no run "
+            "record, manifest or ledger entry is written and its adapter cannot be reviewed or "
+            "published.\nTo record this run: " + " ".join(cmd))
+    print(text, file=sys.stderr, flush=True)
+    return text
+
+
+def prepare_config(config_path: str | os.PathLike = "",
+                   overrides: Mapping[str, Any] | str | None = None,
                    *, task: str, home: str | os.PathLike | None = None) -> TrainConfig:
     """Load and validate the run's config (the one validator,
     :func:`lora_kernel.training.config.load_config`).
 
     An empty ``config_path`` means the demo config of ``task`` (``<home>/demo/<task>_lora.yaml``);
-    the demo assets are built first when that file is missing. Raises :class:`ConfigError`
-    when the config is invalid or trains another task than this notebook's.
+    the demo assets are built first when that file is missing. ``overrides`` is a mapping or a
+    JSON/YAML string (:func:`parse_overrides`). Raises :class:`ConfigError` when the config is
+    invalid or trains another task than this notebook's.
     """
+    overrides = parse_overrides(overrides)
     if not config_path:
         config_path = demo_dir(home) / f"{task}_lora.yaml"
         if not Path(config_path).is_file():
             build_demo_assets(home)
-    cfg = load_config(config_path, dict(overrides or {}))
+    cfg = load_config(config_path, overrides)
     if cfg.task != task:
         raise ConfigError(f"this notebook trains {task} LoRAs but the config has task: "
                           f"{cfg.task}; fix: use notebooks/train_{cfg.task}_lora.ipynb or "
@@ -69,13 +133,18 @@ def _training_notes_in_cell() -> Iterator[None]:
         target.setLevel(old_level)
 
 
-def run_training(cfg: TrainConfig, *, home: str | os.PathLike | None = None):
+def run_training(cfg: TrainConfig, *, home: str | os.PathLike | None = None,
+                 resume: str | os.PathLike = ""):
     """Train with a live progress bar (tqdm) and return the
     :class:`~lora_kernel.training.train.TrainResult`; the training notes are shown in the cell.
-    Errors propagate: the cell fails, visibly."""
+    ``resume`` (the notebook's ``resume_from``, set by ``lora run --resume RUN``) is the
+    checkpoint folder to continue from; empty starts afresh. Errors propagate: the cell fails,
+    visibly."""
     from lora_kernel.training.train import train
     with _training_notes_in_cell():
-        return train(cfg, progress=True, home=home)
+        if resume:
+            print(f"resuming from {resume}")
+        return train(cfg, progress=True, home=home, resume=str(resume) if resume else None)
 
 
 def _png(fig) -> bytes:

@@ -2,11 +2,16 @@
 
     lora run --config my.yaml [-p key value ...]     the training notebook of the config's task
     lora run NOTEBOOK [-f params.yaml] [-p k v ...]  any parameterized notebook
+    lora run --resume RUN                            continue a failed training run (new record)
     lora demo [-p key value ...]                     demo assets + the image notebook + verify
 
 Local mode runs in this process (as this user, state under this account); service mode
 (``--runner SOCKET``, ``$LORA_RUNNER`` or the platform's socket) asks the runner service, which
 runs the kernel as you and writes the record as the service account.
+
+Progress: the run's executor sends progress records (cells, training steps); on a terminal
+they become live bars (steps, loss, it/s, ETA), otherwise one line per tenth of the training
+(:class:`ProgressView`); ``--quiet`` shows none.
 
 Exit codes: 0 success, 2 invalid config/parameters, 5 the new record does not verify,
 7 the run failed (its record, marked failed, was written first).
@@ -14,10 +19,15 @@ Exit codes: 0 success, 2 invalid config/parameters, 5 the new record does not ve
 from __future__ import annotations
 
 import argparse
+import difflib
+import json
+import math
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any, TextIO
 
 from lora_kernel.cli.options import (
     add_home,
@@ -28,6 +38,7 @@ from lora_kernel.cli.options import (
 )
 from lora_kernel.common.errors import ConfigError, VerificationError
 from lora_kernel.common.yamlio import load_yaml
+from lora_kernel.training.config import config_keys, parse_value
 
 
 def _log(msg: str) -> None:
@@ -58,6 +69,208 @@ def load_params_file(path: str | None) -> dict:
     return data
 
 
+def notebook_parameters(notebook: Path, params_file: str | None,
+                        pairs: list[list[str]] | None) -> dict:
+    """The papermill parameters of ``lora run NOTEBOOK [-f params.yaml] [-p KEY VALUE]...``.
+
+    A key the notebook declares as a parameter (papermill's ``inspect_notebook``: e.g.
+    ``config_path``, ``overrides``) is a parameter; a config key is a config override. In
+    ``params.yaml`` a relative ``config_path`` resolves against the file's folder; on the
+    command line against the current directory. Overrides are merged in this order (later
+    wins): the file's ``overrides:`` mapping, the file's top-level config keys, ``-p overrides
+    MAPPING``, ``-p`` config keys. A key that is neither (or a config key for a notebook that
+    takes no ``overrides``) is a :class:`ConfigError` naming where it came from.
+    """
+    import papermill
+
+    try:
+        declared = set(papermill.inspect_notebook(str(notebook)))
+    except OSError as exc:
+        raise ConfigError(f"cannot read the notebook: {exc.strerror or exc}",
+                          file=notebook) from None
+    except ValueError as exc:
+        raise ConfigError(f"not a readable notebook: {exc}", file=notebook) from None
+    keys = config_keys()
+    takes_overrides = "overrides" in declared
+
+    def refuse(key: str, where: str | None, hint_to: str) -> ConfigError:
+        close = difflib.get_close_matches(key, sorted(declared | set(keys)), n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        params_list = ", ".join(sorted(declared)) or "none"
+        return ConfigError(f"neither a parameter of {notebook.name} ({params_list}) nor a "
+                           f"config key{hint}; fix: {hint_to}", file=where, key=key)
+
+    def mapping(value: Any, where: str | None) -> dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"must be a mapping of config key: value, got {value!r}",
+                              file=where, key="overrides")
+        return dict(value)
+
+    params: dict[str, Any] = {}
+    overrides: dict[str, Any] = {}
+    for key, value in load_params_file(params_file).items():
+        if key == "overrides" and takes_overrides:
+            overrides = {**mapping(value, params_file), **overrides}
+        elif key in declared:
+            params[key] = value
+        elif key in keys and takes_overrides:
+            overrides[key] = value
+        else:
+            raise refuse(str(key), params_file, "correct or remove it (config keys: "
+                                                "`lora config --keys`)")
+    for key, text in pairs or []:
+        value = parse_value(text)
+        if key == "overrides" and takes_overrides:
+            overrides.update(mapping(value, "-p"))
+        elif key in declared:
+            if key == "config_path" and value:
+                value = str(Path(str(value)).expanduser().resolve())
+            params[key] = value
+        elif key in keys and takes_overrides:
+            overrides[key] = value
+        else:
+            raise refuse(key, "-p", "correct the key (config keys: `lora config --keys`)")
+    if takes_overrides and (overrides or "overrides" in params):
+        params["overrides"] = overrides
+    return params
+
+
+class ProgressView:
+    """Renders a run's progress records (:mod:`lora_kernel.trusted.executor`: ``cell``,
+    ``train_start``, ``step``, ``train_end``, ``done``; one JSON object a line) on ``out``.
+
+    ``live`` (a terminal): a bar of the notebook's cells and, while training, a bar of its
+    steps with loss, it/s and ETA. Otherwise (a log, CI, a pipe): one line when training
+    starts, one at every tenth of its steps (and at least every ``EVERY_S`` seconds), one at
+    its end. Lines that are not records are shown as they are. Fed from any thread.
+    """
+
+    EVERY_S = 60.0
+
+    def __init__(self, out: TextIO, *, live: bool) -> None:
+        self.out, self.live = out, live
+        self._lock = threading.Lock()
+        self._partial = b""
+        self._bars: dict[str, Any] = {}
+        self._every, self._next, self._shown, self._last_t = 1, 0, -1, 0.0
+
+    def feed(self, chunk: bytes) -> None:
+        """Take a chunk of the executor's output (records may span chunks)."""
+        with self._lock:
+            *lines, self._partial = (self._partial + chunk).split(b"\n")
+            for line in lines:
+                self._line(line)
+
+    def close(self) -> None:
+        """Finish the bars (after the run)."""
+        with self._lock:
+            if self._partial.strip():
+                self._line(self._partial)
+            self._partial = b""
+            self._close_bars()
+
+    def _line(self, line: bytes) -> None:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            rec = None
+        if not isinstance(rec, dict) or not isinstance(rec.get("event"), str):
+            text = line.decode("utf-8", "replace").rstrip()
+            if text:
+                self._say(text)
+            return
+        handler = getattr(self, f"_on_{rec['event']}", None)
+        if handler is not None:
+            try:
+                handler(rec)
+            except (KeyError, TypeError, ValueError):
+                pass  # a malformed record: progress is a display, the run goes on
+
+    def _say(self, text: str) -> None:
+        if self._bars:
+            from tqdm import tqdm
+
+            tqdm.write(text, file=self.out)
+        else:
+            self.out.write(text + "\n")
+            self.out.flush()
+
+    def _bar(self, name: str, **kw: Any) -> Any:
+        from tqdm import tqdm
+
+        if name not in self._bars:
+            self._bars[name] = tqdm(file=self.out, dynamic_ncols=True, mininterval=0.2, **kw)
+        return self._bars[name]
+
+    def _close_bars(self) -> None:
+        for bar in reversed(list(self._bars.values())):
+            bar.close()
+        self._bars.clear()
+
+    def _on_cell(self, rec: dict) -> None:
+        if self.live:
+            bar = self._bar("cells", total=int(rec["cells"]), desc="Executing", unit="cell")
+            bar.n = int(rec["done"])
+            bar.refresh()
+
+    def _on_train_start(self, rec: dict) -> None:
+        step, total = int(rec["step"]), int(rec["total"])
+        self._every = max(1, math.ceil(total / 10))
+        self._next = (step // self._every + 1) * self._every
+        self._shown, self._last_t = step, time.monotonic()
+        what = f"{rec.get('task', '')} LoRA".strip()
+        if rec.get("resumed_from"):
+            self._say(f"training {what}: resuming at step {step}/{total} from "
+                      f"{rec['resumed_from']}")
+        elif not self.live:
+            self._say(f"training {what}: {total} steps")
+        if self.live:
+            self._bar("train", total=total, initial=step, desc=what, unit="step")
+
+    def _on_step(self, rec: dict) -> None:
+        step, total = int(rec["step"]), int(rec["total"])
+        if self.live:
+            bar = self._bar("train", total=total, initial=step - 1, desc="training",
+                            unit="step")
+            bar.set_postfix(loss=f"{float(rec['loss']):.4f}", refresh=False)
+            bar.update(step - bar.n)
+            return
+        now = time.monotonic()
+        if step >= self._next or step >= total or now - self._last_t >= self.EVERY_S:
+            self._say(self._step_line(rec))
+            self._shown, self._last_t = step, now
+            self._next = (step // self._every + 1) * self._every
+
+    @staticmethod
+    def _step_line(rec: dict) -> str:
+        step, total = int(rec["step"]), int(rec["total"])
+        done = step - int(rec.get("start", 0))
+        elapsed = float(rec.get("elapsed", 0.0))
+        rate = done / elapsed if elapsed > 0 and done > 0 else 0.0
+        eta = _hms((total - step) / rate) if rate else "?"
+        return (f"step {step}/{total} ({100 * step // max(1, total)}%)  loss "
+                f"{float(rec['loss']):.4f}  {rate:.2f} it/s  elapsed {_hms(elapsed)}  "
+                f"ETA {eta}")
+
+    def _on_train_end(self, rec: dict) -> None:
+        bar = self._bars.pop("train", None)
+        if bar is not None:
+            bar.close()
+        step, total = int(rec["step"]), int(rec["total"])
+        if not self.live and step != self._shown and step < total:
+            self._say(f"training stopped at step {step}/{total}")
+
+    def _on_done(self, rec: dict) -> None:
+        self._close_bars()
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 def _print_record(rec) -> None:
     res = rec.result or {}
     loss = ""
@@ -74,33 +287,44 @@ def _print_record(rec) -> None:
     print(f"  manifest.json  sha256 {rec.manifest_sha256}  (ledger seq {rec.ledger_seq})")
 
 
-def _progress(args):
-    """Where the executor's progress bar goes: this terminal, unless --quiet or not a tty."""
-    if args.quiet or not sys.stdout.isatty():
+def _progress(args) -> ProgressView | None:
+    """How the run's progress shows on stdout: live bars on a terminal, periodic lines
+    otherwise, nothing with --quiet."""
+    if args.quiet:
         return None
-    return lambda chunk: (sys.stdout.buffer.write(chunk), sys.stdout.flush())
+    return ProgressView(sys.stdout, live=sys.stdout.isatty())
 
 
-def _run(notebook: Path, params: dict, args):
-    """Run locally, or ask the runner service (service mode); return the RunRecord."""
+def _run(notebook: Path | None, params: dict | None, args, resume: str | None = None):
+    """Run locally, or ask the runner service (service mode); return the RunRecord.
+    ``resume``: the id of a failed run to continue (``notebook`` and ``params`` unused)."""
     from lora_kernel.common.paths import lora_home
-    from lora_kernel.trusted.runner import RunContext, run_notebook
+    from lora_kernel.trusted.runner import RunContext, RunRecord, resume_run, run_notebook
     from lora_kernel.trusted.service import call, runner_socket
 
     sock = runner_socket(args.runner)
-    if sock is None:
-        return run_notebook(notebook, params, home=args.home, state=args.state,
-                            timeout=args.timeout, ctx=RunContext.local(_progress(args)),
-                            log=_log)
-    from lora_kernel.trusted.runner import RunRecord
-
-    progress = _progress(args)
-    result = call(sock, {"op": "run", "notebook": str(notebook.resolve()),
-                         "parameters": params, "home": str(lora_home(args.home)),
-                         "timeout": args.timeout, "progress": progress is not None},
-                  on_log=_log,
-                  on_progress=lambda text: progress(text.encode()) if progress else None)
-    return RunRecord.from_dict(result)
+    view = _progress(args)
+    try:
+        if sock is None:
+            ctx = RunContext.local(view.feed if view else None)
+            kw = {"home": args.home, "state": args.state, "timeout": args.timeout, "ctx": ctx,
+                  "log": _log}
+            if resume:
+                return resume_run(resume, **kw)
+            return run_notebook(notebook, params, **kw)
+        request = {"home": str(lora_home(args.home)), "timeout": args.timeout,
+                   "progress": view is not None}
+        if resume:
+            request.update({"op": "resume", "run": resume})
+        else:
+            request.update({"op": "run", "notebook": str(notebook.resolve()),
+                            "parameters": params})
+        result = call(sock, request, on_log=_log,
+                      on_progress=lambda text: view.feed(text.encode()) if view else None)
+        return RunRecord.from_dict(result)
+    finally:
+        if view is not None:
+            view.close()
 
 
 def cmd_run(args) -> int:
@@ -108,22 +332,25 @@ def cmd_run(args) -> int:
     from lora_kernel.trusted.runner import config_task, notebook_for_task
 
     _sigterm_as_interrupt()
-    overrides = parse_overrides(args.param)
+    if args.resume:
+        if args.config or args.notebook or args.params_file or args.param:
+            raise ConfigError("--resume RUN continues that run with its own notebook, config "
+                              "and overrides; fix: drop --config, NOTEBOOK, -f and -p")
+        _print_record(_run(None, None, args, resume=args.resume))
+        return 0
     if args.config:
         if args.params_file:
             raise ConfigError("give either --config or -f params.yaml, not both")
         config = Path(args.config).resolve()
         notebook = Path(args.notebook) if args.notebook else notebook_for_task(
             config_task(config))
-        params = {"config_path": str(config), "overrides": overrides}
+        params = {"config_path": str(config), "overrides": parse_overrides(args.param)}
     elif args.notebook:
         notebook = Path(args.notebook)
-        params = load_params_file(args.params_file)
-        if overrides:
-            params["overrides"] = {**(params.get("overrides") or {}), **overrides}
+        params = notebook_parameters(notebook, args.params_file, args.param)
     else:
-        raise ConfigError("nothing to run; fix: lora run --config my.yaml, or "
-                          "lora run NOTEBOOK -f params.yaml")
+        raise ConfigError("nothing to run; fix: lora run --config my.yaml, "
+                          "lora run NOTEBOOK -f params.yaml, or lora run --resume RUN")
     _print_record(_run(notebook, params, args))
     return 0
 
@@ -179,7 +406,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     add_runner(p)
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                    help="fail (and record) the run after this many seconds")
-    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", "-q", action="store_true",
+                   help="no progress (default: live bars on a terminal, a line per tenth of "
+                        "the training otherwise)")
 
 
 def register(sub) -> None:
@@ -194,7 +423,11 @@ def register(sub) -> None:
                                                "training notebook of the config's task)")
     p.add_argument("--config", "-c", help="training config (YAML); picks the notebook")
     p.add_argument("-f", "--parameters-file", dest="params_file", metavar="PARAMS.yaml",
-                   help="papermill parameters (YAML mapping), e.g. config_path: my.yaml")
+                   help="papermill parameters (YAML mapping), e.g. config_path: my.yaml; a "
+                        "config key in it (learning_rate: 0.002) is a config override")
+    p.add_argument("--resume", metavar="RUN",
+                   help="continue the failed (interrupted) training run RUN from the latest "
+                        "checkpoint in its work folder, as a new run record that names it")
     _common(p)
     p.set_defaults(func=cmd_run)
 

@@ -9,12 +9,21 @@ from lora_kernel.cli.options import add_home, add_override_args, parse_overrides
 from lora_kernel.training.config import config_keys, load_config
 
 
+def print_dataset_warnings(cfg) -> None:
+    """What validation accepted but noticed in the dataset, one ``warning: ...`` line each on
+    stderr (empty captions, duplicate rows, 1x1 images)."""
+    for text in cfg.dataset_warnings:
+        print(f"warning: {text}", file=sys.stderr)
+
+
 def cmd_train(args) -> int:
     """Validate the config, train, print where the adapter went."""
-    from lora_kernel.training.train import train
+    from lora_kernel.training.train import prepare_output_dir, train
     cfg = load_config(args.config, parse_overrides(args.param))
+    print_dataset_warnings(cfg)
     resume = args.resume if args.resume not in (None, "latest") else (
         True if args.resume == "latest" else None)
+    prepare_output_dir(cfg, resume=bool(resume), overwrite=args.overwrite)
     # The library logs its notes (latent cache hit / written) at INFO: show ours, bare, on
     # stdout for this command only (not the root logger: no third-party INFO chatter).
     notes = logging.getLogger("lora_kernel")
@@ -48,6 +57,7 @@ def cmd_config(args) -> int:
             print(f"{key:28s} {text}")
         return 0
     cfg = load_config(args.file, parse_overrides(args.param))
+    print_dataset_warnings(cfg)
     print(json.dumps(cfg.to_dict(), indent=1))
     print(f"{args.file}: OK", flush=True)
     return 0
@@ -63,6 +73,9 @@ def register(sub) -> None:
     add_home(p)
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
                    help="continue from the latest checkpoint in output_dir (or the one given)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="output_dir holds an earlier run: delete its checkpoints, TensorBoard "
+                        "logs, samples and adapters first (without it, lora train refuses)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.add_argument("--no-samples", action="store_true", help="skip the final samples")
     p.set_defaults(func=cmd_train)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from lora_kernel.training.data import read_image_rows
+from lora_kernel.training.data import MAX_IMAGE_PIXELS, open_image, read_image_rows
 from lora_kernel.training.loop import seed_everything
 
 logger = logging.getLogger(__name__)
@@ -55,9 +55,10 @@ def pick_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[
 
 
 def prepare_image(path: Path, target: tuple[int, int], *, center: bool,
-                  rng: random.Random) -> torch.Tensor:
-    """Load, resize to cover ``target`` (w, h), crop, and scale to [-1, 1] (C, H, W)."""
-    with Image.open(path) as im:
+                  rng: random.Random, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """Load, resize to cover ``target`` (w, h), crop, and scale to [-1, 1] (C, H, W).
+    An image of more than ``max_pixels`` pixels is refused from its header (ImageTooLarge)."""
+    with open_image(path, max_pixels) as im:
         im = im.convert("RGB")
         tw, th = target
         scale = max(tw / im.width, th / im.height)
@@ -89,11 +90,12 @@ def load_examples(cfg) -> list[Example]:
     out = []
     for row in rows:
         if buckets:
-            with Image.open(row["image"]) as im:
+            with open_image(row["image"], cfg.max_image_pixels) as im:
                 target = pick_bucket(im.size, buckets)
         else:
             target = (cfg.resolution, cfg.resolution)
-        pixels = prepare_image(row["image"], target, center=cfg.center_crop, rng=rng)
+        pixels = prepare_image(row["image"], target, center=cfg.center_crop, rng=rng,
+                               max_pixels=cfg.max_image_pixels)
         out.append(Example(pixels=pixels, bucket=target, caption=row["caption"]))
     return out
 
@@ -126,8 +128,17 @@ class ImageTask:
     def __init__(self, cfg, comps, *, device: torch.device, cache_dir: Path | None,
                  dataset_version: str, log: Callable[[str], None] = logger.info):
         from peft import LoraConfig
+
+        from lora_kernel.training.config import DEFAULT_IMAGE_TARGETS
+        from lora_kernel.training.models import check_target_modules
         self.cfg, self.comps, self.device, self.log = cfg, comps, device, log
         unet, vae, te = comps.unet, comps.vae, comps.text_encoder
+        # Names that match nothing are refused (exit 2) before anything is attached or trained.
+        check_target_modules(unet, cfg.targets, what=f"UNet of {cfg.base_model}",
+                             file=cfg.source, default=DEFAULT_IMAGE_TARGETS)
+        if cfg.train_text_encoder:
+            check_target_modules(te, TE_TARGETS, what=f"text encoder of {cfg.base_model}",
+                                 file=cfg.source, key="train_text_encoder")
         for module in (unet, vae, te):
             module.requires_grad_(False)
             module.to(device)
@@ -143,7 +154,7 @@ class ImageTask:
             self.te_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha,
                                         lora_dropout=cfg.lora_dropout,
                                         init_lora_weights="gaussian", target_modules=TE_TARGETS)
-            te.add_adapter(self.te_config)
+            attach_text_encoder_lora(te, self.te_config)
             te.train()
         unet.train()
         if cfg.gradient_checkpointing:
@@ -298,8 +309,10 @@ class ImageTask:
 def sample_grid(cfg, comps, out_dir: Path, *, device: torch.device) -> dict:
     """Render each sample prompt at fixed seeds, without and with the LoRA, as one grid.
 
-    Returns ``{"grid": path, "mean_abs_diff": float, "layout": ...}``: the mean absolute
-    pixel difference (0..255) between the two halves says how much the LoRA changes images.
+    Returns what ``samples.json`` holds: ``grid`` (its path), ``prompts``, ``seeds``,
+    ``columns`` (per column: group "base" or "LoRA", seed), ``layout``, the grid geometry of
+    :func:`labelled_grid`, and ``mean_abs_diff``: the mean absolute pixel difference (0..255)
+    between the two halves, how much the LoRA changes images.
     """
     from diffusers import StableDiffusionPipeline
     prompts = cfg.sample_prompts or ["a sample"]
@@ -330,18 +343,130 @@ def sample_grid(cfg, comps, out_dir: Path, *, device: torch.device) -> dict:
     _set_adapters(unet, te, True)
     if was_training:
         unet.train()
-    grid = np.concatenate([np.concatenate(r, axis=1) for r in rows], axis=0)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "grid.png"
-    Image.fromarray((grid * 255).round().clip(0, 255).astype(np.uint8)).save(path)
-    info = {"grid": str(path), "prompts": prompts, "seeds": list(cfg.sample_seeds),
-            "layout": "rows: prompts; columns: seeds without LoRA, then seeds with LoRA",
-            "mean_abs_diff": float(np.mean(diffs))}
+    cells = [[Image.fromarray((im * 255).round().clip(0, 255).astype(np.uint8)) for im in r]
+             for r in rows]
+    grid, geometry = labelled_grid(cells, prompts)
+    grid.save(path)
+    seeds = list(cfg.sample_seeds)
+    info = {"grid": str(path), "prompts": prompts, "seeds": seeds,
+            "columns": [{"column": i, "group": group, "lora": group == "LoRA", "seed": seed}
+                        for i, (group, seed) in enumerate(
+                            (g, s) for g in GRID_GROUPS for s in seeds)],
+            "layout": "header row: 'base' over the seeds without the LoRA, 'LoRA' over the "
+                      "same seeds with it; left margin: each row's prompt; one row per prompt",
+            **geometry, "mean_abs_diff": float(np.mean(diffs))}
     (out_dir / "samples.json").write_text(json.dumps(info, indent=1))
     return info
 
 
+GRID_GROUPS = ("base", "LoRA")
+
+
+def labelled_grid(rows: list[list[Image.Image]], prompts: list[str],
+                  groups: tuple[str, ...] = GRID_GROUPS) -> tuple[Image.Image, dict]:
+    """One grid of sample images with a header row naming each column group ("base" over the
+    images without the LoRA, "LoRA" over those with it) and each row's prompt, wrapped and
+    truncated to fit, in a left margin.
+
+    ``rows`` holds one list of equally sized images per prompt, its columns split evenly into
+    ``groups``. Drawn with PIL's built-in bitmap font (no font file, nothing fetched) and
+    nothing time-dependent, so the same images give the same bytes. Returns the grid and its
+    geometry in pixels (``cell`` [w, h], ``header_height``, ``margin_width``): cell (r, c)
+    starts at (margin_width + c * w, header_height + r * h).
+    """
+    from PIL import ImageDraw, ImageFont
+
+    if len(rows) != len(prompts) or not rows or len(rows[0]) % len(groups):
+        raise ValueError(f"{len(rows)} rows for {len(prompts)} prompts; each row's columns "
+                         f"must split evenly into {groups}")
+    loader = getattr(ImageFont, "load_default_imagefont", None)  # Pillow >= 10.1
+    font = loader() if loader is not None else ImageFont.load_default()
+    cell_w, cell_h = rows[0][0].size
+    ncols, pad = len(rows[0]), 3
+    line_h = font.getbbox("Ag")[3] + 2
+    header_h = line_h + 2 * pad
+    texts = [_latin1(p) for p in prompts]
+    widest = max(font.getlength(t) for t in texts)
+    margin_w = int(min(192, max(64, widest + 2 * pad + 1)))  # + 1: the rule at its right
+    grid = Image.new(rows[0][0].mode, (margin_w + ncols * cell_w, header_h + len(rows) * cell_h),
+                     "white")
+    draw = ImageDraw.Draw(grid)
+    ink, rule = "black", (160, 160, 160) if grid.mode == "RGB" else 160
+    group_w = ncols // len(groups) * cell_w
+    for i, name in enumerate(groups):
+        x0 = margin_w + i * group_w
+        label = _fit_lines(_latin1(name), font, group_w - 2, 1)
+        if label:
+            draw.text((x0 + (group_w - font.getlength(label[0])) // 2, pad), label[0],
+                      fill=ink, font=font)
+        if i:
+            draw.line([(x0, 0), (x0, header_h - 1)], fill=rule)
+    draw.line([(0, header_h - 1), (grid.width - 1, header_h - 1)], fill=rule)
+    draw.line([(margin_w - 1, 0), (margin_w - 1, grid.height - 1)], fill=rule)
+    max_lines = max(1, (cell_h - 2 * pad) // line_h)
+    for r, (row, text) in enumerate(zip(rows, texts, strict=True)):
+        y0 = header_h + r * cell_h
+        for c, image in enumerate(row):
+            grid.paste(image, (margin_w + c * cell_w, y0))
+        for k, line in enumerate(_fit_lines(text, font, margin_w - 2 * pad - 1, max_lines)):
+            draw.text((pad, y0 + pad + k * line_h), line, fill=ink, font=font)
+    return grid, {"cell": [cell_w, cell_h], "header_height": header_h, "margin_width": margin_w}
+
+
+def _latin1(text: str) -> str:
+    """``text`` in the bitmap font's character set: whitespace runs as one space, anything
+    outside Latin-1 as "?"."""
+    return " ".join(str(text).split()).encode("latin-1", "replace").decode("latin-1")
+
+
+def _fit_lines(text: str, font, width: float, max_lines: int) -> list[str]:
+    """``text`` wrapped at spaces (a word wider than ``width`` is cut) into at most
+    ``max_lines`` lines of at most ``width`` pixels; cut text ends in "..."."""
+    def fits(line: str) -> bool:
+        return font.getlength(line) <= width
+
+    lines: list[str] = []
+    for word in text.split():
+        if lines and fits(f"{lines[-1]} {word}"):
+            lines[-1] += " " + word
+            continue
+        while not fits(word) and len(lines) <= max_lines:
+            n = max(1, sum(1 for k in range(1, len(word) + 1) if fits(word[:k])))
+            lines.append(word[:n])
+            word = word[n:]
+        if word:
+            lines.append(word)
+        if len(lines) > max_lines:
+            break
+    if len(lines) <= max_lines:
+        return lines
+    last = lines[max_lines - 1]
+    while last and not fits(last + "..."):
+        last = last[:-1]
+    tail = last.rstrip() + "..."
+    return lines[:max_lines - 1] + ([tail] if fits(tail) else [])
+
+
+def attach_text_encoder_lora(text_encoder, config, adapter_name: str = "default") -> None:
+    """Attach a trainable LoRA to the CLIP text encoder with peft's own
+    ``inject_adapter_in_model`` (what transformers' ``add_adapter`` wraps: transformers 5.x
+    gates that method on peft >= 0.22, which the pinned peft 0.21 is not), and mark it as
+    transformers' ``add_adapter`` would, so diffusers and transformers see a loaded adapter.
+    Unlike ``add_adapter`` it leaves ``base_model_name_or_path`` unset, as the UNet's is: the
+    adapter file then records no local path, and peft never looks the name up on the Hub."""
+    from peft import inject_adapter_in_model
+    inject_adapter_in_model(config, text_encoder, adapter_name)
+    text_encoder._hf_peft_config_loaded = True
+
+
 def _set_adapters(unet, te, enabled: bool) -> None:
+    """Switch every LoRA layer of ``unet`` and ``te`` on or off (peft's layer API, which
+    neither diffusers' nor transformers' peft version gates apply to)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
     for model in (unet, te):
         if getattr(model, "peft_config", None):
-            model.enable_adapters() if enabled else model.disable_adapters()
+            for module in model.modules():
+                if isinstance(module, BaseTunerLayer):
+                    module.enable_adapters(enabled)

@@ -32,7 +32,10 @@ from lora_kernel.common.errors import ConfigError, TrainingInterrupted
 # Keys whose change between a checkpoint and a resumed run is harmless.
 RESUME_FREE_KEYS = {"max_train_steps", "epochs", "save_steps", "output_dir", "sample_prompts",
                     "sample_steps", "sample_seeds", "max_new_tokens", "logging_steps",
-                    "output_name", "record_dataset_paths", "cache_latents"}
+                    "output_name", "record_dataset_paths", "cache_latents", "keep_checkpoints"}
+# Set by the `lora run` executor: the file this loop appends its progress records to (JSON
+# lines), which the executor relays to the terminal of `lora run` (see ProgressFile).
+PROGRESS_ENV = "LORA_PROGRESS_FILE"
 
 
 class Task(Protocol):
@@ -217,14 +220,76 @@ def _json_default(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def checkpoints(output_dir: Path) -> list[Path]:
+    """The complete checkpoints under ``<output_dir>/checkpoints``, oldest step first."""
+    root = Path(output_dir) / "checkpoints"
+    found = [p for p in root.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit()
+             and (p / "state.json").exists()]
+    return sorted(found, key=lambda p: int(p.name[11:]))
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
     """The newest complete checkpoint under ``<output_dir>/checkpoints``, or None."""
-    root = Path(output_dir) / "checkpoints"
-    found = [p for p in root.glob("checkpoint-*") if p.is_dir()
-             and not p.name.endswith(".partial") and (p / "state.json").exists()]
-    if not found:
+    found = checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The optimizer step a checkpoint was saved at (its ``state.json``), or None when that
+    file is missing or unreadable."""
+    try:
+        return int(json.loads((Path(path) / "state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    return max(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def prune_checkpoints(output_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` checkpoints (``keep_checkpoints``; 0 keeps all);
+    return the deleted folders."""
+    if keep <= 0:
+        return []
+    old = checkpoints(output_dir)[:-keep]
+    for path in old:
+        shutil.rmtree(path)
+    return old
+
+
+class ProgressFile:
+    """Progress records for ``lora run``: one JSON object per line appended to the file named
+    by ``$LORA_PROGRESS_FILE`` (set by the run's executor, which relays them to the terminal);
+    a no-op without it. ``train_start`` (step, total, task, resumed_from), one ``step`` per
+    optimizer step (step, total, start, loss, lr, elapsed seconds) and ``train_end``.
+
+    Progress is a display, not evidence: if the file cannot be written, the records stop and
+    training goes on.
+    """
+
+    def __init__(self, path: str | None = None):
+        path = path if path is not None else os.environ.get(PROGRESS_ENV)
+        self._fh = None
+        if path:
+            try:
+                self._fh = open(path, "a", encoding="utf-8", buffering=1)
+            except OSError:
+                self._fh = None
+
+    def write(self, event: str, **fields) -> None:
+        """Append one record (flushed: the executor tails the file)."""
+        if self._fh is None:
+            return
+        try:
+            self._fh.write(json.dumps({"event": event, **fields}) + "\n")
+        except (OSError, ValueError):
+            self.close()
+
+    def close(self) -> None:
+        """Close the file (further writes are dropped)."""
+        if self._fh is not None:
+            try:
+                self._fh.close()
+            except OSError:
+                pass
+            self._fh = None
 
 
 def load_checkpoint(path: Path, *, named: dict[str, torch.nn.Parameter],
@@ -306,6 +371,13 @@ def run_loop(cfg, task: Task, *, output_dir: Path, device: torch.device,
                               f"fix: use the output_dir (and other -p overrides) of the run to "
                               f"continue, make sure it had save_steps > 0, or drop --resume",
                               file=cfg.source, key="output_dir")
+        done = checkpoint_step(ckpt)
+        if done is not None and done >= n_steps:
+            raise ConfigError(
+                f"--resume: nothing to resume: {ckpt} is at step {done} of {n_steps}, the run "
+                f"finished; fix: raise max_train_steps (or epochs) above {done} to train "
+                f"longer, or start again without --resume",
+                file=cfg.source, key="max_train_steps" if cfg.max_train_steps else "epochs")
         state = load_checkpoint(ckpt, named=named, optimizer=optimizer, scheduler=scheduler,
                                 generator=generator, config=config, source=cfg.source)
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
@@ -323,6 +395,10 @@ def run_loop(cfg, task: Task, *, output_dir: Path, device: torch.device,
     batches = task.epoch_batches(epoch)
     t_start = time.perf_counter()
     examples = 0
+    start_step = step
+    records = ProgressFile()
+    records.write("train_start", step=step, total=n_steps, task=cfg.task,
+                  resumed_from=result.resumed_from)
 
     def checkpoint(at: int) -> Path:
         path = save_checkpoint(output_dir / "checkpoints" / f"checkpoint-{at}", step=at,
@@ -330,6 +406,8 @@ def run_loop(cfg, task: Task, *, output_dir: Path, device: torch.device,
                                optimizer=optimizer, scheduler=scheduler, generator=generator,
                                config=config, result=result)
         result.checkpoints.append(str(path))
+        gone = {str(p) for p in prune_checkpoints(output_dir, cfg.keep_checkpoints)}
+        result.checkpoints = [p for p in result.checkpoints if p not in gone]
         return path
 
     try:
@@ -370,6 +448,9 @@ def run_loop(cfg, task: Task, *, output_dir: Path, device: torch.device,
                     writer.add_scalar("train/epoch", epoch + batch_in_epoch / len(batches), step)
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
                 bar.update(1)
+                records.write("step", step=step, total=n_steps, start=start_step,
+                              loss=step_loss, lr=lr,
+                              elapsed=round(time.perf_counter() - t_start, 3))
                 if on_step is not None:
                     on_step(step, step_loss, lr)
                 if cfg.save_steps and (step % cfg.save_steps == 0 or step == n_steps):
@@ -382,6 +463,8 @@ def run_loop(cfg, task: Task, *, output_dir: Path, device: torch.device,
                         f"resume: run the same command (same config and -p overrides) "
                         f"with --resume")
     finally:
+        records.write("train_end", step=step, total=n_steps)
+        records.close()
         bar.close()
         writer.flush()
         writer.close()

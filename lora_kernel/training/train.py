@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from lora_kernel.common.errors import ConfigError
 from lora_kernel.common.paths import lora_home
 from lora_kernel.common.version import version_info
 from lora_kernel.training.data import dataset_digests, dataset_version
@@ -29,9 +31,13 @@ from lora_kernel.training.data import dataset_digests, dataset_version
 if TYPE_CHECKING:
     from lora_kernel.training.loop import LoopResult
 
-__all__ = ["TrainResult", "TaskOutcome", "train", "pick_device"]
+__all__ = ["TrainResult", "TaskOutcome", "train", "pick_device", "run_outputs",
+           "prepare_output_dir"]
 
 logger = logging.getLogger(__name__)
+
+# What a run writes into output_dir besides its adapters (see the module docstring).
+RUN_OUTPUTS = ("checkpoints", "tb", "samples", "training_summary.json", "loss_curve.png")
 
 
 @dataclass
@@ -80,6 +86,49 @@ class TrainResult:
         """Mean loss of the last tenth of the steps."""
         k = max(1, len(self.losses) // 10)
         return sum(self.losses[-k:]) / k
+
+
+def run_outputs(output_dir: str | Path) -> list[Path]:
+    """What an earlier run left in ``output_dir``: checkpoints/, tb/, samples/, the summary,
+    the loss curve, adapter files (``*.safetensors``) and PEFT adapter folders. Other files
+    are not a run's and are left alone."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    found = []
+    for item in sorted(out.iterdir()):
+        if (item.name in RUN_OUTPUTS
+                or (item.is_file() and item.suffix == ".safetensors")
+                or (item.is_dir() and (item / "adapter_config.json").is_file())):
+            found.append(item)
+    return found
+
+
+def prepare_output_dir(cfg, *, resume: bool = False, overwrite: bool = False) -> None:
+    """Make ``cfg.output_dir`` ready for a new run (what ``lora train`` does first).
+
+    Resuming continues the run found there. Otherwise an ``output_dir`` that already holds a
+    run (:func:`run_outputs`) is refused with a :class:`ConfigError`, so a second run never
+    mixes its checkpoints, TensorBoard logs and adapters into the first one's; with
+    ``overwrite`` that run's outputs are deleted first (nothing else in the folder is).
+    """
+    if resume and overwrite:
+        raise ConfigError("give either --resume (continue the run in output_dir) or "
+                          "--overwrite (start it again), not both", file=cfg.source,
+                          key="output_dir")
+    found = [] if resume else run_outputs(cfg.output_dir)
+    if not found:
+        return
+    if not overwrite:
+        names = " ".join(p.name + ("/" if p.is_dir() else "") for p in found)
+        raise ConfigError(f"output_dir {cfg.output_dir} already holds a run ({names}); fix: "
+                          f"--resume to continue, --overwrite to start again, or another "
+                          f"output_dir", file=cfg.source, key="output_dir")
+    for item in found:
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item)
+        else:
+            item.unlink()
 
 
 def pick_device() -> torch.device:

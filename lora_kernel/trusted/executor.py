@@ -8,10 +8,17 @@ decides what to believe:
 
 ``pin``      validate the config and hash every input (notebook bytes, config file, dataset
              files, base model); answer JSON. A notebook that declares ``config_path`` (a
-             training notebook) without one is refused before anything runs.
+             training notebook) without one, or given a parameter it does not declare, is
+             refused before anything runs. To resume an interrupted run (``"resume"``: its id
+             and work folder, from its sealed record) it finds and hashes the latest
+             checkpoint in that work folder, which is the user's: only this child reads it.
 ``run``      execute the pinned notebook (its bytes come from the spec, not from disk again)
              with papermill in the ``lora`` kernel into the work folder; on a cell error
              papermill saves the notebook first, then ``error.json`` says what failed (exit 1).
+             With ``"progress"`` it writes progress records on stdout, one JSON object a line
+             (:class:`ProgressRelay`): each cell's start and end, and the training loop's
+             steps, tailed from ``<work>/progress.jsonl`` (the kernel appends them there,
+             named by ``$LORA_PROGRESS_FILE``). ``lora run`` renders them.
 ``collect``  write the run's evidence from the work folder as an uncompressed tar on stdout:
              only plain files under fixed names (:data:`COLLECTED`), links refused. The runner
              extracts it with its own checks (:func:`lora_kernel.trusted.runner.extract_evidence`).
@@ -25,12 +32,17 @@ import json
 import os
 import sys
 import tarfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from lora_kernel.common.digests import sha256_bytes
 from lora_kernel.common.errors import ConfigError, LoraError
 
+# The variable naming the file the training loop appends progress records to (the name
+# lora_kernel.training.loop.PROGRESS_ENV reads; not imported: it would load torch here).
+PROGRESS_ENV = "LORA_PROGRESS_FILE"
 # What a run's output folder contributes to the record (checkpoints stay out: they are
 # resumable state, not evidence); adapter files go under adapter/.
 OUTPUT_EXTRAS = ("tb", "samples", "loss_curve.png", "training_summary.json")
@@ -61,13 +73,52 @@ def pin(spec: dict[str, Any]) -> dict[str, Any]:
                            "notebook_source": source.decode("utf-8"),
                            "declared": sorted(declared), "kind": "notebook"}
     _check_writable(home)
-    if "config_path" in declared and not params.get("config_path"):
+    training = "config_path" in declared
+    if training and not params.get("config_path"):
         raise ConfigError(f"{notebook.name} is a training notebook and no config was given: a "
                           "run is recorded only with its inputs pinned; fix: lora run --config "
                           "my.yaml, or lora run NOTEBOOK -f params.yaml with config_path: in it")
+    undeclared = sorted(set(params) - declared)
+    if training and undeclared:  # papermill would set it as a variable nobody reads
+        raise ConfigError(f"{notebook.name} has no parameter {undeclared[0]!r} (its "
+                          f"parameters: {', '.join(sorted(declared))}); fix: pass config keys "
+                          "in overrides (lora run -p KEY VALUE)", key=undeclared[0])
+    if params.get("resume_from"):
+        raise ConfigError("resume_from is set by `lora run --resume RUN` (which records the "
+                          "run it continues); fix: lora run --resume RUN", key="resume_from")
     if params.get("config_path"):
         out.update(_pin_training(params, Path(spec["work"])))
+    if spec.get("resume"):
+        if out["kind"] != "training" or "resume_from" not in declared:
+            raise ConfigError(f"{notebook.name} cannot resume a run (it declares no "
+                              "resume_from parameter)", file=notebook)
+        out["resume"] = _pin_resume(spec["resume"], out["config"])
     return out
+
+
+def _pin_resume(resume: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """The latest checkpoint in the work folder of the run to resume: path, step, digest."""
+    from lora_kernel.common.digests import path_sha256
+    from lora_kernel.training.loop import checkpoint_step, latest_checkpoint
+
+    run_id, work = str(resume["run_id"]), Path(resume["work"])
+    again = "fix: start a new run (lora run --config ...)"
+    if not work.is_dir():
+        raise ConfigError(f"the work folder {work} of run {run_id} is gone, and its "
+                          f"checkpoints with it: nothing to resume from; {again}", key="RUN")
+    ckpt = latest_checkpoint(work / "output")
+    if ckpt is None:
+        raise ConfigError(f"run {run_id} left no checkpoint in {work / 'output' / 'checkpoints'}"
+                          f" (save_steps: 0, or it stopped before the first save); {again} "
+                          "with save_steps > 0", key="RUN")
+    step = checkpoint_step(ckpt)
+    limit = config.get("max_train_steps")
+    if step is not None and limit and step >= limit:
+        raise ConfigError(f"run {run_id} reached its last step ({step} of {limit}) before it "
+                          f"stopped: nothing to resume; {again} with a larger max_train_steps",
+                          key="RUN")
+    return {"run_id": run_id, "checkpoint": str(ckpt), "step": step,
+            "sha256": path_sha256(ckpt)}
 
 
 def _check_writable(home: Path) -> None:
@@ -99,7 +150,8 @@ def _pin_training(params: dict[str, Any], work: Path) -> dict[str, Any]:
             "config_path": str(cfg.source), "config_sha256": sha256_file(cfg.source),
             "task": cfg.task, "seed": cfg.seed, "dataset_digests": digests,
             "dataset_version": dataset_version(cfg, digests),
-            "base_model_sha256": model_sha256(cfg.base_model)}
+            "base_model_sha256": model_sha256(cfg.base_model),
+            "dataset_warnings": cfg.dataset_warnings}
 
 
 # -- run ------------------------------------------------------------------------------------
@@ -112,18 +164,135 @@ def run(spec: dict[str, Any]) -> int:
     work = Path(spec["work"])
     (work / "output").mkdir(parents=True, exist_ok=True)
     nb = nbformat.reads(spec["notebook_source"], as_version=4)
+    relay = ProgressRelay(work / "progress.jsonl") if spec.get("progress") else None
+    if relay is not None:
+        os.environ[PROGRESS_ENV] = str(relay.path)  # the kernel inherits it
     try:
         papermill.execute_notebook(
             nb, str(work / "executed.ipynb"), parameters=spec["parameters"],
-            kernel_name=spec["kernel_name"], cwd=str(work),
-            progress_bar={"file": sys.stdout} if spec.get("progress") else False)
+            kernel_name=spec["kernel_name"], cwd=str(work), progress_bar=False,
+            engine_name=_cell_reporting_engine(relay.emit) if relay is not None else None)
     except PapermillExecutionError as exc:
         _write_error(work, exc.ename, exc.evalue, exc.cell_index)
         return 1
     except Exception as exc:  # noqa: BLE001 - recorded for the runner, then a failing exit
         _write_error(work, type(exc).__name__, str(exc), None)
         raise
+    finally:
+        if relay is not None:
+            relay.close()
     return 0
+
+
+# Fields a training progress record may carry, with their types (everything else is dropped:
+# the file is written by user code, the records reach a terminal).
+_RECORD_FIELDS: dict[str, type] = {"step": int, "total": int, "start": int, "loss": float,
+                                   "lr": float, "elapsed": float, "task": str,
+                                   "resumed_from": str}
+_TRAINING_EVENTS = ("train_start", "step", "train_end")
+
+
+def clean_record(line: bytes) -> dict[str, Any] | None:
+    """A training progress record from one line of the progress file, reduced to the known
+    fields with the right types; None for anything else."""
+    try:
+        raw = json.loads(line)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(raw, dict) or raw.get("event") not in _TRAINING_EVENTS:
+        return None
+    out: dict[str, Any] = {"event": raw["event"]}
+    for key, kind in _RECORD_FIELDS.items():
+        value = raw.get(key)
+        if isinstance(value, bool) or value is None:
+            continue
+        if kind is float and isinstance(value, int | float):
+            out[key] = float(value)
+        elif kind is int and isinstance(value, int):
+            out[key] = value
+        elif kind is str and isinstance(value, str):
+            out[key] = value[:300]
+    return out
+
+
+class ProgressRelay:
+    """Writes progress records on stdout (one JSON object a line, under a lock): what
+    :func:`_cell_reporting_engine` reports, and the training records a thread tails from
+    ``path`` (appended by the kernel). :meth:`close` relays the rest and ends with
+    ``{"event": "done"}``. Progress is a display: a gone reader never stops the run."""
+
+    POLL_S = 0.2
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._pos = 0
+        self._partial = b""
+        self._thread = threading.Thread(target=self._tail, daemon=True)
+        self._thread.start()
+
+    def emit(self, record: dict[str, Any]) -> None:
+        """Write one record."""
+        with self._lock:
+            try:
+                sys.stdout.write(json.dumps(record) + "\n")
+                sys.stdout.flush()
+            except (OSError, ValueError):
+                pass  # the runner went away: it kills this process anyway
+
+    def _tail(self) -> None:
+        while not self._stop.wait(self.POLL_S):
+            self._drain()
+
+    def _drain(self) -> None:
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(self._pos)
+                data = fh.read()
+        except OSError:  # not written yet
+            return
+        self._pos += len(data)
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        for line in lines:
+            record = clean_record(line)
+            if record is not None:
+                self.emit(record)
+
+    def close(self) -> None:
+        """Stop tailing, relay what is left, write the ``done`` record."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self._drain()
+        self.emit({"event": "done"})
+
+
+def _cell_reporting_engine(emit: Callable[[dict[str, Any]], None]) -> str:
+    """Register a papermill engine that reports each cell's start and end to ``emit`` as
+    ``{"event": "cell", "done": cells finished, "cells": cells in all}``; return its name."""
+    from papermill.engines import NBClientEngine, papermill_engines
+
+    class CellReporting(NBClientEngine):  # type: ignore[misc]  # papermill is untyped
+        @classmethod
+        def execute_managed_notebook(cls, nb_man: Any, kernel_name: str, **kwargs: Any) -> Any:
+            cells = len(nb_man.nb.cells)
+            start, complete = nb_man.cell_start, nb_man.cell_complete
+
+            def cell_start(cell: Any, cell_index: int = 0, **kw: Any) -> Any:
+                emit({"event": "cell", "done": cell_index, "cells": cells})
+                return start(cell, cell_index, **kw)
+
+            def cell_complete(cell: Any, cell_index: int = 0, **kw: Any) -> Any:
+                result = complete(cell, cell_index, **kw)
+                emit({"event": "cell", "done": cell_index + 1, "cells": cells})
+                return result
+
+            nb_man.cell_start, nb_man.cell_complete = cell_start, cell_complete
+            return super().execute_managed_notebook(nb_man, kernel_name, **kwargs)
+
+    papermill_engines.register("lora-cell-progress", CellReporting)
+    return "lora-cell-progress"
 
 
 def _write_error(work: Path, ename: str, evalue: str, cell_index: int | None) -> None:

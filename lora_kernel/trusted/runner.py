@@ -8,6 +8,7 @@ everything untrusted happens in children that run as the run's user
     runner (this module; service mode: root, effective uid of the service account)
       ├─ recover stale runs (lora_kernel.trusted.recovery)
       ├─ child "pin" as the user: validate config, hash notebook/config/dataset/base model
+      │    (resuming: find and hash the latest checkpoint in the old run's work folder)
       ├─ <state>/runs/.active/<run_id>.json + lock (who, what, pinned inputs, when)
       ├─ child "run" as the user: papermill → kernel "lora" (guard + execution log),
       │    env: LORA_RUN_ID, LORA_HOME=<working home>; never the state directory;
@@ -20,6 +21,10 @@ A run that fails — a cell raises, the kernel dies (even SIGKILL), the executor
 timeout passes, Ctrl-C — is recorded too, with whatever the executor wrote of the notebook,
 marked ``failed``; then :class:`~lora_kernel.common.errors.RunFailed` is raised naming the
 record. If the runner itself dies, ``lora audit recover`` seals the run as failed later.
+
+:func:`resume_run` continues a failed training run into a new record: the runner reads the old
+run's sealed record (its own state), the pin child finds the checkpoint in the old work folder
+(the user's), and the new manifest names the run and checkpoint it continued.
 """
 from __future__ import annotations
 
@@ -41,11 +46,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from lora_kernel.common.errors import ConfigError, LoraError, RunFailed, UnsafeModelError
+from lora_kernel.common.errors import (
+    ConfigError,
+    LoraError,
+    RunFailed,
+    UnsafeModelError,
+    VerificationError,
+)
 from lora_kernel.common.paths import lora_home, runs_dir
 from lora_kernel.common.timeutil import iso_time, utc_now
 from lora_kernel.common.yamlio import load_yaml
-from lora_kernel.provenance.records import manifest_sha256, record_files
+from lora_kernel.provenance.records import load_manifest, manifest_sha256, record_files
 from lora_kernel.trusted.executor import COLLECTED
 from lora_kernel.trusted.identity import Actor, current_actor
 from lora_kernel.trusted.ledger import Ledger
@@ -57,8 +68,8 @@ from lora_kernel.trusted.sealing import (
 )
 from lora_kernel.trusted.supervisor import Privileges, RunAs, kill_run_processes, spawn, stop
 
-__all__ = ["RunRecord", "RunContext", "new_run_id", "notebook_dir", "notebook_for_task",
-           "run_config", "run_notebook", "KERNEL_NAME"]
+__all__ = ["RunRecord", "RunContext", "ResumeFrom", "new_run_id", "notebook_dir",
+           "notebook_for_task", "run_config", "run_notebook", "resume_run", "KERNEL_NAME"]
 
 KERNEL_NAME = "lora"
 NOTEBOOKS = {"image": "train_image_lora.ipynb", "text": "train_text_lora.ipynb"}
@@ -103,7 +114,9 @@ class RunContext:
     as; ``privileges`` the runner's root/service-account switching; ``env`` the children's base
     environment (local mode: this process's, minus the state directory); ``cancelled`` is
     polled while the run executes (the service: the requester hung up); ``progress`` receives
-    the executor's output (papermill's progress bar), or None.
+    the executor's stdout: progress records, one JSON object a line (each cell's start and end,
+    the training loop's ``train_start`` / ``step`` / ``train_end``, and ``done``; see
+    :mod:`lora_kernel.trusted.executor`), which ``lora run`` renders; None: no progress.
     """
 
     actor: Actor
@@ -183,11 +196,66 @@ def run_config(config_path: str | os.PathLike[str], overrides: Mapping[str, Any]
     return run_notebook(nb, params, **kw)
 
 
+@dataclass(frozen=True)
+class ResumeFrom:
+    """A failed training run to continue: its id and the work folder holding its checkpoints,
+    both from its sealed record."""
+
+    run_id: str
+    work: str
+
+
+def resume_run(run_id: str, *, home: str | os.PathLike[str] | None = None,
+               state: str | os.PathLike[str] | None = None, timeout: float | None = None,
+               ctx: RunContext | None = None,
+               log: Callable[[str], None] | None = None) -> RunRecord:
+    """Continue the failed (interrupted) training run ``run_id`` from its latest checkpoint
+    as a new recorded run (``lora run --resume RUN``).
+
+    The old record must verify against the ledger; it gives the notebook, the config file and
+    the overrides (run again, pinned again: the resumed run refuses a changed config) and the
+    work folder. The pin child finds the latest checkpoint there, as the user; the notebook
+    gets it as ``resume_from``; the new manifest records ``extra.resumed_from_run`` and
+    ``extra.resumed_from_checkpoint``. Raises :class:`ConfigError` for an unknown run, a run
+    that succeeded or is no training run, or whose work folder or checkpoints are gone (nothing
+    run); otherwise as :func:`run_notebook`.
+    """
+    from lora_kernel.provenance.audit import verify_run
+    from lora_kernel.provenance.ledger import LedgerReader
+
+    with LedgerReader(state=state) as ledger:
+        problems = verify_run(run_id, ledger, state)
+    record = runs_dir(state) / run_id
+    if problems:
+        raise VerificationError(f"run {run_id} does not verify, so it is not resumed: "
+                                + "; ".join(map(str, problems)))
+    if not record.is_dir():
+        raise ConfigError(f"run {run_id} was pruned: nothing to resume", key="RUN")
+    meta = load_manifest(record)["predicate"]["runDetails"]["metadata"]
+    extra = meta.get("extra") or {}
+    if meta.get("status") == "succeeded":
+        raise ConfigError(f"run {run_id} succeeded: there is nothing to resume; fix: to train "
+                          "longer, start a new run with a larger max_train_steps (lora run "
+                          "--config ... -p max_train_steps N)", key="RUN")
+    if extra.get("kind") != "training" or not extra.get("config_path"):
+        raise ConfigError(f"run {run_id} is not a training run: nothing to resume", key="RUN")
+    if not extra.get("work_dir"):
+        raise ConfigError(f"run {run_id} records no work folder (no checkpoints kept): nothing "
+                          "to resume; fix: start a new run (lora run --config ...)", key="RUN")
+    overrides = dict((extra.get("parameters") or {}).get("overrides") or {})
+    overrides.pop("output_dir", None)  # the new run's work folder replaces it
+    params = {"config_path": extra["config_path"], "overrides": overrides}
+    return run_notebook(str(extra.get("notebook_path") or extra["notebook"]), params, home=home,
+                        state=state, timeout=timeout, ctx=ctx, log=log,
+                        resume=ResumeFrom(run_id, str(extra["work_dir"])))
+
+
 def run_notebook(notebook: str | os.PathLike[str], parameters: Mapping[str, Any] | None = None,
                  *, home: str | os.PathLike[str] | None = None,
                  state: str | os.PathLike[str] | None = None, timeout: float | None = None,
                  ctx: RunContext | None = None,
-                 log: Callable[[str], None] | None = None) -> RunRecord:
+                 log: Callable[[str], None] | None = None,
+                 resume: ResumeFrom | None = None) -> RunRecord:
     """Execute ``notebook`` with papermill in the ``lora`` kernel and seal its run record.
 
     ``parameters`` are papermill parameters. A training notebook (one that declares
@@ -195,8 +263,9 @@ def run_notebook(notebook: str | os.PathLike[str], parameters: Mapping[str, Any]
     ``overrides``, points ``output_dir`` at the run's work folder, injects ``result_path`` and
     pins the resolved config, base model, dataset files and seed before anything runs.
     ``timeout`` bounds the run (seconds); ``ctx`` says who the run is for (default: this
-    process's user, local mode). Raises :class:`ConfigError`/:class:`UnsafeModelError`
-    (nothing run, nothing recorded) for invalid input, :class:`RunFailed` (record written;
+    process's user, local mode); ``resume`` continues a failed run (:func:`resume_run`).
+    Raises :class:`ConfigError`/:class:`UnsafeModelError` (nothing run, nothing recorded) for
+    invalid input, :class:`RunFailed` (record written;
     ``.record`` is the failed :class:`RunRecord`) when the run does not succeed.
     """
     from lora_kernel.trusted.recovery import recover
@@ -214,13 +283,21 @@ def run_notebook(notebook: str | os.PathLike[str], parameters: Mapping[str, Any]
         say(f"recovered stale run {rec.run_id}: sealed as failed ({rec.error})")
     run_id = new_run_id()
     work = home_p / "work" / run_id
-    pinned = _child_json(ctx, "pin", {"notebook": str(notebook), "parameters": params,
-                                      "home": str(home_p), "work": str(work)}, home_p)
+    spec: dict[str, Any] = {"notebook": str(notebook), "parameters": params,
+                            "home": str(home_p), "work": str(work)}
+    if resume is not None:
+        spec["resume"] = {"run_id": resume.run_id, "work": resume.work}
+    pinned = _child_json(ctx, "pin", spec, home_p)
     if pinned.get("kind") == "training":
         params["config_path"] = pinned["config_path"]
         params["overrides"] = pinned["overrides"]
     if "result_path" in pinned["declared"]:
         params["result_path"] = str(work / "run_result.json")
+    if resume is not None:
+        if not isinstance(pinned.get("resume"), dict):
+            raise LoraError("the pin step answered no checkpoint to resume from")
+        pinned["resume"]["run_id"] = resume.run_id  # ours, not the child's word
+        params["resume_from"] = str(pinned["resume"]["checkpoint"])
     run = {"run_id": run_id, "notebook": str(notebook), "parameters": params,
            "home": str(home_p), "work": str(work), "started": iso_time(),
            "actor": {"name": ctx.actor.name, "uid": ctx.actor.uid, "source": ctx.actor.source},
@@ -464,8 +541,13 @@ def seal_run(run: dict[str, Any], staging: Path, *, rc: int | None, reason: str 
     if result is not None:
         extra.update({k: result.get(k) for k in ("steps", "losses", "eval_loss_before",
                                                  "eval_loss_after", "seconds", "cache_hit")})
+    if isinstance(pinned.get("resume"), dict):
+        resumed = pinned["resume"]
+        extra["resumed_from_run"] = resumed.get("run_id")
+        extra["resumed_from_checkpoint"] = {k: resumed.get(k)
+                                            for k in ("checkpoint", "step", "sha256")}
     if failure:
-        extra["work_dir"] = run["work"]  # checkpoints stay there for `lora train --resume`
+        extra["work_dir"] = run["work"]  # checkpoints stay there for `lora run --resume RUN`
     manifest = build_manifest(
         staging, run_id=run_id, user=run["actor"]["name"], uid=run["actor"]["uid"],
         host=socket.gethostname(), started=run["started"], ended=utc_now(), status=status,

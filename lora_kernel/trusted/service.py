@@ -14,6 +14,7 @@ forks a handler that
                 children run as the requesting user, with their groups and only their working
                 home; log lines and the progress bar stream back; if the requester hangs up,
                 the run is stopped and sealed as failed;
+   ``resume``   continue a failed run's training into a new record that references it;
    ``review``   approve / reject as the requesting user (the reviewers-group check uses the
                 OS groups of the peer uid);
    ``publish``  publish an approved run as the requesting user;
@@ -129,16 +130,23 @@ class RunnerServer(socketserver.ForkingMixIn, socketserver.UnixStreamServer):
         extra = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
         ctx = RunContext(actor=actor, run_as=run_as, privileges=privileges,
                          env=service_env(run_as, extra), cancelled=conn.hung_up)
-        if op == "run":
+        if op in ("run", "resume"):
+            from lora_kernel.trusted.runner import resume_run
+
             home = Path(str(request["home"]))
             if not home.is_absolute():
                 raise ConfigError(f"the working home must be an absolute path, got {home}")
             if request.get("progress"):
                 ctx.progress = lambda chunk: conn.send(
                     {"progress": chunk.decode("utf-8", "replace")})
-            rec = run_notebook(str(request["notebook"]), request.get("parameters") or {},
-                               home=home, state=self.state, timeout=request.get("timeout"),
-                               ctx=ctx, log=lambda msg: conn.send({"log": msg}))
+            if op == "resume":  # the old record is read here, its work folder as the user
+                rec = resume_run(str(request["run"]), home=home, state=self.state,
+                                 timeout=request.get("timeout"), ctx=ctx,
+                                 log=lambda msg: conn.send({"log": msg}))
+            else:
+                rec = run_notebook(str(request["notebook"]), request.get("parameters") or {},
+                                   home=home, state=self.state, timeout=request.get("timeout"),
+                                   ctx=ctx, log=lambda msg: conn.send({"log": msg}))
             return rec.to_dict()
         if op == "review":
             from lora_kernel.trusted.review import approve, reject
@@ -164,8 +172,8 @@ class RunnerServer(socketserver.ForkingMixIn, socketserver.UnixStreamServer):
             from lora_kernel.trusted.recovery import recover
 
             return [r.to_dict() for r in recover(state=self.state, ctx=ctx)]
-        raise ConfigError(f"unknown request {op!r}; one of run, review, publish, withdraw, "
-                          "recover")
+        raise ConfigError(f"unknown request {op!r}; one of run, resume, review, publish, "
+                          "withdraw, recover")
 
 
 def serve(socket_path: Path, state: Path, service_user: str) -> None:

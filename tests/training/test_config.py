@@ -13,13 +13,13 @@ from lora_kernel.training.config import load_config, parse_value, validate_confi
 
 
 @pytest.fixture
-def image_setup(tmp_path: Path) -> Path:
+def image_setup(tmp_path: Path, demo_home: Path) -> Path:
     """A minimal valid image config (tiny files, no model is loaded by validation)."""
     data = tmp_path / "data"
     data.mkdir()
     Image.new("RGB", (8, 8)).save(data / "a.png")
     (data / "metadata.csv").write_text("file_name,text\na.png,a cat\n")
-    (tmp_path / "model").mkdir()
+    (tmp_path / "model").symlink_to(demo_home / "demo" / "models" / "tiny-sd")
     cfg = {"train_data_dir": "data", "base_model": "model", "lora_rank": 4,
            "batch_size": 1, "epochs": 1, "learning_rate": 1e-4, "output_dir": "out",
            "save_steps": 0, "resolution": 64}
@@ -125,8 +125,8 @@ def test_overrides_apply_and_are_validated(image_setup):
         load_config(image_setup, {"lora_rank": -1})
 
 
-def test_text_dataset_checks(tmp_path):
-    (tmp_path / "lm").mkdir()
+def test_text_dataset_checks(tmp_path, demo_home):
+    (tmp_path / "lm").symlink_to(demo_home / "demo" / "models" / "tiny-llama")
     data = tmp_path / "d.jsonl"
     data.write_text('{"prompt": "a", "response": "b"}\n')
     raw = {"task": "text", "metadata_path": str(data), "base_model": str(tmp_path / "lm")}

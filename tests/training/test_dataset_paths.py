@@ -21,14 +21,14 @@ FIX = "or set allow_outside_dataset: true"
 
 
 @pytest.fixture
-def image_setup(tmp_path: Path) -> Path:
+def image_setup(tmp_path: Path, demo_home: Path) -> Path:
     """A minimal valid image config (data/a.png) plus an image outside the folder (x.png)."""
     data = tmp_path / "data"
     data.mkdir()
     Image.new("RGB", (8, 8)).save(data / "a.png")
     Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "x.png")
     (data / "metadata.csv").write_text("file_name,text\na.png,a cat\n")
-    (tmp_path / "model").mkdir()
+    (tmp_path / "model").symlink_to(demo_home / "demo" / "models" / "tiny-sd")
     cfg = {"train_data_dir": "data", "base_model": "model", "lora_rank": 4,
            "learning_rate": 1e-4, "output_dir": "out", "resolution": 64}
     path = tmp_path / "cfg.yaml"
@@ -154,13 +154,13 @@ def test_folder_named_outside_cannot_merge_with_an_outside_file(image_setup):
 
 # -- text datasets ------------------------------------------------------------------------
 @pytest.fixture
-def text_setup(tmp_path: Path) -> Path:
+def text_setup(tmp_path: Path, demo_home: Path) -> Path:
     """A text config over train_data_dir (one inside .jsonl) plus a .jsonl outside it."""
     data = tmp_path / "data"
     data.mkdir()
     (data / "a.jsonl").write_text('{"prompt": "a", "response": "b"}\n')
     (tmp_path / "x.jsonl").write_text('{"text": "outside"}\n')
-    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm").symlink_to(demo_home / "demo" / "models" / "tiny-llama")
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump({"task": "text", "train_data_dir": "data",
                                     "base_model": "lm"}))

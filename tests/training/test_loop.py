@@ -95,3 +95,36 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(demo_home, tmp_path):
     step = int(ckpt.name.split("-")[1])
     assert 2 <= step < 400
     assert not (out / "enclave_style.safetensors").exists()  # no final adapter yet
+
+
+
+def _train(demo_home, out, resume=None, **changes):
+    """``_run`` with config ``changes`` (e.g. save_steps, keep_checkpoints)."""
+    cfg = load_config(demo_home / "demo" / "image_lora.yaml",
+                      {**RANDOM_EVERYTHING, "output_dir": str(out), **changes})
+    return train(cfg, resume=resume, progress=False, home=demo_home, samples=False,
+                 log=lambda m: None)
+
+
+def _names(out):
+    return sorted((p.name for p in (out / "checkpoints").iterdir()),
+                  key=lambda n: int(n.split("-")[1]))
+
+
+def test_keep_checkpoints_keeps_the_newest_n_and_zero_keeps_all(demo_home, tmp_path):
+    _train(demo_home, tmp_path / "kept", save_steps=2, keep_checkpoints=2)
+    assert _names(tmp_path / "kept") == ["checkpoint-6", "checkpoint-8"]
+    _train(demo_home, tmp_path / "all", save_steps=2)  # the default, 0: every checkpoint stays
+    assert _names(tmp_path / "all") == ["checkpoint-2", "checkpoint-4", "checkpoint-6",
+                                        "checkpoint-8"]
+    resumed = _train(demo_home, tmp_path / "kept", resume=True, save_steps=2,
+                     keep_checkpoints=2, max_train_steps=10)  # a pruned run resumes
+    assert resumed.steps == 10
+    assert _names(tmp_path / "kept") == ["checkpoint-8", "checkpoint-10"]
+
+
+def test_resume_after_the_last_step_says_there_is_nothing_to_resume(demo_home, tmp_path):
+    _train(demo_home, tmp_path, save_steps=4)
+    with pytest.raises(ConfigError, match="nothing to resume.*step 8 of 8.*raise max_train_steps"):
+        _train(demo_home, tmp_path, resume=True, save_steps=4)
+    assert _train(demo_home, tmp_path, resume=True, save_steps=4, max_train_steps=9).steps == 9

@@ -228,7 +228,7 @@ def test_sigkill_of_the_kernel_mid_training_is_recorded(run_home, demo_home):
     assert Path(extra["work_dir"]).is_dir()  # checkpoints are kept for a resume
     nb = nbformat.read(str(record / "executed.ipynb"), as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
-    assert code[2].outputs[0]["text"].startswith("config:")  # ran before the kill
+    assert "config:" in code[2].outputs[0]["text"]  # ran before the kill
     assert code[-1].outputs == []  # never reached
     events = [json.loads(x) for x in (record / "events.jsonl").read_text().splitlines()]
     assert [e["code"] for e in events if e["type"] == "execute"] == [c.source for c in code[:3]]
@@ -399,3 +399,54 @@ def test_the_kernel_environment_never_names_the_state_directory(run_home, tmp_pa
     assert out == {"state": False, "home": str(run_home), "run": rec.run_id}
     assert load_manifest(rec.path)["predicate"]["runDetails"]["metadata"]["extra"]["kind"] \
         == "notebook"
+
+
+def test_lora_run_resume_continues_an_interrupted_run_into_a_new_record(run_home, demo_home):
+    """SIGTERM after a checkpoint: the run is recorded as failed with its work folder; `lora
+    run --resume RUN` continues it from the latest checkpoint there into a new succeeded
+    record that names it, with the full step count. Resuming that succeeded run is refused."""
+    from lora_kernel.training.loop import checkpoint_step, latest_checkpoint
+
+    args = ["run", "--config", demo_home / "demo" / "image_lora.yaml"]
+    for key, value in {**FAST_IMAGE, "max_train_steps": 40, "save_steps": 2}.items():
+        args += ["-p", key, json.dumps(value)]
+    proc = lora_cli(*args, home=run_home, wait=False)
+    try:
+        deadline = time.monotonic() + 240
+        while not list((run_home / "work").glob("*/output/checkpoints/checkpoint-2")):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 7 and "interrupted" in err, err
+    old = Path(re.search(r"recorded in (\S+)", err).group(1))
+    old_extra = assert_sealed(old, "failed")["predicate"]["runDetails"]["metadata"]["extra"]
+    ckpt = latest_checkpoint(Path(old_extra["work_dir"]) / "output")
+    step = checkpoint_step(ckpt)
+    assert 2 <= step < 40
+
+    res = lora_cli("run", "--resume", old.name, home=run_home)
+    assert res.returncode == 0, res.stderr
+    assert f"resuming at step {step}/40" in res.stdout  # the progress lines (not a terminal)
+    record = Path(re.search(r"^record: (.+)$", res.stdout, re.M).group(1))
+    assert record.name != old.name
+    manifest = assert_sealed(record, "succeeded")
+    extra = manifest["predicate"]["runDetails"]["metadata"]["extra"]
+    assert extra["resumed_from_run"] == old.name
+    assert extra["resumed_from_checkpoint"]["checkpoint"] == str(ckpt)
+    assert extra["resumed_from_checkpoint"]["step"] == step
+    assert extra["steps"] == 40 and len(extra["losses"]) == 40
+    assert extra["parameters"]["resume_from"] == str(ckpt)
+    config = manifest["predicate"]["buildDefinition"]["externalParameters"]["config"]
+    assert config["max_train_steps"] == 40 and config["output_dir"].startswith(
+        str(run_home / "work" / record.name))
+    assert Path(old_extra["work_dir"]).is_dir()  # the failed run's evidence stays
+
+    again = lora_cli("run", "--resume", record.name, home=run_home)
+    assert again.returncode == 2 and "succeeded: there is nothing to resume" in again.stderr
+    runs = [p for p in (state_of(run_home) / "runs").iterdir() if not p.name.startswith(".")]
+    assert len(runs) == 2
