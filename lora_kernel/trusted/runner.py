@@ -38,7 +38,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -57,7 +56,7 @@ from lora_kernel.common.paths import lora_home, runs_dir
 from lora_kernel.common.timeutil import iso_time, utc_now
 from lora_kernel.common.yamlio import load_yaml
 from lora_kernel.provenance.records import load_manifest, manifest_sha256, record_files
-from lora_kernel.trusted.executor import COLLECTED
+from lora_kernel.trusted.evidence import collect_evidence
 from lora_kernel.trusted.identity import Actor, current_actor
 from lora_kernel.trusted.ledger import Ledger
 from lora_kernel.trusted.sealing import (
@@ -429,56 +428,7 @@ def _pump(stream: IO[bytes] | None, sink: Callable[[bytes], None] | None) -> thr
     return thread
 
 
-# -- collecting and sealing -------------------------------------------------------------------
-def collect_evidence(ctx: RunContext, run: dict[str, Any], staging: Path) -> list[str]:
-    """Collect the work folder's evidence (as the run's user) into ``staging``; return notes
-    about what was refused."""
-    home = Path(run["home"])
-    proc = spawn([*_python(), "collect"], run_as=ctx.run_as, privileges=ctx.privileges,
-                 env=ctx.child_env(home), cwd="/", stdin=subprocess.PIPE,
-                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.write(json.dumps({"work": run["work"], "home": run["home"],
-                                 "run_id": run["run_id"]}).encode())
-    proc.stdin.close()
-    notes = extract_evidence(proc.stdout, staging)
-    err = proc.stderr.read() if proc.stderr else b""
-    if proc.wait() != 0:
-        notes.append("collecting the work folder failed: "
-                     + err.decode("utf-8", "replace")[-500:])
-    return notes
-
-
-def extract_evidence(stream: IO[bytes], dest: Path) -> list[str]:
-    """Extract a collector's tar into ``dest``: plain files and folders under the names of
-    :data:`~lora_kernel.trusted.executor.COLLECTED` only, never outside ``dest``, never over an
-    existing file. Returns notes about refused members (the rest is kept)."""
-    notes: list[str] = []
-    try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
-            for member in tar:
-                parts = Path(member.name).parts
-                bad = (not parts or member.name.startswith("/") or ".." in parts
-                       or parts[0] not in COLLECTED or not (member.isfile() or member.isdir()))
-                if bad:
-                    notes.append(f"refused {member.name!r} from the work folder (not a plain "
-                                 "file under an expected name)")
-                    continue
-                target = dest.joinpath(*parts)
-                if member.isdir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                src = tar.extractfile(member)
-                assert src is not None
-                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-                with os.fdopen(fd, "wb") as out:
-                    shutil.copyfileobj(src, out)
-    except (tarfile.TarError, OSError) as exc:
-        notes.append(f"the work folder's evidence was cut short: {exc}")
-    return notes
-
-
+# -- sealing --------------------------------------------------------------------------------
 def _read_json(path: Path) -> dict[str, Any] | None:
     """A JSON object from ``path``, or None when missing or unreadable (a killed writer)."""
     try:
@@ -511,7 +461,7 @@ def seal_run(run: dict[str, Any], staging: Path, *, rc: int | None, reason: str 
     """Collect, build, seal and ledger the record of ``run``; raise :class:`RunFailed` for a
     failed run. Used by :func:`run_notebook` and by recovery (``rc`` None, a ``reason``)."""
     run_id = run["run_id"]
-    notes = collect_evidence(ctx, run, staging)
+    notes = collect_evidence(ctx, run, staging, _python())
     error = _read_json(staging / "error.json")
     (staging / "error.json").unlink(missing_ok=True)
     result = _read_json(staging / "run_result.json")

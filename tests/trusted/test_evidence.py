@@ -4,7 +4,7 @@ from __future__ import annotations
 import io
 import tarfile
 
-from lora_kernel.trusted.runner import extract_evidence
+from lora_kernel.trusted.evidence import extract_evidence
 
 
 def _tar(members) -> io.BytesIO:

@@ -1,0 +1,74 @@
+"""What crosses from the user's side into a record: the work folder's evidence.
+
+The ``collect`` child (:mod:`lora_kernel.trusted.executor`) runs as the run's user and writes
+the evidence as a tar on its stdout; :func:`extract_evidence` unpacks it into the staging
+folder with the runner's own rules — plain files and folders under the names of
+:data:`~lora_kernel.trusted.executor.COLLECTED` only, never outside the destination, never over
+an existing file — so a symlink or hard link planted in a work folder never pulls the signing
+key (or anything else the runner could read) into a record.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from lora_kernel.trusted.executor import COLLECTED
+from lora_kernel.trusted.supervisor import spawn
+
+if TYPE_CHECKING:
+    from lora_kernel.trusted.runner import RunContext
+
+
+def collect_evidence(ctx: RunContext, run: dict[str, Any], staging: Path,
+                     python: list[str]) -> list[str]:
+    """Collect the work folder's evidence (as the run's user) into ``staging``; return notes
+    about what was refused."""
+    home = Path(run["home"])
+    proc = spawn([*python, "collect"], run_as=ctx.run_as, privileges=ctx.privileges,
+                 env=ctx.child_env(home), cwd="/", stdin=subprocess.PIPE,
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(json.dumps({"work": run["work"], "home": run["home"],
+                                 "run_id": run["run_id"]}).encode())
+    proc.stdin.close()
+    notes = extract_evidence(proc.stdout, staging)
+    err = proc.stderr.read() if proc.stderr else b""
+    if proc.wait() != 0:
+        notes.append("collecting the work folder failed: "
+                     + err.decode("utf-8", "replace")[-500:])
+    return notes
+
+
+def extract_evidence(stream: IO[bytes], dest: Path) -> list[str]:
+    """Extract a collector's tar into ``dest``: plain files and folders under the names of
+    :data:`~lora_kernel.trusted.executor.COLLECTED` only, never outside ``dest``, never over an
+    existing file. Returns notes about refused members (the rest is kept)."""
+    notes: list[str] = []
+    try:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                parts = Path(member.name).parts
+                bad = (not parts or member.name.startswith("/") or ".." in parts
+                       or parts[0] not in COLLECTED or not (member.isfile() or member.isdir()))
+                if bad:
+                    notes.append(f"refused {member.name!r} from the work folder (not a plain "
+                                 "file under an expected name)")
+                    continue
+                target = dest.joinpath(*parts)
+                if member.isdir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                src = tar.extractfile(member)
+                assert src is not None
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+                with os.fdopen(fd, "wb") as out:
+                    shutil.copyfileobj(src, out)
+    except (tarfile.TarError, OSError) as exc:
+        notes.append(f"the work folder's evidence was cut short: {exc}")
+    return notes
