@@ -320,9 +320,9 @@ def test_the_memory_estimate_counts_the_real_parameters(demo_home, image_cfg, te
 def test_with_cuda_the_gpu_and_host_are_checked_apart(image_cfg, monkeypatch):
     """The CUDA branch's arithmetic, with the GPU's free memory given (1 GiB): weights and
     activations must fit on the GPU, the dataset's pixels in host memory."""
-    from lora_kernel.training import config as config_mod
+    from lora_kernel.training import checks
 
-    monkeypatch.setattr(config_mod, "_cuda_free_bytes", lambda: 2 ** 30)
+    monkeypatch.setattr(checks, "_cuda_free_bytes", lambda: 2 ** 30)
     assert load_config(image_cfg()).resolution == 32
     msg = _refused(image_cfg(resolution=2048), key="resolution")
     assert "but the GPU has 1.0 GiB available" in msg
@@ -336,7 +336,7 @@ def test_on_cuda_the_estimate_is_compared_with_free_gpu_memory(image_cfg):
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
-    from lora_kernel.training.config import _cuda_free_bytes
+    from lora_kernel.training.checks import _cuda_free_bytes
 
     free = _cuda_free_bytes()
     assert free is not None and 0 < free <= torch.cuda.mem_get_info()[1]

@@ -1,0 +1,288 @@
+"""Input checks that run before any model loads: the base model (its kind, its safety),
+the output folder, the memory a run will need, and every dataset file (encoding, rows,
+paths inside ``train_data_dir``, image headers). Called by
+:func:`lora_kernel.training.config.validate_config`; every refusal is a :class:`ConfigError`
+(or :class:`~lora_kernel.common.errors.UnsafeModelError`) naming the file, row or key and the fix.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from lora_kernel.common.errors import ConfigError
+from lora_kernel.training.config import TrainConfig
+from lora_kernel.training.model_safety import check_model_path
+
+
+def check_inputs(cfg: TrainConfig) -> None:
+    """Check that the base model and dataset exist, can be read by this user, and the dataset
+    is not empty. A path this user may not read is a :class:`ConfigError` naming it (Linux
+    permissions on other people's data hold: the kernel runs as the user)."""
+    try:
+        _check_inputs(cfg, cfg.source or "<config>")
+    except PermissionError as exc:
+        raise ConfigError(f"permission denied reading {exc.filename}; fix: train on data and "
+                          "models you may read (ask the owner for access, or copy them into "
+                          "your working home)", file=cfg.source or "<config>") from None
+
+
+def _check_inputs(cfg: TrainConfig, file: str) -> None:
+    model = Path(cfg.base_model)
+    if not model.exists():
+        raise ConfigError(f"base model not found at {model}; fix: point base_model at a local "
+                          f"model (run `lora demo-assets` for a tiny one)", file=file,
+                          key="base_model")
+    try:  # the loaders' own refusal: pickles are UnsafeModelError (3), and with the task a
+        # corrupt/empty .safetensors or a model of the wrong kind is a ConfigError (2)
+        check_model_path(model, cfg.task)
+    except ConfigError as exc:  # e.g. an unsupported file type: name the config too
+        raise ConfigError(exc.detail, file=file, key=exc.key or "base_model") from None
+    if cfg.task == "image":
+        _check_image_dataset(cfg, file)
+    else:
+        _check_text_dataset(cfg, file)
+    _check_output_dir(cfg, file)
+    _check_memory(cfg, file)
+
+
+def _check_output_dir(cfg: TrainConfig, file: str) -> None:
+    """``output_dir`` must be a folder this user can create or write: not a file, not under a
+    file, not read-only (mode, ownership or a read-only mount). Nothing is created here."""
+    out = Path(cfg.output_dir)
+    fix = ("fix: set output_dir to a folder you can write, e.g. one under your working home "
+           "($LORA_HOME)")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file, not a folder; {fix}", file=file, key="output_dir")
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{out} is under {existing}, which is a file, so the folder cannot be "
+                          f"created; {fix}", file=file, key="output_dir")
+    effective = os.access in os.supports_effective_ids
+    if not os.access(existing, os.W_OK | os.X_OK, effective_ids=effective):
+        what = "it" if existing == out else f"its nearest existing parent {existing}"
+        raise ConfigError(f"{out} is not writable by you ({what} is read-only for this user); "
+                          f"{fix}", file=file, key="output_dir")
+
+
+def _check_memory(cfg: TrainConfig, file: str) -> None:
+    """Refuse a run whose memory estimate
+    (:func:`lora_kernel.training.models.estimate_training_memory`, a lower bound) exceeds the
+    memory available by more than ``MEMORY_MARGIN``: on the CUDA device when training will use
+    it (weights + activations) and in host memory (pixels, weights while loading), else in
+    host memory alone (everything)."""
+    from lora_kernel.training.models import estimate_training_memory
+    est = estimate_training_memory(cfg)
+    checks = []
+    free_cuda = _cuda_free_bytes()
+    if free_cuda is not None:
+        checks.append(("the GPU", est.device, free_cuda))
+        checks.append(("host memory", est.host_with_cuda, _host_available_bytes()))
+    else:
+        checks.append(("host memory (training on the CPU)", est.total, _host_available_bytes()))
+    for where, need, free in checks:
+        if need > MEMORY_MARGIN * free:
+            key = "resolution" if cfg.task == "image" else "max_seq_length"
+            fixes = ("lower resolution" if cfg.task == "image" else "lower max_seq_length")
+            fixes += ", lower batch_size"
+            if not cfg.gradient_checkpointing:
+                fixes += ", set gradient_checkpointing: true"
+            if cfg.mixed_precision == "no" and free_cuda is not None:
+                fixes += ", set mixed_precision: bf16 (or fp16)"
+            if est.weights > MEMORY_MARGIN * free:
+                key, fixes = "base_model", "use a smaller base model"
+            raise ConfigError(
+                f"training needs about {_gib(need)} (estimate: weights {_gib(est.weights)} + "
+                f"activations {_gib(est.activations)} at {_shape(cfg)}"
+                + (f" + dataset pixels {_gib(est.data)}" if est.data else "")
+                + f"), but {where} has {_gib(free)} available; fix: {fixes}, or train on a "
+                  f"machine with more memory", file=file, key=key)
+
+
+# Refuse only when the (lower-bound) estimate exceeds what is free by this factor.
+MEMORY_MARGIN = 1.5
+
+
+def _shape(cfg: TrainConfig) -> str:
+    """The shape a memory estimate depends on, for messages."""
+    if cfg.task == "image":
+        return f"resolution {cfg.resolution}, batch_size {cfg.batch_size}"
+    return f"max_seq_length {cfg.max_seq_length}, batch_size {cfg.batch_size}"
+
+
+def _gib(n: int) -> str:
+    """``n`` bytes in GiB (or MiB below 1 GiB)."""
+    return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
+
+
+def _host_available_bytes() -> int:
+    import psutil
+    return int(psutil.virtual_memory().available)
+
+
+def _cuda_free_bytes() -> int | None:
+    """Free memory of the CUDA device training will use, or None when it will run on the CPU
+    (no NVIDIA driver: torch is not even imported)."""
+    if not any(Path(p).exists() for p in ("/proc/driver/nvidia/version", "/dev/nvidiactl")):
+        return None
+    import torch
+    if not torch.cuda.is_available():
+        return None
+    free, _total = torch.cuda.mem_get_info()
+    return int(free)
+
+
+def _check_image_dataset(cfg: TrainConfig, file: str) -> None:
+    from lora_kernel.training.data import ImageTooLarge, is_inside, open_image, read_csv_rows
+    if not cfg.train_data_dir:
+        raise ConfigError("is required for task: image; fix: set it to the image folder",
+                          file=file, key="train_data_dir")
+    data = Path(cfg.train_data_dir)
+    if not data.is_dir():
+        raise ConfigError(f"folder not found: {data}; fix: create it or correct the path",
+                          file=file, key="train_data_dir")
+    meta = Path(cfg.metadata_path)
+    if not meta.is_file():
+        raise ConfigError(f"captions file not found: {meta}; fix: write a metadata.csv with "
+                          f"columns {cfg.image_column},{cfg.caption_column}", file=file,
+                          key="metadata_path")
+    cols, rows = read_csv_rows(meta, source=file)
+    for col, key in ((cfg.image_column, "image_column"), (cfg.caption_column,
+                                                           "caption_column")):
+        if col not in cols:
+            raise ConfigError(f"column {col!r} not in {meta} (columns: {cols}); fix: set "
+                              f"{key} to one of them", file=file, key=key)
+    if not rows:
+        raise ConfigError(f"dataset is empty: {meta} has no rows; fix: add one row per image",
+                          file=file, key="metadata_path")
+    warnings: list[str] = []
+    first_line: dict[Path, int] = {}
+    for i, row in rows:
+        if not row[cfg.image_column]:
+            raise ConfigError(f"line {i} of {meta} has no {cfg.image_column!r} value; fix: name "
+                              f"the image file or remove the row", file=file, key="metadata_path")
+        img = data / row[cfg.image_column]
+        if not img.is_file():
+            raise ConfigError(f"line {i} of {meta} names {row[cfg.image_column]!r}, which is "
+                              f"not in {data}; fix: add the image or remove the row", file=file,
+                              key="metadata_path")
+        if not cfg.allow_outside_dataset and not is_inside(img, data):
+            raise ConfigError(f"line {i} of {meta} names {row[cfg.image_column]!r}, which "
+                              f"resolves to {img.resolve()}, outside {data}; {_outside_fix(data)}",
+                              file=file, key="metadata_path")
+        try:  # reads the header only: cheap, and catches truncated or non-image files
+            with open_image(img, cfg.max_image_pixels) as im:
+                size = im.size
+                im.verify()
+        except (ImageTooLarge, Image.DecompressionBombError) as exc:
+            raise ConfigError(f"line {i} of {meta} names {row[cfg.image_column]!r}: "
+                              f"{getattr(exc, 'detail', exc)}, a possible decompression bomb; "
+                              f"fix: downscale the image or remove the row, or raise "
+                              f"max_image_pixels if you trust the file",
+                              file=file, key="max_image_pixels") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ConfigError(f"line {i} of {meta} names {row[cfg.image_column]!r}, which is "
+                              f"not a readable image ({exc}); fix: re-export it as PNG/JPEG or "
+                              f"remove the row", file=file, key="metadata_path") from None
+        where = f"line {i} of {meta}"
+        if not (row[cfg.caption_column] or "").strip():
+            warnings.append(f"{where}: the caption of {row[cfg.image_column]!r} is empty (it "
+                            f"trains unconditioned)")
+        if size == (1, 1):
+            warnings.append(f"{where}: {row[cfg.image_column]!r} is 1x1 pixels (a placeholder?)")
+        first = first_line.setdefault(img.resolve(), i)
+        if first != i:
+            warnings.append(f"{where}: {row[cfg.image_column]!r} is listed again (first at line "
+                            f"{first}); it trains twice per epoch")
+    cfg.dataset_warnings = warnings
+
+
+def _outside_fix(data: Path) -> str:
+    return f"fix: move the file into {data}, or set allow_outside_dataset: true"
+
+
+def _json_kind(value: Any) -> str:
+    """What a parsed JSON value is, in words ("null", "a number", ...)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    return {dict: "an object", list: "an array", str: "a string"}.get(type(value), "a number")
+
+
+def _refuse_json_array(path: Path, file: str) -> None:
+    """A ``.json`` file holding one array, given where JSON Lines is expected, is refused with
+    the conversion to run (its first line alone would only say "not JSON")."""
+    with open(path, "rb") as fh:
+        if not fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
+            return
+    try:
+        value = json.loads(path.read_bytes())
+    except ValueError:  # not one JSON document (or not UTF-8): the line checks name the line
+        return
+    if isinstance(value, list):
+        out = path.with_suffix(".jsonl")
+        raise ConfigError(
+            f"{path} holds one JSON array ({len(value)} items), not JSON Lines; fix: write one "
+            f"JSON object per line, e.g. python3 -c 'import json,sys; [print(json.dumps(r)) for "
+            f"r in json.load(open(sys.argv[1]))]' {path} > {out} and use {out.name}",
+            file=file, key="metadata_path")
+
+
+def _check_text_dataset(cfg: TrainConfig, file: str) -> None:
+    from lora_kernel.training.data import is_inside, jsonl_lines, text_files
+    files = text_files(cfg)
+    if not files:
+        raise ConfigError("no .jsonl file given; fix: set metadata_path to a .jsonl file or "
+                          "train_data_dir to a folder holding some", file=file,
+                          key="metadata_path" if cfg.metadata_path else "train_data_dir")
+    n = 0
+    for path in files:
+        if not path.is_file():
+            raise ConfigError(f"file not found: {path}", file=file, key="metadata_path")
+    if cfg.train_data_dir and not cfg.allow_outside_dataset:
+        data = Path(cfg.train_data_dir)
+        for path in files:
+            if not is_inside(path, data):
+                raise ConfigError(f"dataset file {path} resolves to {path.resolve()}, outside "
+                                  f"{data}; {_outside_fix(data)}", file=file,
+                                  key="metadata_path" if cfg.metadata_path else "train_data_dir")
+    for path in files:
+        _refuse_json_array(path, file)
+        for lineno, line in jsonl_lines(path, source=file):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"{path} line {lineno} is not JSON ({exc.msg}); fix: one "
+                                  f"JSON object per line", file=file,
+                                  key="metadata_path") from None
+            if not isinstance(rec, dict):
+                raise ConfigError(f"{path} line {lineno} is {_json_kind(rec)}, not a JSON "
+                                  f"object; fix: one object per line, e.g. "
+                                  f"{{\"{cfg.text_column}\": \"...\"}}", file=file,
+                                  key="metadata_path")
+            if cfg.prompt_column in rec and cfg.response_column in rec:
+                used = (cfg.prompt_column, cfg.response_column)  # what training reads first
+            elif cfg.text_column in rec:
+                used = (cfg.text_column,)
+            else:
+                raise ConfigError(
+                    f"{path} line {lineno} has neither {cfg.text_column!r} nor "
+                    f"{cfg.prompt_column!r}+{cfg.response_column!r}; fix: set "
+                    f"text_column / prompt_column / response_column", file=file,
+                    key="text_column")
+            for name in used:
+                if not isinstance(rec[name], str):
+                    raise ConfigError(f"{path} line {lineno}: field {name!r} is "
+                                      f"{_json_kind(rec[name])}, not a string; fix: give it "
+                                      f"text or remove the line", file=file,
+                                      key="metadata_path")
+            n += 1
+    if n == 0:
+        raise ConfigError(f"dataset is empty: {', '.join(map(str, files))} has no records; "
+                          f"fix: add one JSON object per line", file=file, key="metadata_path")
