@@ -390,7 +390,7 @@ def register(sub) -> None:
     p.add_argument("--user", help="trainer")
     p.add_argument("--since", type=_date, help="started at or after (YYYY-MM-DD)")
     p.add_argument("--until", type=_date, help="started before (YYYY-MM-DD)")
-    p.add_argument("--status", help="run status, e.g. succeeded, failed")
+    p.add_argument("--status", choices=["succeeded", "failed"], help="run status")
     p.add_argument("--review", choices=["pending", "approved", "rejected", "void"])
     p.add_argument("--expired", action="store_true", help="only runs with expired publications")
     p.add_argument("--columns", metavar="KEY,KEY",

@@ -227,6 +227,8 @@ def _refuse_json_array(path: Path, file: str) -> None:
         return
     if isinstance(value, list):
         out = path.with_suffix(".jsonl")
+        if out == path:  # never suggest `cmd FILE > FILE`: the shell empties FILE first
+            out = path.with_name(f"{path.stem}.lines.jsonl")
         raise ConfigError(
             f"{path} holds one JSON array ({len(value)} items), not JSON Lines; fix: write one "
             f"JSON object per line, e.g. python3 -c 'import json,sys; [print(json.dumps(r)) for "

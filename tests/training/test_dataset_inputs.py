@@ -158,6 +158,22 @@ def test_json_array_given_as_jsonl_says_so_and_how_to_convert(text_setup, demo_h
     assert read_text_records(load_config(text_setup)) == records
 
 
+def test_json_array_named_jsonl_gets_a_conversion_that_keeps_the_data(text_setup, demo_home):
+    """A `.jsonl` file holding an array: the suggested command must not be `cmd F > F` (the
+    shell would empty F before Python reads it)."""
+    records = [{"text": "one"}, {"text": "two"}]
+    array = text_setup.parent / "d.jsonl"
+    array.write_text(json.dumps(records))
+    text_setup.write_text(yaml.safe_dump(_text_cfg(demo_home, "d.jsonl")))
+    msg = _refused(text_setup)
+    command = msg.split("e.g. ", 1)[1].rsplit(" and use ", 1)[0]
+    assert command.count(str(array)) == 1 and "d.lines.jsonl" in command
+    subprocess.run(command, shell=True, check=True, cwd=text_setup.parent)
+    assert json.loads(array.read_text()) == records  # the original is untouched
+    text_setup.write_text(yaml.safe_dump(_text_cfg(demo_home, "d.lines.jsonl")))
+    assert read_text_records(load_config(text_setup)) == records
+
+
 @pytest.mark.parametrize("line, kind", [("[1, 2]", "an array"), ('"just text"', "a string"),
                                         ("42", "a number"), ("null", "null")])
 def test_jsonl_record_that_is_not_an_object_names_line(text_setup, line, kind):
