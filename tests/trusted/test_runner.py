@@ -108,6 +108,23 @@ def find_processes(pred, timeout=120):
     raise AssertionError("process did not appear")
 
 
+def start_sleeping_run(run_home: Path, tmp_path: Path):
+    """``lora run`` of a notebook that prints 'started' and then sleeps (not waited for)."""
+    nb = write_notebook(tmp_path / "sleep.ipynb", "seconds = 600", "print('started')",
+                        "import time; time.sleep(seconds)")
+    return lora_cli("run", nb, home=run_home, wait=False)
+
+
+def wait_for_kernel(run_home: Path):
+    """Wait until the sleeping run printed 'started'; return its kernel process."""
+    deadline = time.monotonic() + 60
+    while not _started(run_home) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    kernel, = find_processes(lambda p, env: env.get("LORA_HOME") == str(run_home)
+                             and "-f" in p.info["cmdline"])
+    return kernel
+
+
 def test_run_id_sorts_by_time():
     import datetime as dt
 
@@ -237,9 +254,7 @@ def test_sigkill_of_the_kernel_mid_training_is_recorded(run_home, demo_home):
 def test_sigkill_of_the_executor_is_recorded_and_the_kernel_stopped(run_home, tmp_path):
     import psutil
 
-    nb = write_notebook(tmp_path / "sleep.ipynb", "seconds = 600", "print('started')",
-                        "import time; time.sleep(seconds)")
-    proc = lora_cli("run", nb, home=run_home, wait=False)
+    proc = start_sleeping_run(run_home, tmp_path)
     try:
         executor, = find_processes(lambda p, env: p.ppid() == proc.pid
                                    and p.info["cmdline"][-1:] == ["run"])
@@ -269,15 +284,9 @@ def test_sigterm_or_sighup_of_lora_run_records_an_interrupted_run(run_home, tmp_
     sealed as failed, never orphaned."""
     import psutil
 
-    nb = write_notebook(tmp_path / "sleep.ipynb", "seconds = 600", "print('started')",
-                        "import time; time.sleep(seconds)")
-    proc = lora_cli("run", nb, home=run_home, wait=False)
+    proc = start_sleeping_run(run_home, tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        while not _started(run_home) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        kernel, = find_processes(lambda p, env: env.get("LORA_HOME") == str(run_home)
-                                 and "-f" in p.info["cmdline"])
+        kernel = wait_for_kernel(run_home)
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
@@ -347,15 +356,9 @@ def _gone(pid: int, timeout: float = 20) -> bool:
 
 
 def test_kill9_of_lora_run_ends_the_kernel_and_recover_seals_the_run(run_home, tmp_path):
-    nb = write_notebook(tmp_path / "sleep.ipynb", "seconds = 600", "print('started')",
-                        "import time; time.sleep(seconds)")
-    proc = lora_cli("run", nb, home=run_home, wait=False)
+    proc = start_sleeping_run(run_home, tmp_path)
     try:
-        deadline = time.monotonic() + 60
-        while not _started(run_home) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        kernel, = find_processes(lambda p, env: env.get("LORA_HOME") == str(run_home)
-                                 and "-f" in p.info["cmdline"])
+        kernel = wait_for_kernel(run_home)
         executor, = find_processes(lambda p, env: p.ppid() == proc.pid
                                    and p.info["cmdline"][-1:] == ["run"])
         proc.kill()  # SIGKILL: no handler, no clean-up in lora run
