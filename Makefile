@@ -14,12 +14,13 @@ LORA_STATE    ?= $(CURDIR)/lora_state
 PYTEST_ARGS   ?=
 export LORA_HOME LORA_STATE
 
-.PHONY: setup demo test lint clean-home help
+.PHONY: setup demo test lint clean-home help hub
 
 help:
 	@echo "make demo   build demo assets, train the demo LoRA, verify its record"
 	@echo "make test   lint, then run the test suite"
 	@echo "make lint   ruff on lora_kernel, tests and bench; mypy (strict) on common, provenance, trusted"
+	@echo "make hub    start the hub on http://127.0.0.1:8000 (demo login; see docs/hub.md)"
 	@echo "make setup  (run by both) create $(VENV) and install pinned dependencies"
 
 $(VENV)/.setup-done: requirements.lock.txt pyproject.toml
@@ -33,13 +34,20 @@ $(VENV)/.setup-done: requirements.lock.txt pyproject.toml
 	$(PY) -m lora_kernel install --sys-prefix
 	touch $@
 
-setup: $(VENV)/.setup-done
+hub/node_modules/.installed: hub/package.json hub/package-lock.json
+	cd hub && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+setup: $(VENV)/.setup-done hub/node_modules/.installed
+
+hub: setup
+	$(PY) -m hub.demo
 
 demo: setup
 	$(VENV)/bin/lora demo
 
 lint: setup
-	$(VENV)/bin/ruff check lora_kernel tests bench
+	$(VENV)/bin/ruff check lora_kernel hub tests bench
 	$(VENV)/bin/mypy lora_kernel/common lora_kernel/provenance lora_kernel/trusted
 
 test: setup lint

@@ -1,9 +1,16 @@
 #!/usr/bin/env bash
 # OS packages the project needs (Debian). Idempotent; skips what is already there.
+#   python3.11-venv    the shared environment (make setup)
+#   util-linux         unshare (network-namespace tests)
+#   nodejs, npm        configurable-http-proxy (the hub's proxy, pinned in hub/package-lock.json)
+#   chromium           browser tests (Playwright drives Debian's Chromium; no browser download)
 set -euo pipefail
 need=()
 /usr/bin/python3.11 -c "import venv, ensurepip" 2>/dev/null || need+=(python3.11-venv)
 command -v unshare >/dev/null || need+=(util-linux)
+command -v node >/dev/null || need+=(nodejs)
+command -v npm >/dev/null || need+=(npm)
+[ -x /usr/bin/chromium ] || need+=(chromium)
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"

@@ -3,6 +3,7 @@
     lora run --config my.yaml [-p key value ...]     the training notebook of the config's task
     lora run NOTEBOOK [-f params.yaml] [-p k v ...]  any parameterized notebook
     lora run --resume RUN                            continue a failed training run (new record)
+    lora run --hub URL (--config my.yaml | NOTEBOOK)  queue it in the hub's runs service
     lora demo [-p key value ...]                     demo assets + the image notebook + verify
 
 Local mode runs in this process (as this user, state under this account); service mode
@@ -13,8 +14,13 @@ Progress: the run's executor sends progress records (cells, training steps); on 
 they become live bars (steps, loss, it/s, ETA), otherwise one line per tenth of the training
 (:class:`ProgressView`); ``--quiet`` shows none.
 
+``--hub URL`` submits the run to the hub's runs service (``lora-runs``) with
+``$JUPYTERHUB_API_TOKEN`` (set in every hub server's terminal), waits for it and prints its
+record; the hub chooses the working home and runs the kernel as you (:func:`run_on_hub`).
+
 Exit codes: 0 success, 2 invalid config/parameters, 5 the new record does not verify,
-7 the run failed (its record, marked failed, was written first).
+6 refused (the hub: a GPU quota), 7 the run failed (its record, marked failed, was written
+first).
 """
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ from lora_kernel.cli.options import (
     add_state,
     parse_overrides,
 )
-from lora_kernel.common.errors import ConfigError, VerificationError
+from lora_kernel.common.errors import ConfigError, LoraError, VerificationError
 from lora_kernel.common.yamlio import load_yaml
 from lora_kernel.training.config import config_keys, parse_value
 
@@ -327,11 +333,121 @@ def _run(notebook: Path | None, params: dict | None, args, resume: str | None = 
             view.close()
 
 
+HUB_POLL_S = 2.0
+
+
+def _hub_call(url: str, token: str, method: str = "GET",
+              body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One JSON request to the runs service; its HTTP errors as typed errors."""
+    import urllib.error
+    import urllib.request
+
+    from lora_kernel.common.errors import PolicyRefusal
+
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={
+        "Authorization": f"token {token}", "Content-Type": "application/json",
+        "Accept": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310 (the hub's URL)
+            answer: dict[str, Any] = json.loads(resp.read() or b"{}")
+            return answer
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read()).get("message") or exc.reason
+        except (ValueError, AttributeError):
+            message = exc.reason
+        if exc.code == 400:
+            raise ConfigError(f"the hub refused the run: {message}") from None
+        if exc.code in (401, 403):
+            raise PolicyRefusal(f"the hub refused: {message} (HTTP {exc.code}); fix: a fresh "
+                                "token in JUPYTERHUB_API_TOKEN (hub: Token page), or ask "
+                                "within your quota") from None
+        if exc.code == 404 and method == "POST" and url.endswith("/api/runs"):
+            raise ConfigError(f"no runs service at {url}; fix: --hub names the hub's URL "
+                              "(e.g. https://hub.example.org)") from None
+        raise LoraError(f"the hub answered HTTP {exc.code} for {url}: {message}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise ConfigError(f"cannot reach the hub at {url}: {getattr(exc, 'reason', exc)}; "
+                          "fix: check --hub URL") from None
+
+
+def run_on_hub(hub: str, request: dict[str, Any], *,
+               poll_s: float = HUB_POLL_S) -> dict[str, Any]:
+    """Submit ``request`` to ``<hub>/services/lora-runs/api/runs`` and wait until it is
+    finished; return the submission. Ctrl-C (or SIGTERM) asks the hub to cancel the run and
+    waits for its record; a second one stops waiting."""
+    import os
+
+    token = os.environ.get("JUPYTERHUB_API_TOKEN")
+    if not token:
+        raise ConfigError("JUPYTERHUB_API_TOKEN is not set; fix: run this in a terminal of "
+                          "your hub server (it is set there), or create a token on the hub's "
+                          "Token page and export JUPYTERHUB_API_TOKEN=...")
+    base = hub.rstrip("/") + "/services/lora-runs/api/runs"
+    sub = _hub_call(base, token, "POST", request)
+    print(f"submitted: hub run #{sub['id']} ({sub['status']})", flush=True)
+    cancelled = False
+    while True:
+        try:
+            sub = _hub_call(f"{base}/{sub['id']}", token)
+            if sub["status"] in ("succeeded", "failed", "cancelled", "interrupted"):
+                return sub
+            time.sleep(poll_s)
+        except KeyboardInterrupt:
+            if cancelled:
+                raise
+            cancelled = True
+            _log(f"cancelling hub run #{sub['id']} (Ctrl-C again to stop waiting)")
+            _hub_call(f"{base}/{sub['id']}/cancel", token, "POST", {})
+
+
+def _hub_result(sub: dict[str, Any]) -> int:
+    """Print a finished hub submission; 0 when it succeeded, else raise its error."""
+    from lora_kernel.common.errors import RunFailed, UnsafeModelError
+    from lora_kernel.trusted.runner import RunRecord
+
+    rec = sub.get("record")
+    if rec:
+        _print_record(RunRecord.from_dict(rec))
+    print(f"hub run #{sub['id']}: {sub['status']}" + (f" (run {sub['run_id']})"
+                                                        if sub.get("run_id") else ""))
+    if sub["status"] == "succeeded":
+        return 0
+    message = sub.get("error") or sub["status"]
+    if not rec and sub.get("exit_code") == 2:
+        raise ConfigError(message)
+    if not rec and sub.get("exit_code") == 3:
+        raise UnsafeModelError(message)
+    raise RunFailed(f"hub run #{sub['id']} {sub['status']}: {message}")
+
+
 def cmd_run(args) -> int:
     """Run a notebook (or a config's training notebook) and print where its record is."""
     from lora_kernel.trusted.runner import config_task, notebook_for_task
 
     _sigterm_as_interrupt()
+    if args.hub:
+        if args.resume or args.runner or args.home or args.state:
+            raise ConfigError("--hub runs in the hub's runs service, which picks the working "
+                              "home and state; fix: drop --resume, --runner, --home, --state")
+        if args.config:
+            if args.params_file or args.notebook:
+                raise ConfigError("give --config or NOTEBOOK [-f params.yaml], not both")
+            request: dict[str, Any] = {"config": str(Path(args.config).resolve()),
+                                       "overrides": parse_overrides(args.param)}
+        elif args.notebook:
+            notebook = Path(args.notebook)
+            request = {"notebook": str(notebook.resolve()),
+                       "parameters": notebook_parameters(notebook, args.params_file,
+                                                         args.param)}
+        else:
+            raise ConfigError("nothing to run; fix: lora run --hub URL --config my.yaml")
+        if args.gpus is not None:
+            request["gpus"] = args.gpus
+        if args.timeout:
+            request["timeout"] = args.timeout
+        return _hub_result(run_on_hub(args.hub, request))
     if args.resume:
         if args.config or args.notebook or args.params_file or args.param:
             raise ConfigError("--resume RUN continues that run with its own notebook, config "
@@ -428,6 +544,12 @@ def register(sub) -> None:
     p.add_argument("--resume", metavar="RUN",
                    help="continue the failed (interrupted) training run RUN from the latest "
                         "checkpoint in its work folder, as a new run record that names it")
+    p.add_argument("--hub", metavar="URL",
+                   help="queue the run in the hub's runs service at URL (with "
+                        "$JUPYTERHUB_API_TOKEN); it runs as you in your hub working home")
+    p.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="with --hub: GPUs for the run (default 1 if the hub has any; at most "
+                        "your quota)")
     _common(p)
     p.set_defaults(func=cmd_run)
 

@@ -1,0 +1,88 @@
+"""``make hub``: the demo hub on one machine, with a first-run admin and demo users.
+
+* First run: writes ``$LORA_HUB_DIR/demo_users.json`` (scrypt hashes, mode 0600) and
+  ``demo_passwords.txt`` (mode 0600) for the users below, and prints how to log in.
+* As root: the demo users are also real system users and groups (``useradd``), the service
+  account ``lora-svc`` owns the state directory, every server runs as its user's uid.
+* Not root: hub-only users, every server as the account that ran ``make hub`` (docs/hub.md).
+
+Then it runs ``jupyterhub -f hub/jupyterhub_config.py`` (``LORA_HUB_AUTH=demo`` unless set).
+"""
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import subprocess
+import sys
+from pathlib import Path
+
+from hub.auth import add_demo_user
+from hub.settings import load_settings
+
+REPO = Path(__file__).resolve().parents[1]
+# name, platform group, admin
+DEMO_USERS = [("demo-admin", "lora-admins", True), ("demo-alice", "lora-researchers", False),
+              ("demo-erin", "lora-engineers", False), ("demo-rita", "lora-reviewers", False),
+              ("demo-audrey", "lora-auditors", False)]
+SERVICE_USER = "lora-svc"
+
+
+def ensure_system_user(name: str, groups: list[str], *, system: bool = False) -> None:
+    """Create a Linux group/user if missing (root only)."""
+    for group in groups:
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            subprocess.run(["groupadd", group], check=True)
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        cmd = ["useradd", "--create-home", "--shell", "/bin/bash"]
+        if system:
+            cmd = ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin"]
+        subprocess.run([*cmd, *(["-G", ",".join(groups)] if groups else []), name], check=True)
+    else:
+        if groups:
+            subprocess.run(["usermod", "-aG", ",".join(groups), name], check=True)
+
+
+def prepare(hub_dir: Path) -> list[tuple[str, str]]:
+    """Demo users (and, as root, system users and the state's owner); returns new passwords."""
+    users_file = hub_dir / "demo_users.json"
+    created: list[tuple[str, str]] = []
+    if not users_file.exists():
+        for name, group, admin in DEMO_USERS:
+            created.append((name, add_demo_user(users_file, name, [group], admin)))
+        pw_file = hub_dir / "demo_passwords.txt"
+        pw_file.write_text("".join(f"{n} {p}\n" for n, p in created))
+        os.chmod(pw_file, 0o600)
+    if os.geteuid() == 0:
+        for name, group, _admin in DEMO_USERS:
+            ensure_system_user(name, [group])
+        ensure_system_user(SERVICE_USER, [], system=True)
+    return created
+
+
+def main() -> None:
+    load_settings()  # a bad policies/hub.yaml stops here, with its file and key
+    hub_dir = Path(os.environ.get("LORA_HUB_DIR", REPO / "hub_data")).resolve()
+    hub_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    created = prepare(hub_dir)
+    port = os.environ.get("LORA_HUB_PORT", "8000")
+    print(f"\nLoRA Enclave hub: http://127.0.0.1:{port}/  (demo login)")
+    if created:
+        for name, password in created:
+            print(f"  {name:12s} {password}")
+    print(f"  passwords: {hub_dir / 'demo_passwords.txt'} (mode 0600)")
+    print("  roles: demo-admin admin, demo-alice researcher, demo-erin engineer, "
+          "demo-rita reviewer, demo-audrey auditor\n", flush=True)
+    env = dict(os.environ)
+    env.setdefault("LORA_HUB_AUTH", "demo")
+    env["LORA_HUB_DIR"] = str(hub_dir)
+    os.execve(sys.executable, [sys.executable, "-m", "jupyterhub", "-f",
+                               str(REPO / "hub" / "jupyterhub_config.py")], env)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""One queued run, executed for the runs service: ``python -m hub.services.run_worker``.
+
+    python -m hub.services.run_worker --state DIR --id N [--service-user NAME] [--demo]
+    python -m hub.services.run_worker --state DIR --recover [--service-user NAME] [--demo]
+
+The service claims a submission (``running``, GPUs allocated) and starts this worker for it.
+The worker runs it exactly as the runner service does for a socket client
+(:meth:`lora_kernel.trusted.service.RunnerServer.dispatch`): as root with ``--service-user``,
+it works with the service account's effective uid (records, ledger) and the run's children run
+as the requesting user with their groups, the user's identity variables and the CUDA variables
+of the allocated GPUs only; in demo mode (hub-only users, no root) children run as this process's
+own user (:meth:`RunAs.local`) and nothing is switched. The working home is the row's (the
+service chose it, never the request).
+
+SIGTERM / SIGINT / SIGHUP set a flag that the runner polls as ``ctx.cancelled``: it stops the
+kernel, seals the run as failed and the worker writes the outcome into the row (``failed`` when
+the user cancelled it, ``interrupted`` when the service stopped it). The worker dies with the
+service (``PR_SET_PDEATHSIG``: SIGKILL), and its children with it; the next start of the
+service finds the row ``running`` with a dead worker and recovers it
+(:meth:`hub.runqueue.RunQueue.restore`).
+
+``--recover`` seals every stale run in the state directory (the trusted
+:func:`~lora_kernel.trusted.recovery.recover`, as the service account) and prints their records
+as one JSON list: how a root service recovers without writing records as root.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from lora_kernel.common.errors import ConfigError, LoraError, RunFailed
+from lora_kernel.common.process import die_with_parent
+from lora_kernel.trusted.identity import Actor, actor_by_name, current_actor
+from lora_kernel.trusted.runner import (
+    ENV_DROP,
+    RunContext,
+    notebook_for_task,
+    run_config,
+    run_notebook,
+    service_env,
+)
+from lora_kernel.trusted.service import PASS_ENV
+from lora_kernel.trusted.supervisor import Privileges, RunAs, spawn
+
+from ..gpus import cuda_env
+from ..runqueue import RunQueue, Submission
+
+log = logging.getLogger("lora.hub.run_worker")
+_ANNOUNCED = re.compile(r"^run (\d{8}T\d{6}Z-[0-9a-f]+): ")
+
+
+class Cancelled:
+    """The flag SIGTERM / SIGINT / SIGHUP set (read by the runner as ``ctx.cancelled``)."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._set)
+
+    def _set(self, signum: int, _frame: Any) -> None:
+        self.signal = signum
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+
+def root_mode(demo: bool) -> bool:
+    """Whether children run as the requesting user (root, not the demo)."""
+    return os.geteuid() == 0 and not demo
+
+
+def child_base_env(run_as: RunAs, service: bool, devices: list[str]) -> dict[str, str]:
+    """The children's base environment: root mode as the runner service's (the user's identity
+    variables and a few neutral ones); demo mode this process's without the state directory
+    and anything of the hub's (its API token). Either way the allocated GPUs only."""
+    if service:
+        extra = {k: os.environ[k] for k in PASS_ENV if k in os.environ}
+        env = service_env(run_as, extra)
+    else:
+        env = {k: v for k, v in os.environ.items()
+               if k not in ENV_DROP and not k.startswith("JUPYTERHUB_")}
+    env.update(cuda_env(devices))
+    return env
+
+
+def make_context(sub: Submission | None, *, demo: bool, service_user: str | None,
+                 cancelled: Cancelled) -> RunContext:
+    """The run context of ``sub`` (None: the recovering service account's own)."""
+    if root_mode(demo):
+        if not service_user:
+            raise ConfigError("running as root needs --service-user (the account that writes "
+                              "records); fix: pass it, or --demo without root")
+        privileges = Privileges.for_service_account(service_user)
+        run_as = RunAs.for_user(sub.user) if sub else RunAs.for_user(service_user)
+    else:
+        privileges, run_as = Privileges(), RunAs.local()
+    if sub is None:
+        actor = (actor_by_name(service_user, source="runs service") if service_user
+                 and root_mode(demo) else None) or current_actor()
+    else:
+        a = sub.actor
+        actor = Actor(str(a.get("name", sub.user)), int(a.get("uid", -1)),
+                      int(a.get("gid", -1)), tuple(a.get("groups") or ()),
+                      str(a.get("source", "hub-token")))
+    env = child_base_env(run_as, root_mode(demo), list(sub.gpus_held) if sub else [])
+    privileges.drop()
+    return RunContext(actor=actor, run_as=run_as, privileges=privileges, env=env,
+                      cancelled=cancelled)
+
+
+def config_task_as_user(ctx: RunContext, config: str, home: Path) -> str:
+    """The ``task:`` of the user's config, read by a child running as the user (the service
+    account never opens the user's files)."""
+    import subprocess
+
+    if not ctx.run_as.switches:
+        from lora_kernel.trusted.runner import config_task
+
+        return config_task(config)
+    code = ("import json, sys\nfrom lora_kernel.common.errors import LoraError\n"
+            "from lora_kernel.trusted.runner import config_task\n"
+            "try:\n print(json.dumps({'task': config_task(sys.argv[1])}))\n"
+            "except LoraError as e:\n print(json.dumps({'error': str(e)}))\n")
+    proc = spawn([sys.executable, "-c", code, config], run_as=ctx.run_as,
+                 privileges=ctx.privileges, env=ctx.child_env(home),
+                 cwd=str(home) if home.is_dir() else "/", stdout=subprocess.PIPE,
+                 stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=120)
+    try:
+        answer = json.loads(out.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError, UnicodeDecodeError):
+        raise ConfigError(f"cannot read the config {config}: "
+                          + err.decode("utf-8", "replace")[-500:]) from None
+    if "error" in answer:
+        raise ConfigError(str(answer["error"]))
+    return str(answer["task"])
+
+
+def execute(queue: RunQueue, sub: Submission, ctx: RunContext, state: str,
+            cancelled: Cancelled) -> Submission:
+    """Run ``sub`` and write its outcome into its row."""
+    home = Path(sub.home)
+
+    def say(msg: str) -> None:
+        log.info("%s", msg)
+        match = _ANNOUNCED.match(msg)
+        if match:
+            with ctx.privileges.elevated():
+                queue.set_run_id(sub.id, match.group(1))
+
+    kw: dict[str, Any] = {"home": home, "state": state, "timeout": sub.timeout, "ctx": ctx,
+                          "log": say}
+    status, record, error, code = "failed", None, None, 1
+    try:
+        if sub.kind == "config":
+            notebook = notebook_for_task(config_task_as_user(ctx, sub.path, home))
+            rec = run_config(sub.path, sub.parameters.get("overrides") or {},
+                             notebook=notebook, **kw)
+        else:
+            rec = run_notebook(sub.path, sub.parameters, **kw)
+        status, record, code = "succeeded", rec.to_dict(), 0
+    except RunFailed as exc:
+        record = exc.record.to_dict() if exc.record is not None else None
+        error, code = str(exc), exc.exit_code
+    except LoraError as exc:  # nothing ran: invalid input, unsafe model, ...
+        error, code = str(exc), exc.exit_code
+    except Exception as exc:  # a bug: the row must still say what happened
+        log.exception("run %s crashed", sub.id)
+        error = f"the worker crashed: {type(exc).__name__}: {exc}"
+    with ctx.privileges.elevated():
+        current = queue.get(sub.id)
+        if status != "succeeded" and cancelled():
+            if current.cancel_requested:
+                error = f"cancelled by {sub.user} while running; {error or ''}".rstrip("; ")
+            else:
+                status = "interrupted"
+                error = f"stopped by the runs service (signal {cancelled.signal}); {error}"
+        return queue.finish(sub.id, status, run_id=record["run_id"] if record else None,
+                            record=record, error=error, exit_code=code)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hub.services.run_worker")
+    p.add_argument("--state", required=True)
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--id", type=int)
+    what.add_argument("--recover", action="store_true")
+    p.add_argument("--service-user", default=None)
+    p.add_argument("--demo", action="store_true")
+    p.add_argument("--no-die-with-parent", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cancelled = Cancelled()
+    cancelled.install()
+    if not args.no_die_with_parent:
+        die_with_parent(sig=signal.SIGKILL)
+    state = str(Path(args.state).resolve())
+    if args.recover:
+        from lora_kernel.trusted.recovery import recover
+
+        ctx = make_context(None, demo=args.demo, service_user=args.service_user,
+                           cancelled=cancelled)
+        print(json.dumps([r.to_dict() for r in recover(state=state, ctx=ctx)]))
+        return 0
+    queue = RunQueue(state)
+    sub = queue.get(args.id)
+    if sub.status != "running":
+        log.error("submission %s is %s, not running: nothing to do", sub.id, sub.status)
+        return 2
+    try:
+        ctx = make_context(sub, demo=args.demo, service_user=args.service_user,
+                           cancelled=cancelled)
+    except (LoraError, KeyError) as exc:  # KeyError: the user has no passwd entry
+        queue.finish(sub.id, "failed", error=f"cannot run as {sub.user}: {exc}", exit_code=2)
+        return 2
+    done = execute(queue, sub, ctx, state, cancelled)
+    log.info("submission %s: %s (run %s)", done.id, done.status, done.run_id)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

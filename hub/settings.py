@@ -1,0 +1,120 @@
+"""``policies/hub.yaml``: roles from Linux groups, the GPU pool and quotas, runs, culling.
+
+Plain helpers (no jupyterhub import), shared by the hub config, the spawner and the services.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora_kernel.common.errors import ConfigError
+from lora_kernel.common.paths import state_dir
+from lora_kernel.common.policy import load_policy, policy_path
+
+ROLES = ("researcher", "engineer", "reviewer", "auditor", "admin")
+AUDIT_READ = "custom:lora-audit:read"
+REVIEW_WRITE = "custom:lora-review:write"
+RUNS_SERVICE = "lora-runs"
+AUDIT_SERVICE = "lora-audit"
+
+
+@dataclass
+class HubSettings:
+    roles: dict[str, str] = field(default_factory=dict)   # Linux group -> role
+    devices: list[str] = field(default_factory=list)
+    exclusive: bool = True
+    quotas: dict[str, int] = field(default_factory=lambda: {"default": 1})
+    max_concurrent_runs: int = 2
+    cull_timeout_s: int = 3600
+    cull_every_s: int = 300
+
+    def roles_of(self, groups: list[str] | tuple[str, ...]) -> list[str]:
+        """The hub roles of a user in Linux ``groups`` (researcher when none applies)."""
+        found = sorted({self.roles[g] for g in groups if g in self.roles})
+        return found or ["researcher"]
+
+
+def _section(data: dict[str, Any], key: str, path: Path) -> dict[str, Any]:
+    value = data.get(key) or {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"must be a mapping, got {type(value).__name__}", file=path, key=key)
+    return value
+
+
+def load_settings() -> HubSettings:
+    """Read and check ``policies/hub.yaml`` (missing file: the defaults)."""
+    path = policy_path("hub")
+    data = load_policy("hub")
+    roles = _section(data, "roles", path)
+    for group, role in roles.items():
+        if role not in ROLES:
+            raise ConfigError(f"unknown role {role!r} for group {group!r}; fix: one of "
+                              f"{', '.join(ROLES)}", file=path, key=f"roles.{group}")
+    gpus = _section(data, "gpus", path)
+    devices = gpus.get("devices") or []
+    if not isinstance(devices, list):
+        raise ConfigError("must be a list of CUDA device indices such as [\"0\", \"1\"]",
+                          file=path, key="gpus.devices")
+    quotas = gpus.get("quotas") or {"default": 1}
+    for name, value in quotas.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ConfigError(f"quota must be a whole number >= 0, got {value!r}", file=path,
+                              key=f"gpus.quotas.{name}")
+    runs = _section(data, "runs", path)
+    culler = _section(data, "culler", path)
+    settings = HubSettings(
+        roles={str(g): str(r) for g, r in roles.items()},
+        devices=[str(d) for d in devices], exclusive=bool(gpus.get("exclusive", True)),
+        quotas={str(k): int(v) for k, v in quotas.items()},
+        max_concurrent_runs=int(runs.get("max_concurrent", 2)),
+        cull_timeout_s=int(culler.get("timeout_s", 3600)),
+        cull_every_s=int(culler.get("every_s", 300)))
+    if settings.max_concurrent_runs < 1:
+        raise ConfigError("must be at least 1", file=path, key="runs.max_concurrent")
+    return settings
+
+
+def hub_state_dir(state: str | os.PathLike[str] | None = None) -> Path:
+    """``<state>/hub``: the GPU pool file and the runs queue (service account's, mode 0700)."""
+    return state_dir(state) / "hub"
+
+
+def gpu_pool_path(state: str | os.PathLike[str] | None = None) -> Path:
+    return hub_state_dir(state) / "gpus.json"
+
+
+def user_home(name: str, demo: bool) -> Path:
+    """A hub user's working home (``$LORA_HOME`` of their server and runs): ``~name/lora`` for a
+    system user; ``$LORA_HOME/hub-users/<name>`` for a hub-only demo user."""
+    import pwd
+
+    from lora_kernel.common.paths import lora_home
+
+    if demo:
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            return lora_home() / "hub-users" / name
+    try:
+        return Path(pwd.getpwnam(name).pw_dir) / "lora"
+    except KeyError:
+        raise ConfigError(f"hub user {name!r} has no system account; fix: log in as a system "
+                          "user (PAM/LDAP), or run the demo hub") from None
+
+
+
+def prepare_hub_state(state: Path, service_user: str) -> None:
+    """Root mode: the state directory (``runs/``, ``ledger/``, ``hub/``) belongs to the service
+    account, mode 0700 (the runs service, as root, still reaches it)."""
+    import pwd
+
+    from lora_kernel.trusted.service import prepare_state
+
+    state.mkdir(parents=True, exist_ok=True)
+    prepare_state(state, service_user)
+    svc = pwd.getpwnam(service_user)
+    hub = hub_state_dir(state)
+    hub.mkdir(mode=0o700, exist_ok=True)
+    os.chown(hub, svc.pw_uid, svc.pw_gid)
