@@ -146,7 +146,8 @@ class LoraSpawner(LocalProcessSpawner):
 
     def get_args(self) -> list[str]:
         args = super().get_args()
-        args += ["--ServerApp.kernel_spec_manager_class=hub.kernels.LoraOnlyKernelSpecManager",
+        args += [f"--config={Path(__file__).with_name('singleuser_config.py')}",
+                 "--ServerApp.kernel_spec_manager_class=hub.kernels.LoraOnlyKernelSpecManager",
                  "--MappingKernelManager.default_kernel_name=lora",
                  f"--ServerApp.terminals_enabled={self.terminals}"]
         return args

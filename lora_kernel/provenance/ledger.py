@@ -45,7 +45,10 @@ from lora_kernel.common.paths import ledger_path
 from lora_kernel.common.policy import load_policy, policy_path
 from lora_kernel.provenance.records import Problem
 
-KINDS = ("run", "review", "publication", "withdrawal", "prune", "export", "import", "checkpoint")
+# kernel_events: one entry per batch of kernel execution-log events the hub's audit service
+# accepted (subject: the kernel id; the events themselves are in <state>/hub/events.sqlite).
+KINDS = ("run", "review", "publication", "withdrawal", "prune", "export", "import", "checkpoint",
+         "kernel_events")
 GENESIS = "0" * 64
 DEFAULT_CHECKPOINT_EVERY = 100
 

@@ -1,0 +1,237 @@
+"""The hub in a real browser: Playwright (sync API) driving Debian's Chromium
+(``/usr/bin/chromium``; Playwright's own browsers are never downloaded).
+
+A researcher logs in, the hub spawns her server and JupyterLab opens a training notebook on
+the ``lora`` kernel; an auditor browses the audit service's run list and a sealed run's page
+(strict CSP, nothing but loopback requested); a researcher is refused the audit pages.
+Screenshots go to ``test-artifacts/browser/`` (git-ignored).
+"""
+from __future__ import annotations
+
+import os
+import pwd
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import nbformat
+import pytest
+import requests
+from hubtools import PASSWORD, REPO, ROOT, user_name
+
+from lora_kernel.kernel.kernelspec import DISPLAY_NAME, KERNEL_NAME
+
+pytestmark = [pytest.mark.hub, pytest.mark.browser, pytest.mark.slow]
+
+CHROMIUM = "/usr/bin/chromium"
+# No network on the test machines: keep Chromium's own background traffic off.
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+ARTIFACTS = REPO / "test-artifacts" / "browser"
+TIMEOUT_MS = 120_000
+AUDIT = "/services/lora-audit"
+RUNS = "/services/lora-runs"
+
+if not os.path.exists(CHROMIUM):
+    pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium); the browser tests drive "
+                "Debian's Chromium, never a downloaded one", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Chromium, headless; ``launch`` gives it a fresh temporary profile (removed on close)."""
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+@pytest.fixture
+def new_page(browser):
+    """Factory: a page in a fresh context (own cookies); records every URL it requests."""
+    contexts = []
+
+    def make():
+        context = browser.new_context(viewport={"width": 1400, "height": 900})
+        contexts.append(context)
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.set_default_navigation_timeout(TIMEOUT_MS)
+        page.requested = []  # type: ignore[attr-defined]
+        page.on("request", lambda req: page.requested.append(req.url))  # type: ignore
+        return page
+
+    yield make
+    for context in contexts:
+        context.close()
+
+
+def login(page, hub, short: str) -> None:
+    """Log in through the hub's login form."""
+    page.goto(f"{hub.url}/hub/login")
+    page.fill("input[name=username]", user_name(short))
+    page.fill("input[name=password]", PASSWORD)
+    with page.expect_navigation():
+        page.click("form [type=submit]")
+    assert "/hub/login" not in page.url, f"login of {short} failed: {page.url}"
+
+
+def assert_loopback_only(page) -> None:
+    """Every request of ``page`` went to 127.0.0.1 (data:/blob:/about: stay in the page)."""
+    assert page.requested
+    off = []
+    for url in page.requested:
+        parts = urlsplit(url)
+        if parts.scheme in ("data", "blob", "about"):
+            continue
+        if parts.scheme not in ("http", "https", "ws", "wss") or parts.hostname != "127.0.0.1":
+            off.append(url)
+    assert not off, f"requests off the loopback: {off}"
+
+
+def test_researcher_logs_in_spawns_and_opens_a_notebook_on_the_lora_kernel(hub, new_page):
+    page = new_page()
+    name = user_name("alice")
+    login(page, hub, "alice")
+
+    page.goto(f"{hub.url}/hub/spawn/{name}")
+    # With GPUs in the pool the spawn form asks how many; on CPU-only it is empty and the
+    # spawn starts at once (spawn-pending, then JupyterLab).
+    if "/hub/spawn/" in page.url and page.locator("#spawn_form").count():
+        if page.locator("#lora-gpus").count():
+            page.select_option("#lora-gpus", "0")
+        page.click("#spawn_form [type=submit]")
+    page.wait_for_url(f"**/user/{name}/lab**", timeout=TIMEOUT_MS)
+
+    page.goto(f"{hub.url}/user/{name}/lab/tree/notebooks/train_image_lora.ipynb")
+    panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)").first
+    panel.wait_for(state="visible")
+    kernel = panel.locator(".jp-Toolbar-kernelName")
+    kernel.get_by_text(DISPLAY_NAME, exact=True).wait_for(state="visible", timeout=TIMEOUT_MS)
+    assert kernel.inner_text().strip() == DISPLAY_NAME
+    # the kernel really runs (the name alone could come from the notebook's metadata)
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    mine: list = []
+    while time.monotonic() < deadline:
+        sessions = page.request.get(f"{hub.url}/user/{name}/api/sessions").json()
+        mine = [s["kernel"] for s in sessions if s["path"].endswith("train_image_lora.ipynb")]
+        if mine and mine[0].get("execution_state") in ("idle", "busy"):
+            break
+        page.wait_for_timeout(1000)
+    assert [k["name"] for k in mine] == [KERNEL_NAME], mine
+    assert mine[0].get("execution_state") in ("idle", "busy"), mine
+
+    page.screenshot(path=str(ARTIFACTS / "lab_notebook.png"), full_page=True)
+    assert_loopback_only(page)
+
+
+# -- a sealed run for the audit pages ----------------------------------------------------------
+def _write_notebook(path: Path, *cells: str) -> None:
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": KERNEL_NAME, "display_name": DISPLAY_NAME,
+                                 "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell(cells[0], metadata={"tags": ["parameters"]})]
+    nb.cells += [nbformat.v4.new_code_cell(c) for c in cells[1:]]
+    nbformat.write(nb, str(path))
+
+
+def _alice_home() -> Path:
+    """Alice's working home (hub.settings.user_home), made as her server would make it."""
+    from hub.settings import user_home
+
+    name = user_name("alice")
+    home = user_home(name, demo=not ROOT)
+    home.mkdir(parents=True, exist_ok=True)
+    if ROOT:
+        pw = pwd.getpwnam(name)
+        os.chown(home, pw.pw_uid, pw.pw_gid)
+    return home
+
+
+@pytest.fixture(scope="module")
+def sealed_run(hub) -> str:
+    """The run id of a tiny notebook run alice submitted through the runs service."""
+    home = _alice_home()
+    nb = home / "browser_hello.ipynb"
+    _write_notebook(nb, "greeting = 'hello'",
+                    "print(f'{greeting} from the browser test')")
+    if ROOT:
+        pw = pwd.getpwnam(user_name("alice"))
+        os.chown(nb, pw.pw_uid, pw.pw_gid)
+    headers = {"Authorization": f"token {hub.token('alice')}"}
+    r = requests.post(f"{hub.url}{RUNS}/api/runs", headers=headers, timeout=60,
+                      json={"notebook": nb.name, "parameters": {"greeting": "hello"}})
+    assert r.status_code == 202, (r.status_code, r.text)
+    sub_id = r.json()["id"]
+    deadline = time.monotonic() + 400
+    row: dict = {}
+    while time.monotonic() < deadline:
+        row = requests.get(f"{hub.url}{RUNS}/api/runs/{sub_id}", headers=headers,
+                           timeout=30).json()
+        if row.get("status") in ("succeeded", "failed", "cancelled", "interrupted"):
+            break
+        time.sleep(1)
+    log = hub.state / "hub" / "logs" / f"{sub_id}.log"
+    detail = f"{row}\n{log.read_text(errors='replace')[-3000:] if log.exists() else ''}"
+    assert row.get("status") == "succeeded" and row.get("run_id"), detail
+    return str(row["run_id"])
+
+
+def test_auditor_browses_the_run_list_and_a_sealed_runs_notebook(hub, new_page, sealed_run):
+    page = new_page()
+    login(page, hub, "audrey")
+
+    # the hub's OAuth (no confirmation page) lands on the list
+    listing = page.goto(f"{hub.url}{AUDIT}/runs")
+    assert listing is not None and listing.status == 200, listing and listing.status
+    assert urlsplit(page.url).path == f"{AUDIT}/runs"
+    page.get_by_role("heading", name="Runs").wait_for()
+    assert "signed in as " + user_name("audrey") in page.inner_text("header")
+    link = page.locator(f"table a:text-is('{sealed_run}')")
+    link.wait_for(state="visible")
+    page.screenshot(path=str(ARTIFACTS / "audit_runs.png"), full_page=True)
+
+    with page.expect_navigation() as nav:
+        link.click()
+    response = nav.value
+    assert response is not None and response.status == 200
+    assert urlsplit(page.url).path == f"{AUDIT}/runs/{sealed_run}"
+    page.get_by_role("heading", name=f"Run {sealed_run}").wait_for()
+    assert page.locator("p.ok", has_text="Verified").count() == 1
+    # the executed notebook, rendered: its container, the source and the cell's output
+    notebook = page.locator("div.nb")
+    notebook.wait_for(state="visible")
+    assert "greeting" in notebook.inner_text()
+    notebook.get_by_text("hello from the browser test").first.wait_for(state="visible")
+    page.screenshot(path=str(ARTIFACTS / "audit_run.png"), full_page=True)
+
+    # the run page (loaded anew for its own response) has a strict CSP
+    again = page.goto(f"{hub.url}{AUDIT}/runs/{sealed_run}")
+    assert again is not None and again.status == 200
+    csp = {d.strip().split(" ", 1)[0]: d.strip() for d in
+           (again.headers.get("content-security-policy") or "").split(";") if d.strip()}
+    assert csp.get("default-src") == "default-src 'none'", csp
+    assert "script-src" not in csp  # no script at all: default-src 'none' applies
+    assert csp.get("frame-ancestors") == "frame-ancestors 'none'", csp
+    assert csp.get("base-uri") == "base-uri 'none'", csp
+    assert csp.get("form-action") == "form-action 'self'", csp
+    assert not any("*" in v or "http" in v for v in csp.values()), csp
+    assert again.headers.get("x-content-type-options") == "nosniff"
+    assert_loopback_only(page)
+
+
+def test_researcher_is_refused_the_audit_pages(hub, new_page):
+    page = new_page()
+    login(page, hub, "bob")
+    response = page.goto(f"{hub.url}{AUDIT}/runs")
+    assert response is not None and response.status == 403, response and response.status
+    assert urlsplit(page.url).path == f"{AUDIT}/runs"
+    assert "403" in page.inner_text("h1")
+    assert page.locator("table").count() == 0
+    assert_loopback_only(page)
