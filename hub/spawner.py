@@ -27,6 +27,7 @@ from tornado import web
 from traitlets import Bool, Unicode, default
 
 from lora_kernel.common.errors import LoraError
+from lora_kernel.common.offline import offline_environ
 
 from .gpus import GpuUnavailable, Pool, cuda_env, discover, quota_for
 from .settings import AUDIT_SERVICE, RUNS_SERVICE, gpu_pool_path, load_settings, user_home
@@ -34,9 +35,6 @@ from .settings import AUDIT_SERVICE, RUNS_SERVICE, gpu_pool_path, load_settings,
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 # Variables a server must not inherit from the hub (the trusted side's own settings).
 _HIDDEN = ("LORA_STATE", "LORA_RUNNER", "JUPYTERHUB_CRYPT_KEY", "CONFIGPROXY_AUTH_TOKEN")
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "DIFFUSERS_OFFLINE": "1", "WANDB_MODE": "disabled", "DO_NOT_TRACK": "1",
-               "HF_HUB_DISABLE_TELEMETRY": "1", "NO_PROXY": "*", "no_proxy": "*"}
 
 
 class LoraSpawner(LocalProcessSpawner):
@@ -133,7 +131,7 @@ class LoraSpawner(LocalProcessSpawner):
         env = super().get_env()
         for name in _HIDDEN:
             env.pop(name, None)
-        env.update(OFFLINE_ENV)
+        env = offline_environ(env)  # offline variables set, proxies removed
         env.update(cuda_env(self.gpus))
         env["LORA_HOME"] = str(user_home(self.user.name, self.demo))
         hub = os.environ.get("LORA_HUB_PUBLIC_URL", "").rstrip("/")

@@ -11,6 +11,9 @@ it still ties the zones together), relative imports resolved, and ``importlib.im
 - ``common/`` imports no ``lora_kernel.*`` but itself;
 - ``common/``, ``provenance/`` and ``trusted/`` never import torch, diffusers, transformers,
   peft or safetensors.torch directly;
+- ``hub/`` (trusted, JupyterHub side) never imports kernel internals (``lora_kernel.kernel``,
+  ``lora_kernel.training``) nor the heavy libraries, and nothing in ``lora_kernel`` imports
+  ``hub`` (the kernel, the CLI and the runner reach the hub only over HTTP);
 
 and, at run time, importing every module of ``lora_kernel.trusted`` and
 ``lora_kernel.provenance`` leaves ``torch`` out of ``sys.modules``.
@@ -33,6 +36,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "lora_kernel"
+HUB = REPO / "hub"
 HEAVY = ("torch", "diffusers", "transformers", "peft", "safetensors.torch")
 
 
@@ -88,6 +92,13 @@ def collect_imports(source: str, module: str, is_package: bool = False) -> list[
 def _rule(zone: str, target: str) -> str | None:
     """The rule ``target`` breaks when imported from ``zone`` (None: allowed)."""
     internal = _within(target, "lora_kernel") and target != "lora_kernel"
+    if zone == "hub" and (_within(target, "lora_kernel.kernel")
+                          or _within(target, "lora_kernel.training")
+                          or any(_within(target, h) for h in HEAVY)):
+        return "hub/ must not import kernel internals (lora_kernel.kernel/.training) or " + \
+            ", ".join(HEAVY)
+    if zone != "hub" and _within(target, "hub"):
+        return "lora_kernel must not import hub/ (it reaches the hub over HTTP)"
     if zone in ("kernel", "training") and internal and (
             _within(target, "lora_kernel.trusted") or _within(target, "lora_kernel.cli")):
         return f"{zone}/ (untrusted) must not import lora_kernel.trusted or lora_kernel.cli"
@@ -104,7 +115,7 @@ def _rule(zone: str, target: str) -> str | None:
 def violations(module: str, imports: list[Import]) -> list[tuple[Import, str]]:
     """The imports of ``module`` that break a layering rule, each with the rule broken."""
     parts = module.split(".")
-    zone = parts[1] if len(parts) > 1 else ""
+    zone = "hub" if parts[0] == "hub" else (parts[1] if len(parts) > 1 else "")
     bad: list[tuple[Import, str]] = []
     for imp in imports:
         rules = [r for r in (_rule(zone, t) for t in imp.targets) if r]
@@ -124,7 +135,9 @@ def _module_name(path: Path) -> tuple[str, bool]:
 
 def _tree() -> dict[Path, tuple[str, list[Import]]]:
     tree = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
+    for path in sorted([*PACKAGE.rglob("*.py"), *HUB.glob("**/*.py")]):
+        if "node_modules" in path.parts:
+            continue
         module, is_package = _module_name(path)
         tree[path] = (module, collect_imports(path.read_text(), module, is_package))
     return tree
@@ -198,6 +211,20 @@ def test_walker_sees_the_real_tree():
     # a known function-level import in the real code is seen (evidence the walk goes deep)
     _, executor = tree[PACKAGE / "trusted" / "executor.py"]
     assert any("lora_kernel.training.config" in i.targets for i in executor)
+    _, spawner = tree[HUB / "spawner.py"]                      # hub/ is walked too
+    assert any("jupyterhub.spawner" in i.targets for i in spawner)
+
+
+def test_hub_rules_refuse_kernel_internals_and_allow_trusted_code():
+    bad = collect_imports("from lora_kernel.kernel.offline import offline_environ\n",
+                          "hub.spawner")
+    assert violations("hub.spawner", bad)
+    assert violations("lora_kernel.cli.run", collect_imports("import hub.gpus\n",
+                                                             "lora_kernel.cli.run"))
+    good = collect_imports("from lora_kernel.trusted.identity import Actor\n"
+                           "from lora_kernel.provenance import audit\nfrom .gpus import Pool\n",
+                           "hub.spawner")
+    assert violations("hub.spawner", good) == []
 
 
 def test_zones_import_only_what_they_may():

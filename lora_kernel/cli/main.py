@@ -8,8 +8,8 @@ import os
 import sys
 
 from lora_kernel.common.errors import LoraError
+from lora_kernel.common.offline import apply_offline_env
 from lora_kernel.common.version import __version__
-from lora_kernel.kernel.offline import apply_offline_env
 
 # Modules that add sub-commands: each defines ``register(subparsers)`` and sets
 # ``func`` on its parsers to a callable taking the parsed ``args`` and returning an exit code.

@@ -3,7 +3,7 @@
 Order matters, and is the whole point of this module:
 
 1. drop the current directory from ``sys.path`` (a notebook folder must not shadow modules);
-2. set the offline environment (``lora_kernel.kernel.offline.apply_offline_env``);
+2. set the offline environment (``lora_kernel.common.offline.apply_offline_env``);
 3. open the execution log (``lora_kernel.kernel.execlog.ExecLog``);
 4. install the egress guard (audit hook, ``policies/egress.yaml``) reporting to the log, and
    the ``trust_remote_code`` refusal;
@@ -72,11 +72,11 @@ def main(argv: list[str] | None = None) -> None:
         del sys.path[0]  # IPython adds the notebook folder back for user imports
 
     from lora_kernel.common.errors import LoraError
+    from lora_kernel.common.offline import apply_offline_env
     from lora_kernel.common.process import die_with_parent
     from lora_kernel.common.version import __version__
     from lora_kernel.kernel import guard
     from lora_kernel.kernel.execlog import ExecLog, sink_from_env
-    from lora_kernel.kernel.offline import apply_offline_env
 
     apply_offline_env()
     if os.environ.get("LORA_RUN_ID"):  # a recorded run: never outlive its executor

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 OFFLINE_VARS = {
     "HF_HUB_OFFLINE": "1",
@@ -22,7 +23,7 @@ PROXY_VARS = ("http_proxy", "https_proxy", "ftp_proxy", "all_proxy",
               "HTTP_PROXY", "HTTPS_PROXY", "FTP_PROXY", "ALL_PROXY")
 
 
-def offline_environ(environ: dict | None = None) -> dict:
+def offline_environ(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """Return a copy of ``environ`` (default ``os.environ``) with the offline variables set
     and proxies removed; suitable for a child process."""
     env = dict(os.environ if environ is None else environ)

@@ -1,0 +1,76 @@
+"""The GPU pool and hub settings (no hub needed)."""
+from __future__ import annotations
+
+import pytest
+
+from hub.gpus import GpuUnavailable, Pool, cuda_env, discover, quota_for
+from lora_kernel.common.errors import ConfigError
+
+
+def test_exclusive_pool_never_hands_a_gpu_out_twice_and_releases(tmp_path):
+    pool = Pool(tmp_path / "gpus.json", ["0", "1", "2"])
+    assert pool.allocate("server:a/", 2) == ["0", "1"]
+    assert pool.allocate("server:a/", 2) == ["0", "1"]          # idempotent for its owner
+    with pytest.raises(GpuUnavailable, match="1 free of 3"):
+        pool.allocate("run:1", 2)
+    assert pool.allocate("run:1", 1) == ["2"]
+    # a second Pool object on the same file (the runs service) sees the same holders
+    other = Pool(tmp_path / "gpus.json", ["0", "1", "2"])
+    assert other.holders() == {"server:a/": ["0", "1"], "run:1": ["2"]}
+    assert pool.release("server:a/") == ["0", "1"]
+    assert other.allocate("server:b/", 2) == ["0", "1"]
+    assert pool.allocate("x", 0) == []
+
+
+def test_claim_restores_an_allocation_and_refuses_a_taken_gpu(tmp_path):
+    pool = Pool(tmp_path / "gpus.json", ["0", "1"])
+    assert pool.claim("server:a/", ["1"]) == ["1"]
+    assert pool.claim("server:a/", ["1"]) == ["1"]                # again: fine
+    with pytest.raises(GpuUnavailable, match="held by server:a/"):
+        pool.claim("server:b/", ["1"])
+    with pytest.raises(GpuUnavailable, match="no longer in the pool"):
+        pool.claim("server:c/", ["7"])
+    assert pool.reconcile("run:", []) == []                       # servers untouched
+    pool.allocate("run:5", 1)
+    assert pool.reconcile("run:", ["run:9"]) == ["run:5"]
+
+
+def test_shared_pool_spreads_least_loaded_first(tmp_path):
+    pool = Pool(tmp_path / "gpus.json", ["0", "1"], exclusive=False)
+    assert pool.allocate("a", 1) == ["0"]
+    assert pool.allocate("b", 1) == ["1"]
+    assert pool.allocate("c", 2) == ["0", "1"]
+
+
+def test_quota_discovery_and_cuda_env():
+    assert quota_for(["researcher"], {"default": 1, "engineer": 2}) == 1
+    assert quota_for(["researcher", "engineer"], {"default": 1, "engineer": 2}) == 2
+    assert [d.index for d in discover(["0", "3"])] in (["0", "3"],) or discover([])
+    assert cuda_env([])["CUDA_VISIBLE_DEVICES"] == ""
+    assert cuda_env(["1", "2"]) == {"CUDA_DEVICE_ORDER": "PCI_BUS_ID",
+                                    "CUDA_VISIBLE_DEVICES": "1,2",
+                                    "NVIDIA_VISIBLE_DEVICES": "1,2"}
+
+
+def test_a_corrupt_pool_file_is_one_clear_error(tmp_path):
+    path = tmp_path / "gpus.json"
+    path.write_text("{not json")
+    with pytest.raises(ConfigError, match="gpus.json is unreadable"):
+        Pool(path, ["0"]).allocate("a", 1)
+
+
+def test_hub_policy_errors_name_the_file_and_key(tmp_path, monkeypatch):
+    from hub.settings import load_settings
+
+    monkeypatch.setenv("LORA_POLICIES", str(tmp_path))
+    assert load_settings().quotas == {"default": 1}               # no file: defaults
+    (tmp_path / "hub.yaml").write_text("roles:\n  lora-x: wizard\n")
+    with pytest.raises(ConfigError, match=r"hub.yaml: key 'roles.lora-x'.*wizard"):
+        load_settings()
+    (tmp_path / "hub.yaml").write_text("gpus:\n  quotas: {default: -1}\n")
+    with pytest.raises(ConfigError, match="gpus.quotas.default"):
+        load_settings()
+    (tmp_path / "hub.yaml").write_text("roles:\n  lora-rev: reviewer\ngpus:\n  devices: [0]\n")
+    s = load_settings()
+    assert s.roles_of(["lora-rev", "other"]) == ["reviewer"] and s.roles_of([]) == ["researcher"]
+    assert s.devices == ["0"]
