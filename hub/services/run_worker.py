@@ -113,8 +113,10 @@ def make_context(sub: Submission | None, *, demo: bool, service_user: str | None
                       str(a.get("source", "hub-token")))
     env = child_base_env(run_as, root_mode(demo), list(sub.gpus_held) if sub else [])
     privileges.drop()
+    # With a progress sink the executor writes <work>/progress.jsonl, which the user's studio
+    # reads live from their own working home; the records themselves go nowhere else.
     return RunContext(actor=actor, run_as=run_as, privileges=privileges, env=env,
-                      cancelled=cancelled)
+                      cancelled=cancelled, progress=(lambda _chunk: None) if sub else None)
 
 
 def config_task_as_user(ctx: RunContext, config: str, home: Path) -> str:

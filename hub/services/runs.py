@@ -271,6 +271,28 @@ class RunApi(RunsHandler):
         self.write_json(self.own(sub_id).to_dict())
 
 
+class RunFileApi(RunsHandler):
+    """``api/runs/<id>/samples.png`` and ``loss_curve.png``: images from the caller's own
+    sealed record (the studio shows them; the record itself stays the service's)."""
+
+    FILES = {"samples.png": ("samples/grid.png",), "loss_curve.png": ("loss_curve.png",)}
+
+    def get(self, sub_id: str, name: str) -> None:
+        sub = self.own(sub_id)
+        if not sub.run_id:
+            raise web.HTTPError(404, "run %s has no record yet", sub_id)
+        from lora_kernel.common.paths import runs_dir
+
+        record = runs_dir(self.lora.state) / sub.run_id
+        for rel in self.FILES[name]:
+            path = record / rel
+            if path.is_file() and not path.is_symlink():
+                self.set_header("Content-Type", "image/png")
+                self.finish(path.read_bytes())
+                return
+        raise web.HTTPError(404, "run %s has no %s", sub_id, name)
+
+
 class CancelApi(RunsHandler):
     """``api/runs/<id>/cancel``: cancel one of the caller's submissions."""
 
@@ -328,7 +350,9 @@ def make_runs_app(config: ServiceConfig, *, settings: HubSettings | None = None,
     queue = RunQueue(config.state, devices=devices, exclusive=settings.exclusive,
                      max_concurrent=settings.max_concurrent_runs)
     app = make_app(config, [("api/runs", RunsApi), (r"api/runs/(\d+)", RunApi),
-                            (r"api/runs/(\d+)/cancel", CancelApi), ("runs", RunsPage)])
+                            (r"api/runs/(\d+)/cancel", CancelApi),
+                            (r"api/runs/(\d+)/(samples\.png|loss_curve\.png)", RunFileApi),
+                            ("runs", RunsPage)])
     app.settings.update(runs_queue=queue, hub_settings=settings)
     if scheduler:
         sched = Scheduler(config, queue)
