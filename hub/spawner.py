@@ -155,8 +155,11 @@ class LoraSpawner(LocalProcessSpawner):
 
         def enter_home() -> None:
             os.makedirs(home, 0o700, exist_ok=True)
-            if not (home / "notebooks").exists():  # first server: the training notebooks
-                shutil.copytree(NOTEBOOKS, home / "notebooks")
+            mine = home / "notebooks"  # the platform's notebooks; the user's edits are kept
+            mine.mkdir(mode=0o700, exist_ok=True)
+            for nb in NOTEBOOKS.glob("*.ipynb"):
+                if not (mine / nb.name).exists():
+                    shutil.copyfile(nb, mine / nb.name)
             os.chdir(home)
 
         if self.demo:
