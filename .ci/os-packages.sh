@@ -4,6 +4,9 @@
 #   util-linux         unshare (network-namespace tests)
 #   nodejs, npm        configurable-http-proxy (the hub's proxy, pinned in hub/package-lock.json)
 #   chromium           browser tests (Playwright drives Debian's Chromium; no browser download)
+#   nftables           nft: the egress firewall per uid (lora firewall, tests/trusted/test_firewall.py)
+#   iproute2           ip netns / veth (firewall tests)
+#   curl, iputils-ping child-process and ICMP cases of the firewall tests
 set -euo pipefail
 need=()
 /usr/bin/python3.11 -c "import venv, ensurepip" 2>/dev/null || need+=(python3.11-venv)
@@ -11,6 +14,10 @@ command -v unshare >/dev/null || need+=(util-linux)
 command -v node >/dev/null || need+=(nodejs)
 command -v npm >/dev/null || need+=(npm)
 [ -x /usr/bin/chromium ] || need+=(chromium)
+command -v nft >/dev/null || need+=(nftables)
+command -v ip >/dev/null || need+=(iproute2)
+command -v curl >/dev/null || need+=(curl)
+command -v ping >/dev/null || need+=(iputils-ping)
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"

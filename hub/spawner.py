@@ -18,6 +18,7 @@ with its own home under ``$LORA_HOME/hub-users``.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from traitlets import Bool, Unicode, default
 
 from lora_kernel.common.errors import LoraError
 from lora_kernel.common.offline import offline_environ
+from lora_kernel.trusted import firewall
 
 from .gpus import GpuUnavailable, Pool, cuda_env, discover, quota_for
 from .settings import AUDIT_SERVICE, RUNS_SERVICE, gpu_pool_path, load_settings, user_home
@@ -173,6 +175,11 @@ class LoraSpawner(LocalProcessSpawner):
 
     # -- lifecycle -------------------------------------------------------------------------
     async def start(self):  # type: ignore[no-untyped-def]
+        if not self.demo:  # `firewall: required` (policies/egress.yaml): no unfiltered server
+            try:
+                firewall.enforce(pwd.getpwnam(self.user.name).pw_uid)
+            except (LoraError, KeyError) as exc:
+                raise web.HTTPError(403, "%s", str(exc)) from None
         pool = self.pool()
         try:
             count = self.requested_gpus()

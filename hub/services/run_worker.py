@@ -112,6 +112,10 @@ def make_context(sub: Submission | None, *, demo: bool, service_user: str | None
                       int(a.get("gid", -1)), tuple(a.get("groups") or ()),
                       str(a.get("source", "hub-token")))
     env = child_base_env(run_as, root_mode(demo), list(sub.gpus_held) if sub else [])
+    if root_mode(demo) and sub is not None and run_as.uid is not None:
+        from lora_kernel.trusted.firewall import enforce
+
+        enforce(run_as.uid)  # `firewall: required`: refuse unless in place (still root here)
     privileges.drop()
     # With a progress sink the executor writes <work>/progress.jsonl, which the user's studio
     # reads live from their own working home; the records themselves go nowhere else.

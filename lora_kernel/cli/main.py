@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "lora_kernel.cli.audit",
     "lora_kernel.cli.run",
     "lora_kernel.cli.runner",
+    "lora_kernel.cli.firewall",
 ]
 
 

@@ -20,26 +20,25 @@ Addresses are normalised before the check: IPv4 in any ``inet_aton`` form ("2130
 """
 from __future__ import annotations
 
-import ipaddress
 import socket
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from lora_kernel.common.errors import ConfigError, EgressBlocked, UnsafeModelError
-from lora_kernel.common.policy import load_policy, policy_path
-
-#: Defaults when ``policies/egress.yaml`` is missing: loopback only, everything logged.
-DEFAULT_POLICY = {
-    "loopback": True,
-    "allow": [],
-    "allow_bind_any": False,
-    "allow_families": [],
-    "processes": "log",
-    "ctypes": "log",
-}
+# The policy and address parsing live in the neutral zone (the firewall reads them too);
+# re-exported here so ``guard.policy_from_mapping`` etc. keep working.
+from lora_kernel.common.egress import (  # noqa: F401
+    DEFAULT_POLICY,
+    EgressPolicy,
+    load_egress_policy,
+    normalise_host,
+    parse_ipv4_loose,
+    policy_from_mapping,
+)
+from lora_kernel.common.errors import EgressBlocked, UnsafeModelError
+from lora_kernel.common.policy import policy_path
 
 NET_EVENTS = frozenset({"socket.connect", "socket.sendto", "socket.sendmsg", "socket.bind"})
 DNS_EVENTS = frozenset({"socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr",
@@ -49,167 +48,6 @@ PROCESS_EVENTS = frozenset({"subprocess.Popen", "os.system", "os.exec", "os.posi
 CTYPES_EVENTS = frozenset({"ctypes.dlopen"})
 REMOTE_CODE_MARKERS = ("transformers_modules", "diffusers_modules")
 WATCHED = NET_EVENTS | DNS_EVENTS | PROCESS_EVENTS | CTYPES_EVENTS | {"exec", "sys.addaudithook"}
-
-_LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
-_LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost",
-                          "ip6-loopback"})
-
-
-# ----------------------------------------------------------------- address normalisation
-
-def parse_ipv4_loose(text: str) -> ipaddress.IPv4Address | None:
-    """Parse ``text`` the way ``inet_aton`` (and glibc's numeric getaddrinfo) does.
-
-    Accepts 1 to 4 dot-separated parts in decimal, octal (leading ``0``) or hex (``0x``):
-    ``"2130706433"``, ``"0x7f.1"``, ``"127.1"``, ``"0177.0.0.01"``. Returns ``None`` when
-    ``text`` is not such a number (i.e. it is a host name).
-    """
-    parts = text.split(".")
-    if not 1 <= len(parts) <= 4:
-        return None
-    values = []
-    for part in parts:
-        p = part.lower()
-        try:
-            if p.startswith("0x"):
-                values.append(int(p[2:] or "0", 16))
-            elif len(p) > 1 and p.startswith("0"):
-                values.append(int(p, 8))
-            elif p.isdigit():
-                values.append(int(p, 10))
-            else:
-                return None
-        except ValueError:
-            return None
-    *head, last = values
-    if any(v > 255 for v in head) or last >= 256 ** (4 - len(head)):
-        return None
-    number = 0
-    for v in head:
-        number = number * 256 + v
-    number = (number << (8 * (4 - len(head)))) | last
-    return ipaddress.IPv4Address(number)
-
-
-def normalise_host(host) -> ipaddress.IPv4Address | ipaddress.IPv6Address | str:
-    """Return an IP address object for a numeric host, else the lower-cased name.
-
-    v4-mapped IPv6 (``::ffff:a.b.c.d``) becomes the IPv4 address; scope ids are dropped;
-    ``""`` means INADDR_ANY and ``"<broadcast>"`` 255.255.255.255, as CPython reads them.
-    """
-    if isinstance(host, (bytes, bytearray)):
-        host = bytes(host).decode("ascii", "replace")
-    if isinstance(host, int):
-        return ipaddress.IPv4Address(host & 0xFFFFFFFF)
-    host = str(host).strip()
-    if host == "":
-        return ipaddress.IPv4Address(0)
-    if host == "<broadcast>":
-        return ipaddress.IPv4Address("255.255.255.255")
-    text = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if ":" in text:
-        try:
-            addr = ipaddress.IPv6Address(text.split("%", 1)[0])
-        except ValueError:
-            return text.lower()
-        return addr.ipv4_mapped or addr
-    v4 = parse_ipv4_loose(text)
-    if v4 is not None:
-        return v4
-    return text.lower().rstrip(".")
-
-
-# ------------------------------------------------------------------------------- policy
-
-@dataclass(frozen=True)
-class EgressPolicy:
-    """The egress allowlist, read from ``policies/egress.yaml``."""
-
-    path: str
-    loopback: bool = True
-    networks: tuple = ()          # ((ip_network, frozenset(ports) | None), ...)
-    hosts: tuple = ()             # ((name or "*.suffix", frozenset(ports) | None), ...)
-    allow_bind_any: bool = False
-    allow_families: frozenset = field(default_factory=frozenset)
-    processes: str = "log"
-    ctypes: str = "log"
-
-    def allows_address(self, addr, port=None) -> bool:
-        """Whether a connection to ``addr`` (an ``ip_address``) on ``port`` is allowed."""
-        if self.loopback and any(addr in net for net in _LOOPBACK if net.version == addr.version):
-            return True
-        for net, ports in self.networks:
-            if net.version == addr.version and addr in net and _port_ok(ports, port):
-                return True
-        return False
-
-    def allows_name(self, name: str, port=None) -> bool:
-        """Whether the host name ``name`` may be resolved / connected to on ``port``."""
-        if self.loopback and name in _LOCAL_NAMES:
-            return True
-        for pattern, ports in self.hosts:
-            if pattern.startswith("*."):
-                hit = name.endswith(pattern[1:])
-            else:
-                hit = name == pattern
-            if hit and _port_ok(ports, port):
-                return True
-        return False
-
-    def allows(self, host, port=None) -> bool:
-        """Whether ``host`` (numeric in any form, or a name) on ``port`` is allowed."""
-        norm = normalise_host(host)
-        if isinstance(norm, str):
-            return self.allows_name(norm, port)
-        return self.allows_address(norm, port)
-
-
-def _port_ok(ports, port) -> bool:
-    return ports is None or port is None or int(port) in ports
-
-
-def _ports(entry, path, key):
-    ports = entry.get("ports")
-    if ports is None:
-        return None
-    if not isinstance(ports, list) or not all(isinstance(p, int) and 0 < p < 65536 for p in ports):
-        raise ConfigError("ports must be a list of integers 1..65535", file=path, key=key)
-    return frozenset(ports)
-
-
-def policy_from_mapping(data: dict, path: str = "<memory>") -> EgressPolicy:
-    """Validate an egress policy mapping (as read from YAML) into an :class:`EgressPolicy`."""
-    networks, hosts = [], []
-    for i, entry in enumerate(data.get("allow") or []):
-        key = f"allow[{i}]"
-        if not isinstance(entry, dict) or not ({"cidr", "host"} & set(entry)):
-            raise ConfigError("each entry needs 'cidr' or 'host'", file=path, key=key)
-        if "cidr" in entry:
-            try:
-                net = ipaddress.ip_network(str(entry["cidr"]), strict=False)
-            except ValueError as exc:
-                raise ConfigError(f"bad cidr: {exc}", file=path, key=key) from None
-            networks.append((net, _ports(entry, path, key)))
-        if "host" in entry:
-            hosts.append((str(entry["host"]).lower().rstrip("."), _ports(entry, path, key)))
-    families = frozenset()
-    for name in data.get("allow_families") or []:
-        if not hasattr(socket, str(name)):
-            raise ConfigError(f"unknown socket family {name!r}", file=path, key="allow_families")
-        families |= {int(getattr(socket, str(name)))}
-    for key in ("processes", "ctypes"):
-        if data.get(key, "log") not in ("log", "refuse"):
-            raise ConfigError("must be 'log' or 'refuse'", file=path, key=key)
-    return EgressPolicy(path=str(path), loopback=bool(data.get("loopback", True)),
-                        networks=tuple(networks), hosts=tuple(hosts),
-                        allow_bind_any=bool(data.get("allow_bind_any", False)),
-                        allow_families=families, processes=data.get("processes", "log"),
-                        ctypes=data.get("ctypes", "log"))
-
-
-def load_egress_policy() -> EgressPolicy:
-    """Load ``policies/egress.yaml`` (``$LORA_POLICIES`` overrides the folder)."""
-    return policy_from_mapping(load_policy("egress", DEFAULT_POLICY), str(policy_path("egress")))
 
 
 # -------------------------------------------------------------------------------- hook
