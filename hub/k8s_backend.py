@@ -1,0 +1,302 @@
+"""Runs as Kubernetes Jobs: the runs service's backend beyond one machine (docs/deploy.md).
+
+A plain module (no tornado, no jupyterhub); the ``kubernetes`` client is imported lazily, so the
+rest of the hub works without it (``pip install 'lora-enclave[k8s]'``).
+
+For a claimed submission (:class:`hub.runqueue.Submission`) :func:`job_manifest` builds one
+``batch/v1`` Job that runs papermill, in the single-user image, as the requesting user's uid:
+
+* pod and container ``securityContext``: ``runAsUser``/``runAsGroup``/``fsGroup`` from the
+  user's passwd entry (or an explicit mapping, :attr:`K8sSettings.uids`), ``runAsNonRoot``,
+  ``allowPrivilegeEscalation: false``, every capability dropped, ``seccompProfile:
+  RuntimeDefault``, a read-only root filesystem (``/tmp`` is an ``emptyDir``);
+* ``nvidia.com/gpu: n`` limits for the GPUs the submission asked for (none: the NVIDIA runtime
+  is told ``NVIDIA_VISIBLE_DEVICES=void`` so a GPU node does not hand it every device);
+* the user's home volume (PVC ``claim-<user>``, as zero-to-jupyterhub names it) and an output
+  volume (PVC ``lora-run-<id>``, :func:`output_claim_manifest`; or an ``emptyDir``) that the
+  runs service mounts afterwards to seal the record as the service account: the Job itself
+  never sees the state directory, the ledger or its key;
+* ``backoffLimit: 0`` (a failed run is sealed as failed, never silently retried),
+  ``activeDeadlineSeconds`` from the submission's timeout, ``ttlSecondsAfterFinished``;
+* labels ``app.kubernetes.io/part-of: lora-enclave``, ``lora-enclave/run-id`` and the
+  zero-to-jupyterhub single-user labels, so that the single-user NetworkPolicy (all egress
+  off, docker/k8s/values.yaml) selects the run's pod too; no service-account token.
+
+:func:`submit` creates it (and the output claim), :func:`status` reads its state back.
+"""
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from lora_kernel.common.errors import ConfigError
+from lora_kernel.common.offline import OFFLINE_VARS
+
+from .runqueue import Submission
+
+PART_OF = "lora-enclave"
+RUN_ID_LABEL = "lora-enclave/run-id"
+SUBMISSION_LABEL = "lora-enclave/submission"
+USER_LABEL = "lora-enclave/user"
+KERNEL_NAME = "lora"  # lora_kernel.trusted.runner.KERNEL_NAME (not imported: trusted side)
+NOTEBOOKS = {"image": "train_image_lora.ipynb", "text": "train_text_lora.ipynb"}
+_LABEL_VALUE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass
+class K8sSettings:
+    """Where and how the Jobs run. Defaults match docker/k8s/values.yaml."""
+
+    namespace: str = "lora-enclave"
+    image: str = "registry.example.internal/lora-enclave/singleuser:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    # The zero-to-jupyterhub release: its single-user NetworkPolicy selects these labels.
+    release: str = "lora-enclave"
+    # user name -> (uid, gid); users not in it are looked up in the passwd database (NSS:
+    # files, sssd or LDAP, the same source the hub's authenticator uses).
+    uids: dict[str, tuple[int, int]] = field(default_factory=dict)
+    home_claim: str = "claim-{user}"        # z2jh's per-user PVC name
+    home_mount: str = "/home/jovyan"        # where the single-user image mounts it
+    workdir: str = "lora"                   # the working home inside it ($LORA_HOME)
+    output_mount: str = "/lora-run"
+    output_volume: str = "pvc"              # "pvc" (lora-run-<id>) or "emptyDir"
+    output_storage: str = "50Gi"
+    output_storage_class: str | None = None
+    notebooks_dir: str = "/opt/lora-enclave/notebooks"  # the image's copy of notebooks/
+    python: str = "/opt/lora-enclave/.venv/bin/python"
+    read_only_root: bool = True
+    default_deadline_s: int = 24 * 3600     # a submission without a timeout
+    ttl_after_finished_s: int = 3600        # the service seals well before this
+    cpu_request: str = "2"
+    memory_request: str = "8Gi"
+    memory_limit: str | None = "64Gi"
+    node_selector: dict[str, str] = field(default_factory=dict)
+    extra_labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def netpol_labels(self) -> dict[str, str]:
+        """The labels zero-to-jupyterhub's ``singleuser`` NetworkPolicy selects pods by."""
+        return {"app": "jupyterhub", "release": self.release,
+                "component": "singleuser-server"}
+
+
+def _client() -> Any:
+    try:
+        from kubernetes import client
+    except ImportError:  # pragma: no cover - depends on the extra
+        raise ConfigError("the Kubernetes backend needs the kubernetes client; fix: pip "
+                          "install 'lora-enclave[k8s]'") from None
+    return client
+
+
+def label_value(value: str) -> str:
+    """``value`` as a valid label value (63 characters, alphanumeric at both ends)."""
+    cleaned = _LABEL_VALUE.sub("-", str(value))[:63].strip("-_.")
+    return cleaned or "none"
+
+
+def job_name(sub: Submission) -> str:
+    """``lora-run-<submission id>`` (also the output claim's name)."""
+    return f"lora-run-{int(sub.id)}"
+
+
+def user_ids(user: str, mapping: Mapping[str, tuple[int, int]] | None = None
+             ) -> tuple[int, int]:
+    """The uid and gid ``user``'s run executes as: ``mapping`` first, else the passwd entry.
+    Root and the negative uids of hub-only demo users are refused: a Job never runs as
+    either."""
+    if mapping and user in mapping:
+        uid, gid = (int(x) for x in mapping[user])
+    else:
+        import pwd
+
+        try:
+            entry = pwd.getpwnam(user)
+        except KeyError:
+            raise ConfigError(f"user {user!r} has no passwd entry and no uid mapping; fix: "
+                              "add them to K8sSettings.uids or to the directory (sssd/LDAP)"
+                              ) from None
+        uid, gid = entry.pw_uid, entry.pw_gid
+    if uid <= 0 or gid <= 0:
+        raise ConfigError(f"user {user!r} maps to uid {uid} / gid {gid}; a run never executes "
+                          "as root or as a hub-only user; fix: map them to their own uid")
+    return uid, gid
+
+
+def pod_path(sub: Submission, settings: K8sSettings) -> str:
+    """``sub.path`` (a path under the user's working home on the hub's side) inside the pod,
+    where the home claim is mounted; anything outside the working home is refused (the pod
+    sees only the user's own volume)."""
+    home = posixpath.normpath(sub.home)
+    path = posixpath.normpath(sub.path)
+    if path != home and not path.startswith(home.rstrip("/") + "/"):
+        raise ConfigError(f"{sub.path} is outside {sub.user}'s working home {sub.home}; a "
+                          "Kubernetes run sees only that home", key=sub.kind)
+    rel = posixpath.relpath(path, home)
+    return posixpath.join(settings.home_mount, settings.workdir, rel)
+
+
+def _papermill_argv(sub: Submission, settings: K8sSettings, task: str | None) -> list[str]:
+    out = settings.output_mount
+    if sub.kind == "config":
+        task = task or str(sub.parameters.get("task") or "image")
+        if task not in NOTEBOOKS:
+            raise ConfigError(f"no notebook for task {task!r}; use image or text", key="task")
+        notebook = posixpath.join(settings.notebooks_dir, NOTEBOOKS[task])
+        params: dict[str, Any] = {"config_path": pod_path(sub, settings),
+                                  "overrides": dict(sub.parameters.get("overrides") or {})}
+    else:
+        notebook = pod_path(sub, settings)
+        params = dict(sub.parameters)
+    return [settings.python, "-m", "papermill", notebook, f"{out}/executed.ipynb",
+            "--kernel", KERNEL_NAME, "--cwd", f"{out}/work", "--no-progress-bar",
+            "--log-output", "-y", json.dumps(params, sort_keys=True)]
+
+
+def _labels(sub: Submission, settings: K8sSettings) -> dict[str, str]:
+    return {**settings.extra_labels, **settings.netpol_labels,
+            "app.kubernetes.io/part-of": PART_OF,
+            "app.kubernetes.io/component": "run",
+            "app.kubernetes.io/managed-by": "lora-runs",
+            RUN_ID_LABEL: label_value(sub.run_id or f"sub-{int(sub.id)}"),
+            SUBMISSION_LABEL: str(int(sub.id)),
+            USER_LABEL: label_value(sub.user)}
+
+
+def output_claim_manifest(sub: Submission, settings: K8sSettings) -> Any:
+    """The ``V1PersistentVolumeClaim`` ``lora-run-<id>`` the Job writes its outputs to."""
+    k = _client()
+    return k.V1PersistentVolumeClaim(
+        api_version="v1", kind="PersistentVolumeClaim",
+        metadata=k.V1ObjectMeta(name=job_name(sub), namespace=settings.namespace,
+                                labels={"app.kubernetes.io/part-of": PART_OF,
+                                        SUBMISSION_LABEL: str(int(sub.id))}),
+        spec=k.V1PersistentVolumeClaimSpec(
+            access_modes=["ReadWriteOnce"], storage_class_name=settings.output_storage_class,
+            resources=k.V1VolumeResourceRequirements(
+                requests={"storage": settings.output_storage})))
+
+
+def job_manifest(sub: Submission, settings: K8sSettings | None = None, *,
+                 task: str | None = None) -> Any:
+    """The ``V1Job`` that executes ``sub`` (see the module's docstring). ``task`` picks the
+    training notebook of a config submission (default: ``parameters["task"]``, else image);
+    the runs service reads it from the config with its pin step."""
+    settings = settings or K8sSettings()
+    k = _client()
+    if sub.kind not in ("notebook", "config"):
+        raise ConfigError(f"unknown kind {sub.kind!r}")
+    uid, gid = user_ids(sub.user, settings.uids)
+    name = job_name(sub)
+    labels = _labels(sub, settings)
+    gpus = int(sub.gpus)
+    workhome = posixpath.join(settings.home_mount, settings.workdir)
+    env = {**OFFLINE_VARS, "HOME": settings.home_mount, "USER": sub.user,
+           "LORA_HOME": workhome, "LORA_NOTEBOOKS": settings.notebooks_dir,
+           "JUPYTER_RUNTIME_DIR": "/tmp/jupyter-runtime", "MPLCONFIGDIR": "/tmp/matplotlib",
+           "XDG_CACHE_HOME": "/tmp/cache", "PYTHONDONTWRITEBYTECODE": "1"}
+    if gpus == 0:
+        env["NVIDIA_VISIBLE_DEVICES"] = "void"
+    limits: dict[str, str] = {}
+    if settings.memory_limit:
+        limits["memory"] = settings.memory_limit
+    if gpus:
+        limits["nvidia.com/gpu"] = str(gpus)
+    out = settings.output_mount
+    container = k.V1Container(
+        name="run", image=settings.image, image_pull_policy=settings.image_pull_policy,
+        command=["/bin/sh", "-c", f'mkdir -p "{out}/work" && exec "$0" "$@"'],
+        args=_papermill_argv(sub, settings, task),
+        working_dir=workhome,
+        env=[k.V1EnvVar(name=key, value=value) for key, value in sorted(env.items())],
+        resources=k.V1ResourceRequirements(
+            requests={"cpu": settings.cpu_request, "memory": settings.memory_request},
+            limits=limits or None),
+        security_context=k.V1SecurityContext(
+            run_as_user=uid, run_as_group=gid, run_as_non_root=True,
+            allow_privilege_escalation=False, privileged=False,
+            read_only_root_filesystem=settings.read_only_root,
+            capabilities=k.V1Capabilities(drop=["ALL"]),
+            seccomp_profile=k.V1SeccompProfile(type="RuntimeDefault")),
+        volume_mounts=[k.V1VolumeMount(name="home", mount_path=settings.home_mount),
+                       k.V1VolumeMount(name="output", mount_path=out),
+                       k.V1VolumeMount(name="tmp", mount_path="/tmp")])
+    if settings.output_volume == "pvc":
+        output = k.V1Volume(name="output", persistent_volume_claim=(
+            k.V1PersistentVolumeClaimVolumeSource(claim_name=name)))
+    elif settings.output_volume == "emptyDir":
+        output = k.V1Volume(name="output", empty_dir=k.V1EmptyDirVolumeSource())
+    else:
+        raise ConfigError(f"output_volume must be pvc or emptyDir, got "
+                          f"{settings.output_volume!r}")
+    volumes = [
+        k.V1Volume(name="home", persistent_volume_claim=k.V1PersistentVolumeClaimVolumeSource(
+            claim_name=settings.home_claim.format(user=sub.user))),
+        output,
+        k.V1Volume(name="tmp", empty_dir=k.V1EmptyDirVolumeSource(size_limit="8Gi")),
+    ]
+    tolerations = ([k.V1Toleration(key="nvidia.com/gpu", operator="Exists",
+                                   effect="NoSchedule")] if gpus else None)
+    pod = k.V1PodSpec(
+        restart_policy="Never", containers=[container], volumes=volumes,
+        automount_service_account_token=False, enable_service_links=False,
+        security_context=k.V1PodSecurityContext(
+            run_as_user=uid, run_as_group=gid, run_as_non_root=True, fs_group=gid,
+            fs_group_change_policy="OnRootMismatch",
+            seccomp_profile=k.V1SeccompProfile(type="RuntimeDefault")),
+        node_selector=dict(settings.node_selector) or None, tolerations=tolerations)
+    timeout = sub.timeout
+    deadline = (max(1, math.ceil(timeout)) if timeout else settings.default_deadline_s)
+    return k.V1Job(
+        api_version="batch/v1", kind="Job",
+        metadata=k.V1ObjectMeta(name=name, namespace=settings.namespace, labels=labels,
+                                annotations={"lora-enclave/submitted-by": sub.user}),
+        spec=k.V1JobSpec(
+            backoff_limit=0, active_deadline_seconds=int(deadline),
+            ttl_seconds_after_finished=settings.ttl_after_finished_s,
+            template=k.V1PodTemplateSpec(metadata=k.V1ObjectMeta(labels=labels), spec=pod)))
+
+
+def submit(api: Any, job: Any, *, core: Any = None, claim: Any = None) -> Any:
+    """Create ``job`` (a ``V1Job``) with ``api`` (a ``BatchV1Api``); with ``claim`` (from
+    :func:`output_claim_manifest`) create that first with ``core`` (a ``CoreV1Api``).
+    Returns the created Job."""
+    namespace = job.metadata.namespace
+    if claim is not None:
+        if core is None:
+            raise ConfigError("creating the output claim needs a CoreV1Api (core=)")
+        core.create_namespaced_persistent_volume_claim(namespace=namespace, body=claim)
+    return api.create_namespaced_job(namespace=namespace, body=job)
+
+
+def status(api: Any, name: str, namespace: str = "lora-enclave") -> dict[str, Any]:
+    """The state of Job ``name``: ``{"name", "state", "reason", "active", "succeeded",
+    "failed"}`` where state is ``pending``, ``running``, ``succeeded``, ``failed`` or
+    ``timeout`` (the deadline passed: the service seals it as failed), or ``missing``."""
+    try:
+        job = api.read_namespaced_job_status(name=name, namespace=namespace)
+    except Exception as exc:
+        if getattr(exc, "status", None) == 404:
+            return {"name": name, "state": "missing", "reason": None, "active": 0,
+                    "succeeded": 0, "failed": 0}
+        raise
+    st = job.status
+    counts = {key: int(getattr(st, key, None) or 0) if st else 0
+              for key in ("active", "succeeded", "failed")}
+    state, reason = "pending", None
+    for cond in (getattr(st, "conditions", None) or []):
+        if str(cond.status) != "True":
+            continue
+        if cond.type == "Complete":
+            state, reason = "succeeded", cond.reason
+        elif cond.type == "Failed":
+            state = "timeout" if cond.reason == "DeadlineExceeded" else "failed"
+            reason = cond.reason or cond.message
+    if state == "pending" and counts["active"]:
+        state = "running"
+    return {"name": name, "state": state, "reason": reason, **counts}
