@@ -355,6 +355,9 @@ class Studio:
                 raw.pop(key, None)
             else:
                 raw[key] = parse_value(str(value))
+        # outputs go to the user's own working home (a recorded run moves them into its
+        # work folder anyway), never next to the template
+        raw["output_dir"] = str(self.home / "output" / str(raw.get("output_name") or "lora"))
         return raw
 
     def validate(self):  # type: ignore[no-untyped-def]

@@ -235,3 +235,86 @@ def test_researcher_is_refused_the_audit_pages(hub, new_page):
     assert "403" in page.inner_text("h1")
     assert page.locator("table").count() == 0
     assert_loopback_only(page)
+
+
+# -- the studio, clicked through in JupyterLab ---------------------------------------------------
+def _give_demo_assets(hub, short: str, demo_home: Path) -> Path:
+    """The demo models and datasets in the user's working home, owned by the user."""
+    import shutil
+
+    from hub.settings import user_home
+
+    home = user_home(user_name(short), demo=not ROOT) if ROOT else \
+        hub.home / "hub-users" / user_name(short)
+    if not (home / "demo").exists():
+        shutil.copytree(demo_home / "demo", home / "demo",
+                        ignore=shutil.ignore_patterns("output"))
+    if ROOT:
+        pw = pwd.getpwnam(user_name(short))
+        for root, dirs, files in os.walk(home):
+            for n in [root, *(os.path.join(root, d) for d in dirs),
+                      *(os.path.join(root, f) for f in files)]:
+                os.chown(n, pw.pw_uid, pw.pw_gid)
+    return home
+
+
+def test_studio_in_jupyterlab_starts_a_run_and_shows_progress_and_samples(hub, new_page,
+                                                                         demo_home):
+    name = user_name("alice")
+    _give_demo_assets(hub, "alice", demo_home)
+    page = new_page()
+    login(page, hub, "alice")
+    page.goto(f"{hub.url}/hub/spawn/{name}")
+    if "/hub/spawn/" in page.url and page.locator("#spawn_form").count():
+        if page.locator("#lora-gpus").count():
+            page.select_option("#lora-gpus", "0")
+        page.click("#spawn_form [type=submit]")
+    page.wait_for_url(f"**/user/{name}/lab**", timeout=TIMEOUT_MS)
+
+    page.goto(f"{hub.url}/user/{name}/lab/tree/notebooks/studio.ipynb")
+    panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)").first
+    panel.wait_for(state="visible")
+    panel.locator(".jp-Toolbar-kernelName").get_by_text(DISPLAY_NAME, exact=True).wait_for()
+    page.get_by_role("menuitem", name="Run", exact=True).click()
+    page.get_by_text("Run All Cells", exact=True).click()
+    try:
+        panel.locator(".widget-dropdown").first.wait_for(state="visible")
+    finally:
+        page.screenshot(path=str(ARTIFACTS / "studio_open.png"), full_page=True)
+
+    # (JupyterLab skips rendering what is off screen: find it in the DOM, then scroll to it)
+    start = panel.locator("button.widget-button", has_text="Start")
+    scroller = panel.locator(".jp-WindowedPanel-outer").first
+    for _ in range(6):                                   # bring the widget's end on screen
+        scroller.evaluate("el => el.scrollBy(0, 600)")
+        page.wait_for_timeout(300)
+    try:
+        start.wait_for(state="attached", timeout=20_000)
+        start.scroll_into_view_if_needed()
+    finally:
+        page.screenshot(path=str(ARTIFACTS / "studio_open.png"), full_page=True)
+
+    def field(label: str):
+        return panel.locator(f".widget-text:has(label:text-is('{label}')) input")
+
+    for label, value in (("max train steps", "2"), ("save steps", "0"),
+                         ("output name", "browser_studio")):
+        field(label).fill(value)
+        field(label).press("Enter")
+    panel.locator(".widget-textarea:has(label:text-is('sample prompts')) textarea").fill(
+        "a red circle in enclave style")
+    page.wait_for_timeout(1500)                          # the kernel re-validates the form
+    assert start.is_enabled()
+    start.click()
+
+    status = panel.locator(".widget-html", has_text="succeeded — run").first
+    status.wait_for(state="visible", timeout=600_000)    # queued, trained, sealed
+    run_id = status.inner_text().split("run", 1)[1].strip()
+    bar = panel.locator(".widget-inline-hbox:has(> label:text-is('steps'))").first
+    assert bar.is_visible()                               # the progress bar, then "done"
+    assert panel.locator(".widget-label", has_text="done").first.is_visible()
+    panel.locator(".widget-output img").last.wait_for(state="visible")  # the sample grid
+    page.screenshot(path=str(ARTIFACTS / "studio.png"), full_page=True)
+    runs_table = panel.locator(".widget-html table").last          # "my runs"
+    assert run_id in runs_table.inner_text() and "succeeded" in runs_table.inner_text()
+    assert_loopback_only(page)
