@@ -19,6 +19,8 @@ COMMAND_MODULES = [
     "lora_kernel.cli.audit",
     "lora_kernel.cli.run",
     "lora_kernel.cli.runner",
+    "lora_kernel.cli.data",
+    "lora_kernel.cli.label",
     "lora_kernel.cli.firewall",
 ]
 

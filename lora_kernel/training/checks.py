@@ -138,7 +138,14 @@ def _cuda_free_bytes() -> int | None:
 
 
 def _check_image_dataset(cfg: TrainConfig, file: str) -> None:
-    from lora_kernel.training.data import ImageTooLarge, is_inside, open_image, read_csv_rows
+    from lora_kernel.training.data import (
+        ImageTooLarge,
+        image_layout,
+        is_inside,
+        kohya_entries,
+        metadata_rows,
+        open_image,
+    )
     if not cfg.train_data_dir:
         raise ConfigError("is required for task: image; fix: set it to the image folder",
                           file=file, key="train_data_dir")
@@ -146,59 +153,77 @@ def _check_image_dataset(cfg: TrainConfig, file: str) -> None:
     if not data.is_dir():
         raise ConfigError(f"folder not found: {data}; fix: create it or correct the path",
                           file=file, key="train_data_dir")
-    meta = Path(cfg.metadata_path)
-    if not meta.is_file():
-        raise ConfigError(f"captions file not found: {meta}; fix: write a metadata.csv with "
-                          f"columns {cfg.image_column},{cfg.caption_column}", file=file,
-                          key="metadata_path")
-    cols, rows = read_csv_rows(meta, source=file)
-    for col, key in ((cfg.image_column, "image_column"), (cfg.caption_column,
-                                                           "caption_column")):
-        if col not in cols:
-            raise ConfigError(f"column {col!r} not in {meta} (columns: {cols}); fix: set "
-                              f"{key} to one of them", file=file, key=key)
-    if not rows:
-        raise ConfigError(f"dataset is empty: {meta} has no rows; fix: add one row per image",
-                          file=file, key="metadata_path")
+    layout = image_layout(cfg)
+    # (where, name as written, image path, caption) of every entry
+    entries: list[tuple[str, str, Path, str]] = []
+    if layout == "kohya":
+        found = kohya_entries(data, source=file)
+        if not found:
+            raise ConfigError(
+                f"dataset is empty: {data} has no metadata.csv and no images (PNG/JPEG/WebP) "
+                f"directly in it or in N_concept folders; fix: write a metadata.csv with "
+                f"columns {cfg.image_column},{cfg.caption_column}, or add images with .txt "
+                f"captions", file=file, key="train_data_dir")
+        for e in found:
+            rel = e["image"].relative_to(data).as_posix()
+            entries.append((str(e["caption_file"] or e["image"]), rel, e["image"],
+                            e["caption"]))
+    else:
+        meta = Path(cfg.metadata_path)
+        if layout == "csv" and not meta.is_file():
+            raise ConfigError(f"captions file not found: {meta}; fix: write a metadata.csv "
+                              f"with columns {cfg.image_column},{cfg.caption_column}",
+                              file=file, key="metadata_path")
+        meta, cols, rows = metadata_rows(cfg)
+        for col, key in ((cfg.image_column, "image_column"), (cfg.caption_column,
+                                                               "caption_column")):
+            if col not in cols and (layout == "csv" or rows):
+                raise ConfigError(f"column {col!r} not in {meta} (columns: {cols}); fix: set "
+                                  f"{key} to one of them", file=file, key=key)
+        if not rows:
+            raise ConfigError(f"dataset is empty: {meta} has no rows; fix: add one row per "
+                              f"image", file=file, key="metadata_path")
+        for i, row in rows:
+            if not row.get(cfg.image_column):
+                raise ConfigError(f"line {i} of {meta} has no {cfg.image_column!r} value; fix: "
+                                  f"name the image file or remove the row", file=file,
+                                  key="metadata_path")
+            entries.append((f"line {i} of {meta}", row[cfg.image_column],
+                            data / row[cfg.image_column], row.get(cfg.caption_column) or ""))
     warnings: list[str] = []
-    first_line: dict[Path, int] = {}
-    for i, row in rows:
-        if not row[cfg.image_column]:
-            raise ConfigError(f"line {i} of {meta} has no {cfg.image_column!r} value; fix: name "
-                              f"the image file or remove the row", file=file, key="metadata_path")
-        img = data / row[cfg.image_column]
+    first_line: dict[Path, str] = {}
+    for where, name, img, caption in entries:
         if not img.is_file():
-            raise ConfigError(f"line {i} of {meta} names {row[cfg.image_column]!r}, which is "
-                              f"not in {data}; fix: add the image or remove the row", file=file,
-                              key="metadata_path")
+            raise ConfigError(f"{where} names {name!r}, which is not in {data}; fix: add the "
+                              f"image or remove the row", file=file, key="metadata_path")
         if not cfg.allow_outside_dataset and not is_inside(img, data):
-            raise ConfigError(f"line {i} of {meta} names {row[cfg.image_column]!r}, which "
-                              f"resolves to {img.resolve()}, outside {data}; {_outside_fix(data)}",
+            raise ConfigError(f"{where} names {name!r}, which resolves to {img.resolve()}, "
+                              f"outside {data}; {_outside_fix(data)}",
                               file=file, key="metadata_path")
         try:  # reads the header only: cheap, and catches truncated or non-image files
             with open_image(img, cfg.max_image_pixels) as im:
                 size = im.size
                 im.verify()
         except (ImageTooLarge, Image.DecompressionBombError) as exc:
-            raise ConfigError(f"line {i} of {meta} names {row[cfg.image_column]!r}: "
+            raise ConfigError(f"{where} names {name!r}: "
                               f"{getattr(exc, 'detail', exc)}, a possible decompression bomb; "
                               f"fix: downscale the image or remove the row, or raise "
                               f"max_image_pixels if you trust the file",
                               file=file, key="max_image_pixels") from None
         except (OSError, SyntaxError, ValueError) as exc:
-            raise ConfigError(f"line {i} of {meta} names {row[cfg.image_column]!r}, which is "
+            raise ConfigError(f"{where} names {name!r}, which is "
                               f"not a readable image ({exc}); fix: re-export it as PNG/JPEG or "
                               f"remove the row", file=file, key="metadata_path") from None
-        where = f"line {i} of {meta}"
-        if not (row[cfg.caption_column] or "").strip():
-            warnings.append(f"{where}: the caption of {row[cfg.image_column]!r} is empty (it "
+        if not caption.strip():
+            warnings.append(f"{where}: the caption of {name!r} is empty (it "
                             f"trains unconditioned)")
         if size == (1, 1):
-            warnings.append(f"{where}: {row[cfg.image_column]!r} is 1x1 pixels (a placeholder?)")
-        first = first_line.setdefault(img.resolve(), i)
-        if first != i:
-            warnings.append(f"{where}: {row[cfg.image_column]!r} is listed again (first at line "
-                            f"{first}); it trains twice per epoch")
+            warnings.append(f"{where}: {name!r} is 1x1 pixels (a placeholder?)")
+        first = first_line.setdefault(img.resolve(), where)
+        if first != where:
+            first_at = first.split(" of ")[0]
+            warnings.append(f"{where}: {name!r} is listed again (first at {first_at}); it "
+                            f"trains twice per epoch")
     cfg.dataset_warnings = warnings
 
 

@@ -4,6 +4,16 @@ version id.
 Validation (``training/config.py``) and training read dataset files through the same helpers
 here, so what validation accepted is what training sees: text is UTF-8 with an optional BOM
 (Excel's "CSV UTF-8") and any line ends, and images are opened under ``max_image_pixels``.
+
+Image datasets come in three layouts (:func:`image_layout`), used as they are:
+
+- ``csv``: ``metadata.csv`` (``file_name,text``; ``metadata_path``),
+- ``jsonl``: ``metadata.jsonl`` (Hugging Face imagefolder: one ``{"file_name": ..., "text":
+  ...}`` per line), used when ``metadata_path`` is left at its default and only it exists,
+- ``kohya``: no metadata file; each image's caption is a sidecar ``<stem>.txt`` (or
+  ``<stem>.caption``) next to it, and images may sit in ``N_concept`` folders (kohya's repeat
+  folders: ``10_enclavestyle/`` trains each of its images 10 times per epoch). The sidecars
+  are files of the dataset, so editing a caption changes the dataset version.
 """
 from __future__ import annotations
 
@@ -11,6 +21,7 @@ import csv
 import io
 import json
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -88,11 +99,161 @@ def text_files(cfg) -> list[Path]:
     return []
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_SUFFIXES = (".txt", ".caption")
+METADATA_NAMES = ("metadata.csv", "metadata.jsonl")
+REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` has an image suffix training reads (PNG, JPEG, WebP, BMP)."""
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def image_layout(cfg) -> str:
+    """``"csv"``, ``"jsonl"`` or ``"kohya"`` (see the module docstring).
+
+    A ``metadata_path`` that exists decides (``.jsonl`` suffix: jsonl, else csv). Left at its
+    default ``<train_data_dir>/metadata.csv`` and missing: ``metadata.jsonl`` beside it, else
+    the kohya layout (sidecar captions, repeat folders). Any other missing ``metadata_path`` is
+    "csv" (validation then says the file is missing)."""
+    meta = Path(cfg.metadata_path) if cfg.metadata_path else None
+    if meta is not None and meta.is_file():
+        return "jsonl" if meta.suffix.lower() == ".jsonl" else "csv"
+    data = Path(cfg.train_data_dir) if cfg.train_data_dir else None
+    if data is None or (meta is not None and meta != data / "metadata.csv"):
+        return "csv"
+    if (data / "metadata.jsonl").is_file():
+        return "jsonl"
+    return "kohya"
+
+
+def metadata_file(cfg) -> Path | None:
+    """The captions file of an image dataset (None in the kohya layout)."""
+    layout = image_layout(cfg)
+    if layout == "kohya":
+        return None
+    meta = Path(cfg.metadata_path)
+    if layout == "jsonl" and not meta.is_file():
+        return Path(cfg.train_data_dir) / "metadata.jsonl"
+    return meta
+
+
+def read_caption_file(path: str | os.PathLike, *, source: str | None = None) -> str:
+    """The caption in a kohya sidecar: its first non-blank line, stripped (UTF-8, BOM
+    dropped). Not UTF-8: :class:`ConfigError` naming the file, line and fix."""
+    text = read_dataset_text(path, source=source, key="train_data_dir")
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+def caption_sidecar(image: Path, *, source: str | None = None) -> Path | None:
+    """The caption file of ``image`` (``<stem>.txt`` or ``<stem>.caption``), or None. Both
+    present: :class:`ConfigError` (which one is meant is ambiguous)."""
+    found = [image.with_suffix(s) for s in CAPTION_SUFFIXES if image.with_suffix(s).is_file()]
+    if len(found) > 1:
+        raise ConfigError(f"{image} has two caption files, {found[0].name} and "
+                          f"{found[1].name}; fix: keep one of them", file=source,
+                          key="train_data_dir")
+    return found[0] if found else None
+
+
+def kohya_entries(data_dir: str | os.PathLike, *, source: str | None = None,
+                  captions: bool = True) -> list[dict]:
+    """The images of a kohya-layout folder, sorted by path, as ``{"image": Path, "caption":
+    str, "caption_file": Path | None, "repeats": int, "concept": str | None}``.
+
+    Images directly in ``data_dir`` count once; images in an ``N_concept`` sub-folder count N
+    times (``concept`` is the folder name after ``N_``). Other sub-folders are not part of the
+    dataset. When the dataset uses sidecar captions (any image has one), an image without
+    one is a :class:`ConfigError` naming it; when none has, an image in a repeat folder is
+    captioned with its concept name (kohya's class-token captions) and one outside them is
+    an error. ``captions=False`` skips these checks and reading (for lint)."""
+    data = Path(data_dir)
+    groups: list[tuple[Path, int, str | None]] = [(data, 1, None)]
+    for sub in sorted(p for p in data.iterdir() if p.is_dir()):
+        m = REPEAT_FOLDER.match(sub.name)
+        if m:
+            groups.append((sub, int(m.group(1)), m.group(2).strip()))
+    out = []
+    for folder, repeats, concept in groups:
+        for img in sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p)):
+            side = caption_sidecar(img, source=source) if captions else None
+            out.append({"image": img, "caption": "", "caption_file": side,
+                        "repeats": repeats, "concept": concept})
+    if not captions:
+        return out
+    uses_sidecars = any(e["caption_file"] for e in out)
+    for e in out:
+        if e["caption_file"] is not None:
+            e["caption"] = read_caption_file(e["caption_file"], source=source)
+        elif uses_sidecars:
+            rel = e["image"].relative_to(data).as_posix()
+            raise ConfigError(f"{e['image']} has no caption file; this folder uses sidecar "
+                              f"captions, so every image needs one; fix: write "
+                              f"{Path(rel).with_suffix('.txt').as_posix()} (one line) or remove "
+                              f"the image", file=source, key="train_data_dir")
+        elif e["concept"] is not None:
+            e["caption"] = e["concept"]
+        else:
+            raise ConfigError(f"{e['image']} has no caption: {data} has no metadata.csv, no "
+                              f"metadata.jsonl and no .txt/.caption sidecars; fix: write a "
+                              f"metadata.csv (file_name,text), a "
+                              f"{e['image'].with_suffix('.txt').name} next to each image, or "
+                              f"run `lora label {data} --model CLIP_DIR`",
+                              file=source, key="train_data_dir")
+    return out
+
+
+def jsonl_image_rows(path: str | os.PathLike, *, source: str | None = None
+                     ) -> list[tuple[int, dict]]:
+    """``(line number, record)`` of a ``metadata.jsonl`` (each must be a JSON object)."""
+    out = []
+    for n, line in jsonl_lines(path, source=source):
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"line {n} of {path} is not JSON ({exc.msg}); fix: one JSON "
+                              f"object per line", file=source, key="metadata_path") from None
+        if not isinstance(rec, dict):
+            raise ConfigError(f"line {n} of {path} is not a JSON object; fix: one "
+                              f"{{\"file_name\": ..., \"text\": ...}} per line", file=source,
+                              key="metadata_path")
+        out.append((n, {k: (v if isinstance(v, str) or v is None else str(v))
+                        for k, v in rec.items()}))
+    return out
+
+
+def metadata_rows(cfg) -> tuple[Path, list[str], list[tuple[int, dict]]]:
+    """``(file, column names, (line, row) pairs)`` of a csv/jsonl image dataset."""
+    meta = metadata_file(cfg)
+    if meta is None:
+        raise ValueError("a kohya-layout dataset has no metadata file")
+    if image_layout(cfg) == "jsonl":
+        rows = jsonl_image_rows(meta, source=cfg.source)
+        cols = sorted({k for _, r in rows for k in r})
+        return meta, cols, rows
+    cols, rows = read_csv_rows(meta, source=cfg.source)
+    return meta, cols, rows
+
+
+def image_entries(cfg) -> list[dict]:
+    """Every image entry of an image dataset, once each, as ``{"image": Path, "caption": str,
+    "caption_file": Path | None, "repeats": int, "concept": str | None}``."""
+    if image_layout(cfg) == "kohya":
+        return kohya_entries(cfg.train_data_dir, source=cfg.source)
+    _, _, rows = metadata_rows(cfg)
+    return [{"image": Path(cfg.train_data_dir) / (row.get(cfg.image_column) or ""),
+             "caption": row.get(cfg.caption_column) or "", "caption_file": None,
+             "repeats": 1, "concept": None} for _, row in rows]
+
+
 def read_image_rows(cfg) -> list[dict]:
-    """Rows of an image dataset's metadata.csv as ``{"image": Path, "caption": str}``."""
-    _, rows = read_csv_rows(cfg.metadata_path, source=cfg.source)
-    return [{"image": Path(cfg.train_data_dir) / row[cfg.image_column],
-             "caption": row[cfg.caption_column] or ""} for _, row in rows]
+    """The training rows of an image dataset as ``{"image": Path, "caption": str, ...}``:
+    every entry of :func:`image_entries`, an ``N_concept`` folder's images N times each."""
+    return [e for e in image_entries(cfg) for _ in range(e["repeats"])]
 
 
 def read_text_records(cfg) -> list[dict]:
@@ -122,8 +283,12 @@ def jsonl_records(path: str | os.PathLike, *, source: str | None = None
 def dataset_files(cfg) -> list[Path]:
     """Every file the dataset consists of (metadata and data files), sorted, de-duplicated."""
     if cfg.task == "image":
-        files = {Path(cfg.metadata_path).resolve()}
-        files.update(r["image"].resolve() for r in read_image_rows(cfg))
+        meta = metadata_file(cfg)
+        files = {meta.resolve()} if meta is not None else set()
+        for e in image_entries(cfg):
+            files.add(e["image"].resolve())
+            if e["caption_file"] is not None:
+                files.add(e["caption_file"].resolve())
     else:
         files = {p.resolve() for p in text_files(cfg)}
     return sorted(files)
@@ -146,8 +311,8 @@ def dataset_digests(cfg) -> dict[str, str]:
     """
     files = dataset_files(cfg)
     root = Path(cfg.train_data_dir).resolve() if cfg.train_data_dir else files[0].parent
-    meta = (Path(cfg.metadata_path).resolve()
-            if cfg.task == "image" and cfg.metadata_path else None)
+    meta_file = metadata_file(cfg) if cfg.task == "image" else None
+    meta = meta_file.resolve() if meta_file is not None else None
     out = {}
     for f in files:
         if f.is_relative_to(root):
@@ -162,7 +327,6 @@ def dataset_digests(cfg) -> dict[str, str]:
                               key="train_data_dir")
         out[key] = sha256_file(f)
     return dict(sorted(out.items()))
-
 
 
 def dataset_version(cfg, digests: dict[str, str] | None = None) -> str:

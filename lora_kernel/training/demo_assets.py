@@ -595,3 +595,53 @@ sample_prompts:
 max_new_tokens: 8
 seed: 42
 """
+
+
+# -- a tiny CLIP (image + text towers) for auto-labeling tests and demos -----------------
+CLIP_IMAGE_SIZE = 32
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # OpenAI CLIP's normalisation
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def tiny_clip_model(seed: int = 0):
+    """A tiny ``CLIPModel`` (hidden 32, 2 layers, patch 8, image 32) over the demo CLIP
+    tokenizer's vocabulary, randomly initialised from ``seed`` (it knows nothing until
+    trained)."""
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    vocab, _ = clip_vocab_and_merges()
+    text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+                pad_token_id=vocab["<|endoftext|>"])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=CLIP_IMAGE_SIZE, patch_size=8,
+                  num_channels=3)
+    torch.manual_seed(seed)
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32))
+
+
+def write_clip_folder(model, folder: str | os.PathLike) -> Path:
+    """Save ``model`` (a CLIPModel) as a local Hugging Face folder loadable with
+    ``CLIPModel``/``CLIPProcessor.from_pretrained(folder, local_files_only=True)``:
+    ``model.safetensors``, ``config.json``, the demo CLIP tokenizer and an image processor
+    config. Stable bytes for the same weights."""
+    folder = _fresh_dir(Path(folder))
+    model.save_pretrained(folder, safe_serialization=True)
+    write_clip_tokenizer(folder)
+    size = model.config.vision_config.image_size
+    _write_json(folder / "preprocessor_config.json", {
+        "image_processor_type": "CLIPImageProcessor", "processor_class": "CLIPProcessor",
+        "do_resize": True, "size": {"shortest_edge": size}, "resample": 3,
+        "do_center_crop": True, "crop_size": {"height": size, "width": size},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "do_convert_rgb": True, "image_mean": CLIP_MEAN, "image_std": CLIP_STD,
+    })
+    _normalise_json_files(folder)
+    return folder
+
+
+def build_tiny_clip(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a tiny, randomly initialised CLIP (:func:`tiny_clip_model`) to ``path``."""
+    return write_clip_folder(tiny_clip_model(seed), path)

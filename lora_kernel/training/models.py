@@ -406,9 +406,8 @@ def estimate_training_memory(cfg) -> MemoryEstimate:
             attn = i < len(types) and "CrossAttn" in str(types[i])
             levels.append((int((side / 2 ** i) ** 2), int(c), 2 * per_block + 1,
                            36 if attn else 6))
-        from lora_kernel.training.data import read_csv_rows
-        _, rows = read_csv_rows(cfg.metadata_path, source=cfg.source)
-        data = len(rows) * 3 * cfg.resolution ** 2 * 4
+        from lora_kernel.training.data import read_image_rows
+        data = len(read_image_rows(cfg)) * 3 * cfg.resolution ** 2 * 4
     else:
         params = _param_count(_weight_files(p))
         conf = _read_json(p / "config.json")
