@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from lora_kernel.cli.options import add_runner, add_state
+from lora_kernel.cli.options import add_home, add_runner, add_state
 from lora_kernel.common.errors import ConfigError, NoMatch, VerificationError
 from lora_kernel.common.timeutil import parse_time
 
@@ -228,6 +228,8 @@ def cmd_show(args) -> int:
                 f"expires {pub['expires']}"
             print(f"publication seq {pub['seq']:<6d} {pub['path']} by {pub['published_by']}, "
                   f"{state}")
+        for r in info.get("replays", []):
+            print(f"replay seq {r['seq']:<6d} {r['time']} {r['replay_run']}: {r['verdict']}")
         for e in info["ledger"]:
             print(f"ledger seq {e['seq']:<6d} {e['time']} {e['kind']}")
         for p in info["problems"]:
@@ -251,6 +253,37 @@ def cmd_lineage(args) -> int:
         raise NoMatch(f"no run used {args.query} (compared with every run's input and output "
                       "digests, dataset version and base model; a path is matched by its "
                       "contents' sha256)")
+    return 0
+
+
+def cmd_replay(args) -> int:
+    """Re-execute a run from its pinned inputs; print the verdict; exit 0 (identical / within
+    tolerance), 5 (differs), 2 (inputs changed: nothing run)."""
+    from lora_kernel.trusted.replay import replay_run
+
+    out = replay_run(args.run, home=args.home, state=args.state, to=args.to,
+                     timeout=args.timeout, log=print)
+    v = out.verdict
+    if args.json:
+        _print_json({"run_id": out.run_id, "replay_run": out.record.run_id,
+                     "record": str(out.record.path), "ledger_seq": out.ledger_seq,
+                     "kept": str(out.kept) if out.kept else None, **v})
+    else:
+        print(f"replay run    {out.record.run_id} (record {out.record.path}, ledger seq "
+              f"{out.ledger_seq})")
+        print(f"verdict       {v.get('verdict')}: {v.get('reason')}")
+        if v.get("max_abs_diff") is not None:
+            print(f"adapter       max abs diff {v.get('max_abs_diff'):.3g}")
+        if v.get("loss_max_abs_diff") is not None:
+            print(f"losses        max abs diff {v.get('loss_max_abs_diff'):.3g}, correlation "
+                  f"{v.get('loss_correlation')}")
+        for line in out.package_differences:
+            print(f"package       {line} (differs from the record)")
+        if out.kept:
+            print(f"adapter kept  {out.kept}")
+    if not out.ok:
+        raise VerificationError(f"replay of run {args.run} differs from its record: "
+                                f"{v.get('reason')}")
     return 0
 
 
@@ -411,6 +444,17 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true")
     add_state(p)
     p.set_defaults(func=cmd_lineage)
+
+    p = asub.add_parser("replay", help="re-execute a run from its pinned inputs and compare "
+                                       "the adapter (identical / within tolerance / differs)")
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--to", metavar="DIR", help="keep the replayed adapter files in DIR")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="fail the replay run after this long")
+    p.add_argument("--json", action="store_true")
+    add_home(p)
+    add_state(p)
+    p.set_defaults(func=cmd_replay)
 
     p = asub.add_parser("export", help="encrypted archive of records and the ledger slice")
     p.add_argument("--since", type=_date, required=True, help="runs sealed at or after DATE")

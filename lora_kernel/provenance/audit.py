@@ -332,7 +332,8 @@ def show(run_id: str, *, state: _State = None,
          ledger: LedgerReader | None = None) -> dict[str, Any]:
     """A run's audit summary: listing fields, :func:`run_details` (kind, error, notebook,
     parameters, config essentials, identity), inputs, files, verification problems, ledger
-    entries and every publication (``publications``, withdrawn ones included)."""
+    entries, every publication (``publications``, withdrawn ones included) and its replays
+    (``replays``: each ``lora audit replay`` of it, the replay's run id and verdict)."""
     with open_ledger(ledger, state) as led:
         record = runs_dir(state) / check_run_id(run_id)
         if not record.is_dir() and not led.entries(subject=run_id):
@@ -352,6 +353,10 @@ def show(run_id: str, *, state: _State = None,
             for p in publications(led) if p.get("run_id") == run_id]
         info["ledger"] = [{"seq": e.seq, "time": e.time, "kind": e.kind}
                           for e in led.entries(subject=run_id)]
+        info["replays"] = [{"seq": e.seq, "time": e.time,
+                            **{k: e.payload.get(k) for k in ("replay_run", "verdict", "reason",
+                                                             "max_abs_diff")}}
+                           for e in led.entries("replay", run_id)]
     return info
 
 

@@ -47,8 +47,10 @@ from lora_kernel.provenance.records import Problem
 
 # kernel_events: one entry per batch of kernel execution-log events the hub's audit service
 # accepted (subject: the kernel id; the events themselves are in <state>/hub/events.sqlite).
+# replay: a `lora audit replay` of a run (subject: the replayed run; payload: the replay's run
+# id and the verdict).
 KINDS = ("run", "review", "publication", "withdrawal", "prune", "export", "import", "checkpoint",
-         "kernel_events")
+         "kernel_events", "replay")
 GENESIS = "0" * 64
 DEFAULT_CHECKPOINT_EVERY = 100
 

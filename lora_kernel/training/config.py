@@ -94,6 +94,11 @@ class TrainConfig:
     max_seq_length: int = _h("Tokens per training sequence (text).", default=256)
     packing: bool = _h("Pack several examples into one sequence (text).", default=True)
     seed: int = _h("Random seed: data order, LoRA init, noise, sampling.", default=42)
+    deterministic: bool | None = _h(
+        "Deterministic kernels: the same config and seed give a bit-identical adapter on the "
+        "same machine. Default: on for CPU; on CUDA only when true (sets "
+        "torch.use_deterministic_algorithms, cudnn flags, CUBLAS_WORKSPACE_CONFIG; slower).",
+        default=None)
     mixed_precision: str = _h("'no', 'fp16' or 'bf16' (autocast; fp16 needs a GPU).",
                               default="no")
     gradient_checkpointing: bool = _h("Trade compute for memory.", default=False)
@@ -292,7 +297,7 @@ def _example(key: str) -> str:
     f = {f.name: f for f in dataclasses.fields(TrainConfig)}[key]
     if f.default is not dataclasses.MISSING and f.default not in (None, ""):
         return json.dumps(f.default)
-    return {"base_model": "models/tiny-sd", "lora_alpha": "8",
+    return {"base_model": "models/tiny-sd", "lora_alpha": "8", "deterministic": "true",
             "max_train_steps": "100"}.get(key, "...")
 
 

@@ -32,7 +32,8 @@ from lora_kernel.common.errors import ConfigError, TrainingInterrupted
 # Keys whose change between a checkpoint and a resumed run is harmless.
 RESUME_FREE_KEYS = {"max_train_steps", "epochs", "save_steps", "output_dir", "sample_prompts",
                     "sample_steps", "sample_seeds", "max_new_tokens", "logging_steps",
-                    "output_name", "record_dataset_paths", "cache_latents", "keep_checkpoints"}
+                    "output_name", "record_dataset_paths", "cache_latents", "keep_checkpoints",
+                    "deterministic"}
 # Set by the `lora run` executor: the file this loop appends its progress records to (JSON
 # lines), which the executor relays to the terminal of `lora run` (see ProgressFile).
 PROGRESS_ENV = "LORA_PROGRESS_FILE"
@@ -104,6 +105,32 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+# cuBLAS needs a fixed workspace for reproducible results (set before its first use).
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def determinism_wanted(cfg, device: torch.device) -> bool:
+    """``deterministic`` resolved for ``device``: unset means on for CPU, off for CUDA."""
+    value = getattr(cfg, "deterministic", None)
+    if value is None:
+        return device.type != "cuda"
+    return bool(value)
+
+
+def apply_determinism(cfg, device: torch.device) -> bool:
+    """Make the kernels deterministic when ``cfg.deterministic`` (resolved) asks for it:
+    ``torch.use_deterministic_algorithms(True)`` (warn-only: an op without a deterministic
+    kernel warns rather than stops training), and on CUDA the cudnn flags and
+    ``CUBLAS_WORKSPACE_CONFIG``. Off: PyTorch's defaults again. Returns the resolved value."""
+    on = determinism_wanted(cfg, device)
+    if on and device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = False if on else torch.backends.cudnn.benchmark
+    return on
 
 
 def total_steps(cfg, batches_per_epoch: int) -> int:

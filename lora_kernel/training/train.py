@@ -149,8 +149,9 @@ def train(cfg, *, resume: bool | str | Path | None = None, progress: bool = True
     Raises :class:`~lora_kernel.common.errors.TrainingInterrupted` (after saving a checkpoint) on
     Ctrl-C / SIGTERM, :class:`~lora_kernel.common.errors.UnsafeModelError` for refused models.
     """
-    from lora_kernel.training.loop import run_loop
+    from lora_kernel.training.loop import apply_determinism, run_loop
     device = pick_device()
+    deterministic = apply_determinism(cfg, device)  # before any kernel runs
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     digests = dataset_digests(cfg)
@@ -179,7 +180,8 @@ def train(cfg, *, resume: bool | str | Path | None = None, progress: bool = True
                       resumed_from=loop.resumed_from, live=outcome.live)
     summary = res.to_dict()
     summary.update({"config": cfg.to_dict(), "started": started, "ended": time.time(),
-                    "device": str(device), "version": version_info(),
+                    "device": str(device), "deterministic": deterministic,
+                    "version": version_info(),
                     "dataset_file_count": len(digests)})
     path = out / "training_summary.json"
     path.write_text(json.dumps(summary, indent=1, default=str))

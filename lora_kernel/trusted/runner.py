@@ -71,6 +71,8 @@ __all__ = ["RunRecord", "RunContext", "ResumeFrom", "new_run_id", "notebook_dir"
            "notebook_for_task", "run_config", "run_notebook", "resume_run", "KERNEL_NAME"]
 
 KERNEL_NAME = "lora"
+# Called with a succeeded run's staging folder and manifest ``extra`` before sealing.
+BeforeSeal = Callable[[Path, dict[str, Any]], None]
 NOTEBOOKS = {"image": "train_image_lora.ipynb", "text": "train_text_lora.ipynb"}
 # Environment the children of a service-mode run get (nothing else of the runner's).
 SERVICE_ENV_KEEP = ("PATH", "LANG", "LC_ALL", "TZ")
@@ -254,7 +256,10 @@ def run_notebook(notebook: str | os.PathLike[str], parameters: Mapping[str, Any]
                  state: str | os.PathLike[str] | None = None, timeout: float | None = None,
                  ctx: RunContext | None = None,
                  log: Callable[[str], None] | None = None,
-                 resume: ResumeFrom | None = None) -> RunRecord:
+                 resume: ResumeFrom | None = None,
+                 check_pinned: Callable[[dict[str, Any]], None] | None = None,
+                 extra: Mapping[str, Any] | None = None,
+                 before_seal: BeforeSeal | None = None) -> RunRecord:
     """Execute ``notebook`` with papermill in the ``lora`` kernel and seal its run record.
 
     ``parameters`` are papermill parameters. A training notebook (one that declares
@@ -263,6 +268,10 @@ def run_notebook(notebook: str | os.PathLike[str], parameters: Mapping[str, Any]
     pins the resolved config, base model, dataset files and seed before anything runs.
     ``timeout`` bounds the run (seconds); ``ctx`` says who the run is for (default: this
     process's user, local mode); ``resume`` continues a failed run (:func:`resume_run`).
+    A replay (:mod:`lora_kernel.trusted.replay`) passes ``check_pinned`` (called with the pin
+    step's answer before anything runs; raising stops the run, nothing recorded), ``extra``
+    (merged into the manifest's ``extra``) and ``before_seal`` (called with the staging folder
+    and ``extra`` of a succeeded run before its manifest is built).
     Raises :class:`ConfigError`/:class:`UnsafeModelError` (nothing run, nothing recorded) for
     invalid input, :class:`RunFailed` (record written;
     ``.record`` is the failed :class:`RunRecord`) when the run does not succeed.
@@ -292,6 +301,8 @@ def run_notebook(notebook: str | os.PathLike[str], parameters: Mapping[str, Any]
         params["overrides"] = pinned["overrides"]
     if "result_path" in pinned["declared"]:
         params["result_path"] = str(work / "run_result.json")
+    if check_pinned is not None:
+        check_pinned(pinned)
     if resume is not None:
         if not isinstance(pinned.get("resume"), dict):
             raise LoraError("the pin step answered no checkpoint to resume from")
@@ -302,12 +313,14 @@ def run_notebook(notebook: str | os.PathLike[str], parameters: Mapping[str, Any]
            "actor": {"name": ctx.actor.name, "uid": ctx.actor.uid, "source": ctx.actor.source},
            "run_as": {"uid": ctx.run_as.uid, "name": ctx.run_as.name},
            "pinned": {k: v for k, v in pinned.items() if k != "notebook_source"}}
+    if extra:
+        run["extra"] = json.loads(json.dumps(dict(extra)))
     with ActiveRun(runs, run) as active:
         say(f"run {run_id}: {notebook.name} in kernel '{KERNEL_NAME}' (papermill)")
         t0 = time.monotonic()
         rc, reason = _execute(ctx, run, pinned["notebook_source"], active.staging, timeout)
         return seal_run(run, active.staging, rc=rc, reason=reason, ctx=ctx, state=state,
-                        seconds=time.monotonic() - t0, log=say)
+                        seconds=time.monotonic() - t0, log=say, before_seal=before_seal)
 
 
 class ActiveRun:
@@ -457,7 +470,7 @@ def _failure_reason(rc: int | None, reason: str | None, error: dict[str, Any] | 
 
 def seal_run(run: dict[str, Any], staging: Path, *, rc: int | None, reason: str | None,
              ctx: RunContext, state: str | os.PathLike[str] | None, seconds: float,
-             log: Callable[[str], None]) -> RunRecord:
+             log: Callable[[str], None], before_seal: BeforeSeal | None = None) -> RunRecord:
     """Collect, build, seal and ledger the record of ``run``; raise :class:`RunFailed` for a
     failed run. Used by :func:`run_notebook` and by recovery (``rc`` None, a ``reason``)."""
     run_id = run["run_id"]
@@ -496,8 +509,11 @@ def seal_run(run: dict[str, Any], staging: Path, *, rc: int | None, reason: str 
         extra["resumed_from_run"] = resumed.get("run_id")
         extra["resumed_from_checkpoint"] = {k: resumed.get(k)
                                             for k in ("checkpoint", "step", "sha256")}
+    extra.update(run.get("extra") or {})  # a replay: kind "replay", replay_of
     if failure:
         extra["work_dir"] = run["work"]  # checkpoints stay there for `lora run --resume RUN`
+    elif before_seal is not None:
+        before_seal(staging, extra)
     manifest = build_manifest(
         staging, run_id=run_id, user=run["actor"]["name"], uid=run["actor"]["uid"],
         host=socket.gethostname(), started=run["started"], ended=utc_now(), status=status,
