@@ -38,7 +38,12 @@ hub/node_modules/.installed: hub/package.json hub/package-lock.json
 	cd hub && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
-setup: $(VENV)/.setup-done hub/node_modules/.installed
+# JupyterLab defaults for every user: widget state saved into notebooks (the studio's choices
+# stay in the executed notebook), no news or update checks (air-gapped).
+$(VENV)/share/jupyter/lab/settings/overrides.json: hub/lab-overrides.json $(VENV)/.setup-done
+	install -D -m 0644 $< $@
+
+setup: $(VENV)/.setup-done hub/node_modules/.installed $(VENV)/share/jupyter/lab/settings/overrides.json
 
 hub: setup
 	$(PY) -m hub.demo

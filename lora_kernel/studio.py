@@ -7,9 +7,10 @@ checked by the same validator as ``lora config`` (an error appears under its fie
 CLI's fix-it wording); **Start** submits the run — to the hub's runs service when the server
 runs under the hub (``$LORA_RUNS_URL`` and the server's token), else ``lora run`` locally — and
 the studio follows it: a progress bar with ETA, the loss curve, the sample grid when done, and
-"my runs". What was chosen is printed into the cell's own output as YAML when the run starts,
-so the executed notebook shows an auditor exactly what was submitted (the config file itself
-is pinned in the run record).
+"my runs". What was submitted is shown as YAML in the studio's own output; JupyterLab saves
+widget state into the notebook (``hub/lab-overrides.json``, installed by ``make setup``), so the
+saved notebook shows an auditor exactly what was chosen (the config file itself is pinned in
+the run record).
 
 This runs in the user's kernel (untrusted): it only builds a config file in the user's working
 home and asks the runner; the runner pins, runs and seals.
@@ -255,7 +256,10 @@ class Studio:
 
         self.home = lora_home(home)
         self.runs = runs or default_runs()
-        self.announce = announce or print
+        # What was submitted, as YAML, in an output of the widget itself: JupyterLab saves
+        # widget state into the notebook (hub/lab-overrides.json), so it stays in the record.
+        self.submitted = w.Output()
+        self.announce = announce or self.submitted.append_stdout
         self.handle: str | None = None
         self.run_id: str | None = None
         self.done = False
@@ -285,7 +289,7 @@ class Studio:
         self.widget = w.VBox([
             w.HTML("<h3>LoRA studio</h3>"), self.template, self.dataset, self.model, self.form,
             self.general_error, w.HBox([self.start_button, self.status]),
-            w.HBox([self.progress, self.eta]), self.plot, self.samples,
+            w.HBox([self.progress, self.eta]), self.submitted, self.plot, self.samples,
             w.HBox([w.HTML("<b>My runs</b>"), self.refresh_button]), self.my_runs_html])
 
     # -- form --------------------------------------------------------------------------------
@@ -398,7 +402,7 @@ class Studio:
         path = folder / f"{time.strftime('%Y%m%dT%H%M%S')}-{raw.get('output_name', 'lora')}.yaml"
         text = yaml.safe_dump(raw, sort_keys=True)
         path.write_text(text, encoding="utf-8")
-        self.announce(f"studio: submitting {path}\n{text}")
+        self.announce(f"studio: submitting {path}\n{text}\n")
         try:
             self.handle = self.runs.submit(path)
         except ConfigError as exc:

@@ -9,7 +9,6 @@ user; otherwise hub-only demo users. Login is the demo password file either way 
 from __future__ import annotations
 
 import os
-import pwd
 import signal
 import socket
 import subprocess
@@ -69,18 +68,9 @@ def free_port() -> int:
 
 
 def _system_user(name: str, groups: list[str]) -> None:
-    import grp
+    from hub.demo import ensure_system_user
 
-    for group in groups:
-        try:
-            grp.getgrnam(group)
-        except KeyError:
-            subprocess.run(["groupadd", group], check=True)
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", "--groups",
-                        ",".join(groups), name], check=True)
+    ensure_system_user(name, groups)
 
 
 class Hub:

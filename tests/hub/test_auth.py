@@ -3,7 +3,6 @@ and the demo password file."""
 from __future__ import annotations
 
 import asyncio
-import grp
 import os
 import pwd
 import subprocess
@@ -23,16 +22,9 @@ def test_pam_login_gives_the_users_platform_groups_and_refuses_a_wrong_password(
     if os.geteuid() != 0:
         pytest.skip("needs root (a system user with a password)")
     name = "lora-hub-pam"
-    for group in ("lora-reviewers", "lora-researchers"):
-        try:
-            grp.getgrnam(group)
-        except KeyError:
-            subprocess.run(["groupadd", group], check=True)
-    try:
-        pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(["useradd", "--no-create-home", "--groups",
-                        "lora-reviewers,lora-researchers", name], check=True)
+    from hub.demo import ensure_system_user
+
+    ensure_system_user(name, ["lora-reviewers", "lora-researchers"])
     subprocess.run(["chpasswd"], input=f"{name}:pam-test-password\n", text=True, check=True)
     auth = LoraPAMAuthenticator()
     assert auth.manage_groups

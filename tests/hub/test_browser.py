@@ -95,25 +95,31 @@ def assert_loopback_only(page) -> None:
     assert not off, f"requests off the loopback: {off}"
 
 
-def test_researcher_logs_in_spawns_and_opens_a_notebook_on_the_lora_kernel(hub, new_page):
-    page = new_page()
-    name = user_name("alice")
-    login(page, hub, "alice")
-
+def open_notebook_in_lab(page, hub, short: str, notebook: str):  # type: ignore
+    """Log in, start the server through the spawn form (0 GPUs when the pool offers some; on
+    CPU-only the form is empty and the spawn starts at once), open ``notebooks/<notebook>`` in
+    JupyterLab and wait for its toolbar to show the lora kernel; returns the notebook panel."""
+    name = user_name(short)
+    login(page, hub, short)
     page.goto(f"{hub.url}/hub/spawn/{name}")
-    # With GPUs in the pool the spawn form asks how many; on CPU-only it is empty and the
-    # spawn starts at once (spawn-pending, then JupyterLab).
     if "/hub/spawn/" in page.url and page.locator("#spawn_form").count():
         if page.locator("#lora-gpus").count():
             page.select_option("#lora-gpus", "0")
         page.click("#spawn_form [type=submit]")
     page.wait_for_url(f"**/user/{name}/lab**", timeout=TIMEOUT_MS)
-
-    page.goto(f"{hub.url}/user/{name}/lab/tree/notebooks/train_image_lora.ipynb")
+    page.goto(f"{hub.url}/user/{name}/lab/tree/notebooks/{notebook}")
     panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)").first
     panel.wait_for(state="visible")
+    panel.locator(".jp-Toolbar-kernelName").get_by_text(DISPLAY_NAME, exact=True).wait_for(
+        state="visible", timeout=TIMEOUT_MS)
+    return panel
+
+
+def test_researcher_logs_in_spawns_and_opens_a_notebook_on_the_lora_kernel(hub, new_page):
+    page = new_page()
+    name = user_name("alice")
+    panel = open_notebook_in_lab(page, hub, "alice", "train_image_lora.ipynb")
     kernel = panel.locator(".jp-Toolbar-kernelName")
-    kernel.get_by_text(DISPLAY_NAME, exact=True).wait_for(state="visible", timeout=TIMEOUT_MS)
     assert kernel.inner_text().strip() == DISPLAY_NAME
     # the kernel really runs (the name alone could come from the notebook's metadata)
     deadline = time.monotonic() + TIMEOUT_MS / 1000
@@ -260,21 +266,9 @@ def _give_demo_assets(hub, short: str, demo_home: Path) -> Path:
 
 def test_studio_in_jupyterlab_starts_a_run_and_shows_progress_and_samples(hub, new_page,
                                                                          demo_home):
-    name = user_name("alice")
     _give_demo_assets(hub, "alice", demo_home)
     page = new_page()
-    login(page, hub, "alice")
-    page.goto(f"{hub.url}/hub/spawn/{name}")
-    if "/hub/spawn/" in page.url and page.locator("#spawn_form").count():
-        if page.locator("#lora-gpus").count():
-            page.select_option("#lora-gpus", "0")
-        page.click("#spawn_form [type=submit]")
-    page.wait_for_url(f"**/user/{name}/lab**", timeout=TIMEOUT_MS)
-
-    page.goto(f"{hub.url}/user/{name}/lab/tree/notebooks/studio.ipynb")
-    panel = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden)").first
-    panel.wait_for(state="visible")
-    panel.locator(".jp-Toolbar-kernelName").get_by_text(DISPLAY_NAME, exact=True).wait_for()
+    panel = open_notebook_in_lab(page, hub, "alice", "studio.ipynb")
     page.get_by_role("menuitem", name="Run", exact=True).click()
     page.get_by_text("Run All Cells", exact=True).click()
     try:

@@ -141,3 +141,34 @@ def test_gpus_are_allocated_exclusively_and_survive_a_hub_restart(gpu_hub):
     gpu_hub.stop_server(rita)
     gpu_hub.spawn("rita", gpus=1)
     assert visible_devices(gpu_hub, rita) == "0"
+
+
+@pytest.mark.root
+def test_firewall_required_refuses_a_server_without_the_rules(hub_root):
+    """`firewall: required` in policies/egress.yaml and no `inet lora_enclave` table: the
+    spawner refuses the user's server (the must-work twin is every other spawn here, with the
+    repository's `firewall: "off"`)."""
+    if not ROOT:
+        pytest.skip("needs root (nft)")
+    import subprocess
+
+    if subprocess.run(["nft", "list", "table", "inet", "lora_enclave"],
+                      capture_output=True).returncode == 0:
+        pytest.skip("this machine has the lora_enclave table applied; the refusal needs it absent")
+    policies = hub_root / "policies-fw"
+    shutil.copytree(REPO / "policies", policies)
+    egress = policies / "egress.yaml"
+    egress.write_text(egress.read_text().replace('firewall: "off"', "firewall: required"))
+    os.chmod(policies, 0o755)
+    h = Hub(hub_root / "fw", services="none", env={"LORA_POLICIES": str(policies)})
+    h.sessions = {}
+    h.add_users(HUB_USERS)
+    h.start()
+    try:
+        s = h.login("bob")
+        name = user_name("bob")
+        r = s.post(f"{h.url}/hub/spawn/{name}", data={"gpus": "0", "_xsrf": hub_xsrf(s)})
+        assert r.status_code == 403 and "lora firewall" in r.text, r.text[-1500:]
+        assert not server_procs(h.env["LORA_HUB_API_PORT"], name)
+    finally:
+        h.stop_all()
