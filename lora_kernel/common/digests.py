@@ -56,3 +56,29 @@ def path_sha256(path: str | os.PathLike[str]) -> str:
         raise FileNotFoundError(str(p))
     return listing_sha256({f.relative_to(p).as_posix(): sha256_file(f)
                            for f in sorted(p.rglob("*")) if f.is_file()})
+
+
+def stat_key(path: str | os.PathLike[str]) -> str:
+    """A fingerprint of what :func:`path_sha256` would read, from ``stat`` alone: the sha256
+    of the canonical JSON of the real path and, for each file (a folder: every file in it,
+    sorted), its relative path, real path, device, inode, size, ``mtime_ns`` and ``ctime_ns``.
+
+    Any change of a file's bytes through the filesystem moves its ``ctime_ns`` (which a user
+    cannot set), a replaced file its inode, so equal keys mean "the same files, unchanged"
+    (the key of the base-model digest cache, :mod:`lora_kernel.trusted.hashcache`).
+    ``FileNotFoundError`` when the path is missing.
+    """
+    p = Path(path)
+    real = os.path.realpath(p)
+    if p.is_file():
+        files = [(".", p)]
+    elif p.is_dir():
+        files = [(f.relative_to(p).as_posix(), f) for f in sorted(p.rglob("*")) if f.is_file()]
+    else:
+        raise FileNotFoundError(str(p))
+    rows = []
+    for rel, f in files:
+        st = os.stat(f)
+        rows.append([rel, os.path.realpath(f), st.st_dev, st.st_ino, st.st_size,
+                     st.st_mtime_ns, st.st_ctime_ns])
+    return sha256_bytes(canonical_json({"path": real, "files": rows}))

@@ -27,6 +27,7 @@ from lora_kernel.common.yamlio import load_yaml, parse_yaml
 from lora_kernel.training.data import MAX_IMAGE_PIXELS
 
 TASKS = ("image", "text")
+COMPILE_MODES = ("true", "false", "auto")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = (
     "constant", "constant_with_warmup", "linear", "cosine",
@@ -126,6 +127,11 @@ class TrainConfig:
         "Accept dataset entries outside train_data_dir (.., absolute paths, symlinks); they "
         "are then recorded as outside in the manifest.", default=False)
     logging_steps: int = _h("Log loss to TensorBoard every N steps.", default=1)
+    compile: str = _h(
+        "torch.compile the UNet (image) / causal LM (text) for the training loop, with fused "
+        "AdamW on CUDA and a compile cache in <LORA_HOME>/cache/torch_compile: true, false or "
+        "auto (on for CUDA runs of at least 200 optimizer steps; never on CPU).",
+        default="auto")
     keep_checkpoints: int = _h(
         "Keep only the newest N checkpoints (older ones are deleted after each save; "
         "0: keep all).", default=0)
@@ -146,6 +152,9 @@ class TrainConfig:
         return ConfigError(msg, file=self.source or "<config>", key=key)
 
     def _check(self):
+        if self.compile not in COMPILE_MODES:
+            raise self._err("compile", f"must be true, false or auto, got {self.compile!r}; "
+                            "fix: compile: auto")
         if self.task not in TASKS:
             raise self._err("task", f"must be one of {', '.join(TASKS)}, got {self.task!r}; "
                                     f"fix: set task: image or task: text")
@@ -270,6 +279,8 @@ def _coerce(key: str, value: Any, file: str):
                           file=file, key=key)
     if key == "target_modules" and isinstance(value, str):
         value = [v.strip() for v in value.split(",") if v.strip()]
+    if key == "compile" and isinstance(value, bool):
+        value = "true" if value else "false"
     if key == "sample_prompts" and isinstance(value, str):
         value = [value]
     if bool in types:

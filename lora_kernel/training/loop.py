@@ -33,7 +33,7 @@ from lora_kernel.common.errors import ConfigError, TrainingInterrupted
 RESUME_FREE_KEYS = {"max_train_steps", "epochs", "save_steps", "output_dir", "sample_prompts",
                     "sample_steps", "sample_seeds", "max_new_tokens", "logging_steps",
                     "output_name", "record_dataset_paths", "cache_latents", "keep_checkpoints",
-                    "deterministic"}
+                    "deterministic", "compile"}
 # Set by the `lora run` executor: the file this loop appends its progress records to (JSON
 # lines), which the executor relays to the terminal of `lora run` (see ProgressFile).
 PROGRESS_ENV = "LORA_PROGRESS_FILE"
@@ -359,6 +359,43 @@ def load_checkpoint(path: Path, *, named: dict[str, torch.nn.Parameter],
     return state
 
 
+# -- compiled training ------------------------------------------------------------------
+COMPILE_MIN_STEPS = 200  # compile: auto turns on from this many optimizer steps (CUDA only)
+COMPILE_BACKEND_ENV = "LORA_COMPILE_BACKEND"  # tests: e.g. aot_eager (default: inductor)
+
+
+def compile_enabled(cfg, device: torch.device, n_steps: int) -> bool:
+    """``compile: true`` always; ``auto`` for CUDA runs of at least
+    :data:`COMPILE_MIN_STEPS` optimizer steps (compiling costs tens of seconds up front)."""
+    mode = str(getattr(cfg, "compile", "auto"))
+    if mode == "true":
+        return True
+    return mode == "auto" and device.type == "cuda" and n_steps >= COMPILE_MIN_STEPS
+
+
+def compile_module(task) -> torch.nn.Module:
+    """``torch.compile`` the task's trained network (the UNet, or the causal LM with its
+    LoRA) in place (``nn.Module.compile``: the module object, its parameters and state dict
+    stay what they were, so checkpoints and export see no ``_orig_mod`` wrapper). The compile
+    cache goes to ``<LORA_HOME>/cache/torch_compile`` unless ``TORCHINDUCTOR_CACHE_DIR`` is
+    set. Undo with :func:`uncompile_module`."""
+    from lora_kernel.common.paths import lora_home
+
+    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        cache = lora_home() / "cache" / "torch_compile"
+        cache.mkdir(parents=True, exist_ok=True)
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+    comps = getattr(task, "comps", None)
+    module = comps.unet if comps is not None else task.model
+    module.compile(backend=os.environ.get(COMPILE_BACKEND_ENV) or "inductor")
+    return module
+
+
+def uncompile_module(module: torch.nn.Module) -> None:
+    """Back to eager after the loop (evaluation and sampling shapes would only recompile)."""
+    module._compiled_call_impl = None
+
+
 # -- the loop --------------------------------------------------------------------------
 
 def run_loop(cfg, task: Task, *, output_dir: Path, device: torch.device,
@@ -382,9 +419,11 @@ def run_loop(cfg, task: Task, *, output_dir: Path, device: torch.device,
     seed_everything(cfg.seed)
     generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
     named = task.named_trainable()
-    optimizer = torch.optim.AdamW(task.param_groups(), lr=cfg.learning_rate,
-                                  weight_decay=cfg.weight_decay)
     n_steps = total_steps(cfg, len(task.epoch_batches(0)))
+    compiled = compile_enabled(cfg, device, n_steps)
+    fused = {"fused": True} if compiled and device.type == "cuda" else {}
+    optimizer = torch.optim.AdamW(task.param_groups(), lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay, **fused)
     scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
                               num_warmup_steps=cfg.lr_warmup_steps,
                               num_training_steps=n_steps)
@@ -437,6 +476,7 @@ def run_loop(cfg, task: Task, *, output_dir: Path, device: torch.device,
         result.checkpoints = [p for p in result.checkpoints if p not in gone]
         return path
 
+    compiled_module = compile_module(task) if compiled else None
     try:
         with _StopFlag() as stop:
             while step < n_steps:
@@ -490,6 +530,8 @@ def run_loop(cfg, task: Task, *, output_dir: Path, device: torch.device,
                         f"resume: run the same command (same config and -p overrides) "
                         f"with --resume")
     finally:
+        if compiled_module is not None:
+            uncompile_module(compiled_module)
         records.write("train_end", step=step, total=n_steps)
         records.close()
         bar.close()

@@ -38,6 +38,7 @@ BUNDLED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 # -- digests ------------------------------------------------------------------------------
 _SHA_CACHE: dict[tuple, str] = {}
+BASE_MODEL_DIGEST_ENV = "LORA_BASE_MODEL_DIGEST"
 
 
 def model_sha256(path: str | os.PathLike) -> str:
@@ -45,11 +46,16 @@ def model_sha256(path: str | os.PathLike) -> str:
     lines ``<relative posix path>\\0<file sha256>\\n`` of every file in it.
 
     Cached in memory per path and the (size, mtime) of every file, so a changed file is
-    always re-hashed.
+    always re-hashed. In a ``lora run`` the runner passes the pin step's digest and stat key
+    (``$LORA_BASE_MODEL_DIGEST``): while the model's stat key is the same, that digest is
+    used instead of hashing the model a second time.
     """
     p = Path(path).expanduser().resolve()
     if not p.exists():
         raise ConfigError(f"model not found: {p}", key="base_model")
+    pinned = _pinned_digest(p)
+    if pinned is not None:
+        return pinned
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
     stamp = tuple((f.as_posix(), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
     key = (p.as_posix(), stamp)
@@ -58,6 +64,22 @@ def model_sha256(path: str | os.PathLike) -> str:
     digest = path_sha256(p)
     _SHA_CACHE[key] = digest
     return digest
+
+
+def _pinned_digest(p: Path) -> str | None:
+    """The digest from ``$LORA_BASE_MODEL_DIGEST`` when its stat key is ``p``'s, else None."""
+    from lora_kernel.common.digests import stat_key
+
+    raw = os.environ.get(BASE_MODEL_DIGEST_ENV)
+    if not raw:
+        return None
+    try:
+        known = json.loads(raw)
+        if known.get("key") == stat_key(p) and isinstance(known.get("sha256"), str):
+            return str(known["sha256"])
+    except (ValueError, AttributeError, OSError):
+        pass
+    return None
 
 
 # -- Stable Diffusion ---------------------------------------------------------------------

@@ -87,7 +87,7 @@ def pin(spec: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError("resume_from is set by `lora run --resume RUN` (which records the "
                           "run it continues); fix: lora run --resume RUN", key="resume_from")
     if params.get("config_path"):
-        out.update(_pin_training(params, Path(spec["work"])))
+        out.update(_pin_training(params, Path(spec["work"]), spec.get("model_digests")))
     if spec.get("resume"):
         if out["kind"] != "training" or "resume_from" not in declared:
             raise ConfigError(f"{notebook.name} cannot resume a run (it declares no "
@@ -132,11 +132,11 @@ def _check_writable(home: Path) -> None:
                           "folder you own", file=home)
 
 
-def _pin_training(params: dict[str, Any], work: Path) -> dict[str, Any]:
+def _pin_training(params: dict[str, Any], work: Path,
+                  known: dict[str, str] | None = None) -> dict[str, Any]:
     from lora_kernel.common.digests import sha256_file
     from lora_kernel.training.config import load_config
     from lora_kernel.training.data import dataset_digests, dataset_version
-    from lora_kernel.training.models import model_sha256
 
     overrides = params.get("overrides") or {}
     if not isinstance(overrides, dict):
@@ -146,12 +146,37 @@ def _pin_training(params: dict[str, Any], work: Path) -> dict[str, Any]:
     if cfg.source is None:  # load_config always records the file it read
         raise RuntimeError(f"load_config({params['config_path']!r}) lost its source file")
     digests = dataset_digests(cfg)
+    base = _pin_base_model(cfg.base_model, known or {})
     return {"kind": "training", "config": cfg.to_dict(), "overrides": overrides,
             "config_path": str(cfg.source), "config_sha256": sha256_file(cfg.source),
             "task": cfg.task, "seed": cfg.seed, "dataset_digests": digests,
             "dataset_version": dataset_version(cfg, digests),
-            "base_model_sha256": model_sha256(cfg.base_model),
-            "dataset_warnings": cfg.dataset_warnings}
+            **base, "dataset_warnings": cfg.dataset_warnings}
+
+
+def _pin_base_model(path: str, known: dict[str, str]) -> dict[str, Any]:
+    """The base model's digest, from ``known`` (the runner's digest cache for this user,
+    :mod:`lora_kernel.trusted.hashcache`) when its stat key matches exactly, else hashed in
+    full. ``base_model_stat_key`` is the key when it did not change while hashing (else
+    None: nothing to cache); the runner removes both helper keys before recording."""
+    from lora_kernel.common.digests import stat_key
+    from lora_kernel.training.models import model_sha256
+
+    try:
+        before = stat_key(path)
+    except OSError:
+        before = None
+    if before is not None and isinstance(known.get(before), str):
+        return {"base_model_sha256": known[before], "base_model_stat_key": before,
+                "base_model_hash_cached": True}
+    digest = model_sha256(path)
+    try:
+        after = stat_key(path)
+    except OSError:
+        after = None
+    return {"base_model_sha256": digest,
+            "base_model_stat_key": before if before is not None and before == after else None,
+            "base_model_hash_cached": False}
 
 
 # -- run ------------------------------------------------------------------------------------

@@ -440,7 +440,7 @@ def replay_run(run_id: str, *, home: str | os.PathLike[str] | None = None,
                        state=state, timeout=timeout, ctx=ctx, log=log,
                        check_pinned=check_pinned,
                        extra={"kind": "replay", "replay_of": run_id},
-                       before_seal=before_seal)
+                       before_seal=before_seal, model_hash_cache=False)
     try:
         verdict = json.loads((rec.path / REPLAY_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -56,6 +56,7 @@ from lora_kernel.common.paths import lora_home, runs_dir
 from lora_kernel.common.timeutil import iso_time, utc_now
 from lora_kernel.common.yamlio import load_yaml
 from lora_kernel.provenance.records import load_manifest, manifest_sha256, record_files
+from lora_kernel.trusted import hashcache
 from lora_kernel.trusted.evidence import collect_evidence
 from lora_kernel.trusted.identity import Actor, current_actor
 from lora_kernel.trusted.ledger import Ledger
@@ -105,6 +106,11 @@ class RunRecord:
     def from_dict(cls, data: Mapping[str, Any]) -> RunRecord:
         """The inverse of :meth:`to_dict`."""
         return cls(**{**data, "path": Path(data["path"])})
+
+
+# The pinned base model's stat key and digest, for the training in the kernel (the name
+# lora_kernel.training.models.BASE_MODEL_DIGEST_ENV reads; not imported: it would load torch).
+BASE_MODEL_DIGEST_ENV = "LORA_BASE_MODEL_DIGEST"
 
 
 @dataclass
@@ -259,7 +265,8 @@ def run_notebook(notebook: str | os.PathLike[str], parameters: Mapping[str, Any]
                  resume: ResumeFrom | None = None,
                  check_pinned: Callable[[dict[str, Any]], None] | None = None,
                  extra: Mapping[str, Any] | None = None,
-                 before_seal: BeforeSeal | None = None) -> RunRecord:
+                 before_seal: BeforeSeal | None = None,
+                 model_hash_cache: bool = True) -> RunRecord:
     """Execute ``notebook`` with papermill in the ``lora`` kernel and seal its run record.
 
     ``parameters`` are papermill parameters. A training notebook (one that declares
@@ -271,7 +278,9 @@ def run_notebook(notebook: str | os.PathLike[str], parameters: Mapping[str, Any]
     A replay (:mod:`lora_kernel.trusted.replay`) passes ``check_pinned`` (called with the pin
     step's answer before anything runs; raising stops the run, nothing recorded), ``extra``
     (merged into the manifest's ``extra``) and ``before_seal`` (called with the staging folder
-    and ``extra`` of a succeeded run before its manifest is built).
+    and ``extra`` of a succeeded run before its manifest is built). ``model_hash_cache``:
+    take the base model's digest from the state directory's digest cache when its stat key
+    matches (:mod:`lora_kernel.trusted.hashcache`); a replay passes False (hash in full).
     Raises :class:`ConfigError`/:class:`UnsafeModelError` (nothing run, nothing recorded) for
     invalid input, :class:`RunFailed` (record written;
     ``.record`` is the failed :class:`RunRecord`) when the run does not succeed.
@@ -295,7 +304,14 @@ def run_notebook(notebook: str | os.PathLike[str], parameters: Mapping[str, Any]
                             "home": str(home_p), "work": str(work)}
     if resume is not None:
         spec["resume"] = {"run_id": resume.run_id, "work": resume.work}
+    cache_uid = ctx.run_as.uid if ctx.run_as.uid is not None else os.getuid()
+    if model_hash_cache:
+        spec["model_digests"] = hashcache.lookup(cache_uid, state)
     pinned = _child_json(ctx, "pin", spec, home_p)
+    stat_key = pinned.pop("base_model_stat_key", None)
+    if not pinned.pop("base_model_hash_cached", False) and model_hash_cache \
+            and isinstance(stat_key, str) and isinstance(pinned.get("base_model_sha256"), str):
+        hashcache.store(cache_uid, stat_key, pinned["base_model_sha256"], state)
     if pinned.get("kind") == "training":
         params["config_path"] = pinned["config_path"]
         params["overrides"] = pinned["overrides"]
@@ -318,7 +334,10 @@ def run_notebook(notebook: str | os.PathLike[str], parameters: Mapping[str, Any]
     with ActiveRun(runs, run) as active:
         say(f"run {run_id}: {notebook.name} in kernel '{KERNEL_NAME}' (papermill)")
         t0 = time.monotonic()
-        rc, reason = _execute(ctx, run, pinned["notebook_source"], active.staging, timeout)
+        known = ({"key": stat_key, "sha256": pinned["base_model_sha256"]}
+                 if isinstance(stat_key, str) and pinned.get("base_model_sha256") else None)
+        rc, reason = _execute(ctx, run, pinned["notebook_source"], active.staging, timeout,
+                              base_model_digest=known)
         return seal_run(run, active.staging, rc=rc, reason=reason, ctx=ctx, state=state,
                         seconds=time.monotonic() - t0, log=say, before_seal=before_seal)
 
@@ -378,8 +397,13 @@ def _child_json(ctx: RunContext, command: str, spec: dict[str, Any], home: Path
 
 
 def _execute(ctx: RunContext, run: dict[str, Any], notebook_source: str, staging: Path,
-             timeout: float | None) -> tuple[int | None, str | None]:
+             timeout: float | None, base_model_digest: dict[str, str] | None = None
+             ) -> tuple[int | None, str | None]:
     """Run the executor as the run's user; return ``(exit code, why it stopped)``.
+
+    ``base_model_digest`` (the pin step's stat key and digest of the base model) goes to the
+    kernel as ``$LORA_BASE_MODEL_DIGEST``, so the training there does not hash the model again
+    while its stat key is unchanged (:func:`lora_kernel.training.models.model_sha256`).
 
     Its stderr goes to ``executor.log`` in the staging folder (written by the runner), its
     stdout (progress) to ``ctx.progress``. Whatever ends the run, every process still carrying
@@ -389,9 +413,12 @@ def _execute(ctx: RunContext, run: dict[str, Any], notebook_source: str, staging
     spec = {"notebook_source": notebook_source, "parameters": run["parameters"],
             "work": str(work), "kernel_name": KERNEL_NAME, "progress": ctx.progress is not None}
     reason = None
+    env = ctx.child_env(home, run["run_id"])
+    if base_model_digest is not None:
+        env[BASE_MODEL_DIGEST_ENV] = json.dumps(base_model_digest)
     with open(staging / "executor.log", "wb") as errlog:
         proc = spawn([*_python(), "run"], run_as=ctx.run_as, privileges=ctx.privileges,
-                     env=ctx.child_env(home, run["run_id"]),
+                     env=env,
                      cwd=str(home) if home.is_dir() else "/", stdin=subprocess.PIPE,
                      stdout=subprocess.PIPE, stderr=errlog)
         pump = _pump(proc.stdout, ctx.progress)
