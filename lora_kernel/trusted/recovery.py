@@ -22,7 +22,7 @@ from lora_kernel.common.errors import RunFailed
 from lora_kernel.common.paths import runs_dir
 from lora_kernel.common.timeutil import iso_time, parse_time, utc_now
 from lora_kernel.trusted.runner import RunContext, RunRecord, seal_run
-from lora_kernel.trusted.supervisor import RunAs
+from lora_kernel.trusted.supervisor import RunAs, kill_run_processes
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,9 @@ def recover(*, state: str | os.PathLike[str] | None = None,
         if fd is None:  # a live runner took it meanwhile
             continue
         try:
+            # Whatever the dead runner left running (its executor, the kernel) may still write
+            # into the staging folder (executor.log is their stderr): stop it before sealing.
+            kill_run_processes(run_id, ctx.privileges)
             staging = Path(run["staging"])
             staging.mkdir(parents=True, exist_ok=True)
             service = ctx.privileges.active and run["run_as"].get("name")
