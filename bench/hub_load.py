@@ -36,7 +36,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -48,7 +47,7 @@ sys.path.insert(0, str(REPO / "tests" / "hub"))
 sys.path.insert(0, str(REPO))
 
 import requests  # noqa: E402
-from hubtools import ROOT, Hub, server_procs, user_name  # noqa: E402
+from hubtools import ROOT, Hub, make_hub_root, server_procs, user_name  # noqa: E402
 
 AUDIT = "/services/lora-audit/api"
 RESEARCHERS = ["lora-researchers"]
@@ -95,22 +94,10 @@ def hub_root() -> Path:
     """A folder for the hub (as tests/hub/conftest.py ``hub_root``): readable by the service
     account and the users; as root, the repo's parents get their traverse bit and the service
     account ``lora-svc`` is created if missing."""
-    if shutil.which("node") is None or not (REPO / "hub" / "node_modules" / ".bin" /
-                                             "configurable-http-proxy").exists():
-        raise SystemExit("configurable-http-proxy is not installed; run `make setup`")
-    root = Path(tempfile.mkdtemp(prefix="lora-hub-bench-"))
-    os.chmod(root, 0o755)
-    if ROOT:
-        for folder in [REPO, *REPO.parents]:
-            mode = folder.stat().st_mode
-            if not mode & 0o001:
-                os.chmod(folder, mode | 0o001)
-        try:
-            pwd.getpwnam("lora-svc")
-        except KeyError:
-            subprocess.run(["useradd", "--system", "--shell", "/usr/sbin/nologin", "lora-svc"],
-                           check=True)
-    return root
+    try:
+        return make_hub_root("lora-hub-bench-")
+    except RuntimeError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def singleuser_procs(hub: Hub) -> list:  # type: ignore[type-arg]

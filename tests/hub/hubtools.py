@@ -9,10 +9,12 @@ user; otherwise hub-only demo users. Login is the demo password file either way 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -59,6 +61,26 @@ def server_procs(hub_api_port: str | None = None, user: str | None = None) -> li
             continue
         found.append(p)
     return found
+
+
+def make_hub_root(prefix: str) -> Path:
+    """A fresh folder for hubs (tests, bench/hub_load.py), outside pytest's 0700 temp root and
+    readable by the service account and the users; as root, the repo's parents get their
+    traverse bit and the service account ``lora-svc`` is created if missing."""
+    if shutil.which("node") is None or not (REPO / "hub" / "node_modules" / ".bin" /
+                                             "configurable-http-proxy").exists():
+        raise RuntimeError("configurable-http-proxy is not installed; run `make setup`")
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    os.chmod(root, 0o755)
+    if ROOT:
+        for folder in [REPO, *REPO.parents]:
+            mode = folder.stat().st_mode
+            if not mode & 0o001:
+                os.chmod(folder, mode | 0o001)
+        from hub.demo import ensure_system_user
+
+        ensure_system_user("lora-svc", [], system=True)
+    return root
 
 
 def free_port() -> int:
