@@ -63,9 +63,11 @@ RUN apt-get update \
 COPY --from=build /opt/lora-enclave /opt/lora-enclave
 COPY docker/entrypoint-hub.sh /usr/local/bin/entrypoint-hub.sh
 # (permissions set in the build stage: a chmod -R here would copy the venv into a
-# second layer)
+# second layer). The service account has a fixed uid: docker/k8s/services.yaml runs the runs and
+# audit services as 990 directly.
 RUN chmod 0755 /usr/local/bin/entrypoint-hub.sh \
- && mkdir -p /var/lib/lora-enclave /srv/lora-enclave/hub /srv/lora-enclave/models
+ && mkdir -p /var/lib/lora-enclave /srv/lora-enclave/hub /srv/lora-enclave/models \
+ && useradd --system --uid 990 --user-group --no-create-home --shell /usr/sbin/nologin lora-svc
 WORKDIR /opt/lora-enclave
 # Production defaults: PAM users; the hub listens on every interface of the container (the
 # compose network is internal: only the gateway reaches it). Override in compose.yaml.

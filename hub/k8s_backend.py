@@ -12,17 +12,21 @@ For a claimed submission (:class:`hub.runqueue.Submission`) :func:`job_manifest`
   RuntimeDefault``, a read-only root filesystem (``/tmp`` is an ``emptyDir``);
 * ``nvidia.com/gpu: n`` limits for the GPUs the submission asked for (none: the NVIDIA runtime
   is told ``NVIDIA_VISIBLE_DEVICES=void`` so a GPU node does not hand it every device);
-* the user's home volume (PVC ``claim-<user>``, as zero-to-jupyterhub names it) and an output
-  volume (PVC ``lora-run-<id>``, :func:`output_claim_manifest`; or an ``emptyDir``) that the
-  runs service mounts afterwards to seal the record as the service account: the Job itself
+* the user's home volume (PVC ``claim-<user>``, as zero-to-jupyterhub names it) and the
+  run's folder ``lora-run-<id>`` (a ``subPath``) of the shared output claim
+  (``lora-run-outputs``, ReadWriteMany), which the runs service mounts too
+  (:attr:`K8sSettings.output_root`) to seal the record as the service account: the Job itself
   never sees the state directory, the ledger or its key;
+* the container runs :mod:`lora_kernel.trusted.jobstep` (pin, papermill in the ``lora``
+  kernel, collect) with ``LORA_RUN_ID`` set, so the kernel's events carry the run id;
 * ``backoffLimit: 0`` (a failed run is sealed as failed, never silently retried),
   ``activeDeadlineSeconds`` from the submission's timeout, ``ttlSecondsAfterFinished``;
 * labels ``app.kubernetes.io/part-of: lora-enclave``, ``lora-enclave/run-id`` and the
   zero-to-jupyterhub single-user labels, so that the single-user NetworkPolicy (all egress
   off, docker/k8s/values.yaml) selects the run's pod too; no service-account token.
 
-:func:`submit` creates it (and the output claim), :func:`status` reads its state back.
+:func:`submit` creates it, :func:`status` reads its state back, :func:`delete` removes it
+and its pod. :mod:`hub.services.k8s_run` drives them for the runs service.
 """
 from __future__ import annotations
 
@@ -43,8 +47,6 @@ PART_OF = "lora-enclave"
 RUN_ID_LABEL = "lora-enclave/run-id"
 SUBMISSION_LABEL = "lora-enclave/submission"
 USER_LABEL = "lora-enclave/user"
-KERNEL_NAME = "lora"  # lora_kernel.trusted.runner.KERNEL_NAME (not imported: trusted side)
-NOTEBOOKS = {"image": "train_image_lora.ipynb", "text": "train_text_lora.ipynb"}
 _LABEL_VALUE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -63,10 +65,9 @@ class K8sSettings:
     home_claim: str = "claim-{user}"        # z2jh's per-user PVC name
     home_mount: str = "/home/jovyan"        # where the single-user image mounts it
     workdir: str = "lora"                   # the working home inside it ($LORA_HOME)
-    output_mount: str = "/lora-run"
-    output_volume: str = "pvc"              # "pvc" (lora-run-<id>) or "emptyDir"
-    output_storage: str = "50Gi"
-    output_storage_class: str | None = None
+    output_mount: str = "/lora-run"         # the run's folder, inside the pod
+    output_claim: str = "lora-run-outputs"  # ReadWriteMany; one subPath per run
+    output_root: str = "/srv/lora-run-outputs"  # the same claim, mounted in the runs service
     notebooks_dir: str = "/opt/lora-enclave/notebooks"  # the image's copy of notebooks/
     python: str = "/opt/lora-enclave/.venv/bin/python"
     read_only_root: bool = True
@@ -141,65 +142,47 @@ def pod_path(sub: Submission, settings: K8sSettings) -> str:
     return posixpath.join(settings.home_mount, settings.workdir, rel)
 
 
-def _papermill_argv(sub: Submission, settings: K8sSettings, task: str | None) -> list[str]:
-    out = settings.output_mount
+def job_spec(sub: Submission, settings: K8sSettings, run_id: str) -> dict[str, Any]:
+    """What :mod:`lora_kernel.trusted.jobstep` runs for ``sub``, in the pod's paths."""
+    spec: dict[str, Any] = {"run_id": run_id, "kind": sub.kind,
+                            "home": posixpath.join(settings.home_mount, settings.workdir),
+                            "out": settings.output_mount}
     if sub.kind == "config":
-        task = task or str(sub.parameters.get("task") or "image")
-        if task not in NOTEBOOKS:
-            raise ConfigError(f"no notebook for task {task!r}; use image or text", key="task")
-        notebook = posixpath.join(settings.notebooks_dir, NOTEBOOKS[task])
-        params: dict[str, Any] = {"config_path": pod_path(sub, settings),
-                                  "overrides": dict(sub.parameters.get("overrides") or {})}
+        spec.update(config=pod_path(sub, settings),
+                    overrides=dict(sub.parameters.get("overrides") or {}))
     else:
-        notebook = pod_path(sub, settings)
-        params = dict(sub.parameters)
-    return [settings.python, "-m", "papermill", notebook, f"{out}/executed.ipynb",
-            "--kernel", KERNEL_NAME, "--cwd", f"{out}/work", "--no-progress-bar",
-            "--log-output", "-y", json.dumps(params, sort_keys=True)]
+        spec.update(notebook=pod_path(sub, settings), parameters=dict(sub.parameters))
+    return spec
 
 
-def _labels(sub: Submission, settings: K8sSettings) -> dict[str, str]:
+def _labels(sub: Submission, settings: K8sSettings, run_id: str) -> dict[str, str]:
     return {**settings.extra_labels, **settings.netpol_labels,
             "app.kubernetes.io/part-of": PART_OF,
             "app.kubernetes.io/component": "run",
             "app.kubernetes.io/managed-by": "lora-runs",
-            RUN_ID_LABEL: label_value(sub.run_id or f"sub-{int(sub.id)}"),
+            RUN_ID_LABEL: label_value(run_id),
             SUBMISSION_LABEL: str(int(sub.id)),
             USER_LABEL: label_value(sub.user)}
 
 
-def output_claim_manifest(sub: Submission, settings: K8sSettings) -> Any:
-    """The ``V1PersistentVolumeClaim`` ``lora-run-<id>`` the Job writes its outputs to."""
-    k = _client()
-    return k.V1PersistentVolumeClaim(
-        api_version="v1", kind="PersistentVolumeClaim",
-        metadata=k.V1ObjectMeta(name=job_name(sub), namespace=settings.namespace,
-                                labels={"app.kubernetes.io/part-of": PART_OF,
-                                        SUBMISSION_LABEL: str(int(sub.id))}),
-        spec=k.V1PersistentVolumeClaimSpec(
-            access_modes=["ReadWriteOnce"], storage_class_name=settings.output_storage_class,
-            resources=k.V1VolumeResourceRequirements(
-                requests={"storage": settings.output_storage})))
-
-
 def job_manifest(sub: Submission, settings: K8sSettings | None = None, *,
-                 task: str | None = None) -> Any:
-    """The ``V1Job`` that executes ``sub`` (see the module's docstring). ``task`` picks the
-    training notebook of a config submission (default: ``parameters["task"]``, else image);
-    the runs service reads it from the config with its pin step."""
+                 run_id: str | None = None) -> Any:
+    """The ``V1Job`` that executes ``sub`` as run ``run_id`` (see the module's docstring)."""
     settings = settings or K8sSettings()
     k = _client()
     if sub.kind not in ("notebook", "config"):
         raise ConfigError(f"unknown kind {sub.kind!r}")
     uid, gid = user_ids(sub.user, settings.uids)
     name = job_name(sub)
-    labels = _labels(sub, settings)
+    run_id = run_id or sub.run_id or f"sub-{int(sub.id)}"
+    labels = _labels(sub, settings, run_id)
     gpus = int(sub.gpus)
     workhome = posixpath.join(settings.home_mount, settings.workdir)
     env = {**OFFLINE_VARS, "HOME": settings.home_mount, "USER": sub.user,
            "LORA_HOME": workhome, "LORA_NOTEBOOKS": settings.notebooks_dir,
            "JUPYTER_RUNTIME_DIR": "/tmp/jupyter-runtime", "MPLCONFIGDIR": "/tmp/matplotlib",
-           "XDG_CACHE_HOME": "/tmp/cache", "PYTHONDONTWRITEBYTECODE": "1"}
+           "XDG_CACHE_HOME": "/tmp/cache", "PYTHONDONTWRITEBYTECODE": "1",
+           "PYTHONUNBUFFERED": "1", "LORA_RUN_ID": run_id}
     if gpus == 0:
         env["NVIDIA_VISIBLE_DEVICES"] = "void"
     limits: dict[str, str] = {}
@@ -210,8 +193,8 @@ def job_manifest(sub: Submission, settings: K8sSettings | None = None, *,
     out = settings.output_mount
     container = k.V1Container(
         name="run", image=settings.image, image_pull_policy=settings.image_pull_policy,
-        command=["/bin/sh", "-c", f'mkdir -p "{out}/work" && exec "$0" "$@"'],
-        args=_papermill_argv(sub, settings, task),
+        command=[settings.python, "-m", "lora_kernel.trusted.jobstep"],
+        args=[json.dumps(job_spec(sub, settings, run_id), sort_keys=True)],
         working_dir=workhome,
         env=[k.V1EnvVar(name=key, value=value) for key, value in sorted(env.items())],
         resources=k.V1ResourceRequirements(
@@ -224,20 +207,13 @@ def job_manifest(sub: Submission, settings: K8sSettings | None = None, *,
             capabilities=k.V1Capabilities(drop=["ALL"]),
             seccomp_profile=k.V1SeccompProfile(type="RuntimeDefault")),
         volume_mounts=[k.V1VolumeMount(name="home", mount_path=settings.home_mount),
-                       k.V1VolumeMount(name="output", mount_path=out),
+                       k.V1VolumeMount(name="output", mount_path=out, sub_path=name),
                        k.V1VolumeMount(name="tmp", mount_path="/tmp")])
-    if settings.output_volume == "pvc":
-        output = k.V1Volume(name="output", persistent_volume_claim=(
-            k.V1PersistentVolumeClaimVolumeSource(claim_name=name)))
-    elif settings.output_volume == "emptyDir":
-        output = k.V1Volume(name="output", empty_dir=k.V1EmptyDirVolumeSource())
-    else:
-        raise ConfigError(f"output_volume must be pvc or emptyDir, got "
-                          f"{settings.output_volume!r}")
     volumes = [
         k.V1Volume(name="home", persistent_volume_claim=k.V1PersistentVolumeClaimVolumeSource(
             claim_name=settings.home_claim.format(user=sub.user))),
-        output,
+        k.V1Volume(name="output", persistent_volume_claim=(
+            k.V1PersistentVolumeClaimVolumeSource(claim_name=settings.output_claim))),
         k.V1Volume(name="tmp", empty_dir=k.V1EmptyDirVolumeSource(size_limit="8Gi")),
     ]
     tolerations = ([k.V1Toleration(key="nvidia.com/gpu", operator="Exists",
@@ -262,16 +238,22 @@ def job_manifest(sub: Submission, settings: K8sSettings | None = None, *,
             template=k.V1PodTemplateSpec(metadata=k.V1ObjectMeta(labels=labels), spec=pod)))
 
 
-def submit(api: Any, job: Any, *, core: Any = None, claim: Any = None) -> Any:
-    """Create ``job`` (a ``V1Job``) with ``api`` (a ``BatchV1Api``); with ``claim`` (from
-    :func:`output_claim_manifest`) create that first with ``core`` (a ``CoreV1Api``).
-    Returns the created Job."""
-    namespace = job.metadata.namespace
-    if claim is not None:
-        if core is None:
-            raise ConfigError("creating the output claim needs a CoreV1Api (core=)")
-        core.create_namespaced_persistent_volume_claim(namespace=namespace, body=claim)
-    return api.create_namespaced_job(namespace=namespace, body=job)
+def submit(api: Any, job: Any) -> Any:
+    """Create ``job`` (a ``V1Job``) with ``api`` (a ``BatchV1Api``); returns the created Job."""
+    return api.create_namespaced_job(namespace=job.metadata.namespace, body=job)
+
+
+def delete(api: Any, name: str, namespace: str = "lora-enclave") -> bool:
+    """Delete Job ``name`` and its pod (``propagationPolicy: Background``; the kubelet stops
+    the container with SIGTERM, then SIGKILL). False when it was already gone."""
+    try:
+        api.delete_namespaced_job(name=name, namespace=namespace,
+                                  propagation_policy="Background")
+    except Exception as exc:
+        if getattr(exc, "status", None) == 404:
+            return False
+        raise
+    return True
 
 
 def status(api: Any, name: str, namespace: str = "lora-enclave") -> dict[str, Any]:

@@ -147,8 +147,11 @@ class RunQueue:
 
     def __init__(self, state: str | os.PathLike[str] | None = None, *,
                  devices: Iterable[str] = (), exclusive: bool = True,
-                 max_concurrent: int = 2) -> None:
+                 max_concurrent: int = 2, local_gpus: bool = True) -> None:
         self.state = state
+        # False (the Kubernetes backend): GPUs are the cluster's (the Job's nvidia.com/gpu
+        # limit), not this machine's pool; quotas still apply at submission.
+        self.local_gpus = local_gpus
         self.path = queue_path(state)
         self.pool = Pool(gpu_pool_path(state), devices, exclusive)
         self.max_concurrent = max(1, int(max_concurrent))
@@ -188,7 +191,7 @@ class RunQueue:
             raise ConfigError(f"unknown kind {kind!r}; one of {', '.join(KINDS)}")
         if not isinstance(gpus, int) or isinstance(gpus, bool) or gpus < 0:
             raise ConfigError(f"must be a whole number >= 0, got {gpus!r}", key="gpus")
-        if gpus > len(self.pool.devices):
+        if self.local_gpus and gpus > len(self.pool.devices):
             raise GpuUnavailable(f"{gpus} GPU(s) asked for, the pool has "
                                  f"{len(self.pool.devices)}; fix: ask for fewer")
         try:
@@ -258,7 +261,8 @@ class RunQueue:
                                   "ORDER BY id").fetchall():
                 owner = f"{OWNER_PREFIX}{row['id']}"
                 try:
-                    held = self.pool.allocate(owner, int(row["gpus"]))
+                    held = (self.pool.allocate(owner, int(row["gpus"])) if self.local_gpus
+                            else [])
                 except GpuUnavailable:
                     continue
                 db.execute("UPDATE submissions SET status = 'running', started = ?, "

@@ -29,6 +29,8 @@ class HubSettings:
     max_concurrent_runs: int = 2
     cull_timeout_s: int = 3600
     cull_every_s: int = 300
+    runs_backend: str = "local"    # "local" (run workers here) or "kubernetes" (Jobs)
+    kubernetes: Any = None         # hub.k8s_backend.K8sSettings (runs.kubernetes)
 
     def roles_of(self, groups: list[str] | tuple[str, ...]) -> list[str]:
         """The hub roles of a user in Linux ``groups`` (researcher when none applies)."""
@@ -73,7 +75,34 @@ def load_settings() -> HubSettings:
         cull_every_s=int(culler.get("every_s", 300)))
     if settings.max_concurrent_runs < 1:
         raise ConfigError("must be at least 1", file=path, key="runs.max_concurrent")
+    settings.runs_backend = str(runs.get("backend", "local"))
+    if settings.runs_backend not in ("local", "kubernetes"):
+        raise ConfigError(f"unknown backend {settings.runs_backend!r}; fix: local or "
+                          "kubernetes", file=path, key="runs.backend")
+    settings.kubernetes = _k8s_settings(_section(runs, "kubernetes", path), path)
     return settings
+
+
+def _k8s_settings(data: dict[str, Any], path: Path) -> Any:
+    """``runs.kubernetes`` as :class:`hub.k8s_backend.K8sSettings` (unknown keys refused)."""
+    import dataclasses
+
+    from .k8s_backend import K8sSettings
+
+    fields = {f.name: f for f in dataclasses.fields(K8sSettings)}
+    kw: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(f"unknown key; fix: one of {', '.join(sorted(fields))}",
+                              file=path, key=f"runs.kubernetes.{key}")
+        if key == "uids":
+            try:
+                value = {str(u): (int(ids[0]), int(ids[1])) for u, ids in value.items()}
+            except (AttributeError, TypeError, ValueError, IndexError):
+                raise ConfigError("must map user names to [uid, gid]", file=path,
+                                  key="runs.kubernetes.uids") from None
+        kw[key] = value
+    return K8sSettings(**kw)
 
 
 def hub_state_dir(state: str | os.PathLike[str] | None = None) -> Path:

@@ -429,3 +429,4 @@ def test_values_singleuser_image_and_k8s_backend_agree(values):
             assert flag in spawner or flag == "--ServerApp.terminals_enabled=False"
     for path in image_paths(VALUES.read_text()):
         check_image_path(path)
+

@@ -32,6 +32,7 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from lora_kernel.trusted.identity import Actor, actor_by_name, current_actor
 from lora_kernel.trusted.runner import (
     ENV_DROP,
     RunContext,
+    RunRecord,
     notebook_for_task,
     run_config,
     run_notebook,
@@ -51,6 +53,7 @@ from lora_kernel.trusted.supervisor import Privileges, RunAs, spawn
 
 from ..gpus import cuda_env
 from ..runqueue import RunQueue, Submission
+from ..settings import HubSettings, load_settings
 
 log = logging.getLogger("lora.hub.run_worker")
 _ANNOUNCED = re.compile(r"^run (\d{8}T\d{6}Z-[0-9a-f]+): ")
@@ -93,14 +96,17 @@ def child_base_env(run_as: RunAs, service: bool, devices: list[str]) -> dict[str
 
 
 def make_context(sub: Submission | None, *, demo: bool, service_user: str | None,
-                 cancelled: Cancelled) -> RunContext:
-    """The run context of ``sub`` (None: the recovering service account's own)."""
+                 cancelled: Cancelled, local: bool = True) -> RunContext:
+    """The run context of ``sub`` (None: the recovering service account's own). ``local``
+    False (the Kubernetes backend): no child runs here, so nothing runs as the user and no
+    host firewall applies (the Job's pod gets the user's uid and the NetworkPolicy)."""
     if root_mode(demo):
         if not service_user:
             raise ConfigError("running as root needs --service-user (the account that writes "
                               "records); fix: pass it, or --demo without root")
         privileges = Privileges.for_service_account(service_user)
-        run_as = RunAs.for_user(sub.user) if sub else RunAs.for_user(service_user)
+        run_as = (RunAs.for_user(sub.user) if sub and local
+                  else RunAs.for_user(service_user))
     else:
         privileges, run_as = Privileges(), RunAs.local()
     if sub is None:
@@ -112,7 +118,7 @@ def make_context(sub: Submission | None, *, demo: bool, service_user: str | None
                       int(a.get("gid", -1)), tuple(a.get("groups") or ()),
                       str(a.get("source", "hub-token")))
     env = child_base_env(run_as, root_mode(demo), list(sub.gpus_held) if sub else [])
-    if root_mode(demo) and sub is not None and run_as.uid is not None:
+    if root_mode(demo) and sub is not None and local and run_as.uid is not None:
         from lora_kernel.trusted.firewall import enforce
 
         enforce(run_as.uid)  # `firewall: required`: refuse unless in place (still root here)
@@ -151,9 +157,13 @@ def config_task_as_user(ctx: RunContext, config: str, home: Path) -> str:
     return str(answer["task"])
 
 
+Backend = Callable[[RunQueue, Submission, RunContext, str, Cancelled], RunRecord]
+
+
 def execute(queue: RunQueue, sub: Submission, ctx: RunContext, state: str,
-            cancelled: Cancelled) -> Submission:
-    """Run ``sub`` and write its outcome into its row."""
+            cancelled: Cancelled, backend: Backend | None = None) -> Submission:
+    """Run ``sub`` (here, or with ``backend``: :func:`hub.services.k8s_run.execute`) and
+    write its outcome into its row."""
     home = Path(sub.home)
 
     def say(msg: str) -> None:
@@ -167,7 +177,9 @@ def execute(queue: RunQueue, sub: Submission, ctx: RunContext, state: str,
                           "log": say}
     status, record, error, code = "failed", None, None, 1
     try:
-        if sub.kind == "config":
+        if backend is not None:
+            rec = backend(queue, sub, ctx, state, cancelled)
+        elif sub.kind == "config":
             notebook = notebook_for_task(config_task_as_user(ctx, sub.path, home))
             rec = run_config(sub.path, sub.parameters.get("overrides") or {},
                              notebook=notebook, **kw)
@@ -192,6 +204,20 @@ def execute(queue: RunQueue, sub: Submission, ctx: RunContext, state: str,
                 error = f"stopped by the runs service (signal {cancelled.signal}); {error}"
         return queue.finish(sub.id, status, run_id=record["run_id"] if record else None,
                             record=record, error=error, exit_code=code)
+
+
+def kubernetes_backend(hub: HubSettings, api: Any = None) -> Backend:
+    """Runs as Jobs in the cluster (``runs.backend: kubernetes``); ``api``: a
+    ``BatchV1Api`` (default: the service's in-cluster credentials)."""
+    from . import k8s_run
+
+    api = api if api is not None else k8s_run.load_apis()
+    settings = hub.kubernetes
+
+    def run(queue: RunQueue, sub: Submission, ctx: RunContext, state: str,
+            cancelled: Cancelled) -> RunRecord:
+        return k8s_run.execute(queue, sub, ctx, state, cancelled, api=api, settings=settings)
+    return run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -223,13 +249,17 @@ def main(argv: list[str] | None = None) -> int:
     if sub.status != "running":
         log.error("submission %s is %s, not running: nothing to do", sub.id, sub.status)
         return 2
+    backend: Backend | None = None
     try:
+        hub = load_settings()
+        if hub.runs_backend == "kubernetes":
+            backend = kubernetes_backend(hub)
         ctx = make_context(sub, demo=args.demo, service_user=args.service_user,
-                           cancelled=cancelled)
+                           cancelled=cancelled, local=backend is None)
     except (LoraError, KeyError) as exc:  # KeyError: the user has no passwd entry
         queue.finish(sub.id, "failed", error=f"cannot run as {sub.user}: {exc}", exit_code=2)
         return 2
-    done = execute(queue, sub, ctx, state, cancelled)
+    done = execute(queue, sub, ctx, state, cancelled, backend)
     log.info("submission %s: %s (run %s)", done.id, done.status, done.run_id)
     return 0
 

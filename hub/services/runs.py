@@ -348,7 +348,8 @@ def make_runs_app(config: ServiceConfig, *, settings: HubSettings | None = None,
     if devices is None:
         devices = [d.index for d in discover(settings.devices)]
     queue = RunQueue(config.state, devices=devices, exclusive=settings.exclusive,
-                     max_concurrent=settings.max_concurrent_runs)
+                     max_concurrent=settings.max_concurrent_runs,
+                     local_gpus=settings.runs_backend == "local")
     app = make_app(config, [("api/runs", RunsApi), (r"api/runs/(\d+)", RunApi),
                             (r"api/runs/(\d+)/cancel", CancelApi),
                             (r"api/runs/(\d+)/(samples\.png|loss_curve\.png)", RunFileApi),

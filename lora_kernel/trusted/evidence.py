@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import tarfile
 from pathlib import Path
@@ -42,6 +43,45 @@ def collect_evidence(ctx: RunContext, run: dict[str, Any], staging: Path,
         notes.append("collecting the work folder failed: "
                      + err.decode("utf-8", "replace")[-500:])
     return notes
+
+
+def open_untrusted(path: Path) -> IO[bytes]:
+    """Open ``path``, a file in a folder the run's user writes (a Kubernetes Job's output
+    volume), for reading: never through a symlink (``O_NOFOLLOW``), only a regular file, so
+    a planted link or FIFO cannot make the trusted side read (or hang on) anything else.
+    Raises ``OSError``."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_untrusted(path: Path, limit: int) -> bytes | None:
+    """At most the last ``limit`` bytes of ``path`` (:func:`open_untrusted`); None when it is
+    missing, a link or not a regular file."""
+    try:
+        with open_untrusted(path) as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                f.seek(size - limit)
+            return f.read(limit)
+    except OSError:
+        return None
+
+
+def extract_evidence_file(path: Path, dest: Path) -> list[str]:
+    """:func:`extract_evidence` from a tar file the run's user wrote (:func:`open_untrusted`)."""
+    try:
+        stream = open_untrusted(path)
+    except OSError as exc:
+        return [f"the run left no readable evidence ({path.name}: {exc.strerror or exc})"]
+    with stream:
+        return extract_evidence(stream, dest)
 
 
 def extract_evidence(stream: IO[bytes], dest: Path) -> list[str]:

@@ -35,7 +35,7 @@ import tarfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from lora_kernel.common.digests import sha256_bytes
 from lora_kernel.common.errors import ConfigError, LoraError
@@ -119,6 +119,20 @@ def _pin_resume(resume: dict[str, Any], config: dict[str, Any]) -> dict[str, Any
                           key="RUN")
     return {"run_id": run_id, "checkpoint": str(ckpt), "step": step,
             "sha256": path_sha256(ckpt)}
+
+
+def pinned_parameters(params: dict[str, Any], pinned: dict[str, Any], work: Path
+                      ) -> dict[str, Any]:
+    """The papermill parameters a pinned run executes with: a training notebook gets the
+    validated ``config_path`` and ``overrides`` (``output_dir`` in the work folder) of the pin
+    step, and ``result_path`` when it declares one."""
+    params = dict(params)
+    if pinned.get("kind") == "training":
+        params["config_path"] = pinned["config_path"]
+        params["overrides"] = pinned["overrides"]
+    if "result_path" in pinned["declared"]:
+        params["result_path"] = str(work / "run_result.json")
+    return params
 
 
 def _check_writable(home: Path) -> None:
@@ -327,12 +341,13 @@ def _write_error(work: Path, ename: str, evalue: str, cell_index: int | None) ->
 
 
 # -- collect --------------------------------------------------------------------------------
-def collect(spec: dict[str, Any]) -> int:
-    """Write the work folder's evidence as a tar on stdout (see the module docstring)."""
+def collect(spec: dict[str, Any], stream: IO[bytes] | None = None) -> int:
+    """Write the work folder's evidence as a tar on ``stream`` (default stdout; see the
+    module docstring)."""
     from lora_kernel.kernel.execlog import read_events
 
     work, run_id = Path(spec["work"]), spec["run_id"]
-    with tarfile.open(fileobj=sys.stdout.buffer, mode="w|") as tar:
+    with tarfile.open(fileobj=stream or sys.stdout.buffer, mode="w|") as tar:
         for name in ("executed.ipynb", "run_result.json", "error.json"):
             _add(tar, work / name, name)
         output = work / "output"

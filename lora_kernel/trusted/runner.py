@@ -57,7 +57,8 @@ from lora_kernel.common.timeutil import iso_time, utc_now
 from lora_kernel.common.yamlio import load_yaml
 from lora_kernel.provenance.records import load_manifest, manifest_sha256, record_files
 from lora_kernel.trusted import hashcache
-from lora_kernel.trusted.evidence import collect_evidence
+from lora_kernel.trusted.evidence import collect_evidence, extract_evidence_file
+from lora_kernel.trusted.executor import pinned_parameters
 from lora_kernel.trusted.identity import Actor, current_actor
 from lora_kernel.trusted.ledger import Ledger
 from lora_kernel.trusted.sealing import (
@@ -312,11 +313,7 @@ def run_notebook(notebook: str | os.PathLike[str], parameters: Mapping[str, Any]
     if not pinned.pop("base_model_hash_cached", False) and model_hash_cache \
             and isinstance(stat_key, str) and isinstance(pinned.get("base_model_sha256"), str):
         hashcache.store(cache_uid, stat_key, pinned["base_model_sha256"], state)
-    if pinned.get("kind") == "training":
-        params["config_path"] = pinned["config_path"]
-        params["overrides"] = pinned["overrides"]
-    if "result_path" in pinned["declared"]:
-        params["result_path"] = str(work / "run_result.json")
+    params = pinned_parameters(params, pinned, work)
     if check_pinned is not None:
         check_pinned(pinned)
     if resume is not None:
@@ -501,7 +498,10 @@ def seal_run(run: dict[str, Any], staging: Path, *, rc: int | None, reason: str 
     """Collect, build, seal and ledger the record of ``run``; raise :class:`RunFailed` for a
     failed run. Used by :func:`run_notebook` and by recovery (``rc`` None, a ``reason``)."""
     run_id = run["run_id"]
-    notes = collect_evidence(ctx, run, staging, _python())
+    if run.get("evidence"):  # a Kubernetes Job's tar on the output volume (hub.k8s_run)
+        notes = extract_evidence_file(Path(run["evidence"]), staging)
+    else:
+        notes = collect_evidence(ctx, run, staging, _python())
     error = _read_json(staging / "error.json")
     (staging / "error.json").unlink(missing_ok=True)
     result = _read_json(staging / "run_result.json")
@@ -568,7 +568,10 @@ def seal_run(run: dict[str, Any], staging: Path, *, rc: int | None, reason: str 
 
 
 def _remove_work(ctx: RunContext, run: dict[str, Any]) -> None:
-    """Remove a succeeded run's work folder (as its user: it is theirs)."""
+    """Remove a succeeded run's work folder (as its user: it is theirs). A Kubernetes run's
+    work folder is on the output volume: the runs service removes it with the Job."""
+    if run.get("backend") == "kubernetes":
+        return
     if not ctx.run_as.switches:
         shutil.rmtree(run["work"], ignore_errors=True)
         return

@@ -320,3 +320,38 @@ def start_kernel(hub: Hub, s, name: str = "lora") -> str:  # type: ignore
             break
         time.sleep(0.5)
     return kernel_id
+
+
+def write_notebook(path: Path, *cells: str) -> Path:
+    """A notebook for the ``lora`` kernel: the first cell tagged ``parameters``."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "lora", "display_name": "LoRA (guarded)",
+                                 "language": "python"}
+    nb.cells = [nbformat.v4.new_code_cell(cells[0], metadata={"tags": ["parameters"]})]
+    nb.cells += [nbformat.v4.new_code_cell(c) for c in cells[1:]]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, str(path))
+    os.chmod(path, 0o644)
+    return path
+
+
+def k8s_round_trip(obj, kind: str):  # type: ignore[no-untyped-def]
+    """Serialize a kubernetes model as an API call does and read it back into the client's
+    models (whose validation rejects missing required fields and bad values); returns
+    ``(data, model)`` after checking the round trip is lossless."""
+    import json
+    from types import SimpleNamespace
+
+    from kubernetes import client
+
+    api = client.ApiClient()
+    data = api.sanitize_for_serialization(obj)
+    text = json.dumps(data)
+    try:
+        back = api.deserialize(text, kind, "application/json")
+    except TypeError:  # older clients: deserialize(response, type)
+        back = api.deserialize(SimpleNamespace(data=text), kind)
+    assert api.sanitize_for_serialization(back) == data
+    return data, back

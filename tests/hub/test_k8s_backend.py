@@ -7,11 +7,15 @@ bad enum values; then the security context, GPU limits, volumes and labels are a
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import yaml
+from hubtools import k8s_round_trip
 
 from hub import k8s_backend as kb
 from hub.runqueue import Submission
@@ -35,17 +39,7 @@ def sub(**kw) -> Submission:
     return Submission(**base)
 
 
-def round_trip(obj, kind: str):
-    """Serialize like the API call does, validate by reading it back into the models."""
-    api = client.ApiClient()
-    data = api.sanitize_for_serialization(obj)
-    text = json.dumps(data)
-    try:
-        back = api.deserialize(text, kind, "application/json")
-    except TypeError:  # older clients: deserialize(response, type)
-        back = api.deserialize(SimpleNamespace(data=text), kind)
-    assert api.sanitize_for_serialization(back) == data
-    return data, back
+round_trip = k8s_round_trip
 
 
 def test_job_round_trips_and_is_locked_down():
@@ -105,27 +99,18 @@ def test_volumes_home_and_output():
     pod = data["spec"]["template"]["spec"]
     vols = {v["name"]: v for v in pod["volumes"]}
     assert vols["home"]["persistentVolumeClaim"]["claimName"] == "claim-alice"
-    assert vols["output"]["persistentVolumeClaim"]["claimName"] == "lora-run-42"
+    # one shared output claim (ReadWriteMany), the run's own folder of it as a subPath
+    assert vols["output"]["persistentVolumeClaim"]["claimName"] == "lora-run-outputs"
     assert "emptyDir" in vols["tmp"]
-    mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
-    assert mounts == {"home": "/home/jovyan", "output": "/lora-run", "tmp": "/tmp"}
-
-    data, _ = round_trip(kb.job_manifest(sub(), settings(output_volume="emptyDir")), "V1Job")
-    vols = {v["name"]: v for v in data["spec"]["template"]["spec"]["volumes"]}
-    assert "emptyDir" in vols["output"]
-    with pytest.raises(ConfigError):
-        kb.job_manifest(sub(), settings(output_volume="hostPath"))
-
-
-def test_output_claim_round_trips():
-    data, back = round_trip(kb.output_claim_manifest(sub(), settings()),
-                            "V1PersistentVolumeClaim")
-    assert data["metadata"]["name"] == "lora-run-42"
-    assert data["spec"]["resources"]["requests"]["storage"] == "50Gi"
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert {k: m["mountPath"] for k, m in mounts.items()} == {
+        "home": "/home/jovyan", "output": "/lora-run", "tmp": "/tmp"}
+    assert mounts["output"]["subPath"] == "lora-run-42"
+    assert "subPath" not in mounts["home"]
 
 
 def test_labels_select_the_singleuser_network_policy():
-    data, _ = round_trip(kb.job_manifest(sub(run_id="20261125T201500Z-ab12cd"), settings()),
+    data, _ = round_trip(kb.job_manifest(sub(), settings(), run_id="20261125T201500Z-ab12cd"),
                          "V1Job")
     for labels in (data["metadata"]["labels"],
                    data["spec"]["template"]["metadata"]["labels"]):
@@ -139,25 +124,30 @@ def test_labels_select_the_singleuser_network_policy():
     assert data["metadata"]["labels"]["lora-enclave/run-id"] == "sub-42"
 
 
-def test_papermill_command_notebook_and_config():
-    data, _ = round_trip(kb.job_manifest(sub(), settings()), "V1Job")
+def test_the_pod_runs_the_job_steps_for_a_notebook_or_a_config():
+    data, _ = round_trip(kb.job_manifest(sub(), settings(), run_id="20261126T101500Z-ab12cd"),
+                         "V1Job")
     (c,) = data["spec"]["template"]["spec"]["containers"]
-    args = c["args"]
-    assert args[1:3] == ["-m", "papermill"]
-    assert args[3] == "/home/jovyan/lora/nb/train.ipynb"
-    assert args[4] == "/lora-run/executed.ipynb"
-    assert args[args.index("--kernel") + 1] == "lora"
-    assert json.loads(args[args.index("-y") + 1]) == {"steps": 3}
+    assert c["command"] == ["/opt/lora-enclave/.venv/bin/python", "-m",
+                            "lora_kernel.trusted.jobstep"]
+    (arg,) = c["args"]
+    assert json.loads(arg) == {"run_id": "20261126T101500Z-ab12cd", "kind": "notebook",
+                               "notebook": "/home/jovyan/lora/nb/train.ipynb",
+                               "parameters": {"steps": 3}, "home": "/home/jovyan/lora",
+                               "out": "/lora-run"}
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["LORA_RUN_ID"] == "20261126T101500Z-ab12cd"
+    assert env["LORA_NOTEBOOKS"] == "/opt/lora-enclave/notebooks"
 
     cfg = sub(kind="config", path="/home/alice/lora/my.yaml",
               parameters={"overrides": {"max_train_steps": 2}})
-    data, _ = round_trip(kb.job_manifest(cfg, settings(), task="text"), "V1Job")
-    args = data["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert args[3] == "/opt/lora-enclave/notebooks/train_text_lora.ipynb"
-    assert json.loads(args[args.index("-y") + 1]) == {
-        "config_path": "/home/jovyan/lora/my.yaml", "overrides": {"max_train_steps": 2}}
+    data, _ = round_trip(kb.job_manifest(cfg, settings(), run_id="r"), "V1Job")
+    spec = json.loads(data["spec"]["template"]["spec"]["containers"][0]["args"][0])
+    # the pod's pin step reads the config's task and picks the notebook, as lora run does
+    assert spec["kind"] == "config" and spec["config"] == "/home/jovyan/lora/my.yaml"
+    assert spec["overrides"] == {"max_train_steps": 2} and "notebook" not in spec
     with pytest.raises(ConfigError):
-        kb.job_manifest(cfg, settings(), task="audio")
+        kb.job_manifest(sub(kind="script"), settings())
 
 
 def test_refuses_paths_outside_home_root_and_unknown_users():
@@ -189,7 +179,7 @@ def test_no_timeout_uses_default_deadline():
 
 class FakeBatch:
     def __init__(self, job=None, error=None):
-        self.created, self.job, self.error = [], job, error
+        self.created, self.deleted, self.job, self.error = [], [], job, error
 
     def create_namespaced_job(self, namespace, body):
         self.created.append((namespace, body))
@@ -200,24 +190,23 @@ class FakeBatch:
             raise self.error
         return self.job
 
-
-class FakeCore:
-    def __init__(self):
-        self.created = []
-
-    def create_namespaced_persistent_volume_claim(self, namespace, body):
-        self.created.append((namespace, body))
+    def delete_namespaced_job(self, name, namespace, propagation_policy):
+        if self.error:
+            raise self.error
+        self.deleted.append((namespace, name, propagation_policy))
 
 
-def test_submit_creates_claim_then_job():
-    s = sub()
-    job, claim = kb.job_manifest(s, settings()), kb.output_claim_manifest(s, settings())
-    batch, core = FakeBatch(), FakeCore()
-    assert kb.submit(batch, job, core=core, claim=claim) is job
-    assert core.created == [("lora-enclave", claim)]
+def test_submit_and_delete():
+    job = kb.job_manifest(sub(), settings())
+    batch = FakeBatch()
+    assert kb.submit(batch, job) is job
     assert batch.created == [("lora-enclave", job)]
-    with pytest.raises(ConfigError):
-        kb.submit(batch, job, claim=claim)
+    assert kb.delete(batch, "lora-run-42") is True
+    assert batch.deleted == [("lora-enclave", "lora-run-42", "Background")]
+    gone = FakeBatch(error=client.exceptions.ApiException(status=404))
+    assert kb.delete(gone, "lora-run-42") is False
+    with pytest.raises(client.exceptions.ApiException):
+        kb.delete(FakeBatch(error=client.exceptions.ApiException(status=500)), "x")
 
 
 def _job_with(**status):
@@ -253,13 +242,101 @@ def test_label_value():
 def test_constants_match_the_runner_and_the_image():
     from pathlib import Path
 
-    from lora_kernel.trusted import runner
+    from lora_kernel.trusted import jobstep, runner
 
-    assert kb.NOTEBOOKS == runner.NOTEBOOKS and kb.KERNEL_NAME == runner.KERNEL_NAME
+    assert jobstep.KERNEL_NAME == runner.KERNEL_NAME
     repo = Path(__file__).resolve().parents[2]
     defaults = kb.K8sSettings()
     assert defaults.notebooks_dir == "/opt/lora-enclave/notebooks"
-    for name in kb.NOTEBOOKS.values():
+    for name in runner.NOTEBOOKS.values():
         assert (repo / "notebooks" / name).is_file()
     assert defaults.python == "/opt/lora-enclave/.venv/bin/python"
     assert "/opt/lora-enclave" in (repo / "docker" / "singleuser.Dockerfile").read_text()
+
+
+# -- the services on a cluster (docker/k8s/services.yaml) -----------------------------------
+REPO = Path(__file__).resolve().parents[2]
+SERVICES = REPO / "docker" / "k8s" / "services.yaml"
+VALUES = REPO / "docker" / "k8s" / "values.yaml"
+
+
+@pytest.fixture(scope="module")
+def services():
+    """Each document of services.yaml read back into the kubernetes client's model of its
+    kind (what the API server would accept), by kind and name."""
+    out = {}
+    for doc in yaml.safe_load_all(SERVICES.read_text()):
+        version = doc["apiVersion"].split("/")[-1].capitalize()
+        _, model = k8s_round_trip(doc, f"{version}{doc['kind']}")
+        assert model.kind == doc["kind"]
+        out[(doc["kind"], doc["metadata"]["name"])] = doc
+    return out
+
+
+def test_services_run_as_the_service_account_never_root(services):
+    dep = services[("Deployment", "lora-services")]
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsUser"] == 990 and pod["securityContext"]["runAsNonRoot"]
+    assert "useradd --system --uid 990" in (REPO / "docker" / "hub.Dockerfile").read_text()
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
+    names = {c["name"]: c for c in pod["containers"]}
+    assert set(names) == {"lora-runs", "lora-audit"}
+    for c in names.values():
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+        assert c["command"][1:3] == ["-m", f"hub.services.{c['name'].split('-')[1]}"]
+        assert importlib.util.find_spec(c["command"][2]) is not None
+        assert c["command"][0] == kb.K8sSettings().python  # the images' one venv
+
+
+def test_services_mount_the_state_and_the_runs_service_the_job_outputs(services):
+    K8sSettings = kb.K8sSettings
+
+    pod = services[("Deployment", "lora-services")]["spec"]["template"]["spec"]
+    vols = {v["name"]: v for v in pod["volumes"]}
+    mounts = {c["name"]: {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+              for c in pod["containers"]}
+    defaults = K8sSettings()
+    assert vols["outputs"]["persistentVolumeClaim"]["claimName"] == defaults.output_claim
+    assert mounts["lora-runs"]["outputs"] == defaults.output_root
+    assert "outputs" not in mounts["lora-audit"]
+    claims = {name: doc for (kind, name), doc in services.items()
+              if kind == "PersistentVolumeClaim"}
+    assert claims[defaults.output_claim]["spec"]["accessModes"] == ["ReadWriteMany"]
+    state = vols["state"]["persistentVolumeClaim"]["claimName"]
+    assert claims[state]["spec"]["accessModes"] == ["ReadWriteOnce"]
+    for c in pod["containers"]:
+        assert c["command"][c["command"].index("--state") + 1] == \
+            mounts[c["name"]]["state"]
+
+
+def test_services_role_is_jobs_only(services):
+    role = services[("Role", "lora-runs-jobs")]
+    resources = {r for rule in role["rules"] for r in rule["resources"]}
+    assert resources == {"jobs", "jobs/status"}
+    verbs = {v for rule in role["rules"] for v in rule["verbs"]}
+    assert verbs <= {"create", "get", "list", "watch", "delete"}
+    binding = services[("RoleBinding", "lora-runs-jobs")]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "lora-runs"}]
+    pod = services[("Deployment", "lora-services")]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "lora-runs"
+
+
+def test_services_policy_selects_the_kubernetes_backend(services, tmp_path, monkeypatch):
+    from hub.settings import load_settings
+
+    cm = services[("ConfigMap", "lora-enclave-policies")]
+    (tmp_path / "hub.yaml").write_text(cm["data"]["hub.yaml"])
+    monkeypatch.setenv("LORA_POLICIES", str(tmp_path))
+    settings = load_settings()
+    assert settings.runs_backend == "kubernetes"
+    assert settings.kubernetes.output_root == "/srv/lora-run-outputs"
+    values = yaml.safe_load(VALUES.read_text())
+    image = values["singleuser"]["image"]
+    assert settings.kubernetes.image == f"{image['name']}:{image['tag']}"
+    monkeypatch.delenv("LORA_POLICIES")  # the repository's policies/hub.yaml
+    assert load_settings().roles == settings.roles
+    for name in ("lora-runs", "lora-audit"):
+        svc = services[("Service", name)]
+        assert name in values["hub"]["services"]
+        port = int(values["hub"]["services"][name]["url"].rsplit(":", 1)[1])
+        assert svc["spec"]["ports"][0]["port"] == port

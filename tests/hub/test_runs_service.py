@@ -18,8 +18,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import nbformat
 import pytest
+from hubtools import write_notebook
 from tornado.ioloop import IOLoop
 from tornado.testing import bind_unused_port
 
@@ -217,17 +217,6 @@ class _signals_restored:
 
 
 # -- real runs (demo mode: the worker runs the kernel as this user) --------------------------
-def write_notebook(path: Path, *cells: str) -> Path:
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "lora", "display_name": "LoRA (guarded)",
-                                 "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell(cells[0], metadata={"tags": ["parameters"]})]
-    nb.cells += [nbformat.v4.new_code_cell(c) for c in cells[1:]]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, str(path))
-    return path
-
-
 @pytest.fixture
 def live_service(hub_env, monkeypatch, lora_kernel_prefix):
     monkeypatch.setenv("JUPYTER_PATH", str(lora_kernel_prefix / "share" / "jupyter"))

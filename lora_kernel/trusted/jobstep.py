@@ -1,0 +1,99 @@
+"""A run's untrusted steps inside a Kubernetes Job: ``python -m lora_kernel.trusted.jobstep SPEC``.
+
+The Job (:func:`hub.k8s_backend.job_manifest`) runs this in the single-user image as the run's
+user, the same steps the runner's children run on one machine
+(:mod:`lora_kernel.trusted.executor`): ``pin`` (validate the config, hash every input), ``run``
+(papermill in the ``lora`` kernel), ``collect`` (the evidence tar). ``SPEC`` is one JSON object:
+``run_id``, ``kind`` (``notebook`` with ``notebook`` and ``parameters``, or ``config`` with
+``config`` and ``overrides``: the config's ``task`` picks the training notebook, as
+``lora run --config`` does), ``home`` (the working home in the pod) and ``out`` (the Job's
+folder on the output volume). It writes into ``out``:
+
+``executor.log``  this process's stderr and the kernel's
+``pinned.json``   ``{"pinned": ..., "parameters": ...}``, or ``{"error": ...}`` when the
+                  inputs were refused (then nothing ran, exit 2 or 3)
+``work/``         the work folder (``output/``, checkpoints, ``executed.ipynb``)
+``exit.json``     ``{"rc": n}``: the run step's exit code
+``evidence.tar``  the collect step's tar (written last, renamed into place)
+
+Everything here is the user's word. The runs service (:mod:`hub.services.k8s_run`, the trusted
+side) reads these files back without following links, extracts the tar with the runner's own
+rules and seals the record as the service account; the Job never sees the state directory,
+the ledger or its key.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from lora_kernel.common.errors import LoraError
+from lora_kernel.trusted.executor import collect, pin, pinned_parameters, run
+
+KERNEL_NAME = "lora"  # lora_kernel.trusted.runner.KERNEL_NAME
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _request(spec: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
+    """The notebook and papermill parameters the spec asks for."""
+    if spec.get("kind") == "config":
+        from lora_kernel.trusted.runner import config_task, notebook_for_task
+
+        config = str(spec["config"])
+        return (notebook_for_task(config_task(config)),
+                {"config_path": config, "overrides": dict(spec.get("overrides") or {})})
+    return Path(spec["notebook"]), dict(spec.get("parameters") or {})
+
+
+def job(spec: dict[str, Any]) -> int:
+    """Pin, run and collect into ``spec["out"]``; the exit code of the Job's container."""
+    out = Path(spec["out"])
+    work = out / "work"
+    home = str(spec["home"])
+    try:
+        notebook, params = _request(spec)
+        pinned = pin({"notebook": str(notebook), "parameters": params, "home": home,
+                      "work": str(work)})
+    except LoraError as exc:
+        _write_json(out / "pinned.json", {"error": {
+            "type": type(exc).__name__, "exit_code": exc.exit_code, "message": str(exc)}})
+        return exc.exit_code
+    params = pinned_parameters(params, pinned, work)
+    source = pinned.pop("notebook_source")
+    _write_json(out / "pinned.json", {"pinned": pinned, "parameters": params})
+    try:
+        rc = run({"notebook_source": source, "parameters": params, "work": str(work),
+                  "kernel_name": KERNEL_NAME, "progress": True})
+    except Exception as exc:  # noqa: BLE001 - run() wrote error.json; the record says why
+        print(f"the run step failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        rc = 1
+    _write_json(out / "exit.json", {"rc": rc})
+    tmp = out / ".evidence.tar.tmp"
+    with open(tmp, "wb") as stream:
+        collect({"work": str(work), "home": home, "run_id": spec["run_id"]}, stream)
+    os.replace(tmp, out / "evidence.tar")
+    return 0 if rc == 0 else 1
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        raise SystemExit("usage: python -m lora_kernel.trusted.jobstep SPEC_JSON")
+    spec = json.loads(argv[0])
+    out = Path(spec["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / "executor.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 2)  # the kernel inherits it: its stderr lands there too
+    os.close(fd)
+    sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
+    return job(spec)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
