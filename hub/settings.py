@@ -95,12 +95,21 @@ def _k8s_settings(data: dict[str, Any], path: Path) -> Any:
         if key not in fields:
             raise ConfigError(f"unknown key; fix: one of {', '.join(sorted(fields))}",
                               file=path, key=f"runs.kubernetes.{key}")
+        where = f"runs.kubernetes.{key}"
         if key == "uids":
             try:
                 value = {str(u): (int(ids[0]), int(ids[1])) for u, ids in value.items()}
-            except (AttributeError, TypeError, ValueError, IndexError):
+            except (AttributeError, TypeError, ValueError, IndexError, KeyError):
                 raise ConfigError("must map user names to [uid, gid]", file=path,
-                                  key="runs.kubernetes.uids") from None
+                                  key=where) from None
+        else:
+            default = getattr(K8sSettings(), key)
+            kind = type(default) if default is not None else str
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)) \
+                    or (kind is dict and not all(isinstance(v, str) for v in value.values())):
+                if not (value is None and key == "memory_limit"):
+                    raise ConfigError(f"must be a {kind.__name__} (like {default!r}), got "
+                                      f"{value!r}", file=path, key=where)
         kw[key] = value
     return K8sSettings(**kw)
 

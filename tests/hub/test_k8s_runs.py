@@ -365,6 +365,15 @@ def test_hub_yaml_selects_the_backend(tmp_path, monkeypatch):
     (tmp_path / "hub.yaml").write_text("runs:\n  kubernetes:\n    namespaec: ml\n")
     with pytest.raises(ConfigError, match="runs.kubernetes.namespaec"):
         load_settings()
+    for bad in ("default_deadline_s: soon", "read_only_root: 'no'", "uids: {alice: 5}",
+                "node_selector: {gpu: 1}", "image: [a]"):
+        (tmp_path / "hub.yaml").write_text(f"runs:\n  kubernetes:\n    {bad}\n")
+        key = bad.split(":")[0]
+        with pytest.raises(ConfigError, match=f"runs.kubernetes.{key}"):
+            load_settings()
+    (tmp_path / "hub.yaml").write_text("runs:\n  kubernetes:\n    memory_limit: null\n"
+                                       "    default_deadline_s: 60\n")
+    assert load_settings().kubernetes.memory_limit is None
     (tmp_path / "hub.yaml").write_text("runs:\n  backend: slurm\n")
     with pytest.raises(ConfigError, match="runs.backend"):
         load_settings()
