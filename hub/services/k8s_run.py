@@ -206,3 +206,19 @@ def execute(queue: RunQueue, sub: Submission, ctx: RunContext, state: str,
     with ctx.privileges.elevated():
         shutil.rmtree(out, ignore_errors=True)  # a succeeded run's outputs are in its record
     return rec
+
+
+def recover(state: str, ctx: RunContext, *, api: Any) -> list[RunRecord]:
+    """The service's recovery on Kubernetes: delete the Job of every run whose worker died
+    (so nothing writes into its outputs any more), then seal those runs as failed from what
+    their output folders hold (:func:`lora_kernel.trusted.recovery.recover`)."""
+    from lora_kernel.trusted.recovery import recover as seal_stale
+    from lora_kernel.trusted.recovery import stale_runs
+
+    for run in stale_runs(state):
+        extra = run.get("extra") or {}
+        if run.get("backend") == "kubernetes" and extra.get("job"):
+            if delete(api, str(extra["job"]), str(extra.get("namespace") or "lora-enclave")):
+                log.warning("run %s: deleted Job %s (its worker is gone)", run["run_id"],
+                            extra["job"])
+    return seal_stale(state=state, ctx=ctx)

@@ -242,7 +242,13 @@ def main(argv: list[str] | None = None) -> int:
 
         ctx = make_context(None, demo=args.demo, service_user=args.service_user,
                            cancelled=cancelled)
-        print(json.dumps([r.to_dict() for r in recover(state=state, ctx=ctx)]))
+        if load_settings().runs_backend == "kubernetes":
+            from . import k8s_run
+
+            records = k8s_run.recover(state, ctx, api=k8s_run.load_apis())
+        else:
+            records = recover(state=state, ctx=ctx)
+        print(json.dumps([r.to_dict() for r in records]))
         return 0
     queue = RunQueue(state)
     sub = queue.get(args.id)

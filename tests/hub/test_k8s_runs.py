@@ -296,6 +296,47 @@ def test_cancel_deletes_the_job_and_seals_a_failed_record(cluster_env):
     assert env.cluster.deleted == [f"lora-run-{row.id}"]
 
 
+class WorkerDied(BaseException):
+    pass
+
+
+@pytest.mark.slow
+def test_a_dead_workers_job_is_deleted_and_its_run_sealed_failed(cluster_env, monkeypatch):
+    """What a killed worker leaves: the run's descriptor without its lock, and a Job still
+    running. The next recovery deletes the Job and seals the run from its outputs."""
+    from lora_kernel.trusted.runner import ActiveRun
+
+    env = cluster_env
+    nb = write_notebook(env.home / "slow.ipynb", "x = 1",
+                        "import time\nprint('started', flush=True)\ntime.sleep(300)")
+
+    def die(api, name, settings, timeout, cancelled, poll_s):
+        deadline = time.monotonic() + 120
+        while not (env.output_root / name / "pinned.json").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        raise WorkerDied()
+
+    def exit_like_a_killed_process(self, *exc):
+        os.close(self._fd)  # the lock goes with the process; the descriptor stays
+
+    monkeypatch.setattr(k8s_run, "_wait", die)
+    monkeypatch.setattr(ActiveRun, "__exit__", exit_like_a_killed_process)
+    with pytest.raises(WorkerDied):
+        submit_and_run(env, "notebook", nb)
+    (name,) = env.cluster.jobs
+    monkeypatch.undo()
+    ctx = RunContext(actor=Actor("lora-svc", 0, 0, (), "runs service"))
+    (rec,) = k8s_run.recover(str(env.state), ctx, api=env.cluster)
+    assert env.cluster.deleted == [name] and not env.cluster.jobs
+    assert rec.status == "failed" and "runner stopped" in rec.error
+    extra = manifest_of(SimpleNamespace(record={"path": rec.path}))[
+        "predicate"]["runDetails"]["metadata"]["extra"]
+    assert extra["backend"] == "kubernetes" and extra["job"] == name
+    # nothing left to recover
+    assert k8s_run.recover(str(env.state), ctx, api=env.cluster) == []
+
+
 def test_refused_inputs_end_the_submission_without_a_record(cluster_env):
     env = cluster_env
     bad = env.home / "bad.yaml"
