@@ -26,7 +26,9 @@ For a claimed submission (:class:`hub.runqueue.Submission`) :func:`job_manifest`
   off, docker/k8s/values.yaml) selects the run's pod too; no service-account token.
 
 :func:`submit` creates it, :func:`status` reads its state back, :func:`delete` removes it
-and its pod. :mod:`hub.services.k8s_run` drives them for the runs service.
+and its pod, :func:`pod_log_head` reads the start of its log (where the run step acknowledges
+its pinned inputs before any user code runs). :mod:`hub.services.k8s_run` drives them for the
+runs service.
 """
 from __future__ import annotations
 
@@ -73,6 +75,7 @@ class K8sSettings:
     read_only_root: bool = True
     default_deadline_s: int = 24 * 3600     # a submission without a timeout
     ttl_after_finished_s: int = 3600        # the service seals well before this
+    grace_s: int = 60                       # SIGTERM to SIGKILL: time to collect evidence
     cpu_request: str = "2"
     memory_request: str = "8Gi"
     memory_limit: str | None = "64Gi"
@@ -101,9 +104,14 @@ def label_value(value: str) -> str:
     return cleaned or "none"
 
 
-def job_name(sub: Submission) -> str:
-    """``lora-run-<submission id>`` (also the output claim's name)."""
-    return f"lora-run-{int(sub.id)}"
+def job_name(run_id: str) -> str:
+    """``lora-<run id>``: the Job's name and its folder on the output claim. By run id, not
+    by submission id: submission ids start again with a new queue, and a failed run's folder
+    stays on the claim."""
+    name = f"lora-{run_id}".lower()
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", name):
+        raise ConfigError(f"run id {run_id!r} does not make a Kubernetes name")
+    return name
 
 
 def user_ids(user: str, mapping: Mapping[str, tuple[int, int]] | None = None
@@ -173,8 +181,8 @@ def job_manifest(sub: Submission, settings: K8sSettings | None = None, *,
     if sub.kind not in ("notebook", "config"):
         raise ConfigError(f"unknown kind {sub.kind!r}")
     uid, gid = user_ids(sub.user, settings.uids)
-    name = job_name(sub)
     run_id = run_id or sub.run_id or f"sub-{int(sub.id)}"
+    name = job_name(run_id)
     labels = _labels(sub, settings, run_id)
     gpus = int(sub.gpus)
     workhome = posixpath.join(settings.home_mount, settings.workdir)
@@ -220,6 +228,8 @@ def job_manifest(sub: Submission, settings: K8sSettings | None = None, *,
                                    effect="NoSchedule")] if gpus else None)
     pod = k.V1PodSpec(
         restart_policy="Never", containers=[container], volumes=volumes,
+        # on delete (cancel, deadline) the run step stops the kernel and collects the evidence
+        termination_grace_period_seconds=settings.grace_s,
         automount_service_account_token=False, enable_service_links=False,
         security_context=k.V1PodSecurityContext(
             run_as_user=uid, run_as_group=gid, run_as_non_root=True, fs_group=gid,
@@ -244,16 +254,35 @@ def submit(api: Any, job: Any) -> Any:
 
 
 def delete(api: Any, name: str, namespace: str = "lora-enclave") -> bool:
-    """Delete Job ``name`` and its pod (``propagationPolicy: Background``; the kubelet stops
-    the container with SIGTERM, then SIGKILL). False when it was already gone."""
+    """Delete Job ``name`` and its pod with ``propagationPolicy: Foreground``: the Job stays
+    (with a deletion timestamp) until its pod is gone — the kubelet sends SIGTERM, the run
+    step collects its evidence, SIGKILL after :attr:`K8sSettings.grace_s` — so
+    :func:`status` answers ``missing`` only once nothing writes into the output folder any
+    more. False when it was already gone."""
     try:
         api.delete_namespaced_job(name=name, namespace=namespace,
-                                  propagation_policy="Background")
+                                  propagation_policy="Foreground")
     except Exception as exc:
         if getattr(exc, "status", None) == 404:
             return False
         raise
     return True
+
+
+def pod_log_head(core: Any, name: str, namespace: str, limit: int = 65536) -> str | None:
+    """The first ``limit`` bytes of the log of Job ``name``'s pod (its container's stdout),
+    or None when there is no pod (yet, or any more)."""
+    pods = core.list_namespaced_pod(namespace=namespace, label_selector=f"job-name={name}")
+    for pod in getattr(pods, "items", None) or []:
+        try:
+            text = core.read_namespaced_pod_log(name=pod.metadata.name, namespace=namespace,
+                                                container="run", limit_bytes=limit)
+        except Exception as exc:
+            if getattr(exc, "status", None) in (400, 404):  # not started / gone
+                continue
+            raise
+        return str(text)
+    return None
 
 
 def status(api: Any, name: str, namespace: str = "lora-enclave") -> dict[str, Any]:

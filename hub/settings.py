@@ -97,11 +97,13 @@ def _k8s_settings(data: dict[str, Any], path: Path) -> Any:
                               file=path, key=f"runs.kubernetes.{key}")
         where = f"runs.kubernetes.{key}"
         if key == "uids":
-            try:
-                value = {str(u): (int(ids[0]), int(ids[1])) for u, ids in value.items()}
-            except (AttributeError, TypeError, ValueError, IndexError, KeyError):
-                raise ConfigError("must map user names to [uid, gid]", file=path,
-                                  key=where) from None
+            if not isinstance(value, dict) or not all(
+                    isinstance(ids, list) and len(ids) == 2 and all(
+                        isinstance(i, int) and not isinstance(i, bool) and i > 0 for i in ids)
+                    for ids in value.values()):
+                raise ConfigError("must map user names to [uid, gid], two whole numbers > 0 "
+                                  "(never root)", file=path, key=where)
+            value = {str(u): (ids[0], ids[1]) for u, ids in value.items()}
         else:
             default = getattr(K8sSettings(), key)
             kind = type(default) if default is not None else str
@@ -110,6 +112,12 @@ def _k8s_settings(data: dict[str, Any], path: Path) -> Any:
                 if not (value is None and key == "memory_limit"):
                     raise ConfigError(f"must be a {kind.__name__} (like {default!r}), got "
                                       f"{value!r}", file=path, key=where)
+            if kind is int and value is not None and value < (0 if key.startswith("ttl")
+                                                              else 1):
+                raise ConfigError(f"must be at least {0 if key.startswith('ttl') else 1}, got "
+                                  f"{value!r}", file=path, key=where)
+            if kind is dict and not all(isinstance(k, str) for k in value):
+                raise ConfigError("keys must be strings", file=path, key=where)
         kw[key] = value
     return K8sSettings(**kw)
 

@@ -6,24 +6,31 @@ here, as the service account; only the user's steps move into the cluster::
 
     run worker (service account)                      Job pod (the user's uid, single-user image)
       ├─ new run id; <state>/runs/.active/<id>.json      (hub.k8s_backend.job_manifest)
-      ├─ create Job lora-run-<submission>  ──────────►  lora_kernel.trusted.jobstep:
-      ├─ poll its status (cancel, timeout: delete)        pin → papermill in `lora` → collect
-      │                                                   into <output claim>/lora-run-<n>/
-      ├─ read <output_root>/lora-run-<n>/ back: pinned.json, exit.json, executor.log,
-      │    evidence.tar — never through a link, only regular files, size-capped
-      │    (lora_kernel.trusted.evidence.open_untrusted); the tar extracted with the
-      │    runner's own rules
+      ├─ create Job lora-<run id>  ───────────────────►  lora_kernel.trusted.jobstep:
+      ├─ poll its status (transient API errors           pin → ack on stdout → papermill in
+      │    retried; cancel, deadline: delete it           `lora` → collect into
+      │    and wait until its pod is gone)                <output claim>/lora-<run id>/
+      ├─ read the pin acknowledgement (the sha256 of pinned.json) from the head of the
+      │    pod's log, printed before any user code ran
+      ├─ read <output_root>/lora-<run id>/ back: pinned.json (only if it still has that
+      │    sha256), exit.json, executor.log, evidence.tar — never through a link, only
+      │    regular files, size-capped (lora_kernel.trusted.evidence.open_untrusted); the
+      │    tar extracted with the runner's own rules; success only from the Job's condition
       └─ manifest, seal, ledger entry (lora_kernel.trusted.runner.seal_run); delete the Job
 
 Inputs refused by the pin step (an invalid config, an unsafe model) end the submission with
 that error and no record, as ``lora run`` does; a Job that ends before its inputs were pinned
 (image pull failure, deleted, deadline while pending) ends it with the reason and no record:
-nothing of the user's ran. Every run that got past pinning is recorded, failed or not.
+nothing of the user's ran. Every run that got past pinning is recorded, failed or not: also
+when the cluster API fails for good while it runs (the Job is deleted and the run sealed failed
+with the reason), and when the user's code rewrote the pin answer (sealed failed, the forged
+answer ignored).
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -31,13 +38,23 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lora_kernel.common.digests import sha256_bytes
 from lora_kernel.common.errors import ConfigError, LoraError, RunFailed, UnsafeModelError
 from lora_kernel.common.paths import runs_dir
 from lora_kernel.common.timeutil import iso_time
-from lora_kernel.trusted.evidence import read_untrusted
+from lora_kernel.trusted.evidence import open_untrusted, read_untrusted
+from lora_kernel.trusted.jobstep import ACK
 from lora_kernel.trusted.runner import ActiveRun, RunContext, RunRecord, new_run_id, seal_run
 
-from ..k8s_backend import K8sSettings, delete, job_manifest, job_name, job_spec, status, submit
+from ..k8s_backend import (
+    K8sSettings,
+    delete,
+    job_manifest,
+    job_spec,
+    pod_log_head,
+    status,
+    submit,
+)
 from ..runqueue import RunQueue, Submission
 
 log = logging.getLogger("lora.hub.k8s_run")
@@ -46,12 +63,15 @@ DONE = ("succeeded", "failed", "timeout", "missing")
 PINNED_LIMIT = 64 << 20      # pinned.json: dataset digests of a large dataset fit
 SMALL_LIMIT = 1 << 20        # exit.json
 LOG_LIMIT = 16 << 20         # the tail of executor.log kept in the record
+API_RETRIES = 8              # consecutive transient API failures tolerated while polling
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# What a record of a run whose pin answer cannot be believed says about its inputs.
+UNPINNED = {"kind": None, "notebook_sha256": ""}
 
 
-def load_apis() -> Any:
-    """A ``BatchV1Api`` from the service's in-cluster service account (or ``~/.kube/config``
-    outside a cluster)."""
+def load_apis() -> tuple[Any, Any]:
+    """``BatchV1Api`` and ``CoreV1Api`` from the service's in-cluster service account (or
+    ``~/.kube/config`` outside a cluster)."""
     try:
         from kubernetes import client, config
     except ImportError:
@@ -60,19 +80,46 @@ def load_apis() -> Any:
     try:
         config.load_incluster_config()
     except config.ConfigException:
-        config.load_kube_config()
-    return client.BatchV1Api()
+        try:
+            config.load_kube_config()
+        except (config.ConfigException, OSError) as exc:
+            raise ConfigError(f"no Kubernetes credentials: {exc}; fix: run the runs service "
+                              "in the cluster with its service account (docker/k8s/"
+                              "services.yaml), or give it a kubeconfig") from None
+    return client.BatchV1Api(), client.CoreV1Api()
 
 
-def _json_of(path: Path, limit: int) -> dict[str, Any] | None:
-    data = read_untrusted(path, limit)
-    if data is None:
-        return None
+def _transient(exc: BaseException) -> bool:
+    """An API error worth retrying: 429/5xx, or the connection itself."""
+    code = getattr(exc, "status", None)
+    if code in (429, 500, 502, 503, 504):
+        return True
+    return isinstance(exc, (OSError, TimeoutError)) or \
+        type(exc).__module__.split(".")[0] == "urllib3"
+
+
+def _read_json(path: Path, limit: int) -> tuple[dict[str, Any] | None, bytes | None]:
+    """``(object, bytes)`` of a JSON file the pod wrote; ``(None, bytes)`` when it is not a
+    JSON object, ``(None, None)`` when missing, a link, not a regular file or over
+    ``limit`` bytes (never truncated: a cut file is not the file)."""
+    try:
+        with open_untrusted(path) as f:
+            if os.fstat(f.fileno()).st_size > limit:
+                log.error("%s is over %d bytes: not read", path, limit)
+                return None, None
+            data = f.read(limit + 1)
+    except OSError:
+        return None, None
     try:
         obj = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return None
-    return obj if isinstance(obj, dict) else None
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None, data
+    return (obj if isinstance(obj, dict) else None), data
+
+
+def _str_map(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                           for k, v in value.items())
 
 
 def check_pinned(doc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -86,13 +133,26 @@ def check_pinned(doc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
             or not _SHA256.match(pinned["notebook_sha256"]):
         raise LoraError("pinned.json: notebook_sha256 is not a sha256")
     if pinned.get("kind") not in ("notebook", "training") \
-            or not isinstance(pinned.get("declared"), list):
-        raise LoraError("pinned.json: kind or declared parameters missing")
+            or not isinstance(pinned.get("declared"), list) \
+            or not isinstance(pinned.get("notebook"), str):
+        raise LoraError("pinned.json: kind, notebook or declared parameters missing")
+    checks: list[tuple[str, Callable[[Any], bool]]] = [
+        ("seed", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool))),
+        ("config", lambda v: v is None or isinstance(v, dict)),
+        ("dataset_digests", lambda v: v is None or _str_map(v)),
+        ("dataset_version", lambda v: v is None or isinstance(v, str)),
+        ("base_model_sha256", lambda v: v is None or (isinstance(v, str)
+                                                      and bool(_SHA256.match(v))))]
     if pinned["kind"] == "training":
-        for key, kind in (("config", dict), ("config_path", str), ("config_sha256", str),
-                          ("dataset_digests", dict), ("base_model_sha256", str)):
-            if not isinstance(pinned.get(key), kind):
-                raise LoraError(f"pinned.json: {key} missing or not a {kind.__name__}")
+        checks += [(key, lambda v: v is not None)
+                   for key in ("config", "config_path", "config_sha256", "dataset_digests",
+                               "base_model_sha256", "overrides")]
+        checks += [("config_path", lambda v: isinstance(v, str)),
+                   ("config_sha256", lambda v: isinstance(v, str) and bool(_SHA256.match(v)))]
+    for key, ok in checks:
+        if not ok(pinned.get(key)):
+            raise LoraError(f"pinned.json: {key} is missing or of the wrong type")
+    pinned = {k: v for k, v in pinned.items() if k != "resume"}  # no resume on Kubernetes
     return pinned, params
 
 
@@ -100,33 +160,91 @@ def _pin_error(doc: dict[str, Any]) -> LoraError | None:
     err = doc.get("error")
     if not isinstance(err, dict):
         return None
-    cls = {2: ConfigError, 3: UnsafeModelError}.get(int(err.get("exit_code") or 1), LoraError)
-    return cls(f"the run's inputs were refused in the Job: {err.get('message')}")
+    code = err.get("exit_code")
+    cls = {2: ConfigError, 3: UnsafeModelError}.get(code if isinstance(code, int) else 1,
+                                                    LoraError)
+    return cls(f"the run's inputs were refused in the Job: {str(err.get('message'))[:2000]}")
 
 
-def _wait(api: Any, name: str, settings: K8sSettings, timeout: float | None,
-          cancelled: Callable[[], bool], poll_s: float) -> tuple[dict[str, Any], str | None]:
-    """Poll Job ``name`` until it ends; on cancel or a missed deadline delete it. Returns its
-    last status and why the service stopped it (None: it ended by itself)."""
-    deadline = time.monotonic() + timeout + 60 if timeout else None
-    while True:
-        st = status(api, name, settings.namespace)
-        if st["state"] in DONE:
-            return st, None
-        reason = None
-        if cancelled():
-            reason = "cancelled: the Job was deleted by the runs service"
-        elif deadline is not None and time.monotonic() > deadline:
-            reason = f"timed out after {timeout:g}s (the Job outlived its deadline)"
-        if reason:
-            delete(api, name, settings.namespace)
-            for _ in range(int(30 / poll_s) + 1):  # the pod gets SIGTERM; let it write
-                st = status(api, name, settings.namespace)
-                if st["state"] in DONE or not st["active"]:
-                    break
-                time.sleep(poll_s)
-            return st, reason
-        time.sleep(poll_s)
+class Watch:
+    """Job ``name``: its status (transient API errors retried) and the pin acknowledgement
+    from the head of its pod's log."""
+
+    def __init__(self, api: Any, core: Any, name: str, settings: K8sSettings, out: Path,
+                 poll_s: float) -> None:
+        self.api, self.core, self.name, self.settings = api, core, name, settings
+        self.out, self.poll_s = out, poll_s
+        self.ack: str | None = None
+        self._failures = 0
+
+    def _call(self, fn: Callable[[], Any]) -> Any:
+        while True:
+            try:
+                answer = fn()
+            except Exception as exc:
+                if not _transient(exc) or self._failures >= API_RETRIES:
+                    raise
+                self._failures += 1
+                log.warning("Job %s: API error %s (%d of %d), retrying", self.name, exc,
+                            self._failures, API_RETRIES)
+                time.sleep(self.poll_s * min(2 ** self._failures, 16))
+                continue
+            self._failures = 0
+            return answer
+
+    def status(self) -> dict[str, Any]:
+        st: dict[str, Any] = self._call(lambda: status(self.api, self.name,
+                                                       self.settings.namespace))
+        if self.ack is None and os.path.lexists(self.out / "pinned.json"):
+            self.read_ack()
+        return st
+
+    def read_ack(self) -> None:
+        """The first acknowledgement line of the pod's log (later ones are user code's)."""
+        text = self._call(lambda: pod_log_head(self.core, self.name, self.settings.namespace))
+        for line in (text or "").splitlines():
+            if line.startswith(ACK):
+                sha = line[len(ACK):].strip()
+                self.ack = sha if _SHA256.match(sha) else None
+                return
+
+    def pods_gone(self) -> bool:
+        pods = self._call(lambda: self.core.list_namespaced_pod(
+            namespace=self.settings.namespace, label_selector=f"job-name={self.name}"))
+        return not (getattr(pods, "items", None) or [])
+
+    def delete(self) -> None:
+        """Delete the Job; wait (up to the grace period and a margin) until neither it nor its
+        pod is left, so nothing writes into the output folder any more."""
+        self._call(lambda: delete(self.api, self.name, self.settings.namespace))
+        deadline = time.monotonic() + self.settings.grace_s + 30
+        while time.monotonic() < deadline:
+            if self.status()["state"] == "missing" and self.pods_gone():
+                return
+            time.sleep(self.poll_s)
+        log.error("Job %s: still there %ss after its deletion", self.name,
+                  self.settings.grace_s + 30)
+
+    def wait(self, timeout: float | None, cancelled: Callable[[], bool]
+             ) -> tuple[dict[str, Any], str | None]:
+        """Poll until the Job ends; on cancel or a missed deadline delete it. Returns its
+        last status and why the service stopped it (None: it ended by itself)."""
+        deadline = time.monotonic() + timeout + 60 if timeout else None
+        while True:
+            st = self.status()
+            if st["state"] in DONE:
+                if st["state"] == "missing":  # deleted from outside: its pod may still write
+                    self.delete()
+                return st, None
+            reason = None
+            if cancelled():
+                reason = "cancelled: the Job was deleted by the runs service"
+            elif deadline is not None and time.monotonic() > deadline:
+                reason = f"timed out after {timeout:g}s (the Job outlived its deadline)"
+            if reason:
+                self.delete()
+                return st, reason
+            time.sleep(self.poll_s)
 
 
 def _stopped_reason(st: dict[str, Any], timeout: float | None) -> str | None:
@@ -139,17 +257,30 @@ def _stopped_reason(st: dict[str, Any], timeout: float | None) -> str | None:
     return None
 
 
+def _remove(path: Path, ctx: RunContext) -> None:
+    """Remove a sealed run's output folder; say so when the service may not (its files are
+    the user's: a non-root service needs a retention job, docs/deploy.md)."""
+    failed: list[str] = []
+    with ctx.privileges.elevated():
+        shutil.rmtree(path, onerror=lambda _f, p, _e: failed.append(p))
+    if failed:
+        log.warning("could not remove %d file(s) of %s (they belong to the run's user); "
+                    "the output claim's retention job removes them", len(failed), path)
+
+
 def execute(queue: RunQueue, sub: Submission, ctx: RunContext, state: str,
-            cancelled: Callable[[], bool], *, api: Any, settings: K8sSettings,
-            poll_s: float = POLL_S) -> RunRecord:
+            cancelled: Callable[[], bool], *, api: Any, core: Any, settings: K8sSettings,
+            poll_s: float | None = None) -> RunRecord:
     """Run ``sub`` as a Job and seal its record (see the module docstring). Raises what the
     local runner raises: :class:`ConfigError` / :class:`UnsafeModelError` (nothing ran,
     nothing recorded), :class:`RunFailed` (a failed run, recorded)."""
     run_id = new_run_id()
     job = job_manifest(sub, settings, run_id=run_id)  # ConfigError: nothing submitted
-    name = job_name(sub)
+    name = str(job.metadata.name)
     spec = job_spec(sub, settings, run_id)
     out = Path(settings.output_root) / name
+    if os.path.lexists(out):
+        raise LoraError(f"{out} already exists: another run's outputs; nothing submitted")
     with ctx.privileges.elevated():
         queue.set_run_id(sub.id, run_id)
     uid = int(job.spec.template.spec.security_context.run_as_user)
@@ -160,65 +291,126 @@ def execute(queue: RunQueue, sub: Submission, ctx: RunContext, state: str,
         "home": spec["home"], "work": str(out / "work"), "started": iso_time(),
         "actor": {"name": ctx.actor.name, "uid": ctx.actor.uid, "source": ctx.actor.source},
         "run_as": {"uid": uid, "name": sub.user},
-        # Until the pod answers: a record sealed now (recovery) says nothing was pinned.
-        "pinned": {"kind": None, "notebook_sha256": ""},
+        "pinned": dict(UNPINNED),  # until the pod answers (a recovery seals it so)
         "backend": "kubernetes", "evidence": str(out / "evidence.tar"),
         "extra": {"backend": "kubernetes", "job": name, "namespace": settings.namespace,
                   "image": settings.image}}
+    watch = Watch(api, core, name, settings, out, POLL_S if poll_s is None else poll_s)
     with ActiveRun(runs_dir(state), run) as active:
         log.info("run %s: Job %s/%s for %s", run_id, settings.namespace, name, sub.user)
         t0 = time.monotonic()
-        submit(api, job)
-        st, stopped = _wait(api, name, settings, sub.timeout, cancelled, poll_s)
-        reason = stopped or _stopped_reason(st, sub.timeout)
-        doc = _json_of(out / "pinned.json", PINNED_LIMIT)
-        refused = _pin_error(doc) if doc is not None else None
-        if doc is None or refused is not None:
-            shutil.rmtree(active.staging, ignore_errors=True)
-            delete(api, name, settings.namespace)
-            raise refused or LoraError(
-                f"the Job {name} ended ({st['state']}{': ' + reason if reason else ''}) "
-                "before its inputs were pinned: nothing ran, nothing recorded; fix: kubectl "
-                f"-n {settings.namespace} describe job {name}")
         try:
-            pinned, params = check_pinned(doc)
-        except LoraError as exc:
-            pinned, params = run["pinned"], run["parameters"]
-            reason = reason or f"the Job's pin answer was malformed ({exc})"
+            submit(api, job)
+        except Exception as exc:  # nothing was created
+            shutil.rmtree(active.staging, ignore_errors=True)
+            raise LoraError(f"the cluster refused the Job {name}: {exc}") from None
+        try:
+            st, stopped = watch.wait(sub.timeout, cancelled)
+            if watch.ack is None:
+                watch.read_ack()
+        except Exception as exc:  # the API failed for good: stop the Job, seal what it left
+            log.exception("Job %s: lost", name)
+            st, stopped = {"state": "lost"}, f"the runs service lost the Job: {exc}"
+            try:
+                watch.delete()
+            except Exception:
+                log.exception("Job %s: could not delete it", name)
+        job_reason = _stopped_reason(st, sub.timeout)
+        doc, data = _read_json(out / "pinned.json", PINNED_LIMIT)
+        if watch.ack is None and not any(os.path.lexists(out / f) for f in
+                                         ("exit.json", "evidence.tar", "work")):
+            # The run step acknowledges before the kernel starts: no user code ran.
+            refused = _pin_error(doc) if doc is not None else None
+            shutil.rmtree(active.staging, ignore_errors=True)
+            _delete_quietly(watch)
+            why = stopped or job_reason
+            raise refused or LoraError(
+                f"the Job {name} ended ({st['state']}{': ' + why if why else ''}) before "
+                "its inputs were pinned: nothing ran, nothing recorded; fix: kubectl -n "
+                f"{settings.namespace} describe job {name}")
+        pinned, params, pin_reason = dict(UNPINNED), run["parameters"], None
+        if watch.ack is None:
+            pin_reason = "the pin acknowledgement is missing from the pod's log"
+        elif doc is None or data is None or sha256_bytes(data) != watch.ack:
+            pin_reason = ("the pin answer (pinned.json) was changed or removed after the "
+                          "inputs were pinned; the record keeps none of it")
+        else:
+            try:
+                pinned, params = check_pinned(doc)
+            except LoraError as exc:
+                pin_reason = f"the Job's pin answer was malformed ({exc})"
         run.update(pinned=pinned, parameters=params,
                    notebook=str(pinned.get("notebook") or run["notebook"]))
-        rc_doc = _json_of(out / "exit.json", SMALL_LIMIT) or {}
-        rc = rc_doc.get("rc") if isinstance(rc_doc.get("rc"), int) else None
-        if rc is not None and stopped is None and st["state"] == "failed":
-            reason = None  # the run step ended by itself: its error.json says why
+        # Success is the Job's own word (the run step's exit code), never exit.json's.
+        rc_doc, _ = _read_json(out / "exit.json", SMALL_LIMIT)
+        told = (rc_doc or {}).get("rc")
+        told = told if isinstance(told, int) and not isinstance(told, bool) else None
+        if st["state"] == "succeeded" and stopped is None:
+            rc: int | None = 0
+        else:
+            rc = 1 if told == 0 else told  # a failed Job's "0" is not believed
+            if told is not None and st["state"] == "failed":
+                job_reason = None  # the run step ended by itself: error.json says why
+        reason = stopped or pin_reason or job_reason
         if rc is None and reason is None:
             reason = f"the Job ended ({st['state']}) without the run step's exit code"
         logged = read_untrusted(out / "executor.log", LOG_LIMIT)
         if logged is not None:
             (active.staging / "executor.log").write_bytes(logged)
-        try:
-            rec = seal_run(run, active.staging, rc=rc, reason=reason, ctx=ctx, state=state,
-                           seconds=time.monotonic() - t0, log=lambda m: log.info("%s", m))
-        except RunFailed:
-            delete(api, name, settings.namespace)
-            raise
-    delete(api, name, settings.namespace)
-    with ctx.privileges.elevated():
-        shutil.rmtree(out, ignore_errors=True)  # a succeeded run's outputs are in its record
+        rec = _seal(run, active.staging, rc, reason, ctx, state, t0, watch)
+    _delete_quietly(watch)
+    _remove(out, ctx)  # a succeeded run's outputs are in its record
     return rec
 
 
-def recover(state: str, ctx: RunContext, *, api: Any) -> list[RunRecord]:
+def _delete_quietly(watch: Watch) -> None:
+    try:
+        delete(watch.api, watch.name, watch.settings.namespace)
+    except Exception:
+        log.exception("Job %s: could not delete it", watch.name)
+
+
+def _seal(run: dict[str, Any], staging: Path, rc: int | None, reason: str | None,
+          ctx: RunContext, state: str, t0: float, watch: Watch) -> RunRecord:
+    """:func:`seal_run`; a failed run deletes its Job first. A value of the pod's that the
+    sealing cannot take is sealed failed without the pin answer, never left unrecorded."""
+    def say(msg: str) -> None:
+        log.info("%s", msg)
+    try:
+        return seal_run(run, staging, rc=rc, reason=reason, ctx=ctx, state=state,
+                        seconds=time.monotonic() - t0, log=say)
+    except RunFailed:
+        _delete_quietly(watch)
+        raise
+    except (ValueError, TypeError, KeyError) as exc:
+        log.exception("run %s: sealing failed", run["run_id"])
+        _delete_quietly(watch)
+        for item in staging.iterdir():  # start again from an empty staging folder
+            shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+        run.update(pinned=dict(UNPINNED), evidence=str(staging / "none"))
+        return seal_run(run, staging, rc=rc, ctx=ctx, state=state, log=say,
+                        reason=f"the Job's outputs could not be sealed ({exc})",
+                        seconds=time.monotonic() - t0)
+
+
+def recover(state: str, ctx: RunContext, *, api: Any, core: Any,
+            settings: K8sSettings | None = None) -> list[RunRecord]:
     """The service's recovery on Kubernetes: delete the Job of every run whose worker died
-    (so nothing writes into its outputs any more), then seal those runs as failed from what
-    their output folders hold (:func:`lora_kernel.trusted.recovery.recover`)."""
+    and wait until its pod is gone (so nothing writes into its outputs any more), then seal
+    those runs as failed from what their output folders hold
+    (:func:`lora_kernel.trusted.recovery.recover`)."""
     from lora_kernel.trusted.recovery import recover as seal_stale
     from lora_kernel.trusted.recovery import stale_runs
 
     for run in stale_runs(state):
         extra = run.get("extra") or {}
         if run.get("backend") == "kubernetes" and extra.get("job"):
-            if delete(api, str(extra["job"]), str(extra.get("namespace") or "lora-enclave")):
-                log.warning("run %s: deleted Job %s (its worker is gone)", run["run_id"],
-                            extra["job"])
+            job_settings = settings or K8sSettings()
+            job_settings = K8sSettings(**{**job_settings.__dict__,
+                                          "namespace": str(extra.get("namespace")
+                                                           or job_settings.namespace)})
+            Watch(api, core, str(extra["job"]), job_settings, Path(run["work"]).parent,
+                  POLL_S).delete()
+            log.warning("run %s: deleted Job %s (its worker is gone)", run["run_id"],
+                        extra["job"])
     return seal_stale(state=state, ctx=ctx)

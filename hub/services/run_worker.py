@@ -206,17 +206,19 @@ def execute(queue: RunQueue, sub: Submission, ctx: RunContext, state: str,
                             record=record, error=error, exit_code=code)
 
 
-def kubernetes_backend(hub: HubSettings, api: Any = None) -> Backend:
-    """Runs as Jobs in the cluster (``runs.backend: kubernetes``); ``api``: a
-    ``BatchV1Api`` (default: the service's in-cluster credentials)."""
+def kubernetes_backend(hub: HubSettings, api: Any = None, core: Any = None) -> Backend:
+    """Runs as Jobs in the cluster (``runs.backend: kubernetes``); ``api``/``core``: a
+    ``BatchV1Api`` and a ``CoreV1Api`` (default: the service's in-cluster credentials)."""
     from . import k8s_run
 
-    api = api if api is not None else k8s_run.load_apis()
+    if api is None or core is None:
+        api, core = k8s_run.load_apis()
     settings = hub.kubernetes
 
     def run(queue: RunQueue, sub: Submission, ctx: RunContext, state: str,
             cancelled: Cancelled) -> RunRecord:
-        return k8s_run.execute(queue, sub, ctx, state, cancelled, api=api, settings=settings)
+        return k8s_run.execute(queue, sub, ctx, state, cancelled, api=api, core=core,
+                               settings=settings)
     return run
 
 
@@ -242,10 +244,13 @@ def main(argv: list[str] | None = None) -> int:
 
         ctx = make_context(None, demo=args.demo, service_user=args.service_user,
                            cancelled=cancelled)
-        if load_settings().runs_backend == "kubernetes":
+        hub = load_settings()
+        if hub.runs_backend == "kubernetes":
             from . import k8s_run
 
-            records = k8s_run.recover(state, ctx, api=k8s_run.load_apis())
+            api, core = k8s_run.load_apis()
+            records = k8s_run.recover(state, ctx, api=api, core=core,
+                                      settings=hub.kubernetes)
         else:
             records = recover(state=state, ctx=ctx)
         print(json.dumps([r.to_dict() for r in records]))
@@ -262,8 +267,12 @@ def main(argv: list[str] | None = None) -> int:
             backend = kubernetes_backend(hub)
         ctx = make_context(sub, demo=args.demo, service_user=args.service_user,
                            cancelled=cancelled, local=backend is None)
-    except (LoraError, KeyError) as exc:  # KeyError: the user has no passwd entry
+    except KeyError as exc:  # the user has no passwd entry
         queue.finish(sub.id, "failed", error=f"cannot run as {sub.user}: {exc}", exit_code=2)
+        return 2
+    except LoraError as exc:  # settings, credentials, the firewall
+        queue.finish(sub.id, "failed", error=f"cannot start the run of {sub.user}: {exc}",
+                     exit_code=exc.exit_code)
         return 2
     done = execute(queue, sub, ctx, state, cancelled, backend)
     log.info("submission %s: %s (run %s)", done.id, done.status, done.run_id)

@@ -11,34 +11,55 @@ folder on the output volume). It writes into ``out``:
 
 ``executor.log``  this process's stderr and the kernel's
 ``pinned.json``   ``{"pinned": ..., "parameters": ...}``, or ``{"error": ...}`` when the
-                  inputs were refused (then nothing ran, exit 2 or 3)
+                  inputs were refused (then nothing ran, exit 2 or 3); its sha256 is printed
+                  on stdout (:data:`ACK`, the pod's log) before the kernel starts
 ``work/``         the work folder (``output/``, checkpoints, ``executed.ipynb``)
 ``exit.json``     ``{"rc": n}``: the run step's exit code
 ``evidence.tar``  the collect step's tar (written last, renamed into place)
 
-Everything here is the user's word. The runs service (:mod:`hub.services.k8s_run`, the trusted
-side) reads these files back without following links, extracts the tar with the runner's own
-rules and seals the record as the service account; the Job never sees the state directory,
-the ledger or its key.
+Everything here is the user's word, and the user's code (the notebook, in the kernel) shares
+this folder and uid once it runs. So the runs service (:mod:`hub.services.k8s_run`, the trusted
+side) takes the pin answer only if it still has the sha256 this step printed to the pod's log
+before any user code ran (the container runtime keeps that log; user code can only append to
+it), takes success only from the Job's own condition (this process's exit code), reads the
+files back without following links, extracts the tar with the runner's own rules and seals
+the record as the service account; the Job never sees the state directory, the ledger or its
+key. SIGTERM (the Job deleted: cancel, deadline) stops the run step and still collects the
+evidence within the pod's grace period.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
+from lora_kernel.common.digests import sha256_bytes
 from lora_kernel.common.errors import LoraError
 from lora_kernel.trusted.executor import collect, pin, pinned_parameters, run
 
 KERNEL_NAME = "lora"  # lora_kernel.trusted.runner.KERNEL_NAME
+# The line this step prints once the pin answer is written; the service believes only the
+# first such line of the pod's log.
+ACK = "lora-jobstep pinned sha256="
 
 
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
+class Terminated(BaseException):
+    """SIGTERM: the Job is being deleted (cancel, deadline)."""
+
+
+def _terminate(signum: int, _frame: Any) -> None:
+    raise Terminated(signum)
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> bytes:
+    data = json.dumps(obj).encode("utf-8")
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj), encoding="utf-8")
+    tmp.write_bytes(data)
     os.replace(tmp, path)
+    return data
 
 
 def _request(spec: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
@@ -67,13 +88,19 @@ def job(spec: dict[str, Any]) -> int:
         return exc.exit_code
     params = pinned_parameters(params, pinned, work)
     source = pinned.pop("notebook_source")
-    _write_json(out / "pinned.json", {"pinned": pinned, "parameters": params})
+    data = _write_json(out / "pinned.json", {"pinned": pinned, "parameters": params})
+    sys.stdout.write(f"{ACK}{sha256_bytes(data)}\n")
+    sys.stdout.flush()
     try:
         rc = run({"notebook_source": source, "parameters": params, "work": str(work),
                   "kernel_name": KERNEL_NAME, "progress": True})
+    except Terminated:
+        print("the run step was stopped (SIGTERM: the Job is being deleted)", file=sys.stderr)
+        rc = 128 + signal.SIGTERM
     except Exception as exc:  # noqa: BLE001 - run() wrote error.json; the record says why
         print(f"the run step failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         rc = 1
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # collect within the grace period
     _write_json(out / "exit.json", {"rc": rc})
     tmp = out / ".evidence.tar.tmp"
     with open(tmp, "wb") as stream:
@@ -92,7 +119,11 @@ def main(argv: list[str]) -> int:
     os.dup2(fd, 2)  # the kernel inherits it: its stderr lands there too
     os.close(fd)
     sys.stderr = os.fdopen(2, "w", buffering=1, closefd=False)
-    return job(spec)
+    signal.signal(signal.SIGTERM, _terminate)  # as PID 1 it would be ignored otherwise
+    try:
+        return job(spec)
+    except Terminated:
+        return 128 + signal.SIGTERM  # stopped before the run step: nothing ran
 
 
 if __name__ == "__main__":

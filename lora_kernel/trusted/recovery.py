@@ -79,7 +79,10 @@ def recover(*, state: str | os.PathLike[str] | None = None,
             kill_run_processes(run_id, ctx.privileges)
             staging = Path(run["staging"])
             staging.mkdir(parents=True, exist_ok=True)
-            service = ctx.privileges.active and run["run_as"].get("name")
+            # A Kubernetes run's evidence is a file on its output volume: nothing to run as
+            # its user here (who may exist only in the cluster's uid mapping).
+            service = ctx.privileges.active and run["run_as"].get("name") \
+                and run.get("backend") != "kubernetes"
             run_as = RunAs.for_user(run["run_as"]["name"]) if service else ctx.run_as
             rctx = RunContext(actor=ctx.actor, run_as=run_as, privileges=ctx.privileges,
                               env=ctx.env)

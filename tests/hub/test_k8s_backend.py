@@ -43,11 +43,13 @@ round_trip = k8s_round_trip
 
 
 def test_job_round_trips_and_is_locked_down():
-    job = kb.job_manifest(sub(), settings())
+    job = kb.job_manifest(sub(), settings(), run_id="20261126T101500Z-AB12cd")
     data, back = round_trip(job, "V1Job")
     assert isinstance(back, client.V1Job)
     assert data["apiVersion"] == "batch/v1" and data["kind"] == "Job"
-    assert data["metadata"]["name"] == "lora-run-42"
+    # named by run id (a valid DNS label), never by submission id: ids restart with a queue
+    assert data["metadata"]["name"] == "lora-20261126t101500z-ab12cd"
+    assert data["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 60
     spec = data["spec"]
     assert spec["backoffLimit"] == 0
     assert spec["activeDeadlineSeconds"] == 1801
@@ -95,7 +97,7 @@ def test_no_gpu_means_no_device():
 
 
 def test_volumes_home_and_output():
-    data, _ = round_trip(kb.job_manifest(sub(), settings()), "V1Job")
+    data, _ = round_trip(kb.job_manifest(sub(), settings(), run_id="r1"), "V1Job")
     pod = data["spec"]["template"]["spec"]
     vols = {v["name"]: v for v in pod["volumes"]}
     assert vols["home"]["persistentVolumeClaim"]["claimName"] == "claim-alice"
@@ -105,7 +107,7 @@ def test_volumes_home_and_output():
     mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
     assert {k: m["mountPath"] for k, m in mounts.items()} == {
         "home": "/home/jovyan", "output": "/lora-run", "tmp": "/tmp"}
-    assert mounts["output"]["subPath"] == "lora-run-42"
+    assert mounts["output"]["subPath"] == "lora-r1" == data["metadata"]["name"]
     assert "subPath" not in mounts["home"]
 
 
@@ -202,7 +204,7 @@ def test_submit_and_delete():
     assert kb.submit(batch, job) is job
     assert batch.created == [("lora-enclave", job)]
     assert kb.delete(batch, "lora-run-42") is True
-    assert batch.deleted == [("lora-enclave", "lora-run-42", "Background")]
+    assert batch.deleted == [("lora-enclave", "lora-run-42", "Foreground")]
     gone = FakeBatch(error=client.exceptions.ApiException(status=404))
     assert kb.delete(gone, "lora-run-42") is False
     with pytest.raises(client.exceptions.ApiException):
@@ -231,6 +233,13 @@ def test_status_missing():
     assert kb.status(FakeBatch(error=err), "lora-run-1")["state"] == "missing"
     with pytest.raises(client.exceptions.ApiException):
         kb.status(FakeBatch(error=client.exceptions.ApiException(status=500)), "x")
+
+
+def test_job_names_are_dns_labels():
+    assert kb.job_name("20261126T101500Z-ab12cd") == "lora-20261126t101500z-ab12cd"
+    for bad in ("a/b", "x" * 70, "a_b", "x-"):
+        with pytest.raises(ConfigError):
+            kb.job_name(bad)
 
 
 def test_label_value():
@@ -309,12 +318,15 @@ def test_services_mount_the_state_and_the_runs_service_the_job_outputs(services)
             mounts[c["name"]]["state"]
 
 
-def test_services_role_is_jobs_only(services):
+def test_services_role_is_jobs_and_reading_their_logs_only(services):
     role = services[("Role", "lora-runs-jobs")]
-    resources = {r for rule in role["rules"] for r in rule["resources"]}
-    assert resources == {"jobs", "jobs/status"}
-    verbs = {v for rule in role["rules"] for v in rule["verbs"]}
-    assert verbs <= {"create", "get", "list", "watch", "delete"}
+    allowed = {(r, v) for rule in role["rules"] for r in rule["resources"]
+               for v in rule["verbs"]}
+    assert {r for r, _ in allowed} == {"jobs", "jobs/status", "pods", "pods/log"}
+    assert {v for r, v in allowed if r == "jobs"} <= {"create", "get", "list", "watch",
+                                                       "delete"}
+    # pods and their logs: read only (no exec, no create, no delete)
+    assert {v for r, v in allowed if r.startswith("pods")} == {"get", "list"}
     binding = services[("RoleBinding", "lora-runs-jobs")]
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "lora-runs"}]
     pod = services[("Deployment", "lora-services")]["spec"]["template"]["spec"]

@@ -54,6 +54,7 @@ class LocalCluster:
         self.jobs: dict[str, dict] = {}
         self.created: list[dict] = []
         self.deleted: list[str] = []
+        self.flaky = 0  # the next status reads that fail with 503
 
     def create_namespaced_job(self, namespace, body):
         data, _ = k8s_round_trip(body, "V1Job")  # valid for the API server
@@ -85,10 +86,11 @@ class LocalCluster:
         env = {**self.image_env, **{e["name"]: mount(e["value"]) for e in c["env"]}}
         argv = [mount(a) for a in c["command"] + c["args"]]
         job = {"name": name, "proc": None, "deadline": time.monotonic()
-               + data["spec"]["activeDeadlineSeconds"], "state": None, "scratch": scratch}
+               + data["spec"]["activeDeadlineSeconds"], "state": None, "scratch": scratch,
+               "log": self.output_root.parent / f"{name}.pod.log"}
         if not self.fail_to_start:
             kw = dict(user=uid, group=gid, extra_groups=[]) if ROOT else {}
-            logf = open(self.output_root.parent / f"{name}.pod.log", "ab")  # noqa: SIM115
+            logf = open(job["log"], "ab")  # noqa: SIM115
             job["proc"] = subprocess.Popen(argv, env=env, cwd=mount(c["workingDir"]),
                                            stdout=logf, stderr=logf, start_new_session=True,
                                            **kw)
@@ -111,6 +113,9 @@ class LocalCluster:
         return job["state"]
 
     def read_namespaced_job_status(self, name, namespace):
+        if self.flaky > 0:
+            self.flaky -= 1
+            raise client.exceptions.ApiException(status=503, reason="Service Unavailable")
         job = self.jobs.get(name)
         if job is None:
             raise client.exceptions.ApiException(status=404)
@@ -122,19 +127,43 @@ class LocalCluster:
             conditions=[cond], succeeded=1 if state[0] == "Complete" else None,
             failed=1 if state[0] == "Failed" else None))
 
+    def list_namespaced_pod(self, namespace, label_selector):
+        name = label_selector.removeprefix("job-name=")
+        items = [client.V1Pod(metadata=client.V1ObjectMeta(name=f"{name}-pod"))] \
+            if name in self.jobs else []
+        return client.V1PodList(items=items)
+
+    def read_namespaced_pod_log(self, name, namespace, container, limit_bytes):
+        job = self.jobs.get(name.removesuffix("-pod"))
+        if job is None:
+            raise client.exceptions.ApiException(status=404)
+        if job["proc"] is None:
+            raise client.exceptions.ApiException(status=400, reason="ContainerCreating")
+        with open(job["log"], "rb") as f:
+            return f.read(limit_bytes).decode("utf-8", "replace")
+
     def delete_namespaced_job(self, name, namespace, propagation_policy=None):
-        job = self.jobs.pop(name, None)
+        """Foreground: the container's main process gets SIGTERM, SIGKILL for everything
+        left after the grace period, and only then is the Job gone."""
+        assert propagation_policy == "Foreground"
+        job = self.jobs.get(name)
         if job is None:
             raise client.exceptions.ApiException(status=404)
         self.deleted.append(name)
         proc = job["proc"]
-        if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)  # the kubelet: SIGTERM, grace, SIGKILL
+        if proc is not None:
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=self.settings.grace_s)
+                except subprocess.TimeoutExpired:
+                    pass
             try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            except ProcessLookupError:
+                pass
+            proc.wait()
+        self.jobs.pop(name, None)
         shutil.rmtree(job["scratch"], ignore_errors=True)
 
     def close(self):
@@ -174,11 +203,12 @@ def cluster_env(tmp_path, monkeypatch, lora_kernel_prefix, demo_home):
         os.chmod(base / "homes", 0o711)
     settings = K8sSettings(uids={user: (uid, gid)}, output_root=str(output_root),
                            python=sys.executable, notebooks_dir=str(REPO / "notebooks"),
-                           namespace="lora-test")
+                           namespace="lora-test", grace_s=20)
     image_env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin",
                  "JUPYTER_PATH": str(lora_kernel_prefix / "share" / "jupyter")}
     cluster = LocalCluster({f"claim-{user}": claim}, output_root, settings, image_env)
     monkeypatch.setenv("LORA_STATE", str(state))
+    monkeypatch.setattr(k8s_run, "POLL_S", 0.2)
     yield SimpleNamespace(base=base, user=user, uid=uid, home=home, state=state,
                           settings=settings, cluster=cluster, output_root=output_root)
     cluster.close()
@@ -195,7 +225,7 @@ def submit_and_run(env, kind, path, parameters=None, timeout=600.0, cancel_after
     claimed = queue.claim_next()
     assert claimed is not None and claimed.id == sub.id and claimed.gpus_held == []
     hub = HubSettings(runs_backend="kubernetes", kubernetes=env.settings)
-    backend = kubernetes_backend(hub, api=env.cluster)
+    backend = kubernetes_backend(hub, api=env.cluster, core=env.cluster)
     cancelled = Cancelled()
     if cancel_after is not None:
         import threading
@@ -212,6 +242,14 @@ def submit_and_run(env, kind, path, parameters=None, timeout=600.0, cancel_after
     ctx = RunContext(actor=Actor(env.user, env.uid, env.uid, (), "hub-token"),
                      cancelled=cancelled)
     return execute(queue, claimed, ctx, str(env.state), cancelled, backend)
+
+
+def job_of(row) -> str:
+    return f"lora-{row.run_id.lower()}"
+
+
+def extra_of(row) -> dict:
+    return manifest_of(row)["predicate"]["runDetails"]["metadata"]["extra"]
 
 
 def manifest_of(row):
@@ -240,13 +278,13 @@ def test_a_notebook_job_runs_as_the_user_and_is_sealed_by_the_service(cluster_en
         record / "executed.ipynb", as_version=4).cells for o in c.get("outputs", []))
     assert f"uid {env.uid} x 7 run {row.run_id} False" in executed
     extra = manifest_of(row)["predicate"]["runDetails"]["metadata"]["extra"]
-    assert extra["backend"] == "kubernetes" and extra["job"] == f"lora-run-{row.id}"
+    assert extra["backend"] == "kubernetes" and extra["job"] == job_of(row)
     assert extra["executor_exit_code"] == 0 and extra["cells_executed"] >= 2
     assert (record / "executor.log").is_file()
     assert verify(row.run_id, state=env.state) == []
     # the Job is deleted and its outputs removed once the record holds them
-    assert env.cluster.deleted == [f"lora-run-{row.id}"]
-    assert not (env.output_root / f"lora-run-{row.id}").exists()
+    assert env.cluster.deleted == [job_of(row)]
+    assert not (env.output_root / job_of(row)).exists()
 
 
 @pytest.mark.slow
@@ -279,8 +317,8 @@ def test_a_failing_cell_is_recorded_failed_and_its_outputs_kept(cluster_env):
     assert extra["executor_exit_code"] == 1 and "ValueError" in extra["error"]
     assert "boom in pod" in (Path(row.record["path"]) / "executed.ipynb").read_text()
     # a failed run's outputs stay on the volume for investigation (the record names them)
-    assert (env.output_root / f"lora-run-{row.id}" / "work").is_dir()
-    assert extra["work_dir"] == str(env.output_root / f"lora-run-{row.id}" / "work")
+    assert (env.output_root / job_of(row) / "work").is_dir()
+    assert extra["work_dir"] == str(env.output_root / job_of(row) / "work")
 
 
 @pytest.mark.slow
@@ -291,9 +329,14 @@ def test_cancel_deletes_the_job_and_seals_a_failed_record(cluster_env):
     t0 = time.monotonic()
     row = submit_and_run(env, "notebook", nb, cancel_after=2)
     assert time.monotonic() - t0 < 200
-    assert row.status == "failed" and "cancel" in row.error
+    assert row.status == "failed" and "Job was deleted" in row.error
     assert row.record["status"] == "failed"
-    assert env.cluster.deleted == [f"lora-run-{row.id}"]
+    assert env.cluster.deleted == [job_of(row)]
+    # SIGTERM stopped the run step, which still collected what the kernel had done
+    executed = nbformat.read(Path(row.record["path"]) / "executed.ipynb", as_version=4)
+    assert "started" in "".join(o.get("text", "") for c in executed.cells
+                                for o in c.get("outputs", []))
+    assert extra_of(row)["cells_executed"] >= 2
 
 
 class WorkerDied(BaseException):
@@ -301,7 +344,7 @@ class WorkerDied(BaseException):
 
 
 @pytest.mark.slow
-def test_a_dead_workers_job_is_deleted_and_its_run_sealed_failed(cluster_env, monkeypatch):
+def test_a_dead_workers_job_is_deleted_and_its_run_sealed_failed(cluster_env):
     """What a killed worker leaves: the run's descriptor without its lock, and a Job still
     running. The next recovery deletes the Job and seals the run from its outputs."""
     from lora_kernel.trusted.runner import ActiveRun
@@ -310,9 +353,9 @@ def test_a_dead_workers_job_is_deleted_and_its_run_sealed_failed(cluster_env, mo
     nb = write_notebook(env.home / "slow.ipynb", "x = 1",
                         "import time\nprint('started', flush=True)\ntime.sleep(300)")
 
-    def die(api, name, settings, timeout, cancelled, poll_s):
+    def die(watch, timeout, cancelled):
         deadline = time.monotonic() + 120
-        while not (env.output_root / name / "pinned.json").exists():
+        while not (watch.out / "pinned.json").exists():
             assert time.monotonic() < deadline
             time.sleep(0.2)
         raise WorkerDied()
@@ -320,21 +363,105 @@ def test_a_dead_workers_job_is_deleted_and_its_run_sealed_failed(cluster_env, mo
     def exit_like_a_killed_process(self, *exc):
         os.close(self._fd)  # the lock goes with the process; the descriptor stays
 
-    monkeypatch.setattr(k8s_run, "_wait", die)
-    monkeypatch.setattr(ActiveRun, "__exit__", exit_like_a_killed_process)
-    with pytest.raises(WorkerDied):
-        submit_and_run(env, "notebook", nb)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(k8s_run.Watch, "wait", die)
+        mp.setattr(ActiveRun, "__exit__", exit_like_a_killed_process)
+        with pytest.raises(WorkerDied):
+            submit_and_run(env, "notebook", nb)
     (name,) = env.cluster.jobs
-    monkeypatch.undo()
     ctx = RunContext(actor=Actor("lora-svc", 0, 0, (), "runs service"))
-    (rec,) = k8s_run.recover(str(env.state), ctx, api=env.cluster)
+    (rec,) = k8s_run.recover(str(env.state), ctx, api=env.cluster, core=env.cluster,
+                             settings=env.settings)
     assert env.cluster.deleted == [name] and not env.cluster.jobs
     assert rec.status == "failed" and "runner stopped" in rec.error
     extra = manifest_of(SimpleNamespace(record={"path": rec.path}))[
         "predicate"]["runDetails"]["metadata"]["extra"]
     assert extra["backend"] == "kubernetes" and extra["job"] == name
     # nothing left to recover
-    assert k8s_run.recover(str(env.state), ctx, api=env.cluster) == []
+    assert k8s_run.recover(str(env.state), ctx, api=env.cluster, core=env.cluster) == []
+
+
+FORGE_PIN = """import json, pathlib
+p = pathlib.Path('..') / 'pinned.json'
+d = json.loads(p.read_text())
+d['pinned']['notebook_sha256'] = 'f' * 64
+d['parameters'] = {'x': 'forged'}
+p.write_text(json.dumps(d))
+print('forged')"""
+
+
+@pytest.mark.slow
+def test_user_code_rewriting_the_pin_answer_gets_a_failed_record_without_it(cluster_env):
+    """The notebook shares the pod's uid and folder: it can rewrite pinned.json after the
+    inputs were pinned. The service believes only the answer whose sha256 the run step
+    logged before the kernel started."""
+    env = cluster_env
+    nb = write_notebook(env.home / "forge.ipynb", "x = 1", FORGE_PIN)
+    row = submit_and_run(env, "notebook", nb, {"x": 3})
+    assert row.status == "failed" and "changed or removed after" in row.error
+    assert row.record["status"] == "failed"
+    build = manifest_of(row)["predicate"]["buildDefinition"]
+    assert build["externalParameters"]["notebook_source_sha256"] != "f" * 64
+    assert extra_of(row)["parameters"] == {"x": 3}  # the submission's, not the forgery
+
+    # refusing its own inputs after the fact does not erase the run either
+    nb = write_notebook(env.home / "unrun.ipynb", "x = 1",
+                        "import json, pathlib\n(pathlib.Path('..') / 'pinned.json').write_text("
+                        "json.dumps({'error': {'exit_code': 2, 'message': 'nothing ran'}}))")
+    row = submit_and_run(env, "notebook", nb)
+    assert row.status == "failed" and row.record is not None
+    assert "changed or removed after" in row.error
+
+
+@pytest.mark.slow
+def test_a_failed_jobs_exit_json_saying_0_is_not_believed(cluster_env):
+    env = cluster_env
+    nb = write_notebook(env.home / "liar.ipynb", "x = 1",
+                        "import subprocess\nsubprocess.Popen(['sh', '-c', 'while true; do "
+                        "echo {\\\"rc\\\": 0} > ../exit.json; sleep 0.05; done'])",
+                        "raise ValueError('boom after lying')")
+    row = submit_and_run(env, "notebook", nb)
+    assert row.status == "failed" and "boom after lying" in row.error
+    assert extra_of(row)["executor_exit_code"] != 0
+
+
+@pytest.mark.slow
+def test_transient_api_errors_are_retried_and_a_lost_job_is_sealed_failed(cluster_env):
+    env = cluster_env
+    nb = write_notebook(env.home / "hello.ipynb", "x = 1", "print('hello', x)")
+    env.cluster.flaky = 3  # three 503s in a row: retried
+    row = submit_and_run(env, "notebook", nb)
+    assert row.status == "succeeded", row.error
+
+    nb = write_notebook(env.home / "slow.ipynb", "x = 1",
+                        "import time\nprint('started', flush=True)\ntime.sleep(300)")
+    queue_len = len(env.cluster.deleted)
+
+    def break_api_once_running():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any(
+                (env.output_root / n / "work").exists() for n in env.cluster.jobs):
+            time.sleep(0.2)
+        env.cluster.flaky = 10 ** 6  # the API never answers again
+    import threading
+
+    threading.Thread(target=break_api_once_running, daemon=True).start()
+    row = submit_and_run(env, "notebook", nb)
+    env.cluster.flaky = 0
+    assert row.status == "failed" and "lost the Job" in row.error
+    assert row.record["status"] == "failed"  # sealed, not left without a record
+    assert len(env.cluster.deleted) == queue_len + 1  # and the Job deleted
+    assert not list((env.state / "runs" / ".staging").glob("*"))
+
+
+def test_an_existing_output_folder_is_never_reused(cluster_env, monkeypatch):
+    env = cluster_env
+    monkeypatch.setattr(k8s_run, "new_run_id", lambda: "20261126T000000Z-aaaaaa")
+    (env.output_root / "lora-20261126t000000z-aaaaaa").mkdir()
+    nb = write_notebook(env.home / "hello.ipynb", "x = 1", "print(x)")
+    row = submit_and_run(env, "notebook", nb)
+    assert row.status == "failed" and "already exists" in row.error
+    assert env.cluster.created == [] and row.record is None
 
 
 def test_refused_inputs_end_the_submission_without_a_record(cluster_env):
@@ -387,7 +514,8 @@ def test_a_malformed_pin_answer_is_refused():
     with pytest.raises(LoraError, match="sha256"):
         k8s_run.check_pinned({"pinned": {"notebook_sha256": "x", "kind": "notebook",
                                          "declared": []}, "parameters": {}})
-    good = {"notebook_sha256": "a" * 64, "kind": "notebook", "declared": ["x"]}
+    good = {"notebook_sha256": "a" * 64, "kind": "notebook", "declared": ["x"],
+            "notebook": "/home/jovyan/lora/x.ipynb"}
     assert k8s_run.check_pinned({"pinned": good, "parameters": {"x": 1}})[0] == good
     with pytest.raises(LoraError, match="config"):
         k8s_run.check_pinned({"pinned": {**good, "kind": "training"}, "parameters": {}})
@@ -407,7 +535,9 @@ def test_hub_yaml_selects_the_backend(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="runs.kubernetes.namespaec"):
         load_settings()
     for bad in ("default_deadline_s: soon", "read_only_root: 'no'", "uids: {alice: 5}",
-                "node_selector: {gpu: 1}", "image: [a]"):
+                "uids: {alice: '1500'}", "uids: {alice: [0, 0]}", "uids: {alice: [true, 1]}",
+                "node_selector: {gpu: 1}", "image: [a]", "default_deadline_s: 0",
+                "ttl_after_finished_s: -5"):
         (tmp_path / "hub.yaml").write_text(f"runs:\n  kubernetes:\n    {bad}\n")
         key = bad.split(":")[0]
         with pytest.raises(ConfigError, match=f"runs.kubernetes.{key}"):
