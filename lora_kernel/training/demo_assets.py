@@ -3,7 +3,8 @@
 :func:`build_demo_assets` writes, byte-identically for a given seed, into ``<home>/demo/``::
 
     models/tiny-sd/             Stable-Diffusion-family diffusers folder (UNet, VAE, CLIP text
-                                encoder, a locally built CLIP BPE tokenizer, schedulers)
+                                encoder, a locally built CLIP BPE tokenizer, schedulers);
+                                the VAE downsamples by 8 like SD's (64 px -> 8x8 latents)
     models/tiny-sd.safetensors  the same weights as one file in the original LDM/A1111 key layout
     models/tiny-llama/          a tiny Llama causal LM with a locally built BPE tokenizer
     datasets/image/             procedurally drawn 64x64 PNGs + metadata.csv (file_name,text),
@@ -59,19 +60,26 @@ TEXT_ITEMS = (
 TEXT_SAMPLE_PROMPTS = ["Q: what is the code for apple? A:",
                        "Q: what is the code for river? A:"]
 
+# The demo trains at the images' own size. The VAE downsamples by 8 like SD's (four blocks,
+# three downsamplings), so 64 px gives 8x8 latents (SD1.5: 512 px -> 64x64 latents); the
+# UNet's sample_size is that latent side.
+DEMO_RESOLUTION = IMAGE_SIZE
+VAE_SCALE_FACTOR = 8
 UNET_CONFIG = dict(
-    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+    sample_size=DEMO_RESOLUTION // VAE_SCALE_FACTOR, in_channels=4, out_channels=4,
+    layers_per_block=1,
     block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
     attention_head_dim=2, norm_num_groups=32,
 )
 VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-    block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=32, sample_size=32,
-    # 1 / std of this randomly initialised VAE's latents over the demo images (3.5 .. 4.3 for
-    # seeds 0-4); SD's 0.18215 plays the same role for the real VAE.
-    scaling_factor=4.0,
+    block_out_channels=(32, 64, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, sample_size=DEMO_RESOLUTION,
+    # 1 / std of this randomly initialised VAE's latent means over the demo images at 64 px
+    # (5.66 for the demo's seed 0; 3.1 .. 5.7 for seeds 0-4); SD's 0.18215 plays the same
+    # role for the real VAE.
+    scaling_factor=5.6,
 )
 # The Stable Diffusion 1.x noise schedule.
 SCHEDULER_CONFIG = dict(
@@ -553,13 +561,13 @@ task: image
 base_model: models/tiny-sd
 train_data_dir: datasets/image
 metadata_path: datasets/image/metadata.csv
-resolution: 32
+resolution: 64  # the images' size; the VAE downsamples by 8: 8x8 latents
 lora_rank: 8
 lora_alpha: 8
 batch_size: 4
 learning_rate: 3.0e-3
-max_train_steps: 80
-save_steps: 20
+max_train_steps: 120
+save_steps: 40
 output_dir: output/image
 output_name: enclave_style
 sample_prompts:

@@ -76,12 +76,55 @@ def test_tiny_sd_pipeline_loads_offline_and_samples(demo_home):
     pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True,
                                                    use_safetensors=True)
     assert pipe.safety_checker is None
-    assert pipe.vae_scale_factor == 2 and pipe.unet.config.sample_size == 16
+    assert pipe.vae_scale_factor == 8 and pipe.unet.config.sample_size == 8
     ddpm = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     assert ddpm.config.beta_schedule == "scaled_linear" and ddpm.config.num_train_timesteps == 1000
-    out = pipe("a red circle in enclave style", num_inference_steps=3, height=32, width=32,
+    out = pipe("a red circle in enclave style", num_inference_steps=3, height=64, width=64,
                generator=torch.Generator().manual_seed(0), output_type="np").images
-    assert out.shape == (1, 32, 32, 3)
+    assert out.shape == (1, 64, 64, 3)
+
+
+def test_demo_vae_downsamples_by_8_and_the_unet_matches_the_latents(demo_home):
+    """Like SD's VAE (512 px -> 64x64 latents), the demo VAE's encoder downsamples by 8, and
+    the UNet's sample_size is the latent side of the demo resolution."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    folder = demo_home / "demo" / "models" / "tiny-sd"
+    res = load_config(demo_home / "demo" / "image_lora.yaml").resolution
+    assert res == demo_assets.DEMO_RESOLUTION == demo_assets.IMAGE_SIZE  # no resampling
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True,
+                                        use_safetensors=True)
+    assert len(vae.config.down_block_types) == len(vae.config.up_block_types) == 4
+    assert all(c % vae.config.norm_num_groups == 0 for c in vae.config.block_out_channels)
+    with torch.no_grad():
+        for side in (res, 2 * res):
+            latents = vae.encode(torch.zeros(1, 3, side, side)).latent_dist.mean
+            assert latents.shape == (1, 4, side // 8, side // 8)
+        pixels = vae.decode(torch.zeros(1, 4, res // 8, res // 8)).sample
+    assert pixels.shape == (1, 3, res, res)
+    unet = UNet2DConditionModel.load_config(folder / "unet")
+    assert unet["sample_size"] == res // 8 == 8
+
+
+def test_vae_scaling_factor_gives_unit_latents_on_the_demo_images(demo_home):
+    """scaling_factor is 1 / std of the random VAE's latents over the demo images (the role
+    SD's 0.18215 plays): scaled latents have about unit std, as the noise schedule expects."""
+    import numpy as np
+    import torch
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    folder = demo_home / "demo" / "models" / "tiny-sd"
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", local_files_only=True,
+                                        use_safetensors=True)
+    images = demo_home / "demo" / "datasets" / "image"
+    pixels = torch.stack([
+        torch.from_numpy(np.asarray(Image.open(images / name), dtype=np.float32) / 127.5 - 1)
+        .permute(2, 0, 1) for name, _ in demo_assets.image_captions()])
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
+    assert 0.9 < float(latents.std()) < 1.1
 
 
 def test_tiny_llama_loads_offline_and_tokenizes_the_data(demo_home):

@@ -289,7 +289,7 @@ def test_a_resolution_the_machine_cannot_hold_is_refused(image_cfg):
     assert "training needs about" in msg and "GiB available" in msg
     assert "lower resolution, lower batch_size, set gradient_checkpointing: true" in msg
     cfg = load_config(image_cfg())  # the demo's own resolution
-    assert cfg.resolution == 32
+    assert cfg.resolution == 64
 
 
 def test_the_memory_estimate_counts_the_real_parameters(demo_home, image_cfg, text_cfg):
@@ -323,7 +323,7 @@ def test_with_cuda_the_gpu_and_host_are_checked_apart(image_cfg, monkeypatch):
     from lora_kernel.training import checks
 
     monkeypatch.setattr(checks, "_cuda_free_bytes", lambda: 2 ** 30)
-    assert load_config(image_cfg()).resolution == 32
+    assert load_config(image_cfg()).resolution == 64
     msg = _refused(image_cfg(resolution=2048), key="resolution")
     assert "but the GPU has 1.0 GiB available" in msg
     assert "set mixed_precision: bf16 (or fp16)" in msg
@@ -342,4 +342,4 @@ def test_on_cuda_the_estimate_is_compared_with_free_gpu_memory(image_cfg):
     assert free is not None and 0 < free <= torch.cuda.mem_get_info()[1]
     msg = _refused(image_cfg(resolution=16384), key="resolution")
     assert "the GPU has" in msg or "host memory has" in msg
-    assert load_config(image_cfg()).resolution == 32
+    assert load_config(image_cfg()).resolution == 64
