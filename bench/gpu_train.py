@@ -110,7 +110,7 @@ PRELOAD = [  # imported once by the fork server, so that each variant's child st
     "lora_kernel.training.image", "lora_kernel.training.text", "lora_kernel.training.models",
     "lora_kernel.training.demo_assets",
 ]
-IMAGE_VARIANTS = ("lora train eager", "lora train compiled", "bare loop")
+IMAGE_VARIANTS = ("lora train eager", "lora train compiled", "bare loop", "diffusers+peft")
 TEXT_VARIANTS = ("lora train eager", "lora train compiled", "bare loop", "Trainer+peft")
 
 
@@ -467,6 +467,73 @@ def child_bare_image(spec: dict) -> dict:
     return out
 
 
+def diffusers_peft_loop(config: str, model: str, *, batch: int, warmup: int, steps: int,
+                        precision: str = "no", rank: int | None = None) -> dict:
+    """The plain baseline: what diffusers' ``train_text_to_image_lora.py`` does per step
+    (minus accelerate) on the config's dataset — VAE encode and text encoder every step, no
+    caching, UNet + peft LoRA, clipping, AdamW. Also ``bench/train_throughput.py``'s."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from peft import LoraConfig
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from lora_kernel.training.config import load_config
+    from lora_kernel.training.image import load_examples
+    device = _device()
+    cfg = load_config(config)
+    root = Path(model)
+    torch.manual_seed(SEED)
+    kw = {"local_files_only": True}
+    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **kw)
+    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **kw)
+    te = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **kw)
+    tok = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", **kw)
+    sched = DDPMScheduler.from_pretrained(root, subfolder="scheduler", **kw)
+    for m in (unet, vae, te):
+        m.to(device, torch.float32).requires_grad_(False)
+    r = rank or cfg.lora_rank
+    unet.add_adapter(LoraConfig(r=r, lora_alpha=r, init_lora_weights="gaussian",
+                                target_modules=IMAGE_TARGETS))
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
+                            **({"fused": True} if device.type == "cuda" else {}))
+    examples = load_examples(cfg)
+    pixels = torch.stack([e.pixels for e in examples])
+    ids = tok([e.caption for e in examples], padding="max_length",
+              max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+    ends: list[float] = []
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(warmup + steps):
+        idx = torch.randint(0, len(examples), (batch,))
+        with torch.no_grad(), _autocast(device, precision):
+            latents = vae.encode(pixels[idx].to(device)).latent_dist.sample().float() \
+                * vae.config.scaling_factor
+            hidden = te(ids[idx].to(device))[0]
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, sched.config.num_train_timesteps, (batch,), device=device)
+        with _autocast(device, precision):
+            pred = unet(sched.add_noise(latents, noise, t), t, hidden).sample
+        loss = F.mse_loss(pred.float(), noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+        ends.append(time.perf_counter())
+    out = _timings(ends[0] - t0, ends, warmup)
+    out.update(_peak_memory(device))
+    return out
+
+
+def child_diffusers_image(spec: dict) -> dict:
+    return diffusers_peft_loop(spec["config"], spec["model"], batch=spec["batch"],
+                               warmup=spec["warmup"], steps=spec["steps"],
+                               precision=spec["precision"], rank=spec["rank"])
+
+
 def _peft_llama(spec: dict, device):
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
@@ -558,7 +625,7 @@ def child_trainer(spec: dict) -> dict:
 
 CHILDREN = {"probe": child_probe, "build": child_build, "lora_train": child_lora_train,
             "bare_image": child_bare_image, "bare_text": child_bare_text,
-            "trainer": child_trainer}
+            "trainer": child_trainer, "diffusers_image": child_diffusers_image}
 
 
 def _child_main(kind: str, spec: dict, conn, log_path: str) -> None:
@@ -710,6 +777,9 @@ def ratio_lines(results: dict, device_name: str, tiny: bool) -> list[str]:
                              target=None if tiny else 1.3)
                        + (" (target >= 1.3x applies to the GPU run only)" if tiny else ""))
         else:
+            plain = sps(task, "diffusers+peft")
+            out.append(ratio("ratio image lora-train eager / diffusers+peft", eager, plain))
+            out.append(ratio("ratio image lora-train compiled / diffusers+peft", comp, plain))
             best = max([x for x in (eager, comp) if x is not None], default=None)
             if best is None:
                 out.append("target image lora train >= 12 steps/s on H200: n/a (no result)")
@@ -849,6 +919,8 @@ def main() -> int:
                     spec.update(compile=name.endswith("compiled"),
                                 compile_backend=args.compile_backend)
                     plan.append((task, name, "lora_train", spec))
+                elif name == "diffusers+peft":
+                    plan.append((task, name, "diffusers_image", spec))
                 elif name == "bare loop":
                     spec.update(latent=built.get("latent"), seq=sz.get("seq"))
                     plan.append((task, name, f"bare_{task}", spec))

@@ -32,49 +32,16 @@ STEPS = 200
 
 
 def _plain(home: Path, steps: int) -> dict:
-    """The baseline: what the diffusers training example does, minus accelerate."""
-    import torch
-    import torch.nn.functional as F
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from peft import LoraConfig
-    from transformers import CLIPTextModel, CLIPTokenizer
+    """The baseline: diffusers' training example's loop (bench/gpu_train.py), fp32, CPU."""
+    from gpu_train import diffusers_peft_loop  # bench/ is this script's folder
 
     from lora_kernel.training.config import load_config
-    from lora_kernel.training.image import load_examples
-    cfg = load_config(home / "demo" / "image_lora.yaml")
-    root = Path(cfg.base_model)
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
-    vae = AutoencoderKL.from_pretrained(root, subfolder="vae")
-    te = CLIPTextModel.from_pretrained(root, subfolder="text_encoder")
-    tok = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer")
-    sched = DDPMScheduler.from_pretrained(root, subfolder="scheduler")
-    for m in (unet, vae, te):
-        m.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha,
-                                init_lora_weights="gaussian", target_modules=cfg.targets))
-    params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.learning_rate)
-    examples = load_examples(cfg)
-    pixels = torch.stack([e.pixels for e in examples])
-    ids = tok([e.caption for e in examples], padding="max_length",
-              max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        idx = torch.randint(0, len(examples), (cfg.batch_size,))
-        with torch.no_grad():
-            latents = vae.encode(pixels[idx]).latent_dist.sample() * vae.config.scaling_factor
-            hidden = te(ids[idx])[0]
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],))
-        pred = unet(sched.add_noise(latents, noise, t), t, hidden).sample
-        loss = F.mse_loss(pred, noise)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad()
-    dt = time.perf_counter() - t0
-    return {"steps": steps, "seconds": dt, "steps_per_s": steps / dt}
+    config = home / "demo" / "image_lora.yaml"
+    cfg = load_config(config)
+    r = diffusers_peft_loop(str(config), cfg.base_model, batch=cfg.batch_size, warmup=1,
+                            steps=steps)
+    return {"steps": steps, "seconds": steps / r["steps_per_s"],
+            "steps_per_s": r["steps_per_s"]}
 
 
 def _ours(home: Path, steps: int, out: Path) -> dict:

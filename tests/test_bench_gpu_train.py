@@ -17,7 +17,8 @@ import pytest
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench" / "gpu_train.py"
-VARIANTS = {"image": ["lora train eager", "lora train compiled", "bare loop"],
+VARIANTS = {"image": ["lora train eager", "lora train compiled", "bare loop",
+                      "diffusers+peft"],
             "text": ["lora train eager", "lora train compiled", "bare loop", "Trainer+peft"]}
 
 
@@ -71,6 +72,7 @@ def test_ratios_and_targets_are_printed(tiny_run):
     out = proc.stdout
     for line in ("ratio image lora-train compiled / eager: ",
                  "ratio image lora-train eager / bare loop: ",
+                 "ratio image lora-train eager / diffusers+peft: ",
                  "ratio text lora-train compiled / eager: ",
                  "ratio text lora-train eager / bare loop: ",
                  "ratio text lora-train eager / Trainer+peft: ",
