@@ -14,6 +14,11 @@ overhead in seconds. Both share one home with warm latent caches (a calibration 
 
     .venv/bin/python bench/platform_overhead.py [--target-seconds 60] [--repeat 1]
     .venv/bin/python bench/platform_overhead.py --quick      # a short smoke run
+    .venv/bin/python bench/platform_overhead.py --breakdown  # where a run's fixed time goes
+
+``--breakdown`` runs one 2-step ``lora run`` in this process with timers around the runner's
+steps (pin child, executor start to the first cell, last cell to the executor's exit,
+collect, manifest, seal, ledger) and prints them: the fixed cost outside the notebook.
 """
 from __future__ import annotations
 
@@ -69,16 +74,70 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=1, help="pairs of runs (median)")
     parser.add_argument("--quick", action="store_true", help="smoke run: ~5 s of training")
     parser.add_argument("--home", help="working home (default: a temp folder)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="time the steps of one 2-step lora run (in this process)")
     args = parser.parse_args(argv)
     if args.quick:
         args.target_seconds = 5.0
 
     home = Path(args.home or tempfile.mkdtemp(prefix="bench_overhead_"))
     try:
-        return _bench(args, home)
+        return _breakdown(home) if args.breakdown else _bench(args, home)
     finally:
         if not args.home:
             shutil.rmtree(home, ignore_errors=True)
+
+
+def _breakdown(home: Path, steps: int = 2) -> int:
+    """One ``lora run`` (``steps`` steps, demo config) with timers around the runner's steps;
+    print when each began and ended (seconds from the start)."""
+    from lora_kernel.training.demo_assets import build_demo_assets
+    from lora_kernel.trusted import ledger, runner
+
+    os.environ["LORA_HOME"] = str(home)
+    os.environ.setdefault("LORA_STATE", str(home / "state"))
+    config = build_demo_assets(home)["image_config"]
+    t0 = time.monotonic()
+    marks: list[tuple[float, str]] = []
+
+    def timed(owner, name, label):
+        real = getattr(owner, name)
+
+        def wrapper(*a, **kw):
+            marks.append((time.monotonic() - t0, f"{label} start"))
+            try:
+                return real(*a, **kw)
+            finally:
+                marks.append((time.monotonic() - t0, f"{label} end"))
+        setattr(owner, name, wrapper)
+
+    for name, label in (("_child_json", "pin child"), ("_execute", "executor"),
+                        ("collect_evidence", "collect"), ("build_manifest", "manifest"),
+                        ("seal_record", "seal"), ("_remove_work", "remove work folder")):
+        timed(runner, name, label)
+    timed(ledger.Ledger, "append_run", "ledger append")
+
+    def progress(chunk: bytes) -> None:
+        for line in chunk.decode("utf-8", "replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("event") == "cell" and rec.get("done") in (0, rec.get("cells")):
+                marks.append((time.monotonic() - t0, f"cell {rec['done']}/{rec['cells']}"))
+            elif rec.get("event") in ("train_start", "train_end"):
+                marks.append((time.monotonic() - t0, rec["event"]))
+
+    ctx = runner.RunContext.local(progress=progress)
+    runner.run_config(config, {"max_train_steps": steps, "save_steps": 0}, ctx=ctx)
+    marks.append((time.monotonic() - t0, "returned"))
+    prev = 0.0
+    for t, what in marks:
+        print(f"{t:8.2f} s  (+{t - prev:5.2f})  {what}")
+        prev = t
+    print("fixed (outside the notebook): executor start -> cell 0, last cell -> executor end,"
+          " and every runner step")
+    return 0
 
 
 def _bench(args, home: Path) -> int:

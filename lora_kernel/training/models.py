@@ -39,6 +39,9 @@ BUNDLED_CONFIGS = Path(__file__).resolve().parent / "configs"
 # -- digests ------------------------------------------------------------------------------
 _SHA_CACHE: dict[tuple, str] = {}
 BASE_MODEL_DIGEST_ENV = "LORA_BASE_MODEL_DIGEST"
+# A pre-started run's kernel gets the same JSON in a file of its work folder, named here (its
+# environment was fixed before the pin step answered; lora_kernel.trusted.executor writes it).
+BASE_MODEL_DIGEST_FILE_ENV = "LORA_BASE_MODEL_DIGEST_FILE"
 
 
 def model_sha256(path: str | os.PathLike) -> str:
@@ -67,10 +70,16 @@ def model_sha256(path: str | os.PathLike) -> str:
 
 
 def _pinned_digest(p: Path) -> str | None:
-    """The digest from ``$LORA_BASE_MODEL_DIGEST`` when its stat key is ``p``'s, else None."""
+    """The digest from ``$LORA_BASE_MODEL_DIGEST`` (or the file ``$LORA_BASE_MODEL_DIGEST_FILE``)
+    when its stat key is ``p``'s, else None. Only a hint: the stat key is checked here."""
     from lora_kernel.common.digests import stat_key
 
     raw = os.environ.get(BASE_MODEL_DIGEST_ENV)
+    if not raw and os.environ.get(BASE_MODEL_DIGEST_FILE_ENV):
+        try:
+            raw = Path(os.environ[BASE_MODEL_DIGEST_FILE_ENV]).read_text(encoding="utf-8")[:4096]
+        except (OSError, UnicodeDecodeError):
+            return None
     if not raw:
         return None
     try:

@@ -19,6 +19,9 @@ decides what to believe:
              (:class:`ProgressRelay`): each cell's start and end, and the training loop's
              steps, tailed from ``<work>/progress.jsonl`` (the kernel appends them there,
              named by ``$LORA_PROGRESS_FILE``). ``lora run`` renders them.
+             Started early (a first line ``{"prestart": true, ...}``), while the pin step
+             still hashes: it imports papermill and starts the kernel, then reads the spec on
+             a second line (:func:`prestarted_run`).
 ``collect``  write the run's evidence from the work folder as an uncompressed tar on stdout:
              only plain files under fixed names (:data:`COLLECTED`), links refused. The runner
              extracts it with its own checks (:func:`lora_kernel.trusted.runner.extract_evidence`).
@@ -49,6 +52,20 @@ OUTPUT_EXTRAS = ("tb", "samples", "loss_curve.png", "training_summary.json")
 # Names the collector writes at the top of its tar, and the runner accepts.
 COLLECTED = ("executed.ipynb", "run_result.json", "error.json", "events.jsonl", "adapter",
              *OUTPUT_EXTRAS)
+
+
+# Optional imports that nothing here needs and that cost seconds at every child's start:
+# jsonschema (imported by nbformat, which papermill imports) loads ``rfc3987_syntax`` when
+# installed, and that builds a grammar at import (1.7 s of a 2.4 s ``import papermill`` on a
+# 2-core machine). It only adds the "iri" / "iri-reference" format checkers, which nbformat's
+# schema validation does not use. Blocked in this process (an ImportError for jsonschema, which
+# suppresses it); the kernel is a separate process and keeps its own imports.
+SKIPPED_IMPORTS = ("rfc3987_syntax",)
+
+
+def _skip_slow_imports() -> None:
+    for name in SKIPPED_IMPORTS:
+        sys.modules.setdefault(name, None)  # type: ignore[arg-type]  # None: ImportError
 
 
 def _answer(obj: dict[str, Any]) -> None:
@@ -196,31 +213,121 @@ def _pin_base_model(path: str, known: dict[str, str]) -> dict[str, Any]:
 # -- run ------------------------------------------------------------------------------------
 def run(spec: dict[str, Any]) -> int:
     """Execute the pinned notebook with papermill; 0 on success, 1 after writing error.json."""
-    import nbformat
-    import papermill
-    from papermill.exceptions import PapermillExecutionError
-
     work = Path(spec["work"])
     (work / "output").mkdir(parents=True, exist_ok=True)
-    nb = nbformat.reads(spec["notebook_source"], as_version=4)
     relay = ProgressRelay(work / "progress.jsonl") if spec.get("progress") else None
     if relay is not None:
         os.environ[PROGRESS_ENV] = str(relay.path)  # the kernel inherits it
     try:
+        return _run_notebook(spec, work, relay, None)
+    finally:
+        if relay is not None:
+            relay.close()
+
+
+def _run_notebook(spec: dict[str, Any], work: Path, relay: ProgressRelay | None,
+                  km: Any) -> int:
+    """papermill on the spec's notebook source, in ``km``'s running kernel when given (else
+    papermill starts one); 0, or 1 after writing error.json."""
+    import nbformat
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    nb = nbformat.reads(spec["notebook_source"], as_version=4)
+    extra = {"km": km} if km is not None else {}
+    try:
         papermill.execute_notebook(
             nb, str(work / "executed.ipynb"), parameters=spec["parameters"],
             kernel_name=spec["kernel_name"], cwd=str(work), progress_bar=False,
-            engine_name=_cell_reporting_engine(relay.emit) if relay is not None else None)
+            engine_name=_cell_reporting_engine(relay.emit) if relay is not None else None,
+            **extra)
     except PapermillExecutionError as exc:
         _write_error(work, exc.ename, exc.evalue, exc.cell_index)
         return 1
     except Exception as exc:  # noqa: BLE001 - recorded for the runner, then a failing exit
         _write_error(work, type(exc).__name__, str(exc), None)
         raise
+    return 0
+
+
+# Where a pre-started run's kernel finds the pinned base model's stat key and digest (its
+# environment is fixed before the pin step answers; see :func:`prestarted_run`). A file in the
+# work folder, named by this variable (lora_kernel.training.models reads it).
+BASE_MODEL_DIGEST_FILE_ENV = "LORA_BASE_MODEL_DIGEST_FILE"
+DIGEST_FILE = ".base_model_digest.json"
+
+
+def prestarted_run(setup: dict[str, Any], stdin: IO[str]) -> int:
+    """``run`` started early: get ready to run while the runner's pin step hashes the inputs.
+
+    ``setup`` (the first JSON line: ``{"prestart": true, "work", "kernel_name",
+    "progress"}``): makes the work folder,
+    imports papermill and starts the kernel there (its environment: this process's, plus
+    ``$LORA_PROGRESS_FILE`` and ``$LORA_BASE_MODEL_DIGEST_FILE``). Then reads a second line,
+    the ``run`` spec (with ``base_model_digest``: the pin step's stat key and digest, or None),
+    and executes it in that kernel. End of input instead of a spec (the pin step refused the
+    run): the kernel is shut down, what this process created is removed, exit 0.
+    """
+    work = Path(setup["work"])
+    made = [p for p in (*reversed(work.parents), work, work / "output") if not p.exists()]
+    (work / "output").mkdir(parents=True, exist_ok=True)
+    relay_path = work / "progress.jsonl"
+    if setup.get("progress"):
+        os.environ[PROGRESS_ENV] = str(relay_path)
+    os.environ[BASE_MODEL_DIGEST_FILE_ENV] = str(work / DIGEST_FILE)
+    km: Any = None
+    started: Exception | None = None
+    try:
+        import papermill  # noqa: F401 - imported now, while the pin step runs
+        from jupyter_client.manager import AsyncKernelManager
+        from jupyter_core.utils import run_sync
+
+        km = AsyncKernelManager(kernel_name=setup["kernel_name"])
+        run_sync(km.start_kernel)(cwd=str(work))
+    except Exception as exc:  # noqa: BLE001 - reported once the spec comes (or dropped)
+        started = exc
+    line = stdin.readline()
+    if not line.strip():  # the pin step refused: nothing runs, nothing stays
+        _shutdown(km)
+        import shutil
+        if work in made:
+            shutil.rmtree(work, ignore_errors=True)
+        for path in reversed(made):  # the folders above it that this process made, if empty
+            if path in work.parents:
+                try:
+                    path.rmdir()
+                except OSError:
+                    pass
+        return 0
+    spec = json.loads(line)
+    relay = ProgressRelay(relay_path) if setup.get("progress") else None
+    try:
+        digest = spec.get("base_model_digest")
+        if isinstance(digest, dict):
+            (work / DIGEST_FILE).write_text(json.dumps(digest), encoding="utf-8")
+        if started is not None:
+            _write_error(work, type(started).__name__, f"the kernel did not start: {started}",
+                         None)
+            raise started
+        return _run_notebook({**spec, "kernel_name": setup["kernel_name"]}, work, relay, km)
     finally:
         if relay is not None:
             relay.close()
-    return 0
+        _shutdown(km)
+
+
+def _shutdown(km: Any) -> None:
+    """Shut a pre-started kernel down as papermill does (graceful: the kernel's execution log
+    writes its last events; the kernel manager kills it after its wait time)."""
+    if km is None:
+        return
+    from jupyter_core.utils import run_sync
+
+    try:
+        if run_sync(km.is_alive)():
+            run_sync(km.shutdown_kernel)(now=False)
+    except Exception as exc:  # noqa: BLE001 - the runner kills what is left by LORA_RUN_ID
+        sys.stderr.write(f"shutting the kernel down failed: {exc!r}\n")
 
 
 # Fields a training progress record may carry, with their types (everything else is dropped:
@@ -385,8 +492,20 @@ def _add(tar: tarfile.TarFile, path: Path, arcname: str) -> None:
 
 def main(argv: list[str]) -> int:
     """Dispatch ``pin``, ``run`` or ``collect`` on the JSON spec read from stdin."""
-    spec = json.loads(sys.stdin.read())
+    _skip_slow_imports()
     command = argv[0] if argv else ""
+    first = sys.stdin.readline()
+    if command == "run" and first.strip():
+        try:
+            setup = json.loads(first)
+        except ValueError:  # not a whole line of JSON: the spec, read on below
+            setup = None
+        if isinstance(setup, dict) and setup.get("prestart"):
+            rc = prestarted_run(setup, sys.stdin)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(rc)  # the kernel is down: skip tearing down papermill's modules, sockets
+    spec = json.loads(first + sys.stdin.read())
     if command == "pin":
         try:
             _answer(pin(spec))

@@ -308,35 +308,46 @@ def run_notebook(notebook: str | os.PathLike[str], parameters: Mapping[str, Any]
     cache_uid = ctx.run_as.uid if ctx.run_as.uid is not None else os.getuid()
     if model_hash_cache:
         spec["model_digests"] = hashcache.lookup(cache_uid, state)
-    pinned = _child_json(ctx, "pin", spec, home_p)
-    stat_key = pinned.pop("base_model_stat_key", None)
-    if not pinned.pop("base_model_hash_cached", False) and model_hash_cache \
-            and isinstance(stat_key, str) and isinstance(pinned.get("base_model_sha256"), str):
-        hashcache.store(cache_uid, stat_key, pinned["base_model_sha256"], state)
-    params = pinned_parameters(params, pinned, work)
-    if check_pinned is not None:
-        check_pinned(pinned)
-    if resume is not None:
-        if not isinstance(pinned.get("resume"), dict):
-            raise LoraError("the pin step answered no checkpoint to resume from")
-        pinned["resume"]["run_id"] = resume.run_id  # ours, not the child's word
-        params["resume_from"] = str(pinned["resume"]["checkpoint"])
-    run = {"run_id": run_id, "notebook": str(notebook), "parameters": params,
-           "home": str(home_p), "work": str(work), "started": iso_time(),
-           "actor": {"name": ctx.actor.name, "uid": ctx.actor.uid, "source": ctx.actor.source},
-           "run_as": {"uid": ctx.run_as.uid, "name": ctx.run_as.name},
-           "pinned": {k: v for k, v in pinned.items() if k != "notebook_source"}}
-    if extra:
-        run["extra"] = json.loads(json.dumps(dict(extra)))
-    with ActiveRun(runs, run) as active:
-        say(f"run {run_id}: {notebook.name} in kernel '{KERNEL_NAME}' (papermill)")
-        t0 = time.monotonic()
-        known = ({"key": stat_key, "sha256": pinned["base_model_sha256"]}
-                 if isinstance(stat_key, str) and pinned.get("base_model_sha256") else None)
-        rc, reason = _execute(ctx, run, pinned["notebook_source"], active.staging, timeout,
-                              base_model_digest=known)
-        return seal_run(run, active.staging, rc=rc, reason=reason, ctx=ctx, state=state,
-                        seconds=time.monotonic() - t0, log=say, before_seal=before_seal)
+    # The executor starts now (papermill, the kernel) while the pin child hashes the inputs;
+    # it runs only when the pin step and the checks below accept the run (_Prestart.abort).
+    prestart = _Prestart(ctx, run_id, home_p, work)
+    handed = False
+    try:
+        pinned = _child_json(ctx, "pin", spec, home_p)
+        stat_key = pinned.pop("base_model_stat_key", None)
+        if not pinned.pop("base_model_hash_cached", False) and model_hash_cache \
+                and isinstance(stat_key, str) \
+                and isinstance(pinned.get("base_model_sha256"), str):
+            hashcache.store(cache_uid, stat_key, pinned["base_model_sha256"], state)
+        params = pinned_parameters(params, pinned, work)
+        if check_pinned is not None:
+            check_pinned(pinned)
+        if resume is not None:
+            if not isinstance(pinned.get("resume"), dict):
+                raise LoraError("the pin step answered no checkpoint to resume from")
+            pinned["resume"]["run_id"] = resume.run_id  # ours, not the child's word
+            params["resume_from"] = str(pinned["resume"]["checkpoint"])
+        run = {"run_id": run_id, "notebook": str(notebook), "parameters": params,
+               "home": str(home_p), "work": str(work), "started": iso_time(),
+               "actor": {"name": ctx.actor.name, "uid": ctx.actor.uid, "source": ctx.actor.source},
+               "run_as": {"uid": ctx.run_as.uid, "name": ctx.run_as.name},
+               "pinned": {k: v for k, v in pinned.items() if k != "notebook_source"}}
+        if extra:
+            run["extra"] = json.loads(json.dumps(dict(extra)))
+        with ActiveRun(runs, run) as active:
+            say(f"run {run_id}: {notebook.name} in kernel '{KERNEL_NAME}' (papermill)")
+            t0 = time.monotonic()
+            known = ({"key": stat_key, "sha256": pinned["base_model_sha256"]}
+                     if isinstance(stat_key, str) and pinned.get("base_model_sha256") else None)
+            handed = True  # from here on _execute stops it, whatever happens
+            rc, reason = _execute(ctx, run, pinned["notebook_source"], active.staging, timeout,
+                                  base_model_digest=known, prestart=prestart)
+            return seal_run(run, active.staging, rc=rc, reason=reason, ctx=ctx, state=state,
+                            seconds=time.monotonic() - t0, log=say, before_seal=before_seal)
+    except BaseException as exc:
+        if not handed:
+            prestart.abort(clean=isinstance(exc, Exception))
+        raise
 
 
 class ActiveRun:
@@ -393,14 +404,105 @@ def _child_json(ctx: RunContext, command: str, spec: dict[str, Any], home: Path
     return dict(answer)
 
 
+# How long a pre-started executor may take to stop its kernel and remove the work folder when
+# the pin step refuses the run, before it is killed.
+PRESTART_ABORT_S = 30.0
+
+
+class _LateLog:
+    """A child's stderr, read on a thread: kept in memory until :meth:`attach` names the file
+    (the staging folder exists only once the pin step accepted the run), then written there."""
+
+    def __init__(self, stream: IO[bytes] | None) -> None:
+        self._lock = threading.Lock()
+        self._buffer: list[bytes] = []
+        self._fh: IO[bytes] | None = None
+        self._stream = stream
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        assert self._stream is not None
+        while True:
+            chunk = self._stream.read1(4096) if hasattr(self._stream, "read1") \
+                else self._stream.read(4096)
+            if not chunk:
+                break
+            with self._lock:
+                if self._fh is not None:
+                    self._fh.write(chunk)
+                    self._fh.flush()
+                else:
+                    self._buffer.append(chunk)
+
+    def attach(self, path: Path) -> None:
+        """Write what came so far, and from now on everything, to ``path``."""
+        with self._lock:
+            self._fh = open(path, "wb")  # noqa: SIM115 - closed by finish()
+            self._fh.write(b"".join(self._buffer))
+            self._fh.flush()
+            self._buffer.clear()
+
+    def finish(self) -> None:
+        """Wait for the end of the stream (bounded), close the file."""
+        self._thread.join(timeout=5)
+        with self._lock:
+            if self._fh is not None:
+                self._fh.close()
+
+
+class _Prestart:
+    """The executor's ``run`` child of a run, pre-started (as the run's user, with the run's
+    environment), started before the pin step so that papermill's import and the kernel's
+    start overlap the hashing. It makes the work folder and starts the kernel there, then
+    waits for its spec on stdin (:func:`_execute`); :meth:`abort` stops it when the run is
+    refused."""
+
+    def __init__(self, ctx: RunContext, run_id: str, home: Path, work: Path) -> None:
+        self.ctx, self.run_id = ctx, run_id
+        self.proc = spawn([*_python(), "run"], run_as=ctx.run_as,
+                          privileges=ctx.privileges, env=ctx.child_env(home, run_id),
+                          cwd=str(home) if home.is_dir() else "/", stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.errlog = _LateLog(self.proc.stderr)
+        setup = {"prestart": True, "work": str(work), "kernel_name": KERNEL_NAME,
+                 "progress": ctx.progress is not None}
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write((json.dumps(setup) + "\n").encode())
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # it died at once: _execute reports its exit code
+
+    def abort(self, clean: bool = True) -> None:
+        """The run is refused (nothing recorded): end of input tells the child to stop its
+        kernel and remove the work folder it made (``clean``; bounded by
+        :data:`PRESTART_ABORT_S`); then every process of the run still alive is killed."""
+        try:
+            if clean:
+                assert self.proc.stdin is not None
+                self.proc.stdin.close()
+                self.proc.wait(timeout=PRESTART_ABORT_S)
+        except (OSError, subprocess.TimeoutExpired, KeyboardInterrupt):
+            pass
+        finally:
+            if self.proc.poll() is None:
+                stop(self.proc, self.ctx.privileges)
+            kill_run_processes(self.run_id, self.ctx.privileges)
+            self.errlog.finish()
+
+
 def _execute(ctx: RunContext, run: dict[str, Any], notebook_source: str, staging: Path,
-             timeout: float | None, base_model_digest: dict[str, str] | None = None
-             ) -> tuple[int | None, str | None]:
+             timeout: float | None, base_model_digest: dict[str, str] | None = None,
+             prestart: _Prestart | None = None) -> tuple[int | None, str | None]:
     """Run the executor as the run's user; return ``(exit code, why it stopped)``.
 
-    ``base_model_digest`` (the pin step's stat key and digest of the base model) goes to the
-    kernel as ``$LORA_BASE_MODEL_DIGEST``, so the training there does not hash the model again
-    while its stat key is unchanged (:func:`lora_kernel.training.models.model_sha256`).
+    ``prestart``: the executor already started (its kernel running), which gets the spec now;
+    else a ``run`` child is started here. ``base_model_digest`` (the pin step's stat key and
+    digest of the base model) goes to the kernel (``$LORA_BASE_MODEL_DIGEST``, or for a
+    pre-started kernel a file in the work folder that ``$LORA_BASE_MODEL_DIGEST_FILE`` names),
+    so the training there does not hash the model again while its stat key is unchanged
+    (:func:`lora_kernel.training.models.model_sha256`).
 
     Its stderr goes to ``executor.log`` in the staging folder (written by the runner), its
     stdout (progress) to ``ctx.progress``. Whatever ends the run, every process still carrying
@@ -414,15 +516,21 @@ def _execute(ctx: RunContext, run: dict[str, Any], notebook_source: str, staging
     if base_model_digest is not None:
         env[BASE_MODEL_DIGEST_ENV] = json.dumps(base_model_digest)
     with open(staging / "executor.log", "wb") as errlog:
-        proc = spawn([*_python(), "run"], run_as=ctx.run_as, privileges=ctx.privileges,
-                     env=env,
-                     cwd=str(home) if home.is_dir() else "/", stdin=subprocess.PIPE,
-                     stdout=subprocess.PIPE, stderr=errlog)
+        if prestart is not None:
+            proc = prestart.proc
+            spec["base_model_digest"] = base_model_digest
+        else:
+            proc = spawn([*_python(), "run"], run_as=ctx.run_as, privileges=ctx.privileges,
+                         env=env,
+                         cwd=str(home) if home.is_dir() else "/", stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=errlog)
         pump = _pump(proc.stdout, ctx.progress)
         deadline = time.monotonic() + timeout if timeout else None
         try:
+            if prestart is not None:
+                prestart.errlog.attach(staging / "executor.log")
             assert proc.stdin is not None
-            proc.stdin.write(json.dumps(spec).encode())
+            proc.stdin.write(json.dumps(spec).encode() + b"\n")
             proc.stdin.close()
             while proc.poll() is None:
                 if deadline is not None and time.monotonic() > deadline:
@@ -444,6 +552,8 @@ def _execute(ctx: RunContext, run: dict[str, Any], notebook_source: str, staging
                 stop(proc, ctx.privileges)
             kill_run_processes(run["run_id"], ctx.privileges)
             pump.join(timeout=5)
+            if prestart is not None:
+                prestart.errlog.finish()
     return proc.returncode, reason
 
 

@@ -1,0 +1,119 @@
+"""The executor started while the pin step hashes (issue 13): the kernel is ready when the run
+is accepted, and a refused run leaves no process and no work folder behind."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lora_kernel.common.digests import stat_key
+from lora_kernel.common.errors import ConfigError
+from lora_kernel.trusted import runner
+from lora_kernel.trusted.runner import RunContext, new_run_id, run_notebook
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run_processes(run_id: str) -> list:
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if proc.environ().get("LORA_RUN_ID") == run_id \
+                    and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return found
+
+
+def test_kernel_reads_the_pinned_digest_from_the_file_the_executor_writes(tmp_path,
+                                                                          monkeypatch):
+    from lora_kernel.training import models
+
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"weights")
+    digest_file = tmp_path / "digest.json"
+    monkeypatch.delenv(models.BASE_MODEL_DIGEST_ENV, raising=False)
+    monkeypatch.setenv(models.BASE_MODEL_DIGEST_FILE_ENV, str(digest_file))
+    full = models.path_sha256(model)
+    assert models.model_sha256(model) == full  # no file yet: hashed
+    digest_file.write_text(json.dumps({"key": stat_key(model), "sha256": "ab" * 32}))
+    assert models.model_sha256(model) == "ab" * 32  # the stat key matches: the hint is used
+    digest_file.write_text(json.dumps({"key": "another key", "sha256": "cd" * 32}))
+    assert models.model_sha256(model) == full  # a stale hint is never believed
+
+
+@pytest.fixture
+def prestart_home(tmp_path, monkeypatch, lora_kernel_prefix):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("LORA_HOME", str(home))
+    monkeypatch.setenv("JUPYTER_PATH", str(lora_kernel_prefix / "share" / "jupyter"))
+    return home
+
+
+@pytest.mark.slow
+def test_aborted_prestart_stops_its_kernel_and_removes_the_work_folder(prestart_home):
+    import psutil
+
+    run_id = new_run_id()
+    (prestart_home / "work").mkdir()
+    work = prestart_home / "work" / run_id
+    pre = runner._Prestart(RunContext.local(), run_id, prestart_home, work)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:  # the kernel is up before any spec came
+        if any("-f" in p.info["cmdline"] for p in _run_processes(run_id)):
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the pre-started executor started no kernel")
+    assert work.is_dir()
+    pid = pre.proc.pid
+    pre.abort()
+    assert pre.proc.returncode == 0
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert _run_processes(run_id) == []
+    assert not work.exists()
+    assert (prestart_home / "work").is_dir()  # it existed before: kept
+
+
+@pytest.mark.slow
+def test_refused_run_leaves_no_process_and_no_folder(prestart_home, tmp_path):
+    home = tmp_path / "fresh_home"  # not there yet: the executor makes home/work/RUN_ID
+    nb = REPO / "notebooks" / "train_image_lora.ipynb"
+    seen: list[str] = []
+    real = runner._Prestart
+
+    class Spy(real):  # type: ignore[misc,valid-type]
+        def __init__(self, ctx, run_id, home_, work):
+            seen.append(run_id)
+            super().__init__(ctx, run_id, home_, work)
+
+    runner._Prestart = Spy
+    try:
+        with pytest.raises(ConfigError, match="no config was given"):
+            run_notebook(nb, {"overrides": {}}, home=home)
+    finally:
+        runner._Prestart = real
+    assert seen and _run_processes(seen[0]) == []
+    # the work folder and the folders made for it are gone; the kernel's own execution log
+    # (logs/, the user's) keeps its kernel_start and kernel_stop
+    assert not (home / "work").exists()
+    assert not home.exists() or sorted(p.name for p in home.iterdir()) in ([], ["logs"])
+
+
+def test_executor_run_still_takes_a_whole_spec_on_stdin(tmp_path):
+    """``executor run`` without the pre-start line keeps the old protocol (one JSON spec, read
+    to the end of input): a spec that is not valid JSON fails as before."""
+    import subprocess
+
+    res = subprocess.run([sys.executable, "-m", "lora_kernel.trusted.executor", "run"],
+                         input="{not json", capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert res.returncode != 0 and "JSONDecodeError" in res.stderr
