@@ -322,21 +322,6 @@ def start_kernel(hub: Hub, s, name: str = "lora") -> str:  # type: ignore
     return kernel_id
 
 
-def write_notebook(path: Path, *cells: str) -> Path:
-    """A notebook for the ``lora`` kernel: the first cell tagged ``parameters``."""
-    import nbformat
-
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "lora", "display_name": "LoRA (guarded)",
-                                 "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell(cells[0], metadata={"tags": ["parameters"]})]
-    nb.cells += [nbformat.v4.new_code_cell(c) for c in cells[1:]]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nbformat.write(nb, str(path))
-    os.chmod(path, 0o644)
-    return path
-
-
 def k8s_round_trip(obj, kind: str):  # type: ignore[no-untyped-def]
     """Serialize a kubernetes model as an API call does and read it back into the client's
     models (whose validation rejects missing required fields and bad values); returns

@@ -24,7 +24,8 @@ from types import SimpleNamespace
 
 import nbformat
 import pytest
-from hubtools import k8s_round_trip, write_notebook
+from hubtools import k8s_round_trip
+from nbtools import write_notebook
 
 from hub.k8s_backend import K8sSettings
 from hub.runqueue import RunQueue

@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from hubtools import write_notebook
+from nbtools import write_notebook
 from tornado.ioloop import IOLoop
 from tornado.testing import bind_unused_port
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from nbtools import write_notebook
 
 from lora_kernel.common.digests import sha256_file
 from lora_kernel.common.errors import RunFailed
@@ -58,17 +59,6 @@ def lora_cli(*args, home, wait=True, **kw):
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, **kw)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=300, **kw)
-
-
-def write_notebook(path: Path, *cells: str) -> Path:
-    """A notebook for the ``lora`` kernel: a ``parameters`` cell, then code cells."""
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "lora", "display_name": "LoRA (guarded)",
-                                 "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell(cells[0], metadata={"tags": ["parameters"]})]
-    nb.cells += [nbformat.v4.new_code_cell(c) for c in cells[1:]]
-    nbformat.write(nb, str(path))
-    return path
 
 
 def assert_sealed(record: Path, status: str) -> dict:

@@ -22,6 +22,7 @@ from pathlib import Path
 import nbformat
 import pytest
 import yaml
+from nbtools import write_notebook as write_lora_notebook
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
 
@@ -85,12 +86,8 @@ def as_user(name: str, *args, env: dict | None = None, timeout: float = 300, wai
 
 
 def write_notebook(path: Path, owner: str, *cells: str) -> Path:
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "lora", "display_name": "LoRA (guarded)",
-                                 "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell(cells[0], metadata={"tags": ["parameters"]})]
-    nb.cells += [nbformat.v4.new_code_cell(c) for c in cells[1:]]
-    nbformat.write(nb, str(path))
+    """:func:`nbtools.write_notebook`, owned by ``owner``."""
+    write_lora_notebook(path, *cells)
     pw = pwd.getpwnam(owner)
     os.chown(path, pw.pw_uid, pw.pw_gid)
     return path
