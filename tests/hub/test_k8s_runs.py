@@ -42,6 +42,8 @@ from kubernetes import client  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 ROOT = os.geteuid() == 0
+# Paths the stand-in's "image" has as they are: never translated as volume mounts.
+IMAGE_ROOTS = tuple({str(REPO), sys.prefix, str(Path(sys.executable).parent)})
 
 
 class LocalCluster:
@@ -83,6 +85,8 @@ class LocalCluster:
             re.escape(p) for p in sorted(mounts, key=len, reverse=True)) + r")(?=/|\"|$)")
 
         def mount(text: str) -> str:
+            if text.startswith(IMAGE_ROOTS):  # the image's own files (this checkout, its
+                return text                   # venv), wherever it lives (e.g. under /tmp)
             return pattern.sub(lambda mt: mounts[mt.group(1)], text)
         env = {**self.image_env, **{e["name"]: mount(e["value"]) for e in c["env"]}}
         argv = [mount(a) for a in c["command"] + c["args"]]
