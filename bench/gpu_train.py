@@ -151,6 +151,30 @@ def _timings(first_step_s: float, ends: list[float], warmup: int) -> dict:
             "steady_s": span, "steps_per_s": measured / span if span > 0 else float("nan")}
 
 
+def _timed_loop(module, device, warmup: int, steps: int, loss_fn) -> dict:
+    """The bare training step every baseline shares: ``loss_fn()`` (forward), backward,
+    gradient clipping, AdamW (fused on CUDA) over ``module``'s trainable parameters, and a
+    loss read-back per step (a sync, as lora train's loss logging); timed per step."""
+    import torch
+    params = [p for p in module.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
+                            **({"fused": True} if device.type == "cuda" else {}))
+    ends: list[float] = []
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(warmup + steps):
+        loss = loss_fn()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss.item()
+        ends.append(time.perf_counter())
+    out = _timings(ends[0] - t0, ends, warmup)
+    out.update(_peak_memory(device))
+    return out
+
+
 # -- children ------------------------------------------------------------------------------
 def child_probe(spec: dict) -> dict:
     """CUDA or not, the device's name and the library versions."""
@@ -439,15 +463,10 @@ def child_bare_image(spec: dict) -> dict:
     unet.add_adapter(LoraConfig(r=spec["rank"], lora_alpha=spec["rank"],
                                 init_lora_weights="gaussian", target_modules=IMAGE_TARGETS))
     unet.train()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
-                            **({"fused": True} if device.type == "cuda" else {}))
     b, lat = spec["batch"], spec["latent"]
     hidden_dim = unet.config.cross_attention_dim
-    ends: list[float] = []
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(spec["warmup"] + spec["steps"]):
+
+    def loss_fn():
         latents = torch.randn(b, unet.config.in_channels, lat, lat, device=device)
         noise = torch.randn_like(latents)
         t = torch.randint(0, sched.config.num_train_timesteps, (b,), device=device)
@@ -455,16 +474,8 @@ def child_bare_image(spec: dict) -> dict:
         hidden = torch.randn(b, 77, hidden_dim, device=device)
         with _autocast(device, spec["precision"]):
             pred = unet(noisy, t, hidden).sample
-        loss = F.mse_loss(pred.float(), noise)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss.item()  # a sync per step, as lora train's loss logging
-        ends.append(time.perf_counter())
-    out = _timings(ends[0] - t0, ends, spec["warmup"])
-    out.update(_peak_memory(device))
-    return out
+        return F.mse_loss(pred.float(), noise)
+    return _timed_loop(unet, device, spec["warmup"], spec["steps"], loss_fn)
 
 
 def diffusers_peft_loop(config: str, model: str, *, batch: int, warmup: int, steps: int,
@@ -496,17 +507,12 @@ def diffusers_peft_loop(config: str, model: str, *, batch: int, warmup: int, ste
     unet.add_adapter(LoraConfig(r=r, lora_alpha=r, init_lora_weights="gaussian",
                                 target_modules=IMAGE_TARGETS))
     unet.train()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
-                            **({"fused": True} if device.type == "cuda" else {}))
     examples = load_examples(cfg)
     pixels = torch.stack([e.pixels for e in examples])
     ids = tok([e.caption for e in examples], padding="max_length",
               max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
-    ends: list[float] = []
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(warmup + steps):
+
+    def loss_fn():
         idx = torch.randint(0, len(examples), (batch,))
         with torch.no_grad(), _autocast(device, precision):
             latents = vae.encode(pixels[idx].to(device)).latent_dist.sample().float() \
@@ -516,16 +522,8 @@ def diffusers_peft_loop(config: str, model: str, *, batch: int, warmup: int, ste
         t = torch.randint(0, sched.config.num_train_timesteps, (batch,), device=device)
         with _autocast(device, precision):
             pred = unet(sched.add_noise(latents, noise, t), t, hidden).sample
-        loss = F.mse_loss(pred.float(), noise)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss.item()
-        ends.append(time.perf_counter())
-    out = _timings(ends[0] - t0, ends, warmup)
-    out.update(_peak_memory(device))
-    return out
+        return F.mse_loss(pred.float(), noise)
+    return _timed_loop(unet, device, warmup, steps, loss_fn)
 
 
 def child_diffusers_image(spec: dict) -> dict:
@@ -553,27 +551,14 @@ def child_bare_text(spec: dict) -> dict:
     device = _device()
     model = _peft_llama(spec, device)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
-                            **({"fused": True} if device.type == "cuda" else {}))
     b, seq = spec["batch"], spec["seq"]
     vocab = model.config.vocab_size
-    ends: list[float] = []
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(spec["warmup"] + spec["steps"]):
+
+    def loss_fn():
         ids = torch.randint(0, vocab, (b, seq), device=device)
         with _autocast(device, spec["precision"]):
-            loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        loss.item()
-        ends.append(time.perf_counter())
-    out = _timings(ends[0] - t0, ends, spec["warmup"])
-    out.update(_peak_memory(device))
-    return out
+            return model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids).loss
+    return _timed_loop(model, device, spec["warmup"], spec["steps"], loss_fn)
 
 
 def child_trainer(spec: dict) -> dict:
