@@ -79,7 +79,7 @@ def notebook_parameters(notebook: Path, params_file: str | None,
                         pairs: list[list[str]] | None) -> dict:
     """The papermill parameters of ``lora run NOTEBOOK [-f params.yaml] [-p KEY VALUE]...``.
 
-    A key the notebook declares as a parameter (papermill's ``inspect_notebook``: e.g.
+    A key the notebook declares as a parameter (:mod:`lora_kernel.common.nbparams`: e.g.
     ``config_path``, ``overrides``) is a parameter; a config key is a config override. In
     ``params.yaml`` a relative ``config_path`` resolves against the file's folder; on the
     command line against the current directory. Overrides are merged in this order (later
@@ -87,15 +87,9 @@ def notebook_parameters(notebook: Path, params_file: str | None,
     MAPPING``, ``-p`` config keys. A key that is neither (or a config key for a notebook that
     takes no ``overrides``) is a :class:`ConfigError` naming where it came from.
     """
-    import papermill
+    from lora_kernel.common.nbparams import declared_parameters
 
-    try:
-        declared = set(papermill.inspect_notebook(str(notebook)))
-    except OSError as exc:
-        raise ConfigError(f"cannot read the notebook: {exc.strerror or exc}",
-                          file=notebook) from None
-    except ValueError as exc:
-        raise ConfigError(f"not a readable notebook: {exc}", file=notebook) from None
+    declared = set(declared_parameters(notebook))
     keys = config_keys()
     takes_overrides = "overrides" in declared
 

@@ -76,14 +76,14 @@ def _answer(obj: dict[str, Any]) -> None:
 # -- pin ------------------------------------------------------------------------------------
 def pin(spec: dict[str, Any]) -> dict[str, Any]:
     """Validate and hash the inputs of a run request (see the module docstring)."""
-    import papermill
+    from lora_kernel.common.nbparams import declared_parameters
 
     notebook = Path(spec["notebook"])
     try:
         source = notebook.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read the notebook: {exc.strerror}", file=notebook) from None
-    declared = set(papermill.inspect_notebook(str(notebook)))
+    declared = set(declared_parameters(notebook, source))
     params = dict(spec.get("parameters") or {})
     home = Path(spec["home"])
     out: dict[str, Any] = {"notebook": str(notebook), "notebook_sha256": sha256_bytes(source),
@@ -277,13 +277,14 @@ def prestarted_run(setup: dict[str, Any], stdin: IO[str]) -> int:
     os.environ[BASE_MODEL_DIGEST_FILE_ENV] = str(work / DIGEST_FILE)
     km: Any = None
     started: Exception | None = None
-    try:
-        import papermill  # noqa: F401 - imported now, while the pin step runs
+    try:  # the kernel first: papermill's import overlaps its start
         from jupyter_client.manager import AsyncKernelManager
         from jupyter_core.utils import run_sync
 
         km = AsyncKernelManager(kernel_name=setup["kernel_name"])
+        km.client_factory = quick_ready_client()
         run_sync(km.start_kernel)(cwd=str(work))
+        import papermill  # noqa: F401 - imported now, while the pin step runs
     except Exception as exc:  # noqa: BLE001 - reported once the spec comes (or dropped)
         started = exc
     line = stdin.readline()
@@ -314,6 +315,47 @@ def prestarted_run(setup: dict[str, Any], stdin: IO[str]) -> int:
         if relay is not None:
             relay.close()
         _shutdown(km)
+
+
+# How long the readiness check waits for an IOPub message after the kernel_info reply (as
+# jupyter_client does) before it asks again.
+IOPUB_CHECK_S = 0.2
+
+
+def quick_ready_client() -> type:
+    """The kernel client class nbclient gets for a pre-started kernel: ready once the kernel
+    answers ``kernel_info`` on the shell channel and IOPub delivers a message, as
+    jupyter_client's ``wait_for_ready`` checks; without its last step, which waits for 0.2 s
+    of IOPub silence to drop the startup's status messages (0.2 s of every run). nbclient
+    takes from IOPub only the messages whose parent is its own request."""
+    import time
+    from queue import Empty
+
+    from jupyter_client.asynchronous import AsyncKernelClient
+
+    class QuickReadyClient(AsyncKernelClient):  # type: ignore[misc]  # untyped upstream
+        async def wait_for_ready(self, timeout: float | None = None) -> None:
+            deadline = time.monotonic() + (float("inf") if timeout is None else timeout)
+            while True:
+                self.kernel_info()
+                try:
+                    reply = await self.shell_channel.get_msg(timeout=1)
+                except Empty:
+                    reply = None
+                if reply is not None and reply["msg_type"] == "kernel_info_reply":
+                    try:  # IOPub connected: the status of that request reaches it
+                        await self.iopub_channel.get_msg(timeout=IOPUB_CHECK_S)
+                    except Empty:
+                        pass
+                    else:
+                        self._handle_kernel_info_reply(reply)
+                        return
+                if not await self._async_is_alive():
+                    raise RuntimeError("Kernel died before replying to kernel_info")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"Kernel didn't respond in {timeout:g} seconds")
+
+    return QuickReadyClient
 
 
 def _shutdown(km: Any) -> None:

@@ -117,3 +117,53 @@ def test_executor_run_still_takes_a_whole_spec_on_stdin(tmp_path):
                          input="{not json", capture_output=True, text=True, timeout=60,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert res.returncode != 0 and "JSONDecodeError" in res.stderr
+
+
+@pytest.mark.slow
+def test_quick_ready_client_runs_cells_and_notices_a_dead_kernel(lora_kernel_prefix, tmp_path,
+                                                                 monkeypatch):
+    """The client nbclient gets for a pre-started kernel: ready without jupyter_client's 0.2 s
+    of IOPub silence, and the first cell's output is still its own; a kernel that died before
+    answering is an error, not a wait until the timeout."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import AsyncKernelManager
+    from jupyter_core.utils import run_sync
+
+    from lora_kernel.trusted.executor import quick_ready_client
+
+    monkeypatch.setenv("LORA_HOME", str(tmp_path))
+    ksm = KernelSpecManager(kernel_dirs=[str(lora_kernel_prefix / "share/jupyter/kernels")])
+    km = AsyncKernelManager(kernel_name="lora", kernel_spec_manager=ksm)
+    km.client_factory = quick_ready_client()
+    run_sync(km.start_kernel)(cwd=str(tmp_path))
+    kc = km.client()
+    try:
+        kc.start_channels()
+        run_sync(kc.wait_for_ready)(timeout=60)
+        outputs = []
+        reply = run_sync(kc.execute_interactive)(
+            "print(6 * 7)", timeout=30,
+            output_hook=lambda m: outputs.append(m["content"].get("text")))
+        assert reply["content"]["status"] == "ok"
+        assert [o for o in outputs if o] == ["42\n"]  # no startup status taken for output
+    finally:
+        kc.stop_channels()
+        run_sync(km.shutdown_kernel)(now=True)
+
+    dead = AsyncKernelManager(kernel_name="lora", kernel_spec_manager=ksm)
+    dead.client_factory = quick_ready_client()
+    bad = tmp_path / "policies"
+    bad.mkdir()
+    (bad / "egress.yaml").write_text("allow: [{cidr: not-a-network}]\n")
+    monkeypatch.setenv("LORA_POLICIES", str(bad))  # the kernel refuses to start
+    run_sync(dead.start_kernel)(cwd=str(tmp_path))
+    kc = dead.client()
+    try:
+        kc.start_channels()
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match="died"):
+            run_sync(kc.wait_for_ready)(timeout=60)
+        assert time.monotonic() - t0 < 30
+    finally:
+        kc.stop_channels()
+        run_sync(dead.cleanup_resources)()

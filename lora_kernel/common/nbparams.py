@@ -1,0 +1,75 @@
+"""The parameters a notebook declares, read without importing papermill.
+
+A papermill notebook declares its parameters in the first cell tagged ``parameters``: each
+top-level assignment there (``name = value`` or ``name: type = value``) is one. This is what
+``papermill.inspect_notebook`` answers for a Python notebook, read with :mod:`ast` instead of
+papermill's line patterns, because ``import papermill`` (nbformat, jsonschema, nbclient,
+jupyter_client) costs about half a second of every ``lora run``'s pin step and command line,
+and they only need the names.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from lora_kernel.common.errors import ConfigError
+
+PARAMETERS_TAG = "parameters"
+
+
+def parameters_cell(nb: Any) -> str | None:
+    """The source of the first cell tagged ``parameters`` of a notebook's JSON (or None)."""
+    cells = nb.get("cells") if isinstance(nb, dict) else None
+    if not isinstance(cells, list):
+        raise ValueError("it has no list of cells")
+    for cell in cells:
+        meta = cell.get("metadata") if isinstance(cell, dict) else None
+        tags = meta.get("tags") if isinstance(meta, dict) else None
+        if isinstance(tags, list) and PARAMETERS_TAG in tags:
+            source = cell.get("source", "")
+            return "".join(source) if isinstance(source, list) else str(source)
+    return None
+
+
+def names_in(source: str) -> list[str]:
+    """Names assigned at the top level of a parameters cell, in order (IPython magics and
+    shell lines, ``%...`` / ``!...``, are skipped). Raises SyntaxError."""
+    code = "\n".join("" if line.lstrip().startswith(("%", "!")) else line
+                     for line in source.splitlines())
+    names: list[str] = []
+    for stmt in ast.parse(code).body:
+        if isinstance(stmt, ast.Assign):
+            targets = [t.id for t in stmt.targets if isinstance(t, ast.Name)]
+        elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None \
+                and isinstance(stmt.target, ast.Name):
+            targets = [stmt.target.id]
+        else:
+            continue
+        names.extend(t for t in targets if t not in names)
+    return names
+
+
+def declared_parameters(path: str | os.PathLike[str], data: bytes | None = None) -> list[str]:
+    """The parameter names ``path`` declares (``data``: its bytes, already read). A file that
+    cannot be read, is not a notebook, or whose parameters cell is not Python is a
+    :class:`ConfigError` naming it."""
+    try:
+        raw = data if data is not None else Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the notebook: {exc.strerror or exc}", file=path) from None
+    try:
+        source = parameters_cell(json.loads(raw))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"not a readable notebook (.ipynb JSON): {exc}; fix: give a Jupyter "
+                          "notebook file", file=path) from None
+    if source is None:
+        return []
+    try:
+        return names_in(source)
+    except SyntaxError as exc:
+        raise ConfigError(f"its parameters cell is not valid Python (line {exc.lineno}: "
+                          f"{exc.msg}); fix: one `name = value` per line in the cell tagged "
+                          "'parameters'", file=path) from None
