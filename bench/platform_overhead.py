@@ -158,21 +158,31 @@ def _bench(args, home: Path) -> int:
         steps = max(2, round(args.target_seconds / (sec / n)))
         print(f"calibration: {sec / n:.3f} s/step -> max_train_steps {steps}", flush=True)
 
-    rows = []
-    for i in range(args.repeat):
+    def train(i):
         out = home / f"train{i}"
-        t_train, _ = lora("train", "--config", config, "-p", "max_train_steps", steps,
-                          "-p", "output_dir", out, *fixed, env=env)
-        loop_train, _ = train_seconds(out)
-        t_run, stdout = lora("run", "--config", config, "-p", "max_train_steps", steps,
-                             "--home", home, "--state", home / "state", *fixed, env=env)
+        wall, _ = lora("train", "--config", config, "-p", "max_train_steps", steps,
+                       "-p", "output_dir", out, *fixed, env=env)
+        return wall, train_seconds(out)[0]
+
+    def run():
+        wall, stdout = lora("run", "--config", config, "-p", "max_train_steps", steps,
+                            "--home", home, "--state", home / "state", *fixed, env=env)
         record = Path(next(line.split(": ", 1)[1] for line in stdout.splitlines()
                            if line.startswith("record: ")))
-        loop_run = json.loads((record / "run_result.json").read_text())["seconds"]
+        return wall, json.loads((record / "run_result.json").read_text())["seconds"]
+
+    rows = []
+    for i in range(args.repeat):  # the order alternates, so that a drift favours neither
+        if i % 2:
+            (t_run, loop_run), (t_train, loop_train) = run(), train(i)
+        else:
+            (t_train, loop_train), (t_run, loop_run) = train(i), run()
         rows.append((t_train, t_run, loop_train, loop_run))
         print(f"pair {i + 1}: lora train {t_train:.1f}s (loop {loop_train:.1f}s), "
-              f"lora run {t_run:.1f}s (loop {loop_run:.1f}s)", flush=True)
+              f"lora run {t_run:.1f}s (loop {loop_run:.1f}s), "
+              f"difference {t_run - t_train:+.2f}s", flush=True)
 
+    diffs = sorted(r[1] - r[0] for r in rows)
     t_train, t_run, loop_train, loop_run = (statistics.median(c) for c in zip(*rows, strict=True))
     import torch
     print()
@@ -183,7 +193,9 @@ def _bench(args, home: Path) -> int:
     print(f"  lora train (baseline)     {t_train:8.1f} s   training loop {loop_train:.1f} s")
     print(f"  lora run (record)         {t_run:8.1f} s   training loop {loop_run:.1f} s")
     print(f"  ratio run / train         {t_run / t_train:8.3f}   (target <= 1.05)")
-    print(f"  fixed overhead            {t_run - t_train:8.1f} s")
+    print(f"  fixed overhead            {t_run - t_train:8.1f} s   (difference of the medians)")
+    print(f"  run - train, per pair     {statistics.median(diffs):8.2f} s   median "
+          f"(quartiles {diffs[len(diffs) // 4]:.2f} .. {diffs[(3 * len(diffs)) // 4]:.2f} s)")
     print(f"  loop ratio run / train    {loop_run / loop_train:8.3f}   (in-kernel vs direct)")
     print(f"  overhead outside the loop {(t_run - loop_run) - (t_train - loop_train):8.1f} s   "
           f"(run {t_run - loop_run:.1f} s, train {t_train - loop_train:.1f} s)")
