@@ -95,6 +95,18 @@ def main(argv: list[str] | None = None) -> None:
     log.start()
     atexit.register(log.close)
 
+    # No debugger in the guarded kernel (its kernelspec says debugger: false), yet ipykernel
+    # imports debugpy at every start (~0.1 s of every run). Hidden while ipykernel looks, so
+    # that it records "not available"; a cell may still import debugpy.
+    hidden = "debugpy" not in sys.modules
+    if hidden:
+        sys.modules["debugpy"] = None  # type: ignore[assignment]  # None: ImportError
+    try:
+        import ipykernel.debugger  # noqa: F401 - caches _is_debugpy_available = False
+    finally:
+        if hidden and sys.modules.get("debugpy", False) is None:
+            del sys.modules["debugpy"]
+
     from ipykernel.kernelapp import IPKernelApp
 
     IPKernelApp.launch_instance(argv=argv, kernel_class=make_kernel_class(log))

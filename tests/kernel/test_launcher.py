@@ -68,3 +68,14 @@ m = Marker()
     assert out.read_text() == "x" * 1000
     assert (tmp_path / "unclosed.txt.del").read_text() == "finalized"
     assert k.events()[-1]["type"] == "kernel_stop"
+
+
+@pytest.mark.slow
+def test_kernel_offers_no_debugger_but_a_cell_may_import_debugpy(lora_kernel):
+    k = lora_kernel()
+    k.kc.kernel_info()
+    info = k.kc.get_shell_msg(timeout=10)["content"]
+    assert "debugger" not in info.get("supported_features", [])
+    assert k.run_json("import json, debugpy, ipykernel.debugger as d\n"
+                      "print(json.dumps([d._is_debugpy_available, bool(debugpy.__version__)]))"
+                      ) == [False, True]
