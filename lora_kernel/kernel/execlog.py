@@ -361,15 +361,18 @@ def read_events(home=None, run_id: str | None = None, since=None,
     """Read kernel events from ``<home>/logs/*/kernel-*.jsonl`` as dicts.
 
     ``run_id`` keeps events of that ``LORA_RUN_ID``; ``since`` (datetime, ISO string or epoch
-    seconds) keeps events at or after that time; ``user`` limits to one user's folder.
-    Events come back ordered by time, then kernel, then ``seq``. A truncated last line (a
-    kernel killed mid-write) is skipped; any other malformed line raises ``ValueError``.
+    seconds) keeps events at or after that time (and skips the daily files before its day);
+    ``user`` limits to one user's folder. Events come back ordered by time, then kernel, then
+    ``seq``. A truncated last line (a kernel killed mid-write) is skipped; any other malformed
+    line raises ``ValueError`` (with ``run_id``: only a line that names the run is parsed, so
+    a run's collection does not parse the whole history of the log).
     """
     root = lora_home(home) / "logs"
     since_dt = parse_time(since) if since is not None else None
     first_day = since_dt.strftime("%Y-%m-%d") if since_dt else ""
     events = []
     pattern = f"{user}/kernel-*.jsonl" if user else "*/kernel-*.jsonl"
+    needle = run_id.encode() if run_id is not None else b""
     for path in sorted(root.glob(pattern)):
         if path.stem[len("kernel-"):] < first_day:
             continue
@@ -377,6 +380,8 @@ def read_events(home=None, run_id: str | None = None, since=None,
         for number, line in enumerate(data.splitlines(keepends=True), 1):
             if not line.endswith(b"\n"):
                 break
+            if needle not in line:  # cannot be this run's event: not parsed
+                continue
             try:
                 event = json.loads(line)
             except json.JSONDecodeError as exc:

@@ -9,6 +9,7 @@ key (or anything else the runner could read) into a record.
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import tarfile
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from lora_kernel.common.timeutil import iso_time, parse_time
 from lora_kernel.trusted.executor import COLLECTED
 from lora_kernel.trusted.supervisor import spawn
 
@@ -35,7 +37,7 @@ def collect_evidence(ctx: RunContext, run: dict[str, Any], staging: Path,
                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdin is not None and proc.stdout is not None
     proc.stdin.write(json.dumps({"work": run["work"], "home": run["home"],
-                                 "run_id": run["run_id"]}).encode())
+                                 "run_id": run["run_id"], "since": events_since(run)}).encode())
     proc.stdin.close()
     notes = extract_evidence(proc.stdout, staging)
     err = proc.stderr.read() if proc.stderr else b""
@@ -43,6 +45,20 @@ def collect_evidence(ctx: RunContext, run: dict[str, Any], staging: Path,
         notes.append("collecting the work folder failed: "
                      + err.decode("utf-8", "replace")[-500:])
     return notes
+
+
+# How long before its recorded start a run's kernel events may be (the kernel starts while
+# the pin step hashes the inputs, before ``started`` is stamped).
+EVENTS_BEFORE_START = dt.timedelta(days=1)
+
+
+def events_since(run: dict[str, Any]) -> str | None:
+    """The time from which the kernel log is read for ``run`` (ISO), so that collecting a run
+    reads the daily log files of its days, not the user's whole history; None: all."""
+    try:
+        return iso_time(parse_time(run["started"]) - EVENTS_BEFORE_START)
+    except (KeyError, ValueError):
+        return None
 
 
 def open_untrusted(path: Path) -> IO[bytes]:

@@ -109,6 +109,30 @@ def test_read_events_skips_a_torn_last_line_but_rejects_garbage(tmp_path):
         fh.write(b"\nnot json\n")
     with pytest.raises(ValueError, match="not a JSON event"):
         read_events(tmp_path)
+    with open(path, "ab") as fh:
+        fh.write(b"garbage naming run-b\n")
+    # a run's collection parses only the lines that name it: other lines' garbage is not its
+    assert read_events(tmp_path, run_id="run-a") == []
+    with pytest.raises(ValueError, match="not a JSON event"):
+        read_events(tmp_path, run_id="run-b")
+
+
+def test_read_events_since_skips_the_daily_files_before_its_day(tmp_path):
+    """Collecting a run reads from the day before its start (evidence.events_since), not the
+    user's whole history: an older daily file is not even parsed."""
+    from lora_kernel.trusted.evidence import events_since
+
+    log = ExecLog(home=tmp_path, user="u", environ={"LORA_RUN_ID": "run-a"})
+    log.emit("execute", code="today")
+    folder = tmp_path / "logs" / "u"
+    (folder / "kernel-2020-01-01.jsonl").write_text("not json, and naming run-a\n")
+    now = datetime.now(UTC)
+    since = events_since({"started": now.isoformat()})
+    assert since is not None and datetime.fromisoformat(since.replace("Z", "+00:00")) < now
+    assert [e["code"] for e in read_events(tmp_path, run_id="run-a", since=since)] == ["today"]
+    with pytest.raises(ValueError, match="2020-01-01.jsonl:1"):
+        read_events(tmp_path, run_id="run-a")  # without since: the whole history
+    assert events_since({}) is None
 
 
 def test_http_sink_posts_with_token_and_refuses_bad_answers():

@@ -167,3 +167,36 @@ def test_quick_ready_client_runs_cells_and_notices_a_dead_kernel(lora_kernel_pre
     finally:
         kc.stop_channels()
         run_sync(dead.cleanup_resources)()
+
+
+@pytest.mark.slow
+def test_shutdown_ends_a_running_cell_and_the_log_keeps_kernel_stop(lora_kernel_prefix,
+                                                                    tmp_path, monkeypatch):
+    """The executor's graceful shutdown (papermill failed while a cell still ran): the cell is
+    interrupted, the kernel exits by itself and its execution log ends with kernel_stop."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import AsyncKernelManager
+    from jupyter_core.utils import run_sync
+
+    from lora_kernel.kernel.execlog import read_events
+    from lora_kernel.trusted.executor import _shutdown, quick_ready_client
+
+    monkeypatch.setenv("LORA_HOME", str(tmp_path))
+    monkeypatch.setenv("LORA_RUN_ID", "run-shutdown")
+    ksm = KernelSpecManager(kernel_dirs=[str(lora_kernel_prefix / "share/jupyter/kernels")])
+    km = AsyncKernelManager(kernel_name="lora", kernel_spec_manager=ksm)
+    km.client_factory = quick_ready_client()
+    run_sync(km.start_kernel)(cwd=str(tmp_path))
+    kc = km.client()
+    kc.start_channels()
+    run_sync(kc.wait_for_ready)(timeout=60)
+    kc.execute("import time\nwhile True: time.sleep(0.05)")
+    time.sleep(1.0)
+    kc.stop_channels()
+    t0 = time.monotonic()
+    _shutdown(km)
+    assert time.monotonic() - t0 < km.shutdown_wait_time / 2  # no SIGTERM was needed
+    assert not run_sync(km.is_alive)()
+    events = read_events(tmp_path, run_id="run-shutdown")
+    assert events[-1]["type"] == "kernel_stop"
+    assert [e["status"] for e in events if e["type"] == "execute"] == ["error"]  # interrupted
