@@ -1,11 +1,12 @@
 """The parameters a notebook declares, read without importing papermill.
 
 A papermill notebook declares its parameters in the first cell tagged ``parameters``: each
-top-level assignment there (``name = value`` or ``name: type = value``) is one. This is what
-``papermill.inspect_notebook`` answers for a Python notebook, read with :mod:`ast` instead of
-papermill's line patterns, because ``import papermill`` (nbformat, jsonschema, nbclient,
-jupyter_client) costs about half a second of every ``lora run``'s pin step and command line,
-and they only need the names.
+top-level assignment there (``name = value``, ``name: type = value``, ``a = b = 1``) is one.
+``papermill.inspect_notebook`` answers the same for the usual cells, but matches lines with a
+pattern, so it also takes an indented assignment and misses ``a = 1; b = 2``; this module
+reads the cell as the ``lora`` kernel (always Python) runs it, with :mod:`ast`, and without
+``import papermill`` (nbformat, jsonschema, nbclient, jupyter_client: about half a second of
+every ``lora run``'s pin step and command line, which only need the names).
 """
 from __future__ import annotations
 
@@ -35,12 +36,18 @@ def parameters_cell(nb: Any) -> str | None:
 
 
 def names_in(source: str) -> list[str]:
-    """Names assigned at the top level of a parameters cell, in order (IPython magics and
-    shell lines, ``%...`` / ``!...``, are skipped). Raises SyntaxError."""
-    code = "\n".join("" if line.lstrip().startswith(("%", "!")) else line
-                     for line in source.splitlines())
+    """Names assigned at the top level of a parameters cell, in order. The cell runs in an
+    IPython kernel: a cell that is not plain Python is read as IPython reads it (``%magic``,
+    ``!shell``, ``x = !cmd``). Raises SyntaxError (or ValueError, MemoryError, RecursionError
+    for what :func:`ast.parse` cannot take)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        from IPython.core.inputtransformer2 import TransformerManager
+
+        tree = ast.parse(TransformerManager().transform_cell(source))
     names: list[str] = []
-    for stmt in ast.parse(code).body:
+    for stmt in tree.body:
         if isinstance(stmt, ast.Assign):
             targets = [t.id for t in stmt.targets if isinstance(t, ast.Name)]
         elif isinstance(stmt, ast.AnnAssign) and stmt.value is not None \
@@ -70,6 +77,8 @@ def declared_parameters(path: str | os.PathLike[str], data: bytes | None = None)
     try:
         return names_in(source)
     except SyntaxError as exc:
-        raise ConfigError(f"its parameters cell is not valid Python (line {exc.lineno}: "
-                          f"{exc.msg}); fix: one `name = value` per line in the cell tagged "
-                          "'parameters'", file=path) from None
+        why = f"line {exc.lineno}: {exc.msg}"
+    except (ValueError, MemoryError, RecursionError) as exc:
+        why = str(exc) or type(exc).__name__
+    raise ConfigError(f"its parameters cell is not valid Python ({why}); fix: one "
+                      "`name = value` per line in the cell tagged 'parameters'", file=path)

@@ -43,6 +43,12 @@ def test_assignments_annotations_multiline_values_and_magics(tmp_path):
     assert declared_parameters(nested) == ["a"]
 
 
+def test_ipython_syntax_is_read_as_the_kernel_reads_it(tmp_path):
+    nb = write_notebook(tmp_path / "nb.ipynb",
+                        "files = !ls\nhome = %env HOME\nprint?\na = 1; b = 2\nc = d = 3", "")
+    assert declared_parameters(nb) == ["files", "home", "a", "b", "c", "d"]
+
+
 def test_first_tagged_cell_only_and_none_without_one(tmp_path):
     nb = write_notebook(tmp_path / "nb.ipynb", "a = 1", "b = 2")
     data = json.loads(nb.read_text())
@@ -76,3 +82,7 @@ def test_unreadable_and_broken_parameters_cell_are_refused(tmp_path):
             as info:
         declared_parameters(nb)
     assert "fix:" in str(info.value) and str(nb) in str(info.value)
+    for cell in ("x = 1\x00", "x = " + "-" * 200_000 + "1"):  # what ast.parse cannot take
+        write_notebook(nb, cell, "")
+        with pytest.raises(ConfigError, match="parameters cell is not valid Python"):
+            declared_parameters(nb)
