@@ -82,7 +82,7 @@ def main(argv=None) -> int:
 
     home = Path(args.home or tempfile.mkdtemp(prefix="bench_overhead_"))
     try:
-        return _breakdown(home) if args.breakdown else _bench(args, home)
+        return _breakdown(home, args.steps or 2) if args.breakdown else _bench(args, home)
     finally:
         if not args.home:
             shutil.rmtree(home, ignore_errors=True)
