@@ -45,7 +45,8 @@ def names_in(source: str) -> list[str]:
     except SyntaxError:
         from IPython.core.inputtransformer2 import TransformerManager
 
-        tree = ast.parse(TransformerManager().transform_cell(source))
+        ipython = TransformerManager()  # type: ignore[no-untyped-call]
+        tree = ast.parse(ipython.transform_cell(source))
     names: list[str] = []
     for stmt in tree.body:
         if isinstance(stmt, ast.Assign):

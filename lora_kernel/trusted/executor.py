@@ -331,9 +331,9 @@ def quick_ready_client() -> type:
     import time
     from queue import Empty
 
-    from jupyter_client.asynchronous import AsyncKernelClient
+    from jupyter_client.asynchronous.client import AsyncKernelClient
 
-    class QuickReadyClient(AsyncKernelClient):  # type: ignore[misc]  # untyped upstream
+    class QuickReadyClient(AsyncKernelClient):
         async def wait_for_ready(self, timeout: float | None = None) -> None:
             deadline = time.monotonic() + (float("inf") if timeout is None else timeout)
             while True:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import papermill
 import pytest
+from nbtools import write_notebook
 
 from lora_kernel.common.errors import ConfigError
 from lora_kernel.common.nbparams import declared_parameters
-from nbtools import write_notebook
 
 ROOT = Path(__file__).resolve().parents[2]
 
