@@ -11,6 +11,7 @@ would (Complete, Failed/BackoffLimitExceeded, Failed/DeadlineExceeded, 404 after
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -222,7 +223,9 @@ def cluster_env(tmp_path, monkeypatch, lora_kernel_prefix, demo_home):
 
 def submit_and_run(env, kind, path, parameters=None, timeout=600.0, cancel_after=None):
     """Queue a submission as the runs service does, claim it and run it through the
-    worker's ``execute`` with the Kubernetes backend; returns the finished row."""
+    worker's ``execute`` with the Kubernetes backend; returns the finished row.
+    ``cancel_after``: cancel that many seconds after the notebook's last cell began (the
+    pod's progress records say when)."""
     queue = RunQueue(env.state, local_gpus=False)
     sub = queue.submit(env.user, kind, str(path), parameters=parameters or {},
                        home=str(env.home), gpus=1, timeout=timeout,
@@ -235,10 +238,26 @@ def submit_and_run(env, kind, path, parameters=None, timeout=600.0, cancel_after
     if cancel_after is not None:
         import threading
 
+        def last_cell_started() -> bool:
+            """The pod's progress records (its log) show the notebook's last cell begun."""
+            for job in list(env.cluster.jobs.values()):
+                try:
+                    lines = job["log"].read_text(errors="replace").splitlines()
+                except OSError:
+                    continue
+                for line in lines:
+                    try:
+                        rec = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(rec, dict) and rec.get("event") == "cell" \
+                            and rec.get("done") == rec.get("cells", 0) - 1:
+                        return True
+            return False
+
         def later():
             deadline = time.monotonic() + 120
-            while time.monotonic() < deadline and not any(
-                    (env.output_root / n / "pinned.json").exists() for n in env.cluster.jobs):
+            while time.monotonic() < deadline and not last_cell_started():
                 time.sleep(0.2)
             time.sleep(cancel_after)
             queue.cancel(claimed.id)  # what POST api/runs/<id>/cancel does, then SIGTERM
