@@ -31,7 +31,11 @@ def parameters_cell(nb: Any) -> str | None:
         tags = meta.get("tags") if isinstance(meta, dict) else None
         if isinstance(tags, list) and PARAMETERS_TAG in tags:
             source = cell.get("source", "")
-            return "".join(source) if isinstance(source, list) else str(source)
+            if isinstance(source, list) and all(isinstance(part, str) for part in source):
+                return "".join(source)
+            if isinstance(source, str):
+                return source
+            raise ValueError("its parameters cell's source is not text")
     return None
 
 

@@ -65,6 +65,12 @@ def test_first_tagged_cell_only_and_none_without_one(tmp_path):
     (b"{not json", "not a readable notebook"),
     (b'{"cells": 3}', "no list of cells"),
     (b"\xff\xfe", "not a readable notebook"),
+    (b"", "not a readable notebook"),
+    (b"[]", "no list of cells"),
+    (b'{"cells": [{"metadata": {"tags": ["parameters"]}, "source": [1, 2]}]}',
+     "source is not text"),
+    (b'{"cells": [{"metadata": {"tags": ["parameters"]}, "source": {"a": 1}}]}',
+     "source is not text"),
 ])
 def test_not_a_notebook_is_refused_naming_the_file(tmp_path, content, says):
     bad = tmp_path / "bad.ipynb"
