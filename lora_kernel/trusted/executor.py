@@ -350,7 +350,7 @@ def quick_ready_client() -> type:
                     else:
                         self._handle_kernel_info_reply(reply)
                         return
-                if not await self._async_is_alive():
+                if not await self.is_alive():
                     raise RuntimeError("Kernel died before replying to kernel_info")
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"Kernel didn't respond in {timeout:g} seconds")
