@@ -109,11 +109,6 @@ class RunRecord:
         return cls(**{**data, "path": Path(data["path"])})
 
 
-# The pinned base model's stat key and digest, for the training in the kernel (the name
-# lora_kernel.training.models.BASE_MODEL_DIGEST_ENV reads; not imported: it would load torch).
-BASE_MODEL_DIGEST_ENV = "LORA_BASE_MODEL_DIGEST"
-
-
 @dataclass
 class RunContext:
     """Who a run is for and how its children are started.
@@ -341,7 +336,7 @@ def run_notebook(notebook: str | os.PathLike[str], parameters: Mapping[str, Any]
                      if isinstance(stat_key, str) and pinned.get("base_model_sha256") else None)
             handed = True  # from here on _execute stops it, whatever happens
             rc, reason = _execute(ctx, run, pinned["notebook_source"], active.staging, timeout,
-                                  base_model_digest=known, prestart=prestart)
+                                  prestart, base_model_digest=known)
             return seal_run(run, active.staging, rc=rc, reason=reason, ctx=ctx, state=state,
                             seconds=time.monotonic() - t0, log=say, before_seal=before_seal)
     except BaseException as exc:
@@ -493,67 +488,53 @@ class _Prestart:
 
 
 def _execute(ctx: RunContext, run: dict[str, Any], notebook_source: str, staging: Path,
-             timeout: float | None, base_model_digest: dict[str, str] | None = None,
-             prestart: _Prestart | None = None) -> tuple[int | None, str | None]:
-    """Run the executor as the run's user; return ``(exit code, why it stopped)``.
+             timeout: float | None, prestart: _Prestart,
+             base_model_digest: dict[str, str] | None = None) -> tuple[int | None, str | None]:
+    """Hand the run to its pre-started executor (its kernel running, :class:`_Prestart`) and
+    wait for it; return ``(exit code, why it stopped)``.
 
-    ``prestart``: the executor already started (its kernel running), which gets the spec now;
-    else a ``run`` child is started here. ``base_model_digest`` (the pin step's stat key and
-    digest of the base model) goes to the kernel (``$LORA_BASE_MODEL_DIGEST``, or for a
-    pre-started kernel a file in the work folder that ``$LORA_BASE_MODEL_DIGEST_FILE`` names),
-    so the training there does not hash the model again while its stat key is unchanged
-    (:func:`lora_kernel.training.models.model_sha256`).
+    ``base_model_digest`` (the pin step's stat key and digest of the base model) goes with
+    the spec; the executor writes it to a file in the work folder that the kernel's
+    ``$LORA_BASE_MODEL_DIGEST_FILE`` names, so the training there does not hash the model
+    again while its stat key is unchanged (:func:`lora_kernel.training.models.model_sha256`).
 
     Its stderr goes to ``executor.log`` in the staging folder (written by the runner), its
     stdout (progress) to ``ctx.progress``. Whatever ends the run, every process still carrying
     ``LORA_RUN_ID`` is killed before the record is built.
     """
-    home, work = Path(run["home"]), Path(run["work"])
     spec = {"notebook_source": notebook_source, "parameters": run["parameters"],
-            "work": str(work), "kernel_name": KERNEL_NAME, "progress": ctx.progress is not None}
+            "work": run["work"], "kernel_name": KERNEL_NAME,
+            "progress": ctx.progress is not None, "base_model_digest": base_model_digest}
     reason = None
-    env = ctx.child_env(home, run["run_id"])
-    if base_model_digest is not None:
-        env[BASE_MODEL_DIGEST_ENV] = json.dumps(base_model_digest)
-    with open(staging / "executor.log", "wb") as errlog:
-        if prestart is not None:
-            proc = prestart.proc
-            spec["base_model_digest"] = base_model_digest
-        else:
-            proc = spawn([*_python(), "run"], run_as=ctx.run_as, privileges=ctx.privileges,
-                         env=env,
-                         cwd=str(home) if home.is_dir() else "/", stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=errlog)
-        pump = _pump(proc.stdout, ctx.progress)
-        deadline = time.monotonic() + timeout if timeout else None
-        try:
-            if prestart is not None:
-                prestart.errlog.attach(staging / "executor.log")
-            assert proc.stdin is not None
-            proc.stdin.write(json.dumps(spec).encode() + b"\n")
-            proc.stdin.close()
-            while proc.poll() is None:
-                if deadline is not None and time.monotonic() > deadline:
-                    reason = f"timed out after {timeout:g}s"
-                    break
-                if ctx.cancelled():
-                    reason = "cancelled: the requester went away"
-                    break
-                try:
-                    proc.wait(timeout=0.25)
-                except subprocess.TimeoutExpired:
-                    continue
-        except KeyboardInterrupt:
-            reason = "interrupted (SIGINT / SIGTERM / SIGHUP)"
-        except BrokenPipeError:
-            pass  # the executor died before reading its spec: its exit code says why
-        finally:
-            if proc.poll() is None:
-                stop(proc, ctx.privileges)
-            kill_run_processes(run["run_id"], ctx.privileges)
-            pump.join(timeout=5)
-            if prestart is not None:
-                prestart.errlog.finish()
+    proc = prestart.proc
+    pump = _pump(proc.stdout, ctx.progress)
+    deadline = time.monotonic() + timeout if timeout else None
+    try:
+        prestart.errlog.attach(staging / "executor.log")
+        assert proc.stdin is not None
+        proc.stdin.write(json.dumps(spec).encode() + b"\n")
+        proc.stdin.close()
+        while proc.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                reason = f"timed out after {timeout:g}s"
+                break
+            if ctx.cancelled():
+                reason = "cancelled: the requester went away"
+                break
+            try:
+                proc.wait(timeout=0.25)
+            except subprocess.TimeoutExpired:
+                continue
+    except KeyboardInterrupt:
+        reason = "interrupted (SIGINT / SIGTERM / SIGHUP)"
+    except BrokenPipeError:
+        pass  # the executor died before reading its spec: its exit code says why
+    finally:
+        if proc.poll() is None:
+            stop(proc, ctx.privileges)
+        kill_run_processes(run["run_id"], ctx.privileges)
+        pump.join(timeout=5)
+        prestart.errlog.finish()
     return proc.returncode, reason
 
 
