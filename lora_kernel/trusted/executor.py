@@ -20,7 +20,7 @@ decides what to believe:
              steps, tailed from ``<work>/progress.jsonl`` (the kernel appends them there,
              named by ``$LORA_PROGRESS_FILE``). ``lora run`` renders them.
              Started early (a first line ``{"prestart": true, ...}``), while the pin step
-             still hashes: it imports papermill and starts the kernel, then reads the spec on
+             still hashes: it starts the kernel and imports papermill, then reads the spec on
              a second line (:func:`prestarted_run`).
 ``collect``  write the run's evidence from the work folder as an uncompressed tar on stdout:
              only plain files under fixed names (:data:`COLLECTED`), links refused. The runner
@@ -252,7 +252,8 @@ def _run_notebook(spec: dict[str, Any], work: Path, relay: ProgressRelay | None,
 
 # Where a pre-started run's kernel finds the pinned base model's stat key and digest (its
 # environment is fixed before the pin step answers; see :func:`prestarted_run`). A file in the
-# work folder, named by this variable (lora_kernel.training.models reads it).
+# work folder, named by this variable (lora_kernel.training.models.BASE_MODEL_DIGEST_FILE_ENV
+# reads it; not imported: it would load torch).
 BASE_MODEL_DIGEST_FILE_ENV = "LORA_BASE_MODEL_DIGEST_FILE"
 DIGEST_FILE = ".base_model_digest.json"
 
@@ -262,7 +263,7 @@ def prestarted_run(setup: dict[str, Any], stdin: IO[str]) -> int:
 
     ``setup`` (the first JSON line: ``{"prestart": true, "work", "kernel_name",
     "progress"}``): makes the work folder,
-    imports papermill and starts the kernel there (its environment: this process's, plus
+    starts the kernel there and imports papermill (its environment: this process's, plus
     ``$LORA_PROGRESS_FILE`` and ``$LORA_BASE_MODEL_DIGEST_FILE``). Then reads a second line,
     the ``run`` spec (with ``base_model_digest``: the pin step's stat key and digest, or None),
     and executes it in that kernel. End of input instead of a spec (the pin step refused the
