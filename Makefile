@@ -14,16 +14,20 @@ LORA_STATE    ?= $(CURDIR)/lora_state
 PYTEST_ARGS   ?=
 export LORA_HOME LORA_STATE
 
-.PHONY: setup demo test lint clean-home help hub
+.PHONY: setup os-packages demo test lint clean-home help hub
 
 help:
 	@echo "make demo   build demo assets, train the demo LoRA, verify its record"
 	@echo "make test   lint, then run the test suite"
 	@echo "make lint   ruff on lora_kernel, tests and bench; mypy (strict) on common, provenance, trusted"
 	@echo "make hub    start the hub on http://127.0.0.1:8000 (demo login; see docs/hub.md)"
-	@echo "make setup  (run by both) create $(VENV) and install pinned dependencies"
+	@echo "make setup  (run by both) OS packages (as root), $(VENV) and pinned dependencies"
 
-$(VENV)/.setup-done: requirements.lock.txt pyproject.toml
+# OS packages (chromium, nftables, node...): installed when root, else the command is printed.
+os-packages:
+	@bash .ci/os-packages.sh
+
+$(VENV)/.setup-done: requirements.lock.txt pyproject.toml | os-packages
 	@test -x "$(SYSTEM_PYTHON)" || command -v "$(SYSTEM_PYTHON)" >/dev/null || \
 	  { echo "python3.11 not found: apt-get install python3.11 python3.11-venv"; exit 1; }
 	test -x $(PY) || $(SYSTEM_PYTHON) -m venv $(VENV)
@@ -34,7 +38,7 @@ $(VENV)/.setup-done: requirements.lock.txt pyproject.toml
 	$(PY) -m lora_kernel install --sys-prefix
 	touch $@
 
-hub/node_modules/.installed: hub/package.json hub/package-lock.json
+hub/node_modules/.installed: hub/package.json hub/package-lock.json | os-packages
 	cd hub && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
@@ -43,7 +47,7 @@ hub/node_modules/.installed: hub/package.json hub/package-lock.json
 $(VENV)/share/jupyter/lab/settings/overrides.json: hub/lab-overrides.json $(VENV)/.setup-done
 	install -D -m 0644 $< $@
 
-setup: $(VENV)/.setup-done hub/node_modules/.installed $(VENV)/share/jupyter/lab/settings/overrides.json
+setup: os-packages $(VENV)/.setup-done hub/node_modules/.installed $(VENV)/share/jupyter/lab/settings/overrides.json
 
 hub: setup
 	$(PY) -m hub.demo

@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
 # OS packages the project needs (Debian). Idempotent; skips what is already there.
+# Run by `make setup`: as root it installs what is missing; otherwise it prints the one
+# command to run and lets set-up go on (the tests that need a missing package then skip,
+# except under LORA_TEST_STRICT=1, as in .ci/run, where they fail).
 #   python3.11-venv    the shared environment (make setup)
 #   util-linux         unshare (network-namespace tests)
 #   nodejs, npm        configurable-http-proxy (the hub's proxy, pinned in hub/package-lock.json)
@@ -7,6 +10,7 @@
 #   nftables           nft: the egress firewall per uid (lora firewall, tests/trusted/test_firewall.py)
 #   iproute2           ip netns / veth (firewall tests)
 #   curl, iputils-ping child-process and ICMP cases of the firewall tests
+#   passwd             useradd/usermod/groupadd: system users when the hub or tests run as root
 set -euo pipefail
 need=()
 /usr/bin/python3.11 -c "import venv, ensurepip" 2>/dev/null || need+=(python3.11-venv)
@@ -18,10 +22,13 @@ command -v nft >/dev/null || need+=(nftables)
 command -v ip >/dev/null || need+=(iproute2)
 command -v curl >/dev/null || need+=(curl)
 command -v ping >/dev/null || need+=(iputils-ping)
+command -v useradd >/dev/null || need+=(passwd)
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
   else
-    echo "missing OS packages: ${need[*]} (install them as root)" >&2; exit 1
+    echo "missing OS packages: ${need[*]}" >&2
+    echo "  fix: sudo bash .ci/os-packages.sh   (tests that need them are skipped until then)" >&2
+    case " ${need[*]} " in *" python3.11-venv "*|*" nodejs "*|*" npm "*) exit 1;; esac
   fi
 fi

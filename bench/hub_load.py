@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import pwd
 import shutil
 import statistics
 import subprocess
@@ -93,7 +92,7 @@ def timed_gets(url: str, n: int, headers: dict | None = None) -> list[float]:
 def hub_root() -> Path:
     """A folder for the hub (as tests/hub/conftest.py ``hub_root``): readable by the service
     account and the users; as root, the repo's parents get their traverse bit and the service
-    account ``lora-svc`` is created if missing."""
+    account of this run is created (tests/sysusers.py)."""
     try:
         return make_hub_root("lora-hub-bench-")
     except RuntimeError as exc:
@@ -120,22 +119,17 @@ class Bench:
         self.root = hub_root()
         self.hub = Hub(self.root)
         self.hub.sessions = {}
-        self.created: list[str] = []
 
     def add_users(self, users: dict[str, list[str]]) -> None:
-        if ROOT:
-            for short in users:
-                try:
-                    pwd.getpwnam(user_name(short))
-                except KeyError:
-                    self.created.append(user_name(short))
         self.hub.add_users(users)
 
     def close(self) -> None:
         self.hub.stop_all()
         shutil.rmtree(self.root, ignore_errors=True)
-        for name in self.created:
-            subprocess.run(["userdel", "--remove", name], capture_output=True)
+        if ROOT:  # the users and groups this run made (tests/sysusers.py)
+            import sysusers
+
+            sysusers.cleanup()
 
 
 # -- 1. login-to-ready -----------------------------------------------------------------------

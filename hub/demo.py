@@ -28,23 +28,47 @@ DEMO_USERS = [("demo-admin", "lora-admins", True), ("demo-alice", "lora-research
 SERVICE_USER = "lora-svc"
 
 
-def ensure_system_user(name: str, groups: list[str], *, system: bool = False) -> None:
-    """Create a Linux group/user if missing (root only)."""
+def ensure_system_user(name: str, groups: list[str], *, system: bool = False) -> bool:
+    """Make the Linux user ``name`` exist with exactly ``groups`` as its supplementary groups
+    (root only); returns whether it was created here.
+
+    Groups are created if missing. An existing user's supplementary groups are *set* to
+    ``groups`` (``usermod -G``), not added to, so a user left by an earlier run with other
+    groups ends up as asked. A created home is mode 0700 (Debian's ``useradd`` makes it
+    0755 from ``UMASK 022``); an existing home that others can read or enter is tightened to
+    0700, since one user's home must never be readable by another (IPython history,
+    notebooks, the working home ``~/lora``).
+    """
     for group in groups:
         try:
             grp.getgrnam(group)
         except KeyError:
             subprocess.run(["groupadd", group], check=True)
     try:
-        pwd.getpwnam(name)
+        entry = pwd.getpwnam(name)
     except KeyError:
-        cmd = ["useradd", "--create-home", "--shell", "/bin/bash"]
+        cmd = ["useradd", "--create-home", "-K", "HOME_MODE=0700", "--shell", "/bin/bash"]
         if system:
             cmd = ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin"]
         subprocess.run([*cmd, *(["-G", ",".join(groups)] if groups else []), name], check=True)
+        created = True
     else:
-        if groups:
-            subprocess.run(["usermod", "-aG", ",".join(groups), name], check=True)
+        subprocess.run(["usermod", "-G", ",".join(groups), name], check=True)
+        created = False
+        if not system:
+            tighten_home(Path(entry.pw_dir), entry.pw_uid)
+    return created
+
+
+def tighten_home(home: Path, uid: int) -> None:
+    """Mode 0700 on ``home`` when it is ``uid``'s own folder and others may read or enter it;
+    a home that does not exist or belongs to someone else (``/nonexistent``, ``/``) is left."""
+    try:
+        st = home.stat()
+    except FileNotFoundError:
+        return
+    if st.st_uid == uid and st.st_mode & 0o077:
+        os.chmod(home, 0o700)
 
 
 def prepare(hub_dir: Path) -> list[tuple[str, str]]:

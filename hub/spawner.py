@@ -29,6 +29,7 @@ from traitlets import Bool, Unicode, default
 
 from lora_kernel.common.errors import LoraError
 from lora_kernel.common.offline import offline_environ
+from lora_kernel.common.paths import private_dir
 from lora_kernel.trusted import firewall
 
 from .gpus import GpuUnavailable, Pool, cuda_env, discover, quota_for
@@ -156,7 +157,7 @@ class LoraSpawner(LocalProcessSpawner):
         home = user_home(name, self.demo)
 
         def enter_home() -> None:
-            os.makedirs(home, 0o700, exist_ok=True)
+            private_dir(home)  # made 0700, or an existing one others can read tightened
             mine = home / "notebooks"  # the platform's notebooks; the user's edits are kept
             mine.mkdir(mode=0o700, exist_ok=True)
             for nb in NOTEBOOKS.glob("*.ipynb"):

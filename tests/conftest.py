@@ -43,9 +43,12 @@ repo_accessible (session)
     Root only: makes the checkout and its ``.venv`` traversable by other users (adds o+x to
     the folders above it) so per-user runs can execute the shared Python; returns the repo.
 system_users (session)
-    Root only: creates (once) the service account ``lora-svc``, users ``lora-alice``,
-    ``lora-bob``, ``lora-carol`` and the group ``lora-reviewers`` (bob, carol); returns a dict
-    name -> pwd entry. Skips when not root.
+    Root only: creates the session's service account and users ``alice``, ``bob`` (both in
+    ``lora-reviewers``) and ``carol``, named with the session's prefix
+    (:func:`sysusers.user_name`: ``lt1a2b-alice``), with exactly those groups and 0700 homes;
+    returns a dict short name -> pwd entry. Skips when not root.
+_remove_session_users (session, autouse)
+    Root only: removes the users and groups the session made (``sysusers.cleanup``).
 demo_home (session)
     A home folder (``Path``) with ``demo/`` built once per session by
     ``lora_kernel.training.demo_assets.build_demo_assets`` (tiny SD folder + single file, tiny
@@ -325,8 +328,19 @@ def lora(monkeypatch, capsys):
 
 
 # -- service mode (root): real system users, the runner service ----------------------------
-SERVICE_USERS = {"lora-svc": (), "lora-alice": ("lora-reviewers",),
-                 "lora-bob": ("lora-reviewers",), "lora-carol": ()}
+# short name -> groups; the system names carry the session's prefix (tests/sysusers.py)
+SERVICE_USERS = {"svc": (), "alice": ("lora-reviewers",), "bob": ("lora-reviewers",),
+                 "carol": ()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _remove_session_users():
+    """At the end of the session, remove the system users and groups it made (root only)."""
+    yield
+    if os.geteuid() == 0:
+        import sysusers
+
+        sysusers.cleanup()
 
 
 @pytest.fixture(scope="session")
@@ -345,24 +359,10 @@ def repo_accessible():
 
 @pytest.fixture(scope="session")
 def system_users(repo_accessible):
-    """Root only: the service account, test users and the reviewers group (created once)."""
-    import grp
-    import pwd
+    """Root only: the session's service account and test users, made fresh with exactly their
+    groups (``tests/sysusers.py``); a dict short name -> pwd entry."""
+    import sysusers
 
-    try:
-        grp.getgrnam("lora-reviewers")
-    except KeyError:
-        subprocess.run(["groupadd", "lora-reviewers"], check=True)
-    out = {}
-    for name, groups in SERVICE_USERS.items():
-        try:
-            pwd.getpwnam(name)
-        except KeyError:
-            cmd = ["useradd", "--create-home", "--shell", "/bin/sh"]
-            if name == "lora-svc":
-                cmd = ["useradd", "--system", "--shell", "/usr/sbin/nologin"]
-            if groups:
-                cmd += ["--groups", ",".join(groups)]
-            subprocess.run([*cmd, name], check=True)
-        out[name] = pwd.getpwnam(name)
-    return out
+    return {short: sysusers.ensure_user(sysusers.user_name(short), list(groups),
+                                        system=short == "svc")
+            for short, groups in SERVICE_USERS.items()}

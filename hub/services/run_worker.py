@@ -49,7 +49,7 @@ from lora_kernel.trusted.runner import (
     service_env,
 )
 from lora_kernel.trusted.service import PASS_ENV
-from lora_kernel.trusted.supervisor import Privileges, RunAs, spawn
+from lora_kernel.trusted.supervisor import Privileges, RunAs, child_cwd, spawn
 
 from ..gpus import cuda_env
 from ..runqueue import RunQueue, Submission
@@ -144,7 +144,7 @@ def config_task_as_user(ctx: RunContext, config: str, home: Path) -> str:
             "except LoraError as e:\n print(json.dumps({'error': str(e)}))\n")
     proc = spawn([sys.executable, "-c", code, config], run_as=ctx.run_as,
                  privileges=ctx.privileges, env=ctx.child_env(home),
-                 cwd=str(home) if home.is_dir() else "/", stdout=subprocess.PIPE,
+                 cwd=child_cwd(home, ctx.privileges), stdout=subprocess.PIPE,
                  stderr=subprocess.PIPE)
     out, err = proc.communicate(timeout=120)
     try:

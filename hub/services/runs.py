@@ -44,6 +44,7 @@ from tornado import web
 from tornado.ioloop import IOLoop, PeriodicCallback
 
 from lora_kernel.common.errors import ConfigError, LoraError, NoMatch, PolicyRefusal
+from lora_kernel.common.paths import private_dir
 
 from ..gpus import discover, quota_for
 from ..runqueue import FINAL, RunQueue, Submission
@@ -255,7 +256,7 @@ class RunsApi(RunsHandler):
             raise ConfigError(f"must be a number of seconds > 0, got {timeout!r}",
                               key="timeout")
         if self.lora.demo:
-            home.mkdir(parents=True, exist_ok=True)
+            private_dir(home)
         sub = self.queue.submit(
             actor.name, kind, path, parameters=params, home=home, gpus=gpus, timeout=timeout,
             actor={"name": actor.name, "uid": actor.uid, "gid": actor.gid,

@@ -37,6 +37,31 @@ def lora_home(home: str | os.PathLike[str] | None = None) -> Path:
     return (Path.cwd() / "lora_home").resolve()
 
 
+def private_dir(path: str | os.PathLike[str]) -> Path:
+    """Make ``path`` a folder only its owner can use, as the account that will work in it.
+
+    Missing: created mode 0700 (parents as :meth:`Path.mkdir` makes them). Present, owned by
+    this account and open to group or others: tightened to 0700 (a working home made 0755 by
+    an earlier ``mkdir`` under umask 022 let every local user read another's data and
+    notebooks). Present, open to others and owned by another account: refused with a
+    :class:`ConfigError` naming it, since this account cannot close it. Returns the path.
+    """
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError("the working home is a file, not a folder; fix: use a folder",
+                          file=folder)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = folder.stat()
+    if st.st_mode & 0o077:
+        if st.st_uid != os.geteuid():
+            raise ConfigError(
+                f"the working home is mode {st.st_mode & 0o777:04o} and owned by uid "
+                f"{st.st_uid}, not by this account ({os.geteuid()}): other users can read it; "
+                f"fix: its owner runs `chmod 700 {folder}`", file=folder)
+        os.chmod(folder, 0o700)
+    return folder
+
+
 def default_state_dir() -> Path:
     """The local-mode state directory: ``$LORA_STATE``, else
     ``$XDG_STATE_HOME/lora-enclave`` (``~/.local/state/lora-enclave``)."""

@@ -42,6 +42,7 @@ from typing import IO, Any
 
 from lora_kernel.common.digests import sha256_bytes
 from lora_kernel.common.errors import ConfigError, LoraError
+from lora_kernel.common.paths import private_dir
 
 # The variable naming the file the training loop appends progress records to (the name
 # lora_kernel.training.loop.PROGRESS_ENV reads; not imported: it would load torch here).
@@ -153,7 +154,9 @@ def pinned_parameters(params: dict[str, Any], pinned: dict[str, Any], work: Path
 
 
 def _check_writable(home: Path) -> None:
-    """The working home must be a folder this user can write (runs work inside it)."""
+    """The working home must be a folder this user can write (runs work inside it). One that
+    others can read is tightened to mode 0700 (:func:`private_dir`); a missing one is made
+    0700 by the run step (:func:`_make_folders`)."""
     if home.exists() and not home.is_dir():
         raise ConfigError("the working home is a file, not a folder; fix: --home a folder",
                           file=home)
@@ -161,6 +164,18 @@ def _check_writable(home: Path) -> None:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"the working home is not writable by {os.getuid()}; fix: --home a "
                           "folder you own", file=home)
+    if home.exists():
+        private_dir(home)
+
+
+def _make_folders(path: Path) -> list[Path]:
+    """Make ``path`` and its missing parents, each mode 0700 (a working home created here
+    must not be readable by other users, as ``mkdir -p`` under umask 022 would leave it);
+    returns the folders made, outermost first."""
+    made = [p for p in (*reversed(path.parents), path) if not p.exists()]
+    for folder in made:
+        folder.mkdir(mode=0o700, exist_ok=True)
+    return made
 
 
 def _pin_training(params: dict[str, Any], work: Path,
@@ -214,7 +229,7 @@ def _pin_base_model(path: str, known: dict[str, str]) -> dict[str, Any]:
 def run(spec: dict[str, Any]) -> int:
     """Execute the pinned notebook with papermill; 0 on success, 1 after writing error.json."""
     work = Path(spec["work"])
-    (work / "output").mkdir(parents=True, exist_ok=True)
+    _make_folders(work / "output")
     relay = ProgressRelay(work / "progress.jsonl") if spec.get("progress") else None
     if relay is not None:
         os.environ[PROGRESS_ENV] = str(relay.path)  # the kernel inherits it
@@ -270,8 +285,7 @@ def prestarted_run(setup: dict[str, Any], stdin: IO[str]) -> int:
     run): the kernel is shut down, what this process created is removed, exit 0.
     """
     work = Path(setup["work"])
-    made = [p for p in (*reversed(work.parents), work, work / "output") if not p.exists()]
-    (work / "output").mkdir(parents=True, exist_ok=True)
+    made = _make_folders(work / "output")
     relay_path = work / "progress.jsonl"
     if setup.get("progress"):
         os.environ[PROGRESS_ENV] = str(relay_path)

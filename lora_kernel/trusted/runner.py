@@ -67,7 +67,14 @@ from lora_kernel.trusted.sealing import (
     seal_record,
     write_manifest,
 )
-from lora_kernel.trusted.supervisor import Privileges, RunAs, kill_run_processes, spawn, stop
+from lora_kernel.trusted.supervisor import (
+    Privileges,
+    RunAs,
+    child_cwd,
+    kill_run_processes,
+    spawn,
+    stop,
+)
 
 __all__ = ["RunRecord", "RunContext", "ResumeFrom", "new_run_id", "notebook_dir",
            "notebook_for_task", "run_config", "run_notebook", "resume_run", "KERNEL_NAME"]
@@ -382,10 +389,9 @@ def _python() -> list[str]:
 def _child_json(ctx: RunContext, command: str, spec: dict[str, Any], home: Path
                 ) -> dict[str, Any]:
     """Run an executor command that answers one JSON object; re-raise its typed errors."""
-    cwd = str(home) if home.is_dir() else "/"
     proc = spawn([*_python(), command], run_as=ctx.run_as, privileges=ctx.privileges,
-                 env=ctx.child_env(home), cwd=cwd, stdin=subprocess.PIPE,
-                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                 env=ctx.child_env(home), cwd=child_cwd(home, ctx.privileges),
+                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = proc.communicate(json.dumps(spec).encode())
     try:
         answer = json.loads(out.decode("utf-8").strip().splitlines()[-1])
@@ -457,7 +463,7 @@ class _Prestart:
         self.ctx, self.run_id = ctx, run_id
         self.proc = spawn([*_python(), "run"], run_as=ctx.run_as,
                           privileges=ctx.privileges, env=ctx.child_env(home, run_id),
-                          cwd=str(home) if home.is_dir() else "/", stdin=subprocess.PIPE,
+                          cwd=child_cwd(home, ctx.privileges), stdin=subprocess.PIPE,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.errlog = _LateLog(self.proc.stderr)
         setup = {"prestart": True, "work": str(work), "kernel_name": KERNEL_NAME,

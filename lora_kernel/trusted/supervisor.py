@@ -22,6 +22,7 @@ import signal
 import subprocess
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any
 
 from lora_kernel.common.process import die_with_parent
@@ -121,6 +122,14 @@ def spawn(argv: Sequence[str], *, run_as: RunAs, privileges: Privileges, env: di
                                 stderr=stderr, start_new_session=True,
                                 preexec_fn=lambda: die_with_parent(me),
                                 **run_as.popen_args())
+
+
+def child_cwd(home: Path, privileges: Privileges) -> str:
+    """Where a child started as the user begins: its working home when that is a folder, else
+    ``/``. Looked at with root's rights (as the child's ``chdir`` is done, before it becomes
+    the user): a user's home is mode 0700, which the service account may not enter."""
+    with privileges.elevated():
+        return str(home) if home.is_dir() else "/"
 
 
 def stop(proc: subprocess.Popen[bytes], privileges: Privileges) -> None:

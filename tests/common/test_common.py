@@ -3,12 +3,19 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import stat
 
 import pytest
 
 from lora_kernel.common.digests import listing_sha256, path_sha256, sha256_file
 from lora_kernel.common.errors import ConfigError
-from lora_kernel.common.paths import check_run_id, default_state_dir, lora_home, state_dir
+from lora_kernel.common.paths import (
+    check_run_id,
+    default_state_dir,
+    lora_home,
+    private_dir,
+    state_dir,
+)
 from lora_kernel.common.timeutil import iso_time, parse_time
 
 
@@ -57,3 +64,40 @@ def test_state_and_home_are_separate_folders(tmp_path, monkeypatch):
     assert default_state_dir() == tmp_path / "xdg" / "lora-enclave"
     assert not str(default_state_dir()).startswith(str(lora_home()))
     assert os.environ["LORA_HOME"]  # the working home is untouched by the state's default
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_private_dir_makes_a_working_home_only_its_owner_can_use(tmp_path):
+    made = private_dir(tmp_path / "a" / "lora")
+    assert made.is_dir() and _mode(made) == 0o700
+    opened = tmp_path / "opened"
+    opened.mkdir(mode=0o755)
+    os.chmod(opened, 0o755)  # as `mkdir -p` under umask 022 leaves it
+    (opened / "notes.txt").write_text("mine")
+    assert private_dir(opened) == opened and _mode(opened) == 0o700
+    assert (opened / "notes.txt").read_text() == "mine"  # tightened, nothing else touched
+    already = tmp_path / "already"
+    already.mkdir(mode=0o700)
+    assert private_dir(already) == already and _mode(already) == 0o700
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="a file, not a folder"):
+        private_dir(tmp_path / "file")
+
+
+@pytest.mark.root
+def test_private_dir_refuses_another_accounts_open_folder_and_accepts_a_closed_one(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root (a folder owned by another uid)")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    os.chown(foreign, 65534, 65534)
+    os.chmod(foreign, 0o755)
+    with pytest.raises(ConfigError, match="other users can read it") as err:
+        private_dir(foreign)
+    assert str(foreign) in str(err.value) and "chmod 700" in str(err.value)
+    assert _mode(foreign) == 0o755  # refused, not changed
+    os.chmod(foreign, 0o700)
+    assert private_dir(foreign) == foreign  # closed by its owner: accepted as it is

@@ -2,8 +2,9 @@
 ``hub/jupyterhub_config.py`` with configurable-http-proxy, the GPU spawner and the services,
 started as a process on free loopback ports.
 
-As root (CI), users are real system users (``lora-hub-alice``...) and every server runs as its
-user; otherwise hub-only demo users. Login is the demo password file either way (the same
+As root (CI), users are real system users made fresh for the session (``<prefix>hub-alice``...,
+see ``tests/sysusers.py``) and every server runs as its user; otherwise hub-only demo users.
+Login is the demo password file either way (the same
 :class:`hub.auth.DemoAuthenticator` ``make hub`` uses); the PAM path is checked separately.
 """
 from __future__ import annotations
@@ -19,6 +20,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+if str(REPO / "tests") not in sys.path:  # bench/hub_load.py imports this module too
+    sys.path.insert(0, str(REPO / "tests"))
+import sysusers  # noqa: E402
+
 ROOT = os.geteuid() == 0
 # name -> platform groups (policies/hub.yaml roles)
 HUB_USERS = {
@@ -32,7 +37,10 @@ PASSWORD = "correct horse battery"
 
 def user_name(short: str) -> str:
     """The hub (and, as root, system) name of a test user."""
-    return f"lora-hub-{short}" if ROOT else f"hub-{short}"
+    return sysusers.user_name(f"hub-{short}") if ROOT else f"hub-{short}"
+
+
+SERVICE_USER = sysusers.service_user()
 
 
 def hub_xsrf(s) -> str | None:  # type: ignore[no-untyped-def]
@@ -66,7 +74,7 @@ def server_procs(hub_api_port: str | None = None, user: str | None = None) -> li
 def make_hub_root(prefix: str) -> Path:
     """A fresh folder for hubs (tests, bench/hub_load.py), outside pytest's 0700 temp root and
     readable by the service account and the users; as root, the repo's parents get their
-    traverse bit and the service account ``lora-svc`` is created if missing."""
+    traverse bit and the session's service account (:data:`SERVICE_USER`) is created."""
     if shutil.which("node") is None or not (REPO / "hub" / "node_modules" / ".bin" /
                                              "configurable-http-proxy").exists():
         raise RuntimeError("configurable-http-proxy is not installed; run `make setup`")
@@ -77,9 +85,7 @@ def make_hub_root(prefix: str) -> Path:
             mode = folder.stat().st_mode
             if not mode & 0o001:
                 os.chmod(folder, mode | 0o001)
-        from hub.demo import ensure_system_user
-
-        ensure_system_user("lora-svc", [], system=True)
+        sysusers.ensure_user(SERVICE_USER, system=True)
     return root
 
 
@@ -87,12 +93,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _system_user(name: str, groups: list[str]) -> None:
-    from hub.demo import ensure_system_user
-
-    ensure_system_user(name, groups)
 
 
 class Hub:
@@ -115,7 +115,7 @@ class Hub:
             "LORA_HOME": str(self.home), "LORA_HUB_PORT": str(self.port),
             "LORA_HUB_API_PORT": str(free_port()), "LORA_PROXY_API_PORT": str(free_port()),
             "LORA_RUNS_PORT": str(free_port()), "LORA_AUDIT_PORT": str(free_port()),
-            "LORA_HUB_SERVICES": services, "LORA_SERVICE_USER": "lora-svc",
+            "LORA_HUB_SERVICES": services, "LORA_SERVICE_USER": SERVICE_USER,
         })
         self.env.pop("LORA_RUNNER", None)
         self.env.update(env or {})
@@ -199,7 +199,7 @@ class Hub:
         for short, groups in users.items():
             name = user_name(short)
             if ROOT:
-                _system_user(name, groups)
+                sysusers.ensure_user(name, groups)
             add_demo_user(self.dir / "demo_users.json", name, groups, password=PASSWORD)
 
     def login(self, short: str):  # type: ignore[no-untyped-def]

@@ -21,10 +21,10 @@ def _login(auth, name: str, password: str):  # type: ignore[no-untyped-def]
 def test_pam_login_gives_the_users_platform_groups_and_refuses_a_wrong_password():
     if os.geteuid() != 0:
         pytest.skip("needs root (a system user with a password)")
-    name = "lora-hub-pam"
-    from hub.demo import ensure_system_user
+    import sysusers
 
-    ensure_system_user(name, ["lora-reviewers", "lora-researchers"])
+    name = sysusers.user_name("pam")
+    sysusers.ensure_user(name, ["lora-reviewers", "lora-researchers"])
     subprocess.run(["chpasswd"], input=f"{name}:pam-test-password\n", text=True, check=True)
     auth = LoraPAMAuthenticator()
     assert auth.manage_groups

@@ -18,6 +18,7 @@ import nbformat
 import pytest
 import requests
 from hubtools import PASSWORD, REPO, ROOT, user_name
+from osdeps import missing
 
 from lora_kernel.kernel.kernelspec import DISPLAY_NAME, KERNEL_NAME
 
@@ -33,9 +34,8 @@ TIMEOUT_MS = 120_000
 AUDIT = "/services/lora-audit"
 RUNS = "/services/lora-runs"
 
-if not os.path.exists(CHROMIUM):
-    pytest.skip(f"{CHROMIUM} is missing (apt-get install chromium); the browser tests drive "
-                "Debian's Chromium, never a downloaded one", allow_module_level=True)
+if not os.path.exists(CHROMIUM):  # Debian's Chromium, never a downloaded one
+    missing(f"{CHROMIUM} (Debian's chromium package)")
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 import nbformat
 import pytest
 import requests
-from hubtools import HUB_USERS, REPO, ROOT, Hub, execute, start_kernel, user_name
+from hubtools import HUB_USERS, REPO, ROOT, SERVICE_USER, Hub, execute, start_kernel, user_name
 
 pytestmark = [pytest.mark.hub, pytest.mark.slow]
 RUNS = "/services/lora-runs/api/runs"
@@ -97,7 +97,7 @@ def test_a_run_through_the_api_is_sealed_by_the_service_account_and_reviewed(hub
     record = hub.state / "runs" / run_id
     assert verify(run_id, state=hub.state) == []
     if ROOT:  # sealed by the service account; the kernel ran as alice
-        assert record.stat().st_uid == pwd.getpwnam("lora-svc").pw_uid
+        assert record.stat().st_uid == pwd.getpwnam(SERVICE_USER).pw_uid
     executed = (record / "executed.ipynb").read_text()
     assert "x is 2" in executed
     assert (record / "adapter" / "adapter.safetensors").is_file(), (

@@ -6,6 +6,8 @@ import json
 import os
 import pwd
 import shutil
+import stat
+from pathlib import Path
 
 import pytest
 from hubtools import (
@@ -66,7 +68,17 @@ def test_server_and_kernel_run_as_the_user_with_only_the_lora_kernel(hub):
 def test_a_user_cannot_read_another_users_working_home(hub):
     if not ROOT:
         pytest.skip("needs root (system users)")
+    # bob's working home exists already, open to all (as `mkdir -p` under umask 022 makes it,
+    # e.g. by a run before his first login): his spawn must close it, not keep it
+    entry = pwd.getpwnam(user_name("bob"))
+    bob_home = Path(entry.pw_dir) / "lora"
+    hub.stop_server(user_name("bob"))  # (if running) the next spawn is the one under test
+    bob_home.mkdir(exist_ok=True)
+    os.chown(bob_home, entry.pw_uid, entry.pw_gid)
+    os.chmod(bob_home, 0o755)
     bob = hub.spawn("bob")
+    assert stat.S_IMODE(bob_home.stat().st_mode) == 0o700
+    assert stat.S_IMODE(Path(entry.pw_dir).stat().st_mode) == 0o700
     bob_kernel = start_kernel(hub, bob)
     wrote = execute(hub, bob, bob_kernel, "import os; p = os.path.join(os.environ['LORA_HOME'],"
                     " 'secret.txt'); open(p, 'w').write('bob'); print(p)")

@@ -27,6 +27,7 @@ import nbformat
 import pytest
 from hubtools import k8s_round_trip
 from nbtools import write_notebook
+from sysusers import user_name
 
 from hub.k8s_backend import K8sSettings
 from hub.runqueue import RunQueue
@@ -40,6 +41,8 @@ from lora_kernel.trusted.runner import RunContext
 
 kubernetes = pytest.importorskip("kubernetes", reason="pip install 'lora-enclave[k8s]'")
 from kubernetes import client  # noqa: E402
+
+ALICE = user_name("alice")
 
 REPO = Path(__file__).resolve().parents[2]
 ROOT = os.geteuid() == 0
@@ -180,17 +183,17 @@ class LocalCluster:
 @pytest.fixture
 def cluster_env(tmp_path, monkeypatch, lora_kernel_prefix, demo_home):
     """A base folder others can traverse, alice's home claim (with the demo assets), the
-    output claim, the worker's state and the settings; as root alice is ``lora-alice``."""
+    output claim, the worker's state and the settings; as root alice is the session's ALICE."""
     base = Path(tempfile.mkdtemp(prefix="lora-k8s-test-", dir="/tmp"))
     os.chmod(base, 0o711)
     user, uid, gid = "hub-alice", os.getuid() or 1, os.getgid() or 1
     if ROOT:
         import pwd
 
-        from hub.demo import ensure_system_user
+        import sysusers
 
-        user = "lora-alice"
-        ensure_system_user(user, [])
+        user = ALICE
+        sysusers.ensure_user(user, [])
         entry = pwd.getpwnam(user)
         uid, gid = entry.pw_uid, entry.pw_gid
         for folder in [REPO, *REPO.parents, *Path(sys.executable).parents]:

@@ -20,12 +20,15 @@ from pathlib import Path
 
 import pytest
 from nbtools import write_notebook
+from sysusers import user_name
 from tornado.ioloop import IOLoop
 from tornado.testing import bind_unused_port
 
 from hub.services.base import ServiceConfig, ServiceHandler
 from hub.services.runs import make_runs_app
 from hub.settings import HubSettings
+
+SVC, ALICE, BOB = user_name("svc"), user_name("alice"), user_name("bob")
 
 PREFIX = "/services/lora-runs"
 SETTINGS = HubSettings(roles={"lora-engineers": "engineer"}, devices=["0", "1", "2"],
@@ -330,7 +333,7 @@ def test_a_worker_killed_mid_run_is_recovered_interrupted_with_a_sealed_record(l
 @pytest.mark.slow
 def test_root_mode_runs_the_kernel_as_the_user_and_seals_as_the_service_account(
         hub_env, system_users, monkeypatch):
-    """Root mode: the worker writes the record as lora-svc; the kernel runs as lora-alice in
+    """Root mode: the worker writes the record as SVC; the kernel runs as ALICE in
     her own ``~/lora`` (the request cannot choose another home)."""
     import os
     import pwd
@@ -344,34 +347,34 @@ def test_root_mode_runs_the_kernel_as_the_user_and_seals_as_the_service_account(
     base = Path(tempfile.mkdtemp(prefix="lora-runs-test-", dir="/tmp"))
     os.chmod(base, 0o711)
     state = base / "state"
-    prepare_state(state, "lora-svc")
-    alice = pwd.getpwnam("lora-alice")
+    prepare_state(state, SVC)
+    alice = pwd.getpwnam(ALICE)
     home = Path(alice.pw_dir) / "lora"
     nb = write_notebook(home / f"whoami-{base.name}.ipynb", "x = 1",
                         "import os\nprint('uid', os.getuid(), 'x', x)")
     for path in (home, nb):
         os.chown(path, alice.pw_uid, alice.pw_gid)
     monkeypatch.delenv("JUPYTER_PATH", raising=False)  # the venv's installed kernelspec
-    server = Server(ServiceConfig("lora-runs", state, demo=False, service_user="lora-svc"),
+    server = Server(ServiceConfig("lora-runs", state, demo=False, service_user=SVC),
                     devices=[], scheduler=True)
     try:
-        status, sub = server.call("lora-alice", "POST", "api/runs",
+        status, sub = server.call(ALICE, "POST", "api/runs",
                                   {"notebook": nb.name, "parameters": {"x": 5}})
         assert status == 202, sub
-        assert server.call("lora-bob", "GET", f"api/runs/{sub['id']}")[0] == 404
+        assert server.call(BOB, "GET", f"api/runs/{sub['id']}")[0] == 404
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
-            row = server.call("lora-alice", "GET", f"api/runs/{sub['id']}")[1]
+            row = server.call(ALICE, "GET", f"api/runs/{sub['id']}")[1]
             if row["status"] not in ("queued", "running"):
                 break
             time.sleep(0.5)
         log = state / "hub" / "logs" / f"{sub['id']}.log"
         assert row["status"] == "succeeded", (row, log.read_text() if log.exists() else "")
         record = Path(row["record"]["path"])
-        assert record.stat().st_uid == pwd.getpwnam("lora-svc").pw_uid
+        assert record.stat().st_uid == pwd.getpwnam(SVC).pw_uid
         assert f"uid {alice.pw_uid} x 5" in (record / "executed.ipynb").read_text()
         meta = load_manifest(record)["predicate"]["runDetails"]["metadata"]
-        assert meta["extra"]["run_as"]["name"] == "lora-alice"
+        assert meta["extra"]["run_as"]["name"] == ALICE
         assert verify(row["run_id"], state=state) == []
     finally:
         server.stop()

@@ -21,7 +21,10 @@ import textwrap
 import time
 from pathlib import Path
 
+import osdeps
 import pytest
+import sysusers
+from sysusers import user_name
 
 from lora_kernel.cli.main import main as lora_main
 from lora_kernel.common.egress import load_egress_policy, policy_from_mapping
@@ -166,7 +169,7 @@ def test_cli_plan(capsys):
 # --------------------------------------------------------------------- root: namespaces
 
 TOOLS = ("nft", "ip", "runuser", "useradd", "curl", "ping", "unshare")
-USER = "lora-fw-user"
+USER = user_name("fw-user")  # made fresh for the session (tests/sysusers.py)
 PY = "/usr/bin/python3"
 
 SERVER = textwrap.dedent("""\
@@ -262,11 +265,7 @@ class World:
 
     # -- setup / teardown
     def up(self) -> None:
-        try:
-            self.uid = pwd.getpwnam(USER).pw_uid
-        except KeyError:
-            _sh("useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER)
-            self.uid = pwd.getpwnam(USER).pw_uid
+        self.uid = sysusers.ensure_user(USER, system=True).pw_uid
         c, s = self.client, self.server
         _sh("ip", "netns", "add", c)
         _sh("ip", "netns", "add", s)
@@ -334,7 +333,7 @@ def world(tmp_path_factory):
     missing = [t for t in TOOLS if shutil.which(t) is None] + \
         ([PY] if not os.access(PY, os.X_OK) else [])
     if missing:
-        pytest.skip(f"missing {missing} (.ci/os-packages.sh installs them)")
+        osdeps.missing(", ".join(missing))
     w = World(tmp_path_factory.mktemp("fw"))
     try:
         w.up()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -73,7 +74,7 @@ def test_aborted_prestart_stops_its_kernel_and_removes_the_work_folder(prestart_
         time.sleep(0.2)
     else:
         pytest.fail("the pre-started executor started no kernel")
-    assert work.is_dir()
+    assert work.is_dir() and stat.S_IMODE(work.stat().st_mode) == 0o700  # the user's alone
     pid = pre.proc.pid
     pre.abort()
     assert pre.proc.returncode == 0
@@ -106,6 +107,8 @@ def test_refused_run_leaves_no_process_and_no_folder(prestart_home, tmp_path):
     # (logs/, the user's) keeps its kernel_start and kernel_stop
     assert not (home / "work").exists()
     assert not home.exists() or sorted(p.name for p in home.iterdir()) in ([], ["logs"])
+    if home.exists():  # made by the run step: private, as a spawner makes it (issue 28)
+        assert stat.S_IMODE(home.stat().st_mode) == 0o700
 
 
 def test_executor_run_still_takes_a_whole_spec_on_stdin(tmp_path):

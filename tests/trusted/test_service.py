@@ -2,7 +2,8 @@
 requesting user and writes records, ledger and key as the service account; identity comes from
 the socket (SO_PEERCRED), never from the caller's environment.
 
-Users: lora-svc (service account), lora-alice and lora-bob (reviewers), lora-carol.
+Users (made fresh for the session, tests/sysusers.py): the service account SVC, ALICE and
+BOB (reviewers), CAROL.
 """
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ import nbformat
 import pytest
 import yaml
 from nbtools import write_notebook as write_lora_notebook
+from sysusers import user_name
 
 pytestmark = [pytest.mark.root, pytest.mark.slow]
+SVC, ALICE, BOB, CAROL = (user_name(s) for s in ("svc", "alice", "bob", "carol"))
 
 FAST_IMAGE = {"max_train_steps": 2, "sample_steps": 1, "save_steps": 0,
               "sample_prompts": ["a red circle in enclave style"]}
@@ -39,11 +42,11 @@ def service(system_users, tmp_path_factory):
     state, sock = base / "state", base / "run" / "runner.sock"
     pub = base / "pub"  # a publication store the service account may write
     pub.mkdir()
-    os.chown(pub, pwd.getpwnam("lora-svc").pw_uid, pwd.getpwnam("lora-svc").pw_gid)
+    os.chown(pub, pwd.getpwnam(SVC).pw_uid, pwd.getpwnam(SVC).pw_gid)
     env = {k: v for k, v in os.environ.items() if k not in ("LORA_STATE", "JUPYTER_PATH")}
     log = open(base / "service.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "lora_kernel.cli", "runner", "serve",
-                             "--state", str(state), "--service-user", "lora-svc",
+                             "--state", str(state), "--service-user", SVC,
                              "--socket", str(sock)], env=env, stdout=log, stderr=log)
     deadline = time.monotonic() + 30
     while not sock.exists() and time.monotonic() < deadline:
@@ -102,17 +105,17 @@ def record_of(res) -> str:
 
 def test_a_run_trains_as_the_user_and_is_sealed_by_the_service_account(service, demo_home):
     sock, state = service
-    home = user_home("lora-alice", demo_home)
+    home = user_home(ALICE, demo_home)
     args = ["run", "--config", home / "demo" / "image_lora.yaml", "--home", home,
             "--runner", sock]
     for key, value in FAST_IMAGE.items():
         args += ["-p", key, json.dumps(value)]
     # the caller's environment claims to be bob; the socket says who it is
-    res = as_user("lora-alice", *args, env={"LORA_USER": "lora-bob", "JUPYTERHUB_USER": "lora-bob"})
+    res = as_user(ALICE, *args, env={"LORA_USER": BOB, "JUPYTERHUB_USER": BOB})
     assert res.returncode == 0, res.stdout + res.stderr
     run_id = record_of(res)
     record = state / "runs" / run_id
-    svc = pwd.getpwnam("lora-svc")
+    svc = pwd.getpwnam(SVC)
     assert stat.S_IMODE(state.stat().st_mode) == 0o700 and state.stat().st_uid == svc.pw_uid
     for path in [record, *record.rglob("*")]:
         assert path.stat().st_uid == svc.pw_uid, path
@@ -121,22 +124,22 @@ def test_a_run_trains_as_the_user_and_is_sealed_by_the_service_account(service, 
     assert key.stat().st_uid == svc.pw_uid and stat.S_IMODE(key.stat().st_mode) == 0o600
     manifest = json.loads((record / "manifest.json").read_text())
     meta = manifest["predicate"]["runDetails"]["metadata"]
-    alice = pwd.getpwnam("lora-alice")
-    assert meta["user"] == "lora-alice" and meta["uid"] == alice.pw_uid
+    alice = pwd.getpwnam(ALICE)
+    assert meta["user"] == ALICE and meta["uid"] == alice.pw_uid
     assert meta["extra"]["identity"] == "peercred" and meta["status"] == "succeeded"
     assert (record / "adapter" / "enclave_style.safetensors").is_file()
     events = [json.loads(x) for x in (record / "events.jsonl").read_text().splitlines()]
-    assert events and all(e["user"] == "lora-alice" for e in events)
+    assert events and all(e["user"] == ALICE for e in events)
     # the auditor (here root) verifies the service's state
     res = subprocess.run([sys.executable, "-m", "lora_kernel.cli", "audit", "verify", run_id,
                           "--state", state], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert "owned by lora-svc" in res.stdout
+    assert f"owned by {SVC}" in res.stdout
 
 
 def test_user_code_cannot_touch_the_key_the_ledger_or_a_sealed_record(service, demo_home):
     sock, state = service
-    home = user_home("lora-alice", demo_home)
+    home = user_home(ALICE, demo_home)
     sealed = next(p for p in (state / "runs").iterdir() if not p.name.startswith(".")) \
         if (state / "runs").is_dir() and any(not p.name.startswith(".")
                                              for p in (state / "runs").iterdir()) else None
@@ -154,7 +157,7 @@ out = {{
   "open_ledger": attempt(lambda: sqlite3.connect(state + "/ledger/ledger.sqlite").execute(
       "SELECT count(*) FROM entries").fetchone()),
   "list_runs": attempt(lambda: os.listdir(state + "/runs")),
-  "write_record": attempt(lambda: open({str(sealed) + "/x.txt" if sealed else state + "/x"!r},
+  "write_record": attempt(lambda: open({str(sealed) + "/x.txt" if sealed else str(state) + "/x"!r},
                                        "w").write("x")),
   "own_data": attempt(lambda: open(
       {str(home / "demo" / "datasets" / "image" / "metadata.csv")!r}).read()),
@@ -163,14 +166,14 @@ out = {{
 }}
 print(json.dumps(out))
 '''
-    nb = write_notebook(home / "probe.ipynb", "lora-alice", "x = 1", probe)
-    res = as_user("lora-alice", "run", nb, "--home", home, "--runner", sock)
+    nb = write_notebook(home / "probe.ipynb", ALICE, "x = 1", probe)
+    res = as_user(ALICE, "run", nb, "--home", home, "--runner", sock)
     assert res.returncode == 0, res.stdout + res.stderr
     executed = nbformat.read(str(state / "runs" / record_of(res) / "executed.ipynb"),
                              as_version=4)
     text = "".join(o.get("text", "") for c in executed.cells for o in c.get("outputs", []))
     out = json.loads(text.strip().splitlines()[-1])
-    assert out["uid"] == pwd.getpwnam("lora-alice").pw_uid
+    assert out["uid"] == pwd.getpwnam(ALICE).pw_uid
     assert out["read_key"] == "PermissionError"
     assert out["open_ledger"] in ("OperationalError", "PermissionError")
     assert out["list_runs"] == "PermissionError"
@@ -181,21 +184,21 @@ print(json.dumps(out))
 
 def test_a_run_cannot_read_another_users_data(service, demo_home):
     sock, _state = service
-    bob_home = user_home("lora-bob", demo_home)  # 0700, owned by bob
-    alice_home = user_home("lora-alice")
+    bob_home = user_home(BOB, demo_home)  # 0700, owned by bob
+    alice_home = user_home(ALICE)
     cfg = yaml.safe_load((bob_home / "demo" / "image_lora.yaml").read_text())
     cfg.update({"train_data_dir": str(bob_home / "demo" / "datasets" / "image"),
                 "base_model": str(bob_home / "demo" / "models" / "tiny-sd"),
                 "output_dir": "out", **FAST_IMAGE})
     cfg.pop("metadata_path", None)
     (alice_home / "steal.yaml").write_text(yaml.safe_dump(cfg))
-    os.chown(alice_home / "steal.yaml", *[pwd.getpwnam("lora-alice")[i] for i in (2, 3)])
-    res = as_user("lora-alice", "run", "--config", alice_home / "steal.yaml", "--home",
+    os.chown(alice_home / "steal.yaml", *[pwd.getpwnam(ALICE)[i] for i in (2, 3)])
+    res = as_user(ALICE, "run", "--config", alice_home / "steal.yaml", "--home",
                   alice_home, "--runner", sock)
     assert res.returncode == 2, res.stdout + res.stderr
     assert str(bob_home) in res.stderr and "Traceback" not in res.stderr
     # the must-work twin: bob trains on his own data through the same service
-    res = as_user("lora-bob", "run", "--config", bob_home / "demo" / "image_lora.yaml",
+    res = as_user(BOB, "run", "--config", bob_home / "demo" / "image_lora.yaml",
                   "--home", bob_home, "--runner", sock,
                   *[x for k, v in FAST_IMAGE.items() for x in ("-p", k, json.dumps(v))])
     assert res.returncode == 0, res.stdout + res.stderr
@@ -203,29 +206,29 @@ def test_a_run_cannot_read_another_users_data(service, demo_home):
 
 def test_review_identity_comes_from_the_socket(service, demo_home):
     sock, state = service
-    home = user_home("lora-alice", demo_home)
-    res = as_user("lora-alice", "run", "--config", home / "demo" / "image_lora.yaml",
+    home = user_home(ALICE, demo_home)
+    res = as_user(ALICE, "run", "--config", home / "demo" / "image_lora.yaml",
                   "--home", home, "--runner", sock,
                   *[x for k, v in FAST_IMAGE.items() for x in ("-p", k, json.dumps(v))])
     assert res.returncode == 0, res.stdout + res.stderr
     run_id = record_of(res)
-    spoof = {"LORA_USER": "lora-bob", "USER": "lora-bob", "LOGNAME": "lora-bob",
-             "JUPYTERHUB_USER": "lora-bob"}
-    res = as_user("lora-alice", "review", "approve", run_id, "--note", "mine",
+    spoof = {"LORA_USER": BOB, "USER": BOB, "LOGNAME": BOB,
+             "JUPYTERHUB_USER": BOB}
+    res = as_user(ALICE, "review", "approve", run_id, "--note", "mine",
                   "--runner", sock, env=spoof)
     assert res.returncode == 6 and "self-approval" in res.stderr, res.stderr
-    res = as_user("lora-carol", "review", "approve", run_id, "--note", "ok", "--runner", sock)
+    res = as_user(CAROL, "review", "approve", run_id, "--note", "ok", "--runner", sock)
     assert res.returncode == 6 and "reviewers group" in res.stderr, res.stderr
-    res = as_user("lora-bob", "review", "approve", run_id, "--note", "checked", "--runner", sock)
-    assert res.returncode == 0 and f"approved {run_id} by lora-bob" in res.stdout, res.stderr
+    res = as_user(BOB, "review", "approve", run_id, "--note", "checked", "--runner", sock)
+    assert res.returncode == 0 and f"approved {run_id} by {BOB}" in res.stdout, res.stderr
     # publish and withdraw through the service: who acts is the socket's peer again
     pub = state.parent / "pub"
-    res = as_user("lora-bob", "publish", run_id, "--to", pub, "--runner", sock)
+    res = as_user(BOB, "publish", run_id, "--to", pub, "--runner", sock)
     assert res.returncode == 0 and (pub / run_id / "publication.json").is_file(), res.stderr
-    res = as_user("lora-carol", "publish", "--withdraw", run_id, "--note", "no", "--runner",
+    res = as_user(CAROL, "publish", "--withdraw", run_id, "--note", "no", "--runner",
                   sock, env=spoof)
     assert res.returncode == 6, res.stdout + res.stderr
-    res = as_user("lora-bob", "publish", "--withdraw", run_id, "--note", "superseded",
+    res = as_user(BOB, "publish", "--withdraw", run_id, "--note", "superseded",
                   "--runner", sock)
     assert res.returncode == 0 and not (pub / run_id).exists(), res.stdout + res.stderr
 
@@ -234,18 +237,18 @@ def test_a_requester_that_dies_ends_its_run_which_is_sealed_as_failed(service):
     import psutil
 
     sock, state = service
-    home = user_home("lora-alice")
-    nb = write_notebook(home / "sleep.ipynb", "lora-alice", "seconds = 600",
+    home = user_home(ALICE)
+    nb = write_notebook(home / "sleep.ipynb", ALICE, "seconds = 600",
                         "print('started', flush=True)", "import time; time.sleep(seconds)")
     before = {p.name for p in (state / "runs").iterdir()}
-    client = as_user("lora-alice", "run", nb, "--home", home, "--runner", sock, wait=False)
+    client = as_user(ALICE, "run", nb, "--home", home, "--runner", sock, wait=False)
     try:
         deadline = time.monotonic() + 120
         kernel = None
         while kernel is None and time.monotonic() < deadline:
             for p in psutil.process_iter(["cmdline", "uids"]):
                 try:
-                    if p.info["uids"].real == pwd.getpwnam("lora-alice").pw_uid and \
+                    if p.info["uids"].real == pwd.getpwnam(ALICE).pw_uid and \
                             p.environ().get("LORA_HOME") == str(home) and \
                             "-f" in p.info["cmdline"]:
                         kernel = p
@@ -253,7 +256,7 @@ def test_a_requester_that_dies_ends_its_run_which_is_sealed_as_failed(service):
                     continue
             time.sleep(0.3)
         assert kernel is not None, "the kernel did not start"
-        assert kernel.uids().real == pwd.getpwnam("lora-alice").pw_uid
+        assert kernel.uids().real == pwd.getpwnam(ALICE).pw_uid
         time.sleep(2)
         client.kill()
         client.communicate(timeout=30)
