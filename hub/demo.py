@@ -6,16 +6,22 @@
   account ``lora-svc`` owns the state directory, every server runs as its user's uid.
 * Not root: hub-only users, every server as the account that ran ``make hub`` (docs/hub.md).
 
-Then it runs ``jupyterhub -f hub/jupyterhub_config.py`` (``LORA_HUB_AUTH=demo`` unless set).
+Then it runs ``jupyterhub -f hub/jupyterhub_config.py`` (``LORA_HUB_AUTH=demo`` unless set) as a
+child until Ctrl-C or SIGTERM, which stop the hub, the proxy, the services and every user's
+server and kernels: nothing is left running (:func:`serve`).
 """
 from __future__ import annotations
 
 import grp
+import json
 import os
 import pwd
+import signal
 import subprocess
 import sys
 from pathlib import Path
+
+import psutil
 
 from hub.auth import add_demo_user
 from hub.settings import load_settings
@@ -72,7 +78,10 @@ def tighten_home(home: Path, uid: int) -> None:
 
 
 def prepare(hub_dir: Path) -> list[tuple[str, str]]:
-    """Demo users (and, as root, system users and the state's owner); returns new passwords."""
+    """Demo users (and, as root, system users and the state's owner); returns new passwords.
+
+    The users file is the list: as root, each user in it (the demo users on a first run, or
+    whoever an admin added since) becomes a system user with exactly the groups it lists."""
     users_file = hub_dir / "demo_users.json"
     created: list[tuple[str, str]] = []
     if not users_file.exists():
@@ -82,10 +91,75 @@ def prepare(hub_dir: Path) -> list[tuple[str, str]]:
         pw_file.write_text("".join(f"{n} {p}\n" for n, p in created))
         os.chmod(pw_file, 0o600)
     if os.geteuid() == 0:
-        for name, group, _admin in DEMO_USERS:
-            ensure_system_user(name, [group])
-        ensure_system_user(SERVICE_USER, [], system=True)
+        for name, entry in sorted(json.loads(users_file.read_text()).items()):
+            ensure_system_user(name, list(entry.get("groups") or []))
+        ensure_system_user(os.environ.get("LORA_SERVICE_USER", SERVICE_USER), [], system=True)
     return created
+
+
+def hub_processes(api_port: str) -> list[psutil.Process]:
+    """Every process left of the hub whose API listens on ``api_port``: user servers and
+    their kernels (found by the ``JUPYTERHUB_API_URL`` they inherit) and the proxy and
+    services (started by the hub, with that URL too)."""
+    found = []
+    me = os.getpid()
+    for proc in psutil.process_iter():
+        if proc.pid == me:
+            continue
+        try:
+            url = proc.environ().get("JUPYTERHUB_API_URL", "")
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+        if f":{api_port}/" in url:
+            found.append(proc)
+    return found
+
+
+def stop_leftovers(api_port: str, grace_s: float = 10.0) -> list[int]:
+    """SIGTERM what :func:`hub_processes` finds, SIGKILL what is still there after
+    ``grace_s``; returns the pids that had to be stopped here."""
+    procs = hub_processes(api_port)
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _gone, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    return [p.pid for p in procs]
+
+
+def serve(env: dict[str, str]) -> int:
+    """Run JupyterHub as a child in a session of its own until it exits or this process gets
+    SIGINT (Ctrl-C) / SIGTERM / SIGHUP; then stop it and everything it started, users'
+    servers and kernels included (``LORA_HUB_STOP_SERVERS=1``: the hub stops them itself; what
+    is still running after it exited is stopped here). Returns the hub's exit code."""
+    hub = subprocess.Popen([sys.executable, "-m", "jupyterhub", "-f",
+                            str(REPO / "hub" / "jupyterhub_config.py")],
+                           env={**env, "LORA_HUB_STOP_SERVERS": "1"}, start_new_session=True)
+    stopping: list[int] = []
+
+    def stop(signum: int, _frame: object) -> None:
+        if not stopping:
+            print(f"\nstopping the hub, its services and every user server "
+                  f"({signal.Signals(signum).name}; again to stop at once)...", flush=True)
+            hub.send_signal(signal.SIGTERM)
+        else:
+            hub.kill()  # a second Ctrl-C: no more waiting for a clean shutdown
+        stopping.append(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
+    rc = hub.wait()
+    left = stop_leftovers(env.get("LORA_HUB_API_PORT", "8081"))
+    print(f"hub stopped (exit {rc})" + (f"; stopped {len(left)} process(es) it left"
+                                        if left else "; nothing left running"), flush=True)
+    return rc
 
 
 def main() -> None:
@@ -100,12 +174,13 @@ def main() -> None:
             print(f"  {name:12s} {password}")
     print(f"  passwords: {hub_dir / 'demo_passwords.txt'} (mode 0600)")
     print("  roles: demo-admin admin, demo-alice researcher, demo-erin engineer, "
-          "demo-rita reviewer, demo-audrey auditor\n", flush=True)
+          "demo-rita reviewer, demo-audrey auditor")
+    print("  Ctrl-C stops the hub, its services and every user server and kernel\n",
+          flush=True)
     env = dict(os.environ)
     env.setdefault("LORA_HUB_AUTH", "demo")
     env["LORA_HUB_DIR"] = str(hub_dir)
-    os.execve(sys.executable, [sys.executable, "-m", "jupyterhub", "-f",
-                               str(REPO / "hub" / "jupyterhub_config.py")], env)
+    sys.exit(serve(env))
 
 
 if __name__ == "__main__":

@@ -71,7 +71,9 @@ c.ConfigurableHTTPProxy.api_url = (
     f"http://127.0.0.1:{int(os.environ.get('LORA_PROXY_API_PORT', '8001'))}")
 c.ConfigurableHTTPProxy.pid_file = str(hub_dir / "proxy.pid")
 c.ConfigurableHTTPProxy.should_start = True
-c.JupyterHub.cleanup_servers = False  # a hub restart leaves users' servers running
+# A hub restart leaves users' servers running (production); `make hub` (hub/demo.py) sets
+# LORA_HUB_STOP_SERVERS=1 so that its Ctrl-C stops them, with their kernels.
+c.JupyterHub.cleanup_servers = os.environ.get("LORA_HUB_STOP_SERVERS") == "1"
 c.JupyterHub.default_url = "/hub/home"
 c.JupyterHub.template_vars = {"announcement_login": "LoRA Enclave — every notebook runs in "
                                                     "the guarded lora kernel and is audited."}

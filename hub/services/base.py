@@ -13,7 +13,8 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Sequence
+import signal
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,5 +173,18 @@ def listen(app: web.Application) -> HTTPServer:
     return server
 
 
-def run_forever() -> None:
-    IOLoop.current().start()
+def run_forever(on_stop: Callable[[], None] | None = None) -> None:
+    """Serve until SIGTERM or SIGINT (the hub stopping its services, or Ctrl-C of ``make
+    hub``), then call ``on_stop`` and return: a service ends quietly, not with a
+    KeyboardInterrupt traceback."""
+    loop = IOLoop.current()
+
+    def shutdown() -> None:
+        log.info("stopping (signal)")
+        if on_stop is not None:
+            on_stop()
+        loop.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.asyncio_loop.add_signal_handler(sig, shutdown)  # type: ignore[attr-defined]
+    loop.start()

@@ -60,10 +60,15 @@ _ANNOUNCED = re.compile(r"^run (\d{8}T\d{6}Z-[0-9a-f]+): ")
 
 
 class Cancelled:
-    """The flag SIGTERM / SIGINT / SIGHUP set (read by the runner as ``ctx.cancelled``)."""
+    """The flag SIGTERM / SIGINT / SIGHUP set (read by the runner as ``ctx.cancelled``).
+
+    Called, it answers None while no signal came, else why the run stops (the runner records
+    it): ``why`` tells a user's cancel from the runs service stopping (the hub's shutdown or
+    restart), which :func:`execute` sets from the submission's row."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self.why: Callable[[], str] | None = None
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -72,8 +77,10 @@ class Cancelled:
     def _set(self, signum: int, _frame: Any) -> None:
         self.signal = signum
 
-    def __call__(self) -> bool:
-        return self.signal is not None
+    def __call__(self) -> str | None:
+        if self.signal is None:
+            return None
+        return self.why() if self.why is not None else f"interrupted (signal {self.signal})"
 
 
 def root_mode(demo: bool) -> bool:
@@ -173,6 +180,13 @@ def execute(queue: RunQueue, sub: Submission, ctx: RunContext, state: str,
             with ctx.privileges.elevated():
                 queue.set_run_id(sub.id, match.group(1))
 
+    def why() -> str:
+        with ctx.privileges.elevated():
+            if queue.get(sub.id).cancel_requested:
+                return f"cancelled by {sub.user}"
+        return "interrupted: the runs service stopped (the hub was stopped or restarted)"
+
+    cancelled.why = why
     kw: dict[str, Any] = {"home": home, "state": state, "timeout": sub.timeout, "ctx": ctx,
                           "log": say}
     status, record, error, code = "failed", None, None, 1
@@ -196,12 +210,13 @@ def execute(queue: RunQueue, sub: Submission, ctx: RunContext, state: str,
         error = f"the worker crashed: {type(exc).__name__}: {exc}"
     with ctx.privileges.elevated():
         current = queue.get(sub.id)
-        if status != "succeeded" and cancelled():
+        if status != "succeeded" and cancelled.signal is not None:
             if current.cancel_requested:
                 error = f"cancelled by {sub.user} while running; {error or ''}".rstrip("; ")
             else:
                 status = "interrupted"
-                error = f"stopped by the runs service (signal {cancelled.signal}); {error}"
+                error = (f"the runs service stopped (signal {cancelled.signal}: the hub was "
+                         f"stopped or restarted); {error}")
         return queue.finish(sub.id, status, run_id=record["run_id"] if record else None,
                             record=record, error=error, exit_code=code)
 

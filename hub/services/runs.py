@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from tornado import web
-from tornado.ioloop import IOLoop, PeriodicCallback
+from tornado.ioloop import PeriodicCallback
 
 from lora_kernel.common.errors import ConfigError, LoraError, NoMatch, PolicyRefusal
 from lora_kernel.common.paths import private_dir
@@ -387,16 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     app = make_runs_app(config, scheduler=True)
     listen(app)
     sched: Scheduler = app.settings["runs_scheduler"]
-
-    loop = IOLoop.current()
-
-    def shutdown() -> None:
-        sched.stop()
-        loop.stop()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.asyncio_loop.add_signal_handler(sig, shutdown)  # type: ignore[attr-defined]
-    run_forever()
+    run_forever(on_stop=sched.stop)
     return 0
 
 

@@ -123,7 +123,8 @@ class RunContext:
     ``actor`` is the authenticated requester (trainer); ``run_as`` the OS user its children run
     as; ``privileges`` the runner's root/service-account switching; ``env`` the children's base
     environment (local mode: this process's, minus the state directory); ``cancelled`` is
-    polled while the run executes (the service: the requester hung up); ``progress`` receives
+    polled while the run executes (the service: the requester hung up; a string it returns
+    is recorded as why the run stopped); ``progress`` receives
     the executor's stdout: progress records, one JSON object a line (each cell's start and end,
     the training loop's ``train_start`` / ``step`` / ``train_end``, and ``done``; see
     :mod:`lora_kernel.trusted.executor`), which ``lora run`` renders; None: no progress.
@@ -133,7 +134,7 @@ class RunContext:
     run_as: RunAs = field(default_factory=RunAs.local)
     privileges: Privileges = field(default_factory=Privileges)
     env: dict[str, str] | None = None
-    cancelled: Callable[[], bool] = lambda: False
+    cancelled: Callable[[], bool | str | None] = lambda: False
     progress: Callable[[bytes], None] | None = None
 
     @classmethod
@@ -524,8 +525,9 @@ def _execute(ctx: RunContext, run: dict[str, Any], notebook_source: str, staging
             if deadline is not None and time.monotonic() > deadline:
                 reason = f"timed out after {timeout:g}s"
                 break
-            if ctx.cancelled():
-                reason = "cancelled: the requester went away"
+            why = ctx.cancelled()
+            if why:
+                reason = why if isinstance(why, str) else "cancelled: the requester went away"
                 break
             try:
                 proc.wait(timeout=0.25)

@@ -123,12 +123,15 @@ class Hub:
         self.log_path = self.dir / "hub.log"
 
     # -- process ---------------------------------------------------------------------------
-    def start(self, timeout: float = 90) -> None:
+    def start(self, timeout: float = 90, make_hub: bool = False) -> None:
+        """Start the hub (``make_hub``: as ``make hub`` does, through ``python -m hub.demo``,
+        whose Ctrl-C stops everything); wait until it and its services answer."""
         log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyterhub", "-f", str(REPO / "hub" / "jupyterhub_config.py")],
-            cwd=self.dir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True)
+        argv = [sys.executable, "-m", "hub.demo"] if make_hub else \
+            [sys.executable, "-m", "jupyterhub", "-f", str(REPO / "hub" / "jupyterhub_config.py")]
+        self.proc = subprocess.Popen(argv, cwd=REPO if make_hub else self.dir, env=self.env,
+                                     stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
         deadline = time.monotonic() + timeout
         import requests
 
