@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,13 @@ from .settings import AUDIT_SERVICE, RUNS_SERVICE, gpu_pool_path, load_settings,
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 # Variables a server must not inherit from the hub (the trusted side's own settings).
 _HIDDEN = ("LORA_STATE", "LORA_RUNNER", "JUPYTERHUB_CRYPT_KEY", "CONFIGPROXY_AUTH_TOKEN")
+
+
+def platform_path() -> str:
+    """``PATH`` of a user's server and kernels: the platform's environment (``lora``,
+    ``papermill``, ``jupyter``), then the system's folders; the hub's own ``PATH`` (root's, with
+    folders in root's home) never reaches a user."""
+    return ":".join([str(Path(sys.executable).parent), "/usr/local/bin", "/usr/bin", "/bin"])
 
 
 class LoraSpawner(LocalProcessSpawner):
@@ -135,6 +143,7 @@ class LoraSpawner(LocalProcessSpawner):
         for name in _HIDDEN:
             env.pop(name, None)
         env = offline_environ(env)  # offline variables set, proxies removed
+        env["PATH"] = platform_path()  # the platform's `lora` first; never the hub's own PATH
         env.update(cuda_env(self.gpus))
         env["LORA_HOME"] = str(user_home(self.user.name, self.demo))
         hub = os.environ.get("LORA_HUB_PUBLIC_URL", "").rstrip("/")

@@ -14,6 +14,12 @@ Types and their own fields:
 ``process`` / ``ctypes`` / ``audithook``   ``event``, ``destination``, ``location``
 ``kernel_stop``    (nothing else)
 
+A process forked from the kernel (``!cmd`` forks through a pty, then execs) logs its own
+``process`` event for the ``exec`` it makes, under a ``kernel_id`` of its own
+(``<kernel's id>/fork-<pid>``, ``seq`` from 1, ``parent_kernel_id``), into the local file only:
+the fork happened in the kernel (its ``os.fork``/``os.forkpty`` event is the kernel's), and
+the child may already have closed every inherited descriptor (ptyprocess does, before exec).
+
 Where they go:
 
 * always the local file ``<home>/logs/<user>/kernel-YYYY-MM-DD.jsonl`` (UTC day), opened in
@@ -37,6 +43,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -193,6 +200,13 @@ def deliver(spool: Spool, sink: HttpSink, kernel_id: str, user: str) -> int:
         sent += len(events)
 
 
+def _call(ref: weakref.ref, method: str) -> None:
+    """Call ``method`` of the object ``ref`` points to, if it still exists."""
+    obj = ref()
+    if obj is not None:
+        getattr(obj, method)()
+
+
 class ExecLog:
     """The event writer of one kernel: local daily JSONL file, optional spooled sink.
 
@@ -222,6 +236,24 @@ class ExecLog:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._deliver_lock = threading.Lock()
+        self._delivering = threading.local()
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: _call(ref, "_after_fork_in_child"))
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child: its own id and counter, fresh locks, the file reopened on the
+        next event (the inherited descriptor may be closed before the child's exec), no sink."""
+        parent = self.kernel_id
+        self.kernel_id = f"{parent}/fork-{os.getpid()}"
+        self.base = {**self.base, "pid": os.getpid(), "kernel_id": self.kernel_id,
+                     "parent_kernel_id": parent}
+        self._seq = 0
+        self._lock = threading.RLock()
+        self._fh = None
+        self._day = None
+        self.spool = None
+        self.sink = None
+        self._thread = None
         self._delivering = threading.local()
 
     # -- writing ------------------------------------------------------------------

@@ -7,6 +7,7 @@ import os
 import pwd
 import shutil
 import stat
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,13 @@ def test_server_and_kernel_run_as_the_user_with_only_the_lora_kernel(hub):
     assert env["CUDA_VISIBLE_DEVICES"] == "" and env["HF_HUB_OFFLINE"] == "1"
     assert env["LORA_HOME"].endswith("/lora") if ROOT else name in env["LORA_HOME"]
     assert env["LORA_AUDIT_URL"].endswith("/services/lora-audit/api/events")
+
+    # a shell works in the guarded kernel, with the platform's `lora` first on PATH
+    sh = execute(hub, s, kernel_id, "!echo shell-ok\n!command -v lora\n!lora --help")
+    assert sh["status"] == "ok", sh
+    lines = sh["stdout"].split()
+    assert "shell-ok" in lines and str(Path(sys.executable).parent / "lora") in lines, sh
+    assert "demo-assets" in sh["stdout"]  # `lora --help` ran
 
     # the training notebooks are in the user's home, ready to open
     contents = hub.server_api(s, "GET", "contents/notebooks").json()

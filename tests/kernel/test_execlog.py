@@ -238,6 +238,40 @@ def test_one_event_per_cell_with_the_right_fields(lora_kernel):
 
 
 @pytest.mark.slow
+def test_shell_commands_run_and_each_launch_is_logged(lora_kernel):
+    """``!cmd`` forks through a pty and closes every inherited descriptor before it execs:
+    the child's own log event must not fail it (it did: EBADF). Each launch is logged, the
+    fork by the kernel and the exec, with its command line, by the child under its own id."""
+    k = lora_kernel(env={"LORA_RUN_ID": "run-sh"})
+    res = k.run("!echo shell-says-hi\nimport subprocess\n"
+                "print(subprocess.run(['echo', 'popen-ok'], capture_output=True, text=True)"
+                ".stdout)")
+    assert res["status"] == "ok", res
+    assert "shell-says-hi" in res["stdout"] and "popen-ok" in res["stdout"]
+    events = [e for e in k.events(run_id="run-sh") if e["type"] == "process"]
+    kernel_id = k.km.kernel_id
+    fork = [e for e in events if e["event"] == "os.forkpty"]
+    assert fork and fork[0]["kernel_id"] == kernel_id
+    (child,) = [e for e in events if e["event"] == "os.exec"]
+    assert "echo shell-says-hi" in child["destination"]
+    assert child["kernel_id"] == f"{kernel_id}/fork-{child['pid']}"
+    assert child["parent_kernel_id"] == kernel_id and child["seq"] == 1
+    assert any(e["event"] == "subprocess.Popen" and "popen-ok" in e["destination"]
+               for e in events)
+    ours = [e["seq"] for e in k.events(run_id="run-sh") if e["kernel_id"] == kernel_id]
+    assert ours == sorted(set(ours))  # the kernel's own counter never reused
+
+
+@pytest.mark.slow
+def test_a_refused_shell_command_does_not_run(lora_kernel, tmp_path):
+    k = lora_kernel(policy="loopback: true\nprocesses: refuse\n")
+    marker = tmp_path / "ran"
+    res = k.run(f"!touch {marker}")
+    assert res["ename"] == "EgressBlocked" and "processes: refuse" in res["evalue"], res
+    assert not marker.exists()
+
+
+@pytest.mark.slow
 def test_kernel_spools_while_the_hub_sink_is_down_then_delivers(lora_kernel):
     port = _free_port()
     k = lora_kernel(netns=False, env={  # loopback only: the sink lives in this process
