@@ -25,6 +25,8 @@ import psutil
 
 from hub.auth import add_demo_user
 from hub.settings import load_settings
+from lora_kernel.common.egress import load_egress_policy
+from lora_kernel.trusted import firewall
 
 REPO = Path(__file__).resolve().parents[1]
 # name, platform group, admin
@@ -175,6 +177,8 @@ def main() -> None:
     print(f"  passwords: {hub_dir / 'demo_passwords.txt'} (mode 0600)")
     print("  roles: demo-admin admin, demo-alice researcher, demo-erin engineer, "
           "demo-rita reviewer, demo-audrey auditor")
+    mode, why = firewall.effective(load_egress_policy())
+    print(f"  egress firewall: {mode} ({why})")
     print("  Ctrl-C stops the hub, its services and every user server and kernel\n",
           flush=True)
     env = dict(os.environ)

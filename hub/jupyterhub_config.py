@@ -37,6 +37,7 @@ from hub.settings import (  # noqa: E402
     prepare_hub_state,
 )
 from lora_kernel.common.paths import state_dir  # noqa: E402
+from lora_kernel.trusted import firewall  # noqa: E402
 
 c = get_config()  # type: ignore[name-defined]  # noqa: F821
 
@@ -56,6 +57,8 @@ os.environ.setdefault("LORA_HUB_PUBLIC_URL", public_url)
 demo_spawn = not root  # hub-only users: no per-user uid
 if service_user:
     prepare_hub_state(state, service_user)
+# the egress firewall (policies/egress.yaml `firewall:`): applied here when `auto` is in force
+print(firewall.prepare_host(), flush=True)
 
 # -- hub, proxy, database ------------------------------------------------------------------
 c.JupyterHub.ip = ip

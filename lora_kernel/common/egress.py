@@ -19,7 +19,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Ports = frozenset[int] | None
 
 #: Defaults when ``policies/egress.yaml`` is missing: loopback only, everything logged,
-#: no OS-level firewall required.
+#: the OS-level firewall where it can be (``auto``).
 DEFAULT_POLICY: dict[str, Any] = {
     "loopback": True,
     "allow": [],
@@ -27,12 +27,13 @@ DEFAULT_POLICY: dict[str, Any] = {
     "allow_families": [],
     "processes": "log",
     "ctypes": "log",
-    "firewall": "off",
+    "firewall": "auto",
 }
 
 #: ``firewall:`` values: ``required`` (servers / runs refuse to start unless the nftables
-#: ruleset is in place) or ``off``.
-FIREWALL_SETTINGS = ("required", "off")
+#: ruleset is in place), ``auto`` (required, the hub applying the ruleset itself, when it runs
+#: as root and ``nft`` exists; off otherwise) or ``off``.
+FIREWALL_SETTINGS = ("auto", "required", "off")
 
 LOOPBACK_NETWORKS: tuple[IPNetwork, ...] = (ipaddress.ip_network("127.0.0.0/8"),
                                             ipaddress.ip_network("::1/128"))
@@ -118,7 +119,7 @@ class EgressPolicy:
     allow_families: frozenset[int] = field(default_factory=frozenset)
     processes: str = "log"
     ctypes: str = "log"
-    firewall: str = "off"
+    firewall: str = "auto"
 
     def allows_address(self, addr: IPAddress, port: Any = None) -> bool:
         """Whether a connection to ``addr`` (an ``ip_address``) on ``port`` is allowed."""
@@ -188,11 +189,11 @@ def policy_from_mapping(data: dict[str, Any], path: str = "<memory>") -> EgressP
     for key in ("processes", "ctypes"):
         if data.get(key, "log") not in ("log", "refuse"):
             raise ConfigError("must be 'log' or 'refuse'", file=path, key=key)
-    firewall = data.get("firewall", "off")
+    firewall = data.get("firewall", "auto")
     if firewall is False:  # a YAML 1.1 habit: `off` unquoted read elsewhere as false
         firewall = "off"
     if firewall not in FIREWALL_SETTINGS:
-        raise ConfigError("must be 'required' or 'off'", file=path, key="firewall")
+        raise ConfigError("must be 'auto', 'required' or 'off'", file=path, key="firewall")
     return EgressPolicy(path=str(path), loopback=bool(data.get("loopback", True)),
                         networks=tuple(networks), hosts=tuple(hosts),
                         allow_bind_any=bool(data.get("allow_bind_any", False)),

@@ -294,12 +294,43 @@ def ensure_user(uid: int, policy: EgressPolicy | None = None, *,
                             f"{FAMILY} {TABLE} {USER_SET}: {proc.stderr.strip()}; {FIX_APPLY}")
 
 
-def enforce(uid: int, policy: EgressPolicy | None = None) -> bool:
-    """For the spawner and the runs service: with ``firewall: required`` in the egress
-    policy, :func:`ensure_user` (raises when the rules are not in place) and True; with
-    ``firewall: off``, nothing and False."""
+def effective(policy: EgressPolicy) -> tuple[str, str]:
+    """What the policy's ``firewall:`` means on this machine, and why: ``("required", ...)`` or
+    ``("off", ...)``. ``auto`` is required when this process runs as root and ``nft`` exists
+    (the hub then applies the ruleset itself, :func:`prepare_host`), off otherwise."""
+    if policy.firewall != "auto":
+        return policy.firewall, f"firewall: {policy.firewall} in {policy.path}"
+    if os.geteuid() != 0:
+        return "off", "firewall: auto, and not running as root (no per-uid rules possible)"
+    if shutil.which("nft") is None:
+        return "off", "firewall: auto, and nft is not installed (apt-get install nftables)"
+    return "required", "firewall: auto, running as root with nft"
+
+
+def prepare_host(policy: EgressPolicy | None = None) -> str:
+    """At the hub's start: with ``firewall: auto`` in force (:func:`effective`), apply the
+    ruleset (keeping the users already in it) so that every server the spawner starts is
+    filtered; with ``required``, only check that an administrator applied it (a missing or
+    different table then refuses each spawn). Returns one line for the hub's log."""
     policy = policy if policy is not None else load_egress_policy()
-    if policy.firewall != "required":
+    mode, why = effective(policy)
+    if mode == "off":
+        return f"egress firewall: off ({why}); only the kernel's audit hook guards egress"
+    if policy.firewall == "auto":
+        apply(policy)
+        return (f"egress firewall: required ({why}); nftables table {FAMILY} {TABLE} applied "
+                f"from {policy.path}")
+    diffs = check(policy)
+    state = "in place" if not diffs else f"NOT in place ({diffs[0]}): spawns are refused"
+    return f"egress firewall: required ({why}); nftables table {FAMILY} {TABLE} {state}"
+
+
+def enforce(uid: int, policy: EgressPolicy | None = None) -> bool:
+    """For the spawner and the runs service: when the firewall is in force here
+    (:func:`effective`: ``required``, or ``auto`` as root with ``nft``), :func:`ensure_user`
+    (raises when the rules are not in place) and True; otherwise nothing and False."""
+    policy = policy if policy is not None else load_egress_policy()
+    if effective(policy)[0] != "required":
         return False
     ensure_user(uid, policy)
     return True

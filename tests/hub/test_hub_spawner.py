@@ -35,6 +35,13 @@ def test_server_and_kernel_run_as_the_user_with_only_the_lora_kernel(hub):
     name = user_name("alice")
     procs = server_procs(hub.env["LORA_HUB_API_PORT"], name)
     assert procs and {p.uids().real for p in procs} == {expected_uid(name)}
+    if ROOT:  # `firewall: auto` as root with nft: the hub applied the rules, alice is filtered
+        import subprocess
+
+        live = subprocess.run(["nft", "list", "set", "inet", "lora_enclave", "lora_users"],
+                              capture_output=True, text=True)
+        assert live.returncode == 0 and str(expected_uid(name)) in live.stdout, live
+        assert "egress firewall: required" in hub.log_path.read_text()
 
     # only lora is offered, and any other name is refused through the REST API
     specs = hub.server_api(s, "GET", "kernelspecs").json()
@@ -167,18 +174,19 @@ def test_gpus_are_allocated_exclusively_and_survive_a_hub_restart(gpu_hub):
 def test_firewall_required_refuses_a_server_without_the_rules(hub_root):
     """`firewall: required` in policies/egress.yaml and no `inet lora_enclave` table: the
     spawner refuses the user's server (the must-work twin is every other spawn here, with the
-    repository's `firewall: "off"`)."""
+    repository's `firewall: auto`, under which the hub applies the rules itself)."""
     if not ROOT:
         pytest.skip("needs root (nft)")
     import subprocess
 
-    if subprocess.run(["nft", "list", "table", "inet", "lora_enclave"],
-                      capture_output=True).returncode == 0:
-        pytest.skip("this machine has the lora_enclave table applied; the refusal needs it absent")
+    # whatever an earlier hub applied (`auto`), the refusal needs the table absent
+    subprocess.run(["nft", "delete", "table", "inet", "lora_enclave"], capture_output=True)
     policies = hub_root / "policies-fw"
     shutil.copytree(REPO / "policies", policies)
     egress = policies / "egress.yaml"
-    egress.write_text(egress.read_text().replace('firewall: "off"', "firewall: required"))
+    text = egress.read_text()
+    assert "\nfirewall: auto\n" in text
+    egress.write_text(text.replace("\nfirewall: auto\n", "\nfirewall: required\n"))
     os.chmod(policies, 0o755)
     h = Hub(hub_root / "fw", services="none", env={"LORA_POLICIES": str(policies)})
     h.sessions = {}

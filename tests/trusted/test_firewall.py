@@ -136,7 +136,7 @@ def test_plan_never_matches_root():
 
 
 def test_firewall_setting(monkeypatch, tmp_path):
-    assert load_egress_policy().firewall == "off"  # the repo default: the demo still runs
+    assert load_egress_policy().firewall == "auto"  # the repo default: closed where it can be
     assert _policy({"firewall": "required"}).firewall == "required"
     assert _policy({"firewall": False}).firewall == "off"
     with pytest.raises(ConfigError, match="firewall"):
@@ -148,6 +148,26 @@ def test_firewall_setting(monkeypatch, tmp_path):
     assert firewall.enforce(1001) is False and calls == []
     assert firewall.enforce(1001, _policy({"firewall": "required"})) is True
     assert calls and calls[0][0] == 1001
+
+
+def test_auto_is_required_as_root_with_nft_and_off_otherwise(monkeypatch):
+    auto = _policy({"firewall": "auto"})
+    calls = []
+    monkeypatch.setattr(firewall, "ensure_user", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(firewall.shutil, "which", lambda name: f"/usr/sbin/{name}")
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert firewall.effective(auto)[0] == "required"
+    assert firewall.enforce(1001, auto) is True and calls[-1][0] == 1001  # a server is filtered
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # the demo without root: still runs
+    mode, why = firewall.effective(auto)
+    assert mode == "off" and "not running as root" in why
+    assert firewall.enforce(1002, auto) is False and len(calls) == 1
+    assert "only the kernel's audit hook" in firewall.prepare_host(auto)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(firewall.shutil, "which", lambda name: None)  # no nftables
+    mode, why = firewall.effective(auto)
+    assert mode == "off" and "nft is not installed" in why
+    assert firewall.effective(_policy({"firewall": "required"}))[0] == "required"
 
 
 def test_apply_and_check_need_root(monkeypatch):
