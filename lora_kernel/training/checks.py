@@ -140,6 +140,8 @@ def _cuda_free_bytes() -> int | None:
 def _check_image_dataset(cfg: TrainConfig, file: str) -> None:
     from lora_kernel.training.data import (
         ImageTooLarge,
+        animated_message,
+        frame_count,
         image_layout,
         is_inside,
         kohya_entries,
@@ -202,7 +204,7 @@ def _check_image_dataset(cfg: TrainConfig, file: str) -> None:
                               file=file, key="metadata_path")
         try:  # reads the header only: cheap, and catches truncated or non-image files
             with open_image(img, cfg.max_image_pixels) as im:
-                size = im.size
+                size, frames = im.size, frame_count(im)
                 im.verify()
         except (ImageTooLarge, Image.DecompressionBombError) as exc:
             raise ConfigError(f"{where} names {name!r}: "
@@ -214,6 +216,9 @@ def _check_image_dataset(cfg: TrainConfig, file: str) -> None:
             raise ConfigError(f"{where} names {name!r}, which is "
                               f"not a readable image ({exc}); fix: re-export it as PNG/JPEG or "
                               f"remove the row", file=file, key="metadata_path") from None
+        if frames > 1:
+            raise ConfigError(animated_message(where, name, frames), file=file,
+                              key="metadata_path")
         if not caption.strip():
             warnings.append(f"{where}: the caption of {name!r} is empty (it "
                             f"trains unconditioned)")

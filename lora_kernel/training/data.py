@@ -64,6 +64,46 @@ def open_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = old
 
 
+def frame_count(im: Image.Image) -> int:
+    """How many frames ``im`` holds (an animated GIF, WebP or APNG: more than one)."""
+    return int(getattr(im, "n_frames", 1) or 1)
+
+
+def animated_message(where: str, name: str, frames: int) -> str:
+    """The refusal of an animated image (one clear message for the validator and loaders)."""
+    return (f"{where} names {name!r}, an animated image of {frames} frames: training would "
+            f"silently use its first frame only; fix: save the frame(s) you want as separate "
+            f"PNG images and list those")
+
+
+def rgb_image(im: Image.Image) -> Image.Image:
+    """``im`` as 8-bit RGB, converted faithfully: 16-bit and 32-bit integer images (``I;16``,
+    ``I``: 16-bit PNG and TIFF) are scaled to 8 bits instead of clipped (PIL's
+    ``convert("RGB")`` turns a 16-bit gradient all white), float images (``F``) by their
+    range; a palette image with transparency goes through RGBA. Other modes as PIL converts."""
+    import numpy as np
+
+    if im.mode in ("RGB",):
+        return im
+    if im.mode.startswith("I;16") or im.mode == "I":
+        arr = np.asarray(im, dtype=np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) <= 65535 \
+            else float(arr.max())
+        gray = np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if im.mode == "F":
+        arr = np.asarray(im, dtype=np.float64)
+        lo, hi = float(arr.min(initial=0.0)), float(arr.max(initial=0.0))
+        if lo >= 0.0 and hi <= 1.0:
+            lo, hi = 0.0, 1.0  # already a [0, 1] image
+        span = (hi - lo) or 1.0
+        gray = np.clip(np.rint((arr - lo) * (255.0 / span)), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if im.mode == "P" and "transparency" in im.info:
+        return im.convert("RGBA").convert("RGB")
+    return im.convert("RGB")
+
+
 def read_dataset_text(path: str | os.PathLike, *, source: str | None = None,
                       key: str = "metadata_path") -> str:
     """The text of a dataset file (UTF-8; a leading BOM dropped; line ends kept as written).

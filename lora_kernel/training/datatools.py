@@ -30,6 +30,7 @@ from lora_kernel.training.data import (
     kohya_entries,
     metadata_rows,
     open_image,
+    rgb_image,
 )
 
 DEFAULT_MIN_SIZE = 256  # short side, pixels: below it SD-1.x training upsamples a lot
@@ -439,7 +440,7 @@ def contact_sheet(folder: str | os.PathLike, out: str | os.PathLike, *, columns:
         x, y = (i % cols) * cell_w + SHEET_PAD, (i // cols) * cell_h + SHEET_PAD
         try:
             with open_image(img) as im:
-                t = im.convert("RGB")
+                t = rgb_image(im)
                 t.thumbnail((thumb, thumb))
             sheet.paste(t, (x + (thumb - t.width) // 2, y + (thumb - t.height) // 2))
         except (OSError, SyntaxError, ValueError, ImageTooLarge):

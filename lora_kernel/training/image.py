@@ -23,7 +23,15 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from lora_kernel.training.data import MAX_IMAGE_PIXELS, open_image, read_image_rows
+from lora_kernel.common.errors import ConfigError
+from lora_kernel.training.data import (
+    MAX_IMAGE_PIXELS,
+    animated_message,
+    frame_count,
+    open_image,
+    read_image_rows,
+    rgb_image,
+)
 from lora_kernel.training.loop import seed_everything
 
 logger = logging.getLogger(__name__)
@@ -59,7 +67,10 @@ def prepare_image(path: Path, target: tuple[int, int], *, center: bool,
     """Load, resize to cover ``target`` (w, h), crop, and scale to [-1, 1] (C, H, W).
     An image of more than ``max_pixels`` pixels is refused from its header (ImageTooLarge)."""
     with open_image(path, max_pixels) as im:
-        im = im.convert("RGB")
+        if frame_count(im) > 1:
+            raise ConfigError(animated_message("the dataset", path.name, frame_count(im)),
+                              file=path, key="train_data_dir")
+        im = rgb_image(im)
         tw, th = target
         scale = max(tw / im.width, th / im.height)
         new = (max(tw, round(im.width * scale)), max(th, round(im.height * scale)))

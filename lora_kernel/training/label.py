@@ -30,6 +30,7 @@ from lora_kernel.training.data import (
     kohya_entries,
     open_image,
     read_csv_rows,
+    rgb_image,
 )
 
 logger = logging.getLogger(__name__)
@@ -330,7 +331,7 @@ def label_folder(folder: str | os.PathLike, model: str | os.PathLike, *,
             for img, rel in todo[start:start + batch_size]:
                 try:
                     with open_image(img) as im:
-                        pics.append(im.convert("RGB"))
+                        pics.append(rgb_image(im))
                     batch.append(rel)
                 except (OSError, SyntaxError, ValueError, ConfigError) as exc:
                     result.failed.append((rel, str(exc)))
@@ -438,7 +439,7 @@ def caption_editor(folder: str | os.PathLike, fmt: str = "csv", *, limit: int = 
     for rel in list(captions)[:limit]:
         buf = io.BytesIO()
         with open_image(data / rel) as im:
-            t = im.convert("RGB")
+            t = rgb_image(im)
             t.thumbnail((96, 96))
             t.save(buf, format="PNG")
         areas[rel] = w.Textarea(value=captions[rel], layout=w.Layout(width="480px"))

@@ -85,6 +85,17 @@ def _bomb(c: Case) -> list:
     return ["config", c.config(train_data_dir=str(data), metadata_path=str(meta))]
 
 
+def _animated(c: Case) -> list:
+    from PIL import Image
+
+    data = _image_data(c)
+    frames = [Image.new("RGB", (64, 64), col) for col in ((255, 0, 255), (0, 0, 0))]
+    frames[0].save(data / "blink.gif", save_all=True, append_images=frames[1:], duration=80)
+    meta = data / "metadata.csv"
+    meta.write_text(meta.read_text() + "blink.gif,a blinking square in enclave style\n")
+    return ["config", c.config(train_data_dir=str(data), metadata_path=str(meta))]
+
+
 def _duplicate_key(c: Case) -> list:
     path = c.config(lora_rank=4)
     path.write_text(path.read_text() + "lora_rank: 16\n")
@@ -103,6 +114,7 @@ CASES: dict[str, Callable[[Case], list]] = {
     "captions CSV is not UTF-8": _csv_not_utf8,
     "captions CSV row has no image file name": _csv_row_without_file,
     "an image's header exceeds `max_image_pixels` (decompression bomb)": _bomb,
+    "a dataset image is animated (GIF, WebP or APNG with several frames)": _animated,
     "a `.json` array given as a `.jsonl` dataset": _json_array,
     "a `.jsonl` dataset is not UTF-8": _jsonl_not_utf8,
     "a `.jsonl` line is not a JSON object": _jsonl_not_object,

@@ -82,3 +82,49 @@ def test_cache_key_changes_with_what_changes_latents(mixed_dataset):
     assert key != cache_key(cfg, "ds-a", "n" * 64)
     assert key != cache_key(load_config(mixed_dataset, {"resolution": 64}), "ds-a", "m" * 64)
     assert key != cache_key(load_config(mixed_dataset, {"random_flip": True}), "ds-a", "m" * 64)
+
+
+def test_a_16_bit_gradient_stays_a_gradient(tmp_path):
+    """PIL's convert("RGB") clips a 16-bit image (mode I;16) to white; prepare_image scales it:
+    the gradient keeps its order and spans the 8-bit range. An 8-bit image is unchanged."""
+    import random
+
+    import numpy as np
+
+    from lora_kernel.training.data import rgb_image
+    from lora_kernel.training.image import prepare_image
+
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))
+    path = tmp_path / "ramp16.png"
+    Image.fromarray(ramp).save(path)  # a 16-bit grayscale PNG
+    with Image.open(path) as im:
+        assert im.mode.startswith("I")
+        clipped = np.asarray(im.convert("RGB"))[..., 0]
+        assert (clipped[:, 8:] == 255).all()  # what PIL alone does: all white
+        faithful = np.asarray(rgb_image(im))[..., 0]
+    row = faithful[0].astype(int)
+    assert row[0] == 0 and row[-1] == 255 and (np.diff(row) >= 0).all()
+    assert len(set(row.tolist())) > 50  # still a gradient, not two levels
+    x = prepare_image(path, (64, 64), center=True, rng=random.Random(0))
+    assert float(x[0, 0, 0]) == pytest.approx(-1.0) and float(x[0, 0, -1]) == pytest.approx(1.0)
+    eight = tmp_path / "ramp8.png"
+    Image.fromarray((ramp // 257).astype(np.uint8)).convert("RGB").save(eight)
+    with Image.open(eight) as im:
+        assert (np.asarray(rgb_image(im)) == np.asarray(im.convert("RGB"))).all()
+
+
+def test_an_animated_image_is_refused_naming_the_file_and_a_still_one_trains(tmp_path):
+    import random
+
+    from lora_kernel.common.errors import ConfigError
+    from lora_kernel.training.image import prepare_image
+
+    frames = [Image.new("RGB", (32, 32), c) for c in ((255, 0, 0), (0, 0, 255))]
+    gif = tmp_path / "blink.gif"
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    with pytest.raises(ConfigError, match="animated image of 2 frames") as err:
+        prepare_image(gif, (32, 32), center=True, rng=random.Random(0))
+    assert "blink.gif" in str(err.value) and "fix:" in str(err.value)
+    still = tmp_path / "still.gif"
+    frames[0].save(still)
+    assert prepare_image(still, (32, 32), center=True, rng=random.Random(0)).shape == (3, 32, 32)
