@@ -140,8 +140,8 @@ def run_training(cfg: TrainConfig, *, home: str | os.PathLike | None = None,
     ``resume`` (the notebook's ``resume_from``, set by ``lora run --resume RUN``) is the
     checkpoint folder to continue from; empty starts afresh. Errors propagate: the cell fails,
     visibly."""
-    from lora_kernel.training.train import train
-    with _training_notes_in_cell():
+    from lora_kernel.training.train import output_dir_lock, train
+    with _training_notes_in_cell(), output_dir_lock(cfg.output_dir, source=cfg.source):
         if resume:
             print(f"resuming from {resume}")
         return train(cfg, progress=True, home=home, resume=str(resume) if resume else None)

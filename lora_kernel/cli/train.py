@@ -18,9 +18,16 @@ def print_dataset_warnings(cfg) -> None:
 
 def cmd_train(args) -> int:
     """Validate the config, train, print where the adapter went."""
-    from lora_kernel.training.train import prepare_output_dir, train
+    from lora_kernel.training.train import output_dir_lock
     cfg = load_config(args.config, parse_overrides(args.param))
     print_dataset_warnings(cfg)
+    with output_dir_lock(cfg.output_dir, source=cfg.source):
+        return _train_locked(cfg, args)
+
+
+def _train_locked(cfg, args) -> int:
+    """:func:`cmd_train` while it holds ``output_dir``."""
+    from lora_kernel.training.train import prepare_output_dir, train
     resume = args.resume if args.resume not in (None, "latest") else (
         True if args.resume == "latest" else None)
     prepare_output_dir(cfg, resume=bool(resume), overwrite=args.overwrite)

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -129,6 +131,41 @@ def prepare_output_dir(cfg, *, resume: bool = False, overwrite: bool = False) ->
             shutil.rmtree(item)
         else:
             item.unlink()
+
+
+LOCK_NAME = ".lora-train.lock"
+
+
+@contextmanager
+def output_dir_lock(output_dir: str | Path, *, source: str | None = None) -> Iterator[None]:
+    """Hold ``output_dir`` for one training: a second ``lora train`` (or notebook) on the same
+    folder is refused with a :class:`ConfigError` naming the holder (pid, user, host, since)
+    instead of both writing their checkpoints, adapters and summaries into it. The lock is an
+    ``flock`` on ``<output_dir>/.lora-train.lock``: the kernel releases it when the holder
+    ends, however it ends (kill -9 included)."""
+    import fcntl
+    import getpass
+    import socket
+
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another process"
+            raise ConfigError(f"output_dir {out} is in use by a training still running "
+                              f"({holder}); fix: wait for it to end, or use another "
+                              f"output_dir", file=source, key="output_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (f"pid {os.getpid()}, user {getpass.getuser()}, host "
+                       f"{socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                       ).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def pick_device() -> torch.device:

@@ -53,6 +53,27 @@ def _output_under_file(c: Case) -> list:
     return ["config", c.config(output_dir=str(c.tmp / "a-file" / "out"))]
 
 
+_HELD: list = []  # the lock of a "running" training, held by this process for the case
+
+
+def _output_in_use(c: Case) -> list:
+    import fcntl
+
+    from lora_kernel.training.train import LOCK_NAME
+
+    while _HELD:
+        _HELD.pop().close()
+    out = c.tmp / "out"
+    out.mkdir()
+    fh = open(out / LOCK_NAME, "w")  # noqa: SIM115 - held past this function, on purpose
+    fcntl.flock(fh, fcntl.LOCK_EX)
+    fh.write("pid 4242, user alice, host gpu1, since 2026-12-07 10:00:00")
+    fh.flush()
+    _HELD.append(fh)
+    return ["train", "--config", c.config(output_dir=str(out), max_train_steps=1),
+            "--no-samples", "--quiet", "--home", c.tmp / "home"]
+
+
 def _bad_targets(c: Case) -> list:
     return ["train", "--config", c.config(target_modules=["to_qq"], max_train_steps=1),
             "--no-samples", "--quiet", "--home", c.tmp / "home"]
@@ -70,6 +91,7 @@ CASES: dict[str, Callable[[Case], list]] = {
         lambda c: ["config", _text_config(c, base_model=str(c.demo / "models" / "tiny-sd"))],
     "`target_modules` names no module": _bad_targets,
     "`output_dir` is under a file": _output_under_file,
+    "`output_dir` is in use by another `lora train` still running": _output_in_use,
     "`resolution` needs more memory than the machine has":
         lambda c: ["config", c.config(resolution=16384)],
 }

@@ -290,3 +290,30 @@ def test_papermill_directly_with_a_json_overrides_string(demo_home, tmp_path, ke
     first = [c for c in executed.cells if c.cell_type == "code"][2].outputs[0]
     assert first["name"] == "stderr" and first["text"].startswith("NOT RECORDED")
     assert f"lora run --config {cfg} -p learning_rate 0.002" in first["text"]
+
+
+def test_a_second_training_on_one_output_dir_is_refused_naming_the_holder(tmp_path):
+    """Two trainings on one output_dir would mix checkpoints, adapters and summaries; the
+    second is refused while the first holds the folder, and takes it once it is free."""
+
+    from lora_kernel.common.errors import ConfigError
+    from lora_kernel.training.train import output_dir_lock
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom lora_kernel.training.train import "
+         "output_dir_lock\nwith output_dir_lock(sys.argv[1]):\n print('held', flush=True)\n"
+         " time.sleep(60)\n", str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match="in use by a training still running") as err:
+            with output_dir_lock(out, source="my.yaml"):
+                pass
+        assert f"pid {holder.pid}" in str(err.value) and "my.yaml" in str(err.value)
+    finally:
+        holder.kill()
+        holder.wait()
+    with output_dir_lock(out):  # the holder is gone (killed): the folder is free again
+        with pytest.raises(ConfigError):  # and held by us now, even from this process
+            with output_dir_lock(out):
+                pass
