@@ -11,6 +11,7 @@
 #   iproute2           ip netns / veth (firewall tests)
 #   curl, iputils-ping child-process and ICMP cases of the firewall tests
 #   passwd             useradd/usermod/groupadd: system users when the hub or tests run as root
+#   fonts-droid-fallback  a CJK-capable font for captions drawn in contact sheets and sample grids
 set -euo pipefail
 need=()
 /usr/bin/python3.11 -c "import venv, ensurepip" 2>/dev/null || need+=(python3.11-venv)
@@ -23,6 +24,7 @@ command -v ip >/dev/null || need+=(iproute2)
 command -v curl >/dev/null || need+=(curl)
 command -v ping >/dev/null || need+=(iputils-ping)
 command -v useradd >/dev/null || need+=(passwd)
+[ -f /usr/share/fonts/truetype/droid/DroidSansFallbackFull.ttf ] || need+=(fonts-droid-fallback)
 if [ "${#need[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"

@@ -80,11 +80,10 @@ def rgb_image(im: Image.Image) -> Image.Image:
     """``im`` as 8-bit RGB, converted faithfully: 16-bit and 32-bit integer images (``I;16``,
     ``I``: 16-bit PNG and TIFF) are scaled to 8 bits instead of clipped (PIL's
     ``convert("RGB")`` turns a 16-bit gradient all white), float images (``F``) by their
-    range; a palette image with transparency goes through RGBA. Other modes as PIL converts."""
+    range; a palette image with transparency goes through RGBA. Other modes as PIL converts.
+    Always a new, loaded image (usable after ``im``'s file is closed)."""
     import numpy as np
 
-    if im.mode in ("RGB",):
-        return im
     if im.mode.startswith("I;16") or im.mode == "I":
         arr = np.asarray(im, dtype=np.float64)
         top = 65535.0 if im.mode.startswith("I;16") or arr.max(initial=0) <= 65535 \

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -420,11 +419,28 @@ def sheet_size(n: int, columns: int, thumb: int = SHEET_THUMB) -> tuple[int, int
                                                   + SHEET_CAPTION_LINES * SHEET_LINE)
 
 
+def _wrap(text: str, font, width: int) -> list[str]:
+    """``text`` in lines no wider than ``width`` pixels in ``font``: broken at spaces where
+    there are any, else between characters (Chinese and Japanese captions have no spaces)."""
+    lines: list[str] = []
+    line = ""
+    for token in (text.split(" ") if " " in text.strip() else list(text)):
+        joined = f"{line} {token}" if line and " " in text.strip() else line + token
+        if line and font.getlength(joined) > width:
+            lines.append(line)
+            line = token
+        else:
+            line = joined
+    return [*lines, line] if line else lines
+
+
 def contact_sheet(folder: str | os.PathLike, out: str | os.PathLike, *, columns: int = 6,
                   thumb: int = SHEET_THUMB, limit: int = 200) -> Path:
     """Write a PNG contact sheet of the dataset: thumbnails (aspect kept) with their captions
     under them (wrapped, at most 3 lines), at most ``limit`` images. Returns ``out``."""
-    from PIL import ImageDraw, ImageFont
+    from PIL import ImageDraw
+
+    from lora_kernel.training.fonts import caption_font
 
     entries = sheet_entries(folder)[:limit]
     if not entries:
@@ -434,8 +450,7 @@ def contact_sheet(folder: str | os.PathLike, out: str | os.PathLike, *, columns:
     cell_w, cell_h = w // cols, thumb + 2 * SHEET_PAD + SHEET_CAPTION_LINES * SHEET_LINE
     sheet = Image.new("RGB", (w, h), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default()
-    chars = max(8, thumb // 6)
+    font = caption_font(SHEET_LINE - 2)  # CJK captions too (Debian's fonts, not fetched)
     for i, (img, caption) in enumerate(entries):
         x, y = (i % cols) * cell_w + SHEET_PAD, (i // cols) * cell_h + SHEET_PAD
         try:
@@ -446,7 +461,7 @@ def contact_sheet(folder: str | os.PathLike, out: str | os.PathLike, *, columns:
         except (OSError, SyntaxError, ValueError, ImageTooLarge):
             draw.rectangle([x, y, x + thumb - 1, y + thumb - 1], outline=(200, 0, 0))
             draw.text((x + 4, y + 4), "unreadable", fill=(200, 0, 0), font=font)
-        lines = textwrap.wrap(caption, chars)[:SHEET_CAPTION_LINES] or [""]
+        lines = _wrap(caption, font, thumb)[:SHEET_CAPTION_LINES] or [""]
         for k, line in enumerate(lines):
             draw.text((x, y + thumb + 2 + k * SHEET_LINE), line, fill=(0, 0, 0), font=font)
     out = Path(out)

@@ -231,3 +231,30 @@ def test_sheet_is_a_png_of_the_expected_size(clean, tmp_path, capsys):
     path = contact_sheet(clean, tmp_path / "one.png", columns=10, thumb=64)
     with Image.open(path) as im:
         assert im.size == sheet_size(6, 10, 64)
+
+
+def test_sheet_draws_chinese_captions_not_boxes(tmp_path):
+    """Two images, same colour, captions differing in one Chinese character: with a CJK font
+    the caption strips differ (each character drawn); PIL's bitmap font draws both as the same
+    boxes. The Latin caption of a third image is drawn too (ink below its thumbnail)."""
+    import numpy as np
+    from osdeps import missing
+
+    from lora_kernel.training.datatools import SHEET_PAD
+    from lora_kernel.training.fonts import cjk_font_file
+
+    if cjk_font_file() is None:
+        missing("a CJK font (Debian's fonts-droid-fallback)")
+    data = tmp_path / "cjk"
+    data.mkdir()
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (64, 64), (200, 40, 120)).save(data / f"{name}.png")
+    (data / "metadata.csv").write_text(
+        "file_name,text\na.png,一只猫在草地上\nb.png,一只狗在草地上\nc.png,a cat on grass\n",
+        encoding="utf-8")
+    sheet = np.asarray(Image.open(contact_sheet(data, tmp_path / "s.png", columns=3,
+                                                thumb=64)).convert("L"))
+    cell_w = sheet.shape[1] // 3
+    strip = [sheet[SHEET_PAD + 64 + 2:, i * cell_w:(i + 1) * cell_w] for i in range(3)]
+    assert all((s < 128).sum() > 20 for s in strip)  # every caption left ink
+    assert (strip[0] != strip[1]).sum() > 10  # 猫 and 狗 are different glyphs, not two boxes
