@@ -11,6 +11,7 @@ Checkpoints are pickle-free: tensors in ``.safetensors``, everything else in JSO
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -208,8 +209,34 @@ def save_checkpoint(path: Path, *, step: int, epoch: int, batch_in_epoch: int,
                     named: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
                     scheduler, generator: torch.Generator, config: dict,
                     result: LoopResult) -> Path:
-    """Write a resumable checkpoint folder atomically (``path`` appears complete or not at all)."""
+    """Write a resumable checkpoint folder atomically (``path`` appears complete or not at all).
+
+    A full disk (or quota) is a :class:`ConfigError` naming the folder and the last complete
+    checkpoint, and the half-written ``.partial`` folder is removed, as on any other failure."""
     tmp = path.with_name(path.name + ".partial")
+    try:
+        return _write_checkpoint(tmp, path, step=step, epoch=epoch,
+                                 batch_in_epoch=batch_in_epoch, named=named,
+                                 optimizer=optimizer, scheduler=scheduler,
+                                 generator=generator, config=config, result=result)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            last = latest_checkpoint(path.parent.parent)
+            raise ConfigError(
+                f"no space left to write checkpoint {path.name} ({exc.strerror}); nothing "
+                f"half-written was kept; the last complete checkpoint is "
+                f"{last.name if last else 'none'}; fix: free space on that disk (or set "
+                f"output_dir on another one), then lora train --resume",
+                file=str(path.parent.parent), key="output_dir") from None
+        raise
+
+
+def _write_checkpoint(tmp: Path, path: Path, *, step: int, epoch: int, batch_in_epoch: int,
+                      named: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                      scheduler, generator: torch.Generator, config: dict,
+                      result: LoopResult) -> Path:
+    """:func:`save_checkpoint`'s writing: everything into ``tmp``, then renamed to ``path``."""
     tmp.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in named.items()},
               str(tmp / "adapter_state.safetensors"))

@@ -128,3 +128,39 @@ def test_resume_after_the_last_step_says_there_is_nothing_to_resume(demo_home, t
     with pytest.raises(ConfigError, match="nothing to resume.*step 8 of 8.*raise max_train_steps"):
         _train(demo_home, tmp_path, resume=True, save_steps=4)
     assert _train(demo_home, tmp_path, resume=True, save_steps=4, max_train_steps=9).steps == 9
+
+
+def test_a_full_disk_at_a_checkpoint_is_a_clear_error_and_leaves_no_partial(
+        demo_home, tmp_path, monkeypatch):
+    """ENOSPC while a checkpoint is written: a ConfigError naming output_dir and the last
+    complete checkpoint (resume from it), and no ``.partial`` folder; the checkpoint before the
+    disk filled is intact and resumes."""
+    import errno
+
+    from lora_kernel.training import loop
+
+    real = loop.save_file
+    written = []
+
+    def filling(tensors, path, *a, **k):
+        if len(written) >= 3:  # the first checkpoint fits (3 files), the second does not
+            real(tensors, path, *a, **k)  # the bytes land, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        written.append(path)
+        return real(tensors, path, *a, **k)
+
+    monkeypatch.setattr(loop, "save_file", filling)
+    out = tmp_path / "out"
+    cfg = load_config(demo_home / "demo" / "image_lora.yaml",
+                      {**RANDOM_EVERYTHING, "max_train_steps": 4, "save_steps": 2,
+                       "output_dir": str(out)})
+    with pytest.raises(ConfigError, match="no space left") as err:
+        train(cfg, progress=False, home=demo_home, samples=False, log=lambda m: None)
+    assert "checkpoint-2" in str(err.value) and str(out) in str(err.value)
+    assert "lora train --resume" in str(err.value)
+    assert not list(out.rglob("*.partial"))
+    assert latest_checkpoint(out).name == "checkpoint-2"
+    monkeypatch.setattr(loop, "save_file", real)  # space again: the run resumes and ends
+    res = train(cfg, progress=False, home=demo_home, samples=False, log=lambda m: None,
+                resume=True)
+    assert res.steps == 4 and res.resumed_from
