@@ -369,7 +369,7 @@ class Studio:
         TrainConfig, or None."""
         from html import escape
 
-        from lora_kernel.training.config import validate_config
+        from lora_kernel.training.checks import validate_config
 
         for label in self.errors.values():
             label.value = ""

@@ -16,7 +16,7 @@ here, as the service account; only the user's steps move into the cluster::
       │    sha256), exit.json, executor.log, evidence.tar — never through a link, only
       │    regular files, size-capped (lora_kernel.trusted.evidence.open_untrusted); the
       │    tar extracted with the runner's own rules; success only from the Job's condition
-      └─ manifest, seal, ledger entry (lora_kernel.trusted.runner.seal_run); delete the Job
+      └─ manifest, seal, ledger entry (lora_kernel.trusted.runseal.seal_run); delete the Job
 
 Inputs refused by the pin step (an invalid config, an unsafe model) end the submission with
 that error and no record, as ``lora run`` does; a Job that ends before its inputs were pinned
@@ -44,7 +44,8 @@ from lora_kernel.common.paths import runs_dir
 from lora_kernel.common.timeutil import iso_time
 from lora_kernel.trusted.evidence import open_untrusted, read_untrusted
 from lora_kernel.trusted.jobstep import ACK
-from lora_kernel.trusted.runner import ActiveRun, RunContext, RunRecord, new_run_id, seal_run
+from lora_kernel.trusted.runner import new_run_id
+from lora_kernel.trusted.runseal import ActiveRun, RunContext, RunRecord, seal_run, stale_runs
 
 from ..k8s_backend import (
     K8sSettings,
@@ -400,7 +401,6 @@ def recover(state: str, ctx: RunContext, *, api: Any, core: Any,
     those runs as failed from what their output folders hold
     (:func:`lora_kernel.trusted.recovery.recover`)."""
     from lora_kernel.trusted.recovery import recover as seal_stale
-    from lora_kernel.trusted.recovery import stale_runs
 
     for run in stale_runs(state):
         extra = run.get("extra") or {}

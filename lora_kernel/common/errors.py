@@ -83,7 +83,7 @@ class PolicyRefusal(LoraError, PermissionError):
 class RunFailed(LoraError):
     """A training run failed; its record (marked failed) was written before this was raised.
 
-    ``record`` is the :class:`lora_kernel.trusted.runner.RunRecord` of the failed run (set by
+    ``record`` is the :class:`lora_kernel.trusted.runseal.RunRecord` of the failed run (set by
     the runner).
     """
 

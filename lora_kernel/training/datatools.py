@@ -43,7 +43,7 @@ EXIF_ORIENTATION = 0x0112
 def folder_config(folder: str | os.PathLike):
     """A :class:`TrainConfig` training on ``folder`` with default keys (image when the folder
     holds images or a metadata file, else text), paths not checked."""
-    from lora_kernel.training.config import validate_config
+    from lora_kernel.training.checks import validate_config
 
     data = Path(folder).resolve()
     if not data.is_dir():

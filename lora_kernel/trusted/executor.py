@@ -181,7 +181,7 @@ def _make_folders(path: Path) -> list[Path]:
 def _pin_training(params: dict[str, Any], work: Path,
                   known: dict[str, str] | None = None) -> dict[str, Any]:
     from lora_kernel.common.digests import sha256_file
-    from lora_kernel.training.config import load_config
+    from lora_kernel.training.checks import load_config
     from lora_kernel.training.data import dataset_digests, dataset_version
 
     overrides = params.get("overrides") or {}

@@ -11,17 +11,15 @@ Run by ``lora audit recover``, at the start of every ``lora run`` and of ``verif
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from lora_kernel.common.errors import RunFailed
 from lora_kernel.common.paths import runs_dir
 from lora_kernel.common.timeutil import iso_time, parse_time, utc_now
-from lora_kernel.trusted.runner import RunContext, RunRecord, seal_run
+from lora_kernel.trusted.runseal import RunContext, RunRecord, seal_run, stale_runs, try_lock
 from lora_kernel.trusted.supervisor import RunAs, kill_run_processes
 
 
@@ -31,30 +29,6 @@ class Leftover:
 
     path: Path
     what: str
-
-
-def _try_lock(path: Path) -> int | None:
-    """An fd holding the exclusive lock on ``path``, or None when a live runner holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def stale_runs(state: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
-    """Descriptions of active runs whose runner is gone (their lock is free)."""
-    active = runs_dir(state) / ".active"
-    out = []
-    for desc in sorted(active.glob("*.json")) if active.is_dir() else []:
-        fd = _try_lock(active / f"{desc.stem}.lock")
-        if fd is None:
-            continue
-        os.close(fd)
-        out.append(json.loads(desc.read_text(encoding="utf-8")))
-    return out
 
 
 def recover(*, state: str | os.PathLike[str] | None = None,
@@ -70,7 +44,7 @@ def recover(*, state: str | os.PathLike[str] | None = None,
     for run in stale_runs(state):
         run_id = run["run_id"]
         lock = active / f"{run_id}.lock"
-        fd = _try_lock(lock)
+        fd = try_lock(lock)
         if fd is None:  # a live runner took it meanwhile
             continue
         try:
