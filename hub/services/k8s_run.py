@@ -39,8 +39,9 @@ from pathlib import Path
 from typing import Any
 
 from lora_kernel.common.digests import sha256_bytes
-from lora_kernel.common.errors import ConfigError, LoraError, RunFailed, UnsafeModelError
+from lora_kernel.common.errors import ConfigError, LoraError, RunFailed, error_from_answer
 from lora_kernel.common.paths import runs_dir
+from lora_kernel.common.runspec import PinnedInputs, RunActor, RunDescription, RunUser
 from lora_kernel.common.timeutil import iso_time
 from lora_kernel.trusted.evidence import open_untrusted, read_untrusted
 from lora_kernel.trusted.jobstep import ACK
@@ -66,8 +67,6 @@ SMALL_LIMIT = 1 << 20        # exit.json
 LOG_LIMIT = 16 << 20         # the tail of executor.log kept in the record
 API_RETRIES = 8              # consecutive transient API failures tolerated while polling
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-# What a record of a run whose pin answer cannot be believed says about its inputs.
-UNPINNED = {"kind": None, "notebook_sha256": ""}
 
 
 def load_apis() -> tuple[Any, Any]:
@@ -118,53 +117,29 @@ def _read_json(path: Path, limit: int) -> tuple[dict[str, Any] | None, bytes | N
     return (obj if isinstance(obj, dict) else None), data
 
 
-def _str_map(value: Any) -> bool:
-    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str)
-                                           for k, v in value.items())
+def pin_answer(doc: dict[str, Any]) -> tuple[PinnedInputs, dict[str, Any]]:
+    """The pin step's answer and the parameters from a Job's ``pinned.json``, typed
+    (:meth:`PinnedInputs.from_untrusted`: the pod is the user's, its word is recorded as the
+    user's, as the local pin child's is); :class:`LoraError` naming the field when malformed.
+    No resume on Kubernetes: a resume point is dropped."""
+    params = doc.get("parameters")
+    if not isinstance(doc.get("pinned"), dict) or not isinstance(params, dict):
+        raise LoraError("pinned.json has no pinned inputs and parameters")
+    return PinnedInputs.from_untrusted(doc["pinned"], where="pinned.json", resume=False), params
 
 
 def check_pinned(doc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The pin step's answer and the parameters from a Job's ``pinned.json``, checked for the
-    shape the sealing needs (the pod is the user's: its word is recorded as the user's, as
-    the local pin child's is); :class:`LoraError` when malformed."""
-    pinned, params = doc.get("pinned"), doc.get("parameters")
-    if not isinstance(pinned, dict) or not isinstance(params, dict):
-        raise LoraError("pinned.json has no pinned inputs and parameters")
-    if not isinstance(pinned.get("notebook_sha256"), str) \
-            or not _SHA256.match(pinned["notebook_sha256"]):
-        raise LoraError("pinned.json: notebook_sha256 is not a sha256")
-    if pinned.get("kind") not in ("notebook", "training") \
-            or not isinstance(pinned.get("declared"), list) \
-            or not isinstance(pinned.get("notebook"), str):
-        raise LoraError("pinned.json: kind, notebook or declared parameters missing")
-    checks: list[tuple[str, Callable[[Any], bool]]] = [
-        ("seed", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool))),
-        ("config", lambda v: v is None or isinstance(v, dict)),
-        ("dataset_digests", lambda v: v is None or _str_map(v)),
-        ("dataset_version", lambda v: v is None or isinstance(v, str)),
-        ("base_model_sha256", lambda v: v is None or (isinstance(v, str)
-                                                      and bool(_SHA256.match(v))))]
-    if pinned["kind"] == "training":
-        checks += [(key, lambda v: v is not None)
-                   for key in ("config", "config_path", "config_sha256", "dataset_digests",
-                               "base_model_sha256", "overrides")]
-        checks += [("config_path", lambda v: isinstance(v, str)),
-                   ("config_sha256", lambda v: isinstance(v, str) and bool(_SHA256.match(v)))]
-    for key, ok in checks:
-        if not ok(pinned.get(key)):
-            raise LoraError(f"pinned.json: {key} is missing or of the wrong type")
-    pinned = {k: v for k, v in pinned.items() if k != "resume"}  # no resume on Kubernetes
-    return pinned, params
+    """:func:`pin_answer` as plain JSON (the pinned inputs the record keeps)."""
+    pinned, params = pin_answer(doc)
+    return pinned.to_dict(), params
 
 
 def _pin_error(doc: dict[str, Any]) -> LoraError | None:
     err = doc.get("error")
     if not isinstance(err, dict):
         return None
-    code = err.get("exit_code")
-    cls = {2: ConfigError, 3: UnsafeModelError}.get(code if isinstance(code, int) else 1,
-                                                    LoraError)
-    return cls(f"the run's inputs were refused in the Job: {str(err.get('message'))[:2000]}")
+    return error_from_answer(err, prefix="the run's inputs were refused in the Job: ",
+                             limit=2000)
 
 
 class Watch:
@@ -285,17 +260,17 @@ def execute(queue: RunQueue, sub: Submission, ctx: RunContext, state: str,
     with ctx.privileges.elevated():
         queue.set_run_id(sub.id, run_id)
     uid = int(job.spec.template.spec.security_context.run_as_user)
-    run: dict[str, Any] = {
-        "run_id": run_id, "notebook": spec.get("notebook") or spec.get("config"),
-        "parameters": spec.get("parameters") or {"config_path": spec.get("config"),
-                                                 "overrides": spec.get("overrides")},
-        "home": spec["home"], "work": str(out / "work"), "started": iso_time(),
-        "actor": {"name": ctx.actor.name, "uid": ctx.actor.uid, "source": ctx.actor.source},
-        "run_as": {"uid": uid, "name": sub.user},
-        "pinned": dict(UNPINNED),  # until the pod answers (a recovery seals it so)
-        "backend": "kubernetes", "evidence": str(out / "evidence.tar"),
-        "extra": {"backend": "kubernetes", "job": name, "namespace": settings.namespace,
-                  "image": settings.image}}
+    run = RunDescription(
+        run_id=run_id, notebook=str(spec.get("notebook") or spec.get("config")),
+        parameters=spec.get("parameters") or {"config_path": spec.get("config"),
+                                              "overrides": spec.get("overrides")},
+        home=str(spec["home"]), work=str(out / "work"), started=iso_time(),
+        actor=RunActor(ctx.actor.name, ctx.actor.uid, ctx.actor.source),
+        run_as=RunUser(uid, sub.user),
+        pinned=None,  # until the pod answers (a recovery seals it so)
+        backend="kubernetes", evidence=str(out / "evidence.tar"),
+        extra={"backend": "kubernetes", "job": name, "namespace": settings.namespace,
+               "image": settings.image})
     watch = Watch(api, core, name, settings, out, POLL_S if poll_s is None else poll_s)
     with ActiveRun(runs_dir(state), run) as active:
         log.info("run %s: Job %s/%s for %s", run_id, settings.namespace, name, sub.user)
@@ -329,7 +304,8 @@ def execute(queue: RunQueue, sub: Submission, ctx: RunContext, state: str,
                 f"the Job {name} ended ({st['state']}{': ' + why if why else ''}) before "
                 "its inputs were pinned: nothing ran, nothing recorded; fix: kubectl -n "
                 f"{settings.namespace} describe job {name}")
-        pinned, params, pin_reason = dict(UNPINNED), run["parameters"], None
+        pinned: PinnedInputs | None = None
+        params, pin_reason = run.parameters, None
         if watch.ack is None:
             pin_reason = "the pin acknowledgement is missing from the pod's log"
         elif doc is None or data is None or sha256_bytes(data) != watch.ack:
@@ -337,11 +313,11 @@ def execute(queue: RunQueue, sub: Submission, ctx: RunContext, state: str,
                           "inputs were pinned; the record keeps none of it")
         else:
             try:
-                pinned, params = check_pinned(doc)
+                pinned, params = pin_answer(doc)
             except LoraError as exc:
                 pin_reason = f"the Job's pin answer was malformed ({exc})"
-        run.update(pinned=pinned, parameters=params,
-                   notebook=str(pinned.get("notebook") or run["notebook"]))
+        run.pinned, run.parameters = pinned, params
+        run.notebook = pinned.notebook if pinned is not None else run.notebook
         # Success is the Job's own word (the run step's exit code), never exit.json's.
         rc_doc, _ = _read_json(out / "exit.json", SMALL_LIMIT)
         told = (rc_doc or {}).get("rc")
@@ -371,7 +347,7 @@ def _delete_quietly(watch: Watch) -> None:
         log.exception("Job %s: could not delete it", watch.name)
 
 
-def _seal(run: dict[str, Any], staging: Path, rc: int | None, reason: str | None,
+def _seal(run: RunDescription, staging: Path, rc: int | None, reason: str | None,
           ctx: RunContext, state: str, t0: float, watch: Watch) -> RunRecord:
     """:func:`seal_run`; a failed run deletes its Job first. A value of the pod's that the
     sealing cannot take is sealed failed without the pin answer, never left unrecorded."""
@@ -384,11 +360,11 @@ def _seal(run: dict[str, Any], staging: Path, rc: int | None, reason: str | None
         _delete_quietly(watch)
         raise
     except (ValueError, TypeError, KeyError) as exc:
-        log.exception("run %s: sealing failed", run["run_id"])
+        log.exception("run %s: sealing failed", run.run_id)
         _delete_quietly(watch)
         for item in staging.iterdir():  # start again from an empty staging folder
             shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
-        run.update(pinned=dict(UNPINNED), evidence=str(staging / "none"))
+        run.pinned, run.evidence = None, str(staging / "none")
         return seal_run(run, staging, rc=rc, ctx=ctx, state=state, log=say,
                         reason=f"the Job's outputs could not be sealed ({exc})",
                         seconds=time.monotonic() - t0)
@@ -403,14 +379,14 @@ def recover(state: str, ctx: RunContext, *, api: Any, core: Any,
     from lora_kernel.trusted.recovery import recover as seal_stale
 
     for run in stale_runs(state):
-        extra = run.get("extra") or {}
-        if run.get("backend") == "kubernetes" and extra.get("job"):
+        extra = run.extra
+        if run.backend == "kubernetes" and extra.get("job"):
             job_settings = settings or K8sSettings()
             job_settings = K8sSettings(**{**job_settings.__dict__,
                                           "namespace": str(extra.get("namespace")
                                                            or job_settings.namespace)})
-            Watch(api, core, str(extra["job"]), job_settings, Path(run["work"]).parent,
+            Watch(api, core, str(extra["job"]), job_settings, Path(run.work).parent,
                   POLL_S).delete()
-            log.warning("run %s: deleted Job %s (its worker is gone)", run["run_id"],
+            log.warning("run %s: deleted Job %s (its worker is gone)", run.run_id,
                         extra["job"])
     return seal_stale(state=state, ctx=ctx)

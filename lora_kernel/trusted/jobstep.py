@@ -38,7 +38,8 @@ from typing import Any
 
 from lora_kernel.common.digests import sha256_bytes
 from lora_kernel.common.errors import LoraError
-from lora_kernel.trusted.executor import collect, pin, pinned_parameters, run
+from lora_kernel.common.runspec import pinned_parameters
+from lora_kernel.trusted.executor import collect, pin, run
 
 KERNEL_NAME = "lora"  # lora_kernel.trusted.runner.KERNEL_NAME
 # The line this step prints once the pin answer is written; the service believes only the

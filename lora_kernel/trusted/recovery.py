@@ -42,7 +42,7 @@ def recover(*, state: str | os.PathLike[str] | None = None,
         return []
     records = []
     for run in stale_runs(state):
-        run_id = run["run_id"]
+        run_id = run.run_id
         lock = active / f"{run_id}.lock"
         fd = try_lock(lock)
         if fd is None:  # a live runner took it meanwhile
@@ -51,16 +51,17 @@ def recover(*, state: str | os.PathLike[str] | None = None,
             # Whatever the dead runner left running (its executor, the kernel) may still write
             # into the staging folder (executor.log is their stderr): stop it before sealing.
             kill_run_processes(run_id, ctx.privileges)
-            staging = Path(run["staging"])
+            staging = Path(run.staging or active.parent / ".staging" / run_id)
             staging.mkdir(parents=True, exist_ok=True)
             # A Kubernetes run's evidence is a file on its output volume: nothing to run as
             # its user here (who may exist only in the cluster's uid mapping).
-            service = ctx.privileges.active and run["run_as"].get("name") \
-                and run.get("backend") != "kubernetes"
-            run_as = RunAs.for_user(run["run_as"]["name"]) if service else ctx.run_as
+            service = ctx.privileges.active and run.run_as.name \
+                and run.backend != "kubernetes"
+            run_as = RunAs.for_user(run.run_as.name) if service and run.run_as.name \
+                else ctx.run_as
             rctx = RunContext(actor=ctx.actor, run_as=run_as, privileges=ctx.privileges,
                               env=ctx.env)
-            since = utc_now() - parse_time(run["started"])
+            since = utc_now() - parse_time(run.started)
             reason = (f"the runner stopped before sealing (lora run killed, its terminal "
                       f"closed, or the machine restarted); recovered by {ctx.actor.name} at "
                       f"{iso_time()} after {since.total_seconds():.0f}s")

@@ -30,6 +30,7 @@ run's sealed record (its own state), the pin child finds the checkpoint in the o
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -46,15 +47,21 @@ from typing import IO, Any
 from lora_kernel.common.errors import (
     ConfigError,
     LoraError,
-    UnsafeModelError,
     VerificationError,
+    error_from_answer,
 )
 from lora_kernel.common.paths import lora_home, runs_dir
+from lora_kernel.common.runspec import (
+    PinnedInputs,
+    RunActor,
+    RunDescription,
+    RunUser,
+    pinned_parameters,
+)
 from lora_kernel.common.timeutil import iso_time, utc_now
 from lora_kernel.common.yamlio import load_yaml
 from lora_kernel.provenance.records import load_manifest
 from lora_kernel.trusted import hashcache
-from lora_kernel.trusted.executor import pinned_parameters
 from lora_kernel.trusted.runseal import (
     KERNEL_NAME,
     ActiveRun,
@@ -187,7 +194,7 @@ def run_notebook(notebook: str | os.PathLike[str], parameters: Mapping[str, Any]
                  ctx: RunContext | None = None,
                  log: Callable[[str], None] | None = None,
                  resume: ResumeFrom | None = None,
-                 check_pinned: Callable[[dict[str, Any]], None] | None = None,
+                 check_pinned: Callable[[PinnedInputs], None] | None = None,
                  extra: Mapping[str, Any] | None = None,
                  before_seal: BeforeSeal | None = None,
                  model_hash_cache: bool = True) -> RunRecord:
@@ -236,34 +243,38 @@ def run_notebook(notebook: str | os.PathLike[str], parameters: Mapping[str, Any]
     prestart = _Prestart(ctx, run_id, home_p, work)
     handed = False
     try:
-        pinned = _child_json(ctx, "pin", spec, home_p)
-        stat_key = pinned.pop("base_model_stat_key", None)
-        if not pinned.pop("base_model_hash_cached", False) and model_hash_cache \
-                and isinstance(stat_key, str) \
-                and isinstance(pinned.get("base_model_sha256"), str):
-            hashcache.store(cache_uid, stat_key, pinned["base_model_sha256"], state)
+        answer = _child_json(ctx, "pin", spec, home_p)
+        notebook_source = answer.get("notebook_source")
+        if not isinstance(notebook_source, str):
+            raise LoraError("the pin step answered no notebook source")
+        pinned = PinnedInputs.from_untrusted(answer)
+        stat_key = answer.get("base_model_stat_key")
+        if not answer.get("base_model_hash_cached", False) and model_hash_cache \
+                and isinstance(stat_key, str) and pinned.base_model_sha256 is not None:
+            hashcache.store(cache_uid, stat_key, pinned.base_model_sha256, state)
         params = pinned_parameters(params, pinned, work)
         if check_pinned is not None:
             check_pinned(pinned)
         if resume is not None:
-            if not isinstance(pinned.get("resume"), dict):
+            if pinned.resume is None:
                 raise LoraError("the pin step answered no checkpoint to resume from")
-            pinned["resume"]["run_id"] = resume.run_id  # ours, not the child's word
-            params["resume_from"] = str(pinned["resume"]["checkpoint"])
-        run = {"run_id": run_id, "notebook": str(notebook), "parameters": params,
-               "home": str(home_p), "work": str(work), "started": iso_time(),
-               "actor": {"name": ctx.actor.name, "uid": ctx.actor.uid, "source": ctx.actor.source},
-               "run_as": {"uid": ctx.run_as.uid, "name": ctx.run_as.name},
-               "pinned": {k: v for k, v in pinned.items() if k != "notebook_source"}}
-        if extra:
-            run["extra"] = json.loads(json.dumps(dict(extra)))
+            # the run it continues is ours, not the child's word
+            point = dataclasses.replace(pinned.resume, run_id=resume.run_id)
+            pinned = dataclasses.replace(pinned, resume=point)
+            params["resume_from"] = point.checkpoint
+        run = RunDescription(
+            run_id=run_id, notebook=str(notebook), parameters=params, home=str(home_p),
+            work=str(work), started=iso_time(),
+            actor=RunActor(ctx.actor.name, ctx.actor.uid, ctx.actor.source),
+            run_as=RunUser(ctx.run_as.uid, ctx.run_as.name), pinned=pinned,
+            extra=json.loads(json.dumps(dict(extra))) if extra else {})
         with ActiveRun(runs, run) as active:
             say(f"run {run_id}: {notebook.name} in kernel '{KERNEL_NAME}' (papermill)")
             t0 = time.monotonic()
-            known = ({"key": stat_key, "sha256": pinned["base_model_sha256"]}
-                     if isinstance(stat_key, str) and pinned.get("base_model_sha256") else None)
+            known = ({"key": stat_key, "sha256": pinned.base_model_sha256}
+                     if isinstance(stat_key, str) and pinned.base_model_sha256 else None)
             handed = True  # from here on _execute stops it, whatever happens
-            rc, reason = _execute(ctx, run, pinned["notebook_source"], active.staging, timeout,
+            rc, reason = _execute(ctx, run, notebook_source, active.staging, timeout,
                                   prestart, base_model_digest=known)
             return seal_run(run, active.staging, rc=rc, reason=reason, ctx=ctx, state=state,
                             seconds=time.monotonic() - t0, log=say, before_seal=before_seal)
@@ -285,11 +296,11 @@ def _child_json(ctx: RunContext, command: str, spec: dict[str, Any], home: Path
     except (ValueError, IndexError, UnicodeDecodeError):
         raise LoraError(f"the run's {command} step crashed (exit {proc.returncode}): "
                         + err.decode("utf-8", "replace")[-2000:]) from None
+    if not isinstance(answer, dict):
+        raise LoraError(f"the run's {command} step answered no JSON object")
     if "error" in answer:
-        e = answer["error"]
-        cls = {2: ConfigError, 3: UnsafeModelError}.get(int(e.get("exit_code", 1)), LoraError)
-        raise cls(str(e.get("message")))
-    return dict(answer)
+        raise error_from_answer(answer["error"])
+    return answer
 
 
 # How long a pre-started executor may take to stop its kernel and remove the work folder when
@@ -380,7 +391,7 @@ class _Prestart:
             self.errlog.finish()
 
 
-def _execute(ctx: RunContext, run: dict[str, Any], notebook_source: str, staging: Path,
+def _execute(ctx: RunContext, run: RunDescription, notebook_source: str, staging: Path,
              timeout: float | None, prestart: _Prestart,
              base_model_digest: dict[str, str] | None = None) -> tuple[int | None, str | None]:
     """Hand the run to its pre-started executor (its kernel running, :class:`_Prestart`) and
@@ -395,8 +406,8 @@ def _execute(ctx: RunContext, run: dict[str, Any], notebook_source: str, staging
     stdout (progress) to ``ctx.progress``. Whatever ends the run, every process still carrying
     ``LORA_RUN_ID`` is killed before the record is built.
     """
-    spec = {"notebook_source": notebook_source, "parameters": run["parameters"],
-            "work": run["work"], "kernel_name": KERNEL_NAME,
+    spec = {"notebook_source": notebook_source, "parameters": run.parameters,
+            "work": run.work, "kernel_name": KERNEL_NAME,
             "progress": ctx.progress is not None, "base_model_digest": base_model_digest}
     reason = None
     proc = prestart.proc
@@ -426,7 +437,7 @@ def _execute(ctx: RunContext, run: dict[str, Any], notebook_source: str, staging
     finally:
         if proc.poll() is None:
             stop(proc, ctx.privileges)
-        kill_run_processes(run["run_id"], ctx.privileges)
+        kill_run_processes(run.run_id, ctx.privileges)
         pump.join(timeout=5)
         prestart.errlog.finish()
     return proc.returncode, reason

@@ -33,6 +33,7 @@ from typing import Any
 
 from lora_kernel.common.errors import RunFailed
 from lora_kernel.common.paths import runs_dir
+from lora_kernel.common.runspec import RunDescription
 from lora_kernel.common.timeutil import utc_now
 from lora_kernel.provenance.records import manifest_sha256, record_files
 from lora_kernel.trusted.evidence import (
@@ -43,6 +44,7 @@ from lora_kernel.trusted.evidence import (
 from lora_kernel.trusted.identity import Actor, current_actor
 from lora_kernel.trusted.ledger import Ledger
 from lora_kernel.trusted.sealing import (
+    ManifestContext,
     build_manifest,
     make_staging_dir,
     seal_record,
@@ -131,17 +133,16 @@ class RunContext:
         return env
 
 
-
 # -- the .active protocol -----------------------------------------------------------------
 class ActiveRun:
     """``<runs>/.active/<run_id>.json`` (what the run is) and ``.lock`` (held while the runner
-    lives): how :func:`stale_runs` tells a dead runner's run from a
-    live one. Also makes the run's staging folder."""
+    lives): how :func:`stale_runs` tells a dead runner's run from a live one. Also makes the
+    run's staging folder (``run.staging``)."""
 
-    def __init__(self, runs: Path, run: dict[str, Any]) -> None:
+    def __init__(self, runs: Path, run: RunDescription) -> None:
         self.dir = runs / ".active"
         self.run = run
-        self.run_id = run["run_id"]
+        self.run_id = run.run_id
         self._fd: int | None = None
         self.staging = Path()
 
@@ -150,9 +151,9 @@ class ActiveRun:
         self._fd = os.open(self.dir / f"{self.run_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         self.staging = make_staging_dir(self.dir.parent, self.run_id)
-        self.run["staging"] = str(self.staging)
+        self.run.staging = str(self.staging)
         tmp = self.dir / f".{self.run_id}.json.tmp"
-        tmp.write_text(json.dumps(self.run, indent=1), encoding="utf-8")
+        tmp.write_text(json.dumps(self.run.to_dict(), indent=1), encoding="utf-8")
         os.replace(tmp, self.dir / f"{self.run_id}.json")
         return self
 
@@ -175,8 +176,9 @@ def try_lock(path: Path) -> int | None:
     return fd
 
 
-def stale_runs(state: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
-    """Descriptions of active runs whose runner is gone (their lock is free)."""
+def stale_runs(state: str | os.PathLike[str] | None = None) -> list[RunDescription]:
+    """Descriptions of active runs whose runner is gone (their lock is free), checked
+    (:meth:`RunDescription.from_untrusted`: a malformed one is a :class:`LoraError`)."""
     active = runs_dir(state) / ".active"
     out = []
     for desc in sorted(active.glob("*.json")) if active.is_dir() else []:
@@ -184,22 +186,24 @@ def stale_runs(state: str | os.PathLike[str] | None = None) -> list[dict[str, An
         if fd is None:
             continue
         os.close(fd)
-        out.append(json.loads(desc.read_text(encoding="utf-8")))
+        out.append(RunDescription.from_untrusted(json.loads(desc.read_text(encoding="utf-8")),
+                                                 where=str(desc)))
     return out
 
 
 # -- collecting ---------------------------------------------------------------------------
-def collect_evidence(ctx: RunContext, run: dict[str, Any], staging: Path,
+def collect_evidence(ctx: RunContext, run: RunDescription, staging: Path,
                      python: list[str] | None = None) -> list[str]:
     """Collect the work folder's evidence (as the run's user) into ``staging``; return notes
     about what was refused. ``python``: the steps' command line (:func:`executor_command`)."""
-    home = Path(run["home"])
+    home = Path(run.home)
     proc = spawn([*(python or executor_command()), "collect"], run_as=ctx.run_as,
                  privileges=ctx.privileges, env=ctx.child_env(home), cwd="/", stdin=subprocess.PIPE,
                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.write(json.dumps({"work": run["work"], "home": run["home"],
-                                 "run_id": run["run_id"], "since": events_since(run)}).encode())
+    since = events_since({"started": run.started})
+    proc.stdin.write(json.dumps({"work": run.work, "home": run.home, "run_id": run.run_id,
+                                 "since": since}).encode())
     proc.stdin.close()
     notes = extract_evidence(proc.stdout, staging)
     err = proc.stderr.read() if proc.stderr else b""
@@ -236,90 +240,123 @@ def _failure_reason(rc: int | None, reason: str | None, error: dict[str, Any] | 
     return None
 
 
-def seal_run(run: dict[str, Any], staging: Path, *, rc: int | None, reason: str | None,
+def seal_run(run: RunDescription, staging: Path, *, rc: int | None, reason: str | None,
              ctx: RunContext, state: str | os.PathLike[str] | None, seconds: float,
              log: Callable[[str], None], before_seal: BeforeSeal | None = None) -> RunRecord:
     """Collect, build, seal and ledger the record of ``run``; raise :class:`RunFailed` for a
-    failed run. Used by :func:`run_notebook` and by recovery (``rc`` None, a ``reason``)."""
-    run_id = run["run_id"]
-    if run.get("evidence"):  # a Kubernetes Job's tar on the output volume (hub.k8s_run)
-        notes = extract_evidence_file(Path(run["evidence"]), staging)
+    failed run. Used by the runner, by recovery (``rc`` None, a ``reason``) and by the
+    Kubernetes backend (``run.evidence``: the Job's tar)."""
+    if run.evidence:  # a Kubernetes Job's tar on the output volume (hub.k8s_run)
+        notes = extract_evidence_file(Path(run.evidence), staging)
     else:
         notes = collect_evidence(ctx, run, staging)
     error = _read_json(staging / "error.json")
     (staging / "error.json").unlink(missing_ok=True)
     result = _read_json(staging / "run_result.json")
-    pinned = run["pinned"]
-    training = pinned.get("kind") == "training"
+    pinned = run.pinned
+    training = pinned is not None and pinned.training
     failure = _failure_reason(rc, reason, error, result, training)
-    executed = staging / "executed.ipynb"
-    if executed.is_file() and _read_json(executed) is None:  # cut mid-write: keep the bytes
-        os.rename(executed, staging / "executed.ipynb.partial")
-        notes.append("executed notebook was cut mid-write (kept as executed.ipynb.partial)")
-    elif not executed.is_file():
-        notes.append("the executor wrote no notebook")
-    events = [json.loads(line) for line in
-              (staging / "events.jsonl").read_text(encoding="utf-8").splitlines()
-              if line.strip()] if (staging / "events.jsonl").is_file() else []
+    notes += _keep_partial_notebook(staging)
+    events = _read_events(staging / "events.jsonl")
     status = "failed" if failure else "succeeded"
-    params = run["parameters"]
-    extra: dict[str, Any] = {
-        "kind": pinned.get("kind"), "notebook": Path(run["notebook"]).name,
-        "notebook_path": run["notebook"], "parameters": params, "kernel": KERNEL_NAME,
-        "executor_exit_code": rc, "error": failure, "notes": notes,
-        "identity": run["actor"]["source"], "run_as": run["run_as"],
-        "cells_executed": sum(1 for e in events if e.get("type") == "execute")}
-    if training:
-        extra.update({"config_path": pinned["config_path"],
-                      "config_sha256": pinned["config_sha256"]})
-    if result is not None:
-        extra.update({k: result.get(k) for k in ("steps", "losses", "eval_loss_before",
-                                                 "eval_loss_after", "seconds", "cache_hit")})
-    if isinstance(pinned.get("resume"), dict):
-        resumed = pinned["resume"]
-        extra["resumed_from_run"] = resumed.get("run_id")
-        extra["resumed_from_checkpoint"] = {k: resumed.get(k)
-                                            for k in ("checkpoint", "step", "sha256")}
-    extra.update(run.get("extra") or {})  # a replay: kind "replay", replay_of
+    extra = _record_extra(run, rc=rc, failure=failure, notes=notes, events=events,
+                          result=result)
     if failure:
-        extra["work_dir"] = run["work"]  # checkpoints stay there for `lora run --resume RUN`
+        extra["work_dir"] = run.work  # checkpoints stay there for `lora run --resume RUN`
     elif before_seal is not None:
         before_seal(staging, extra)
-    manifest = build_manifest(
-        staging, run_id=run_id, user=run["actor"]["name"], uid=run["actor"]["uid"],
-        host=socket.gethostname(), started=run["started"], ended=utc_now(), status=status,
-        config=pinned.get("config") or {"parameters": params},
-        base_model_sha256=pinned.get("base_model_sha256", ""),
-        dataset_version=pinned.get("dataset_version", ""),
-        dataset_digests=pinned.get("dataset_digests", {}),
-        notebook_source_sha256=pinned["notebook_sha256"],
-        seed=int(pinned.get("seed", params.get("seed", 0)) or 0),
-        egress_refusals=sum(1 for e in events if e.get("type") == "refusal"), extra=extra)
-    write_manifest(staging, manifest)
-    record = seal_record(staging, runs_dir(state), run_id)
+    context = _manifest_context(run, status=status, extra=extra, events=events)
+    write_manifest(staging, build_manifest(staging, context))
+    record = seal_record(staging, runs_dir(state), run.run_id)
     with Ledger(state=state) as ledger:
         entry = ledger.append_run(record)
-    rec = RunRecord(run_id=run_id, path=record, status=status,
+    rec = RunRecord(run_id=run.run_id, path=record, status=status,
                     manifest_sha256=manifest_sha256(record), ledger_seq=entry.seq,
                     seconds=seconds, result=result, error=failure, files=record_files(record))
-    log(f"run {run_id}: {status} in {seconds:.1f}s; record {record}")
+    log(f"run {run.run_id}: {status} in {seconds:.1f}s; record {record}")
     if failure:
-        exc = RunFailed(f"run {run_id} failed: {failure}; the failed run is recorded in {record}")
+        exc = RunFailed(f"run {run.run_id} failed: {failure}; the failed run is recorded in "
+                        f"{record}")
         exc.record = rec
         raise exc
     _remove_work(ctx, run)
     return rec
 
 
-def _remove_work(ctx: RunContext, run: dict[str, Any]) -> None:
+def _keep_partial_notebook(staging: Path) -> list[str]:
+    """Notes about the executed notebook; one cut mid-write is kept as ``.partial``."""
+    executed = staging / "executed.ipynb"
+    if executed.is_file() and _read_json(executed) is None:  # cut mid-write: keep the bytes
+        os.rename(executed, staging / "executed.ipynb.partial")
+        return ["executed notebook was cut mid-write (kept as executed.ipynb.partial)"]
+    if not executed.is_file():
+        return ["the executor wrote no notebook"]
+    return []
+
+
+def _read_events(path: Path) -> list[dict[str, Any]]:
+    """The kernel's events collected with the run (none when it wrote none)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+
+
+def _record_extra(run: RunDescription, *, rc: int | None, failure: str | None,
+                  notes: list[str], events: list[dict[str, Any]],
+                  result: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest's ``extra``: what ran, how it ended, the result's numbers, the run it
+    resumed, and the run's own ``extra`` (a replay's, a Job's)."""
+    pinned = run.pinned
+    extra: dict[str, Any] = {
+        "kind": pinned.kind if pinned is not None else None,
+        "notebook": Path(run.notebook).name, "notebook_path": run.notebook,
+        "parameters": run.parameters, "kernel": KERNEL_NAME, "executor_exit_code": rc,
+        "error": failure, "notes": notes, "identity": run.actor.source,
+        "run_as": {"uid": run.run_as.uid, "name": run.run_as.name},
+        "cells_executed": sum(1 for e in events if e.get("type") == "execute")}
+    if pinned is not None and pinned.training:
+        extra.update({"config_path": pinned.config_path, "config_sha256": pinned.config_sha256})
+    if result is not None:
+        extra.update({k: result.get(k) for k in ("steps", "losses", "eval_loss_before",
+                                                 "eval_loss_after", "seconds", "cache_hit")})
+    if pinned is not None and pinned.resume is not None:
+        extra["resumed_from_run"] = pinned.resume.run_id
+        extra["resumed_from_checkpoint"] = {"checkpoint": pinned.resume.checkpoint,
+                                            "step": pinned.resume.step,
+                                            "sha256": pinned.resume.sha256}
+    extra.update(run.extra)  # a replay: kind "replay", replay_of
+    return extra
+
+
+def _manifest_context(run: RunDescription, *, status: str, extra: dict[str, Any],
+                      events: list[dict[str, Any]]) -> ManifestContext:
+    """What the manifest says of ``run``: its pinned inputs (none when ``run.pinned`` is None:
+    an unbelieved pin answer pins nothing), who, where and when."""
+    pinned, params = run.pinned, run.parameters
+    training = pinned is not None and pinned.training
+    seed = pinned.seed if pinned is not None and training else params.get("seed", 0)
+    return ManifestContext(
+        run_id=run.run_id, user=run.actor.name, uid=run.actor.uid, host=socket.gethostname(),
+        started=run.started, ended=utc_now(), status=status,
+        config=(pinned.config if pinned is not None else None) or {"parameters": params},
+        base_model_sha256=(pinned.base_model_sha256 if pinned is not None else None) or "",
+        dataset_version=(pinned.dataset_version if pinned is not None else None) or "",
+        dataset_digests=(pinned.dataset_digests if pinned is not None else None) or {},
+        notebook_source_sha256=pinned.notebook_sha256 if pinned is not None else "",
+        seed=int(seed or 0),
+        egress_refusals=sum(1 for e in events if e.get("type") == "refusal"), extra=extra)
+
+
+def _remove_work(ctx: RunContext, run: RunDescription) -> None:
     """Remove a succeeded run's work folder (as its user: it is theirs). A Kubernetes run's
     work folder is on the output volume: the runs service removes it with the Job."""
-    if run.get("backend") == "kubernetes":
+    if run.backend == "kubernetes":
         return
     if not ctx.run_as.switches:
-        shutil.rmtree(run["work"], ignore_errors=True)
+        shutil.rmtree(run.work, ignore_errors=True)
         return
-    proc = spawn(["rm", "-rf", "--", run["work"]], run_as=ctx.run_as,
-                 privileges=ctx.privileges, env=ctx.child_env(Path(run["home"])), cwd="/")
+    proc = spawn(["rm", "-rf", "--", run.work], run_as=ctx.run_as,
+                 privileges=ctx.privileges, env=ctx.child_env(Path(run.home)), cwd="/")
     proc.wait()
 
