@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from lora_kernel.common.atomic import atomic_write
 from lora_kernel.common.errors import ConfigError
 from lora_kernel.training.checks import load_config
 from lora_kernel.training.config import TrainConfig, parse_value
@@ -262,7 +263,5 @@ def write_result(result, result_path: str | os.PathLike = "") -> str | None:
         return None
     path = Path(result_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result_dict(result), indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(result_dict(result), indent=1, default=str))
     return str(path)

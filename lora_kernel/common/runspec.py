@@ -8,7 +8,8 @@ a malformed answer is a :class:`~lora_kernel.common.errors.LoraError` naming the
 the pin step answers is the user's word (it runs as the user): the checks are of shape, the
 record says whose word it is.
 
-:func:`pinned_parameters` (the papermill parameters of a pinned run) is shared by both sides.
+:func:`pinned_parameters` (the papermill parameters of a pinned run) and the states of a queued
+run (:data:`RUN_STATUSES`, :data:`FINAL_STATUSES`) are shared by both sides.
 """
 from __future__ import annotations
 
@@ -20,9 +21,14 @@ from typing import Any
 
 from lora_kernel.common.errors import LoraError
 
-__all__ = ["KINDS", "PinnedInputs", "ResumePoint", "RunDescription", "pinned_parameters"]
+__all__ = ["FINAL_STATUSES", "KINDS", "PinnedInputs", "RUN_STATUSES", "ResumePoint",
+           "RunDescription", "pinned_parameters"]
 
 KINDS = ("notebook", "training")
+# The states of a queued run (the hub's runs queue), and those in which it has ended: one list
+# for the queue, the runs service and its clients.
+RUN_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
+FINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled", "interrupted"})
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # What an unbelieved (or not yet given) pin answer is written as in a run description; the
 # form the runs service wrote before the descriptions were typed (read back by recovery).

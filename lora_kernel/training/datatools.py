@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from lora_kernel.common.atomic import atomic_path
 from lora_kernel.common.errors import ConfigError
 from lora_kernel.training.data import (
     CAPTION_SUFFIXES,
@@ -451,9 +452,8 @@ def contact_sheet(folder: str | os.PathLike, out: str | os.PathLike, *, columns:
             draw.text((x, y + thumb + 2 + k * SHEET_LINE), line, fill=(0, 0, 0), font=font)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    sheet.save(tmp, format="PNG")
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        sheet.save(tmp, format="PNG")
     return out
 
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora_kernel.common.atomic import atomic_write
 from lora_kernel.common.errors import RunFailed
 from lora_kernel.common.paths import runs_dir
 from lora_kernel.common.runspec import RunDescription
@@ -152,9 +153,7 @@ class ActiveRun:
         fcntl.flock(self._fd, fcntl.LOCK_EX)
         self.staging = make_staging_dir(self.dir.parent, self.run_id)
         self.run.staging = str(self.staging)
-        tmp = self.dir / f".{self.run_id}.json.tmp"
-        tmp.write_text(json.dumps(self.run.to_dict(), indent=1), encoding="utf-8")
-        os.replace(tmp, self.dir / f"{self.run_id}.json")
+        atomic_write(self.dir / f"{self.run_id}.json", json.dumps(self.run.to_dict(), indent=1))
         return self
 
     def __exit__(self, *exc: object) -> None:
