@@ -253,81 +253,28 @@ def execute(queue: RunQueue, sub: Submission, ctx: RunContext, state: str,
     run_id = new_run_id()
     job = job_manifest(sub, settings, run_id=run_id)  # ConfigError: nothing submitted
     name = str(job.metadata.name)
-    spec = job_spec(sub, settings, run_id)
     out = Path(settings.output_root) / name
     if os.path.lexists(out):
         raise LoraError(f"{out} already exists: another run's outputs; nothing submitted")
     with ctx.privileges.elevated():
         queue.set_run_id(sub.id, run_id)
-    uid = int(job.spec.template.spec.security_context.run_as_user)
-    run = RunDescription(
-        run_id=run_id, notebook=str(spec.get("notebook") or spec.get("config")),
-        parameters=spec.get("parameters") or {"config_path": spec.get("config"),
-                                              "overrides": spec.get("overrides")},
-        home=str(spec["home"]), work=str(out / "work"), started=iso_time(),
-        actor=RunActor(ctx.actor.name, ctx.actor.uid, ctx.actor.source),
-        run_as=RunUser(uid, sub.user),
-        pinned=None,  # until the pod answers (a recovery seals it so)
-        backend="kubernetes", evidence=str(out / "evidence.tar"),
-        extra={"backend": "kubernetes", "job": name, "namespace": settings.namespace,
-               "image": settings.image})
+    run = _describe(sub, ctx, settings, job, run_id, out)
     watch = Watch(api, core, name, settings, out, POLL_S if poll_s is None else poll_s)
     with ActiveRun(runs_dir(state), run) as active:
         log.info("run %s: Job %s/%s for %s", run_id, settings.namespace, name, sub.user)
         t0 = time.monotonic()
-        try:
-            submit(api, job)
-        except Exception as exc:  # nothing was created
-            shutil.rmtree(active.staging, ignore_errors=True)
-            raise LoraError(f"the cluster refused the Job {name}: {exc}") from None
-        try:
-            st, stopped = watch.wait(sub.timeout, cancelled)
-            if watch.ack is None:
-                watch.read_ack()
-        except Exception as exc:  # the API failed for good: stop the Job, seal what it left
-            log.exception("Job %s: lost", name)
-            st, stopped = {"state": "lost"}, f"the runs service lost the Job: {exc}"
-            try:
-                watch.delete()
-            except Exception:
-                log.exception("Job %s: could not delete it", name)
+        _submit(api, job, active.staging)
+        st, stopped = _wait(watch, sub.timeout, cancelled)
         job_reason = _stopped_reason(st, sub.timeout)
         doc, data = _read_json(out / "pinned.json", PINNED_LIMIT)
         if watch.ack is None and not any(os.path.lexists(out / f) for f in
                                          ("exit.json", "evidence.tar", "work")):
             # The run step acknowledges before the kernel starts: no user code ran.
-            refused = _pin_error(doc) if doc is not None else None
             shutil.rmtree(active.staging, ignore_errors=True)
             _delete_quietly(watch)
-            why = stopped or job_reason
-            raise refused or LoraError(
-                f"the Job {name} ended ({st['state']}{': ' + why if why else ''}) before "
-                "its inputs were pinned: nothing ran, nothing recorded; fix: kubectl -n "
-                f"{settings.namespace} describe job {name}")
-        pinned: PinnedInputs | None = None
-        params, pin_reason = run.parameters, None
-        if watch.ack is None:
-            pin_reason = "the pin acknowledgement is missing from the pod's log"
-        elif doc is None or data is None or sha256_bytes(data) != watch.ack:
-            pin_reason = ("the pin answer (pinned.json) was changed or removed after the "
-                          "inputs were pinned; the record keeps none of it")
-        else:
-            try:
-                pinned, params = pin_answer(doc)
-            except LoraError as exc:
-                pin_reason = f"the Job's pin answer was malformed ({exc})"
-        run.pinned, run.parameters = pinned, params
-        run.notebook = pinned.notebook if pinned is not None else run.notebook
-        # Success is the Job's own word (the run step's exit code), never exit.json's.
-        rc_doc, _ = _read_json(out / "exit.json", SMALL_LIMIT)
-        told = (rc_doc or {}).get("rc")
-        told = told if isinstance(told, int) and not isinstance(told, bool) else None
-        if st["state"] == "succeeded" and stopped is None:
-            rc: int | None = 0
-        else:
-            rc = 1 if told == 0 else told  # a failed Job's "0" is not believed
-            if told is not None and st["state"] == "failed":
-                job_reason = None  # the run step ended by itself: error.json says why
+            raise _refusal(doc, st, stopped or job_reason, name, settings)
+        pin_reason = _take_pin_answer(run, doc, data, watch.ack)
+        rc, job_reason = _exit_code(out, st, stopped, job_reason)
         reason = stopped or pin_reason or job_reason
         if rc is None and reason is None:
             reason = f"the Job ended ({st['state']}) without the run step's exit code"
@@ -338,6 +285,98 @@ def execute(queue: RunQueue, sub: Submission, ctx: RunContext, state: str,
     _delete_quietly(watch)
     _remove(out, ctx)  # a succeeded run's outputs are in its record
     return rec
+
+
+def _describe(sub: Submission, ctx: RunContext, settings: K8sSettings, job: Any, run_id: str,
+              out: Path) -> RunDescription:
+    """The run as announced before its Job is created: no pin answer yet (a recovery seals
+    it so), the Job's tar as its evidence."""
+    spec = job_spec(sub, settings, run_id)
+    uid = int(job.spec.template.spec.security_context.run_as_user)
+    return RunDescription(
+        run_id=run_id, notebook=str(spec.get("notebook") or spec.get("config")),
+        parameters=spec.get("parameters") or {"config_path": spec.get("config"),
+                                              "overrides": spec.get("overrides")},
+        home=str(spec["home"]), work=str(out / "work"), started=iso_time(),
+        actor=RunActor(ctx.actor.name, ctx.actor.uid, ctx.actor.source),
+        run_as=RunUser(uid, sub.user),
+        pinned=None,  # until the pod answers (a recovery seals it so)
+        backend="kubernetes", evidence=str(out / "evidence.tar"),
+        extra={"backend": "kubernetes", "job": str(job.metadata.name),
+               "namespace": settings.namespace, "image": settings.image})
+
+
+def _submit(api: Any, job: Any, staging: Path) -> None:
+    """Create the Job; when the cluster refuses it nothing was created (no record)."""
+    try:
+        submit(api, job)
+    except Exception as exc:  # nothing was created
+        shutil.rmtree(staging, ignore_errors=True)
+        raise LoraError(f"the cluster refused the Job {job.metadata.name}: {exc}") from None
+
+
+def _wait(watch: Watch, timeout: float | None, cancelled: Callable[[], bool]
+          ) -> tuple[dict[str, Any], str | None]:
+    """:meth:`Watch.wait` and the pin acknowledgement; when the API fails for good the Job is
+    stopped and the run goes on to be sealed with what it left."""
+    try:
+        st, stopped = watch.wait(timeout, cancelled)
+        if watch.ack is None:
+            watch.read_ack()
+        return st, stopped
+    except Exception as exc:  # the API failed for good: stop the Job, seal what it left
+        log.exception("Job %s: lost", watch.name)
+        try:
+            watch.delete()
+        except Exception:
+            log.exception("Job %s: could not delete it", watch.name)
+        return {"state": "lost"}, f"the runs service lost the Job: {exc}"
+
+
+def _refusal(doc: dict[str, Any] | None, st: dict[str, Any], why: str | None, name: str,
+             settings: K8sSettings) -> LoraError:
+    """The error of a Job that ended before its inputs were pinned (nothing ran): the pin
+    step's own refusal when it wrote one, else why the Job ended."""
+    refused = _pin_error(doc) if doc is not None else None
+    return refused or LoraError(
+        f"the Job {name} ended ({st['state']}{': ' + why if why else ''}) before its inputs "
+        f"were pinned: nothing ran, nothing recorded; fix: kubectl -n {settings.namespace} "
+        f"describe job {name}")
+
+
+def _take_pin_answer(run: RunDescription, doc: dict[str, Any] | None, data: bytes | None,
+                     ack: str | None) -> str | None:
+    """Put the pod's pin answer into ``run`` when it is the acknowledged one and well formed;
+    else leave the run unpinned and return why."""
+    pinned: PinnedInputs | None = None
+    params, pin_reason = run.parameters, None
+    if ack is None:
+        pin_reason = "the pin acknowledgement is missing from the pod's log"
+    elif doc is None or data is None or sha256_bytes(data) != ack:
+        pin_reason = ("the pin answer (pinned.json) was changed or removed after the "
+                      "inputs were pinned; the record keeps none of it")
+    else:
+        try:
+            pinned, params = pin_answer(doc)
+        except LoraError as exc:
+            pin_reason = f"the Job's pin answer was malformed ({exc})"
+    run.pinned, run.parameters = pinned, params
+    run.notebook = pinned.notebook if pinned is not None else run.notebook
+    return pin_reason
+
+
+def _exit_code(out: Path, st: dict[str, Any], stopped: str | None, job_reason: str | None
+               ) -> tuple[int | None, str | None]:
+    """The run step's exit code and what is left of the Job's reason. Success is the Job's
+    own word (its condition), never ``exit.json``'s; a failed Job's "0" is not believed."""
+    rc_doc, _ = _read_json(out / "exit.json", SMALL_LIMIT)
+    told = (rc_doc or {}).get("rc")
+    told = told if isinstance(told, int) and not isinstance(told, bool) else None
+    if st["state"] == "succeeded" and stopped is None:
+        return 0, job_reason
+    if told is not None and st["state"] == "failed":
+        job_reason = None  # the run step ended by itself: error.json says why
+    return (1 if told == 0 else told), job_reason
 
 
 def _delete_quietly(watch: Watch) -> None:

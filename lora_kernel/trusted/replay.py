@@ -42,7 +42,7 @@ from lora_kernel.common.paths import check_run_id, runs_dir
 from lora_kernel.common.runspec import PinnedInputs
 from lora_kernel.provenance.inputs import verify_inputs
 from lora_kernel.provenance.records import Problem, load_manifest, summary
-from lora_kernel.trusted.runner import RunContext, RunRecord, run_notebook
+from lora_kernel.trusted.runner import RunContext, RunHooks, RunRecord, run_notebook
 from lora_kernel.trusted.sealing import environment_info
 
 __all__ = ["REPLAY_FILE", "IDENTICAL", "WITHIN_TOLERANCE", "DIFFERS", "GPU_TOLERANCE",
@@ -439,9 +439,9 @@ def replay_run(run_id: str, *, home: str | os.PathLike[str] | None = None,
     say(f"replaying run {run_id}: inputs re-hashed and unchanged")
     rec = run_notebook(str(extra.get("notebook_path") or extra["notebook"]), params, home=home,
                        state=state, timeout=timeout, ctx=ctx, log=log,
-                       check_pinned=check_pinned,
-                       extra={"kind": "replay", "replay_of": run_id},
-                       before_seal=before_seal, model_hash_cache=False)
+                       hooks=RunHooks(check_pinned=check_pinned,
+                                      extra={"kind": "replay", "replay_of": run_id},
+                                      before_seal=before_seal, model_hash_cache=False))
     try:
         verdict = json.loads((rec.path / REPLAY_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):

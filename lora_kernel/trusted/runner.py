@@ -40,9 +40,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from lora_kernel.common.errors import (
     ConfigError,
@@ -73,9 +73,9 @@ from lora_kernel.trusted.runseal import (
 )
 from lora_kernel.trusted.supervisor import RunAs, child_cwd, kill_run_processes, spawn, stop
 
-__all__ = ["RunRecord", "RunContext", "ResumeFrom", "new_run_id", "notebook_dir",
-           "notebook_for_task", "run_config", "run_notebook", "resume_run", "KERNEL_NAME",
-           "ActiveRun", "seal_run"]
+__all__ = ["RunRecord", "RunContext", "ResumeFrom", "RunHooks", "Runner", "new_run_id",
+           "notebook_dir", "notebook_for_task", "run_config", "run_notebook", "resume_run",
+           "KERNEL_NAME", "ActiveRun", "seal_run"]
 
 NOTEBOOKS = {"image": "train_image_lora.ipynb", "text": "train_text_lora.ipynb"}
 # Environment the children of a service-mode run get (nothing else of the runner's).
@@ -185,19 +185,154 @@ def resume_run(run_id: str, *, home: str | os.PathLike[str] | None = None,
     params = {"config_path": extra["config_path"], "overrides": overrides}
     return run_notebook(str(extra.get("notebook_path") or extra["notebook"]), params, home=home,
                         state=state, timeout=timeout, ctx=ctx, log=log,
-                        resume=ResumeFrom(run_id, str(extra["work_dir"])))
+                        hooks=RunHooks(resume=ResumeFrom(run_id, str(extra["work_dir"]))))
+
+
+@dataclass(frozen=True)
+class RunHooks:
+    """What a resume or a replay changes in a run (the default: nothing).
+
+    ``resume`` continues a failed run (:func:`resume_run`). A replay
+    (:mod:`lora_kernel.trusted.replay`) passes ``check_pinned`` (called with the pin step's
+    answer before anything runs; raising stops the run, nothing recorded), ``extra`` (merged
+    into the manifest's ``extra``), ``before_seal`` (called with the staging folder and
+    ``extra`` of a succeeded run before its manifest is built) and ``model_hash_cache`` False
+    (hash the base model in full instead of taking its digest from the state directory's
+    digest cache when its stat key matches, :mod:`lora_kernel.trusted.hashcache`).
+    """
+
+    resume: ResumeFrom | None = None
+    check_pinned: Callable[[PinnedInputs], None] | None = None
+    extra: Mapping[str, Any] | None = None
+    before_seal: BeforeSeal | None = None
+    model_hash_cache: bool = True
+
+
+class _Pinned(NamedTuple):
+    """The pin step's answer as the runner keeps it: the typed inputs, the parameters the
+    notebook runs with, its source, and the base model's stat key and digest (for the
+    kernel, so that it does not hash the model again)."""
+
+    inputs: PinnedInputs
+    parameters: dict[str, Any]
+    notebook_source: str
+    base_model_digest: dict[str, str] | None
+
+
+@dataclass
+class Runner:
+    """Where and for whom runs execute: the working home, the state directory, the time limit
+    (seconds), who the run is for (``ctx``; default: this process's user, local mode) and
+    where progress messages go (``log``). :meth:`run` executes one notebook."""
+
+    home: str | os.PathLike[str] | None = None
+    state: str | os.PathLike[str] | None = None
+    timeout: float | None = None
+    ctx: RunContext = field(default_factory=RunContext.local)
+    log: Callable[[str], None] = field(default=lambda _msg: None)
+
+    def run(self, notebook: str | os.PathLike[str],
+            parameters: Mapping[str, Any] | None = None,
+            hooks: RunHooks | None = None) -> RunRecord:
+        """Execute ``notebook`` with papermill in the ``lora`` kernel and seal its run record
+        (see :func:`run_notebook`)."""
+        hooks = hooks or RunHooks()
+        notebook = Path(notebook).resolve()
+        params = _plain_json(parameters)
+        self._recover_stale_runs()
+        run_id = new_run_id()
+        home = lora_home(self.home)
+        work = home / "work" / run_id
+        # The executor starts now (papermill, the kernel) while the pin child hashes the
+        # inputs; it runs only when the pin step and the checks accept the run.
+        prestart = _Prestart(self.ctx, run_id, home, work)
+        handed = False
+        try:
+            pinned = self._pin(notebook, params, home, work, hooks)
+            run = self._describe(run_id, notebook, pinned, home, work, hooks)
+            with ActiveRun(runs_dir(self.state), run) as active:
+                self.log(f"run {run_id}: {notebook.name} in kernel '{KERNEL_NAME}' "
+                         "(papermill)")
+                t0 = time.monotonic()
+                handed = True  # from here on _execute stops it, whatever happens
+                rc, reason = _execute(self.ctx, run, pinned.notebook_source, active.staging,
+                                      self.timeout, prestart,
+                                      base_model_digest=pinned.base_model_digest)
+                return seal_run(run, active.staging, rc=rc, reason=reason, ctx=self.ctx,
+                                state=self.state, seconds=time.monotonic() - t0,
+                                log=self.log, before_seal=hooks.before_seal)
+        except BaseException as exc:
+            if not handed:
+                prestart.abort(clean=isinstance(exc, Exception))
+            raise
+
+    def _recover_stale_runs(self) -> None:
+        from lora_kernel.trusted.recovery import recover
+
+        for rec in recover(state=self.state, ctx=self.ctx):
+            self.log(f"recovered stale run {rec.run_id}: sealed as failed ({rec.error})")
+
+    def _pin(self, notebook: Path, params: dict[str, Any], home: Path, work: Path,
+             hooks: RunHooks) -> _Pinned:
+        """Ask the pin step (as the user) for the run's inputs, check and type its answer,
+        keep the base model's digest in the cache, and apply the hooks' checks."""
+        spec: dict[str, Any] = {"notebook": str(notebook), "parameters": params,
+                                "home": str(home), "work": str(work)}
+        if hooks.resume is not None:
+            spec["resume"] = {"run_id": hooks.resume.run_id, "work": hooks.resume.work}
+        ctx = self.ctx
+        cache_uid = ctx.run_as.uid if ctx.run_as.uid is not None else os.getuid()
+        if hooks.model_hash_cache:
+            spec["model_digests"] = hashcache.lookup(cache_uid, self.state)
+        answer = _child_json(ctx, "pin", spec, home)
+        notebook_source = answer.get("notebook_source")
+        if not isinstance(notebook_source, str):
+            raise LoraError("the pin step answered no notebook source")
+        inputs = PinnedInputs.from_untrusted(answer)
+        stat_key = answer.get("base_model_stat_key")
+        if not answer.get("base_model_hash_cached", False) and hooks.model_hash_cache \
+                and isinstance(stat_key, str) and inputs.base_model_sha256 is not None:
+            hashcache.store(cache_uid, stat_key, inputs.base_model_sha256, self.state)
+        params = pinned_parameters(params, inputs, work)
+        if hooks.check_pinned is not None:
+            hooks.check_pinned(inputs)
+        if hooks.resume is not None:
+            if inputs.resume is None:
+                raise LoraError("the pin step answered no checkpoint to resume from")
+            # the run it continues is ours, not the child's word
+            point = dataclasses.replace(inputs.resume, run_id=hooks.resume.run_id)
+            inputs = dataclasses.replace(inputs, resume=point)
+            params["resume_from"] = point.checkpoint
+        known = ({"key": stat_key, "sha256": inputs.base_model_sha256}
+                 if isinstance(stat_key, str) and inputs.base_model_sha256 else None)
+        return _Pinned(inputs, params, notebook_source, known)
+
+    def _describe(self, run_id: str, notebook: Path, pinned: _Pinned, home: Path, work: Path,
+                  hooks: RunHooks) -> RunDescription:
+        """The run as ``.active/<run_id>.json`` announces it and :func:`seal_run` seals it."""
+        ctx = self.ctx
+        return RunDescription(
+            run_id=run_id, notebook=str(notebook), parameters=pinned.parameters,
+            home=str(home), work=str(work), started=iso_time(),
+            actor=RunActor(ctx.actor.name, ctx.actor.uid, ctx.actor.source),
+            run_as=RunUser(ctx.run_as.uid, ctx.run_as.name), pinned=pinned.inputs,
+            extra=_plain_json(hooks.extra) if hooks.extra else {})
+
+
+def _plain_json(values: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Our own copy of ``values`` as plain JSON; :class:`ConfigError` when it is not."""
+    try:
+        copy: dict[str, Any] = json.loads(json.dumps(dict(values or {})))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"notebook parameters must be plain JSON values: {exc}") from None
+    return copy
 
 
 def run_notebook(notebook: str | os.PathLike[str], parameters: Mapping[str, Any] | None = None,
                  *, home: str | os.PathLike[str] | None = None,
                  state: str | os.PathLike[str] | None = None, timeout: float | None = None,
-                 ctx: RunContext | None = None,
-                 log: Callable[[str], None] | None = None,
-                 resume: ResumeFrom | None = None,
-                 check_pinned: Callable[[PinnedInputs], None] | None = None,
-                 extra: Mapping[str, Any] | None = None,
-                 before_seal: BeforeSeal | None = None,
-                 model_hash_cache: bool = True) -> RunRecord:
+                 ctx: RunContext | None = None, log: Callable[[str], None] | None = None,
+                 hooks: RunHooks | None = None) -> RunRecord:
     """Execute ``notebook`` with papermill in the ``lora`` kernel and seal its run record.
 
     ``parameters`` are papermill parameters. A training notebook (one that declares
@@ -205,83 +340,14 @@ def run_notebook(notebook: str | os.PathLike[str], parameters: Mapping[str, Any]
     ``overrides``, points ``output_dir`` at the run's work folder, injects ``result_path`` and
     pins the resolved config, base model, dataset files and seed before anything runs.
     ``timeout`` bounds the run (seconds); ``ctx`` says who the run is for (default: this
-    process's user, local mode); ``resume`` continues a failed run (:func:`resume_run`).
-    A replay (:mod:`lora_kernel.trusted.replay`) passes ``check_pinned`` (called with the pin
-    step's answer before anything runs; raising stops the run, nothing recorded), ``extra``
-    (merged into the manifest's ``extra``) and ``before_seal`` (called with the staging folder
-    and ``extra`` of a succeeded run before its manifest is built). ``model_hash_cache``:
-    take the base model's digest from the state directory's digest cache when its stat key
-    matches (:mod:`lora_kernel.trusted.hashcache`); a replay passes False (hash in full).
-    Raises :class:`ConfigError`/:class:`UnsafeModelError` (nothing run, nothing recorded) for
-    invalid input, :class:`RunFailed` (record written;
-    ``.record`` is the failed :class:`RunRecord`) when the run does not succeed.
+    process's user, local mode); ``hooks`` is what a resume or a replay changes
+    (:class:`RunHooks`). Raises :class:`ConfigError`/:class:`UnsafeModelError` (nothing run,
+    nothing recorded) for invalid input, :class:`RunFailed` (record written; ``.record`` is
+    the failed :class:`RunRecord`) when the run does not succeed.
     """
-    from lora_kernel.trusted.recovery import recover
-
-    ctx = ctx or RunContext.local()
-    say = log or (lambda _msg: None)
-    home_p = lora_home(home)
-    runs = runs_dir(state)
-    notebook = Path(notebook).resolve()
-    try:
-        params = json.loads(json.dumps(dict(parameters or {})))  # plain JSON, our own copy
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"notebook parameters must be plain JSON values: {exc}") from None
-    for rec in recover(state=state, ctx=ctx):
-        say(f"recovered stale run {rec.run_id}: sealed as failed ({rec.error})")
-    run_id = new_run_id()
-    work = home_p / "work" / run_id
-    spec: dict[str, Any] = {"notebook": str(notebook), "parameters": params,
-                            "home": str(home_p), "work": str(work)}
-    if resume is not None:
-        spec["resume"] = {"run_id": resume.run_id, "work": resume.work}
-    cache_uid = ctx.run_as.uid if ctx.run_as.uid is not None else os.getuid()
-    if model_hash_cache:
-        spec["model_digests"] = hashcache.lookup(cache_uid, state)
-    # The executor starts now (papermill, the kernel) while the pin child hashes the inputs;
-    # it runs only when the pin step and the checks below accept the run (_Prestart.abort).
-    prestart = _Prestart(ctx, run_id, home_p, work)
-    handed = False
-    try:
-        answer = _child_json(ctx, "pin", spec, home_p)
-        notebook_source = answer.get("notebook_source")
-        if not isinstance(notebook_source, str):
-            raise LoraError("the pin step answered no notebook source")
-        pinned = PinnedInputs.from_untrusted(answer)
-        stat_key = answer.get("base_model_stat_key")
-        if not answer.get("base_model_hash_cached", False) and model_hash_cache \
-                and isinstance(stat_key, str) and pinned.base_model_sha256 is not None:
-            hashcache.store(cache_uid, stat_key, pinned.base_model_sha256, state)
-        params = pinned_parameters(params, pinned, work)
-        if check_pinned is not None:
-            check_pinned(pinned)
-        if resume is not None:
-            if pinned.resume is None:
-                raise LoraError("the pin step answered no checkpoint to resume from")
-            # the run it continues is ours, not the child's word
-            point = dataclasses.replace(pinned.resume, run_id=resume.run_id)
-            pinned = dataclasses.replace(pinned, resume=point)
-            params["resume_from"] = point.checkpoint
-        run = RunDescription(
-            run_id=run_id, notebook=str(notebook), parameters=params, home=str(home_p),
-            work=str(work), started=iso_time(),
-            actor=RunActor(ctx.actor.name, ctx.actor.uid, ctx.actor.source),
-            run_as=RunUser(ctx.run_as.uid, ctx.run_as.name), pinned=pinned,
-            extra=json.loads(json.dumps(dict(extra))) if extra else {})
-        with ActiveRun(runs, run) as active:
-            say(f"run {run_id}: {notebook.name} in kernel '{KERNEL_NAME}' (papermill)")
-            t0 = time.monotonic()
-            known = ({"key": stat_key, "sha256": pinned.base_model_sha256}
-                     if isinstance(stat_key, str) and pinned.base_model_sha256 else None)
-            handed = True  # from here on _execute stops it, whatever happens
-            rc, reason = _execute(ctx, run, notebook_source, active.staging, timeout,
-                                  prestart, base_model_digest=known)
-            return seal_run(run, active.staging, rc=rc, reason=reason, ctx=ctx, state=state,
-                            seconds=time.monotonic() - t0, log=say, before_seal=before_seal)
-    except BaseException as exc:
-        if not handed:
-            prestart.abort(clean=isinstance(exc, Exception))
-        raise
+    runner = Runner(home=home, state=state, timeout=timeout, ctx=ctx or RunContext.local(),
+                    log=log or (lambda _msg: None))
+    return runner.run(notebook, parameters, hooks)
 
 
 def _child_json(ctx: RunContext, command: str, spec: dict[str, Any], home: Path
