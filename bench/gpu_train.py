@@ -423,7 +423,7 @@ def child_lora_train(spec: dict) -> dict:
     """``lora train`` through its real entry point, timed per step (``on_step``), the first
     step from the loop's own progress records (``$LORA_PROGRESS_FILE``: elapsed since the
     loop started, compilation included)."""
-    from lora_kernel.training.config import load_config
+    from lora_kernel.training.checks import load_config
     from lora_kernel.training.loop import COMPILE_BACKEND_ENV, PROGRESS_ENV
     from lora_kernel.training.train import prepare_output_dir, train
     out_dir = Path(spec["out"])
@@ -489,7 +489,7 @@ def diffusers_peft_loop(config: str, model: str, *, batch: int, warmup: int, ste
     from peft import LoraConfig
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    from lora_kernel.training.config import load_config
+    from lora_kernel.training.checks import load_config
     from lora_kernel.training.image import load_examples
     device = _device()
     cfg = load_config(config)
@@ -569,7 +569,7 @@ def child_trainer(spec: dict) -> dict:
     import torch
     from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
 
-    from lora_kernel.training.config import load_config
+    from lora_kernel.training.checks import load_config
     from lora_kernel.training.text import build_sequences, encode_records
     device = _device()
     cfg = load_config(spec["config"])

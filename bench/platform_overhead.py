@@ -95,7 +95,7 @@ def _breakdown(home: Path, steps: int = 2) -> int:
     """One ``lora run`` (``steps`` steps, demo config) with timers around the runner's steps;
     print when each began and ended (seconds from the start)."""
     from lora_kernel.training.demo_assets import build_demo_assets
-    from lora_kernel.trusted import ledger, runner
+    from lora_kernel.trusted import ledger, runner, runseal
 
     os.environ["LORA_HOME"] = str(home)
     os.environ.setdefault("LORA_STATE", str(home / "state"))
@@ -114,10 +114,11 @@ def _breakdown(home: Path, steps: int = 2) -> int:
                 marks.append((time.monotonic() - t0, f"{label} end"))
         setattr(owner, name, wrapper)
 
-    for name, label in (("_child_json", "pin child"), ("_execute", "executor"),
-                        ("collect_evidence", "collect"), ("build_manifest", "manifest"),
-                        ("seal_record", "seal"), ("_remove_work", "remove work folder")):
-        timed(runner, name, label)
+    for owner, name, label in (
+            (runner, "_child_json", "pin child"), (runner, "_execute", "executor"),
+            (runseal, "collect_evidence", "collect"), (runseal, "build_manifest", "manifest"),
+            (runseal, "seal_record", "seal"), (runseal, "_remove_work", "remove work folder")):
+        timed(owner, name, label)
     timed(ledger.Ledger, "append_run", "ledger append")
 
     def progress(chunk: bytes) -> None:

@@ -35,7 +35,7 @@ def _plain(home: Path, steps: int) -> dict:
     """The baseline: diffusers' training example's loop (bench/gpu_train.py), fp32, CPU."""
     from gpu_train import diffusers_peft_loop  # bench/ is this script's folder
 
-    from lora_kernel.training.config import load_config
+    from lora_kernel.training.checks import load_config
     config = home / "demo" / "image_lora.yaml"
     cfg = load_config(config)
     r = diffusers_peft_loop(str(config), cfg.base_model, batch=cfg.batch_size, warmup=1,
@@ -45,7 +45,7 @@ def _plain(home: Path, steps: int) -> dict:
 
 
 def _ours(home: Path, steps: int, out: Path) -> dict:
-    from lora_kernel.training.config import load_config
+    from lora_kernel.training.checks import load_config
     from lora_kernel.training.train import train
     cfg = load_config(home / "demo" / "image_lora.yaml",
                       {"max_train_steps": steps, "save_steps": 0, "output_dir": str(out)})
@@ -69,7 +69,7 @@ def _full_unet_share(steps: int = 3) -> dict:
     import torch
     from diffusers import DDPMScheduler, UNet2DConditionModel
 
-    from lora_kernel.training.config import validate_config
+    from lora_kernel.training.checks import validate_config
     from lora_kernel.training.loop import run_loop
     from lora_kernel.training.models import bundled_config
     cfg_dir = bundled_config("sd15")

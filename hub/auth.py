@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import secrets
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 from jupyterhub.auth import Authenticator, PAMAuthenticator
 from traitlets import Bool, Unicode, default
 
+from lora_kernel.common.atomic import atomic_write
 from lora_kernel.trusted.identity import actor_by_name
 
 from .settings import load_settings
@@ -59,10 +59,7 @@ def add_demo_user(path: Path, name: str, groups: list[str], admin: bool = False,
     users[name] = {"salt": salt.hex(), "scrypt": _hash(password, salt), "groups": groups,
                    "admin": admin}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(users, indent=1, sort_keys=True))
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(users, indent=1, sort_keys=True), mode=0o600)
     return password
 
 

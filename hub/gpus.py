@@ -13,12 +13,12 @@ import contextlib
 import fcntl
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_kernel.common.atomic import atomic_write
 from lora_kernel.common.errors import ConfigError, PolicyRefusal
 
 
@@ -107,10 +107,8 @@ class Pool:
         return {str(k): [str(d) for d in v] for k, v in holders.items()}
 
     def _write(self, holders: dict[str, list[str]]) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".gpus-")
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"v": 1, "holders": holders}, fh, sort_keys=True, indent=1)
-        os.replace(tmp, self.path)
+        atomic_write(self.path, json.dumps({"v": 1, "holders": holders}, sort_keys=True,
+                                           indent=1), mode=0o600)
 
     def holders(self) -> dict[str, list[str]]:
         with self._locked() as holders:

@@ -37,56 +37,19 @@ import math
 import posixpath
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from lora_kernel.common.errors import ConfigError
 from lora_kernel.common.offline import OFFLINE_VARS
 
 from .runqueue import Submission
+from .settings import K8sSettings
 
 PART_OF = "lora-enclave"
 RUN_ID_LABEL = "lora-enclave/run-id"
 SUBMISSION_LABEL = "lora-enclave/submission"
 USER_LABEL = "lora-enclave/user"
 _LABEL_VALUE = re.compile(r"[^A-Za-z0-9._-]+")
-
-
-@dataclass
-class K8sSettings:
-    """Where and how the Jobs run. Defaults match docker/k8s/values.yaml."""
-
-    namespace: str = "lora-enclave"
-    image: str = "registry.example.internal/lora-enclave/singleuser:0.1.0"
-    image_pull_policy: str = "IfNotPresent"
-    # The zero-to-jupyterhub release: its single-user NetworkPolicy selects these labels.
-    release: str = "lora-enclave"
-    # user name -> (uid, gid); users not in it are looked up in the passwd database (NSS:
-    # files, sssd or LDAP, the same source the hub's authenticator uses).
-    uids: dict[str, tuple[int, int]] = field(default_factory=dict)
-    home_claim: str = "claim-{user}"        # z2jh's per-user PVC name
-    home_mount: str = "/home/jovyan"        # where the single-user image mounts it
-    workdir: str = "lora"                   # the working home inside it ($LORA_HOME)
-    output_mount: str = "/lora-run"         # the run's folder, inside the pod
-    output_claim: str = "lora-run-outputs"  # ReadWriteMany; one subPath per run
-    output_root: str = "/srv/lora-run-outputs"  # the same claim, mounted in the runs service
-    notebooks_dir: str = "/opt/lora-enclave/notebooks"  # the image's copy of notebooks/
-    python: str = "/opt/lora-enclave/.venv/bin/python"
-    read_only_root: bool = True
-    default_deadline_s: int = 24 * 3600     # a submission without a timeout
-    ttl_after_finished_s: int = 3600        # the service seals well before this
-    grace_s: int = 60                       # SIGTERM to SIGKILL: time to collect evidence
-    cpu_request: str = "2"
-    memory_request: str = "8Gi"
-    memory_limit: str | None = "64Gi"
-    node_selector: dict[str, str] = field(default_factory=dict)
-    extra_labels: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def netpol_labels(self) -> dict[str, str]:
-        """The labels zero-to-jupyterhub's ``singleuser`` NetworkPolicy selects pods by."""
-        return {"app": "jupyterhub", "release": self.release,
-                "component": "singleuser-server"}
 
 
 def _client() -> Any:

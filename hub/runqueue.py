@@ -30,13 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from lora_kernel.common.errors import ConfigError, NoMatch
+from lora_kernel.common.runspec import FINAL_STATUSES, RUN_STATUSES
 
 from .gpus import GpuUnavailable, Pool
 from .settings import gpu_pool_path, hub_state_dir
 
 KINDS = ("notebook", "config")
-STATUSES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
-FINAL = frozenset({"succeeded", "failed", "cancelled", "interrupted"})
+STATUSES = RUN_STATUSES
+FINAL = FINAL_STATUSES
 OWNER_PREFIX = "run:"
 
 _SCHEMA = """

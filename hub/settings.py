@@ -4,6 +4,7 @@ Plain helpers (no jupyterhub import), shared by the hub config, the spawner and 
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,43 @@ AUDIT_SERVICE = "lora-audit"
 
 
 @dataclass
+class K8sSettings:
+    """Where and how the Jobs run. Defaults match docker/k8s/values.yaml."""
+
+    namespace: str = "lora-enclave"
+    image: str = "registry.example.internal/lora-enclave/singleuser:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    # The zero-to-jupyterhub release: its single-user NetworkPolicy selects these labels.
+    release: str = "lora-enclave"
+    # user name -> (uid, gid); users not in it are looked up in the passwd database (NSS:
+    # files, sssd or LDAP, the same source the hub's authenticator uses).
+    uids: dict[str, tuple[int, int]] = field(default_factory=dict)
+    home_claim: str = "claim-{user}"        # z2jh's per-user PVC name
+    home_mount: str = "/home/jovyan"        # where the single-user image mounts it
+    workdir: str = "lora"                   # the working home inside it ($LORA_HOME)
+    output_mount: str = "/lora-run"         # the run's folder, inside the pod
+    output_claim: str = "lora-run-outputs"  # ReadWriteMany; one subPath per run
+    output_root: str = "/srv/lora-run-outputs"  # the same claim, mounted in the runs service
+    notebooks_dir: str = "/opt/lora-enclave/notebooks"  # the image's copy of notebooks/
+    python: str = "/opt/lora-enclave/.venv/bin/python"
+    read_only_root: bool = True
+    default_deadline_s: int = 24 * 3600     # a submission without a timeout
+    ttl_after_finished_s: int = 3600        # the service seals well before this
+    grace_s: int = 60                       # SIGTERM to SIGKILL: time to collect evidence
+    cpu_request: str = "2"
+    memory_request: str = "8Gi"
+    memory_limit: str | None = "64Gi"
+    node_selector: dict[str, str] = field(default_factory=dict)
+    extra_labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def netpol_labels(self) -> dict[str, str]:
+        """The labels zero-to-jupyterhub's ``singleuser`` NetworkPolicy selects pods by."""
+        return {"app": "jupyterhub", "release": self.release,
+                "component": "singleuser-server"}
+
+
+@dataclass
 class HubSettings:
     roles: dict[str, str] = field(default_factory=dict)   # Linux group -> role
     devices: list[str] = field(default_factory=list)
@@ -30,7 +68,7 @@ class HubSettings:
     cull_timeout_s: int = 3600
     cull_every_s: int = 300
     runs_backend: str = "local"    # "local" (run workers here) or "kubernetes" (Jobs)
-    kubernetes: Any = None         # hub.k8s_backend.K8sSettings (runs.kubernetes)
+    kubernetes: K8sSettings = field(default_factory=K8sSettings)  # runs.kubernetes
 
     def roles_of(self, groups: list[str] | tuple[str, ...]) -> list[str]:
         """The hub roles of a user in Linux ``groups`` (researcher when none applies)."""
@@ -83,12 +121,8 @@ def load_settings() -> HubSettings:
     return settings
 
 
-def _k8s_settings(data: dict[str, Any], path: Path) -> Any:
-    """``runs.kubernetes`` as :class:`hub.k8s_backend.K8sSettings` (unknown keys refused)."""
-    import dataclasses
-
-    from .k8s_backend import K8sSettings
-
+def _k8s_settings(data: dict[str, Any], path: Path) -> K8sSettings:
+    """``runs.kubernetes`` as :class:`K8sSettings` (unknown keys refused)."""
     fields = {f.name: f for f in dataclasses.fields(K8sSettings)}
     kw: dict[str, Any] = {}
     for key, value in data.items():

@@ -26,8 +26,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from lora_kernel.common.atomic import atomic_write
 from lora_kernel.common.errors import ConfigError
-from lora_kernel.training.config import TrainConfig, load_config, parse_value
+from lora_kernel.training.checks import load_config
+from lora_kernel.training.config import TrainConfig, parse_value
 from lora_kernel.training.demo_assets import build_demo_assets, demo_dir
 
 __all__ = ["run_notice", "parse_overrides", "prepare_config", "run_training", "loss_curve",
@@ -95,7 +97,7 @@ def prepare_config(config_path: str | os.PathLike = "",
                    overrides: Mapping[str, Any] | str | None = None,
                    *, task: str, home: str | os.PathLike | None = None) -> TrainConfig:
     """Load and validate the run's config (the one validator,
-    :func:`lora_kernel.training.config.load_config`).
+    :func:`lora_kernel.training.checks.load_config`).
 
     An empty ``config_path`` means the demo config of ``task`` (``<home>/demo/<task>_lora.yaml``);
     the demo assets are built first when that file is missing. ``overrides`` is a mapping or a
@@ -261,7 +263,5 @@ def write_result(result, result_path: str | os.PathLike = "") -> str | None:
         return None
     path = Path(result_path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result_dict(result), indent=1, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(result_dict(result), indent=1, default=str))
     return str(path)

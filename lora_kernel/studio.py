@@ -17,24 +17,23 @@ home and asks the runner; the runner pins, runs and seals.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from lora_kernel.common.errors import ConfigError
+from lora_kernel.common.errors import ConfigError, LoraError
 from lora_kernel.common.paths import lora_home
 from lora_kernel.common.policy import load_policy
 from lora_kernel.common.yamlio import load_yaml
+from lora_kernel.user.progress import read_progress
+from lora_kernel.user.runs_client import RunsClient, is_final
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 # The parameters the studio shows, by task (every other key comes from the template).
@@ -106,49 +105,26 @@ def template_task(path: Path) -> str:
 
 # -- where runs go ------------------------------------------------------------------------------
 class HubRuns:
-    """The hub's runs service, with the single-user server's token."""
+    """The hub's runs service, with the single-user server's token (the studio's view of
+    :class:`~lora_kernel.user.runs_client.RunsClient`)."""
 
     def __init__(self, url: str, token: str) -> None:
-        self.url = url.rstrip("/") + "/"
-        self.token = token
-
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        req = urllib.request.Request(self.url + path, method=method,
-                                     data=json.dumps(body).encode() if body else None,
-                                     headers={"Authorization": f"token {self.token}",
-                                              "Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=30) as resp:  # loopback: the hub
-                data = resp.read()
-                return json.loads(data) if resp.headers.get_content_type().endswith("json") \
-                    else data
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode("utf-8", "replace")
-            try:
-                detail = json.loads(detail).get("message", detail)
-            except ValueError:
-                pass
-            raise ConfigError(f"runs service: {detail}") from None
+        self.client = RunsClient(url, token, timeout=30)
 
     def submit(self, config_path: Path) -> str:
-        return str(self._call("POST", "api/runs", {"config": str(config_path)})["id"])
+        return str(self.client.submit({"config": str(config_path)})["id"])
 
     def status(self, handle: str) -> dict[str, Any]:
-        row = self._call("GET", f"api/runs/{handle}")
+        row = self.client.get(handle)
         return {"status": row["status"], "run_id": row.get("run_id"), "error": row.get("error"),
-                "done": row["status"] not in ("queued", "running")}
+                "done": is_final(row["status"])}
 
     def samples(self, handle: str) -> bytes | None:
-        try:
-            data = self._call("GET", f"api/runs/{handle}/samples.png")
-        except ConfigError:
-            return None
-        return data if isinstance(data, bytes) else None
+        return self.client.samples(handle)
 
     def my_runs(self) -> list[dict[str, Any]]:
         return [{"id": r["id"], "run_id": r.get("run_id"), "status": r["status"],
-                 "what": Path(str(r.get("path", ""))).name} for r in
-                self._call("GET", "api/runs")["runs"]]
+                 "what": Path(str(r.get("path", ""))).name} for r in self.client.list()]
 
 
 class LocalRuns:
@@ -200,32 +176,6 @@ class LocalRuns:
 def default_runs() -> HubRuns | LocalRuns:
     url, token = os.environ.get("LORA_RUNS_URL"), os.environ.get("JUPYTERHUB_API_TOKEN")
     return HubRuns(url, token) if url and token else LocalRuns()
-
-
-# -- progress -----------------------------------------------------------------------------------
-def read_progress(path: Path) -> dict[str, Any]:
-    """Steps, total, losses and ETA (s) from a run's ``progress.jsonl``."""
-    out: dict[str, Any] = {"step": 0, "total": None, "losses": [], "eta": None}
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if rec.get("event") == "train_start":
-            out["total"] = rec.get("total")
-        elif rec.get("event") == "step":
-            out["step"], out["total"] = rec.get("step", 0), rec.get("total") or out["total"]
-            if isinstance(rec.get("loss"), (int, float)):
-                out["losses"].append(float(rec["loss"]))
-            start, elapsed = rec.get("start", 0) or 0, rec.get("elapsed")
-            done = out["step"] - start
-            if elapsed and done > 0 and out["total"]:
-                out["eta"] = elapsed / done * (out["total"] - out["step"])
-    return out
 
 
 def loss_png(losses: list[float]) -> bytes:
@@ -369,7 +319,7 @@ class Studio:
         TrainConfig, or None."""
         from html import escape
 
-        from lora_kernel.training.config import validate_config
+        from lora_kernel.training.checks import validate_config
 
         for label in self.errors.values():
             label.value = ""
@@ -405,7 +355,7 @@ class Studio:
         self.announce(f"studio: submitting {path}\n{text}\n")
         try:
             self.handle = self.runs.submit(path)
-        except ConfigError as exc:
+        except LoraError as exc:
             self.status.value = f"<span style='color:#b00020'>{exc}</span>"
             return None
         self.done, self.run_id = False, None
@@ -463,7 +413,7 @@ class Studio:
 
         try:
             runs = self.runs.my_runs()
-        except ConfigError as exc:
+        except LoraError as exc:
             self.my_runs_html.value = escape(str(exc))
             return
         rows = "".join(f"<tr><td>{escape(str(r['id']))}</td><td>{escape(str(r['what']))}</td>"

@@ -15,6 +15,8 @@ it still ties the zones together), relative imports resolved, and ``importlib.im
   ``lora_kernel.training``) nor the heavy libraries, and nothing in ``lora_kernel`` imports
   ``hub`` (the kernel, the CLI and the runner reach the hub only over HTTP);
 
+no two modules import each other, directly or round a loop (:func:`import_cycles`);
+
 and, at run time, importing every module of ``lora_kernel.trusted`` and
 ``lora_kernel.provenance`` leaves ``torch`` out of ``sys.modules``.
 
@@ -210,7 +212,7 @@ def test_walker_sees_the_real_tree():
     assert len(tree) > 40
     # a known function-level import in the real code is seen (evidence the walk goes deep)
     _, executor = tree[PACKAGE / "trusted" / "executor.py"]
-    assert any("lora_kernel.training.config" in i.targets for i in executor)
+    assert any("lora_kernel.training.checks" in i.targets for i in executor)
     _, spawner = tree[HUB / "spawner.py"]                      # hub/ is walked too
     assert any("jupyterhub.spawner" in i.targets for i in spawner)
 
@@ -270,3 +272,99 @@ def test_trusted_and_provenance_import_without_torch():
         f"torch imported by {result['pulled_in_by']['torch']}; "
         f"heavy modules loaded: {result['heavy']}")
     assert not result["heavy"], f"heavy modules loaded: {result['pulled_in_by']}"
+
+
+# --- no import circles --------------------------------------------------------------------
+
+def import_graph(tree: dict[Path, tuple[str, list[Import]]]) -> dict[str, set[str]]:
+    """Module → the modules of the walked tree it imports.
+
+    Every import the walker collects is an edge — module level, inside functions and classes,
+    under ``if TYPE_CHECKING``: a function-level import is a real dependency (it runs whenever
+    the function does; moving an import into a function to dodge a circle hides the circle,
+    it does not remove it), and a ``TYPE_CHECKING`` import still ties the two modules' meaning
+    together. A target names the longest module of the tree it starts with (``from X import a``
+    is ``X.a`` when that is a module, else ``X``). Importing one's own package (an ancestor,
+    run anyway before any submodule) and imports outside the tree are no edges.
+    """
+    modules = {module for module, _ in tree.values()}
+
+    def owner(target: str) -> str | None:
+        parts = target.split(".")
+        for end in range(len(parts), 0, -1):
+            name = ".".join(parts[:end])
+            if name in modules:
+                return name
+        return None
+
+    graph: dict[str, set[str]] = {module: set() for module in modules}
+    for module, imports in tree.values():
+        for imp in imports:
+            for target in imp.targets:
+                found = owner(target)
+                if found and found != module and not _within(module, found):
+                    graph[module].add(found)
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The circles of ``graph``: each strongly connected component of more than one module
+    (Tarjan's algorithm, iterative), sorted, as one list of sorted module names."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles: list[list[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    cycles.append(sorted(component))
+    return sorted(cycles)
+
+
+def test_cycle_finder_finds_direct_and_round_a_loop_circles():
+    graph = {"a": {"b"}, "b": {"a"}, "c": {"d"}, "d": {"e"}, "e": {"c", "f"}, "f": set()}
+    assert import_cycles(graph) == [["a", "b"], ["c", "d", "e"]]
+    # must work: a tree without a circle, and an import of one's own package
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": set()}) == []
+    tree = {Path("p/m.py"): ("p.m", collect_imports("from p import n\n", "p.m")),
+            Path("p/n.py"): ("p.n", collect_imports("def f():\n    import p.m\n", "p.n")),
+            Path("p/__init__.py"): ("p", collect_imports("from . import m\n", "p", True))}
+    graph = import_graph(tree)
+    assert graph["p.m"] == {"p.n"} and graph["p.n"] == {"p.m"}  # function level counts
+    assert graph["p"] == {"p.m"}                                  # a package imports its own
+    assert import_cycles(graph) == [["p.m", "p.n"]]
+
+
+def test_no_import_circles():
+    cycles = import_cycles(import_graph(_tree()))
+    assert not cycles, "modules that import each other (directly or round a loop):\n" + \
+        "\n".join(" ↔ ".join(cycle) for cycle in cycles)

@@ -16,7 +16,7 @@ here, as the service account; only the user's steps move into the cluster::
       │    sha256), exit.json, executor.log, evidence.tar — never through a link, only
       │    regular files, size-capped (lora_kernel.trusted.evidence.open_untrusted); the
       │    tar extracted with the runner's own rules; success only from the Job's condition
-      └─ manifest, seal, ledger entry (lora_kernel.trusted.runner.seal_run); delete the Job
+      └─ manifest, seal, ledger entry (lora_kernel.trusted.runseal.seal_run); delete the Job
 
 Inputs refused by the pin step (an invalid config, an unsafe model) end the submission with
 that error and no record, as ``lora run`` does; a Job that ends before its inputs were pinned
@@ -39,12 +39,14 @@ from pathlib import Path
 from typing import Any
 
 from lora_kernel.common.digests import sha256_bytes
-from lora_kernel.common.errors import ConfigError, LoraError, RunFailed, UnsafeModelError
+from lora_kernel.common.errors import ConfigError, LoraError, RunFailed, error_from_answer
 from lora_kernel.common.paths import runs_dir
+from lora_kernel.common.runspec import PinnedInputs, RunActor, RunDescription, RunUser
 from lora_kernel.common.timeutil import iso_time
 from lora_kernel.trusted.evidence import open_untrusted, read_untrusted
 from lora_kernel.trusted.jobstep import ACK
-from lora_kernel.trusted.runner import ActiveRun, RunContext, RunRecord, new_run_id, seal_run
+from lora_kernel.trusted.runner import new_run_id
+from lora_kernel.trusted.runseal import ActiveRun, RunContext, RunRecord, seal_run, stale_runs
 
 from ..k8s_backend import (
     K8sSettings,
@@ -65,8 +67,6 @@ SMALL_LIMIT = 1 << 20        # exit.json
 LOG_LIMIT = 16 << 20         # the tail of executor.log kept in the record
 API_RETRIES = 8              # consecutive transient API failures tolerated while polling
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-# What a record of a run whose pin answer cannot be believed says about its inputs.
-UNPINNED = {"kind": None, "notebook_sha256": ""}
 
 
 def load_apis() -> tuple[Any, Any]:
@@ -117,53 +117,29 @@ def _read_json(path: Path, limit: int) -> tuple[dict[str, Any] | None, bytes | N
     return (obj if isinstance(obj, dict) else None), data
 
 
-def _str_map(value: Any) -> bool:
-    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str)
-                                           for k, v in value.items())
+def pin_answer(doc: dict[str, Any]) -> tuple[PinnedInputs, dict[str, Any]]:
+    """The pin step's answer and the parameters from a Job's ``pinned.json``, typed
+    (:meth:`PinnedInputs.from_untrusted`: the pod is the user's, its word is recorded as the
+    user's, as the local pin child's is); :class:`LoraError` naming the field when malformed.
+    No resume on Kubernetes: a resume point is dropped."""
+    params = doc.get("parameters")
+    if not isinstance(doc.get("pinned"), dict) or not isinstance(params, dict):
+        raise LoraError("pinned.json has no pinned inputs and parameters")
+    return PinnedInputs.from_untrusted(doc["pinned"], where="pinned.json", resume=False), params
 
 
 def check_pinned(doc: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The pin step's answer and the parameters from a Job's ``pinned.json``, checked for the
-    shape the sealing needs (the pod is the user's: its word is recorded as the user's, as
-    the local pin child's is); :class:`LoraError` when malformed."""
-    pinned, params = doc.get("pinned"), doc.get("parameters")
-    if not isinstance(pinned, dict) or not isinstance(params, dict):
-        raise LoraError("pinned.json has no pinned inputs and parameters")
-    if not isinstance(pinned.get("notebook_sha256"), str) \
-            or not _SHA256.match(pinned["notebook_sha256"]):
-        raise LoraError("pinned.json: notebook_sha256 is not a sha256")
-    if pinned.get("kind") not in ("notebook", "training") \
-            or not isinstance(pinned.get("declared"), list) \
-            or not isinstance(pinned.get("notebook"), str):
-        raise LoraError("pinned.json: kind, notebook or declared parameters missing")
-    checks: list[tuple[str, Callable[[Any], bool]]] = [
-        ("seed", lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool))),
-        ("config", lambda v: v is None or isinstance(v, dict)),
-        ("dataset_digests", lambda v: v is None or _str_map(v)),
-        ("dataset_version", lambda v: v is None or isinstance(v, str)),
-        ("base_model_sha256", lambda v: v is None or (isinstance(v, str)
-                                                      and bool(_SHA256.match(v))))]
-    if pinned["kind"] == "training":
-        checks += [(key, lambda v: v is not None)
-                   for key in ("config", "config_path", "config_sha256", "dataset_digests",
-                               "base_model_sha256", "overrides")]
-        checks += [("config_path", lambda v: isinstance(v, str)),
-                   ("config_sha256", lambda v: isinstance(v, str) and bool(_SHA256.match(v)))]
-    for key, ok in checks:
-        if not ok(pinned.get(key)):
-            raise LoraError(f"pinned.json: {key} is missing or of the wrong type")
-    pinned = {k: v for k, v in pinned.items() if k != "resume"}  # no resume on Kubernetes
-    return pinned, params
+    """:func:`pin_answer` as plain JSON (the pinned inputs the record keeps)."""
+    pinned, params = pin_answer(doc)
+    return pinned.to_dict(), params
 
 
 def _pin_error(doc: dict[str, Any]) -> LoraError | None:
     err = doc.get("error")
     if not isinstance(err, dict):
         return None
-    code = err.get("exit_code")
-    cls = {2: ConfigError, 3: UnsafeModelError}.get(code if isinstance(code, int) else 1,
-                                                    LoraError)
-    return cls(f"the run's inputs were refused in the Job: {str(err.get('message'))[:2000]}")
+    return error_from_answer(err, prefix="the run's inputs were refused in the Job: ",
+                             limit=2000)
 
 
 class Watch:
@@ -277,80 +253,28 @@ def execute(queue: RunQueue, sub: Submission, ctx: RunContext, state: str,
     run_id = new_run_id()
     job = job_manifest(sub, settings, run_id=run_id)  # ConfigError: nothing submitted
     name = str(job.metadata.name)
-    spec = job_spec(sub, settings, run_id)
     out = Path(settings.output_root) / name
     if os.path.lexists(out):
         raise LoraError(f"{out} already exists: another run's outputs; nothing submitted")
     with ctx.privileges.elevated():
         queue.set_run_id(sub.id, run_id)
-    uid = int(job.spec.template.spec.security_context.run_as_user)
-    run: dict[str, Any] = {
-        "run_id": run_id, "notebook": spec.get("notebook") or spec.get("config"),
-        "parameters": spec.get("parameters") or {"config_path": spec.get("config"),
-                                                 "overrides": spec.get("overrides")},
-        "home": spec["home"], "work": str(out / "work"), "started": iso_time(),
-        "actor": {"name": ctx.actor.name, "uid": ctx.actor.uid, "source": ctx.actor.source},
-        "run_as": {"uid": uid, "name": sub.user},
-        "pinned": dict(UNPINNED),  # until the pod answers (a recovery seals it so)
-        "backend": "kubernetes", "evidence": str(out / "evidence.tar"),
-        "extra": {"backend": "kubernetes", "job": name, "namespace": settings.namespace,
-                  "image": settings.image}}
+    run = _describe(sub, ctx, settings, job, run_id, out)
     watch = Watch(api, core, name, settings, out, POLL_S if poll_s is None else poll_s)
     with ActiveRun(runs_dir(state), run) as active:
         log.info("run %s: Job %s/%s for %s", run_id, settings.namespace, name, sub.user)
         t0 = time.monotonic()
-        try:
-            submit(api, job)
-        except Exception as exc:  # nothing was created
-            shutil.rmtree(active.staging, ignore_errors=True)
-            raise LoraError(f"the cluster refused the Job {name}: {exc}") from None
-        try:
-            st, stopped = watch.wait(sub.timeout, cancelled)
-            if watch.ack is None:
-                watch.read_ack()
-        except Exception as exc:  # the API failed for good: stop the Job, seal what it left
-            log.exception("Job %s: lost", name)
-            st, stopped = {"state": "lost"}, f"the runs service lost the Job: {exc}"
-            try:
-                watch.delete()
-            except Exception:
-                log.exception("Job %s: could not delete it", name)
+        _submit(api, job, active.staging)
+        st, stopped = _wait(watch, sub.timeout, cancelled)
         job_reason = _stopped_reason(st, sub.timeout)
         doc, data = _read_json(out / "pinned.json", PINNED_LIMIT)
         if watch.ack is None and not any(os.path.lexists(out / f) for f in
                                          ("exit.json", "evidence.tar", "work")):
             # The run step acknowledges before the kernel starts: no user code ran.
-            refused = _pin_error(doc) if doc is not None else None
             shutil.rmtree(active.staging, ignore_errors=True)
             _delete_quietly(watch)
-            why = stopped or job_reason
-            raise refused or LoraError(
-                f"the Job {name} ended ({st['state']}{': ' + why if why else ''}) before "
-                "its inputs were pinned: nothing ran, nothing recorded; fix: kubectl -n "
-                f"{settings.namespace} describe job {name}")
-        pinned, params, pin_reason = dict(UNPINNED), run["parameters"], None
-        if watch.ack is None:
-            pin_reason = "the pin acknowledgement is missing from the pod's log"
-        elif doc is None or data is None or sha256_bytes(data) != watch.ack:
-            pin_reason = ("the pin answer (pinned.json) was changed or removed after the "
-                          "inputs were pinned; the record keeps none of it")
-        else:
-            try:
-                pinned, params = check_pinned(doc)
-            except LoraError as exc:
-                pin_reason = f"the Job's pin answer was malformed ({exc})"
-        run.update(pinned=pinned, parameters=params,
-                   notebook=str(pinned.get("notebook") or run["notebook"]))
-        # Success is the Job's own word (the run step's exit code), never exit.json's.
-        rc_doc, _ = _read_json(out / "exit.json", SMALL_LIMIT)
-        told = (rc_doc or {}).get("rc")
-        told = told if isinstance(told, int) and not isinstance(told, bool) else None
-        if st["state"] == "succeeded" and stopped is None:
-            rc: int | None = 0
-        else:
-            rc = 1 if told == 0 else told  # a failed Job's "0" is not believed
-            if told is not None and st["state"] == "failed":
-                job_reason = None  # the run step ended by itself: error.json says why
+            raise _refusal(doc, st, stopped or job_reason, name, settings)
+        pin_reason = _take_pin_answer(run, doc, data, watch.ack)
+        rc, job_reason = _exit_code(out, st, stopped, job_reason)
         reason = stopped or pin_reason or job_reason
         if rc is None and reason is None:
             reason = f"the Job ended ({st['state']}) without the run step's exit code"
@@ -363,6 +287,98 @@ def execute(queue: RunQueue, sub: Submission, ctx: RunContext, state: str,
     return rec
 
 
+def _describe(sub: Submission, ctx: RunContext, settings: K8sSettings, job: Any, run_id: str,
+              out: Path) -> RunDescription:
+    """The run as announced before its Job is created: no pin answer yet (a recovery seals
+    it so), the Job's tar as its evidence."""
+    spec = job_spec(sub, settings, run_id)
+    uid = int(job.spec.template.spec.security_context.run_as_user)
+    return RunDescription(
+        run_id=run_id, notebook=str(spec.get("notebook") or spec.get("config")),
+        parameters=spec.get("parameters") or {"config_path": spec.get("config"),
+                                              "overrides": spec.get("overrides")},
+        home=str(spec["home"]), work=str(out / "work"), started=iso_time(),
+        actor=RunActor(ctx.actor.name, ctx.actor.uid, ctx.actor.source),
+        run_as=RunUser(uid, sub.user),
+        pinned=None,  # until the pod answers (a recovery seals it so)
+        backend="kubernetes", evidence=str(out / "evidence.tar"),
+        extra={"backend": "kubernetes", "job": str(job.metadata.name),
+               "namespace": settings.namespace, "image": settings.image})
+
+
+def _submit(api: Any, job: Any, staging: Path) -> None:
+    """Create the Job; when the cluster refuses it nothing was created (no record)."""
+    try:
+        submit(api, job)
+    except Exception as exc:  # nothing was created
+        shutil.rmtree(staging, ignore_errors=True)
+        raise LoraError(f"the cluster refused the Job {job.metadata.name}: {exc}") from None
+
+
+def _wait(watch: Watch, timeout: float | None, cancelled: Callable[[], bool]
+          ) -> tuple[dict[str, Any], str | None]:
+    """:meth:`Watch.wait` and the pin acknowledgement; when the API fails for good the Job is
+    stopped and the run goes on to be sealed with what it left."""
+    try:
+        st, stopped = watch.wait(timeout, cancelled)
+        if watch.ack is None:
+            watch.read_ack()
+        return st, stopped
+    except Exception as exc:  # the API failed for good: stop the Job, seal what it left
+        log.exception("Job %s: lost", watch.name)
+        try:
+            watch.delete()
+        except Exception:
+            log.exception("Job %s: could not delete it", watch.name)
+        return {"state": "lost"}, f"the runs service lost the Job: {exc}"
+
+
+def _refusal(doc: dict[str, Any] | None, st: dict[str, Any], why: str | None, name: str,
+             settings: K8sSettings) -> LoraError:
+    """The error of a Job that ended before its inputs were pinned (nothing ran): the pin
+    step's own refusal when it wrote one, else why the Job ended."""
+    refused = _pin_error(doc) if doc is not None else None
+    return refused or LoraError(
+        f"the Job {name} ended ({st['state']}{': ' + why if why else ''}) before its inputs "
+        f"were pinned: nothing ran, nothing recorded; fix: kubectl -n {settings.namespace} "
+        f"describe job {name}")
+
+
+def _take_pin_answer(run: RunDescription, doc: dict[str, Any] | None, data: bytes | None,
+                     ack: str | None) -> str | None:
+    """Put the pod's pin answer into ``run`` when it is the acknowledged one and well formed;
+    else leave the run unpinned and return why."""
+    pinned: PinnedInputs | None = None
+    params, pin_reason = run.parameters, None
+    if ack is None:
+        pin_reason = "the pin acknowledgement is missing from the pod's log"
+    elif doc is None or data is None or sha256_bytes(data) != ack:
+        pin_reason = ("the pin answer (pinned.json) was changed or removed after the "
+                      "inputs were pinned; the record keeps none of it")
+    else:
+        try:
+            pinned, params = pin_answer(doc)
+        except LoraError as exc:
+            pin_reason = f"the Job's pin answer was malformed ({exc})"
+    run.pinned, run.parameters = pinned, params
+    run.notebook = pinned.notebook if pinned is not None else run.notebook
+    return pin_reason
+
+
+def _exit_code(out: Path, st: dict[str, Any], stopped: str | None, job_reason: str | None
+               ) -> tuple[int | None, str | None]:
+    """The run step's exit code and what is left of the Job's reason. Success is the Job's
+    own word (its condition), never ``exit.json``'s; a failed Job's "0" is not believed."""
+    rc_doc, _ = _read_json(out / "exit.json", SMALL_LIMIT)
+    told = (rc_doc or {}).get("rc")
+    told = told if isinstance(told, int) and not isinstance(told, bool) else None
+    if st["state"] == "succeeded" and stopped is None:
+        return 0, job_reason
+    if told is not None and st["state"] == "failed":
+        job_reason = None  # the run step ended by itself: error.json says why
+    return (1 if told == 0 else told), job_reason
+
+
 def _delete_quietly(watch: Watch) -> None:
     try:
         delete(watch.api, watch.name, watch.settings.namespace)
@@ -370,7 +386,7 @@ def _delete_quietly(watch: Watch) -> None:
         log.exception("Job %s: could not delete it", watch.name)
 
 
-def _seal(run: dict[str, Any], staging: Path, rc: int | None, reason: str | None,
+def _seal(run: RunDescription, staging: Path, rc: int | None, reason: str | None,
           ctx: RunContext, state: str, t0: float, watch: Watch) -> RunRecord:
     """:func:`seal_run`; a failed run deletes its Job first. A value of the pod's that the
     sealing cannot take is sealed failed without the pin answer, never left unrecorded."""
@@ -383,11 +399,11 @@ def _seal(run: dict[str, Any], staging: Path, rc: int | None, reason: str | None
         _delete_quietly(watch)
         raise
     except (ValueError, TypeError, KeyError) as exc:
-        log.exception("run %s: sealing failed", run["run_id"])
+        log.exception("run %s: sealing failed", run.run_id)
         _delete_quietly(watch)
         for item in staging.iterdir():  # start again from an empty staging folder
             shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
-        run.update(pinned=dict(UNPINNED), evidence=str(staging / "none"))
+        run.pinned, run.evidence = None, str(staging / "none")
         return seal_run(run, staging, rc=rc, ctx=ctx, state=state, log=say,
                         reason=f"the Job's outputs could not be sealed ({exc})",
                         seconds=time.monotonic() - t0)
@@ -400,17 +416,16 @@ def recover(state: str, ctx: RunContext, *, api: Any, core: Any,
     those runs as failed from what their output folders hold
     (:func:`lora_kernel.trusted.recovery.recover`)."""
     from lora_kernel.trusted.recovery import recover as seal_stale
-    from lora_kernel.trusted.recovery import stale_runs
 
     for run in stale_runs(state):
-        extra = run.get("extra") or {}
-        if run.get("backend") == "kubernetes" and extra.get("job"):
+        extra = run.extra
+        if run.backend == "kubernetes" and extra.get("job"):
             job_settings = settings or K8sSettings()
             job_settings = K8sSettings(**{**job_settings.__dict__,
                                           "namespace": str(extra.get("namespace")
                                                            or job_settings.namespace)})
-            Watch(api, core, str(extra["job"]), job_settings, Path(run["work"]).parent,
+            Watch(api, core, str(extra["job"]), job_settings, Path(run.work).parent,
                   POLL_S).delete()
-            log.warning("run %s: deleted Job %s (its worker is gone)", run["run_id"],
+            log.warning("run %s: deleted Job %s (its worker is gone)", run.run_id,
                         extra["job"])
     return seal_stale(state=state, ctx=ctx)

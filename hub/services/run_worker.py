@@ -40,14 +40,12 @@ from lora_kernel.common.errors import ConfigError, LoraError, RunFailed
 from lora_kernel.common.process import die_with_parent
 from lora_kernel.trusted.identity import Actor, actor_by_name, current_actor
 from lora_kernel.trusted.runner import (
-    ENV_DROP,
-    RunContext,
-    RunRecord,
     notebook_for_task,
     run_config,
     run_notebook,
     service_env,
 )
+from lora_kernel.trusted.runseal import ENV_DROP, RunContext, RunRecord
 from lora_kernel.trusted.service import PASS_ENV
 from lora_kernel.trusted.supervisor import Privileges, RunAs, child_cwd, spawn
 

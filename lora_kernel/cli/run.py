@@ -12,11 +12,12 @@ runs the kernel as you and writes the record as the service account.
 
 Progress: the run's executor sends progress records (cells, training steps); on a terminal
 they become live bars (steps, loss, it/s, ETA), otherwise one line per tenth of the training
-(:class:`ProgressView`); ``--quiet`` shows none.
+(:class:`lora_kernel.user.progress.ProgressView`); ``--quiet`` shows none.
 
 ``--hub URL`` submits the run to the hub's runs service (``lora-runs``) with
 ``$JUPYTERHUB_API_TOKEN`` (set in every hub server's terminal), waits for it and prints its
-record; the hub chooses the working home and runs the kernel as you (:func:`run_on_hub`).
+record; the hub chooses the working home and runs the kernel as you (:func:`run_on_hub`, over
+:class:`lora_kernel.user.runs_client.RunsClient`, the studio's client too).
 
 Exit codes: 0 success, 2 invalid config/parameters, 5 the new record does not verify,
 6 refused (the hub: a GPU quota), 7 the run failed (its record, marked failed, was written
@@ -26,14 +27,11 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import json
-import math
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from lora_kernel.cli.options import (
     add_home,
@@ -42,9 +40,14 @@ from lora_kernel.cli.options import (
     add_state,
     parse_overrides,
 )
-from lora_kernel.common.errors import ConfigError, LoraError, VerificationError
+from lora_kernel.common.errors import ConfigError, VerificationError
 from lora_kernel.common.yamlio import load_yaml
 from lora_kernel.training.config import config_keys, parse_value
+from lora_kernel.user.progress import ProgressView
+from lora_kernel.user.runs_client import RunsClient, submission_error
+
+__all__ = ["ProgressView", "cmd_demo", "cmd_run", "notebook_parameters", "register",
+           "run_on_hub"]
 
 
 def _log(msg: str) -> None:
@@ -137,140 +140,6 @@ def notebook_parameters(notebook: Path, params_file: str | None,
     return params
 
 
-class ProgressView:
-    """Renders a run's progress records (:mod:`lora_kernel.trusted.executor`: ``cell``,
-    ``train_start``, ``step``, ``train_end``, ``done``; one JSON object a line) on ``out``.
-
-    ``live`` (a terminal): a bar of the notebook's cells and, while training, a bar of its
-    steps with loss, it/s and ETA. Otherwise (a log, CI, a pipe): one line when training
-    starts, one at every tenth of its steps (and at least every ``EVERY_S`` seconds), one at
-    its end. Lines that are not records are shown as they are. Fed from any thread.
-    """
-
-    EVERY_S = 60.0
-
-    def __init__(self, out: TextIO, *, live: bool) -> None:
-        self.out, self.live = out, live
-        self._lock = threading.Lock()
-        self._partial = b""
-        self._bars: dict[str, Any] = {}
-        self._every, self._next, self._shown, self._last_t = 1, 0, -1, 0.0
-
-    def feed(self, chunk: bytes) -> None:
-        """Take a chunk of the executor's output (records may span chunks)."""
-        with self._lock:
-            *lines, self._partial = (self._partial + chunk).split(b"\n")
-            for line in lines:
-                self._line(line)
-
-    def close(self) -> None:
-        """Finish the bars (after the run)."""
-        with self._lock:
-            if self._partial.strip():
-                self._line(self._partial)
-            self._partial = b""
-            self._close_bars()
-
-    def _line(self, line: bytes) -> None:
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            rec = None
-        if not isinstance(rec, dict) or not isinstance(rec.get("event"), str):
-            text = line.decode("utf-8", "replace").rstrip()
-            if text:
-                self._say(text)
-            return
-        handler = getattr(self, f"_on_{rec['event']}", None)
-        if handler is not None:
-            try:
-                handler(rec)
-            except (KeyError, TypeError, ValueError):
-                pass  # a malformed record: progress is a display, the run goes on
-
-    def _say(self, text: str) -> None:
-        if self._bars:
-            from tqdm import tqdm
-
-            tqdm.write(text, file=self.out)
-        else:
-            self.out.write(text + "\n")
-            self.out.flush()
-
-    def _bar(self, name: str, **kw: Any) -> Any:
-        from tqdm import tqdm
-
-        if name not in self._bars:
-            self._bars[name] = tqdm(file=self.out, dynamic_ncols=True, mininterval=0.2, **kw)
-        return self._bars[name]
-
-    def _close_bars(self) -> None:
-        for bar in reversed(list(self._bars.values())):
-            bar.close()
-        self._bars.clear()
-
-    def _on_cell(self, rec: dict) -> None:
-        if self.live:
-            bar = self._bar("cells", total=int(rec["cells"]), desc="Executing", unit="cell")
-            bar.n = int(rec["done"])
-            bar.refresh()
-
-    def _on_train_start(self, rec: dict) -> None:
-        step, total = int(rec["step"]), int(rec["total"])
-        self._every = max(1, math.ceil(total / 10))
-        self._next = (step // self._every + 1) * self._every
-        self._shown, self._last_t = step, time.monotonic()
-        what = f"{rec.get('task', '')} LoRA".strip()
-        if rec.get("resumed_from"):
-            self._say(f"training {what}: resuming at step {step}/{total} from "
-                      f"{rec['resumed_from']}")
-        elif not self.live:
-            self._say(f"training {what}: {total} steps")
-        if self.live:
-            self._bar("train", total=total, initial=step, desc=what, unit="step")
-
-    def _on_step(self, rec: dict) -> None:
-        step, total = int(rec["step"]), int(rec["total"])
-        if self.live:
-            bar = self._bar("train", total=total, initial=step - 1, desc="training",
-                            unit="step")
-            bar.set_postfix(loss=f"{float(rec['loss']):.4f}", refresh=False)
-            bar.update(step - bar.n)
-            return
-        now = time.monotonic()
-        if step >= self._next or step >= total or now - self._last_t >= self.EVERY_S:
-            self._say(self._step_line(rec))
-            self._shown, self._last_t = step, now
-            self._next = (step // self._every + 1) * self._every
-
-    @staticmethod
-    def _step_line(rec: dict) -> str:
-        step, total = int(rec["step"]), int(rec["total"])
-        done = step - int(rec.get("start", 0))
-        elapsed = float(rec.get("elapsed", 0.0))
-        rate = done / elapsed if elapsed > 0 and done > 0 else 0.0
-        eta = _hms((total - step) / rate) if rate else "?"
-        return (f"step {step}/{total} ({100 * step // max(1, total)}%)  loss "
-                f"{float(rec['loss']):.4f}  {rate:.2f} it/s  elapsed {_hms(elapsed)}  "
-                f"ETA {eta}")
-
-    def _on_train_end(self, rec: dict) -> None:
-        bar = self._bars.pop("train", None)
-        if bar is not None:
-            bar.close()
-        step, total = int(rec["step"]), int(rec["total"])
-        if not self.live and step != self._shown and step < total:
-            self._say(f"training stopped at step {step}/{total}")
-
-    def _on_done(self, rec: dict) -> None:
-        self._close_bars()
-
-
-def _hms(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 def _print_record(rec) -> None:
     res = rec.result or {}
     loss = ""
@@ -327,50 +196,10 @@ def _run(notebook: Path | None, params: dict | None, args, resume: str | None = 
             view.close()
 
 
-HUB_POLL_S = 2.0
-
-
-def _hub_call(url: str, token: str, method: str = "GET",
-              body: dict[str, Any] | None = None) -> dict[str, Any]:
-    """One JSON request to the runs service; its HTTP errors as typed errors."""
-    import urllib.error
-    import urllib.request
-
-    from lora_kernel.common.errors import PolicyRefusal
-
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={
-        "Authorization": f"token {token}", "Content-Type": "application/json",
-        "Accept": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310 (the hub's URL)
-            answer: dict[str, Any] = json.loads(resp.read() or b"{}")
-            return answer
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.loads(exc.read()).get("message") or exc.reason
-        except (ValueError, AttributeError):
-            message = exc.reason
-        if exc.code == 400:
-            raise ConfigError(f"the hub refused the run: {message}") from None
-        if exc.code in (401, 403):
-            raise PolicyRefusal(f"the hub refused: {message} (HTTP {exc.code}); fix: a fresh "
-                                "token in JUPYTERHUB_API_TOKEN (hub: Token page), or ask "
-                                "within your quota") from None
-        if exc.code == 404 and method == "POST" and url.endswith("/api/runs"):
-            raise ConfigError(f"no runs service at {url}; fix: --hub names the hub's URL "
-                              "(e.g. https://hub.example.org)") from None
-        raise LoraError(f"the hub answered HTTP {exc.code} for {url}: {message}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise ConfigError(f"cannot reach the hub at {url}: {getattr(exc, 'reason', exc)}; "
-                          "fix: check --hub URL") from None
-
-
-def run_on_hub(hub: str, request: dict[str, Any], *,
-               poll_s: float = HUB_POLL_S) -> dict[str, Any]:
-    """Submit ``request`` to ``<hub>/services/lora-runs/api/runs`` and wait until it is
-    finished; return the submission. Ctrl-C (or SIGTERM) asks the hub to cancel the run and
-    waits for its record; a second one stops waiting."""
+def run_on_hub(hub: str, request: dict[str, Any]) -> dict[str, Any]:
+    """Submit ``request`` to the hub's runs service and wait until it is finished; return the
+    submission (:class:`~lora_kernel.user.runs_client.RunsClient`: Ctrl-C cancels the run and
+    waits for its record, a second one stops waiting)."""
     import os
 
     token = os.environ.get("JUPYTERHUB_API_TOKEN")
@@ -378,27 +207,15 @@ def run_on_hub(hub: str, request: dict[str, Any], *,
         raise ConfigError("JUPYTERHUB_API_TOKEN is not set; fix: run this in a terminal of "
                           "your hub server (it is set there), or create a token on the hub's "
                           "Token page and export JUPYTERHUB_API_TOKEN=...")
-    base = hub.rstrip("/") + "/services/lora-runs/api/runs"
-    sub = _hub_call(base, token, "POST", request)
+    client = RunsClient.for_hub(hub, token)
+    sub = client.submit(request)
     print(f"submitted: hub run #{sub['id']} ({sub['status']})", flush=True)
-    cancelled = False
-    while True:
-        try:
-            sub = _hub_call(f"{base}/{sub['id']}", token)
-            if sub["status"] in ("succeeded", "failed", "cancelled", "interrupted"):
-                return sub
-            time.sleep(poll_s)
-        except KeyboardInterrupt:
-            if cancelled:
-                raise
-            cancelled = True
-            _log(f"cancelling hub run #{sub['id']} (Ctrl-C again to stop waiting)")
-            _hub_call(f"{base}/{sub['id']}/cancel", token, "POST", {})
+    return client.wait(sub["id"], on_cancel=lambda: _log(
+        f"cancelling hub run #{sub['id']} (Ctrl-C again to stop waiting)"))
 
 
 def _hub_result(sub: dict[str, Any]) -> int:
     """Print a finished hub submission; 0 when it succeeded, else raise its error."""
-    from lora_kernel.common.errors import RunFailed, UnsafeModelError
     from lora_kernel.trusted.runner import RunRecord
 
     rec = sub.get("record")
@@ -406,14 +223,10 @@ def _hub_result(sub: dict[str, Any]) -> int:
         _print_record(RunRecord.from_dict(rec))
     print(f"hub run #{sub['id']}: {sub['status']}" + (f" (run {sub['run_id']})"
                                                         if sub.get("run_id") else ""))
-    if sub["status"] == "succeeded":
-        return 0
-    message = sub.get("error") or sub["status"]
-    if not rec and sub.get("exit_code") == 2:
-        raise ConfigError(message)
-    if not rec and sub.get("exit_code") == 3:
-        raise UnsafeModelError(message)
-    raise RunFailed(f"hub run #{sub['id']} {sub['status']}: {message}")
+    error = submission_error(sub)
+    if error is not None:
+        raise error
+    return 0
 
 
 def cmd_run(args) -> int:

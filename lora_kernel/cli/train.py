@@ -6,7 +6,8 @@ import logging
 import sys
 
 from lora_kernel.cli.options import add_home, add_override_args, parse_overrides
-from lora_kernel.training.config import config_keys, load_config
+from lora_kernel.training.checks import load_config
+from lora_kernel.training.config import config_keys
 
 
 def print_dataset_warnings(cfg) -> None:

@@ -83,7 +83,7 @@ class PolicyRefusal(LoraError, PermissionError):
 class RunFailed(LoraError):
     """A training run failed; its record (marked failed) was written before this was raised.
 
-    ``record`` is the :class:`lora_kernel.trusted.runner.RunRecord` of the failed run (set by
+    ``record`` is the :class:`lora_kernel.trusted.runseal.RunRecord` of the failed run (set by
     the runner).
     """
 
@@ -101,3 +101,29 @@ class TrainingInterrupted(LoraError, KeyboardInterrupt):
     """Training was interrupted (Ctrl-C / SIGTERM) after saving a checkpoint."""
 
     exit_code = 130
+
+
+# The errors an answer across a process boundary may name (the pin step's, the runner
+# service's), by class name and by exit code (exit code 3 is UnsafeModelError's: NoMatch is
+# never an answer). TrainingInterrupted is no answer: it ends the process that raised it.
+_ANSWERED: tuple[type[LoraError], ...] = (ConfigError, UnsafeModelError, NoMatch,
+                                          EgressBlocked, VerificationError, PolicyRefusal,
+                                          RunFailed, DataError)
+_BY_NAME = {cls.__name__: cls for cls in _ANSWERED}
+_BY_CODE = {cls.exit_code: cls for cls in reversed(_ANSWERED)}
+
+
+def error_from_answer(error: Any, *, prefix: str = "", limit: int | None = None) -> LoraError:
+    """The typed error an answer's ``{"error": {"type", "exit_code", "message"}}`` object
+    stands for: the class it names when it is one of ours with that exit code, else the class
+    of its exit code, else :class:`LoraError`. ``prefix`` goes before the message (which is cut
+    to its first ``limit`` characters). The one mapping for every answer that crosses a
+    process boundary (the pin step, a Job's pin answer, the runner service)."""
+    fields = error if isinstance(error, dict) else {}
+    code = fields.get("exit_code")
+    code = code if isinstance(code, int) and not isinstance(code, bool) else 1
+    named = _BY_NAME.get(str(fields.get("type")))
+    cls = named if named is not None and named.exit_code == code else \
+        _BY_CODE.get(code, LoraError)
+    message = str(fields.get("message"))
+    return cls(prefix + (message[:limit] if limit is not None else message))

@@ -48,6 +48,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from lora_kernel.common.atomic import atomic_write
 from lora_kernel.common.paths import lora_home
 from lora_kernel.common.timeutil import parse_time
 
@@ -168,9 +169,7 @@ class Spool:
 
     def ack(self, seq: int, offset: int) -> None:
         """Record that everything up to ``seq`` (ending at ``offset``) was delivered."""
-        tmp = self.cursor_path.with_suffix(".tmp")
-        tmp.write_text(f"{seq} {offset}\n")
-        os.replace(tmp, self.cursor_path)
+        atomic_write(self.cursor_path, f"{seq} {offset}\n")
 
     def drained(self) -> bool:
         """Whether every appended event was acknowledged."""

@@ -109,55 +109,96 @@ def make_hook(policy: EgressPolicy, report: Callable[[GuardEvent], None] | None 
 
     ``report`` is called inside the hook: it must be quick and must not raise.
     """
-    state = threading.local()
-    watched = WATCHED
-    allowed_families = frozenset({int(socket.AF_INET), int(socket.AF_INET6)})
-    unix = int(getattr(socket, "AF_UNIX", -1))
+    return _Guard(policy, report).hook
 
-    def refuse(event, destination):
-        msg = refusal_message(event, destination, policy.path)
-        _report(GuardEvent("refusal", event, destination, _code_location(), msg))
+
+class _Guard:
+    """The audit hook of one policy: :meth:`hook` sends each watched event to its check."""
+
+    def __init__(self, policy: EgressPolicy, report: Callable[[GuardEvent], None] | None):
+        self.policy, self.report = policy, report
+        self.state = threading.local()
+        self.allowed_families = frozenset({int(socket.AF_INET), int(socket.AF_INET6)})
+        self.unix = int(getattr(socket, "AF_UNIX", -1))
+
+    def hook(self, event, args):
+        if event not in WATCHED:
+            return
+        if event == "exec":
+            self.check_exec(args[0])
+        elif event in NET_EVENTS:
+            self.check_socket(event, args[0], args[1] if len(args) > 1 else None)
+        elif event in DNS_EVENTS:
+            self.check_dns(event, args)
+        elif event in PROCESS_EVENTS:
+            self.check_process(event, args)
+        elif event in CTYPES_EVENTS:
+            self.check_ctypes(event, args)
+        elif event == "sys.addaudithook":
+            self._report(GuardEvent("audithook", event, "another audit hook was added",
+                                    _code_location()))
+
+    # -- reporting ----------------------------------------------------------------------
+    def _report(self, ev: GuardEvent) -> None:
+        if self.report is None or getattr(self.state, "busy", False):
+            return
+        self.state.busy = True
+        try:
+            self.report(ev)
+        finally:
+            self.state.busy = False
+
+    def refuse(self, event: str, destination: str) -> None:
+        msg = refusal_message(event, destination, self.policy.path)
+        self._report(GuardEvent("refusal", event, destination, _code_location(), msg))
         raise EgressBlocked(msg)
 
-    def _report(ev):
-        if report is None or getattr(state, "busy", False):
-            return
-        state.busy = True
-        try:
-            report(ev)
-        finally:
-            state.busy = False
+    # -- the checks ---------------------------------------------------------------------
+    def check_exec(self, code) -> None:
+        """Code compiled from a file of a model's remote code is refused."""
+        filename = getattr(code, "co_filename", "")
+        if any(m in filename for m in REMOTE_CODE_MARKERS):
+            msg = remote_code_message(filename, self.policy.path)
+            self._report(GuardEvent("refusal", "exec", filename, _code_location(), msg))
+            raise UnsafeModelError(msg)
 
-    def check_socket(event, sock, address):
+    def check_socket(self, event: str, sock, address) -> None:
+        """A connect / send / bind to an address the policy does not allow is refused."""
+        policy = self.policy
         family = int(getattr(sock, "family", socket.AF_INET))
-        if family == unix or family in policy.allow_families:
+        if family == self.unix or family in policy.allow_families:
             return
-        if family not in allowed_families:
-            refuse(event, f"socket family {family} address {address!r}")
+        if family not in self.allowed_families:
+            self.refuse(event, f"socket family {family} address {address!r}")
         if address is None and event == "socket.sendmsg":
             return  # sendmsg on a connected socket: the connect was checked
         if not isinstance(address, tuple) or not address:
-            refuse(event, repr(address))
+            self.refuse(event, repr(address))
         host, port = address[0], (address[1] if len(address) > 1 else None)
         norm = normalise_host(host)
         if event == "socket.bind":
-            if not isinstance(norm, str) and norm.is_unspecified:
-                if policy.allow_bind_any:
-                    return
-                refuse(event, _destination(host, port) + " (all interfaces)")
-            if isinstance(norm, str) and policy.allows_name(norm):
-                return
-            if not isinstance(norm, str) and policy.allows_address(norm):
-                return
-            refuse(event, _destination(host, port))
-        if isinstance(norm, str):
-            ok = policy.allows_name(norm, port)
-        else:
-            ok = policy.allows_address(norm, port)
+            self.check_bind(event, host, port, norm)
+            return
+        ok = policy.allows_name(norm, port) if isinstance(norm, str) \
+            else policy.allows_address(norm, port)
         if not ok:
-            refuse(event, _destination(host, port))
+            self.refuse(event, _destination(host, port))
 
-    def check_dns(event, args):
+    def check_bind(self, event: str, host, port, norm) -> None:
+        """Binding all interfaces needs ``allow_bind_any``; an address, the allow-list."""
+        policy = self.policy
+        if not isinstance(norm, str) and norm.is_unspecified:
+            if policy.allow_bind_any:
+                return
+            self.refuse(event, _destination(host, port) + " (all interfaces)")
+        if isinstance(norm, str) and policy.allows_name(norm):
+            return
+        if not isinstance(norm, str) and policy.allows_address(norm):
+            return
+        self.refuse(event, _destination(host, port))
+
+    def check_dns(self, event: str, args) -> None:
+        """A lookup of a name the policy does not allow is refused."""
         if event == "socket.getaddrinfo":
             host, port = args[0], args[1]
             if host is None:
@@ -168,44 +209,28 @@ def make_hook(policy: EgressPolicy, report: Callable[[GuardEvent], None] | None 
         else:
             host, port = args[0], None
         port = _as_port(port)
-        if not policy.allows(host, port):
-            refuse(event, _destination(host, port))
+        if not self.policy.allows(host, port):
+            self.refuse(event, _destination(host, port))
 
-    def hook(event, args):
-        if event not in watched:
-            return
-        if event == "exec":
-            filename = getattr(args[0], "co_filename", "")
-            if any(m in filename for m in REMOTE_CODE_MARKERS):
-                msg = remote_code_message(filename, policy.path)
-                _report(GuardEvent("refusal", "exec", filename, _code_location(), msg))
-                raise UnsafeModelError(msg)
-            return
-        if event in NET_EVENTS:
-            check_socket(event, args[0], args[1] if len(args) > 1 else None)
-        elif event in DNS_EVENTS:
-            check_dns(event, args)
-        elif event in PROCESS_EVENTS:
-            what = " ".join(str(a) for a in args[:2] if a is not None)[:500] or event
-            if policy.processes == "refuse":
-                msg = (f"Process launch refused: {event} {what} is not allowed by the egress "
-                       f"policy {policy.path} (processes: refuse).")
-                _report(GuardEvent("refusal", event, what, _code_location(), msg))
-                raise EgressBlocked(msg)
-            _report(GuardEvent("process", event, what, _code_location()))
-        elif event in CTYPES_EVENTS:
-            what = str(args[0])
-            if policy.ctypes == "refuse":
-                msg = (f"Library load refused: ctypes.dlopen {what} is not allowed by the "
-                       f"egress policy {policy.path} (ctypes: refuse).")
-                _report(GuardEvent("refusal", event, what, _code_location(), msg))
-                raise EgressBlocked(msg)
-            _report(GuardEvent("ctypes", event, what, _code_location()))
-        elif event == "sys.addaudithook":
-            _report(GuardEvent("audithook", event, "another audit hook was added",
-                               _code_location()))
+    def check_process(self, event: str, args) -> None:
+        """A process launch: refused (``processes: refuse``) or reported."""
+        what = " ".join(str(a) for a in args[:2] if a is not None)[:500] or event
+        if self.policy.processes == "refuse":
+            msg = (f"Process launch refused: {event} {what} is not allowed by the egress "
+                   f"policy {self.policy.path} (processes: refuse).")
+            self._report(GuardEvent("refusal", event, what, _code_location(), msg))
+            raise EgressBlocked(msg)
+        self._report(GuardEvent("process", event, what, _code_location()))
 
-    return hook
+    def check_ctypes(self, event: str, args) -> None:
+        """A library load through ctypes: refused (``ctypes: refuse``) or reported."""
+        what = str(args[0])
+        if self.policy.ctypes == "refuse":
+            msg = (f"Library load refused: ctypes.dlopen {what} is not allowed by the "
+                   f"egress policy {self.policy.path} (ctypes: refuse).")
+            self._report(GuardEvent("refusal", event, what, _code_location(), msg))
+            raise EgressBlocked(msg)
+        self._report(GuardEvent("ctypes", event, what, _code_location()))
 
 
 _INSTALLED: list = []

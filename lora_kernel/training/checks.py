@@ -1,21 +1,63 @@
-"""Input checks that run before any model loads: the base model (its kind, its safety),
-the output folder, the memory a run will need, and every dataset file (encoding, rows,
-paths inside ``train_data_dir``, image headers). Called by
-:func:`lora_kernel.training.config.validate_config`; every refusal is a :class:`ConfigError`
-(or :class:`~lora_kernel.common.errors.UnsafeModelError`) naming the file, row or key and the fix.
+"""The checking config loader — the one config validator, shared by the CLI, the notebooks and
+the studio widgets — and the input checks it runs before any model loads. Runs as the user.
+
+:func:`load_config` reads a YAML file, applies overrides and calls :func:`validate_config`:
+the schema (:func:`lora_kernel.training.config.config_from_mapping`), then the inputs: the base
+model (its kind, its safety), the output folder, the memory a run will need, and every dataset
+file (encoding, rows, paths inside ``train_data_dir``, image headers). Every refusal is a
+:class:`ConfigError` (or :class:`~lora_kernel.common.errors.UnsafeModelError`) naming the file,
+row or key and the fix.
 """
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from lora_kernel.common.errors import ConfigError
-from lora_kernel.training.config import TrainConfig
+from lora_kernel.common.yamlio import load_yaml
+from lora_kernel.training.config import TrainConfig, config_from_mapping
 from lora_kernel.training.model_safety import check_model_path
+
+
+def validate_config(raw: Mapping[str, Any], *, source: str | os.PathLike | None = None,
+                    base_dir: str | os.PathLike | None = None,
+                    check_paths: bool = True) -> TrainConfig:
+    """Validate a mapping of config keys and return a :class:`TrainConfig`.
+
+    Unknown keys, wrong types, out-of-range values, missing paths and empty datasets
+    raise :class:`ConfigError`. Relative paths resolve against ``base_dir`` (the config
+    file's folder). Nothing is loaded but small metadata files. ``check_paths=False``: the
+    schema only (:func:`~lora_kernel.training.config.config_from_mapping`).
+    """
+    cfg = config_from_mapping(raw, source=source, base_dir=base_dir)
+    if check_paths:
+        check_inputs(cfg)
+    return cfg
+
+
+def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None,
+                *, check_paths: bool = True) -> TrainConfig:
+    """Read a YAML config file, apply ``overrides`` and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}; fix: copy templates/image_lora.yaml "
+                          f"or templates/text_lora.yaml", file=path)
+    raw = load_yaml(path, what="config")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError("must be a YAML mapping of key: value; fix: start from "
+                          "templates/image_lora.yaml", file=path)
+    raw = dict(raw)
+    for key, value in (overrides or {}).items():
+        raw[key] = value
+    return validate_config(raw, source=path, base_dir=path.resolve().parent,
+                           check_paths=check_paths)
 
 
 def check_inputs(cfg: TrainConfig) -> None:

@@ -1,4 +1,10 @@
-"""The one config validator, shared by the CLI, the notebooks and the studio widgets.
+"""The training config's schema: :class:`TrainConfig`, its keys and their help, and
+:func:`config_from_mapping` (keys, types, ranges; nothing on disk read). Runs as the user (in
+the kernel, the CLI and the pin step).
+
+The one config validator shared by the CLI, the notebooks and the studio widgets is the checking
+loader on top of it: :func:`lora_kernel.training.checks.load_config` /
+:func:`~lora_kernel.training.checks.validate_config`.
 
 A training config is a flat YAML mapping. The seed's keys (``train_data_dir``,
 ``metadata_path``, ``base_model``, ``lora_rank``, ``batch_size``, ``epochs``,
@@ -23,7 +29,7 @@ from typing import Any
 import yaml
 
 from lora_kernel.common.errors import ConfigError
-from lora_kernel.common.yamlio import load_yaml, parse_yaml
+from lora_kernel.common.yamlio import parse_yaml
 from lora_kernel.training.data import MAX_IMAGE_PIXELS
 
 TASKS = ("image", "text")
@@ -321,14 +327,12 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def validate_config(raw: Mapping[str, Any], *, source: str | os.PathLike | None = None,
-                    base_dir: str | os.PathLike | None = None,
-                    check_paths: bool = True) -> TrainConfig:
-    """Validate a mapping of config keys and return a :class:`TrainConfig`.
-
-    Unknown keys, wrong types, out-of-range values, missing paths and empty datasets
-    raise :class:`ConfigError`. Relative paths resolve against ``base_dir`` (the config
-    file's folder). Nothing is loaded but small metadata files.
+def config_from_mapping(raw: Mapping[str, Any], *, source: str | os.PathLike | None = None,
+                        base_dir: str | os.PathLike | None = None) -> TrainConfig:
+    """A :class:`TrainConfig` from a mapping of config keys, checked against the schema only:
+    unknown keys, wrong types and out-of-range values raise :class:`ConfigError`; relative
+    paths resolve against ``base_dir`` (the config file's folder). Nothing on disk is read:
+    the checking loader (:func:`lora_kernel.training.checks.validate_config`) adds that.
     """
     file = str(source) if source is not None else "<config>"
     if not isinstance(raw, Mapping):
@@ -350,29 +354,4 @@ def validate_config(raw: Mapping[str, Any], *, source: str | os.PathLike | None 
         if values.get(key):
             p = Path(os.path.expanduser(values[key]))
             values[key] = str(p if p.is_absolute() else (base / p).resolve())
-    cfg = TrainConfig(**values, source=file)
-    if check_paths:
-        from lora_kernel.training.checks import check_inputs
-
-        check_inputs(cfg)
-    return cfg
-
-
-def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None,
-                *, check_paths: bool = True) -> TrainConfig:
-    """Read a YAML config file, apply ``overrides`` and validate it."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}; fix: copy templates/image_lora.yaml "
-                          f"or templates/text_lora.yaml", file=path)
-    raw = load_yaml(path, what="config")
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError("must be a YAML mapping of key: value; fix: start from "
-                          "templates/image_lora.yaml", file=path)
-    raw = dict(raw)
-    for key, value in (overrides or {}).items():
-        raw[key] = value
-    return validate_config(raw, source=path, base_dir=path.resolve().parent,
-                           check_paths=check_paths)
+    return TrainConfig(**values, source=file)

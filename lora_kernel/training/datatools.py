@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from lora_kernel.common.atomic import atomic_path
 from lora_kernel.common.errors import ConfigError
 from lora_kernel.training.data import (
     CAPTION_SUFFIXES,
@@ -42,7 +43,7 @@ EXIF_ORIENTATION = 0x0112
 def folder_config(folder: str | os.PathLike):
     """A :class:`TrainConfig` training on ``folder`` with default keys (image when the folder
     holds images or a metadata file, else text), paths not checked."""
-    from lora_kernel.training.config import validate_config
+    from lora_kernel.training.checks import validate_config
 
     data = Path(folder).resolve()
     if not data.is_dir():
@@ -243,94 +244,122 @@ def lint(folder: str | os.PathLike, *, min_size: int = DEFAULT_MIN_SIZE,
     if cfg.task != "image":
         raise ConfigError(f"{data} holds no images: `lora data lint` checks image datasets "
                           f"(text datasets are checked by `lora config`)")
-    limit = max_image_pixels or cfg.max_image_pixels
     layout = image_layout(cfg)
     report = LintReport(folder=data, layout=layout)
-
-    def rel(p: Path) -> str:
-        return p.relative_to(data).as_posix()
-
     all_files = sorted(p for p in data.rglob("*") if p.is_file()
                        and not any(part.startswith(".") and part not in (".", "..")
                                    for part in p.relative_to(data).parts[:-1]))
-    used: set[Path] = set()
     # captions, per layout; `listed` are the images the dataset trains on
-    listed: list[Path] = []
     if layout == "kohya":
-        entries = kohya_entries(data, captions=False)
-        sidecars = {}
-        for e in entries:
-            found = [e["image"].with_suffix(s) for s in CAPTION_SUFFIXES
-                     if e["image"].with_suffix(s).is_file()]
-            if len(found) > 1:
-                report.add("error", "caption-ambiguous", rel(e["image"]),
-                           f"two caption files ({', '.join(f.name for f in found)}); fix: keep "
-                           f"one")
-            sidecars[e["image"]] = found[0] if found else None
-        uses_sidecars = any(sidecars.values())
-        for e in entries:
-            img, side = e["image"], sidecars[e["image"]]
-            listed.append(img)
-            if side is not None:
-                used.add(side)
-                text = _read_caption(report, side, rel(side))
-                if text == "":
-                    report.add("warning", "caption-empty", rel(side),
-                               "empty caption (the image trains unconditioned)")
-            elif uses_sidecars or e["concept"] is None:
-                report.add("error", "caption-missing", rel(img),
-                           f"no caption file; fix: write {Path(rel(img)).with_suffix('.txt')} "
-                           f"(or run `lora label`)")
-        if not entries:
-            report.add("error", "empty", ".", "no images directly in the folder or in "
-                                              "N_concept folders, and no metadata.csv")
+        listed, used = _lint_kohya_captions(report, data)
     else:
-        try:
-            meta, cols, rows = metadata_rows(cfg)
-        except ConfigError as exc:
-            meta = Path(cfg.metadata_path) if layout == "csv" else data / "metadata.jsonl"
-            report.add("error", "caption-encoding" if "UTF-8" in str(exc) else "metadata",
-                       rel(meta), exc.detail)
-            rows, cols = [], []
-        used.add(meta)
-        if rows and cfg.image_column not in cols:
-            report.add("error", "metadata", rel(meta), f"no {cfg.image_column!r} column "
-                                                       f"(columns: {cols})")
-            rows = []
-        seen: dict[Path, int] = {}
-        for line, row in rows:
-            name = row.get(cfg.image_column) or ""
-            where = f"line {line}"
-            if not name:
-                report.add("error", "metadata", rel(meta), f"{where} names no image")
-                continue
-            img = data / name
-            if not img.is_file():
-                report.add("error", "missing-image", rel(meta),
-                           f"{where} names {name!r}, which does not exist; fix: add the image "
-                           f"or remove the row")
-                continue
-            listed.append(img)
-            if img.resolve() in seen:
-                report.add("warning", "listed-twice", name,
-                           f"{where} lists it again (first at line {seen[img.resolve()]})")
-            seen.setdefault(img.resolve(), line)
-            caption = row.get(cfg.caption_column)
-            if caption is None or not caption.strip():
-                report.add("warning", "caption-empty", name,
-                           f"{where} of {meta.name}: empty caption")
-            else:
-                hint = _caption_problems(caption)
-                if hint:
-                    report.add("warning", "caption-encoding", name, f"{where}: caption {hint}")
+        listed, used = _lint_metadata(report, cfg, data, layout)
     used.update(listed)
+    report.images = len({p.resolve() for p in listed})
     # images: readable, size, mode, EXIF, duplicates (listed images and stray images alike)
     images = [p for p in all_files if is_image_file(p)]
-    report.images = len({p.resolve() for p in listed})
+    hashes = _lint_images(report, data, images, max_image_pixels or cfg.max_image_pixels,
+                          min_size)
+    _lint_near_duplicates(report, data, hashes, near_bits)
+    _lint_stray_files(report, data, all_files, used, layout)
+    return report
+
+
+def _lint_kohya_captions(report: LintReport, data: Path) -> tuple[list[Path], set[Path]]:
+    """Captions of a kohya layout (sidecar files): ambiguous, empty or missing ones. Returns
+    the images the dataset trains on and the caption files it uses."""
+    def rel(p: Path) -> str:
+        return p.relative_to(data).as_posix()
+
+    listed: list[Path] = []
+    used: set[Path] = set()
+    entries = kohya_entries(data, captions=False)
+    sidecars = {}
+    for e in entries:
+        found = [e["image"].with_suffix(s) for s in CAPTION_SUFFIXES
+                 if e["image"].with_suffix(s).is_file()]
+        if len(found) > 1:
+            report.add("error", "caption-ambiguous", rel(e["image"]),
+                       f"two caption files ({', '.join(f.name for f in found)}); fix: keep "
+                       f"one")
+        sidecars[e["image"]] = found[0] if found else None
+    uses_sidecars = any(sidecars.values())
+    for e in entries:
+        img, side = e["image"], sidecars[e["image"]]
+        listed.append(img)
+        if side is not None:
+            used.add(side)
+            text = _read_caption(report, side, rel(side))
+            if text == "":
+                report.add("warning", "caption-empty", rel(side),
+                           "empty caption (the image trains unconditioned)")
+        elif uses_sidecars or e["concept"] is None:
+            report.add("error", "caption-missing", rel(img),
+                       f"no caption file; fix: write {Path(rel(img)).with_suffix('.txt')} "
+                       f"(or run `lora label`)")
+    if not entries:
+        report.add("error", "empty", ".", "no images directly in the folder or in "
+                                          "N_concept folders, and no metadata.csv")
+    return listed, used
+
+
+def _lint_metadata(report: LintReport, cfg, data: Path, layout: str
+                   ) -> tuple[list[Path], set[Path]]:
+    """The metadata file of a csv/jsonl layout: unreadable, without the image column, rows
+    naming no or missing images, images listed twice, empty or garbled captions. Returns the
+    images the dataset trains on and the files it uses (the metadata file)."""
+    def rel(p: Path) -> str:
+        return p.relative_to(data).as_posix()
+
+    listed: list[Path] = []
+    try:
+        meta, cols, rows = metadata_rows(cfg)
+    except ConfigError as exc:
+        meta = Path(cfg.metadata_path) if layout == "csv" else data / "metadata.jsonl"
+        report.add("error", "caption-encoding" if "UTF-8" in str(exc) else "metadata",
+                   rel(meta), exc.detail)
+        rows, cols = [], []
+    if rows and cfg.image_column not in cols:
+        report.add("error", "metadata", rel(meta), f"no {cfg.image_column!r} column "
+                                                   f"(columns: {cols})")
+        rows = []
+    seen: dict[Path, int] = {}
+    for line, row in rows:
+        name = row.get(cfg.image_column) or ""
+        where = f"line {line}"
+        if not name:
+            report.add("error", "metadata", rel(meta), f"{where} names no image")
+            continue
+        img = data / name
+        if not img.is_file():
+            report.add("error", "missing-image", rel(meta),
+                       f"{where} names {name!r}, which does not exist; fix: add the image "
+                       f"or remove the row")
+            continue
+        listed.append(img)
+        if img.resolve() in seen:
+            report.add("warning", "listed-twice", name,
+                       f"{where} lists it again (first at line {seen[img.resolve()]})")
+        seen.setdefault(img.resolve(), line)
+        caption = row.get(cfg.caption_column)
+        if caption is None or not caption.strip():
+            report.add("warning", "caption-empty", name,
+                       f"{where} of {meta.name}: empty caption")
+        else:
+            hint = _caption_problems(caption)
+            if hint:
+                report.add("warning", "caption-encoding", name, f"{where}: caption {hint}")
+    return listed, {meta}
+
+
+def _lint_images(report: LintReport, data: Path, images: list[Path], limit: int,
+                 min_size: int) -> list[tuple[Path, int, np.ndarray]]:
+    """Each image: decodable, not too large, short side, colour mode, EXIF rotation, exact
+    duplicates. Returns the distinct decodable images with their dHash and colour thumb."""
     by_sha: dict[str, Path] = {}
     hashes: list[tuple[Path, int, np.ndarray]] = []
     for img in images:
-        r = rel(img)
+        r = img.relative_to(data).as_posix()
         try:
             with open_image(img, limit) as im:
                 im.load()  # decodes everything: a truncated file fails here
@@ -359,23 +388,35 @@ def lint(folder: str | os.PathLike, *, min_size: int = DEFAULT_MIN_SIZE,
                        f"fix: save it rotated (PIL ImageOps.exif_transpose)")
         digest = hashlib.sha256(img.read_bytes()).hexdigest()
         if digest in by_sha:
-            report.add("warning", "duplicate", r, f"same bytes as {rel(by_sha[digest])}")
+            report.add("warning", "duplicate", r,
+                       f"same bytes as {by_sha[digest].relative_to(data).as_posix()}")
             continue
         by_sha[digest] = img
         hashes.append((img, dhash(rgb), _colour_thumb(rgb)))
+    return hashes
+
+
+def _lint_near_duplicates(report: LintReport, data: Path,
+                          hashes: list[tuple[Path, int, np.ndarray]], near_bits: int) -> None:
+    """Pairs whose grey structure is alike (dHash) and with no region of another colour (a
+    same-shape, other-colour subject on a shared background is not a duplicate)."""
     for i, (a, ha, ca) in enumerate(hashes):
         for b, hb, cb in hashes[i + 1:]:
-            # grey structure alike (dHash) and no region of another colour (a same-shape,
-            # other-colour subject on a shared background is not a duplicate)
             if hamming(ha, hb) <= near_bits and float(np.abs(ca - cb).max()) <= \
                     NEAR_DUPLICATE_COLOUR:
-                report.add("warning", "near-duplicate", rel(b),
-                           f"looks like {rel(a)} (dHash distance {hamming(ha, hb)})")
-    # stray files
+                report.add("warning", "near-duplicate", b.relative_to(data).as_posix(),
+                           f"looks like {a.relative_to(data).as_posix()} (dHash distance "
+                           f"{hamming(ha, hb)})")
+
+
+def _lint_stray_files(report: LintReport, data: Path, all_files: list[Path], used: set[Path],
+                      layout: str) -> None:
+    """Files that are not part of the dataset: unlisted images, captions without an image,
+    unused metadata files, anything else."""
     for p in all_files:
         if p in used or p.resolve() in {u.resolve() for u in used}:
             continue
-        r = rel(p)
+        r = p.relative_to(data).as_posix()
         if is_image_file(p):
             why = ("not listed in the metadata file" if layout != "kohya" else
                    "in a folder that is not an N_concept repeat folder")
@@ -389,7 +430,6 @@ def lint(folder: str | os.PathLike, *, min_size: int = DEFAULT_MIN_SIZE,
             report.add("warning", "stray-file", r, f"not used (the layout is {layout})")
         else:
             report.add("warning", "stray-file", r, "not an image, caption or metadata file")
-    return report
 
 
 # -- contact sheet -----------------------------------------------------------------------
@@ -466,9 +506,8 @@ def contact_sheet(folder: str | os.PathLike, out: str | os.PathLike, *, columns:
             draw.text((x, y + thumb + 2 + k * SHEET_LINE), line, fill=(0, 0, 0), font=font)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    sheet.save(tmp, format="PNG")
-    os.replace(tmp, out)
+    with atomic_path(out) as tmp:
+        sheet.save(tmp, format="PNG")
     return out
 
 

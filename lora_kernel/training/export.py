@@ -16,6 +16,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from lora_kernel.common.atomic import atomic_path
 from lora_kernel.common.version import version_info
 
 # Config keys holding dataset locations: recorded only with record_dataset_paths: true.
@@ -70,9 +71,8 @@ def _merge_metadata(path: Path, metadata: dict[str, str]) -> None:
     existing = read_metadata(path)
     tensors = load_file(str(path))
     merged = {**existing, **metadata, "format": "pt"}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=merged)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=merged)
 
 
 # -- image (Stable Diffusion) ---------------------------------------------------------
@@ -150,9 +150,8 @@ def save_kohya_lora(path: Path, unet, text_encoder, alpha: float,
     """Write the kohya/A1111-format LoRA file (``lora_unet_*.lora_down/.lora_up/.alpha``)."""
     unet_sd, te_sd = peft_state_dicts(unet, text_encoder)
     tensors = kohya_state_dict(unet_sd, te_sd, alpha)
-    tmp = Path(path).with_name(Path(path).name + ".tmp")
-    save_file(tensors, str(tmp), metadata={**metadata, "format": "pt"})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={**metadata, "format": "pt"})
     return Path(path)
 
 

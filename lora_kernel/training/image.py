@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from lora_kernel.common.atomic import atomic_path
 from lora_kernel.common.errors import ConfigError
 from lora_kernel.training.data import (
     MAX_IMAGE_PIXELS,
@@ -220,10 +221,9 @@ class ImageTask:
             tensors.update({f"te.{i}": t for i, t in enumerate(self.te_states)})
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            save_file(tensors, str(tmp), metadata={"key": key,
-                                                   "dataset_version": dataset_version})
-            tmp.replace(path)
+            with atomic_path(path) as tmp:
+                save_file(tensors, str(tmp), metadata={"key": key,
+                                                       "dataset_version": dataset_version})
             self.log(f"latent cache written: {path}")
 
     # Task protocol --------------------------------------------------------------------

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lora_kernel.common.atomic import atomic_write
 from lora_kernel.common.errors import ConfigError
 from lora_kernel.training.data import (
     CAPTION_SUFFIXES,
@@ -183,12 +184,6 @@ def folder_images(folder: Path, fmt: str) -> list[Path]:
                   and not any(s.startswith(".") for s in p.relative_to(folder).parts))
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(text.encode("utf-8"))
-    os.replace(tmp, path)
-
-
 class _CsvSink:
     """``metadata.csv`` kept in memory, rewritten atomically after each batch; rows the
     file already had (and their other columns) are kept in place."""
@@ -222,7 +217,7 @@ class _CsvSink:
         w.writeheader()
         for r in self.rows:
             w.writerow({c: (r.get(c) or "") for c in self.cols})
-        _atomic_write(self.path, out.getvalue())
+        atomic_write(self.path, out.getvalue())
 
 
 class _TxtSink:
@@ -241,7 +236,7 @@ class _TxtSink:
 
     def flush(self) -> None:
         for img, caption in self.pending:
-            _atomic_write(img.with_suffix(".txt"), caption + "\n")
+            atomic_write(img.with_suffix(".txt"), caption + "\n")
         self.pending = []
 
 

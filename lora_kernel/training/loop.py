@@ -435,137 +435,197 @@ def run_loop(cfg, task: Task, *, output_dir: Path, device: torch.device,
     ``interrupt_at_step`` simulates a Ctrl-C after that optimizer step (for tests).
     Raises :class:`TrainingInterrupted` after saving a checkpoint when interrupted.
     """
-    from diffusers.optimization import get_scheduler
-    from torch.utils.tensorboard import SummaryWriter
-    if os.environ.get("LORA_RUN_ID"):  # a papermill batch run: text bar, readable in the record
-        from tqdm.std import tqdm
-    else:  # terminal or live notebook: widget when a front-end shows it
-        from tqdm.auto import tqdm
-
-    output_dir = Path(output_dir)
     seed_everything(cfg.seed)
-    generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    named = task.named_trainable()
-    n_steps = total_steps(cfg, len(task.epoch_batches(0)))
-    compiled = compile_enabled(cfg, device, n_steps)
-    fused = {"fused": True} if compiled and device.type == "cuda" else {}
-    optimizer = torch.optim.AdamW(task.param_groups(), lr=cfg.learning_rate,
-                                  weight_decay=cfg.weight_decay, **fused)
-    scheduler = get_scheduler(cfg.lr_scheduler, optimizer,
-                              num_warmup_steps=cfg.lr_warmup_steps,
-                              num_training_steps=n_steps)
-    config = cfg.to_dict()
-    result = LoopResult(steps=0)
-    step, epoch, batch_in_epoch = 0, 0, 0
-    if resume:
-        ckpt = latest_checkpoint(output_dir) if resume is True else Path(resume)
-        if ckpt is None:
-            raise ConfigError(f"--resume: no checkpoint under {output_dir / 'checkpoints'}; "
-                              f"fix: use the output_dir (and other -p overrides) of the run to "
-                              f"continue, make sure it had save_steps > 0, or drop --resume",
-                              file=cfg.source, key="output_dir")
-        done = checkpoint_step(ckpt)
-        if done is not None and done >= n_steps:
-            raise ConfigError(
-                f"--resume: nothing to resume: {ckpt} is at step {done} of {n_steps}, the run "
-                f"finished; fix: raise max_train_steps (or epochs) above {done} to train "
-                f"longer, or start again without --resume",
-                file=cfg.source, key="max_train_steps" if cfg.max_train_steps else "epochs")
-        state = load_checkpoint(ckpt, named=named, optimizer=optimizer, scheduler=scheduler,
-                                generator=generator, config=config, source=cfg.source)
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        result.losses, result.lrs = list(state["losses"]), list(state["lrs"])
-        result.resumed_from = str(ckpt)
-        result.eval_loss_before = state.get("eval_loss_before")
-    else:
-        result.eval_loss_before = evaluate(task, cfg, device)
-
-    writer = SummaryWriter(log_dir=str(output_dir / "tb"), purge_step=step or None)
-    bar = tqdm(total=n_steps, initial=step, desc=f"{cfg.task} LoRA", unit="step",
-               disable=not progress, dynamic_ncols=True, mininterval=0.5)
-    accum = cfg.gradient_accumulation_steps
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    batches = task.epoch_batches(epoch)
-    t_start = time.perf_counter()
-    examples = 0
-    start_step = step
-    records = ProgressFile()
-    records.write("train_start", step=step, total=n_steps, task=cfg.task,
-                  resumed_from=result.resumed_from)
-
-    def checkpoint(at: int) -> Path:
-        path = save_checkpoint(output_dir / "checkpoints" / f"checkpoint-{at}", step=at,
-                               epoch=epoch, batch_in_epoch=batch_in_epoch, named=named,
-                               optimizer=optimizer, scheduler=scheduler, generator=generator,
-                               config=config, result=result)
-        result.checkpoints.append(str(path))
-        gone = {str(p) for p in prune_checkpoints(output_dir, cfg.keep_checkpoints)}
-        result.checkpoints = [p for p in result.checkpoints if p not in gone]
-        return path
-
-    compiled_module = compile_module(task) if compiled else None
+    loop = _Loop(cfg, task, Path(output_dir), device)
+    loop.start(resume)  # a checkpoint's state, or the loss before training
+    report = _Report(cfg, loop, progress)
+    compiled_module = compile_module(task) if loop.compiled else None
     try:
         with _StopFlag() as stop:
-            while step < n_steps:
+            while loop.at.step < loop.n_steps:
                 t0 = time.perf_counter()
-                optimizer.zero_grad(set_to_none=True)
-                step_loss, step_examples = 0.0, 0
-                for _ in range(accum):
-                    if batch_in_epoch >= len(batches):
-                        epoch, batch_in_epoch = epoch + 1, 0
-                        batches = task.epoch_batches(epoch)
-                    batch = batches[batch_in_epoch]
-                    batch_in_epoch += 1
-                    with autocast_context(cfg, device):
-                        loss = task.loss(batch, generator)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"loss became {loss.item()} at step {step + 1}; lower "
-                            f"learning_rate (now {cfg.learning_rate}) or enable max_grad_norm")
-                    (loss / accum).backward()
-                    step_loss += loss.item() / accum
-                    step_examples += task.batch_size_of(batch)
-                if cfg.max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-                lr = scheduler.get_last_lr()[0]
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                examples += step_examples
-                result.losses.append(step_loss)
-                result.lrs.append(lr)
-                dt = time.perf_counter() - t0
-                if step % cfg.logging_steps == 0 or step == n_steps:
-                    writer.add_scalar("train/loss", step_loss, step)
-                    writer.add_scalar("train/learning_rate", lr, step)
-                    writer.add_scalar("train/examples_per_second", step_examples / dt, step)
-                    writer.add_scalar("train/epoch", epoch + batch_in_epoch / len(batches), step)
-                bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-                bar.update(1)
-                records.write("step", step=step, total=n_steps, start=start_step,
-                              loss=step_loss, lr=lr,
-                              elapsed=round(time.perf_counter() - t_start, 3))
+                step_loss, step_examples, lr = loop.optimizer_step()
+                report.step(step_loss, step_examples, lr, time.perf_counter() - t0)
                 if on_step is not None:
-                    on_step(step, step_loss, lr)
-                if cfg.save_steps and (step % cfg.save_steps == 0 or step == n_steps):
-                    checkpoint(step)  # the last step too, so a longer run can continue it
+                    on_step(loop.at.step, step_loss, lr)
+                if cfg.save_steps and (loop.at.step % cfg.save_steps == 0
+                                       or loop.at.step == loop.n_steps):
+                    loop.checkpoint()  # the last step too, so a longer run can continue it
                 if stop.signum is not None or (interrupt_at_step is not None
-                                               and step == interrupt_at_step):
-                    path = checkpoint(step)
+                                               and loop.at.step == interrupt_at_step):
+                    path = loop.checkpoint()
                     raise TrainingInterrupted(
-                        f"interrupted at step {step}/{n_steps}; checkpoint saved to {path}; "
-                        f"resume: run the same command (same config and -p overrides) "
-                        f"with --resume")
+                        f"interrupted at step {loop.at.step}/{loop.n_steps}; checkpoint saved "
+                        f"to {path}; resume: run the same command (same config and -p "
+                        f"overrides) with --resume")
     finally:
         if compiled_module is not None:
             uncompile_module(compiled_module)
-        records.write("train_end", step=step, total=n_steps)
-        records.close()
-        bar.close()
-        writer.flush()
-        writer.close()
-    result.steps = step
-    result.seconds = time.perf_counter() - t_start
-    result.examples_per_second = examples / result.seconds if result.seconds else 0.0
+        report.close()
+    result = report.finish()
     result.eval_loss_after = evaluate(task, cfg, device)
     return result
+
+
+@dataclass
+class _Position:
+    """Where the loop is: optimizer steps done, the epoch and the batch within it."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+class _Loop:
+    """The training state of :func:`run_loop`: the random generator, optimizer and scheduler
+    over the task's trainable parameters, the position, and the result being built."""
+
+    def __init__(self, cfg, task: Task, output_dir: Path, device: torch.device) -> None:
+        from diffusers.optimization import get_scheduler
+
+        self.cfg, self.task, self.output_dir, self.device = cfg, task, output_dir, device
+        self.generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        self.named = task.named_trainable()
+        self.n_steps = total_steps(cfg, len(task.epoch_batches(0)))
+        self.compiled = compile_enabled(cfg, device, self.n_steps)
+        fused = {"fused": True} if self.compiled and device.type == "cuda" else {}
+        self.optimizer = torch.optim.AdamW(task.param_groups(), lr=cfg.learning_rate,
+                                           weight_decay=cfg.weight_decay, **fused)
+        self.scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer,
+                                       num_warmup_steps=cfg.lr_warmup_steps,
+                                       num_training_steps=self.n_steps)
+        self.config = cfg.to_dict()
+        self.result = LoopResult(steps=0)
+        self.at = _Position()
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.batches: list = []
+
+    def start(self, resume: str | Path | bool | None) -> None:
+        """Continue from a checkpoint (``resume``), or measure the loss before training."""
+        cfg, result = self.cfg, self.result
+        if resume:
+            ckpt = latest_checkpoint(self.output_dir) if resume is True else Path(resume)
+            if ckpt is None:
+                raise ConfigError(f"--resume: no checkpoint under "
+                                  f"{self.output_dir / 'checkpoints'}; fix: use the output_dir "
+                                  f"(and other -p overrides) of the run to continue, make sure "
+                                  f"it had save_steps > 0, or drop --resume",
+                                  file=cfg.source, key="output_dir")
+            done = checkpoint_step(ckpt)
+            if done is not None and done >= self.n_steps:
+                raise ConfigError(
+                    f"--resume: nothing to resume: {ckpt} is at step {done} of "
+                    f"{self.n_steps}, the run finished; fix: raise max_train_steps (or epochs) "
+                    f"above {done} to train longer, or start again without --resume",
+                    file=cfg.source, key="max_train_steps" if cfg.max_train_steps else "epochs")
+            state = load_checkpoint(ckpt, named=self.named, optimizer=self.optimizer,
+                                    scheduler=self.scheduler, generator=self.generator,
+                                    config=self.config, source=cfg.source)
+            self.at = _Position(state["step"], state["epoch"], state["batch_in_epoch"])
+            result.losses, result.lrs = list(state["losses"]), list(state["lrs"])
+            result.resumed_from = str(ckpt)
+            result.eval_loss_before = state.get("eval_loss_before")
+        else:
+            result.eval_loss_before = evaluate(self.task, cfg, self.device)
+        self.batches = self.task.epoch_batches(self.at.epoch)
+
+    def optimizer_step(self) -> tuple[float, int, float]:
+        """One optimizer step over ``gradient_accumulation_steps`` batches; returns its loss,
+        the examples it saw and the learning rate it used."""
+        cfg, at, accum = self.cfg, self.at, self.cfg.gradient_accumulation_steps
+        self.optimizer.zero_grad(set_to_none=True)
+        step_loss, step_examples = 0.0, 0
+        for _ in range(accum):
+            if at.batch_in_epoch >= len(self.batches):
+                at.epoch, at.batch_in_epoch = at.epoch + 1, 0
+                self.batches = self.task.epoch_batches(at.epoch)
+            batch = self.batches[at.batch_in_epoch]
+            at.batch_in_epoch += 1
+            with autocast_context(cfg, self.device):
+                loss = self.task.loss(batch, self.generator)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"loss became {loss.item()} at step {at.step + 1}; lower "
+                    f"learning_rate (now {cfg.learning_rate}) or enable max_grad_norm")
+            (loss / accum).backward()
+            step_loss += loss.item() / accum
+            step_examples += self.task.batch_size_of(batch)
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        at.step += 1
+        self.result.losses.append(step_loss)
+        self.result.lrs.append(lr)
+        return step_loss, step_examples, lr
+
+    def checkpoint(self) -> Path:
+        """Save a checkpoint at the current step; prune the old ones."""
+        at, result = self.at, self.result
+        path = save_checkpoint(self.output_dir / "checkpoints" / f"checkpoint-{at.step}",
+                               step=at.step, epoch=at.epoch, batch_in_epoch=at.batch_in_epoch,
+                               named=self.named, optimizer=self.optimizer,
+                               scheduler=self.scheduler, generator=self.generator,
+                               config=self.config, result=result)
+        result.checkpoints.append(str(path))
+        gone = {str(p) for p in prune_checkpoints(self.output_dir, self.cfg.keep_checkpoints)}
+        result.checkpoints = [p for p in result.checkpoints if p not in gone]
+        return path
+
+
+class _Report:
+    """Where :func:`run_loop` reports: TensorBoard scalars, the progress bar and the progress
+    records (``train_start``, ``step``, ``train_end``); and the timing of the result."""
+
+    def __init__(self, cfg, loop: _Loop, progress: bool) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+        if os.environ.get("LORA_RUN_ID"):  # a papermill batch run: text bar, in the record
+            from tqdm.std import tqdm
+        else:  # terminal or live notebook: widget when a front-end shows it
+            from tqdm.auto import tqdm
+
+        self.cfg, self.loop = cfg, loop
+        step = loop.at.step
+        self.writer = SummaryWriter(log_dir=str(loop.output_dir / "tb"), purge_step=step or None)
+        self.bar = tqdm(total=loop.n_steps, initial=step, desc=f"{cfg.task} LoRA", unit="step",
+                        disable=not progress, dynamic_ncols=True, mininterval=0.5)
+        self.t_start = time.perf_counter()
+        self.examples = 0
+        self.start_step = step
+        self.records = ProgressFile()
+        self.records.write("train_start", step=step, total=loop.n_steps, task=cfg.task,
+                           resumed_from=loop.result.resumed_from)
+
+    def step(self, step_loss: float, step_examples: int, lr: float, seconds: float) -> None:
+        """Report one optimizer step."""
+        cfg, at, n_steps = self.cfg, self.loop.at, self.loop.n_steps
+        self.examples += step_examples
+        if at.step % cfg.logging_steps == 0 or at.step == n_steps:
+            self.writer.add_scalar("train/loss", step_loss, at.step)
+            self.writer.add_scalar("train/learning_rate", lr, at.step)
+            self.writer.add_scalar("train/examples_per_second", step_examples / seconds,
+                                   at.step)
+            self.writer.add_scalar("train/epoch",
+                                   at.epoch + at.batch_in_epoch / len(self.loop.batches),
+                                   at.step)
+        self.bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+        self.bar.update(1)
+        self.records.write("step", step=at.step, total=n_steps, start=self.start_step,
+                           loss=step_loss, lr=lr,
+                           elapsed=round(time.perf_counter() - self.t_start, 3))
+
+    def close(self) -> None:
+        self.records.write("train_end", step=self.loop.at.step, total=self.loop.n_steps)
+        self.records.close()
+        self.bar.close()
+        self.writer.flush()
+        self.writer.close()
+
+    def finish(self) -> LoopResult:
+        """The result with its steps, time and throughput."""
+        result = self.loop.result
+        result.steps = self.loop.at.step
+        result.seconds = time.perf_counter() - self.t_start
+        result.examples_per_second = self.examples / result.seconds if result.seconds else 0.0
+        return result

@@ -31,6 +31,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from lora_kernel.common.atomic import atomic_path
 from lora_kernel.common.digests import canonical_json, sha256_bytes, sha256_file
 from lora_kernel.common.errors import ConfigError, PolicyRefusal, VerificationError
 from lora_kernel.common.paths import runs_dir
@@ -188,8 +189,8 @@ def export_archive(to_file: str | os.PathLike[str], *, since: dt.datetime, secre
                            b"".join(canonical_json(r) + b"\n" for r in rows))
                 for rid in sorted(runs):
                     tar.add(runs_dir(state) / rid, arcname=f"records/{rid}")
-            fingerprint = encrypt_file(plain, Path(tmp) / "out", secret)
-            os.replace(Path(tmp) / "out", to)
+            with atomic_path(to) as out:
+                fingerprint = encrypt_file(plain, out, secret)
         payload = {"to": str(to), "archive_sha256": sha256_file(to), "since": iso_time(since),
                    "key_fingerprint": fingerprint, "runs": runs,
                    "ledger_from_seq": meta["ledger_from_seq"],

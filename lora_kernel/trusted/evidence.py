@@ -1,7 +1,8 @@
 """What crosses from the user's side into a record: the work folder's evidence.
 
-The ``collect`` child (:mod:`lora_kernel.trusted.executor`) runs as the run's user and writes
-the evidence as a tar on its stdout; :func:`extract_evidence` unpacks it into the staging
+The ``collect`` child (:mod:`lora_kernel.trusted.executor`, started by
+:func:`lora_kernel.trusted.runseal.collect_evidence`) runs as the run's user and writes the
+evidence as a tar on its stdout; :func:`extract_evidence` unpacks it into the staging
 folder with the runner's own rules — plain files and folders under the names of
 :data:`~lora_kernel.trusted.executor.COLLECTED` only, never outside the destination, never over
 an existing file — so a symlink or hard link planted in a work folder never pulls the signing
@@ -10,42 +11,15 @@ key (or anything else the runner could read) into a record.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import shutil
 import stat
-import subprocess
 import tarfile
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 from lora_kernel.common.timeutil import iso_time, parse_time
 from lora_kernel.trusted.executor import COLLECTED
-from lora_kernel.trusted.supervisor import spawn
-
-if TYPE_CHECKING:
-    from lora_kernel.trusted.runner import RunContext
-
-
-def collect_evidence(ctx: RunContext, run: dict[str, Any], staging: Path,
-                     python: list[str]) -> list[str]:
-    """Collect the work folder's evidence (as the run's user) into ``staging``; return notes
-    about what was refused."""
-    home = Path(run["home"])
-    proc = spawn([*python, "collect"], run_as=ctx.run_as, privileges=ctx.privileges,
-                 env=ctx.child_env(home), cwd="/", stdin=subprocess.PIPE,
-                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdin is not None and proc.stdout is not None
-    proc.stdin.write(json.dumps({"work": run["work"], "home": run["home"],
-                                 "run_id": run["run_id"], "since": events_since(run)}).encode())
-    proc.stdin.close()
-    notes = extract_evidence(proc.stdout, staging)
-    err = proc.stderr.read() if proc.stderr else b""
-    if proc.wait() != 0:
-        notes.append("collecting the work folder failed: "
-                     + err.decode("utf-8", "replace")[-500:])
-    return notes
-
 
 # How long before its recorded start a run's kernel events may be (the kernel starts while
 # the pin step hashes the inputs, before ``started`` is stamped).

@@ -139,20 +139,6 @@ def _pin_resume(resume: dict[str, Any], config: dict[str, Any]) -> dict[str, Any
             "sha256": path_sha256(ckpt)}
 
 
-def pinned_parameters(params: dict[str, Any], pinned: dict[str, Any], work: Path
-                      ) -> dict[str, Any]:
-    """The papermill parameters a pinned run executes with: a training notebook gets the
-    validated ``config_path`` and ``overrides`` (``output_dir`` in the work folder) of the pin
-    step, and ``result_path`` when it declares one."""
-    params = dict(params)
-    if pinned.get("kind") == "training":
-        params["config_path"] = pinned["config_path"]
-        params["overrides"] = pinned["overrides"]
-    if "result_path" in pinned["declared"]:
-        params["result_path"] = str(work / "run_result.json")
-    return params
-
-
 def _check_writable(home: Path) -> None:
     """The working home must be a folder this user can write (runs work inside it). One that
     others can read is tightened to mode 0700 (:func:`private_dir`); a missing one is made
@@ -181,7 +167,7 @@ def _make_folders(path: Path) -> list[Path]:
 def _pin_training(params: dict[str, Any], work: Path,
                   known: dict[str, str] | None = None) -> dict[str, Any]:
     from lora_kernel.common.digests import sha256_file
-    from lora_kernel.training.config import load_config
+    from lora_kernel.training.checks import load_config
     from lora_kernel.training.data import dataset_digests, dataset_version
 
     overrides = params.get("overrides") or {}

@@ -23,11 +23,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from lora_kernel.common.atomic import atomic_write
 from lora_kernel.common.paths import state_dir
 
 MAX_ENTRIES = 512
@@ -73,13 +73,6 @@ def store(uid: int, key: str, sha256: str,
         if len(entries) > MAX_ENTRIES:
             keep = sorted(entries.items(), key=lambda kv: float(kv[1].get("stored") or 0))
             entries = dict(keep[-MAX_ENTRIES:])
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".model_sha256.")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump({"version": 1, "entries": entries}, fh)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, json.dumps({"version": 1, "entries": entries}), mode=0o600)
     except OSError:
         pass

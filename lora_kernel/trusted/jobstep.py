@@ -36,9 +36,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lora_kernel.common.atomic import atomic_path, atomic_write
 from lora_kernel.common.digests import sha256_bytes
 from lora_kernel.common.errors import LoraError
-from lora_kernel.trusted.executor import collect, pin, pinned_parameters, run
+from lora_kernel.common.runspec import pinned_parameters
+from lora_kernel.trusted.executor import collect, pin, run
 
 KERNEL_NAME = "lora"  # lora_kernel.trusted.runner.KERNEL_NAME
 # The line this step prints once the pin answer is written; the service believes only the
@@ -56,9 +58,7 @@ def _terminate(signum: int, _frame: Any) -> None:
 
 def _write_json(path: Path, obj: dict[str, Any]) -> bytes:
     data = json.dumps(obj).encode("utf-8")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write(path, data)
     return data
 
 
@@ -102,10 +102,8 @@ def job(spec: dict[str, Any]) -> int:
         rc = 1
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # collect within the grace period
     _write_json(out / "exit.json", {"rc": rc})
-    tmp = out / ".evidence.tar.tmp"
-    with open(tmp, "wb") as stream:
+    with atomic_path(out / "evidence.tar") as tmp, open(tmp, "wb") as stream:
         collect({"work": str(work), "home": home, "run_id": spec["run_id"]}, stream)
-    os.replace(tmp, out / "evidence.tar")
     return 0 if rc == 0 else 1
 
 

@@ -11,17 +11,15 @@ Run by ``lora audit recover``, at the start of every ``lora run`` and of ``verif
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from lora_kernel.common.errors import RunFailed
 from lora_kernel.common.paths import runs_dir
 from lora_kernel.common.timeutil import iso_time, parse_time, utc_now
-from lora_kernel.trusted.runner import RunContext, RunRecord, seal_run
+from lora_kernel.trusted.runseal import RunContext, RunRecord, seal_run, stale_runs, try_lock
 from lora_kernel.trusted.supervisor import RunAs, kill_run_processes
 
 
@@ -31,30 +29,6 @@ class Leftover:
 
     path: Path
     what: str
-
-
-def _try_lock(path: Path) -> int | None:
-    """An fd holding the exclusive lock on ``path``, or None when a live runner holds it."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def stale_runs(state: str | os.PathLike[str] | None = None) -> list[dict[str, Any]]:
-    """Descriptions of active runs whose runner is gone (their lock is free)."""
-    active = runs_dir(state) / ".active"
-    out = []
-    for desc in sorted(active.glob("*.json")) if active.is_dir() else []:
-        fd = _try_lock(active / f"{desc.stem}.lock")
-        if fd is None:
-            continue
-        os.close(fd)
-        out.append(json.loads(desc.read_text(encoding="utf-8")))
-    return out
 
 
 def recover(*, state: str | os.PathLike[str] | None = None,
@@ -68,25 +42,26 @@ def recover(*, state: str | os.PathLike[str] | None = None,
         return []
     records = []
     for run in stale_runs(state):
-        run_id = run["run_id"]
+        run_id = run.run_id
         lock = active / f"{run_id}.lock"
-        fd = _try_lock(lock)
+        fd = try_lock(lock)
         if fd is None:  # a live runner took it meanwhile
             continue
         try:
             # Whatever the dead runner left running (its executor, the kernel) may still write
             # into the staging folder (executor.log is their stderr): stop it before sealing.
             kill_run_processes(run_id, ctx.privileges)
-            staging = Path(run["staging"])
+            staging = Path(run.staging or active.parent / ".staging" / run_id)
             staging.mkdir(parents=True, exist_ok=True)
             # A Kubernetes run's evidence is a file on its output volume: nothing to run as
             # its user here (who may exist only in the cluster's uid mapping).
-            service = ctx.privileges.active and run["run_as"].get("name") \
-                and run.get("backend") != "kubernetes"
-            run_as = RunAs.for_user(run["run_as"]["name"]) if service else ctx.run_as
+            service = ctx.privileges.active and run.run_as.name \
+                and run.backend != "kubernetes"
+            run_as = RunAs.for_user(run.run_as.name) if service and run.run_as.name \
+                else ctx.run_as
             rctx = RunContext(actor=ctx.actor, run_as=run_as, privileges=ctx.privileges,
                               env=ctx.env)
-            since = utc_now() - parse_time(run["started"])
+            since = utc_now() - parse_time(run.started)
             reason = (f"the runner stopped before sealing (lora run killed, its terminal "
                       f"closed, or the machine restarted); recovered by {ctx.actor.name} at "
                       f"{iso_time()} after {since.total_seconds():.0f}s")

@@ -39,9 +39,10 @@ from typing import Any
 from lora_kernel.common.digests import sha256_file
 from lora_kernel.common.errors import ConfigError, VerificationError
 from lora_kernel.common.paths import check_run_id, runs_dir
+from lora_kernel.common.runspec import PinnedInputs
 from lora_kernel.provenance.inputs import verify_inputs
 from lora_kernel.provenance.records import Problem, load_manifest, summary
-from lora_kernel.trusted.runner import RunContext, RunRecord, run_notebook
+from lora_kernel.trusted.runner import RunContext, RunHooks, RunRecord, run_notebook
 from lora_kernel.trusted.sealing import environment_info
 
 __all__ = ["REPLAY_FILE", "IDENTICAL", "WITHIN_TOLERANCE", "DIFFERS", "GPU_TOLERANCE",
@@ -302,27 +303,27 @@ def package_differences(manifest: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def _pinned_differences(pinned: Mapping[str, Any], manifest: dict[str, Any]) -> list[str]:
+def _pinned_differences(pinned: PinnedInputs, manifest: dict[str, Any]) -> list[str]:
     """What the replay's pin step found that differs from the record (before it trains)."""
     s = summary(manifest)
     out = []
-    if pinned.get("kind") != "training":
+    if not pinned.training:
         out.append("the notebook is no longer a training notebook")
         return out
-    if pinned.get("notebook_sha256") != s["notebook_source_sha256"]:
+    if pinned.notebook_sha256 != s["notebook_source_sha256"]:
         out.append("notebook: its sha256 changed between the check and the run")
-    if pinned.get("base_model_sha256") != s["base_model_sha256"]:
+    if pinned.base_model_sha256 != s["base_model_sha256"]:
         out.append("base model: sha256 changed")
-    if pinned.get("dataset_digests") != s["dataset_digests"]:
-        old, new = s["dataset_digests"], pinned.get("dataset_digests") or {}
+    if pinned.dataset_digests != s["dataset_digests"]:
+        old, new = s["dataset_digests"], pinned.dataset_digests or {}
         names = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         out.append("dataset files differ: " + ", ".join(names[:20]))
-    old_cfg, new_cfg = s["config"], pinned.get("config") or {}
+    old_cfg, new_cfg = s["config"], pinned.config or {}
     for key in sorted(old_cfg):
         if key not in FREE_KEYS and old_cfg.get(key) != new_cfg.get(key):
             out.append(f"config {key}: {new_cfg.get(key)!r}, recorded {old_cfg.get(key)!r}")
-    if int(pinned.get("seed", -1)) != int(s.get("seed") or 0):
-        out.append(f"seed {pinned.get('seed')}, recorded {s.get('seed')}")
+    if int(pinned.seed if pinned.seed is not None else -1) != int(s.get("seed") or 0):
+        out.append(f"seed {pinned.seed}, recorded {s.get('seed')}")
     return out
 
 
@@ -412,7 +413,7 @@ def replay_run(run_id: str, *, home: str | os.PathLike[str] | None = None,
         say(f"run {run_id} was resumed from run {extra['resumed_from_run']}: the replay trains "
             "it uninterrupted (resume is exact, so the adapter must be the same)")
 
-    def check_pinned(pinned: dict[str, Any]) -> None:
+    def check_pinned(pinned: PinnedInputs) -> None:
         diffs = _pinned_differences(pinned, manifest)
         if diffs:
             raise ConfigError(f"the replay of run {run_id} would not use the recorded inputs "
@@ -438,9 +439,9 @@ def replay_run(run_id: str, *, home: str | os.PathLike[str] | None = None,
     say(f"replaying run {run_id}: inputs re-hashed and unchanged")
     rec = run_notebook(str(extra.get("notebook_path") or extra["notebook"]), params, home=home,
                        state=state, timeout=timeout, ctx=ctx, log=log,
-                       check_pinned=check_pinned,
-                       extra={"kind": "replay", "replay_of": run_id},
-                       before_seal=before_seal, model_hash_cache=False)
+                       hooks=RunHooks(check_pinned=check_pinned,
+                                      extra={"kind": "replay", "replay_of": run_id},
+                                      before_seal=before_seal, model_hash_cache=False))
     try:
         verdict = json.loads((rec.path / REPLAY_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -4,7 +4,7 @@ The trusted side calls, in order::
 
     staging = make_staging_dir(runs_dir, run_id)       # same filesystem as runs_dir
     ...  write executed.ipynb, adapter/, events.jsonl, tb/ into staging
-    manifest = build_manifest(staging, run_id=..., user=..., ...)
+    manifest = build_manifest(staging, ManifestContext(run_id=..., user=..., ...))
     write_manifest(staging, manifest)
     record = seal_record(staging, runs_dir, run_id)   # atomic os.rename
     Ledger(...).append_run(record)                    # lora_kernel.trusted.ledger
@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -88,27 +89,48 @@ def environment_info() -> dict[str, Any]:
             "hardware": hardware_info()}
 
 
-def build_manifest(record_dir: str | Path, *, run_id: str, user: str, uid: int | None = None,
-                   host: str, started: str | dt.datetime, ended: str | dt.datetime,
-                   status: str, config: dict[str, Any], base_model_sha256: str,
-                   dataset_version: str, dataset_digests: dict[str, str],
-                   notebook_source_sha256: str, seed: int, egress_refusals: int,
-                   extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Build the provenance manifest of the record in ``record_dir`` (not written; see
-    :func:`write_manifest`). Hashes every file present except ``manifest.json``.
+@dataclass(frozen=True)
+class ManifestContext:
+    """What a manifest says besides its files' digests: the run (id, who, where, when, how it
+    ended), its pinned inputs and ``extra`` (free JSON data, e.g. losses). ``started`` /
+    ``ended`` are datetimes or ISO strings; ``config`` the resolved config; ``dataset_digests``
+    ``{relative path: sha256}``."""
 
-    ``started``/``ended`` are datetimes or ISO strings; ``config`` the resolved config dict;
-    ``dataset_digests`` ``{relative path: sha256}``; ``extra`` free JSON data (e.g. losses).
+    run_id: str
+    user: str
+    host: str
+    started: str | dt.datetime
+    ended: str | dt.datetime
+    status: str
+    config: dict[str, Any]
+    base_model_sha256: str
+    dataset_version: str
+    dataset_digests: dict[str, str]
+    notebook_source_sha256: str
+    seed: int
+    egress_refusals: int
+    uid: int | None = None
+    extra: dict[str, Any] | None = None
+
+
+def build_manifest(record_dir: str | Path, context: ManifestContext | None = None, /,
+                   **fields: Any) -> dict[str, Any]:
+    """Build the provenance manifest of the record in ``record_dir`` (not written; see
+    :func:`write_manifest`) from ``context``. Hashes every file present except
+    ``manifest.json``. The keyword form (``run_id=..., user=..., ...``: the fields of
+    :class:`ManifestContext`) is for hand-made records (tests, tools).
     """
-    check_run_id(run_id)
-    config = json.loads(canonical_json(config))  # fails early on non-JSON values
+    ctx = context if context is not None else ManifestContext(**fields)
+    check_run_id(ctx.run_id)
+    config = json.loads(canonical_json(ctx.config))  # fails early on non-JSON values
     base_uri = str(config.get("base_model", ""))
-    deps = [{"name": "base_model", "uri": base_uri, "digest": {"sha256": base_model_sha256}},
-            {"name": "dataset", "annotations": {"version": dataset_version,
-                                                "files": len(dataset_digests)}}]
+    deps = [{"name": "base_model", "uri": base_uri,
+             "digest": {"sha256": ctx.base_model_sha256}},
+            {"name": "dataset", "annotations": {"version": ctx.dataset_version,
+                                                "files": len(ctx.dataset_digests)}}]
     deps += [{"name": f"dataset/{rel}", "digest": {"sha256": digest}}
-             for rel, digest in sorted(dataset_digests.items())]
-    deps.append({"name": "notebook", "digest": {"sha256": notebook_source_sha256}})
+             for rel, digest in sorted(ctx.dataset_digests.items())]
+    deps.append({"name": "notebook", "digest": {"sha256": ctx.notebook_source_sha256}})
     producer = version_info()
     pkg = {"name": "lora_enclave", "annotations": {"version": producer["lora_enclave"]}}
     if producer.get("git_commit"):
@@ -121,18 +143,18 @@ def build_manifest(record_dir: str | Path, *, run_id: str, user: str, uid: int |
         "predicate": {
             "buildDefinition": {
                 "buildType": BUILD_TYPE,
-                "externalParameters": {"config": config, "seed": int(seed),
-                                       "notebook_source_sha256": notebook_source_sha256},
+                "externalParameters": {"config": config, "seed": int(ctx.seed),
+                                       "notebook_source_sha256": ctx.notebook_source_sha256},
                 "internalParameters": {"environment": environment_info()},
                 "resolvedDependencies": deps,
             },
             "runDetails": {
                 "builder": {"id": "lora-enclave/runs", "version": producer},
-                "metadata": {"invocationId": run_id, "startedOn": iso_time(started),
-                             "finishedOn": iso_time(ended), "user": user, "uid": uid,
-                             "host": host,
-                             "status": status, "egressRefusals": int(egress_refusals),
-                             "extra": extra or {}},
+                "metadata": {"invocationId": ctx.run_id, "startedOn": iso_time(ctx.started),
+                             "finishedOn": iso_time(ctx.ended), "user": ctx.user,
+                             "uid": ctx.uid, "host": ctx.host,
+                             "status": ctx.status, "egressRefusals": int(ctx.egress_refusals),
+                             "extra": ctx.extra or {}},
             },
         },
     }

@@ -44,8 +44,7 @@ from lora_kernel.common.errors import (
     LoraError,
     PolicyRefusal,
     RunFailed,
-    UnsafeModelError,
-    VerificationError,
+    error_from_answer,
 )
 from lora_kernel.common.paths import RUNNER_SOCKET
 from lora_kernel.trusted.identity import Actor, peer_actor
@@ -54,8 +53,6 @@ from lora_kernel.trusted.supervisor import Privileges, RunAs
 logger = logging.getLogger(__name__)
 # Variables of the service's own (root's) environment handed to a run's children.
 PASS_ENV = ("LORA_POLICIES", "LORA_NOTEBOOKS", "JUPYTER_PATH")
-_ERRORS: dict[int, type[LoraError]] = {2: ConfigError, 3: UnsafeModelError,
-                                       5: VerificationError, 6: PolicyRefusal, 7: RunFailed}
 
 
 def prepare_state(state: Path, service_user: str) -> None:
@@ -225,7 +222,7 @@ def call(socket_path: Path, request: dict[str, Any],
                 return msg["result"]
             elif "error" in msg:
                 err = msg["error"]
-                error = _ERRORS.get(int(err.get("exit_code", 1)), LoraError)(str(err["message"]))
+                error = error_from_answer(err)
                 if isinstance(error, RunFailed) and err.get("record"):
                     error.record = RunRecord.from_dict(err["record"])
                 raise error

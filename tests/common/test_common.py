@@ -101,3 +101,19 @@ def test_private_dir_refuses_another_accounts_open_folder_and_accepts_a_closed_o
     assert _mode(foreign) == 0o755  # refused, not changed
     os.chmod(foreign, 0o700)
     assert private_dir(foreign) == foreign  # closed by its owner: accepted as it is
+
+
+def test_atomic_write_replaces_whole_and_leaves_nothing_behind(tmp_path):
+    from lora_kernel.common.atomic import atomic_path, atomic_write
+
+    target = tmp_path / "f.json"
+    atomic_write(target, "old")
+    assert atomic_write(target, b"new") == target and target.read_bytes() == b"new"
+    atomic_write(tmp_path / "secret", "s", mode=0o600)
+    assert (tmp_path / "secret").stat().st_mode & 0o777 == 0o600
+    # must be refused: a writer that fails leaves the old file and no temporary file
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("writer died")
+    assert target.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json", "secret"]

@@ -14,7 +14,8 @@ from PIL import Image
 
 from lora_kernel.common.errors import ConfigError
 from lora_kernel.common.yamlio import DuplicateKeyError, load_yaml, parse_yaml
-from lora_kernel.training.config import load_config, parse_value
+from lora_kernel.training.checks import load_config
+from lora_kernel.training.config import parse_value
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ def _output_dir_holds_a_run(c: Case) -> list:
 
 
 def _resume_finished(c: Case) -> list:
-    from lora_kernel.training.config import load_config
+    from lora_kernel.training.checks import load_config
     from lora_kernel.training.train import train
 
     cfg = c.config(output_dir=str(c.tmp / "out"), max_train_steps=2, save_steps=1)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lora_kernel.training import loop
-from lora_kernel.training.config import load_config
+from lora_kernel.training.checks import load_config
 from lora_kernel.training.train import train
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,8 @@ import yaml
 from PIL import Image
 
 from lora_kernel.common.errors import ConfigError
-from lora_kernel.training.config import load_config, parse_value, validate_config
+from lora_kernel.training.checks import load_config, validate_config
+from lora_kernel.training.config import parse_value
 
 
 @pytest.fixture

@@ -20,7 +20,8 @@ import yaml
 from PIL import Image
 
 from lora_kernel.common.errors import ConfigError
-from lora_kernel.training.config import config_keys, load_config
+from lora_kernel.training.checks import load_config
+from lora_kernel.training.config import config_keys
 from lora_kernel.training.data import (
     MAX_IMAGE_PIXELS,
     ImageTooLarge,

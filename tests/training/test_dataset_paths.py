@@ -14,7 +14,8 @@ import yaml
 from PIL import Image
 
 from lora_kernel.common.errors import ConfigError
-from lora_kernel.training.config import config_keys, load_config, validate_config
+from lora_kernel.training.checks import load_config, validate_config
+from lora_kernel.training.config import config_keys
 from lora_kernel.training.data import dataset_digests, dataset_version
 
 FIX = "or set allow_outside_dataset: true"

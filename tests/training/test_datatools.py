@@ -167,7 +167,7 @@ def test_perceptual_hashes():
 
 # -- version and diff --------------------------------------------------------------------
 def test_version_is_the_manifest_id_and_changes_with_a_caption(clean, capsys, demo_home):
-    from lora_kernel.training.config import validate_config
+    from lora_kernel.training.checks import validate_config
     from lora_kernel.training.data import dataset_version
     v = folder_version(clean)
     cfg = validate_config({"train_data_dir": str(clean),
@@ -178,7 +178,7 @@ def test_version_is_the_manifest_id_and_changes_with_a_caption(clean, capsys, de
     (clean / "3.txt").write_text("a yellow diamond, edited\n")
     assert folder_version(clean) != v
     demo = demo_home / "demo" / "datasets" / "image"
-    from lora_kernel.training.config import load_config
+    from lora_kernel.training.checks import load_config
     assert folder_version(demo) == dataset_version(load_config(demo_home / "demo" /
                                                                "image_lora.yaml"))
 

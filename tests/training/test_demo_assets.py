@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lora_kernel.training import demo_assets
-from lora_kernel.training.config import load_config
+from lora_kernel.training.checks import load_config
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lora_kernel.common.errors import ConfigError, TrainingInterrupted
-from lora_kernel.training.config import load_config
+from lora_kernel.training.checks import load_config
 from lora_kernel.training.train import train
 
 # Everything random at once, tiny: dropout, flips, buckets, accumulation, warm-up + cosine.

@@ -8,7 +8,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from lora_kernel.training.config import load_config
+from lora_kernel.training.checks import load_config
 from lora_kernel.training.image import cache_key, load_examples, make_buckets, pick_bucket
 
 

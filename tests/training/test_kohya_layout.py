@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 from lora_kernel.common.errors import ConfigError
-from lora_kernel.training.config import load_config
+from lora_kernel.training.checks import load_config
 from lora_kernel.training.data import (
     dataset_digests,
     dataset_files,

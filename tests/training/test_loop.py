@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 from lora_kernel.common.errors import ConfigError, TrainingInterrupted
-from lora_kernel.training.config import load_config
+from lora_kernel.training.checks import load_config
 from lora_kernel.training.loop import latest_checkpoint
 from lora_kernel.training.train import train
 

@@ -18,7 +18,7 @@ import yaml
 
 from lora_kernel.common.errors import ConfigError, UnsafeModelError
 from lora_kernel.training import models
-from lora_kernel.training.config import load_config
+from lora_kernel.training.checks import load_config
 from lora_kernel.training.model_safety import check_model_path, read_safetensors_header
 
 ROOT = os.geteuid() == 0

@@ -81,7 +81,7 @@ def test_sample_grid_on_the_demo_model_writes_labels_and_samples_json(demo_home,
     """The real pipeline on the tiny demo model (no LoRA attached: both halves equal)."""
     import torch
 
-    from lora_kernel.training.config import load_config
+    from lora_kernel.training.checks import load_config
     from lora_kernel.training.image import sample_grid
     from lora_kernel.training.models import load_sd_components
 

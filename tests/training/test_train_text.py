@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from lora_kernel.training.config import load_config
+from lora_kernel.training.checks import load_config
 from lora_kernel.training.export import read_metadata
 from lora_kernel.training.text import build_sequences, encode_records
 from lora_kernel.training.train import train

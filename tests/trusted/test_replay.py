@@ -192,7 +192,7 @@ def test_a_forged_record_with_another_configs_adapter_differs(world, image_run, 
     another learning rate: the record verifies, the replay does not match it."""
     from lora_kernel.provenance.audit import verify
     from lora_kernel.provenance.records import load_manifest
-    from lora_kernel.training.config import load_config
+    from lora_kernel.training.checks import load_config
     from lora_kernel.training.train import train
     from lora_kernel.trusted.ledger import Ledger
     from lora_kernel.trusted.runner import new_run_id
