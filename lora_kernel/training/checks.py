@@ -56,8 +56,22 @@ def load_config(path: str | os.PathLike, overrides: Mapping[str, Any] | None = N
     raw = dict(raw)
     for key, value in (overrides or {}).items():
         raw[key] = value
-    return validate_config(raw, source=path, base_dir=path.resolve().parent,
-                           check_paths=check_paths)
+    try:
+        return validate_config(raw, source=path, base_dir=path.resolve().parent,
+                               check_paths=check_paths)
+    except ConfigError as exc:
+        raise _from_override(exc, path, overrides or {}) from None
+
+
+def _from_override(exc: ConfigError, path: Path, overrides: Mapping[str, Any]) -> ConfigError:
+    """``exc`` naming the override (``-p KEY VALUE``, the studio's fields) when the faulty
+    value came from one rather than from the file, so the user fixes the right place."""
+    key = (exc.key or "").split("[")[0].split(".")[0]
+    if key not in overrides or exc.file != str(path):
+        return exc
+    shown = json.dumps(overrides[key], default=str)
+    return ConfigError(exc.detail, file=f"override -p {key} {shown} (over {path.name})",
+                       key=exc.key)
 
 
 def check_inputs(cfg: TrainConfig) -> None:

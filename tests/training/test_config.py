@@ -126,6 +126,18 @@ def test_overrides_apply_and_are_validated(image_setup):
         load_config(image_setup, {"lora_rank": -1})
 
 
+def test_an_error_in_an_override_names_the_override_and_one_in_the_file_the_file(image_setup):
+    with pytest.raises(ConfigError) as err:
+        load_config(image_setup, {"lora_rank": 0})
+    text = str(err.value)
+    assert text.startswith("override -p lora_rank 0 (over cfg.yaml): key 'lora_rank'"), text
+    _write(image_setup, lora_rank=0)
+    with pytest.raises(ConfigError) as err:
+        load_config(image_setup)
+    assert str(err.value).startswith(f"{image_setup}: key 'lora_rank'"), str(err.value)
+    assert load_config(image_setup, {"lora_rank": 8}).lora_rank == 8  # the override fixes it
+
+
 def test_text_dataset_checks(tmp_path, demo_home):
     (tmp_path / "lm").symlink_to(demo_home / "demo" / "models" / "tiny-llama")
     data = tmp_path / "d.jsonl"
