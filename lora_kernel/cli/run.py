@@ -140,20 +140,31 @@ def notebook_parameters(notebook: Path, params_file: str | None,
     return params
 
 
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _print_record(rec) -> None:
-    res = rec.result or {}
+    """The sealed record: status, losses (when the run reported them as numbers: a plain
+    notebook's result may hold anything), where the adapter is, the manifest's digest."""
+    res = rec.result if isinstance(rec.result, dict) else {}
     loss = ""
-    if res.get("steps"):
+    if res.get("steps") and _number(res.get("first_loss")) and _number(res.get("final_loss")):
         loss = f": {res['steps']} steps, loss {res['first_loss']:.4f} -> {res['final_loss']:.4f}"
-        if res.get("eval_loss_before") is not None and res.get("eval_loss_after") is not None:
+        if _number(res.get("eval_loss_before")) and _number(res.get("eval_loss_after")):
             loss += f" (eval {res['eval_loss_before']:.4f} -> {res['eval_loss_after']:.4f})"
     print(f"run {rec.run_id} {rec.status} in {rec.seconds:.1f}s{loss}")
     print(f"record: {rec.path}")
+    adapters = [rel for rel in rec.files if rel.startswith("adapter/")]
     for rel in rec.files:
         if rel.startswith("adapter/") or rel in ("executed.ipynb", "samples/grid.png",
                                                   "samples/completions.md"):
             print(f"  {rel}")
     print(f"  manifest.json  sha256 {rec.manifest_sha256}  (ledger seq {rec.ledger_seq})")
+    if adapters:
+        print(f"the adapter is in the record ({rec.path / adapters[0]}); a recorded run does "
+              f"not write the config's output_dir (use `lora publish {rec.run_id} --to DIR` "
+              f"once it is approved)")
 
 
 def _progress(args) -> ProgressView | None:
@@ -316,9 +327,12 @@ def cmd_demo(args) -> int:
     print(f"  record: OK ({len(rec.files)} files match manifest.json)")
     print(f"  ledger: OK (run entry seq {rec.ledger_seq}; chain, checkpoints and signed head "
           f"verify up to seq {head})")
-    print("Next (with . .venv/bin/activate):\n"
-          f"  lora audit show {rec.run_id} --html run.html   # the executed notebook as HTML\n"
-          f"  lora run --config {config} -p max_train_steps 40")
+    state, home_arg = rec.path.parent.parent, home
+    print("Next (with . .venv/bin/activate; --state and --home name where this demo wrote):\n"
+          f"  lora audit show {rec.run_id} --state {state} --html run.html   "
+          f"# the executed notebook as HTML\n"
+          f"  lora run --config {config} -p max_train_steps 40 --home {home_arg} "
+          f"--state {state}")
     return 0
 
 

@@ -187,6 +187,18 @@ def test_cli_run_text_config(run_home, demo_home):
     assert (record / "samples" / "completions.json").is_file()
 
 
+def test_a_plain_notebooks_own_numbers_never_crash_lora_run(run_home, tmp_path):
+    """A plain notebook reports steps but no losses (or losses that are not numbers): lora run
+    prints its record and exits 0 (it crashed with KeyError: 'first_loss' after sealing)."""
+    nb = write_notebook(tmp_path / "own.ipynb", "result_path = ''",
+                        "import json\njson.dump({'steps': 3, 'final_loss': 'low'}, "
+                        "open(result_path, 'w'))")
+    res = lora_cli("run", nb, home=run_home)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr and re.search(r"^run \S+ succeeded in", res.stdout, re.M)
+    assert "loss" not in res.stdout.splitlines()[0]  # no numbers made up for it
+
+
 def test_failing_notebook_leaves_failed_record(run_home, tmp_path):
     nb = write_notebook(tmp_path / "boom.ipynb", "x = 1", "print('before', x)",
                         "raise RuntimeError(f'boom {x}')", "print('never')")
