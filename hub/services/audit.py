@@ -365,7 +365,7 @@ class RunAPI(AuditHandler):
 
 
 _SUMMARY_KEYS = ("user", "uid", "status", "started", "ended", "review", "reviewer",
-                 "adapter_digest", "dataset_version", "base_model", "base_model_sha256", "seed",
+                 "review_note", "review_seq", "adapter_digest", "dataset_version", "base_model", "base_model_sha256", "seed",
                  "host", "identity", "run_as", "kind", "error", "egress_refusals",
                  "notebook_source_sha256", "present", "pruned", "published")
 
@@ -397,6 +397,7 @@ class RunPage(AuditHandler):
             parts.append("<h2>Samples</h2>" + "".join(
                 f"<figure><img class=art alt=\"{e(k)}\" src=\"{e(v)}\"><figcaption>{e(k)}"
                 "</figcaption></figure>" for k, v in samples.items()))
+        parts.insert(0, self._confirmation(info))
         if self.is_reviewer():
             parts.append(self._review_form(run_id, info))
         entries = "".join(f"<tr><td>{e(x['seq'])}</td><td>{e(x['time'])}</td>"
@@ -414,9 +415,28 @@ class RunPage(AuditHandler):
         svg = loss_svg(info["losses"])
         return f"<h2>Loss</h2><div class=box>{svg}</div>" if svg else ""
 
+    def _confirmation(self, info: dict[str, Any]) -> str:
+        """The signed-in reviewer's own decision on this run, when theirs is the one in force
+        (what they see right after the review form sends them back here)."""
+        me = (self.current_user or {}).get("name")
+        if not me or info.get("reviewer") != me or info.get("review") not in ("approved",
+                                                                            "rejected"):
+            return ""
+        note = f" Your note: “{e(info.get('review_note'))}”." if info.get("review_note") else ""
+        return (f"<div class=box><p class=ok>You {e(info['review'])} this run; the decision is "
+                f"ledger entry seq {e(info.get('review_seq'))}, bound to the adapter's digest."
+                f"{note}</p></div>")
+
     def _review_form(self, run_id: str, info: dict[str, Any]) -> str:
-        return (f"<h2>Review</h2><div class=box><p>Current review state: "
-                f"<b>{e(info.get('review'))}</b> (by {e(info.get('reviewer'))})</p>"
+        state = (f"<p>Current review state: <b>{e(info.get('review'))}</b> (by "
+                 f"{e(info.get('reviewer'))})</p>")
+        if info.get("review_note"):
+            state += f"<p>Reviewer's note: <q>{e(info.get('review_note'))}</q></p>"
+        me = (self.current_user or {}).get("name")
+        if me and me == info.get("user"):  # policies/review.yaml: nobody approves their own
+            return (f"<h2>Review</h2><div class=box>{state}<p>This is your own run: another "
+                    f"reviewer decides on it (no self-approval).</p></div>")
+        return (f"<h2>Review</h2><div class=box>{state}"
                 f"<form method=post action=\"{e(self.url('runs', run_id, 'review'))}\">"
                 f"{self.xsrf_form_html()}<label>Note<br><textarea name=note rows=3 "
                 f"maxlength={MAX_NOTE}></textarea></label><br>"
@@ -491,7 +511,7 @@ class ReviewForm(_Review):
     async def post(self, run_id: str) -> None:
         await self.review(run_id, self.get_body_argument("decision", ""),
                           self.get_body_argument("note", ""))
-        self.redirect(self.url("runs", run_id))
+        self.redirect(self.url("runs", run_id))  # the page confirms the decision
 
 
 class LineageAPI(AuditHandler):

@@ -139,14 +139,39 @@ class ServiceHandler(HubOAuthenticated, web.RequestHandler):
             self.set_header("Content-Type", "application/json; charset=utf-8")
             self.finish(json.dumps({"status": status_code, "message": message}))
         else:
-            from html import escape
             self.set_header("Content-Type", "text/html; charset=utf-8")
-            self.finish(f"<!doctype html><title>{status_code}</title><h1>{status_code}</h1>"
-                        f"<p>{escape(str(message))}</p>")
+            self.finish(error_page(status_code, str(message), self.settings["service_prefix"]))
 
     def fail(self, exc: LoraError) -> None:
         """Answer a platform error with its status and message."""
         raise web.HTTPError(status_for(exc), "%s", str(exc))
+
+
+ERROR_STYLE = ("body{font:14px/1.45 system-ui,sans-serif;margin:0;color:#1d2330;"
+               "background:#f6f7f9}header{background:#1d2330;color:#fff;padding:.6em 1.2em}"
+               "header a{color:#cfe0ff;margin-right:1em}main{padding:1em 1.2em;max-width:"
+               "900px}.bad{color:#a4161a;font-weight:600}.box{background:#fff;border:1px "
+               "solid #d6d9de;padding:.8em;margin:.8em 0}")
+_WHY = {401: "You are not signed in to the hub.",
+        403: "Your hub account may not do this.",
+        404: "There is nothing here.",
+        400: "The request was not understood."}
+
+
+def error_page(status: int, message: str, service_prefix: str) -> str:
+    """A service's error page: the status, what it means and the platform's message, with the
+    same header as its pages and ways back (the service's start page, the hub's home), not a
+    bare status line."""
+    from html import escape
+
+    why = _WHY.get(status, "The service could not do this.")
+    return (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>{status} — "
+            f"LoRA Enclave</title><style>{ERROR_STYLE}</style></head><body><header>"
+            f"<a href=\"{escape(service_prefix)}\">Back to this service</a>"
+            f"<a href=\"/hub/home\">Hub home</a></header><main><h1>{status}: "
+            f"{escape(why)}</h1><div class=box><p class=bad>{escape(message)}</p></div>"
+            f"<p><a href=\"{escape(service_prefix)}\">Back to this service</a> · "
+            f"<a href=\"/hub/home\">Hub home</a></p></main></body></html>")
 
 
 def make_app(config: ServiceConfig, handlers: Sequence[tuple[str, type, dict[str, Any]] |

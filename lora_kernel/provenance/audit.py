@@ -140,6 +140,8 @@ def run_info(run_id: str, ledger: LedgerReader, state: _State = None,
             "started": s.get("started"), "ended": s.get("ended"),
             "review": None if review is None and s.get("status") != "succeeded" else review_st,
             "reviewer": review.payload.get("reviewer") if review else None,
+            "review_note": review.payload.get("note") if review else None,
+            "review_seq": review.seq if review else None,
             "adapter_digest": s.get("adapter_digest"),
             "dataset_version": s.get("dataset_version"), "present": record.is_dir(),
             "pruned": ledger.latest("prune", run_id) is not None,
@@ -314,6 +316,35 @@ def sanitize_html(text: str) -> str:
     return "".join(parser.out)
 
 
+def terminal_text(text: str) -> str:
+    """A stream's text as a terminal shows it: each line is what follows its last carriage
+    return, so a progress bar (tqdm redraws with ``\\r``) appears in its last state instead
+    of one line per redraw. The record keeps the stream as it was; only the view changes."""
+    lines = []
+    for line in text.split("\n"):
+        parts = [p for p in line.split("\r") if p]
+        lines.append(parts[-1] if parts else "")
+    return "\n".join(lines)
+
+
+def terminal_streams(outputs: list[Any]) -> list[Any]:
+    """Consecutive outputs of one stream merged (each ``print`` or progress redraw arrives as
+    its own output), then shown as a terminal would (:func:`terminal_text`)."""
+    merged: list[Any] = []
+    for out in outputs:
+        last = merged[-1] if merged else None
+        if (out.get("output_type") == "stream" and last is not None
+                and last.get("output_type") == "stream" and last.get("name") == out.get("name")
+                and isinstance(out.get("text"), str) and isinstance(last.get("text"), str)):
+            last["text"] += out["text"]
+        else:
+            merged.append(out)
+    for out in merged:
+        if out.get("output_type") == "stream" and isinstance(out.get("text"), str):
+            out["text"] = terminal_text(out["text"])
+    return merged
+
+
 def render_notebook_html(path: str | os.PathLike[str]) -> str:
     """The executed notebook as one standalone HTML page: CSS inlined (nbconvert's ``lab``
     template), images embedded, no scripts, no external assets."""
@@ -321,6 +352,9 @@ def render_notebook_html(path: str | os.PathLike[str]) -> str:
     from nbconvert import HTMLExporter
 
     nb = nbformat.read(str(path), as_version=4)
+    for cell in nb.cells:
+        if cell.get("outputs"):
+            cell["outputs"] = terminal_streams(cell["outputs"])
     exporter = HTMLExporter(template_name="lab", embed_images=True, sanitize_html=False,
                             exclude_anchor_links=True, mathjax_url="", require_js_url="",
                             jquery_url="", widget_renderer_url="", mermaid_js_url="")

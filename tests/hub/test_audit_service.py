@@ -313,6 +313,39 @@ def test_review_form_needs_xsrf_and_redirects(service, make_run, state_tmp):
     assert ledger_entries(state_tmp, "review")[0].payload["reviewer"] == "zz-rita"
 
 
+def test_after_a_review_the_page_confirms_it_with_the_note(service, make_run, state_tmp):
+    make_run("r1", user="zz-alice")
+    before = service("GET", "runs/r1", REVIEWER)
+    assert "You approved" not in before.text
+    assert service("POST", "api/runs/r1/review", REVIEWER,
+                   json={"decision": "approve", "note": "crisp <b>stripes</b>"}).status_code == 200
+    seq = ledger_entries(state_tmp, "review")[0].seq
+    page = service("GET", "runs/r1", REVIEWER).text
+    assert f"You approved this run; the decision is ledger entry seq {seq}" in page
+    assert "crisp &lt;b&gt;stripes&lt;/b&gt;" in page and "<b>stripes" not in page
+    other = service("GET", "runs/r1", AUDITOR).text  # the auditor sees the note, no "You"
+    assert "You approved" not in other and "crisp &lt;b&gt;stripes" in other
+
+
+def test_ones_own_run_offers_no_approve_form(service, make_run):
+    make_run("r1", user="zz-rita")
+    make_run("r2", user="zz-alice")
+    own = service("GET", "runs/r1", REVIEWER).text
+    assert "your own run" in own and "value=approve" not in own
+    assert "value=approve" in service("GET", "runs/r2", REVIEWER).text  # another's: offered
+
+
+def test_error_pages_are_styled_with_a_way_back_and_the_api_stays_json(service, make_run):
+    page = service("GET", "runs/no-such-run", AUDITOR)
+    assert page.status_code == 404 and page.headers["Content-Type"].startswith("text/html")
+    assert "Back to this service" in page.text and 'href="/hub/home"' in page.text
+    assert "<style>" in page.text and "no-such-run" in page.text
+    denied = service("GET", "runs", RESEARCHER)
+    assert denied.status_code == 403 and "Hub home" in denied.text
+    api = service("GET", "api/runs/no-such-run", AUDITOR)
+    assert api.status_code == 404 and api.json()["status"] == 404
+
+
 # -- lineage --------------------------------------------------------------------------------
 def test_lineage(service, make_run, tmp_path):
     make_run("r1", user="zz-alice", dataset="ds-a")

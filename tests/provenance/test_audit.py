@@ -334,3 +334,26 @@ def test_show_of_a_pruned_run_prints_what_the_ledger_keeps(make_run, lora, state
     code, out = lora("audit", "show", "old")
     assert code == 0 and "config             -" in out and "dataset_version    ds-a" in out
     assert "notebook" not in out  # the manifest, which named it, is gone
+
+
+def test_a_progress_bar_renders_as_its_last_state_and_prints_as_text(tmp_path):
+    """tqdm redraws with carriage returns, one stream output per redraw: the rendered notebook
+    shows one line in its final state, not one line per redraw; print output stays text."""
+    import re
+
+    import nbformat
+
+
+    nb = nbformat.v4.new_notebook()
+    redraws = [nbformat.v4.new_output("stream", name="stderr",
+                                      text=f"\rsteps {i * 10:3d}%|{'#' * i:<10}|")
+               for i in range(11)]
+    nb.cells = [nbformat.v4.new_code_cell("train()", outputs=[
+        nbformat.v4.new_output("stream", name="stdout", text="loss 0.84\n"), *redraws,
+        nbformat.v4.new_output("stream", name="stderr", text="\n")])]
+    path = tmp_path / "run.ipynb"
+    nbformat.write(nb, str(path))
+    html = render_notebook_html(path)
+    assert html.count("%|") == 1 and "steps 100%|##########|" in html
+    assert re.search(r"<pre>loss 0\.84\n</pre>", html)
+    assert "\r" in nbformat.read(str(path), as_version=4).cells[0].outputs[1].text  # kept
