@@ -57,7 +57,7 @@ from lora_kernel.provenance import audit
 from lora_kernel.trusted import review
 
 from ..events import EventStore, check_batch
-from ..settings import AUDIT_READ, AUDIT_SERVICE, REVIEW_WRITE
+from ..settings import AUDIT_READ, AUDIT_SERVICE, REVIEW_WRITE, RUNS_SERVICE
 from .base import ServiceConfig, ServiceHandler, listen, log, make_app, run_forever
 
 RUN = r"([A-Za-z0-9][A-Za-z0-9._-]{0,127})"
@@ -312,8 +312,18 @@ class AuditHandler(ServiceHandler):
 
 
 class RootHandler(AuditHandler):
+    """The service's root (the hub's Services menu): the runs list for auditors and
+    reviewers; for anyone else a page that says so and leads to their own runs."""
+
+    @web.authenticated
     def get(self) -> None:
-        self.redirect(self.url("runs"))
+        if {AUDIT_READ, REVIEW_WRITE} & self.scopes():
+            self.redirect(self.url("runs"))
+            return
+        self.page("Audit", "<div class=box><p>The audit service is for auditors and reviewers "
+                           "(their hub roles grant it). Your own runs, with their status, "
+                           f"samples and loss, are in <a href=\"/services/{e(RUNS_SERVICE)}"
+                           "/runs\">My runs</a>.</p></div>")
 
 
 def _verified_cell(run: dict[str, Any]) -> str:
@@ -365,7 +375,8 @@ class RunAPI(AuditHandler):
 
 
 _SUMMARY_KEYS = ("user", "uid", "status", "started", "ended", "review", "reviewer",
-                 "review_note", "review_seq", "adapter_digest", "dataset_version", "base_model", "base_model_sha256", "seed",
+                 "review_note", "review_seq", "adapter_digest", "dataset_version", "base_model",
+                 "base_model_sha256", "seed",
                  "host", "identity", "run_as", "kind", "error", "egress_refusals",
                  "notebook_source_sha256", "present", "pruned", "published")
 

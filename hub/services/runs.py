@@ -49,7 +49,7 @@ from lora_kernel.common.paths import private_dir
 from ..gpus import discover, quota_for
 from ..runqueue import FINAL, RunQueue, Submission
 from ..settings import RUNS_SERVICE, HubSettings, hub_state_dir, load_settings, user_home
-from .base import ServiceConfig, ServiceHandler, listen, make_app, run_forever
+from .base import ERROR_STYLE, ServiceConfig, ServiceHandler, listen, make_app, run_forever
 
 log = logging.getLogger("lora.hub.runs")
 REPO = Path(__file__).resolve().parents[2]
@@ -316,27 +316,63 @@ def _when(ts: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else ""
 
 
+def _outcome(s: Submission) -> str:
+    """A finished run's numbers from its sealed record (steps, loss first -> last)."""
+    res = (s.record or {}).get("result") if isinstance(s.record, dict) else None
+    if not isinstance(res, dict) or not res.get("steps"):
+        return ""
+    first, last = res.get("first_loss"), res.get("final_loss")
+    if isinstance(first, (int, float)) and isinstance(last, (int, float)):
+        return f"{res['steps']} steps, loss {first:.4f} → {last:.4f}"
+    return f"{res['steps']} steps"
+
+
 class RunsPage(RunsHandler):
-    """``runs``: the caller's runs as an HTML table."""
+    """``runs``: "My runs", the caller's own submissions: status, outcome, the record's run id
+    with its samples and loss curve, errors; what the hub's Services menu leads to."""
 
     @web.authenticated
     def get(self) -> None:
         me = self.actor().name
-        rows = "".join(
-            f"<tr><td>{s.id}</td><td>{escape(s.kind)}</td><td>{escape(s.path)}</td>"
-            f"<td>{escape(s.status)}</td><td>{escape(s.run_id or '')}</td>"
-            f"<td>{escape(','.join(s.gpus_held) or str(s.gpus))}</td>"
-            f"<td>{_when(s.submitted)}</td><td>{_when(s.finished)}</td>"
-            f"<td>{escape((s.error or '')[:300])}</td></tr>" for s in self.queue.list_runs(me))
+        api = self.settings["service_prefix"].rstrip("/") + "/api/runs/"
+        rows = []
+        for s in self.queue.list_runs(me):
+            images = ""
+            if s.run_id and s.status == "succeeded":
+                images = (f"<a href=\"{escape(api)}{s.id}/samples.png\">samples</a> · "
+                          f"<a href=\"{escape(api)}{s.id}/loss_curve.png\">loss curve</a>")
+            cls = {"succeeded": "ok", "failed": "bad", "interrupted": "bad"}.get(s.status, "")
+            rows.append(
+                f"<tr><td>{s.id}</td><td>{escape(Path(s.path).name)}</td>"
+                f"<td class={cls or 'plain'}>{escape(s.status)}</td><td>{escape(_outcome(s))}"
+                f"</td><td class=mono>{escape(s.run_id or '')}</td><td>{images}</td>"
+                f"<td>{escape(','.join(s.gpus_held) or str(s.gpus))}</td>"
+                f"<td>{_when(s.submitted)}</td><td>{_when(s.finished)}</td>"
+                f"<td>{escape((s.error or '')[:300])}</td></tr>")
+        table = ("<table><tr><th>#</th><th>notebook / config</th><th>status</th><th>outcome"
+                 "</th><th>record</th><th>images</th><th>GPUs</th><th>submitted</th>"
+                 f"<th>finished</th><th>error</th></tr>{''.join(rows)}</table>" if rows else
+                 "<p>No runs yet. Start one from the studio notebook, or in a notebook cell: "
+                 "<code>!lora run --hub $LORA_HUB_PUBLIC_URL --config my.yaml</code>.</p>")
         self.set_header("Content-Type", "text/html; charset=utf-8")
         self.finish(
-            "<!doctype html><meta charset=utf-8><title>LoRA runs</title>"
-            "<style>body{font-family:sans-serif}td,th{padding:2px 8px;text-align:left}</style>"
-            f"<h1>Runs of {escape(me)}</h1><table><tr><th>#</th><th>kind</th><th>path</th>"
-            "<th>status</th><th>run</th><th>GPUs</th><th>submitted</th><th>finished</th>"
-            f"<th>error</th></tr>{rows}</table>"
-            "<p>Submit with <code>lora run --hub URL --config my.yaml</code>; records are in "
-            "the audit service.</p>")
+            f"<!doctype html><html lang=en><head><meta charset=utf-8><title>My runs — LoRA "
+            f"Enclave</title><meta http-equiv=refresh content=15><style>{ERROR_STYLE}"
+            "table{border-collapse:collapse;background:#fff}td,th{border:1px solid #d6d9de;"
+            "padding:.25em .5em;text-align:left;vertical-align:top}th{background:#eef0f3}"
+            ".ok{color:#0a6b2d;font-weight:600}.mono{font-family:ui-monospace,monospace;"
+            "font-size:12px}</style></head><body><header><a href=\"/hub/home\">Hub home</a>"
+            f"<a href=\"/user/{escape(me)}/lab\">JupyterLab</a></header><main>"
+            f"<h1>My runs ({escape(me)})</h1>{table}<p>Sealed records, reviews and the "
+            "executed notebooks are in the audit service (auditors and reviewers).</p>"
+            "</main></body></html>")
+
+
+class RootPage(RunsHandler):
+    """The service's root (the hub's Services menu): My runs."""
+
+    def get(self) -> None:
+        self.redirect(self.settings["service_prefix"].rstrip("/") + "/runs")
 
 
 def make_runs_app(config: ServiceConfig, *, settings: HubSettings | None = None,
@@ -354,7 +390,7 @@ def make_runs_app(config: ServiceConfig, *, settings: HubSettings | None = None,
     app = make_app(config, [("api/runs", RunsApi), (r"api/runs/(\d+)", RunApi),
                             (r"api/runs/(\d+)/cancel", CancelApi),
                             (r"api/runs/(\d+)/(samples\.png|loss_curve\.png)", RunFileApi),
-                            ("runs", RunsPage)])
+                            ("runs", RunsPage), ("", RootPage)])
     app.settings.update(runs_queue=queue, hub_settings=settings)
     if scheduler:
         sched = Scheduler(config, queue)

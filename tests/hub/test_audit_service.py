@@ -346,6 +346,14 @@ def test_error_pages_are_styled_with_a_way_back_and_the_api_stays_json(service, 
     assert api.status_code == 404 and api.json()["status"] == 404
 
 
+def test_the_services_menu_entry_leads_each_role_somewhere_useful(service):
+    auditor = service("GET", "", AUDITOR, token=False)
+    assert auditor.status_code == 302 and auditor.headers["Location"].endswith(PREFIX + "runs")
+    researcher = service("GET", "", RESEARCHER, token=False)
+    assert researcher.status_code == 200 and "/services/lora-runs/runs" in researcher.text
+    assert "My runs" in researcher.text
+
+
 # -- lineage --------------------------------------------------------------------------------
 def test_lineage(service, make_run, tmp_path):
     make_run("r1", user="zz-alice", dataset="ds-a")

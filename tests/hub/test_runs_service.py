@@ -144,6 +144,24 @@ def test_a_submission_is_listed_for_its_owner_only(service):
     assert "nb.ipynb" not in service.call("hub-bob", "GET", "runs")[1]
 
 
+def test_the_services_menu_leads_to_my_runs_with_their_outcome(service):
+    """The hub's Services menu opens the service's root: it leads to "My runs", where a
+    finished run shows its outcome, its record's run id and its images, to its owner only."""
+    _, sub = service.call("hub-alice", "POST", "api/runs", {"notebook": "train.ipynb"})
+    queue = service.app.settings["runs_queue"]
+    assert queue.claim_next().id == sub["id"]
+    queue.finish(sub["id"], "succeeded", run_id="20261207T101010Z-abc123",
+                 record={"run_id": "20261207T101010Z-abc123",
+                         "result": {"steps": 40, "first_loss": 1.25, "final_loss": 0.5}},
+                 exit_code=0)
+    status, page = service.call("hub-alice", "GET", "")
+    assert status == 200 and "My runs (hub-alice)" in page, page[:500]
+    assert "40 steps, loss 1.2500 → 0.5000" in page and "20261207T101010Z-abc123" in page
+    assert f"api/runs/{sub['id']}/samples.png" in page
+    status, empty = service.call("hub-bob", "GET", "runs")
+    assert status == 200 and "No runs yet" in empty and "20261207T101010Z" not in empty
+
+
 def test_cancel_by_another_user_is_refused_by_the_owner_works(service):
     _, sub = service.call("hub-alice", "POST", "api/runs", {"config": "/x/my.yaml",
                                                              "overrides": {"seed": 3}})
