@@ -99,6 +99,31 @@ def prepare(hub_dir: Path) -> list[tuple[str, str]]:
     return created
 
 
+def prepare_shared_store(store: Path) -> bool:
+    """The platform's shared store (``$LORA_SHARED_STORE``, listed first by the studio, see
+    ``policies/models.yaml``): on first use, the demo models (tiny SD folder and single file,
+    tiny Llama) and datasets go there, readable by every user and writable by none but this
+    account; returns whether it was filled now. An admin adds a model by copying it into
+    ``models/`` there (``cp -r MODEL $LORA_SHARED_STORE/models/``)."""
+    if (store / "models").is_dir():
+        return False
+    import shutil
+    import tempfile
+
+    from lora_kernel.training.demo_assets import build_demo_assets
+
+    store.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=store) as tmp:
+        demo = build_demo_assets(tmp)["demo"]
+        for part in ("datasets", "models"):  # models last: its presence means "filled"
+            shutil.move(str(demo / part), str(store / part))
+    for folder, _dirs, files in os.walk(store):
+        os.chmod(folder, 0o755)
+        for name in files:
+            os.chmod(os.path.join(folder, name), 0o644)
+    return True
+
+
 def hub_processes(api_port: str) -> list[psutil.Process]:
     """Every process left of the hub whose API listens on ``api_port``: user servers and
     their kernels (found by the ``JUPYTERHUB_API_URL`` they inherit) and the proxy and
@@ -184,6 +209,10 @@ def main() -> None:
     env = dict(os.environ)
     env.setdefault("LORA_HUB_AUTH", "demo")
     env["LORA_HUB_DIR"] = str(hub_dir)
+    shared = Path(env.setdefault("LORA_SHARED_STORE", str(REPO / "hub_shared"))).resolve()
+    if prepare_shared_store(shared):
+        print(f"  shared store: {shared} (demo models and datasets, readable by every user)",
+              flush=True)
     sys.exit(serve(env))
 
 

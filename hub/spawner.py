@@ -149,7 +149,7 @@ class LoraSpawner(LocalProcessSpawner):
         hub = os.environ.get("LORA_HUB_PUBLIC_URL", "").rstrip("/")
         env["LORA_AUDIT_URL"] = f"{hub}/services/{AUDIT_SERVICE}/api/events"
         env["LORA_RUNS_URL"] = f"{hub}/services/{RUNS_SERVICE}/"
-        for name in ("LORA_POLICIES", "LORA_NOTEBOOKS"):
+        for name in ("LORA_POLICIES", "LORA_NOTEBOOKS", "LORA_SHARED_STORE"):
             if name in os.environ:
                 env[name] = os.environ[name]
         return env

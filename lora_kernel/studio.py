@@ -50,12 +50,32 @@ _ANNOUNCED = re.compile(r"\brun (\d{8}T\d{6}Z-[0-9a-f]+)\b")
 
 
 # -- what there is to choose ------------------------------------------------------------------
+SHARED_STORE_ENV = "LORA_SHARED_STORE"
+_MODEL_DEFAULTS = {"store": ["{shared}/models", "{home}/models", "{home}/demo/models"],
+                   "datasets": ["{shared}/datasets", "{home}/datasets", "{home}/demo/datasets"]}
+
+
+def _policy_folders(key: str, home: str | os.PathLike[str] | None) -> list[Path]:
+    """The folders ``policies/models.yaml`` lists under ``key``, placeholders filled:
+    ``{home}`` (the working home) and ``{shared}`` (``$LORA_SHARED_STORE``, the platform's
+    shared store; entries naming it are skipped when it is not set)."""
+    values = {"{home}": str(lora_home(home)),
+              "{shared}": os.environ.get(SHARED_STORE_ENV, "")}
+    out = []
+    for entry in load_policy("models", _MODEL_DEFAULTS).get(key) or []:
+        text = str(entry)
+        if any(k in text and not v for k, v in values.items()):
+            continue
+        for k, v in values.items():
+            text = text.replace(k, v)
+        out.append(Path(text).expanduser())
+    return out
+
+
 def model_store(home: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Folders holding base models: ``policies/models.yaml`` ``store:`` (``{home}`` is the
-    working home), default ``<home>/models`` and ``<home>/demo/models``."""
-    h = lora_home(home)
-    entries = load_policy("models", {"store": ["{home}/models", "{home}/demo/models"]})["store"]
-    return [Path(str(e).replace("{home}", str(h))).expanduser() for e in entries or []]
+    """Folders holding base models: ``policies/models.yaml`` ``store:`` (the platform's shared
+    store, then ``<home>/models`` and ``<home>/demo/models`` by default)."""
+    return _policy_folders("store", home)
 
 
 def list_models(task: str, home: str | os.PathLike[str] | None = None) -> list[Path]:
@@ -77,12 +97,12 @@ def list_models(task: str, home: str | os.PathLike[str] | None = None) -> list[P
 
 
 def list_datasets(task: str, home: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Dataset folders under ``<home>/datasets`` and ``<home>/demo/datasets`` that you can
-    read: images (image) or ``.jsonl`` files (text)."""
-    h = lora_home(home)
+    """Dataset folders you can read, in the folders ``policies/models.yaml`` ``datasets:``
+    lists (the shared store's, by group, then ``<home>/datasets`` and ``<home>/demo/datasets``):
+    images (image) or ``.jsonl`` files (text)."""
     found = []
-    for root in (h / "datasets", h / "demo" / "datasets"):
-        if not root.is_dir():
+    for root in _policy_folders("datasets", home):
+        if not root.is_dir() or not os.access(root, os.R_OK | os.X_OK):
             continue
         for d in sorted(root.iterdir()):
             if not d.is_dir() or not os.access(d, os.R_OK | os.X_OK):

@@ -48,6 +48,33 @@ def home(demo_home, tmp_path, monkeypatch):
     return h
 
 
+def test_a_fresh_home_lists_the_shared_stores_models_and_only_readable_datasets(
+        demo_home, tmp_path, monkeypatch):
+    """A new user's empty working home: the studio lists the platform's shared models and
+    datasets ($LORA_SHARED_STORE, what `make hub` fills); a shared dataset folder the user may
+    not read is not listed. Without a shared store the lists are the home's (empty here)."""
+    from lora_kernel.studio import list_datasets, list_models
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    monkeypatch.setenv("LORA_HOME", str(fresh))
+    monkeypatch.delenv("LORA_SHARED_STORE", raising=False)
+    assert list_models("image") == [] and list_datasets("image") == []
+    shared = tmp_path / "shared"
+    shutil.copytree(demo_home / "demo" / "models", shared / "models")
+    shutil.copytree(demo_home / "demo" / "datasets", shared / "datasets")
+    monkeypatch.setenv("LORA_SHARED_STORE", str(shared))
+    assert shared / "models" / "tiny-sd" in list_models("image")
+    assert shared / "models" / "tiny-llama" in list_models("text")
+    assert list_datasets("image") == [shared / "datasets" / "image"]
+    if os.geteuid() != 0:  # root reads everything; the OS rule is what the studio follows
+        os.chmod(shared / "datasets" / "image", 0o000)
+        try:
+            assert list_datasets("image") == []
+        finally:
+            os.chmod(shared / "datasets" / "image", 0o755)
+
+
 def test_the_form_validates_like_the_cli_with_errors_under_their_fields(home):
     s = Studio(home=home, runs=FakeRuns(), announce=lambda _t: None)
     assert s.task == "image" and s.dataset.value.endswith("datasets/image")

@@ -12,7 +12,7 @@ import subprocess
 import psutil
 import pytest
 import sysusers
-from hubtools import HUB_USERS, Hub, start_kernel
+from hubtools import HUB_USERS, Hub, execute, start_kernel
 
 from hub.demo import ensure_system_user
 
@@ -77,17 +77,25 @@ def _alive(pids: set[int]) -> list[str]:
 @pytest.mark.hub
 @pytest.mark.slow
 def test_ctrl_c_of_make_hub_leaves_no_process_behind(hub_root):
-    """``make hub`` started, a user's server and kernel up; Ctrl-C (SIGINT to the foreground
-    process group) stops the hub, the proxy, both services, the server and the kernel, with
-    no traceback."""
-    h = Hub(hub_root / "make-hub")
+    """``make hub`` started (it fills the shared store with the demo models and datasets, which
+    a new user's studio lists), a user's server and kernel up; Ctrl-C (SIGINT to the
+    foreground process group) stops the hub, the proxy, both services, the server and the
+    kernel, with no traceback."""
+    shared = hub_root / "make-hub-shared"
+    h = Hub(hub_root / "make-hub", env={"LORA_SHARED_STORE": str(shared)})
     h.sessions = {}
     h.add_users({"alice": HUB_USERS["alice"]})
-    h.start(make_hub=True)
+    h.start(make_hub=True, timeout=180)  # the first start fills the shared store
     try:
         s = h.spawn("alice")
         kernel_id = start_kernel(h, s)
-        assert kernel_id
+        # day one: alice's studio lists the shared demo models and datasets
+        listed = execute(h, s, kernel_id, "from lora_kernel.studio import list_datasets, "
+                         "list_models\nprint([str(p) for p in list_models('image') + "
+                         "list_models('text') + list_datasets('image')])")
+        assert listed["status"] == "ok", listed
+        for part in ("models/tiny-sd", "models/tiny-llama", "datasets/image"):
+            assert str(shared / part) in listed["stdout"], listed
         everything = _tree(h.proc.pid)  # hub.demo, the hub, proxy, services, server, kernel
         kernels = [p for p in everything if "ipykernel" in " ".join(psutil.Process(p).cmdline())
                    or "lora_kernel" in " ".join(psutil.Process(p).cmdline())]
