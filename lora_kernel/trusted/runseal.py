@@ -34,7 +34,7 @@ from typing import Any
 from lora_kernel.common.atomic import atomic_write
 from lora_kernel.common.errors import RunFailed
 from lora_kernel.common.paths import runs_dir
-from lora_kernel.common.runspec import RunDescription
+from lora_kernel.common.runspec import PinnedInputs, RunDescription
 from lora_kernel.common.timeutil import utc_now
 from lora_kernel.provenance.records import manifest_sha256, record_files
 from lora_kernel.trusted.evidence import (
@@ -239,6 +239,22 @@ def _failure_reason(rc: int | None, reason: str | None, error: dict[str, Any] | 
     return None
 
 
+def _inputs_differ(pinned: PinnedInputs, result: dict[str, Any]) -> str | None:
+    """Why the training's own report of what it read (dataset version, base model digest)
+    contradicts what the pin step hashed, or None when it agrees: a dataset or model swapped
+    after the pin must not be sealed as trained on the pinned one."""
+    differences = []
+    for key, what in (("dataset_version", "dataset version"),
+                      ("base_model_sha256", "base model sha256")):
+        expected, reported = getattr(pinned, key), result.get(key)
+        if expected and reported != expected:
+            differences.append(f"{what}: pinned {expected}, the training read {reported}")
+    if not differences:
+        return None
+    return ("the training read other inputs than were pinned (changed after the pin?): "
+            + "; ".join(differences) + "; the adapter is not the pinned inputs' adapter")
+
+
 def seal_run(run: RunDescription, staging: Path, *, rc: int | None, reason: str | None,
              ctx: RunContext, state: str | os.PathLike[str] | None, seconds: float,
              log: Callable[[str], None], before_seal: BeforeSeal | None = None) -> RunRecord:
@@ -255,6 +271,8 @@ def seal_run(run: RunDescription, staging: Path, *, rc: int | None, reason: str 
     pinned = run.pinned
     training = pinned is not None and pinned.training
     failure = _failure_reason(rc, reason, error, result, training)
+    if failure is None and training and result is not None and pinned is not None:
+        failure = _inputs_differ(pinned, result)
     notes += _keep_partial_notebook(staging)
     events = _read_events(staging / "events.jsonl")
     status = "failed" if failure else "succeeded"

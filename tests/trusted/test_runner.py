@@ -17,6 +17,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import yaml
 from nbtools import write_notebook
 
 from lora_kernel.common.digests import sha256_file
@@ -197,6 +198,42 @@ def test_a_plain_notebooks_own_numbers_never_crash_lora_run(run_home, tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     assert "Traceback" not in res.stderr and re.search(r"^run \S+ succeeded in", res.stdout, re.M)
     assert "loss" not in res.stdout.splitlines()[0]  # no numbers made up for it
+
+
+def test_a_dataset_swapped_after_the_pin_seals_a_failed_record_naming_both(
+        run_home, demo_home, tmp_path):
+    """User code changes the dataset between the pin and the training: the training reports
+    the version it read, sealing compares it with the pinned one and the record is failed,
+    naming both; its manifest keeps the pinned version (what was claimed is not what ran).
+    The same notebook without the swap succeeds (the honest twin)."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_home / "demo" / "datasets" / "image", data)
+    config = tmp_path / "cfg.yaml"
+    raw = yaml.safe_load((demo_home / "demo" / "image_lora.yaml").read_text())
+    raw.update({"base_model": str((demo_home / "demo" / raw["base_model"]).resolve()),
+                "train_data_dir": str(data), "metadata_path": str(data / "metadata.csv"),
+                **FAST_IMAGE})
+    config.write_text(yaml.safe_dump(raw))
+    params = "config_path = ''\noverrides = {}\nresult_path = ''\nswap = False"
+    swap = ("if swap:\n    p = __import__('pathlib').Path(config_path).parent / 'data' / "
+            "'metadata.csv'\n    p.write_text(p.read_text().replace('enclave style', "
+            "'some other style'))")
+    train = ("import lora_kernel.notebook as lk\ncfg = lk.prepare_config(config_path, "
+             "overrides, task='image')\nresult = lk.run_training(cfg)\n"
+             "lk.write_result(result, result_path)")
+    nb = write_notebook(tmp_path / "swap.ipynb", params, swap, train)
+    honest = lora_cli("run", nb, "-p", "config_path", config, home=run_home)
+    assert honest.returncode == 0, honest.stdout + honest.stderr
+    res = lora_cli("run", nb, "-p", "config_path", config, "-p", "swap", "true", home=run_home)
+    assert res.returncode == 7, res.stdout + res.stderr
+    assert "other inputs than were pinned" in res.stderr and "dataset version" in res.stderr
+    record = Path(re.search(r"recorded in (\S+)", res.stderr).group(1))
+    manifest = assert_sealed(record, "failed")
+    meta = manifest["predicate"]["runDetails"]["metadata"]
+    assert "pinned ds-" in meta["extra"]["error"] and "the training read ds-" in \
+        meta["extra"]["error"]
 
 
 def test_failing_notebook_leaves_failed_record(run_home, tmp_path):
