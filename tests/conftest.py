@@ -34,8 +34,8 @@ make_run (function)
     ledger=True)`` seals a structurally real run record (real .safetensors adapter, nbformat
     notebook, events.jsonl, tb/, manifest) under ``state_tmp/runs`` and appends its ledger
     entry; returns the record path. Inputs (dataset, base model) live beside it in ``inputs/``;
-    ``status`` and ``uid`` are recorded as given. (records/ledger/
-    review/audit tests.)
+    ``status``, ``uid`` and ``kind`` (the manifest's ``extra.kind``; default none, which
+    counts as training) are recorded as given. (records/ledger/review/audit tests.)
 lora (function)
     ``lora(*argv) -> (exit code, stdout + stderr)``: runs ``lora ...`` in process through
     :func:`lora_kernel.cli.main.main` with only ``lora_kernel.cli.audit`` registered.
@@ -260,7 +260,7 @@ def make_run(state_tmp):
     inputs = state_tmp.parent / "inputs"
 
     def make(run_id, user="alice", dataset="ds-a", base_model="tiny", started=None,
-             ledger=True, seed=42, status="succeeded", uid=None):
+             ledger=True, seed=42, status="succeeded", uid=None, kind=None):
         ddir = inputs / dataset
         if not ddir.exists():
             ddir.mkdir(parents=True)
@@ -293,7 +293,7 @@ def make_run(state_tmp):
                     "lora_rank": 4, "seed": seed},
             base_model_sha256=path_sha256(model), dataset_version=dataset,
             dataset_digests=digests, notebook_source_sha256="ab" * 32, seed=seed,
-            egress_refusals=0)
+            egress_refusals=0, **({"extra": {"kind": kind}} if kind else {}))
         write_manifest(staging, manifest)
         record = seal_record(staging, state_tmp / "runs", run_id)
         if ledger:

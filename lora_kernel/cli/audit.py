@@ -175,11 +175,11 @@ def cmd_list(args) -> int:
     for r in rows:
         notes = [n for n, on in (("TAMPERED", not r["verified"]), ("pruned", r["pruned"]),
                                  ("published", r["published"]), ("EXPIRED", r["expired"])) if on]
-        table.append([r["run_id"], _cell(r["user"]), _cell(r["status"]),
+        table.append([r["run_id"], _cell(r["user"]), _cell(r["kind"]), _cell(r["status"]),
                       _short_time(r["started"]) if r["started"] else "-", _cell(r["review"]),
                       *(_cell(r["columns"][c]) for c in columns), " ".join(notes)])
-    _print_table(["RUN", "USER", "STATUS", "STARTED", "REVIEW", *(c.upper() for c in columns),
-                  "NOTES"], table)
+    _print_table(["RUN", "USER", "KIND", "STATUS", "STARTED", "REVIEW",
+                  *(c.upper() for c in columns), "NOTES"], table)
     return 0
 
 

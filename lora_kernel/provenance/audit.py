@@ -137,6 +137,7 @@ def run_info(run_id: str, ledger: LedgerReader, state: _State = None,
             if p.get("run_id") == run_id and p["withdrawn"] is None]
     config = s.get("config")
     return {"run_id": run_id, "user": s.get("user"), "status": s.get("status"),
+            "kind": s.get("kind") or "-",
             "started": s.get("started"), "ended": s.get("ended"),
             "review": None if review is None and s.get("status") != "succeeded" else review_st,
             "reviewer": review.payload.get("reviewer") if review else None,

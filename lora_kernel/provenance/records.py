@@ -167,7 +167,25 @@ def summary(manifest: dict[str, Any]) -> dict[str, Any]:
                             if str(d.get("name", "")).startswith("dataset/")},
         "files": files, "adapter_digest": adapter_digest_of(files),
         "adapter_files": sorted(r for r in files if file_role(r) == "adapter"),
+        "kind": provenance_kind(meta.get("extra"), ext.get("config")),
     }
+
+
+#: What produced a record's adapter: ``training`` (the platform's training, its numbers
+#: measured and its inputs pinned and cross-checked), ``replay``, ``derived`` (merge, resize,
+#: convert of a pinned source) or ``notebook`` (a plain notebook: its adapter and numbers are
+#: self-reported, claimed by user code).
+PROVENANCE_KINDS = ("training", "replay", "derived", "notebook")
+
+
+def provenance_kind(extra: Any, config: Any) -> str:
+    """The record's :data:`PROVENANCE_KINDS` entry from its manifest's ``extra.kind``;
+    records made before kinds were recorded count as training when they pinned a config with
+    a base model, else as a notebook."""
+    kind = extra.get("kind") if isinstance(extra, dict) else None
+    if kind in PROVENANCE_KINDS:
+        return str(kind)
+    return "training" if isinstance(config, dict) and config.get("base_model") else "notebook"
 
 
 def _cell_changes(where: str, old: list[str], path: Path) -> list[Problem]:

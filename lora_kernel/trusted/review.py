@@ -87,6 +87,23 @@ def verified_summary(run_id: str, ledger: LedgerReader, state: str | os.PathLike
     return summary(load_manifest(record))
 
 
+def _self_reported_allowed(trainer: str, policy: dict[str, Any]) -> bool:
+    """Whether ``policies/review.yaml`` ``self_reported_groups`` lets adapters that
+    ``trainer``'s plain notebooks wrote be approved (an OS group the trainer is in)."""
+    import grp
+    import pwd
+
+    groups = set(policy.get("self_reported_groups") or [])
+    if not groups:
+        return False
+    try:
+        entry = pwd.getpwnam(trainer)
+    except KeyError:
+        return False
+    mine = {grp.getgrgid(g).gr_name for g in os.getgrouplist(trainer, entry.pw_gid)}
+    return bool(groups & mine)
+
+
 def _review(run_id: str, decision: str, note: str, actor: Actor | None,
             state: str | os.PathLike[str] | None, ledger: Ledger | None) -> Entry:
     actor = actor or current_actor()
@@ -110,6 +127,12 @@ def _review(run_id: str, decision: str, note: str, actor: Actor | None,
             if not s["adapter_files"]:
                 raise PolicyRefusal(f"run {run_id} has no adapter files; there is nothing to "
                                     "approve")
+            if s.get("kind") == "notebook" and not _self_reported_allowed(s["user"], policy):
+                raise PolicyRefusal(
+                    f"run {run_id} is a plain notebook's run: its adapter and numbers are "
+                    f"self-reported by user code, not trained and measured by the platform; "
+                    f"fix: train it with `lora run --config` (a training run), or an admin "
+                    f"lists the trainer's group in self_reported_groups (policies/review.yaml)")
         expected = led.expected_manifest_sha256(run_id)
         return led.append("review", run_id, {
             "decision": decision, "reviewer": actor.name, "reviewer_uid": actor.uid,

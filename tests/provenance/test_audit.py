@@ -270,10 +270,12 @@ def test_list_marks_tampered_runs_and_failed_runs_are_not_pending(make_run, lora
     assert code == 0 and "TAMPERED" not in out
     rows = out.splitlines()
     # every column starts at the same offset in the header and in each row
-    starts = [rows[0].index(h) for h in ("USER", "STATUS", "STARTED", "REVIEW", "NOTES")]
+    starts = [rows[0].index(h) for h in ("USER", "KIND", "STATUS", "STARTED", "REVIEW",
+                                         "NOTES")]
     for row in rows[1:]:
         assert all(row[s - 1] == " " and row[s] != " " for s in starts[:-1]), (rows, starts)
-    assert [r.split()[4] for r in rows[1:]] == ["pending", "pending", "-"]
+    assert [r.split()[5] for r in rows[1:]] == ["pending", "pending", "-"]
+    assert [r.split()[2] for r in rows[1:]] == ["training"] * 3  # pinned a config and model
     by_id = {r["run_id"]: r for r in json.loads(lora("audit", "list", "--json")[1])}
     assert by_id["r3"]["review"] is None and by_id["r1"]["review"] == "pending"
     os.chmod(r1 / "events.jsonl", 0o644)
@@ -291,9 +293,9 @@ def test_list_shows_chosen_config_columns_unknown_one_named(make_run, lora, stat
     code, out = lora("audit", "list", "--columns", "learning_rate,lora_rank")
     assert code == 0, out
     header, *rows = out.splitlines()
-    assert header.split() == ["RUN", "USER", "STATUS", "STARTED", "REVIEW", "LEARNING_RATE",
-                              "LORA_RANK", "NOTES"]
-    assert [r.split()[5:7] for r in rows] == [["0.0005", "4"], ["-", "4"]]
+    assert header.split() == ["RUN", "USER", "KIND", "STATUS", "STARTED", "REVIEW",
+                              "LEARNING_RATE", "LORA_RANK", "NOTES"]
+    assert [r.split()[6:8] for r in rows] == [["0.0005", "4"], ["-", "4"]]
     rows = json.loads(lora("audit", "list", "--columns", "lora_rank", "--json")[1])
     assert [r["columns"] for r in rows] == [{"lora_rank": 4}, {"lora_rank": 4}]
     code, out = lora("audit", "list", "--columns", "lora_rank,learning_rat")

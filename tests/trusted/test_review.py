@@ -58,6 +58,33 @@ def test_failed_or_adapterless_runs_cannot_be_approved(make_run, policies, led, 
     assert approve("ok", "fine", actor=actor("bob"), ledger=led).payload["decision"] == "approved"
 
 
+def test_a_plain_notebooks_adapter_is_not_approved_unless_the_policy_allows_it(
+        make_run, policies, led, actor, monkeypatch):
+    """A plain notebook's run (kind "notebook") wrote its own adapter: self-reported, so a
+    reviewer cannot approve it (nor can it be published); a training run of the same trainer
+    is approved; a group in self_reported_groups lets that trainer's notebook adapters pass."""
+    from lora_kernel.trusted import review
+
+    make_run("nb", user="alice", seed=1, kind="notebook")
+    make_run("tr", user="alice", seed=2, kind="training")
+    with pytest.raises(PolicyRefusal, match="self-reported"):
+        approve("nb", "looks fine", actor=actor("bob"), ledger=led)
+    assert approve("tr", "fine", actor=actor("bob"), ledger=led).payload["decision"] \
+        == "approved"
+    assert reject("nb", "not trained here", actor=actor("bob"), ledger=led)  # withholding is
+    import grp
+    import pwd
+
+    me = pwd.getpwuid(os.getuid())
+    mine = grp.getgrgid(me.pw_gid).gr_name
+    assert review._self_reported_allowed(me.pw_name, {"self_reported_groups": [mine]})
+    assert not review._self_reported_allowed(me.pw_name, {"self_reported_groups": ["nope-x"]})
+    assert not review._self_reported_allowed(me.pw_name, {})
+    monkeypatch.setattr(review, "_self_reported_allowed", lambda trainer, policy: True)
+    assert approve("nb", "allowed for this group", actor=actor("bob"),
+                   ledger=led).payload["decision"] == "approved"
+
+
 def test_non_reviewer_refused(make_run, policies, led, actor):
     make_run("r1", user="alice")
     assert not is_reviewer(actor("mallory")) and is_reviewer(actor("carol"))
