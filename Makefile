@@ -19,7 +19,7 @@ export LORA_HOME LORA_STATE
 help:
 	@echo "make demo   build demo assets, train the demo LoRA, verify its record"
 	@echo "make test   lint, then run the test suite"
-	@echo "make lint   ruff on lora_kernel, tests and bench; mypy (strict) on common, provenance, trusted"
+	@echo "make lint   ruff on lora_kernel, tests and bench; mypy (strict) on common, provenance, trusted, steps"
 	@echo "make hub    start the hub on http://127.0.0.1:8000 (demo login; see docs/hub.md)"
 	@echo "make setup  (run by both) OS packages (as root), $(VENV) and pinned dependencies"
 
@@ -57,7 +57,7 @@ demo: setup
 
 lint: setup
 	$(VENV)/bin/ruff check lora_kernel hub tests bench
-	$(VENV)/bin/mypy lora_kernel/common lora_kernel/provenance lora_kernel/trusted
+	$(VENV)/bin/mypy lora_kernel/common lora_kernel/provenance lora_kernel/trusted lora_kernel/steps
 
 test: setup lint
 	$(PY) -m pytest $(PYTEST_ARGS)

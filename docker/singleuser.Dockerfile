@@ -71,7 +71,7 @@ ENTRYPOINT ["/usr/bin/tini", "--"]
 # The same restrictions the local spawner passes (hub/spawner.py get_args): only the `lora`
 # kernel, no terminals; command-line options outrank the user's ~/.jupyter files.
 CMD ["jupyterhub-singleuser", \
-     "--config=/opt/lora-enclave/hub/singleuser_config.py", \
+     "--config=/opt/lora-enclave/hub/singleuser/config.py", \
      "--ServerApp.kernel_spec_manager_class=hub.kernels.LoraOnlyKernelSpecManager", \
      "--MappingKernelManager.default_kernel_name=lora", \
      "--ServerApp.terminals_enabled=False"]

@@ -3,6 +3,9 @@
 Both hand JupyterHub the user's platform groups (``manage_groups``): the Linux groups named in
 ``policies/hub.yaml`` ``roles``; ``jupyterhub_config.py`` gives each group its role. LDAP is
 ``ldapauthenticator.LDAPAuthenticator`` with the same group names (docs/hub.md).
+
+Runs as: the hub's account (root when it spawns system users' servers; the demo: the developer's
+own account).
 """
 from __future__ import annotations
 

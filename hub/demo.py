@@ -9,6 +9,9 @@
 Then it runs ``jupyterhub -f hub/jupyterhub_config.py`` (``LORA_HUB_AUTH=demo`` unless set) as a
 child until Ctrl-C or SIGTERM, which stop the hub, the proxy, the services and every user's
 server and kernels: nothing is left running (:func:`serve`).
+
+Runs as: the hub's account (root when it spawns system users' servers; the demo: the developer's
+own account).
 """
 from __future__ import annotations
 

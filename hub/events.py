@@ -19,6 +19,9 @@ never reused). :meth:`EventStore.add_batch`:
 
 The rows are written in the same SQLite transaction that is open while the ledger entry is
 appended: if the append fails, nothing is stored and the sink retries.
+
+Runs as: the hub's account (root when it spawns system users' servers; the demo: the developer's
+own account).
 """
 from __future__ import annotations
 

@@ -6,6 +6,9 @@ never hand out the same GPU, and a restarted hub finds what was allocated.
 
 File: ``{"v": 1, "holders": {"<owner>": ["0", "1"], ...}}`` where an owner is a string such as
 ``server:alice/`` or ``run:20261126-...``. Devices are CUDA indices as strings.
+
+Runs as: the hub's account (root when it spawns system users' servers; the demo: the developer's
+own account).
 """
 from __future__ import annotations
 

@@ -5,6 +5,9 @@ group databases (uid, groups), exactly as for a Unix-socket peer. The demo hub (
 without root) has users that exist only in the hub; they get an Actor whose uid is negative and
 derived from the name, so it can never equal a real account's uid or another demo user's, and
 whose groups are their hub groups.
+
+Runs as: the hub's account (root when it spawns system users' servers; the demo: the developer's
+own account).
 """
 from __future__ import annotations
 

@@ -16,6 +16,8 @@ Started as root, servers run as each user's uid and the services as described in
 ``lora-runs`` as root (it starts each run's kernel as the user and seals as the service account),
 ``lora-audit`` as the service account. Started as another user, it is the one-account demo:
 hub-only users, every server as that account (docs/hub.md says what that does not protect).
+
+Runs as: the hub's account (read by JupyterHub at its start).
 """
 # ruff: noqa: F821  (``c`` and ``get_config`` are provided by JupyterHub)
 from __future__ import annotations

@@ -17,7 +17,7 @@ For a claimed submission (:class:`hub.runqueue.Submission`) :func:`job_manifest`
   (``lora-run-outputs``, ReadWriteMany), which the runs service mounts too
   (:attr:`K8sSettings.output_root`) to seal the record as the service account: the Job itself
   never sees the state directory, the ledger or its key;
-* the container runs :mod:`lora_kernel.trusted.jobstep` (pin, papermill in the ``lora``
+* the container runs :mod:`lora_kernel.steps.jobstep` (pin, papermill in the ``lora``
   kernel, collect) with ``LORA_RUN_ID`` set, so the kernel's events carry the run id;
 * ``backoffLimit: 0`` (a failed run is sealed as failed, never silently retried),
   ``activeDeadlineSeconds`` from the submission's timeout, ``ttlSecondsAfterFinished``;
@@ -39,6 +39,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from lora_kernel.common.contract import JOBSTEP_MODULE
 from lora_kernel.common.errors import ConfigError
 from lora_kernel.common.offline import OFFLINE_VARS
 
@@ -114,7 +115,7 @@ def pod_path(sub: Submission, settings: K8sSettings) -> str:
 
 
 def job_spec(sub: Submission, settings: K8sSettings, run_id: str) -> dict[str, Any]:
-    """What :mod:`lora_kernel.trusted.jobstep` runs for ``sub``, in the pod's paths."""
+    """What :mod:`lora_kernel.steps.jobstep` runs for ``sub``, in the pod's paths."""
     spec: dict[str, Any] = {"run_id": run_id, "kind": sub.kind,
                             "home": posixpath.join(settings.home_mount, settings.workdir),
                             "out": settings.output_mount}
@@ -164,7 +165,7 @@ def job_manifest(sub: Submission, settings: K8sSettings | None = None, *,
     out = settings.output_mount
     container = k.V1Container(
         name="run", image=settings.image, image_pull_policy=settings.image_pull_policy,
-        command=[settings.python, "-m", "lora_kernel.trusted.jobstep"],
+        command=[settings.python, "-m", JOBSTEP_MODULE],
         args=[json.dumps(job_spec(sub, settings, run_id), sort_keys=True)],
         working_dir=workhome,
         env=[k.V1EnvVar(name=key, value=value) for key, value in sorted(env.items())],

@@ -16,6 +16,9 @@ that no longer run are released; queued rows stay queued.
 
 Identity in a row (``user``, ``actor``) is what the service learnt from the hub's token; a
 request never names it.
+
+Runs as: the hub's account (root when it spawns system users' servers; the demo: the developer's
+own account).
 """
 from __future__ import annotations
 

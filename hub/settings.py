@@ -1,6 +1,9 @@
 """``policies/hub.yaml``: roles from Linux groups, the GPU pool and quotas, runs, culling.
 
 Plain helpers (no jupyterhub import), shared by the hub config, the spawner and the services.
+
+Runs as: the hub's account (root when it spawns system users' servers; the demo: the developer's
+own account).
 """
 from __future__ import annotations
 

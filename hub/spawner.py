@@ -10,10 +10,14 @@ Registered as the ``lora-gpu`` entry point of ``jupyterhub.spawners``
 * the environment: ``CUDA_VISIBLE_DEVICES``/``CUDA_DEVICE_ORDER``, the offline variables, the
   user's working home (``LORA_HOME``), the runs and audit services' URLs; never the state
   directory, and nothing of the hub's own environment but what JupyterHub passes;
-* only the ``lora`` kernel (:mod:`hub.kernels`) and no terminals, set on the command line.
+* only the ``lora`` kernel (:mod:`hub.singleuser.kernels`) and no terminals, set on the command
+  line.
 
 ``demo`` (``make hub`` without root): hub-only users, servers run as the hub's own uid, each
 with its own home under ``$LORA_HOME/hub-users``.
+
+Runs as: the hub's account (root when it spawns system users' servers; the demo: the developer's
+own account).
 """
 from __future__ import annotations
 
@@ -156,7 +160,7 @@ class LoraSpawner(LocalProcessSpawner):
 
     def get_args(self) -> list[str]:
         args = super().get_args()
-        args += [f"--config={Path(__file__).with_name('singleuser_config.py')}",
+        args += [f"--config={Path(__file__).parent / 'singleuser' / 'config.py'}",
                  "--ServerApp.kernel_spec_manager_class=hub.kernels.LoraOnlyKernelSpecManager",
                  "--MappingKernelManager.default_kernel_name=lora",
                  f"--ServerApp.terminals_enabled={self.terminals}"]

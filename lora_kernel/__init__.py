@@ -5,6 +5,8 @@ The package is split by who may run it (see README "Trust boundary"): ``common``
 verifiers), ``trusted`` (the service account's side) and ``cli``. Importing it has no side
 effects: the egress guard is installed explicitly by the kernel launcher
 (``python -m lora_kernel``) and the offline environment by the CLI.
+
+Runs as: whichever account imports the package.
 """
 from lora_kernel.common.version import __version__, version_info
 

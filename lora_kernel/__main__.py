@@ -2,6 +2,8 @@
 
     python -m lora_kernel -f CONNECTION_FILE         start the guarded kernel
     python -m lora_kernel install [--user | --sys-prefix | --prefix P]
+
+Runs as: the user (it starts their guarded kernel).
 """
 import sys
 

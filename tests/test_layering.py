@@ -5,17 +5,21 @@ module level, inside functions and classes, under ``if``/``try`` (``TYPE_CHECKIN
 it still ties the zones together), relative imports resolved, and ``importlib.import_module`` /
 ``__import__`` with a literal name. The rules (DESIGN.md, "Layout"):
 
-- ``kernel/`` and ``training/`` (untrusted) never import ``lora_kernel.trusted`` or
-  ``lora_kernel.cli``;
+- ``kernel/``, ``training/``, ``steps/`` and ``user/`` (untrusted: they run as the user) never
+  import ``lora_kernel.trusted`` or ``lora_kernel.cli``;
+- ``trusted/`` never imports those user-side folders: what both sides share (file and variable
+  names, the kernel name, the run description and pin answer) lives in ``common/``;
 - ``provenance/`` imports no ``lora_kernel.*`` but ``lora_kernel.common`` and itself;
 - ``common/`` imports no ``lora_kernel.*`` but itself;
 - ``common/``, ``provenance/`` and ``trusted/`` never import torch, diffusers, transformers,
   peft or safetensors.torch directly;
 - ``hub/`` (trusted, JupyterHub side) never imports kernel internals (``lora_kernel.kernel``,
-  ``lora_kernel.training``) nor the heavy libraries, and nothing in ``lora_kernel`` imports
+  ``lora_kernel.training``) nor the heavy libraries, nor the user-side ``lora_kernel.steps`` and
+  ``lora_kernel.user``, and nothing in ``lora_kernel`` imports
   ``hub`` (the kernel, the CLI and the runner reach the hub only over HTTP);
 
-no two modules import each other, directly or round a loop (:func:`import_cycles`);
+no two modules import each other, directly or round a loop (:func:`import_cycles`); every
+module's docstring says which account runs it (``Runs as``);
 
 and, at run time, importing every module of ``lora_kernel.trusted`` and
 ``lora_kernel.provenance`` leaves ``torch`` out of ``sys.modules``.
@@ -40,6 +44,8 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "lora_kernel"
 HUB = REPO / "hub"
 HEAVY = ("torch", "diffusers", "transformers", "peft", "safetensors.torch")
+# The folders whose code runs as the user (untrusted).
+USER_SIDE = ("kernel", "training", "steps", "user")
 
 
 @dataclass(frozen=True)
@@ -99,11 +105,17 @@ def _rule(zone: str, target: str) -> str | None:
                           or any(_within(target, h) for h in HEAVY)):
         return "hub/ must not import kernel internals (lora_kernel.kernel/.training) or " + \
             ", ".join(HEAVY)
+    if zone == "hub" and (_within(target, "lora_kernel.steps")
+                          or _within(target, "lora_kernel.user")):
+        return "hub/ must not import the user-side lora_kernel.steps or lora_kernel.user"
     if zone != "hub" and _within(target, "hub"):
         return "lora_kernel must not import hub/ (it reaches the hub over HTTP)"
-    if zone in ("kernel", "training") and internal and (
+    if zone in USER_SIDE and internal and (
             _within(target, "lora_kernel.trusted") or _within(target, "lora_kernel.cli")):
         return f"{zone}/ (untrusted) must not import lora_kernel.trusted or lora_kernel.cli"
+    if zone == "trusted" and any(_within(target, f"lora_kernel.{side}") for side in USER_SIDE):
+        return ("trusted/ must not import the user-side folders (" + ", ".join(USER_SIDE)
+                + "); what both sides share lives in common/")
     if zone == "provenance" and internal and not (
             _within(target, "lora_kernel.common") or _within(target, "lora_kernel.provenance")):
         return "provenance/ may import only lora_kernel.common and lora_kernel.provenance"
@@ -211,7 +223,7 @@ def test_walker_sees_the_real_tree():
     tree = _tree()
     assert len(tree) > 40
     # a known function-level import in the real code is seen (evidence the walk goes deep)
-    _, executor = tree[PACKAGE / "trusted" / "executor.py"]
+    _, executor = tree[PACKAGE / "steps" / "executor.py"]
     assert any("lora_kernel.training.checks" in i.targets for i in executor)
     _, spawner = tree[HUB / "spawner.py"]                      # hub/ is walked too
     assert any("jupyterhub.spawner" in i.targets for i in spawner)
@@ -368,3 +380,28 @@ def test_no_import_circles():
     cycles = import_cycles(import_graph(_tree()))
     assert not cycles, "modules that import each other (directly or round a loop):\n" + \
         "\n".join(" ↔ ".join(cycle) for cycle in cycles)
+
+
+def test_user_side_and_trusted_stay_apart():
+    for zone in ("steps", "user"):
+        module = f"lora_kernel.{zone}.x"
+        assert violations(module, collect_imports(
+            "from lora_kernel.trusted.runseal import seal_run\n", module))
+        # must work: the shared contract in common/
+        assert violations(module, collect_imports(
+            "from lora_kernel.common.contract import ACK\n", module)) == []
+    for side in USER_SIDE:
+        assert violations("lora_kernel.trusted.runner", collect_imports(
+            f"def f():\n    from lora_kernel.{side} import x\n", "lora_kernel.trusted.runner"))
+    assert violations("lora_kernel.trusted.runner", collect_imports(
+        "from lora_kernel.common.contract import KERNEL_NAME\n", "lora_kernel.trusted.runner",
+    )) == []
+    assert violations("hub.services.k8s_run", collect_imports(
+        "from lora_kernel.steps.jobstep import ACK\n", "hub.services.k8s_run"))
+
+
+def test_every_module_says_which_account_runs_it():
+    missing = [str(path.relative_to(REPO)) for path in _tree()
+               if "Runs as" not in (ast.get_docstring(ast.parse(path.read_text())) or "")]
+    assert not missing, "module docstrings that do not say which account runs them " \
+        "('Runs as ...'):\n" + "\n".join(missing)

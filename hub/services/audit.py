@@ -29,6 +29,9 @@ the loss curve without a PNG is an inline SVG, and the CSP of :mod:`hub.services
 forbids scripts and anything external anyway.
 
 Run: ``python -m hub.services.audit --state DIR [--demo]`` (the hub starts it as a service).
+
+Runs as: the service's account (the service account; the runs service starts as root and drops
+to it, taking root back only to start a run as its user).
 """
 from __future__ import annotations
 

@@ -6,6 +6,9 @@ A service is started by the hub with ``JUPYTERHUB_API_TOKEN``, ``JUPYTERHUB_SERV
 ``/services/<name>/``; a browser is sent through the hub's OAuth, an API client sends
 ``Authorization: token <its hub token>``. Either way the user is what the hub says the token
 belongs to (:meth:`ServiceHandler.actor`).
+
+Runs as: the service's account (the service account; the runs service starts as root and drops
+to it, taking root back only to start a run as its user).
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ here, as the service account; only the user's steps move into the cluster::
 
     run worker (service account)                      Job pod (the user's uid, single-user image)
       ├─ new run id; <state>/runs/.active/<id>.json      (hub.k8s_backend.job_manifest)
-      ├─ create Job lora-<run id>  ───────────────────►  lora_kernel.trusted.jobstep:
+      ├─ create Job lora-<run id>  ───────────────────►  lora_kernel.steps.jobstep:
       ├─ poll its status (transient API errors           pin → ack on stdout → papermill in
       │    retried; cancel, deadline: delete it           `lora` → collect into
       │    and wait until its pod is gone)                <output claim>/lora-<run id>/
@@ -25,6 +25,9 @@ nothing of the user's ran. Every run that got past pinning is recorded, failed o
 when the cluster API fails for good while it runs (the Job is deleted and the run sealed failed
 with the reason), and when the user's code rewrote the pin answer (sealed failed, the forged
 answer ignored).
+
+Runs as: the service's account (the service account; the runs service starts as root and drops
+to it, taking root back only to start a run as its user).
 """
 from __future__ import annotations
 
@@ -38,13 +41,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lora_kernel.common.contract import ACK
 from lora_kernel.common.digests import sha256_bytes
 from lora_kernel.common.errors import ConfigError, LoraError, RunFailed, error_from_answer
 from lora_kernel.common.paths import runs_dir
 from lora_kernel.common.runspec import PinnedInputs, RunActor, RunDescription, RunUser
 from lora_kernel.common.timeutil import iso_time
 from lora_kernel.trusted.evidence import open_untrusted, read_untrusted
-from lora_kernel.trusted.jobstep import ACK
 from lora_kernel.trusted.runner import new_run_id
 from lora_kernel.trusted.runseal import ActiveRun, RunContext, RunRecord, seal_run, stale_runs
 

@@ -22,6 +22,9 @@ service finds the row ``running`` with a dead worker and recovers it
 ``--recover`` seals every stale run in the state directory (the trusted
 :func:`~lora_kernel.trusted.recovery.recover`, as the service account) and prints their records
 as one JSON list: how a root service recovers without writing records as root.
+
+Runs as: the service's account (the service account; the runs service starts as root and drops
+to it, taking root back only to start a run as its user).
 """
 from __future__ import annotations
 
@@ -140,11 +143,11 @@ def config_task_as_user(ctx: RunContext, config: str, home: Path) -> str:
     import subprocess
 
     if not ctx.run_as.switches:
-        from lora_kernel.trusted.runner import config_task
+        from lora_kernel.common.notebooks import config_task
 
         return config_task(config)
     code = ("import json, sys\nfrom lora_kernel.common.errors import LoraError\n"
-            "from lora_kernel.trusted.runner import config_task\n"
+            "from lora_kernel.common.notebooks import config_task\n"
             "try:\n print(json.dumps({'task': config_task(sys.argv[1])}))\n"
             "except LoraError as e:\n print(json.dumps({'error': str(e)}))\n")
     proc = spawn([sys.executable, "-c", code, config], run_as=ctx.run_as,

@@ -25,6 +25,9 @@ from the pool the spawner shares) as ``python -m hub.services.run_worker`` child
 start-up — and whenever a worker died without writing its outcome — restores the queue
 (:meth:`~hub.runqueue.RunQueue.restore`: such rows become ``interrupted``, their runs are sealed
 as failed). Workers die with the service.
+
+Runs as: the service's account (the service account; the runs service starts as root and drops
+to it, taking root back only to start a run as its user).
 """
 from __future__ import annotations
 

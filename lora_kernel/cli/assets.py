@@ -1,4 +1,8 @@
-"""``lora demo-assets``: build the tiny demo models, datasets and configs (no download)."""
+"""``lora demo-assets``: build the tiny demo models, datasets and configs (no download).
+
+Runs as: whoever runs ``lora``: the user (trusted commands act as this account in local mode, or
+ask the runner service).
+"""
 from __future__ import annotations
 
 

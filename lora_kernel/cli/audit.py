@@ -7,6 +7,9 @@ service, the socket's peer (service mode) — never an environment variable.
 Exit codes: 0 clean, 5 (VerificationError) when anything fails verification, 6 (PolicyRefusal)
 when a policy forbids the action, 2 (ConfigError) for bad arguments, 3 (NoMatch) when
 ``audit lineage`` finds no run.
+
+Runs as: whoever runs ``lora``: the user (trusted commands act as this account in local mode, or
+ask the runner service).
 """
 from __future__ import annotations
 

@@ -1,5 +1,9 @@
 """``lora data``: dataset tools (lint, version, diff, contact sheet). Thin: every command calls
-one function of :mod:`lora_kernel.training.datatools`."""
+one function of :mod:`lora_kernel.training.datatools`.
+
+Runs as: whoever runs ``lora``: the user (trusted commands act as this account in local mode, or
+ask the runner service).
+"""
 from __future__ import annotations
 
 import json

@@ -1,5 +1,9 @@
 """``lora firewall plan|apply|check``: the OS layer of the egress policy (nftables per uid),
-generated from ``policies/egress.yaml``."""
+generated from ``policies/egress.yaml``.
+
+Runs as: whoever runs ``lora``: the user (trusted commands act as this account in local mode, or
+ask the runner service).
+"""
 from __future__ import annotations
 
 import argparse

@@ -1,5 +1,9 @@
 """``lora label DIR --model CLIP_DIR``: auto-label a folder of images (CLIP zero-shot tags,
-optional BLIP captions) into ``metadata.csv`` or ``.txt`` sidecars. Local models only."""
+optional BLIP captions) into ``metadata.csv`` or ``.txt`` sidecars. Local models only.
+
+Runs as: whoever runs ``lora``: the user (trusted commands act as this account in local mode, or
+ask the runner service).
+"""
 from __future__ import annotations
 
 

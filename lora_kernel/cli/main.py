@@ -1,5 +1,9 @@
 """The ``lora`` command line. It only builds arguments and calls one library function;
-library errors become messages and exit codes here (see :mod:`lora_kernel.common.errors`)."""
+library errors become messages and exit codes here (see :mod:`lora_kernel.common.errors`).
+
+Runs as: whoever runs ``lora``: the user (trusted commands act as this account in local mode, or
+ask the runner service).
+"""
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,8 @@
-"""Options shared by the ``lora`` sub-commands, defined once."""
+"""Options shared by the ``lora`` sub-commands, defined once.
+
+Runs as: whoever runs ``lora``: the user (trusted commands act as this account in local mode, or
+ask the runner service).
+"""
 from __future__ import annotations
 
 import argparse

@@ -22,6 +22,9 @@ record; the hub chooses the working home and runs the kernel as you (:func:`run_
 Exit codes: 0 success, 2 invalid config/parameters, 5 the new record does not verify,
 6 refused (the hub: a GPU quota), 7 the run failed (its record, marked failed, was written
 first).
+
+Runs as: whoever runs ``lora``: the user (trusted commands act as this account in local mode, or
+ask the runner service).
 """
 from __future__ import annotations
 

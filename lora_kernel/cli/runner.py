@@ -1,4 +1,8 @@
-"""``lora runner serve``: the runner service of service mode (started as root)."""
+"""``lora runner serve``: the runner service of service mode (started as root).
+
+Runs as: whoever runs ``lora``: the user (trusted commands act as this account in local mode, or
+ask the runner service).
+"""
 from __future__ import annotations
 
 import argparse

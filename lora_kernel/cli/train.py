@@ -1,4 +1,8 @@
-"""``lora train`` and ``lora config``: direct training (for debugging) and config checks."""
+"""``lora train`` and ``lora config``: direct training (for debugging) and config checks.
+
+Runs as: whoever runs ``lora``: the user (trusted commands act as this account in local mode, or
+ask the runner service).
+"""
 from __future__ import annotations
 
 import json

@@ -5,6 +5,9 @@ service account's runner and hub). A reader sees the old file or the new one, ne
 written one; a writer that fails leaves no temporary file behind. The temporary file is
 created like any other file (its mode follows the umask) unless ``mode`` says otherwise, so a
 file another account must read (a Job's ``pinned.json``) stays readable.
+
+Runs as: whichever account imports it (neutral code: the user's side and the trusted side
+alike).
 """
 from __future__ import annotations
 

@@ -2,6 +2,9 @@
 
 Standard library only: the kernel, the training code, the verifiers and the trusted side all
 hash the same way.
+
+Runs as: whichever account imports it (neutral code: the user's side and the trusted side
+alike).
 """
 from __future__ import annotations
 

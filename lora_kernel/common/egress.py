@@ -3,6 +3,9 @@
 One parser for every reader of the policy: the kernel's audit hook
 (:mod:`lora_kernel.kernel.guard`) and the OS layer (:mod:`lora_kernel.trusted.firewall`,
 nftables per uid). Neutral zone: stdlib only, no side effect on import.
+
+Runs as: whichever account imports it (neutral code: the user's side and the trusted side
+alike).
 """
 from __future__ import annotations
 

@@ -17,6 +17,9 @@ code  exception               meaning
 8     DataError               a dataset is missing, empty or malformed
 130   TrainingInterrupted     Ctrl-C; a checkpoint was saved
 ====  ======================  ===============================================
+
+Runs as: whichever account imports it (neutral code: the user's side and the trusted side
+alike).
 """
 from __future__ import annotations
 

@@ -7,6 +7,9 @@ pattern, so it also takes an indented assignment and misses ``a = 1; b = 2``; th
 reads the cell as the ``lora`` kernel (always Python) runs it, with :mod:`ast`, and without
 ``import papermill`` (nbformat, jsonschema, nbclient, jupyter_client: about half a second of
 every ``lora run``'s pin step and command line, which only need the names).
+
+Runs as: whichever account imports it (neutral code: the user's side and the trusted side
+alike).
 """
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""The offline environment: variables that stop ML libraries from even trying the network."""
+"""The offline environment: variables that stop ML libraries from even trying the network.
+
+Runs as: whichever account imports it (neutral code: the user's side and the trusted side
+alike).
+"""
 from __future__ import annotations
 
 import os

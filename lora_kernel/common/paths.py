@@ -9,6 +9,9 @@
   the runner's own command line (root's configuration), never from a user's environment; in
   *local* mode (one person, one account) ``$LORA_STATE`` may choose it, and records are only as
   trustworthy as that account. The kernel's environment never names it.
+
+Runs as: whichever account imports it (neutral code: the user's side and the trusted side
+alike).
 """
 from __future__ import annotations
 

@@ -1,5 +1,9 @@
 """Policies: YAML files under ``policies/``, the single source of truth for kernel, runner,
-hub and firewall (egress allowlist, data access, GPU quotas, review, retention)."""
+hub and firewall (egress allowlist, data access, GPU quotas, review, retention).
+
+Runs as: whichever account imports it (neutral code: the user's side and the trusted side
+alike).
+"""
 from __future__ import annotations
 
 import os

@@ -1,5 +1,9 @@
 """Tying a process's life to its parent's (Linux ``prctl``), for the runner's children and the
-kernel of a recorded run."""
+kernel of a recorded run.
+
+Runs as: whichever account imports it (neutral code: the user's side and the trusted side
+alike).
+"""
 from __future__ import annotations
 
 import ctypes

@@ -10,6 +10,9 @@ record says whose word it is.
 
 :func:`pinned_parameters` (the papermill parameters of a pinned run) and the states of a queued
 run (:data:`RUN_STATUSES`, :data:`FINAL_STATUSES`) are shared by both sides.
+
+Runs as: whichever account imports it (neutral code: the user's side and the trusted side
+alike).
 """
 from __future__ import annotations
 

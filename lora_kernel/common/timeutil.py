@@ -1,4 +1,8 @@
-"""The one time format of records, ledger entries and kernel events: ISO 8601 in UTC."""
+"""The one time format of records, ledger entries and kernel events: ISO 8601 in UTC.
+
+Runs as: whichever account imports it (neutral code: the user's side and the trusted side
+alike).
+"""
 from __future__ import annotations
 
 import datetime as dt

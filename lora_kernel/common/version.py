@@ -1,4 +1,8 @@
-"""Package version and build provenance, stamped into every artifact we write."""
+"""Package version and build provenance, stamped into every artifact we write.
+
+Runs as: whichever account imports it (neutral code: the user's side and the trusted side
+alike).
+"""
 from __future__ import annotations
 
 import functools

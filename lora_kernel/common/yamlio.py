@@ -5,6 +5,9 @@ The loader is PyYAML's safe loader with the scalars kohya / diffusers users expe
 core, not PyYAML's YAML 1.1): ``1e-4`` and ``5E-5`` are numbers, and only ``true`` / ``false``
 (any case) are booleans, so ``mixed_precision: no`` stays the string ``"no"``. A key given
 twice in one mapping is an error naming both lines, not a silent "last one wins".
+
+Runs as: whichever account imports it (neutral code: the user's side and the trusted side
+alike).
 """
 from __future__ import annotations
 

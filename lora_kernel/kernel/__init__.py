@@ -2,4 +2,6 @@
 
 Launcher, egress guard, offline environment, kernelspec, execution log and its spool. Never
 imports :mod:`lora_kernel.trusted`; nothing here can vouch for a record.
+
+Runs as: the user (their kernel; a recorded run's kernel as the run's user).
 """

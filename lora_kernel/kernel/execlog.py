@@ -29,6 +29,8 @@ Where they go:
   background thread posts them in order, in batches, and records what was acknowledged in
   ``<kernel_id>.acked``. If the sink is down, events wait in the spool and are sent when it
   comes back, by this kernel or by the next kernel of the same user (orphaned spools).
+
+Runs as: the user (their kernel; a recorded run's kernel as the run's user).
 """
 from __future__ import annotations
 

@@ -17,6 +17,8 @@ inside ``connect(("name", port))`` (the name itself is checked before that looku
 
 Addresses are normalised before the check: IPv4 in any ``inet_aton`` form ("2130706433",
 "0x7f.1", "127.1", octal parts), IPv6 with scope ids, v4-mapped IPv6, "" and "<broadcast>".
+
+Runs as: the user (their kernel; a recorded run's kernel as the run's user).
 """
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""The ``lora`` kernelspec, built from functions like ipykernel's ``kernelspec`` module."""
+"""The ``lora`` kernelspec, built from functions like ipykernel's ``kernelspec`` module.
+
+Runs as: the user (their kernel; a recorded run's kernel as the run's user).
+"""
 from __future__ import annotations
 
 import json
@@ -8,7 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-KERNEL_NAME = "lora"
+from lora_kernel.common.contract import KERNEL_NAME
+
 DISPLAY_NAME = "LoRA (guarded)"
 
 

@@ -9,6 +9,8 @@ Order matters, and is the whole point of this module:
    the ``trust_remote_code`` refusal;
 5. only then import ipykernel and start ``IPKernelApp`` with :class:`GuardedKernel`, which
    logs every execute_request (duration, status and error name come from the reply).
+
+Runs as: the user (their kernel; a recorded run's kernel as the run's user).
 """
 from __future__ import annotations
 

@@ -3,6 +3,8 @@ lineage. Every function takes ``state`` (the state directory, default
 :func:`lora_kernel.common.paths.state_dir`) and an optional open
 :class:`~lora_kernel.provenance.ledger.LedgerReader`. Pruning is
 :mod:`lora_kernel.trusted.retention`; encrypted export/import :mod:`lora_kernel.trusted.archive`.
+
+Runs as: whoever verifies (an auditor, a reviewer, the service account); it only reads.
 """
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
 """``lora audit verify --inputs``: do a run's dataset files and base model still match what its
 manifest pinned? Re-hashes them where the manifest's config says they are and names each file
 that changed, went missing, or could not be read. Read-only, standard library only.
+
+Runs as: whoever verifies (an auditor, a reviewer, the service account); it only reads.
 """
 from __future__ import annotations
 

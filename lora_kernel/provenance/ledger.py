@@ -22,6 +22,8 @@ Tamper evidence, in layers:
   see.
 
 SQLite triggers refuse UPDATE and DELETE, against accidents; the chain is what proves it.
+
+Runs as: whoever verifies (an auditor, a reviewer, the service account); it only reads.
 """
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ copies.
 Writing them (approve, reject, publish, withdraw) is :mod:`lora_kernel.trusted.review`. A
 ``withdrawal`` entry names the publication it ends (``publication_seq``); a withdrawn
 publication is no longer checked, except that its folder must be gone.
+
+Runs as: whoever verifies (an auditor, a reviewer, the service account); it only reads.
 """
 from __future__ import annotations
 

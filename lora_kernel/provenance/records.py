@@ -20,6 +20,8 @@ edited *and* had its file digests recomputed is still caught (:func:`verify_reco
 
 Producing a record (staging, manifest, atomic rename) is :mod:`lora_kernel.trusted.sealing`;
 this module only reads and checks.
+
+Runs as: whoever verifies (an auditor, a reviewer, the service account); it only reads.
 """
 from __future__ import annotations
 

@@ -14,6 +14,8 @@ Image datasets come in three layouts (:func:`image_layout`), used as they are:
   ``<stem>.caption``) next to it, and images may sit in ``N_concept`` folders (kohya's repeat
   folders: ``10_enclavestyle/`` trains each of its images 10 times per epoch). The sidecars
   are files of the dataset, so editing a caption changes the dataset version.
+
+Runs as: the user (their kernel, ``lora train``, or a recorded run's steps as the run's user).
 """
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ and draw a contact sheet.
 Every tool reads a folder the way training does (:mod:`lora_kernel.training.data`: the
 ``metadata.csv`` / ``metadata.jsonl`` / kohya layouts), so ``lora data version DIR`` prints the
 id a run's manifest will record for ``train_data_dir: DIR``.
+
+Runs as: the user (their kernel, ``lora train``, or a recorded run's steps as the run's user).
 """
 from __future__ import annotations
 

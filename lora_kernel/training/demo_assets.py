@@ -16,6 +16,8 @@
 Every weight comes from a seeded CPU ``torch`` initialisation, every file is written with
 fixed ordering and without timestamps, so two builds produce the same sha256 for every file
 (``tests/test_demo_assets.py`` checks it).
+
+Runs as: the user (their kernel, ``lora train``, or a recorded run's steps as the run's user).
 """
 from __future__ import annotations
 

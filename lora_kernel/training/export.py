@@ -3,6 +3,8 @@
 Every file carries header metadata: the resolved config, base-model sha256, dataset
 version id and package version (dataset file paths only when the config opts in), plus
 the ``ss_*`` keys kohya's tools and the A1111 WebUI display.
+
+Runs as: the user (their kernel, ``lora train``, or a recorded run's steps as the run's user).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ Chinese, Japanese and Korean as well as Latin text, from Debian's packages (inst
 ``make setup``: ``fonts-droid-fallback``), never fetched. Without one, PIL's built-in bitmap
 font is used, which draws only Latin-1 (CJK captions would come out as boxes).
 
-Runs wherever the training library runs (the user's kernel, ``lora`` commands).
+Runs as: whoever runs the training library (the user: their kernel, ``lora`` commands).
 """
 from __future__ import annotations
 

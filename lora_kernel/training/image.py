@@ -5,6 +5,8 @@ VAE latents and text-encoder outputs are computed once and cached on disk, keyed
 content (dataset version × base-model sha256 × resolution × preprocessing), so a second
 run skips them. Images are center-cropped (or randomly cropped once, deterministically)
 to ``resolution``, or sorted into aspect-ratio buckets of about ``resolution²`` pixels.
+
+Runs as: the user (their kernel, ``lora train``, or a recorded run's steps as the run's user).
 """
 from __future__ import annotations
 

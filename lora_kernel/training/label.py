@@ -12,6 +12,8 @@ Tag scores: each tag becomes the prompt ``template.format(tag)`` ("a photo of {}
 scores are the softmax over the whole vocabulary of CLIP's scaled cosine similarities. The
 caption is the trigger word, then the generated caption (if any), then the ``top_k`` best
 tags scoring at least ``threshold`` (always at least the best one), comma-separated.
+
+Runs as: the user (their kernel, ``lora train``, or a recorded run's steps as the run's user).
 """
 from __future__ import annotations
 

@@ -8,6 +8,8 @@ each checkpoint, and the data position is saved too, so a resumed run ends with 
 adapter as an uninterrupted one (on CPU, to float tolerance).
 
 Checkpoints are pickle-free: tensors in ``.safetensors``, everything else in JSON.
+
+Runs as: the user (their kernel, ``lora train``, or a recorded run's steps as the run's user).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from lora_kernel.common.contract import PROGRESS_ENV
 from lora_kernel.common.errors import ConfigError, TrainingInterrupted
 
 # Keys whose change between a checkpoint and a resumed run is harmless.
@@ -35,9 +38,6 @@ RESUME_FREE_KEYS = {"max_train_steps", "epochs", "save_steps", "output_dir", "sa
                     "sample_steps", "sample_seeds", "max_new_tokens", "logging_steps",
                     "output_name", "record_dataset_paths", "cache_latents", "keep_checkpoints",
                     "deterministic", "compile"}
-# Set by the `lora run` executor: the file this loop appends its progress records to (JSON
-# lines), which the executor relays to the terminal of `lora run` (see ProgressFile).
-PROGRESS_ENV = "LORA_PROGRESS_FILE"
 
 
 class Task(Protocol):

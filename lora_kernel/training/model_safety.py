@@ -19,6 +19,8 @@ Diffusion model for ``task: text``.
 The config validator (:mod:`lora_kernel.training.config`) and the loaders
 (:mod:`lora_kernel.training.models`) both call it, so a pickle gets the same answer from
 ``lora config``, ``lora run`` and ``lora train``. Standard library only.
+
+Runs as: the user (their kernel, ``lora train``, or a recorded run's steps as the run's user).
 """
 from __future__ import annotations
 

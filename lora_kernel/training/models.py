@@ -18,6 +18,8 @@ Before anything loads, :func:`estimate_training_memory` sizes a training run fro
 safetensors headers and configs alone (the validator compares it with the free memory), and
 :func:`check_target_modules` checks that ``target_modules`` names modules of the loaded model
 before LoRA is attached.
+
+Runs as: the user (their kernel, ``lora train``, or a recorded run's steps as the run's user).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_kernel.common.contract import BASE_MODEL_DIGEST_FILE_ENV
 from lora_kernel.common.digests import path_sha256
 from lora_kernel.common.errors import ConfigError
 from lora_kernel.training.model_safety import check_model_path, read_safetensors_header
@@ -39,9 +42,9 @@ BUNDLED_CONFIGS = Path(__file__).resolve().parent / "configs"
 # -- digests ------------------------------------------------------------------------------
 _SHA_CACHE: dict[tuple, str] = {}
 BASE_MODEL_DIGEST_ENV = "LORA_BASE_MODEL_DIGEST"
-# A pre-started run's kernel gets the same JSON in a file of its work folder, named here (its
-# environment was fixed before the pin step answered; lora_kernel.trusted.executor writes it).
-BASE_MODEL_DIGEST_FILE_ENV = "LORA_BASE_MODEL_DIGEST_FILE"
+# A pre-started run's kernel gets the same JSON in a file of its work folder, named by
+# BASE_MODEL_DIGEST_FILE_ENV (its environment was fixed before the pin step answered;
+# lora_kernel.steps.executor writes it).
 
 
 def model_sha256(path: str | os.PathLike) -> str:

@@ -9,6 +9,8 @@ Two key layouts are understood:
 * **prefixed diffusers**: ``unet.*``, ``vae.*``, ``text_encoder.*`` with diffusers' names.
 
 Only safetensors are read; nothing here ever unpickles.
+
+Runs as: the user (their kernel, ``lora train``, or a recorded run's steps as the run's user).
 """
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ The dataset is JSON Lines with either ``text`` records (loss on every token) or
 ``prompt``/``response`` records (loss on the response and end-of-sequence only). With
 ``packing`` several examples share one sequence of ``max_seq_length`` tokens, as in
 LLaMA-Factory and TRL; without it each example is its own (padded) sequence.
+
+Runs as: the user (their kernel, ``lora train``, or a recorded run's steps as the run's user).
 """
 from __future__ import annotations
 

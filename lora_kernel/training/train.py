@@ -9,6 +9,8 @@ Outputs under ``cfg.output_dir``::
     tb/                               TensorBoard event files
     samples/                          grid.png (image) or completions.json/.md (text)
     training_summary.json             losses, timings, digests, files
+
+Runs as: the user (their kernel, ``lora train``, or a recorded run's steps as the run's user).
 """
 from __future__ import annotations
 

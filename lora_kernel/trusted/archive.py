@@ -12,6 +12,8 @@ Each chunk's nonce is ``prefix (7 bytes) | chunk index (4) | final flag (1)`` an
 data is the magic and header, so an edited header, a reordered, truncated or extended chunk
 stream, or any flipped byte fails authentication. The key fingerprint (sha256 of the derived
 key, which is salted per archive) goes into the ledger's ``export`` / ``import`` entries.
+
+Runs as: the service account (local mode: the requesting user's own account).
 """
 from __future__ import annotations
 

@@ -1,12 +1,14 @@
 """What crosses from the user's side into a record: the work folder's evidence.
 
-The ``collect`` child (:mod:`lora_kernel.trusted.executor`, started by
+The ``collect`` child (:mod:`lora_kernel.steps.executor`, started by
 :func:`lora_kernel.trusted.runseal.collect_evidence`) runs as the run's user and writes the
 evidence as a tar on its stdout; :func:`extract_evidence` unpacks it into the staging
 folder with the runner's own rules — plain files and folders under the names of
-:data:`~lora_kernel.trusted.executor.COLLECTED` only, never outside the destination, never over
+:data:`~lora_kernel.common.contract.COLLECTED` only, never outside the destination, never over
 an existing file — so a symlink or hard link planted in a work folder never pulls the signing
 key (or anything else the runner could read) into a record.
+
+Runs as: the service account (local mode: the requesting user's own account).
 """
 from __future__ import annotations
 
@@ -18,8 +20,8 @@ import tarfile
 from pathlib import Path
 from typing import IO, Any
 
+from lora_kernel.common.contract import COLLECTED
 from lora_kernel.common.timeutil import iso_time, parse_time
-from lora_kernel.trusted.executor import COLLECTED
 
 # How long before its recorded start a run's kernel events may be (the kernel starts while
 # the pin step hashes the inputs, before ``started`` is stamped).
@@ -76,7 +78,7 @@ def extract_evidence_file(path: Path, dest: Path) -> list[str]:
 
 def extract_evidence(stream: IO[bytes], dest: Path) -> list[str]:
     """Extract a collector's tar into ``dest``: plain files and folders under the names of
-    :data:`~lora_kernel.trusted.executor.COLLECTED` only, never outside ``dest``, never over an
+    :data:`~lora_kernel.common.contract.COLLECTED` only, never outside ``dest``, never over an
     existing file. Returns notes about refused members (the rest is kept)."""
     notes: list[str] = []
     try:

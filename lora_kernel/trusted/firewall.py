@@ -25,6 +25,8 @@ need a ``cidr:`` entry, as for the hook.
 root (``CAP_NET_ADMIN``). :func:`check` compares the live table with the plan as ``nft``
 itself renders it (the plan is loaded into a throw-away network namespace, ``unshare -n``),
 so formatting never counts as drift.
+
+Runs as: root (it writes nftables rules); the checks, as any account.
 """
 from __future__ import annotations
 

@@ -17,6 +17,8 @@ they could lie about any digest of their own run) cannot put a digest into anoth
 run. ``lora audit verify --inputs`` never reads the cache: it re-hashes in full.
 
 Any problem reading or writing the cache is ignored: it only saves time.
+
+Runs as: the service account (local mode: the requesting user's own account).
 """
 from __future__ import annotations
 

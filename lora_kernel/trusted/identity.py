@@ -7,6 +7,8 @@
 Never an environment variable: ``USER``, ``LOGNAME``, ``LORA_USER`` and ``JUPYTERHUB_USER`` are
 set by whoever starts the process and prove nothing (:func:`getpass.getuser` reads them first,
 which is why it is not used here).
+
+Runs as: the service account (local mode: the requesting user's own account).
 """
 from __future__ import annotations
 

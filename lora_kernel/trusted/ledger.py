@@ -6,6 +6,8 @@ half beside it (``signing_key.pub``) and its fingerprint in ``pin.json`` (trust 
 ``policies/ledger.yaml`` ``key_fingerprint`` pins it for the whole platform, and a writer whose
 key differs from that pin refuses to sign). Reading and verifying is
 :class:`lora_kernel.provenance.ledger.LedgerReader`, which this extends.
+
+Runs as: the service account (local mode: the requesting user's own account).
 """
 from __future__ import annotations
 

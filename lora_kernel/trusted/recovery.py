@@ -8,6 +8,8 @@ folder holds (collected as the run's user), naming who recovered it. Staging fol
 active run owns are reported, never deleted: the evidence is the product.
 
 Run by ``lora audit recover``, at the start of every ``lora run`` and of ``verify --all``.
+
+Runs as: the service account (local mode: the requesting user's own account).
 """
 from __future__ import annotations
 

@@ -23,6 +23,8 @@ tolerances recorded in the verdict) or ``differs``; the CLI exits 0, 0 or 5.
 
 Standard library and numpy only (no torch): safetensors files are parsed here (8-byte header
 length, JSON header, raw little-endian data).
+
+Runs as: the service account (local mode: the requesting user's own account).
 """
 from __future__ import annotations
 

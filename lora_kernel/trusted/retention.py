@@ -1,6 +1,8 @@
 """Retention: ``lora audit prune`` removes records older than ``policies/retention.yaml``
 allows. Each removal is a ``prune`` ledger entry written before the files go; young, approved
 or unverifiable records are kept (evidence first).
+
+Runs as: the service account (local mode: the requesting user's own account).
 """
 from __future__ import annotations
 

@@ -18,6 +18,8 @@ Rules (``policies/review.yaml``; ``policies/publication.yaml`` may override ``pu
 
 Who acts is an :class:`~lora_kernel.trusted.identity.Actor` handed in by the caller (the CLI:
 the OS user; the runner service: the socket's peer) — never an environment variable.
+
+Runs as: the service account (local mode: the requesting user's own account).
 """
 from __future__ import annotations
 

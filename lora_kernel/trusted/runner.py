@@ -3,7 +3,7 @@ sealed as a run record ``<state>/runs/<run_id>/`` and appended to the ledger.
 
 The runner is the trusted side. It never trusts what the notebook or the user's files claim;
 everything untrusted happens in children that run as the run's user
-(:mod:`lora_kernel.trusted.executor`), and the runner keeps only what it checked::
+(:mod:`lora_kernel.steps.executor`), and the runner keeps only what it checked::
 
     runner (this module; service mode: root, effective uid of the service account)
       ├─ recover stale runs (lora_kernel.trusted.recovery)
@@ -27,6 +27,8 @@ record. If the runner itself dies, ``lora audit recover`` seals the run as faile
 :func:`resume_run` continues a failed training run into a new record: the runner reads the old
 run's sealed record (its own state), the pin child finds the checkpoint in the old work folder
 (the user's), and the new manifest names the run and checkpoint it continued.
+
+Runs as: the service account (local mode: the requesting user's own account).
 """
 from __future__ import annotations
 
@@ -50,6 +52,7 @@ from lora_kernel.common.errors import (
     VerificationError,
     error_from_answer,
 )
+from lora_kernel.common.notebooks import NOTEBOOKS, config_task, notebook_dir, notebook_for_task
 from lora_kernel.common.paths import lora_home, runs_dir
 from lora_kernel.common.runspec import (
     PinnedInputs,
@@ -59,7 +62,6 @@ from lora_kernel.common.runspec import (
     pinned_parameters,
 )
 from lora_kernel.common.timeutil import iso_time, utc_now
-from lora_kernel.common.yamlio import load_yaml
 from lora_kernel.provenance.records import load_manifest
 from lora_kernel.trusted import hashcache
 from lora_kernel.trusted.runseal import (
@@ -73,11 +75,10 @@ from lora_kernel.trusted.runseal import (
 )
 from lora_kernel.trusted.supervisor import RunAs, child_cwd, kill_run_processes, spawn, stop
 
-__all__ = ["RunRecord", "RunContext", "ResumeFrom", "RunHooks", "Runner", "new_run_id",
-           "notebook_dir", "notebook_for_task", "run_config", "run_notebook", "resume_run",
-           "KERNEL_NAME", "ActiveRun", "seal_run"]
+__all__ = ["NOTEBOOKS", "config_task", "RunRecord", "RunContext", "ResumeFrom", "RunHooks",
+           "Runner", "new_run_id", "notebook_dir", "notebook_for_task", "run_config",
+           "run_notebook", "resume_run", "KERNEL_NAME", "ActiveRun", "seal_run"]
 
-NOTEBOOKS = {"image": "train_image_lora.ipynb", "text": "train_text_lora.ipynb"}
 # Environment the children of a service-mode run get (nothing else of the runner's).
 SERVICE_ENV_KEEP = ("PATH", "LANG", "LC_ALL", "TZ")
 
@@ -97,31 +98,6 @@ def new_run_id(now: dt.datetime | None = None) -> str:
     """A time-sortable, unguessable run id: ``20261125T201500Z-ab12cd``."""
     now = now or utc_now()
     return f"{now.astimezone(dt.UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
-
-
-def notebook_dir() -> Path:
-    """Where the training notebooks live: ``$LORA_NOTEBOOKS`` or the checkout's ``notebooks/``."""
-    env = os.environ.get("LORA_NOTEBOOKS")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "notebooks"
-
-
-def notebook_for_task(task: str) -> Path:
-    """The training notebook of ``task`` (``image`` or ``text``)."""
-    if task not in NOTEBOOKS:
-        raise ConfigError(f"no notebook for task {task!r}; use image or text", key="task")
-    path = notebook_dir() / NOTEBOOKS[task]
-    if not path.is_file():
-        raise ConfigError(f"training notebook {path} not found; fix: set LORA_NOTEBOOKS to the "
-                          f"folder holding {NOTEBOOKS[task]}", key="task")
-    return path
-
-
-def config_task(config_path: str | os.PathLike[str]) -> str:
-    """The ``task:`` of a config file (``image`` when absent), read without validating it:
-    it only picks the notebook, which then validates the whole config as the user."""
-    data = load_yaml(config_path, what="config")
-    task = data.get("task", "image") if isinstance(data, dict) else "image"
-    return str(task)
 
 
 def run_config(config_path: str | os.PathLike[str], overrides: Mapping[str, Any] | None = None,

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_kernel.common.atomic import atomic_write
+from lora_kernel.common.contract import EXECUTOR_MODULE, KERNEL_NAME
 from lora_kernel.common.errors import RunFailed
 from lora_kernel.common.paths import runs_dir
 from lora_kernel.common.runspec import PinnedInputs, RunDescription
@@ -56,7 +57,6 @@ from lora_kernel.trusted.supervisor import Privileges, RunAs, spawn
 __all__ = ["ActiveRun", "BeforeSeal", "KERNEL_NAME", "RunContext", "RunRecord",
            "collect_evidence", "executor_command", "seal_run", "stale_runs", "try_lock"]
 
-KERNEL_NAME = "lora"
 # Called with a succeeded run's staging folder and manifest ``extra`` before sealing.
 BeforeSeal = Callable[[Path, dict[str, Any]], None]
 # Variables never handed to a run's children, in any mode.
@@ -65,7 +65,7 @@ ENV_DROP = ("LORA_STATE", "LORA_RUNNER")
 
 def executor_command() -> list[str]:
     """The command line of the user-side steps (pin, run, collect): this interpreter."""
-    return [sys.executable, "-m", "lora_kernel.trusted.executor"]
+    return [sys.executable, "-m", EXECUTOR_MODULE]
 
 
 @dataclass
@@ -106,7 +106,7 @@ class RunContext:
     is recorded as why the run stopped); ``progress`` receives
     the executor's stdout: progress records, one JSON object a line (each cell's start and end,
     the training loop's ``train_start`` / ``step`` / ``train_end``, and ``done``; see
-    :mod:`lora_kernel.trusted.executor`), which ``lora run`` renders; None: no progress.
+    :mod:`lora_kernel.steps.executor`), which ``lora run`` renders; None: no progress.
     """
 
     actor: Actor

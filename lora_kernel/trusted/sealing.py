@@ -10,6 +10,8 @@ The trusted side calls, in order::
     Ledger(...).append_run(record)                    # lora_kernel.trusted.ledger
 
 The manifest format itself (and its verification) is :mod:`lora_kernel.provenance.records`.
+
+Runs as: the service account (local mode: the requesting user's own account).
 """
 from __future__ import annotations
 

@@ -25,6 +25,9 @@ forks a handler that
 Protocol: one JSON line from the client; JSON lines back: ``{"log": text}``,
 ``{"progress": text}``, then ``{"result": ...}`` or ``{"error": {"type", "exit_code",
 "message", "record"}}``.
+
+Runs as: root with the service account's effective uid (the runner service); :func:`call`, its
+client, as the caller.
 """
 from __future__ import annotations
 

@@ -12,6 +12,9 @@ and how they are stopped. A plain helper module (no papermill, no torch).
   ``kill -9 lora run``, SIGHUP of a closed terminal, the OOM killer — the kernel launcher does
   the same for the kernel (:func:`die_with_parent`), so no training goes on that no record
   knows about; whatever is left is found by ``LORA_RUN_ID`` (:func:`kill_run_processes`).
+
+Runs as: the runner (the service account, taking root back only to start a child as another user
+or signal that user's processes).
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ studio: steps, losses and ETA from ``<work>/<run_id>/progress.jsonl``) and
 
 The records (one JSON object a line: ``cell``, ``train_start``, ``step``, ``train_end``,
 ``done``) are written by the training loop in the user's kernel and relayed by the run step
-(:mod:`lora_kernel.trusted.executor`). Runs as the user; a display only, never evidence.
+(:mod:`lora_kernel.steps.executor`). Runs as the user; a display only, never evidence.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def read_progress(path: Path) -> dict[str, Any]:
 
 
 class ProgressView:
-    """Renders a run's progress records (:mod:`lora_kernel.trusted.executor`: ``cell``,
+    """Renders a run's progress records (:mod:`lora_kernel.steps.executor`: ``cell``,
     ``train_start``, ``step``, ``train_end``, ``done``; one JSON object a line) on ``out``.
 
     ``live`` (a terminal): a bar of the notebook's cells and, while training, a bar of its

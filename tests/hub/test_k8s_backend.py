@@ -131,7 +131,7 @@ def test_the_pod_runs_the_job_steps_for_a_notebook_or_a_config():
                          "V1Job")
     (c,) = data["spec"]["template"]["spec"]["containers"]
     assert c["command"] == ["/opt/lora-enclave/.venv/bin/python", "-m",
-                            "lora_kernel.trusted.jobstep"]
+                            "lora_kernel.steps.jobstep"]
     (arg,) = c["args"]
     assert json.loads(arg) == {"run_id": "20261126T101500Z-ab12cd", "kind": "notebook",
                                "notebook": "/home/jovyan/lora/nb/train.ipynb",
@@ -251,7 +251,8 @@ def test_label_value():
 def test_constants_match_the_runner_and_the_image():
     from pathlib import Path
 
-    from lora_kernel.trusted import jobstep, runner
+    from lora_kernel.steps import jobstep
+    from lora_kernel.trusted import runner
 
     assert jobstep.KERNEL_NAME == runner.KERNEL_NAME
     repo = Path(__file__).resolve().parents[2]

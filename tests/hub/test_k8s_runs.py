@@ -2,7 +2,7 @@
 Job's container as a local process (the kubelet's part, :class:`LocalCluster`).
 
 What is real: the Job manifest (validated by the kubernetes client's models on create), the
-pod's command (``lora_kernel.trusted.jobstep``: pin, papermill in the ``lora`` kernel, collect),
+pod's command (``lora_kernel.steps.jobstep``: pin, papermill in the ``lora`` kernel, collect),
 its env, its uid (as root: the pod's ``runAsUser``, a real system user), the output volume
 (a folder per Job under the service's ``output_root``), the worker's sealing, the record and
 the ledger. What the stand-in does instead of a cluster: it mounts volumes by translating the

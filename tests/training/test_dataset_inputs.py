@@ -256,7 +256,7 @@ def test_lora_train_prints_warnings_on_stderr(demo_home, tmp_path, capsys):
 
 
 def test_runner_pin_step_returns_the_warnings(demo_home, tmp_path):
-    from lora_kernel.trusted.executor import _pin_training
+    from lora_kernel.steps.executor import _pin_training
     data = tmp_path / "data"
     shutil.copytree(demo_home / "demo" / "datasets" / "image", data)
     meta = data / "metadata.csv"

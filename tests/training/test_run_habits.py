@@ -175,8 +175,8 @@ def test_progress_on_a_terminal_is_a_bar_with_loss_rate_and_eta():
 
 
 def test_executor_relays_only_clean_training_records(tmp_path, capsys):
+    from lora_kernel.steps import executor
     from lora_kernel.training.loop import PROGRESS_ENV, ProgressFile
-    from lora_kernel.trusted import executor
 
     assert executor.PROGRESS_ENV == PROGRESS_ENV
     path = tmp_path / "progress.jsonl"

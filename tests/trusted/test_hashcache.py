@@ -5,8 +5,8 @@ import json
 import os
 
 from lora_kernel.common.digests import path_sha256, stat_key
+from lora_kernel.steps.executor import _pin_base_model
 from lora_kernel.trusted import hashcache
-from lora_kernel.trusted.executor import _pin_base_model
 
 FAKE = "f" * 64
 

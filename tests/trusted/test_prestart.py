@@ -116,7 +116,7 @@ def test_executor_run_still_takes_a_whole_spec_on_stdin(tmp_path):
     to the end of input): a spec that is not valid JSON fails as before."""
     import subprocess
 
-    res = subprocess.run([sys.executable, "-m", "lora_kernel.trusted.executor", "run"],
+    res = subprocess.run([sys.executable, "-m", "lora_kernel.steps.executor", "run"],
                          input="{not json", capture_output=True, text=True, timeout=60,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert res.returncode != 0 and "JSONDecodeError" in res.stderr
@@ -132,7 +132,7 @@ def test_quick_ready_client_runs_cells_and_notices_a_dead_kernel(lora_kernel_pre
     from jupyter_client.manager import AsyncKernelManager
     from jupyter_core.utils import run_sync
 
-    from lora_kernel.trusted.executor import quick_ready_client
+    from lora_kernel.steps.executor import quick_ready_client
 
     monkeypatch.setenv("LORA_HOME", str(tmp_path))
     ksm = KernelSpecManager(kernel_dirs=[str(lora_kernel_prefix / "share/jupyter/kernels")])
@@ -182,7 +182,7 @@ def test_shutdown_ends_a_running_cell_and_the_log_keeps_kernel_stop(lora_kernel_
     from jupyter_core.utils import run_sync
 
     from lora_kernel.kernel.execlog import read_events
-    from lora_kernel.trusted.executor import _shutdown, quick_ready_client
+    from lora_kernel.steps.executor import _shutdown, quick_ready_client
 
     monkeypatch.setenv("LORA_HOME", str(tmp_path))
     monkeypatch.setenv("LORA_RUN_ID", "run-shutdown")

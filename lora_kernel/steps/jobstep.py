@@ -1,8 +1,8 @@
-"""A run's untrusted steps inside a Kubernetes Job: ``python -m lora_kernel.trusted.jobstep SPEC``.
+"""A run's untrusted steps inside a Kubernetes Job: ``python -m lora_kernel.steps.jobstep SPEC``.
 
 The Job (:func:`hub.k8s_backend.job_manifest`) runs this in the single-user image as the run's
 user, the same steps the runner's children run on one machine
-(:mod:`lora_kernel.trusted.executor`): ``pin`` (validate the config, hash every input), ``run``
+(:mod:`lora_kernel.steps.executor`): ``pin`` (validate the config, hash every input), ``run``
 (papermill in the ``lora`` kernel), ``collect`` (the evidence tar). ``SPEC`` is one JSON object:
 ``run_id``, ``kind`` (``notebook`` with ``notebook`` and ``parameters``, or ``config`` with
 ``config`` and ``overrides``: the config's ``task`` picks the training notebook, as
@@ -26,6 +26,8 @@ files back without following links, extracts the tar with the runner's own rules
 the record as the service account; the Job never sees the state directory, the ledger or its
 key. SIGTERM (the Job deleted: cancel, deadline) stops the run step and still collects the
 evidence within the pod's grace period.
+
+Runs as: the run's user (a child the runner starts as them, or a Job's container).
 """
 from __future__ import annotations
 
@@ -37,15 +39,12 @@ from pathlib import Path
 from typing import Any
 
 from lora_kernel.common.atomic import atomic_path, atomic_write
+from lora_kernel.common.contract import ACK, JOBSTEP_MODULE, KERNEL_NAME
 from lora_kernel.common.digests import sha256_bytes
 from lora_kernel.common.errors import LoraError
+from lora_kernel.common.notebooks import config_task, notebook_for_task
 from lora_kernel.common.runspec import pinned_parameters
-from lora_kernel.trusted.executor import collect, pin, run
-
-KERNEL_NAME = "lora"  # lora_kernel.trusted.runner.KERNEL_NAME
-# The line this step prints once the pin answer is written; the service believes only the
-# first such line of the pod's log.
-ACK = "lora-jobstep pinned sha256="
+from lora_kernel.steps.executor import collect, pin, run
 
 
 class Terminated(BaseException):
@@ -65,8 +64,6 @@ def _write_json(path: Path, obj: dict[str, Any]) -> bytes:
 def _request(spec: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
     """The notebook and papermill parameters the spec asks for."""
     if spec.get("kind") == "config":
-        from lora_kernel.trusted.runner import config_task, notebook_for_task
-
         config = str(spec["config"])
         return (notebook_for_task(config_task(config)),
                 {"config_path": config, "overrides": dict(spec.get("overrides") or {})})
@@ -109,7 +106,7 @@ def job(spec: dict[str, Any]) -> int:
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
-        raise SystemExit("usage: python -m lora_kernel.trusted.jobstep SPEC_JSON")
+        raise SystemExit(f"usage: python -m {JOBSTEP_MODULE} SPEC_JSON")
     spec = json.loads(argv[0])
     out = Path(spec["out"])
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""The runner's child process: ``python -m lora_kernel.trusted.executor pin|run|collect``.
+"""The runner's child process: ``python -m lora_kernel.steps.executor pin|run|collect``.
 
 It runs as the run's user (service mode: their uid and groups; local mode: the same user), so
 everything it reads — config, dataset, base model, notebook, the work folder — is read with
@@ -24,10 +24,13 @@ decides what to believe:
              a second line (:func:`prestarted_run`).
 ``collect``  write the run's evidence from the work folder as an uncompressed tar on stdout:
              only plain files under fixed names (:data:`COLLECTED`), links refused. The runner
-             extracts it with its own checks (:func:`lora_kernel.trusted.runner.extract_evidence`).
+             extracts it with its own checks
+             (:func:`lora_kernel.trusted.evidence.extract_evidence`).
 
 Errors of ``pin`` come back as ``{"error": {"type", "exit_code", "message"}}`` with that exit
 code. Heavy imports (papermill, the training package) happen inside the commands.
+
+Runs as: the run's user (a child the runner starts as them, or a Job's container).
 """
 from __future__ import annotations
 
@@ -40,20 +43,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from lora_kernel.common.contract import (
+    BASE_MODEL_DIGEST_FILE_ENV,
+    DIGEST_FILE,
+    EXECUTOR_MODULE,
+    OUTPUT_EXTRAS,
+    PROGRESS_ENV,
+)
 from lora_kernel.common.digests import sha256_bytes
 from lora_kernel.common.errors import ConfigError, LoraError
 from lora_kernel.common.paths import private_dir
-
-# The variable naming the file the training loop appends progress records to (the name
-# lora_kernel.training.loop.PROGRESS_ENV reads; not imported: it would load torch here).
-PROGRESS_ENV = "LORA_PROGRESS_FILE"
-# What a run's output folder contributes to the record (checkpoints stay out: they are
-# resumable state, not evidence); adapter files go under adapter/.
-OUTPUT_EXTRAS = ("tb", "samples", "loss_curve.png", "training_summary.json")
-# Names the collector writes at the top of its tar, and the runner accepts.
-COLLECTED = ("executed.ipynb", "run_result.json", "error.json", "events.jsonl", "adapter",
-             *OUTPUT_EXTRAS)
-
 
 # Optional imports that nothing here needs and that cost seconds at every child's start:
 # jsonschema (imported by nbformat, which papermill imports) loads ``rfc3987_syntax`` when
@@ -249,14 +248,6 @@ def _run_notebook(spec: dict[str, Any], work: Path, relay: ProgressRelay | None,
         _write_error(work, type(exc).__name__, str(exc), None)
         raise
     return 0
-
-
-# Where a pre-started run's kernel finds the pinned base model's stat key and digest (its
-# environment is fixed before the pin step answers; see :func:`prestarted_run`). A file in the
-# work folder, named by this variable (lora_kernel.training.models.BASE_MODEL_DIGEST_FILE_ENV
-# reads it; not imported: it would load torch).
-BASE_MODEL_DIGEST_FILE_ENV = "LORA_BASE_MODEL_DIGEST_FILE"
-DIGEST_FILE = ".base_model_digest.json"
 
 
 def prestarted_run(setup: dict[str, Any], stdin: IO[str]) -> int:
@@ -574,7 +565,7 @@ def main(argv: list[str]) -> int:
         return run(spec)
     if command == "collect":
         return collect(spec)
-    raise SystemExit("usage: python -m lora_kernel.trusted.executor pin|run|collect")
+    raise SystemExit(f"usage: python -m {EXECUTOR_MODULE} pin|run|collect")
 
 
 if __name__ == "__main__":
