@@ -113,11 +113,12 @@ def prepare_shared_store(store: Path) -> bool:
     import shutil
     import tempfile
 
-    from lora_kernel.training.demo_assets import build_demo_assets
-
     store.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=store) as tmp:
-        demo = build_demo_assets(tmp)["demo"]
+        # `lora demo-assets` in a child: the hub never imports the training library
+        subprocess.run([sys.executable, "-m", "lora_kernel.cli", "demo-assets", "--home", tmp],
+                       check=True, stdout=subprocess.DEVNULL)
+        demo = Path(tmp) / "demo"
         for part in ("datasets", "models"):  # models last: its presence means "filled"
             shutil.move(str(demo / part), str(store / part))
     for folder, _dirs, files in os.walk(store):
