@@ -112,7 +112,28 @@ def open_notebook_in_lab(page, hub, short: str, notebook: str):  # type: ignore
     panel.wait_for(state="visible")
     panel.locator(".jp-Toolbar-kernelName").get_by_text(DISPLAY_NAME, exact=True).wait_for(
         state="visible", timeout=TIMEOUT_MS)
+    _wait_for_the_notebooks_kernel(page, hub, name, notebook)
     return panel
+
+
+def _wait_for_the_notebooks_kernel(page, hub, name: str, notebook: str) -> None:  # type: ignore
+    """Until the notebook's lora kernel runs. On a loaded machine JupyterLab may ask which
+    kernel to start (its kernel list came late): the dialog offers only the lora kernel,
+    preselected, and a user would press Select, so the test does (it checks the choice first)."""
+    deadline = time.monotonic() + TIMEOUT_MS / 1000
+    dialog = page.locator(".jp-Dialog")
+    while time.monotonic() < deadline:
+        if dialog.count() and dialog.first.get_by_text("Select Kernel").count():
+            choice = dialog.first.locator("select")
+            assert choice.locator("option:checked").inner_text().strip() == DISPLAY_NAME
+            dialog.first.get_by_role("button", name="Select", exact=True).click()
+        sessions = page.request.get(f"{hub.url}/user/{name}/api/sessions").json()
+        kernels = [x["kernel"] for x in sessions if x["path"].endswith(notebook)]
+        if kernels and kernels[0].get("execution_state") in ("idle", "busy"):
+            assert kernels[0]["name"] == KERNEL_NAME, kernels
+            return
+        page.wait_for_timeout(500)
+    raise AssertionError(f"{notebook}: no running lora kernel after {TIMEOUT_MS} ms")
 
 
 def test_researcher_logs_in_spawns_and_opens_a_notebook_on_the_lora_kernel(hub, new_page):
