@@ -29,9 +29,19 @@ def _stranger_withdraws(c: Case) -> list:
     return ["publish", "--withdraw", "r1", "--note", "not mine to pull"]
 
 
+def _approve_self_reported(c: Case) -> list:
+    """The caller, a reviewer, approves a plain notebook's run (its adapter self-reported)."""
+    import getpass
+
+    c.policies(f"reviewers_group: no-such-group-xyz\nmembers: [{getpass.getuser()}]\n")
+    c.make_run("nb", user="alice", kind="notebook")
+    return ["review", "approve", "nb", "--note", "the samples look right"]
+
+
 CASES: dict[str, Callable[[Case], list]] = {
     "audit lineage finds no run": _lineage_no_match,
     "audit list --columns names an unknown key": _unknown_column,
     "withdrawing a publication by someone who is neither reviewer nor publisher":
         _stranger_withdraws,
+    "approving a plain notebook's self-reported adapter": _approve_self_reported,
 }
