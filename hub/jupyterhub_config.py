@@ -37,7 +37,9 @@ from hub.settings import (  # noqa: E402
     RUNS_SERVICE,
     load_settings,
     prepare_hub_state,
+    terminals_allowed,
 )
+from lora_kernel.common.egress import load_egress_policy  # noqa: E402
 from lora_kernel.common.paths import state_dir  # noqa: E402
 from lora_kernel.trusted import firewall  # noqa: E402
 
@@ -61,6 +63,9 @@ if service_user:
     prepare_hub_state(state, service_user)
 # the egress firewall (policies/egress.yaml `firewall:`): applied here when `auto` is in force
 print(firewall.prepare_host(), flush=True)
+terminals, terminals_why = terminals_allowed(
+    settings.terminals, firewall.effective(load_egress_policy())[0])
+print(terminals_why, flush=True)
 
 # -- hub, proxy, database ------------------------------------------------------------------
 c.JupyterHub.ip = ip
@@ -133,6 +138,7 @@ c.JupyterHub.load_roles = [
 # -- spawner --------------------------------------------------------------------------------
 c.JupyterHub.spawner_class = "lora-gpu"
 c.LoraSpawner.demo = demo_spawn
+c.LoraSpawner.terminals = terminals
 c.LoraSpawner.state_dir = str(state)
 c.LoraSpawner.cmd = [str(Path(sys.executable).parent / "jupyterhub-singleuser")]
 c.LoraSpawner.default_url = "/lab"

@@ -72,6 +72,7 @@ class HubSettings:
     cull_every_s: int = 300
     runs_backend: str = "local"    # "local" (run workers here) or "kubernetes" (Jobs)
     kubernetes: K8sSettings = field(default_factory=K8sSettings)  # runs.kubernetes
+    terminals: bool = False        # terminals in users' servers (only with the firewall)
 
     def roles_of(self, groups: list[str] | tuple[str, ...]) -> list[str]:
         """The hub roles of a user in Linux ``groups`` (researcher when none applies)."""
@@ -121,7 +122,24 @@ def load_settings() -> HubSettings:
         raise ConfigError(f"unknown backend {settings.runs_backend!r}; fix: local or "
                           "kubernetes", file=path, key="runs.backend")
     settings.kubernetes = _k8s_settings(_section(runs, "kubernetes", path), path)
+    terminals = data.get("terminals", False)
+    if not isinstance(terminals, bool):
+        raise ConfigError(f"must be true or false, got {terminals!r}", file=path,
+                          key="terminals")
+    settings.terminals = terminals
     return settings
+
+
+def terminals_allowed(asked: bool, firewall_mode: str) -> tuple[bool, str]:
+    """Whether users' servers get terminals, and why: only when the policy asks for them and
+    the egress firewall is in force (``firewall_mode``: what ``firewall: ...`` resolves to
+    here), since a terminal's processes bypass the guarded kernel."""
+    if not asked:
+        return False, "terminals: off (policies/hub.yaml)"
+    if firewall_mode != "required":
+        return False, ("terminals: off although policies/hub.yaml asks for them: the egress "
+                       "firewall is not in force here (a terminal bypasses the kernel's guard)")
+    return True, "terminals: on (policies/hub.yaml; the egress firewall filters them)"
 
 
 def _k8s_settings(data: dict[str, Any], path: Path) -> K8sSettings:

@@ -75,6 +75,22 @@ def test_hub_policy_errors_name_the_file_and_key(tmp_path, monkeypatch):
     assert s.devices == ["0"]
 
 
+def test_terminals_only_when_asked_for_and_the_firewall_is_in_force(tmp_path, monkeypatch):
+    from hub.settings import load_settings, terminals_allowed
+
+    monkeypatch.setenv("LORA_POLICIES", str(tmp_path))
+    assert load_settings().terminals is False                      # the default: off
+    (tmp_path / "hub.yaml").write_text("terminals: yes-please\n")
+    with pytest.raises(ConfigError, match="key 'terminals'"):
+        load_settings()
+    (tmp_path / "hub.yaml").write_text("terminals: true\n")
+    assert load_settings().terminals is True
+    assert terminals_allowed(True, "required")[0] is True
+    allowed, why = terminals_allowed(True, "off")                  # asked, but unfiltered
+    assert allowed is False and "firewall is not in force" in why
+    assert terminals_allowed(False, "required")[0] is False
+
+
 def test_nvml_devices_win_over_the_configured_list_and_a_missing_driver_falls_back(monkeypatch):
     """NVML is read through nvidia-ml-py's ``pynvml``; a fake module stands in for the driver
     (no GPU on CI machines); without a driver the configured list applies."""
