@@ -31,6 +31,7 @@ import yaml
 from lora_kernel.common.errors import ConfigError
 from lora_kernel.common.yamlio import parse_yaml
 from lora_kernel.training.data import MAX_IMAGE_PIXELS
+from lora_kernel.training.precision import VAE_DTYPES
 
 TASKS = ("image", "text")
 COMPILE_MODES = ("true", "false", "auto")
@@ -106,8 +107,13 @@ class TrainConfig:
         "same machine. Default: on for CPU; on CUDA only when true (sets "
         "torch.use_deterministic_algorithms, cudnn flags, CUBLAS_WORKSPACE_CONFIG; slower).",
         default=None)
-    mixed_precision: str = _h("'no', 'fp16' or 'bf16' (autocast; fp16 needs a GPU).",
-                              default="no")
+    mixed_precision: str = _h(
+        "'no', 'fp16' or 'bf16': autocast, and the frozen base weights (UNet, text "
+        "encoders, VAE; the causal LM) are loaded in that dtype while the LoRA weights stay "
+        "float32 (fp16 needs a GPU).", default="no")
+    vae_dtype: str = _h(
+        "dtype of the frozen VAE: auto (the weights' dtype, but fp32 where the family's VAE "
+        "overflows in fp16, as SDXL's does), fp32, bf16 or fp16 (image).", default="auto")
     gradient_checkpointing: bool = _h("Trade compute for memory.", default=False)
     gradient_accumulation_steps: int = _h("Micro-batches per optimizer step.", default=1)
     lr_scheduler: str = _h("One of: " + ", ".join(LR_SCHEDULERS) + ".", default="constant")
@@ -196,6 +202,9 @@ class TrainConfig:
         if self.mixed_precision not in MIXED_PRECISION:
             raise self._err("mixed_precision", f"must be one of {', '.join(MIXED_PRECISION)}, "
                                                f"got {self.mixed_precision!r}")
+        if self.vae_dtype not in VAE_DTYPES:
+            raise self._err("vae_dtype", f"must be one of {', '.join(VAE_DTYPES)}, got "
+                                         f"{self.vae_dtype!r}; fix: vae_dtype: auto")
         if self.lr_scheduler not in LR_SCHEDULERS:
             hint = _did_you_mean(str(self.lr_scheduler), LR_SCHEDULERS)
             raise self._err("lr_scheduler", f"unknown scheduler {self.lr_scheduler!r}{hint}; "

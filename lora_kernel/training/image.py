@@ -36,6 +36,7 @@ from lora_kernel.training.data import (
     rgb_image,
 )
 from lora_kernel.training.loop import seed_everything
+from lora_kernel.training.precision import keep_trainable_fp32
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +171,7 @@ class ImageTask:
                                         init_lora_weights="gaussian", target_modules=TE_TARGETS)
             attach_text_encoder_lora(te, self.te_config)
             te.train()
+        keep_trainable_fp32(unet, te)  # frozen weights may be half precision, LoRA is not
         unet.train()
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()

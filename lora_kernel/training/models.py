@@ -35,6 +35,8 @@ from lora_kernel.common.contract import BASE_MODEL_DIGEST_FILE_ENV
 from lora_kernel.common.digests import path_sha256
 from lora_kernel.common.errors import ConfigError
 from lora_kernel.training.model_safety import check_model_path, read_safetensors_header
+from lora_kernel.training.precision import bytes_per_param, vae_dtype_name, weight_dtype_name
+from lora_kernel.training.single_file import LDM_VAE
 
 BUNDLED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -131,14 +133,15 @@ def _load_tokenizer(folder: Path):
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
-def load_sd_components(path: str | os.PathLike, *, dtype=None, config: str | os.PathLike |
-                       None = None, tokenizer: str | os.PathLike | None = None) -> SDComponents:
+def load_sd_components(path: str | os.PathLike, *, dtype=None, vae_dtype=None,
+                       config: str | os.PathLike | None = None,
+                       tokenizer: str | os.PathLike | None = None) -> SDComponents:
     """Load a Stable Diffusion model from a diffusers folder or a single ``.safetensors``.
 
     ``config`` (single file only): a diffusers folder with the configs (weights not needed);
     default: the bundled config matching the checkpoint. ``tokenizer``: a CLIP tokenizer
     folder overriding the model's. All modules are returned in eval mode on CPU in ``dtype``
-    (default float32).
+    (default float32), the VAE in ``vae_dtype`` (default ``dtype``).
     """
     p = check_model_path(path, "image")  # refuse before any ML library is even imported
     import torch
@@ -146,11 +149,12 @@ def load_sd_components(path: str | os.PathLike, *, dtype=None, config: str | os.
     from transformers import CLIPTextModel
 
     dtype = dtype or torch.float32
-    if p.is_dir():
+    if p.is_dir():  # loaded in their dtypes: a half-precision model never exists in float32
         kw = dict(local_files_only=True, use_safetensors=True)
-        unet = UNet2DConditionModel.from_pretrained(p, subfolder="unet", **kw)
-        vae = AutoencoderKL.from_pretrained(p, subfolder="vae", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(p, subfolder="text_encoder",
+        unet = UNet2DConditionModel.from_pretrained(p, subfolder="unet", torch_dtype=dtype, **kw)
+        vae = AutoencoderKL.from_pretrained(p, subfolder="vae", torch_dtype=vae_dtype or dtype,
+                                            **kw)
+        text_encoder = CLIPTextModel.from_pretrained(p, subfolder="text_encoder", dtype=dtype,
                                                      trust_remote_code=False, **kw)
         tok_dir = Path(tokenizer) if tokenizer else p / "tokenizer"
         cfg_dir = p
@@ -162,9 +166,9 @@ def load_sd_components(path: str | os.PathLike, *, dtype=None, config: str | os.
                           f"folder (vocab.json, merges.txt) there", key="base_model")
     check_model_path(tok_dir)
     noise_scheduler, sample_scheduler = _schedulers(cfg_dir)
-    for m in (unet, vae, text_encoder):
-        if next(m.parameters()).dtype != dtype:
-            m.to(dtype=dtype)
+    for m, want in ((unet, dtype), (vae, vae_dtype or dtype), (text_encoder, dtype)):
+        if next(m.parameters()).dtype != want:
+            m.to(dtype=want)
         m.eval()
     return SDComponents(unet=unet, vae=vae, text_encoder=text_encoder,
                         tokenizer=_load_tokenizer(tok_dir), noise_scheduler=noise_scheduler,
@@ -268,9 +272,9 @@ def load_causal_lm(path: str | os.PathLike, *, dtype=None):
                           f"Stable Diffusion model", key="base_model")
     tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True,
                                               trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True,
-                                                 use_safetensors=True, trust_remote_code=False)
     dtype = dtype or torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=dtype,
+                                                 use_safetensors=True, trust_remote_code=False)
     if next(model.parameters()).dtype != dtype:
         model.to(dtype=dtype)
     model.eval()
@@ -365,12 +369,14 @@ def _weight_files(folder: Path) -> list[Path]:
     return sorted(f for f in folder.glob("*.safetensors") if f.name.count(".") == 1)
 
 
-def _param_count(files: list[Path], skip: tuple[str, ...] = ()) -> int:
-    """Parameters in safetensors files, from their headers only."""
+def _param_count(files: list[Path], skip: tuple[str, ...] = (),
+                 only: tuple[str, ...] = ("",)) -> int:
+    """Parameters in safetensors files, from their headers only: tensors whose names start
+    with one of ``only`` and none of ``skip``."""
     n = 0
     for f in files:
         for name, info in read_safetensors_header(f).items():
-            if name == "__metadata__" or name.startswith(skip):
+            if name == "__metadata__" or name.startswith(skip) or not name.startswith(only):
                 continue
             count = 1
             for d in info["shape"]:
@@ -401,7 +407,7 @@ def estimate_training_memory(cfg) -> MemoryEstimate:
 
     Read from the safetensors headers and configs only (no tensor is loaded)::
 
-        weights     = 4 B x parameters              (every component is trained in float32)
+        weights     = w x parameters                (w: bytes per frozen weight)
         activations = a x B x sum over levels i of  T_i x C_i x n_i x m_i
         data        = N x 3 x R^2 x 4 B             (image: preprocessed pixels stay in RAM)
 
@@ -416,6 +422,8 @@ def estimate_training_memory(cfg) -> MemoryEstimate:
     m = 18 (attention 6 + MLP 12), the same rule for gradient_checkpointing, plus the logits
     and their gradient: 2 x B x T x vocab_size x 4 B.
 
+    w = 2 bytes with mixed_precision fp16/bf16 (the frozen weights are loaded in that dtype;
+    the VAE's own bytes follow ``vae_dtype``), else 4.
     a = 2 bytes with mixed_precision fp16/bf16 (autocast), else 4. LoRA weights, their
     gradients and AdamW states (well under 1% of the weights) and the attention score
     matrices (fused attention kernels do not keep them) are left out: the estimate is a lower
@@ -426,12 +434,16 @@ def estimate_training_memory(cfg) -> MemoryEstimate:
     b = cfg.batch_size
     levels: list[tuple[int, int, int, int]] = []  # (positions T, channels C, layers n, maps m)
     extra = 0
+    w = bytes_per_param(weight_dtype_name(cfg))
     if cfg.task == "image":
+        w_vae = bytes_per_param(vae_dtype_name(cfg))
         if p.is_dir():
-            params = sum(_param_count(_weight_files(p / part))
-                         for part in ("unet", "vae", "text_encoder"))
+            weights = sum(w * _param_count(_weight_files(p / part))
+                          for part in ("unet", "text_encoder"))
+            weights += w_vae * _param_count(_weight_files(p / "vae"))
         else:
-            params = _param_count([p], skip=("model_ema.",))
+            vae = _param_count([p], only=(LDM_VAE, "vae."))
+            weights = w * (_param_count([p], skip=("model_ema.",)) - vae) + w_vae * vae
         unet = _unet_config(p)
         side = cfg.resolution / 8
         per_block = int(unet.get("layers_per_block", 2))
@@ -443,7 +455,7 @@ def estimate_training_memory(cfg) -> MemoryEstimate:
         from lora_kernel.training.data import read_image_rows
         data = len(read_image_rows(cfg)) * 3 * cfg.resolution ** 2 * 4
     else:
-        params = _param_count(_weight_files(p))
+        weights = w * _param_count(_weight_files(p))
         conf = _read_json(p / "config.json")
         hidden, layers = conf.get("hidden_size"), conf.get("num_hidden_layers")
         if isinstance(hidden, int) and isinstance(layers, int):
@@ -457,4 +469,4 @@ def estimate_training_memory(cfg) -> MemoryEstimate:
         kept += max((t * c * m for t, c, _, m in levels), default=0)
     else:
         kept = sum(t * c * n * m for t, c, n, m in levels)
-    return MemoryEstimate(weights=4 * params, activations=a * b * kept + extra, data=data)
+    return MemoryEstimate(weights=weights, activations=a * b * kept + extra, data=data)
