@@ -98,11 +98,43 @@ def _check_inputs(cfg: TrainConfig, file: str) -> None:
     except ConfigError as exc:  # e.g. an unsupported file type: name the config too
         raise ConfigError(exc.detail, file=file, key=exc.key or "base_model") from None
     if cfg.task == "image":
+        _check_family(cfg, file)
         _check_image_dataset(cfg, file)
     else:
         _check_text_dataset(cfg, file)
     _check_output_dir(cfg, file)
     _check_memory(cfg, file)
+
+
+# Config keys that name one text encoder each, in text-encoder order.
+TEXT_ENCODER_KEYS = ("text_encoder_lr", "text_encoder_2_lr")
+
+
+def _check_family(cfg: TrainConfig, file: str) -> None:
+    """Record the base model's family (``cfg.model_family``; refused families never get
+    here: :func:`check_model_path` refused them), refuse settings for a text encoder the
+    family does not have, and warn when ``resolution`` is below the model's own."""
+    from lora_kernel.training.families import family_of
+    from lora_kernel.training.models import _unet_config
+
+    family = family_of(cfg.base_model)
+    cfg.model_family = family.name
+    have = {t.lr_key for t in family.text_encoder_parts}
+    for key in TEXT_ENCODER_KEYS:
+        if getattr(cfg, key) is not None and key not in have:
+            raise ConfigError(
+                f"{cfg.base_model} is {family.title} ({family.name}), which has "
+                f"{len(family.text_encoder_parts)} text encoder(s): there is no encoder for "
+                f"{key}; fix: remove {key} (text_encoder_lr sets the rate of every text "
+                f"encoder)", file=file, key=key)
+    unet = _unet_config(Path(cfg.base_model))
+    native = family.native_resolution(unet) if unet else None
+    if native and cfg.resolution < native:
+        cfg.model_warnings.append(
+            f"{family.title} ({family.name}) was trained at {native} px, this config trains "
+            f"at resolution {cfg.resolution}: expect blurry, low-detail results; fix: "
+            f"resolution: {native} (with gradient_checkpointing: true, mixed_precision: bf16 "
+            f"if memory is short)")
 
 
 def _check_output_dir(cfg: TrainConfig, file: str) -> None:

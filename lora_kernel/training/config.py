@@ -124,7 +124,12 @@ class TrainConfig:
     weight_decay: float = _h("AdamW weight decay.", default=1e-2)
     train_text_encoder: bool = _h("Also train a LoRA on the CLIP text encoder (image).",
                                   default=False)
-    text_encoder_lr: float | None = _h("Text-encoder LR. Default: learning_rate.", default=None)
+    text_encoder_lr: float | None = _h(
+        "Text-encoder LR (SDXL: both encoders unless text_encoder_2_lr is set). Default: "
+        "learning_rate.", default=None)
+    text_encoder_2_lr: float | None = _h(
+        "LR of the second text encoder (SDXL's OpenCLIP-bigG; a model with one text encoder "
+        "refuses it). Default: text_encoder_lr.", default=None)
     noise_offset: float = _h("Noise offset (image; 0 disables).", default=0.0)
     cache_latents: bool = _h("Cache VAE latents and text embeddings on disk (image).",
                              default=True)
@@ -155,6 +160,14 @@ class TrainConfig:
     # 1x1 images), one message each naming its row; printed as ``warning: ...`` (not a key).
     dataset_warnings: list[str] = field(default_factory=list, repr=False, compare=False,
                                         metadata={"internal": True})
+    # The base model's family (image: sd15, sd2, sdxl), read by validation before anything
+    # loads; shown by ``lora config`` (not a key).
+    model_family: str | None = field(default=None, repr=False, compare=False,
+                                     metadata={"internal": True})
+    # What validation noticed about the model and config but accepts (e.g. SDXL trained far
+    # below its native resolution), printed as ``warning: ...`` (not a key).
+    model_warnings: list[str] = field(default_factory=list, repr=False, compare=False,
+                                      metadata={"internal": True})
 
     def __post_init__(self):
         self._check()
@@ -187,8 +200,10 @@ class TrainConfig:
         if not (0 < self.learning_rate < 1) or not math.isfinite(self.learning_rate):
             raise self._err("learning_rate", f"must be in (0, 1), got {self.learning_rate}; "
                                              f"typical LoRA values are 1e-5 .. 1e-3")
-        if self.text_encoder_lr is not None and not (0 < self.text_encoder_lr < 1):
-            raise self._err("text_encoder_lr", f"must be in (0, 1), got {self.text_encoder_lr}")
+        for key in ("text_encoder_lr", "text_encoder_2_lr"):
+            value = getattr(self, key)
+            if value is not None and not (0 < value < 1):
+                raise self._err(key, f"must be in (0, 1), got {value}")
         if not (0 <= self.lora_dropout < 1):
             raise self._err("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
