@@ -106,6 +106,48 @@ def _check_inputs(cfg: TrainConfig, file: str) -> None:
     _check_memory(cfg, file)
 
 
+# The down-projection weights of a LoRA file, in diffusers' and peft's names.
+_LORA_DOWN = (".lora.down.weight", ".lora_linear_layer.down.weight", ".lora_A.weight")
+# kohya's ss_base_model_version -> our family name (for adapters that do not say it)
+_KOHYA_FAMILIES = {"sd_v1": "sd15", "sd_v2": "sd2", "sdxl_base_v1-0": "sdxl"}
+
+
+def _check_init(cfg: TrainConfig, family, file: str) -> None:
+    """``init`` must be a diffusers-format LoRA file (header read only) of ``family`` with
+    ``lora_rank``: an adapter of another family or rank could not load into this run's
+    LoRA layers, and a kohya file has other names."""
+    from lora_kernel.training.model_safety import read_safetensors_header
+
+    path = Path(cfg.init or "")
+    fix = (f"fix: point init at a <output_name>.safetensors adapter trained on a "
+           f"{family.title} model with lora_rank {cfg.lora_rank}, or remove init")
+    if not path.is_file() or path.suffix != ".safetensors":
+        raise ConfigError(f"{path} is not a .safetensors adapter file; {fix}", file=file,
+                          key="init")
+    check_model_path(path)
+    header = read_safetensors_header(path)
+    meta = header.get("__metadata__") or {}
+    keys = [k for k in header if k != "__metadata__"]
+    if any(k.startswith("lora_unet_") for k in keys):
+        raise ConfigError(f"{path} is a kohya-format file; init takes the diffusers-format "
+                          f"adapter exported next to it; {fix}", file=file, key="init")
+    downs = [k for k in keys if k.endswith(_LORA_DOWN)]
+    if not any(k.startswith("unet.") for k in downs):
+        raise ConfigError(f"{path} holds no UNet LoRA weights (unet.*.lora.down.*); {fix}",
+                          file=file, key="init")
+    found = meta.get("lora_enclave.model_family") or _KOHYA_FAMILIES.get(
+        meta.get("ss_base_model_version", ""))
+    if found != family.name:
+        what = f"a LoRA for {found}" if found else "a LoRA of unknown family"
+        raise ConfigError(f"{path} is {what}, but {cfg.base_model} is {family.title} "
+                          f"({family.name}); its layers have other names and shapes; {fix}",
+                          file=file, key="init")
+    ranks = {header[k]["shape"][0] for k in downs}
+    if ranks != {cfg.lora_rank}:
+        raise ConfigError(f"{path} has LoRA rank {sorted(ranks)}, the config lora_rank "
+                          f"{cfg.lora_rank}; {fix}", file=file, key="init")
+
+
 # Config keys that name one text encoder each, in text-encoder order.
 TEXT_ENCODER_KEYS = ("text_encoder_lr", "text_encoder_2_lr")
 
@@ -127,6 +169,8 @@ def _check_family(cfg: TrainConfig, file: str) -> None:
                 f"{len(family.text_encoder_parts)} text encoder(s): there is no encoder for "
                 f"{key}; fix: remove {key} (text_encoder_lr sets the rate of every text "
                 f"encoder)", file=file, key=key)
+    if cfg.init:
+        _check_init(cfg, family, file)
     unet = _unet_config(Path(cfg.base_model))
     native = family.native_resolution(unet) if unet else None
     if native and cfg.resolution < native:

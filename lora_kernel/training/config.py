@@ -43,7 +43,7 @@ LR_SCHEDULERS = (
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 # The keys whose values are filesystem paths, resolved against the config's folder.
-PATH_KEYS = ("train_data_dir", "metadata_path", "base_model", "output_dir")
+PATH_KEYS = ("train_data_dir", "metadata_path", "base_model", "output_dir", "init")
 DEFAULT_IMAGE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 DEFAULT_TEXT_TARGETS = ["q_proj", "v_proj"]
 
@@ -130,6 +130,10 @@ class TrainConfig:
     text_encoder_2_lr: float | None = _h(
         "LR of the second text encoder (SDXL's OpenCLIP-bigG; a model with one text encoder "
         "refuses it). Default: text_encoder_lr.", default=None)
+    init: str | None = _h(
+        "Start from this LoRA instead of a fresh one: a diffusers-format adapter file this "
+        "platform exported (<output_name>.safetensors) for a model of the same family, with "
+        "the same lora_rank and target modules (image).", default=None)
     noise_offset: float = _h("Noise offset (image; 0 disables).", default=0.0)
     cache_latents: bool = _h("Cache VAE latents and text embeddings on disk (image).",
                              default=True)

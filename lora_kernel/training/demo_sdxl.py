@@ -27,7 +27,7 @@ TINY_TE2_HIDDEN = 32
 TINY_PROJECTION = 32
 TINY_TIME_EMBED = 8
 TINY_SDXL_UNET = dict(
-    sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+    sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
     block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2),
     attention_head_dim=(2, 4), cross_attention_dim=TINY_TE_HIDDEN + TINY_TE2_HIDDEN,
@@ -53,7 +53,7 @@ resolution: 64  # the tiny model's own (the real SDXL's is 1024)
 lora_rank: 8
 lora_alpha: 8
 batch_size: 4
-learning_rate: 3.0e-3
+learning_rate: 1.0e-2  # SDXL has no attention at its highest resolution: a slower learner
 max_train_steps: 60
 save_steps: 30
 output_dir: output/sdxl

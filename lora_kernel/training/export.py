@@ -36,6 +36,8 @@ def adapter_metadata(cfg, *, base_model_sha256: str, dataset_version: str,
         for key in PATH_KEYS:
             conf.pop(key, None)
         conf["base_model"] = Path(conf["base_model"]).name
+        if conf.get("init"):
+            conf["init"] = Path(conf["init"]).name
         conf.pop("output_dir", None)
     info = version_info()
     meta = {
@@ -55,6 +57,9 @@ def adapter_metadata(cfg, *, base_model_sha256: str, dataset_version: str,
         "ss_new_sd_model_hash": base_model_sha256,
         "ss_dataset_version": dataset_version,
     }
+    if getattr(cfg, "init", None):  # the adapter this one started from, by content
+        from lora_kernel.common.digests import sha256_file
+        meta["lora_enclave.init_sha256"] = sha256_file(cfg.init)
     if cfg.record_dataset_paths and dataset_digests:
         meta["lora_enclave.dataset_files"] = json.dumps(dataset_digests, sort_keys=True)
     for key, value in (extra or {}).items():

@@ -198,6 +198,9 @@ class ImageTask:
             for te in tes:
                 attach_text_encoder_lora(te, self.te_config)
                 te.train()
+        if cfg.init:
+            load_init_adapter(cfg, unet, dict(zip((p.name for p in self.te_parts), tes,
+                                                  strict=True)))
         keep_trainable_fp32(unet, *tes)  # frozen weights may be half precision, LoRA is not
         unet.train()
         if cfg.gradient_checkpointing:
@@ -540,3 +543,33 @@ def text_encoder_lr(cfg, key: str) -> float:
     """The learning rate of a text encoder: its own key (``text_encoder_lr``,
     ``text_encoder_2_lr``), else ``text_encoder_lr`` (one for both), else ``learning_rate``."""
     return (getattr(cfg, key, None) or cfg.text_encoder_lr or cfg.learning_rate)
+
+
+def load_init_adapter(cfg, unet, text_encoders: dict) -> None:
+    """Copy the LoRA weights of ``cfg.init`` (a diffusers-format adapter, checked by the
+    validator) into the freshly attached LoRA layers of ``unet`` and the text encoders
+    (``{component name: model}``). A weight that has no layer here, or a layer left without
+    a weight, is a :class:`ConfigError` naming ``init``: the adapter was trained with other
+    target modules or without ``train_text_encoder``."""
+    from diffusers.utils.state_dict_utils import (
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
+    from peft import set_peft_model_state_dict
+
+    from lora_kernel.common.errors import ConfigError
+    weights = load_file(str(cfg.init))
+    models = {"unet": unet, **(text_encoders if cfg.train_text_encoder else {})}
+    for name, model in models.items():
+        part = {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")}
+        # diffusers' file names (lora.down / lora_linear_layer.down) back to peft's
+        part = (convert_unet_state_dict_to_peft(part) if name == "unet"
+                else convert_state_dict_to_peft(part))
+        result = set_peft_model_state_dict(model, part)
+        missing = [k for k in result.missing_keys if ".lora_" in k]
+        if result.unexpected_keys or missing or not part:
+            raise ConfigError(
+                f"{cfg.init} does not fit this run's {name} LoRA layers ({len(part)} weights; "
+                f"unexpected {list(result.unexpected_keys)[:2]}, missing {missing[:2]}); fix: "
+                f"use the target_modules and train_text_encoder it was trained with",
+                file=cfg.source, key="init")

@@ -54,8 +54,11 @@ def _sub(name: str, pairs) -> str:
     return name
 
 
-def unet_key_to_ldm(key: str, layers_per_block: int) -> str:
-    """Map one diffusers UNet2DConditionModel key to its LDM name (SD1.x layout)."""
+def unet_key_to_ldm(key: str, layers_per_block: int,
+                    up_block_types: list[str] | None = None) -> str:
+    """Map one diffusers UNet2DConditionModel key to its LDM name (SD1.x / SDXL layout). An
+    upsampler's LDM position depends on whether its up block has attentions: None unless
+    ``up_block_types`` (the UNet config's) says."""
     n = layers_per_block
     for new, old in _UNET_TOP.items():
         if key.startswith(new + "."):
@@ -82,7 +85,10 @@ def unet_key_to_ldm(key: str, layers_per_block: int) -> str:
             return f"output_blocks.{i * (n + 1) + j}.0.{_sub(rest, _UNET_RESNET)}"
         if kind == "attentions":
             return f"output_blocks.{i * (n + 1) + j}.1.{rest}"
-        return None  # upsamplers: position depends on attentions, see diffusers_to_ldm
+        if up_block_types is None:
+            return None  # upsamplers: position depends on attentions, see diffusers_to_ldm
+        slot = 2 if "CrossAttn" in up_block_types[i] else 1
+        return f"output_blocks.{i * (n + 1) + n}.{slot}.{rest}"
     raise KeyError(f"no LDM name for UNet key {key!r}")
 
 

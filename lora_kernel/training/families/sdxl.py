@@ -58,8 +58,8 @@ class SDXLFamily(ModelFamily):
 
     def kohya_unet_name(self, module: str, unet_config) -> str:
         from lora_kernel.training.single_file import unet_key_to_ldm
-        return unet_key_to_ldm(module + ".weight",
-                               unet_config["layers_per_block"]).removesuffix(".weight")
+        return unet_key_to_ldm(module + ".weight", unet_config["layers_per_block"],
+                               list(unet_config["up_block_types"])).removesuffix(".weight")
 
     def pipeline(self, comps):
         from diffusers import StableDiffusionXLPipeline
