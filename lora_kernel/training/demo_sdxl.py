@@ -52,10 +52,13 @@ metadata_path: datasets/image/metadata.csv
 resolution: 64  # the tiny model's own (the real SDXL's is 1024)
 lora_rank: 8
 lora_alpha: 8
+# SDXL has no attention at its highest resolution: the style (thin stripes) is learned by
+# the ResNet convolutions there, so they get a LoRA too (kohya's LoCon; both formats load it).
+target_modules: [to_q, to_k, to_v, to_out.0, conv1, conv2]
 batch_size: 4
-learning_rate: 1.0e-2  # SDXL has no attention at its highest resolution: a slower learner
-max_train_steps: 60
-save_steps: 30
+learning_rate: 5.0e-3
+max_train_steps: 40
+save_steps: 20
 output_dir: output/sdxl
 output_name: enclave_style_xl
 sample_prompts:

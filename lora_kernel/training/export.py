@@ -115,8 +115,12 @@ def save_diffusers_lora(path: Path, unet, text_encoder, unet_config, te_config,
                   text_encoder_2_lora_adapter_metadata=te_config.to_dict())
     path = Path(path)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        # The UNet's keys stay in peft's names (lora_A / lora_B): diffusers' converter renames
+        # only the attention projections, and its loader reads a file whose first key is not
+        # renamed as all-peft, so a LoRA on convolutions too (SDXL's first level has no
+        # attention) would silently lose its attention layers on reload.
         getattr(diffusers, pipeline_class).save_lora_weights(
-            tmp, unet_lora_layers=convert_state_dict_to_diffusers(unet_sd),
+            tmp, unet_lora_layers=unet_sd,
             weight_name=path.name, safe_serialization=True,
             unet_lora_adapter_metadata=unet_config.to_dict(), **kw)
         written = Path(tmp) / path.name

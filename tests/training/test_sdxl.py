@@ -36,7 +36,7 @@ def sdxl_run(demo_home, tmp_path_factory):
 def test_sdxl_trains_and_records_its_family(sdxl_run):
     cfg, res = sdxl_run
     assert res.steps == cfg.max_train_steps
-    assert res.eval_loss_after < 0.95 * res.eval_loss_before, (res.eval_loss_before,
+    assert res.eval_loss_after < 0.85 * res.eval_loss_before, (res.eval_loss_before,
                                                                res.eval_loss_after)
     assert res.model_family == "sdxl"
     summary = json.loads(Path(res.summary_path).read_text())
