@@ -9,7 +9,13 @@ Everything is built here, on the machine that runs the benchmark; nothing is dow
   (the demo's ``draw_image``, scaled up) with captions;
 * text: a 0.95B-parameter Llama-architecture causal LM (hidden 2048, 16 layers, 16 heads,
   intermediate 5632, vocab 32000, random weights; the demo's locally built BPE tokenizer) and
-  64 plain-text records of at least 512 tokens each (built from the demo's text records).
+  64 plain-text records of at least 512 tokens each (built from the demo's text records);
+* sdxl (issue 22): an SDXL-base-architecture diffusers folder (UNet, VAE and both text
+  encoders from the bundled SDXL configs, ``lora_kernel.training.demo_sdxl.SDXL_CONFIGS``,
+  random weights built on the device; the demo tokenizers) and 16 demo-style 1024 px images:
+  batch 4, bf16, rank 16. Its variants: ``lora train eager``, the ``bare loop`` and
+  ``diffusers+peft``, the per-step work of diffusers' ``train_dreambooth_lora_sdxl.py`` (VAE
+  and both text encoders every step, ``add_time_ids``, no caching; target: lora train >= 2x).
 
 Variants, each in its own child process (so the peak memory is that variant's), with the
 same model, data, batch, sequence length / resolution, LoRA rank and targets, precision and
@@ -37,7 +43,7 @@ wall time. Images/s = steps/s x batch; tokens/s = steps/s x batch x sequence len
 "n/a" on CPU or an unknown GPU (``--peak-tflops`` sets one). Peak memory: on CUDA
 ``torch.cuda.max_memory_allocated`` of the child, on CPU the child's max RSS.
 
-``--tiny`` (automatic without CUDA) uses the demo's tiny SD and tiny Llama, 8 images / 16
+``--tiny`` (automatic without CUDA) uses the demo's tiny SD, SDXL and Llama, 8 images / 16
 sequences, small batches, 1 warm-up + 4 measured steps, fp32 (what CI runs: well under a
 minute on 2 CPU cores, most of it compiling the tiny UNet). On CPU it runs one torch thread
 per child (see ``--threads``) and compiles with the ``eager`` backend, dynamo graph capture
@@ -86,11 +92,13 @@ SIZES = {
                  "llama": {"hidden_size": 2048, "intermediate_size": 5632,
                            "num_hidden_layers": 16, "num_attention_heads": 16,
                            "num_key_value_heads": 16, "vocab_size": 32000}},
+        "sdxl": {"resolution": 1024, "batch": 4, "rank": 16, "images": 16},
         "warmup": 5, "steps": 30, "precision": "bf16", "timeout": 420,
     },
     "tiny": {
         "image": {"resolution": 64, "batch": 4, "rank": 8, "images": 8},  # 64: the demo images
         "text": {"seq": 64, "batch": 8, "rank": 8, "records": 16, "llama": None},
+        "sdxl": {"resolution": 64, "batch": 4, "rank": 8, "images": 8},  # the tiny SDXL's 64 px
         "warmup": 1, "steps": 4, "precision": "no", "timeout": 240,
     },
 }
@@ -112,6 +120,9 @@ PRELOAD = [  # imported once by the fork server, so that each variant's child st
 ]
 IMAGE_VARIANTS = ("lora train eager", "lora train compiled", "bare loop", "diffusers+peft")
 TEXT_VARIANTS = ("lora train eager", "lora train compiled", "bare loop", "Trainer+peft")
+SDXL_VARIANTS = ("lora train eager", "bare loop", "diffusers+peft")
+VARIANTS = {"image": IMAGE_VARIANTS, "text": TEXT_VARIANTS, "sdxl": SDXL_VARIANTS}
+MODEL_DIRS = {"image": "sd", "text": "llama", "sdxl": "sdxl"}
 
 
 # -- helpers shared by the children ----------------------------------------------------------
@@ -249,13 +260,26 @@ def _write_llama(folder: Path, arch: dict, corpus, seed: int) -> None:
     _write_lm_tokenizer(folder, corpus)
 
 
+def _save_random(folder: Path, seed: int, builds) -> None:
+    """Build each ``(name, build)`` component with random weights (seeded ``seed + k``,
+    initialised on the GPU when there is one) and save it as bf16 safetensors in
+    ``folder/name``."""
+    import torch
+    device = _device()
+    for k, (name, build) in enumerate(builds):
+        torch.manual_seed(seed + k)
+        with torch.device(device):
+            model = build()
+        model.to(torch.bfloat16).save_pretrained(folder / name, safe_serialization=True)
+        del model
+
+
 def _write_sd15(folder: Path, seed: int) -> None:
     """An SD1.5-architecture diffusers folder with random weights: UNet, VAE and text
     encoder from the bundled SD1.x configs (the text encoder's vocabulary sized to the demo's
     CLIP tokenizer), the SD1.x scheduler, the demo tokenizer; weights saved as bf16."""
     import shutil
 
-    import torch
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -278,16 +302,10 @@ def _write_sd15(folder: Path, seed: int) -> None:
     te_cfg.pop("model_type", None)
     te_cfg.update(vocab_size=len(vocab), bos_token_id=vocab["<|startoftext|>"],
                   eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])
-    device = _device()
-    for k, (name, build) in enumerate((
-            ("unet", lambda: UNet2DConditionModel(**plain(SD15_CONFIGS["unet/config.json"]))),
-            ("vae", lambda: AutoencoderKL(**plain(SD15_CONFIGS["vae/config.json"]))),
-            ("text_encoder", lambda: CLIPTextModel(CLIPTextConfig(**te_cfg))))):
-        torch.manual_seed(seed + k)
-        with torch.device(device):
-            model = build()
-        model.to(torch.bfloat16).save_pretrained(folder / name, safe_serialization=True)
-        del model
+    _save_random(folder, seed, (
+        ("unet", lambda: UNet2DConditionModel(**plain(SD15_CONFIGS["unet/config.json"]))),
+        ("vae", lambda: AutoencoderKL(**plain(SD15_CONFIGS["vae/config.json"]))),
+        ("text_encoder", lambda: CLIPTextModel(CLIPTextConfig(**te_cfg)))))
     PNDMScheduler.from_config(
         plain(SD15_CONFIGS["scheduler/scheduler_config.json"])).save_pretrained(
         folder / "scheduler")
@@ -328,6 +346,18 @@ def _write_image_dataset(folder: Path, n: int, size: int) -> None:
     (folder / "metadata.csv").write_text(out.getvalue(), encoding="utf-8")
 
 
+def _added_cond(unet, batch: int, device=None) -> dict:
+    """Random SDXL ``added_cond_kwargs`` (pooled text embeddings, time ids) for ``unet``;
+    {} for a UNet without ``text_time`` conditioning."""
+    import torch
+    if unet.config.addition_embed_type != "text_time":
+        return {}
+    pooled = (unet.config.projection_class_embeddings_input_dim
+              - 6 * unet.config.addition_time_embed_dim)
+    return {"added_cond_kwargs": {"text_embeds": torch.randn(batch, pooled, device=device),
+                                  "time_ids": torch.randn(batch, 6, device=device)}}
+
+
 def _unet_forward_flops(unet_config: dict, latent: int) -> int:
     """FLOPs of one UNet forward for one image (no LoRA), counted on the meta device."""
     import torch
@@ -339,8 +369,62 @@ def _unet_forward_flops(unet_config: dict, latent: int) -> int:
         x = torch.randn(1, unet.config.in_channels, latent, latent)
         hidden = torch.randn(1, 77, unet.config.cross_attention_dim)
         with FlopCounterMode(display=False) as counter, torch.no_grad():
-            unet(x, torch.tensor([500]), hidden)
+            unet(x, torch.tensor([500]), hidden, **_added_cond(unet, 1))
     return int(counter.get_total_flops())
+
+
+def _write_sdxl(folder: Path, seed: int) -> None:
+    """An SDXL-base-architecture diffusers folder with random weights (initialised on the GPU
+    when there is one, saved as bf16): UNet, VAE and both text encoders from the bundled SDXL
+    configs (vocabularies sized to the demo's CLIP tokenizer), Euler, the demo tokenizers."""
+    import shutil
+
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from lora_kernel.training.demo_assets import (
+        _normalise_json_files,
+        _write_json,
+        clip_vocab_and_merges,
+        write_clip_tokenizer,
+    )
+    from lora_kernel.training.demo_sdxl import SDXL_CONFIGS
+
+    def plain(cfg: dict) -> dict:
+        return {k: v for k, v in cfg.items()
+                if not k.startswith("_") and k not in ("architectures", "model_type")}
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    vocab, _ = clip_vocab_and_merges()
+    ids = dict(vocab_size=len(vocab), bos_token_id=vocab["<|startoftext|>"],
+               eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"])
+    te1 = {**plain(SDXL_CONFIGS["text_encoder/config.json"]), **ids}
+    te2 = {**plain(SDXL_CONFIGS["text_encoder_2/config.json"]), **ids}
+    _save_random(folder, seed, (
+        ("unet", lambda: UNet2DConditionModel(**plain(SDXL_CONFIGS["unet/config.json"]))),
+        ("vae", lambda: AutoencoderKL(**plain(SDXL_CONFIGS["vae/config.json"]))),
+        ("text_encoder", lambda: CLIPTextModel(CLIPTextConfig(**te1))),
+        ("text_encoder_2", lambda: CLIPTextModelWithProjection(CLIPTextConfig(**te2)))))
+    EulerDiscreteScheduler.from_config(
+        plain(SDXL_CONFIGS["scheduler/scheduler_config.json"])).save_pretrained(
+        folder / "scheduler")
+    write_clip_tokenizer(folder / "tokenizer")
+    write_clip_tokenizer(folder / "tokenizer_2", pad_token="!")
+    _write_json(folder / "model_index.json", dict(SDXL_CONFIGS["model_index.json"]))
+    _normalise_json_files(folder)
+
+
+def _image_config(model: Path, data: Path, sizes: dict, size: dict, out: Path) -> dict:
+    """The ``lora train`` config of an image benchmark task."""
+    return {"task": "image", "base_model": str(model), "train_data_dir": str(data),
+            "metadata_path": str(data / "metadata.csv"), "resolution": size["resolution"],
+            "lora_rank": size["rank"], "lora_alpha": size["rank"],
+            "target_modules": IMAGE_TARGETS, "batch_size": size["batch"],
+            "learning_rate": LEARNING_RATE, "weight_decay": WEIGHT_DECAY,
+            "mixed_precision": sizes["precision"], "save_steps": 0,
+            "cache_latents": True, "sample_prompts": [], "seed": SEED, "output_dir": str(out)}
 
 
 def child_build(spec: dict) -> dict:
@@ -366,16 +450,26 @@ def child_build(spec: dict) -> dict:
         latent = img["resolution"] // 2 ** (len(vae_cfg["block_out_channels"]) - 1)
         out["unet_forward_flops"] = _unet_forward_flops(unet_cfg, latent)
         out["latent"] = latent
-        config = {"task": "image", "base_model": str(model), "train_data_dir": str(data),
-                  "metadata_path": str(data / "metadata.csv"), "resolution": img["resolution"],
-                  "lora_rank": img["rank"], "lora_alpha": img["rank"],
-                  "target_modules": IMAGE_TARGETS, "batch_size": img["batch"],
-                  "learning_rate": LEARNING_RATE, "weight_decay": WEIGHT_DECAY,
-                  "mixed_precision": sizes["precision"], "save_steps": 0,
-                  "cache_latents": True, "sample_prompts": [], "seed": SEED,
-                  "output_dir": str(root / "output" / "image")}
+        config = _image_config(model, data, sizes, img, root / "output" / "image")
         out["image_config"] = str(root / "image_lora.yaml")
         Path(out["image_config"]).write_text(yaml.safe_dump(config, sort_keys=False))
+    if "sdxl" in spec["tasks"]:
+        xl = sizes["sdxl"]
+        model, data = root / "models" / "sdxl", root / "datasets" / "sdxl"
+        if tiny:
+            from lora_kernel.training.demo_sdxl import write_tiny_sdxl
+            write_tiny_sdxl(model, seed=0)
+            _write_image_dataset(data, xl["images"], IMAGE_SIZE)
+        else:
+            _write_sdxl(model, seed=0)
+            _write_image_dataset(data, xl["images"], xl["resolution"])
+        unet_cfg = json.loads((model / "unet" / "config.json").read_text())
+        vae_cfg = json.loads((model / "vae" / "config.json").read_text())
+        out["sdxl_latent"] = xl["resolution"] // 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+        out["sdxl_unet_forward_flops"] = _unet_forward_flops(unet_cfg, out["sdxl_latent"])
+        config = _image_config(model, data, sizes, xl, root / "output" / "sdxl")
+        out["sdxl_config"] = str(root / "sdxl_lora.yaml")
+        Path(out["sdxl_config"]).write_text(yaml.safe_dump(config, sort_keys=False))
     if "text" in spec["tasks"]:
         model, data = root / "models" / "llama", root / "datasets" / "text"
         records = _long_text_records(txt["records"])
@@ -473,7 +567,7 @@ def child_bare_image(spec: dict) -> dict:
         noisy = sched.add_noise(latents, noise, t)
         hidden = torch.randn(b, 77, hidden_dim, device=device)
         with _autocast(device, spec["precision"]):
-            pred = unet(noisy, t, hidden).sample
+            pred = unet(noisy, t, hidden, **_added_cond(unet, b, device)).sample
         return F.mse_loss(pred.float(), noise)
     return _timed_loop(unet, device, spec["warmup"], spec["steps"], loss_fn)
 
@@ -530,6 +624,72 @@ def child_diffusers_image(spec: dict) -> dict:
     return diffusers_peft_loop(spec["config"], spec["model"], batch=spec["batch"],
                                warmup=spec["warmup"], steps=spec["steps"],
                                precision=spec["precision"], rank=spec["rank"])
+
+
+def child_diffusers_sdxl(spec: dict) -> dict:
+    """The plain SDXL baseline: what diffusers' ``train_dreambooth_lora_sdxl.py`` does per
+    step (minus accelerate) on the config's dataset: the VAE (float32: SDXL's overflows in
+    fp16) encodes, both text encoders encode (penultimate hidden states, pooled output of the
+    second), ``add_time_ids`` from each image's size and crop, UNet + peft LoRA; frozen
+    weights in the training precision and LoRA weights in float32 (its
+    ``cast_training_params``), clipping, AdamW. No caching."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from peft import LoraConfig
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from lora_kernel.training.config import load_config
+    from lora_kernel.training.image import load_examples
+    device = _device()
+    cfg = load_config(spec["config"])
+    root = Path(spec["model"])
+    dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
+    torch.manual_seed(SEED)
+    kw = {"local_files_only": True}
+    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **kw)
+    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **kw)
+    tes = [CLIPTextModel.from_pretrained(root, subfolder="text_encoder", **kw),
+           CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2", **kw)]
+    toks = [CLIPTokenizer.from_pretrained(root, subfolder=name, **kw)
+            for name in ("tokenizer", "tokenizer_2")]
+    sched = DDPMScheduler.from_pretrained(root, subfolder="scheduler", **kw)
+    vae.to(device, torch.float32).requires_grad_(False)
+    for m in (unet, *tes):
+        m.to(device, dtype).requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=spec["rank"], lora_alpha=spec["rank"],
+                                init_lora_weights="gaussian", target_modules=IMAGE_TARGETS))
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    unet.train()
+    examples = load_examples(cfg)
+    pixels = torch.stack([e.pixels for e in examples])
+    ids = [t([e.caption for e in examples], padding="max_length", max_length=t.model_max_length,
+             truncation=True, return_tensors="pt").input_ids for t in toks]
+    time_ids = torch.tensor([[e.original_size[1], e.original_size[0], *e.crop_top_left,
+                              e.bucket[1], e.bucket[0]] for e in examples], dtype=torch.float32)
+    b = spec["batch"]
+
+    def loss_fn():
+        idx = torch.randint(0, len(examples), (b,))
+        with torch.no_grad():
+            latents = vae.encode(pixels[idx].to(device)).latent_dist.sample() \
+                * vae.config.scaling_factor
+            hidden, pooled = [], None
+            for te, part in zip(tes, ids, strict=True):
+                out = te(part[idx].to(device), output_hidden_states=True)
+                pooled = out[0]  # the last encoder's projected pooled output
+                hidden.append(out.hidden_states[-2])
+            hidden = torch.cat(hidden, dim=-1)
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, sched.config.num_train_timesteps, (b,), device=device)
+        cond = {"text_embeds": pooled, "time_ids": time_ids[idx].to(device)}
+        with _autocast(device, spec["precision"]):
+            pred = unet(sched.add_noise(latents, noise, t), t, hidden,
+                        added_cond_kwargs=cond).sample
+        return F.mse_loss(pred.float(), noise)
+    return _timed_loop(unet, device, spec["warmup"], spec["steps"], loss_fn)
 
 
 def _peft_llama(spec: dict, device):
@@ -610,7 +770,8 @@ def child_trainer(spec: dict) -> dict:
 
 CHILDREN = {"probe": child_probe, "build": child_build, "lora_train": child_lora_train,
             "bare_image": child_bare_image, "bare_text": child_bare_text,
-            "trainer": child_trainer, "diffusers_image": child_diffusers_image}
+            "trainer": child_trainer, "diffusers_image": child_diffusers_image,
+            "diffusers_sdxl": child_diffusers_sdxl}
 
 
 def _child_main(kind: str, spec: dict, conn, log_path: str) -> None:
@@ -689,10 +850,11 @@ def _derive(results: dict, built: dict, sizes: dict, peak: float | None) -> None
         if not r.get("ok"):
             continue
         sps = r["steps_per_s"]
-        if task == "image":
-            b = sizes["image"]["batch"]
+        if task in ("image", "sdxl"):
+            b = sizes[task]["batch"]
             r["items_per_s"], r["items"] = sps * b, "images/s"
-            flops = sps * b * 3 * built["unet_forward_flops"]
+            key = "unet_forward_flops" if task == "image" else "sdxl_unet_forward_flops"
+            flops = sps * b * 3 * built[key]
         else:
             t = sizes["text"]["batch"] * sizes["text"]["seq"]
             r["items_per_s"], r["items"] = sps * t, "tokens/s"
@@ -745,6 +907,13 @@ def ratio_lines(results: dict, device_name: str, tiny: bool) -> list[str]:
         return text
 
     out = []
+    if (sdxl := sps("sdxl", "lora train eager")) is not None or ("sdxl", "bare loop") in results:
+        plain = sps("sdxl", "diffusers+peft")
+        out.append(ratio("ratio sdxl lora-train eager / bare loop", sdxl,
+                         sps("sdxl", "bare loop")))
+        out.append(ratio("ratio sdxl lora-train eager / diffusers+peft (dreambooth_lora_sdxl)",
+                         sdxl, plain, target=None if tiny else 2.0)
+                   + (" (target >= 2x applies to the GPU run only)" if tiny else ""))
     for task in ("image", "text"):
         eager, comp = sps(task, "lora train eager"), sps(task, "lora train compiled")
         if eager is None and comp is None and (task, "bare loop") not in results:
@@ -794,6 +963,13 @@ def header_lines(probe: dict, sizes: dict, tiny: bool, args, built: dict) -> lis
                      f"{img['resolution']} px (latent {built['latent']}), batch {img['batch']}, "
                      f"rank {img['rank']} on {','.join(IMAGE_TARGETS)}, {img['images']} images; "
                      f"UNet forward {built['unet_forward_flops'] / 1e9:,.4g} GFLOPs/image")
+    if "sdxl_unet_forward_flops" in built:
+        xl = sizes["sdxl"]
+        lines.append(f"sdxl: {'demo tiny SDXL' if tiny else 'SDXL-base-architecture UNet'}, "
+                     f"{xl['resolution']} px (latent {built['sdxl_latent']}), batch "
+                     f"{xl['batch']}, rank {xl['rank']} on {','.join(IMAGE_TARGETS)}, "
+                     f"{xl['images']} images; UNet forward "
+                     f"{built['sdxl_unet_forward_flops'] / 1e9:,.4g} GFLOPs/image")
     if "llama_params" in built:
         lines.append(f"text: {'demo tiny Llama' if tiny else 'Llama'} "
                      f"{built['llama_params'] / 1e6:,.4g} M params, seq {txt['seq']}, "
@@ -826,7 +1002,7 @@ def main() -> int:
     ap.add_argument("--home", type=Path,
                     help="working folder for models, data, caches and outputs (default: a "
                          "temporary folder, deleted afterwards)")
-    ap.add_argument("--only", choices=["image", "text"], help="run one task only")
+    ap.add_argument("--only", choices=["image", "text", "sdxl"], help="run one task only")
     ap.add_argument("--skip-compiled", action="store_true", help="no compiled variants")
     ap.add_argument("--steps", type=int, help="measured steps per variant (default: 30 on "
                                               "GPU, 4 tiny)")
@@ -875,7 +1051,7 @@ def main() -> int:
         runner.timeout = args.timeout or sizes["timeout"]
         if args.compile_backend is None and tiny and not probe["cuda"]:
             args.compile_backend = "eager"  # dynamo graph capture only: seconds, not minutes
-        tasks = [args.only] if args.only else ["image", "text"]
+        tasks = [args.only] if args.only else ["image", "text", "sdxl"]
         print(f"gpu_train: {'tiny' if tiny else 'full-size'} run on {probe['device_name']}; "
               f"home {home}", flush=True)
         built = runner.run("build", "build", {"home": str(home), "sizes": sizes, "tiny": tiny,
@@ -892,9 +1068,9 @@ def main() -> int:
         plan = []
         for task in tasks:
             cfg_path = built[f"{task}_config"]
-            model = str(Path(built["root"]) / "models" / ("sd" if task == "image" else "llama"))
+            model = str(Path(built["root"]) / "models" / MODEL_DIRS[task])
             sz = sizes[task]
-            for name in (IMAGE_VARIANTS if task == "image" else TEXT_VARIANTS):
+            for name in VARIANTS[task]:
                 spec = dict(common, config=cfg_path, model=model, rank=sz["rank"],
                             batch=sz["batch"], out=str(home / "out" / task / name.replace(
                                 " ", "_").replace("+", "_")))
@@ -905,10 +1081,12 @@ def main() -> int:
                                 compile_backend=args.compile_backend)
                     plan.append((task, name, "lora_train", spec))
                 elif name == "diffusers+peft":
-                    plan.append((task, name, "diffusers_image", spec))
+                    plan.append((task, name, f"diffusers_{task}", spec))
                 elif name == "bare loop":
-                    spec.update(latent=built.get("latent"), seq=sz.get("seq"))
-                    plan.append((task, name, f"bare_{task}", spec))
+                    spec.update(latent=built.get("sdxl_latent" if task == "sdxl" else "latent"),
+                                seq=sz.get("seq"))
+                    plan.append((task, name, "bare_text" if task == "text" else "bare_image",
+                                 spec))
                 else:
                     spec.update(seq=sz["seq"])
                     plan.append((task, name, "trainer", spec))

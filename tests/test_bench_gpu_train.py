@@ -1,5 +1,6 @@
 """``bench/gpu_train.py --tiny`` (issue 13's GPU training benchmark) runs on CPU: every
-variant — ``lora train`` eager and compiled, the bare loop and, for text, Trainer+peft —
+variant — ``lora train`` eager and compiled, the bare loop, for text Trainer+peft, and the
+SDXL rows (issue 22: lora train, bare loop, the dreambooth_lora_sdxl-style loop) —
 trains and reports a positive, finite throughput, the ratios are printed, and
 ``--write-docs`` fills only the tiny block of its section (never the GPU rows)."""
 from __future__ import annotations
@@ -19,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench" / "gpu_train.py"
 VARIANTS = {"image": ["lora train eager", "lora train compiled", "bare loop",
                       "diffusers+peft"],
-            "text": ["lora train eager", "lora train compiled", "bare loop", "Trainer+peft"]}
+            "text": ["lora train eager", "lora train compiled", "bare loop", "Trainer+peft"],
+            "sdxl": ["lora train eager", "bare loop", "diffusers+peft"]}
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,9 @@ def test_ratios_and_targets_are_printed(tiny_run):
                  "ratio text lora-train compiled / eager: ",
                  "ratio text lora-train eager / bare loop: ",
                  "ratio text lora-train eager / Trainer+peft: ",
-                 "ratio text lora-train best / Trainer+peft: "):
+                 "ratio text lora-train best / Trainer+peft: ",
+                 "ratio sdxl lora-train eager / bare loop: ",
+                 "ratio sdxl lora-train eager / diffusers+peft (dreambooth_lora_sdxl): "):
         match = re.search(re.escape(line) + r"([0-9.]+)x", out)
         assert match and float(match.group(1)) > 0, (line, out)
     assert "target image lora train >= 12 steps/s on H200: n/a" in out
@@ -95,4 +99,5 @@ def test_write_docs_fills_only_the_tiny_block(tiny_run):
         "<!-- gpu_train.py: tiny results end -->")[0]
     assert "| image | lora train compiled |" in tiny
     assert "| text | Trainer+peft |" in tiny
+    assert "| sdxl | diffusers+peft |" in tiny
     assert "torch " in tiny and "transformers " in tiny and "peft " in tiny

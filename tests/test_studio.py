@@ -75,6 +75,17 @@ def test_a_fresh_home_lists_the_shared_stores_models_and_only_readable_datasets(
             os.chmod(shared / "datasets" / "image", 0o755)
 
 
+def test_the_model_picker_shows_each_image_models_family(home):
+    s = Studio(home=home, runs=FakeRuns(), announce=lambda _t: None)
+    labels = {Path(value).name: label for label, value in s.model.options}
+    assert labels["tiny-sd"].endswith("(sd15)")
+    assert labels["tiny-sdxl"].endswith("(sdxl)")
+    assert labels["tiny-sdxl.safetensors"].endswith("(sdxl)")
+    s.model.value = s.model.options[[Path(v).name for _, v in s.model.options].index(
+        "tiny-sdxl")][1]
+    assert not s.start_button.disabled  # an SDXL model validates like any other
+
+
 def test_the_form_validates_like_the_cli_with_errors_under_their_fields(home):
     s = Studio(home=home, runs=FakeRuns(), announce=lambda _t: None)
     assert s.task == "image" and s.dataset.value.endswith("datasets/image")

@@ -15,9 +15,10 @@ from lora_kernel.training.config import config_keys
 
 
 def print_dataset_warnings(cfg) -> None:
-    """What validation accepted but noticed in the dataset, one ``warning: ...`` line each on
-    stderr (empty captions, duplicate rows, 1x1 images)."""
-    for text in cfg.dataset_warnings:
+    """What validation accepted but noticed in the dataset and the model, one
+    ``warning: ...`` line each on stderr (empty captions, duplicate rows, 1x1 images; a
+    resolution below the model's own)."""
+    for text in [*cfg.dataset_warnings, *cfg.model_warnings]:
         print(f"warning: {text}", file=sys.stderr)
 
 
@@ -71,6 +72,9 @@ def cmd_config(args) -> int:
     cfg = load_config(args.file, parse_overrides(args.param))
     print_dataset_warnings(cfg)
     print(json.dumps(cfg.to_dict(), indent=1))
+    if cfg.model_family:
+        from lora_kernel.training.families import family_named
+        print(f"model family: {cfg.model_family} ({family_named(cfg.model_family).title})")
     print(f"{args.file}: OK", flush=True)
     return 0
 

@@ -90,6 +90,7 @@ class PinnedInputs:
     dataset_version: str | None = None
     base_model_sha256: str | None = None
     dataset_warnings: tuple[str, ...] = ()
+    model_family: str | None = None  # image: sd15, sd2, sdxl (read by the validator)
     resume: ResumePoint | None = None
 
     @property
@@ -121,7 +122,8 @@ class PinnedInputs:
             "dataset_version": lambda v: v is None or isinstance(v, str),
             "base_model_sha256": lambda v: v is None or _is_sha256(v),
             "dataset_warnings": lambda v: v is None or (isinstance(v, list) and all(
-                isinstance(w, str) for w in v))}
+                isinstance(w, str) for w in v)),
+            "model_family": lambda v: v is None or isinstance(v, str)}
         for key, ok in optional.items():
             if not ok(doc.get(key)):
                 raise _bad(where, key)
@@ -143,7 +145,8 @@ class PinnedInputs:
                    seed=doc.get("seed"), dataset_digests=doc.get("dataset_digests"),
                    dataset_version=doc.get("dataset_version"),
                    base_model_sha256=doc.get("base_model_sha256"),
-                   dataset_warnings=tuple(doc.get("dataset_warnings") or ()), resume=point)
+                   dataset_warnings=tuple(doc.get("dataset_warnings") or ()),
+                   model_family=doc.get("model_family"), resume=point)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON, the keys the pin step answered (unset ones left out)."""
@@ -151,7 +154,7 @@ class PinnedInputs:
                                "notebook_sha256": self.notebook_sha256,
                                "declared": list(self.declared)}
         for key in ("config", "overrides", "config_path", "config_sha256", "task",
-                    "dataset_digests", "dataset_version", "base_model_sha256"):
+                    "dataset_digests", "dataset_version", "base_model_sha256", "model_family"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value

@@ -182,7 +182,8 @@ def _pin_training(params: dict[str, Any], work: Path,
             "config_path": str(cfg.source), "config_sha256": sha256_file(cfg.source),
             "task": cfg.task, "seed": cfg.seed, "dataset_digests": digests,
             "dataset_version": dataset_version(cfg, digests),
-            **base, "dataset_warnings": cfg.dataset_warnings}
+            **base, "dataset_warnings": cfg.dataset_warnings,
+            "model_family": cfg.model_family}
 
 
 def _pin_base_model(path: str, known: dict[str, str]) -> dict[str, Any]:

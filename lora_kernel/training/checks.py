@@ -98,11 +98,87 @@ def _check_inputs(cfg: TrainConfig, file: str) -> None:
     except ConfigError as exc:  # e.g. an unsupported file type: name the config too
         raise ConfigError(exc.detail, file=file, key=exc.key or "base_model") from None
     if cfg.task == "image":
+        _check_family(cfg, file)
         _check_image_dataset(cfg, file)
     else:
         _check_text_dataset(cfg, file)
     _check_output_dir(cfg, file)
     _check_memory(cfg, file)
+
+
+# The down-projection weights of a LoRA file, in diffusers' and peft's names.
+_LORA_DOWN = (".lora.down.weight", ".lora_linear_layer.down.weight", ".lora_A.weight")
+# kohya's ss_base_model_version -> our family name (for adapters that do not say it)
+_KOHYA_FAMILIES = {"sd_v1": "sd15", "sd_v2": "sd2", "sdxl_base_v1-0": "sdxl"}
+
+
+def _check_init(cfg: TrainConfig, family, file: str) -> None:
+    """``init`` must be a diffusers-format LoRA file (header read only) of ``family`` with
+    ``lora_rank``: an adapter of another family or rank could not load into this run's
+    LoRA layers, and a kohya file has other names."""
+    from lora_kernel.training.model_safety import read_safetensors_header
+
+    path = Path(cfg.init or "")
+    fix = (f"fix: point init at a <output_name>.safetensors adapter trained on a "
+           f"{family.title} model with lora_rank {cfg.lora_rank}, or remove init")
+    if not path.is_file() or path.suffix != ".safetensors":
+        raise ConfigError(f"{path} is not a .safetensors adapter file; {fix}", file=file,
+                          key="init")
+    check_model_path(path)
+    header = read_safetensors_header(path)
+    meta = header.get("__metadata__") or {}
+    keys = [k for k in header if k != "__metadata__"]
+    if any(k.startswith("lora_unet_") for k in keys):
+        raise ConfigError(f"{path} is a kohya-format file; init takes the diffusers-format "
+                          f"adapter exported next to it; {fix}", file=file, key="init")
+    downs = [k for k in keys if k.endswith(_LORA_DOWN)]
+    if not any(k.startswith("unet.") for k in downs):
+        raise ConfigError(f"{path} holds no UNet LoRA weights (unet.*.lora.down.*); {fix}",
+                          file=file, key="init")
+    found = meta.get("lora_enclave.model_family") or _KOHYA_FAMILIES.get(
+        meta.get("ss_base_model_version", ""))
+    if found != family.name:
+        what = f"a LoRA for {found}" if found else "a LoRA of unknown family"
+        raise ConfigError(f"{path} is {what}, but {cfg.base_model} is {family.title} "
+                          f"({family.name}); its layers have other names and shapes; {fix}",
+                          file=file, key="init")
+    ranks = {header[k]["shape"][0] for k in downs}
+    if ranks != {cfg.lora_rank}:
+        raise ConfigError(f"{path} has LoRA rank {sorted(ranks)}, the config lora_rank "
+                          f"{cfg.lora_rank}; {fix}", file=file, key="init")
+
+
+# Config keys that name one text encoder each, in text-encoder order.
+TEXT_ENCODER_KEYS = ("text_encoder_lr", "text_encoder_2_lr")
+
+
+def _check_family(cfg: TrainConfig, file: str) -> None:
+    """Record the base model's family (``cfg.model_family``; refused families never get
+    here: :func:`check_model_path` refused them), refuse settings for a text encoder the
+    family does not have, and warn when ``resolution`` is below the model's own."""
+    from lora_kernel.training.families import family_of
+    from lora_kernel.training.models import _unet_config
+
+    family = family_of(cfg.base_model)
+    cfg.model_family = family.name
+    have = {t.lr_key for t in family.text_encoder_parts}
+    for key in TEXT_ENCODER_KEYS:
+        if getattr(cfg, key) is not None and key not in have:
+            raise ConfigError(
+                f"{cfg.base_model} is {family.title} ({family.name}), which has "
+                f"{len(family.text_encoder_parts)} text encoder(s): there is no encoder for "
+                f"{key}; fix: remove {key} (text_encoder_lr sets the rate of every text "
+                f"encoder)", file=file, key=key)
+    if cfg.init:
+        _check_init(cfg, family, file)
+    unet = _unet_config(Path(cfg.base_model))
+    native = family.native_resolution(unet) if unet else None
+    if native and cfg.resolution < native:
+        cfg.model_warnings.append(
+            f"{family.title} ({family.name}) was trained at {native} px, this config trains "
+            f"at resolution {cfg.resolution}: expect blurry, low-detail results; fix: "
+            f"resolution: {native} (with gradient_checkpointing: true, mixed_precision: bf16 "
+            f"if memory is short)")
 
 
 def _check_output_dir(cfg: TrainConfig, file: str) -> None:

@@ -31,6 +31,7 @@ import yaml
 from lora_kernel.common.errors import ConfigError
 from lora_kernel.common.yamlio import parse_yaml
 from lora_kernel.training.data import MAX_IMAGE_PIXELS
+from lora_kernel.training.precision import VAE_DTYPES
 
 TASKS = ("image", "text")
 COMPILE_MODES = ("true", "false", "auto")
@@ -42,7 +43,7 @@ LR_SCHEDULERS = (
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 # The keys whose values are filesystem paths, resolved against the config's folder.
-PATH_KEYS = ("train_data_dir", "metadata_path", "base_model", "output_dir")
+PATH_KEYS = ("train_data_dir", "metadata_path", "base_model", "output_dir", "init")
 DEFAULT_IMAGE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 DEFAULT_TEXT_TARGETS = ["q_proj", "v_proj"]
 
@@ -106,8 +107,13 @@ class TrainConfig:
         "same machine. Default: on for CPU; on CUDA only when true (sets "
         "torch.use_deterministic_algorithms, cudnn flags, CUBLAS_WORKSPACE_CONFIG; slower).",
         default=None)
-    mixed_precision: str = _h("'no', 'fp16' or 'bf16' (autocast; fp16 needs a GPU).",
-                              default="no")
+    mixed_precision: str = _h(
+        "'no', 'fp16' or 'bf16': autocast, and the frozen base weights (UNet, text "
+        "encoders, VAE; the causal LM) are loaded in that dtype while the LoRA weights stay "
+        "float32 (fp16 needs a GPU).", default="no")
+    vae_dtype: str = _h(
+        "dtype of the frozen VAE: auto (the weights' dtype, but fp32 where the family's VAE "
+        "overflows in fp16, as SDXL's does), fp32, bf16 or fp16 (image).", default="auto")
     gradient_checkpointing: bool = _h("Trade compute for memory.", default=False)
     gradient_accumulation_steps: int = _h("Micro-batches per optimizer step.", default=1)
     lr_scheduler: str = _h("One of: " + ", ".join(LR_SCHEDULERS) + ".", default="constant")
@@ -118,7 +124,16 @@ class TrainConfig:
     weight_decay: float = _h("AdamW weight decay.", default=1e-2)
     train_text_encoder: bool = _h("Also train a LoRA on the CLIP text encoder (image).",
                                   default=False)
-    text_encoder_lr: float | None = _h("Text-encoder LR. Default: learning_rate.", default=None)
+    text_encoder_lr: float | None = _h(
+        "Text-encoder LR (SDXL: both encoders unless text_encoder_2_lr is set). Default: "
+        "learning_rate.", default=None)
+    text_encoder_2_lr: float | None = _h(
+        "LR of the second text encoder (SDXL's OpenCLIP-bigG; a model with one text encoder "
+        "refuses it). Default: text_encoder_lr.", default=None)
+    init: str | None = _h(
+        "Start from this LoRA instead of a fresh one: a diffusers-format adapter file this "
+        "platform exported (<output_name>.safetensors) for a model of the same family, with "
+        "the same lora_rank and target modules (image).", default=None)
     noise_offset: float = _h("Noise offset (image; 0 disables).", default=0.0)
     cache_latents: bool = _h("Cache VAE latents and text embeddings on disk (image).",
                              default=True)
@@ -149,6 +164,14 @@ class TrainConfig:
     # 1x1 images), one message each naming its row; printed as ``warning: ...`` (not a key).
     dataset_warnings: list[str] = field(default_factory=list, repr=False, compare=False,
                                         metadata={"internal": True})
+    # The base model's family (image: sd15, sd2, sdxl), read by validation before anything
+    # loads; shown by ``lora config`` (not a key).
+    model_family: str | None = field(default=None, repr=False, compare=False,
+                                     metadata={"internal": True})
+    # What validation noticed about the model and config but accepts (e.g. SDXL trained far
+    # below its native resolution), printed as ``warning: ...`` (not a key).
+    model_warnings: list[str] = field(default_factory=list, repr=False, compare=False,
+                                      metadata={"internal": True})
 
     def __post_init__(self):
         self._check()
@@ -181,8 +204,10 @@ class TrainConfig:
         if not (0 < self.learning_rate < 1) or not math.isfinite(self.learning_rate):
             raise self._err("learning_rate", f"must be in (0, 1), got {self.learning_rate}; "
                                              f"typical LoRA values are 1e-5 .. 1e-3")
-        if self.text_encoder_lr is not None and not (0 < self.text_encoder_lr < 1):
-            raise self._err("text_encoder_lr", f"must be in (0, 1), got {self.text_encoder_lr}")
+        for key in ("text_encoder_lr", "text_encoder_2_lr"):
+            value = getattr(self, key)
+            if value is not None and not (0 < value < 1):
+                raise self._err(key, f"must be in (0, 1), got {value}")
         if not (0 <= self.lora_dropout < 1):
             raise self._err("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
@@ -196,6 +221,9 @@ class TrainConfig:
         if self.mixed_precision not in MIXED_PRECISION:
             raise self._err("mixed_precision", f"must be one of {', '.join(MIXED_PRECISION)}, "
                                                f"got {self.mixed_precision!r}")
+        if self.vae_dtype not in VAE_DTYPES:
+            raise self._err("vae_dtype", f"must be one of {', '.join(VAE_DTYPES)}, got "
+                                         f"{self.vae_dtype!r}; fix: vae_dtype: auto")
         if self.lr_scheduler not in LR_SCHEDULERS:
             hint = _did_you_mean(str(self.lr_scheduler), LR_SCHEDULERS)
             raise self._err("lr_scheduler", f"unknown scheduler {self.lr_scheduler!r}{hint}; "

@@ -6,12 +6,16 @@
                                 encoder, a locally built CLIP BPE tokenizer, schedulers);
                                 the VAE downsamples by 8 like SD's (64 px -> 8x8 latents)
     models/tiny-sd.safetensors  the same weights as one file in the original LDM/A1111 key layout
+    models/tiny-sdxl/           a tiny SDXL-architecture diffusers folder (two text encoders,
+                                text_time conditioning; :mod:`lora_kernel.training.demo_sdxl`)
+    models/tiny-sdxl.safetensors  the same as one file in SDXL's original layout
     models/tiny-llama/          a tiny Llama causal LM with a locally built BPE tokenizer
     datasets/image/             procedurally drawn 64x64 PNGs + metadata.csv (file_name,text),
                                 all in the learnable "enclave style" (magenta stripes, white rims)
     datasets/text/train.jsonl   prompt/response records of a learnable code mapping
     datasets/text/plain.jsonl   {"text": ...} records
-    image_lora.yaml, text_lora.yaml   ready-to-run configs (paths relative to demo/)
+    image_lora.yaml, text_lora.yaml, sdxl_lora.yaml   ready-to-run configs (paths relative
+                                to demo/)
 
 Every weight comes from a seeded CPU ``torch`` initialisation, every file is written with
 fixed ordering and without timestamps, so two builds produce the same sha256 for every file
@@ -102,7 +106,8 @@ def build_demo_assets(home: str | os.PathLike | None = None, seed: int = 0) -> d
     Existing outputs are replaced. The build is deterministic: the same ``seed`` gives the
     same bytes in every file. Keys of the returned dict: ``demo``, ``tiny_sd``,
     ``tiny_sd_single_file``, ``tiny_llama``, ``image_dataset``, ``image_metadata``,
-    ``text_train``, ``text_plain``, ``image_config``, ``text_config``.
+    ``text_train``, ``text_plain``, ``image_config``, ``text_config``, ``tiny_sdxl``,
+    ``tiny_sdxl_single_file``, ``sdxl_config``.
     """
     root = demo_dir(home)
     models = root / "models"
@@ -118,10 +123,18 @@ def build_demo_assets(home: str | os.PathLike | None = None, seed: int = 0) -> d
         "text_plain": data / "text" / "plain.jsonl",
         "image_config": root / "image_lora.yaml",
         "text_config": root / "text_lora.yaml",
+        "tiny_sdxl": models / "tiny-sdxl",
+        "tiny_sdxl_single_file": models / "tiny-sdxl.safetensors",
+        "sdxl_config": root / "sdxl_lora.yaml",
     }
+    from lora_kernel.training.demo_sdxl import SDXL_CONFIG_YAML, write_tiny_sdxl
+
     write_image_dataset(paths["image_dataset"])
     write_tiny_sd(paths["tiny_sd"], seed=seed)
     write_single_file_checkpoint(paths["tiny_sd"], paths["tiny_sd_single_file"])
+    write_tiny_sdxl(paths["tiny_sdxl"], seed=seed)
+    write_single_file_checkpoint(paths["tiny_sdxl"], paths["tiny_sdxl_single_file"])
+    _write(paths["sdxl_config"], SDXL_CONFIG_YAML)
     write_text_datasets(paths["text_train"].parent)
     write_tiny_llama(paths["tiny_llama"], seed=seed, corpus=_text_corpus())
     _write(paths["image_config"], IMAGE_CONFIG_YAML)
@@ -271,9 +284,10 @@ def clip_vocab_and_merges(words=CLIP_WORDS) -> tuple[dict[str, int], list[str]]:
     return {t: i for i, t in enumerate(tokens)}, [f"{a} {b}" for a, b in merges]
 
 
-def write_clip_tokenizer(folder: Path) -> Path:
+def write_clip_tokenizer(folder: Path, pad_token: str = "<|endoftext|>") -> Path:
     """Write ``vocab.json``, ``merges.txt`` and ``tokenizer_config.json`` of the demo CLIP
-    tokenizer (loadable with ``CLIPTokenizer.from_pretrained(folder)``)."""
+    tokenizer (loadable with ``CLIPTokenizer.from_pretrained(folder)``); SDXL's second
+    tokenizer pads with ``"!"``."""
     folder.mkdir(parents=True, exist_ok=True)
     vocab, merges = clip_vocab_and_merges()
     _write(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False) + "\n")
@@ -284,13 +298,13 @@ def write_clip_tokenizer(folder: Path) -> Path:
         "bos_token": "<|startoftext|>",
         "eos_token": "<|endoftext|>",
         "unk_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>",
+        "pad_token": pad_token,
         "do_lower_case": True,
         "clean_up_tokenization_spaces": False,
     })
     _write_json(folder / "special_tokens_map.json", {
         "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-        "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>", "pad_token": pad_token,
     })
     return folder
 
@@ -420,10 +434,11 @@ SD15_CONFIGS = {
 }
 
 
-def write_sd15_configs(dst: Path) -> Path:
-    """Write the bundled SD1.x config set (``lora_kernel/configs/sd15``)."""
+def write_sd15_configs(dst: Path, configs: dict | None = None) -> Path:
+    """Write the bundled SD1.x config set (``lora_kernel/configs/sd15``), or the set
+    ``configs`` (``{relative path: JSON object or text}``)."""
     _fresh_dir(dst)
-    for rel, content in SD15_CONFIGS.items():
+    for rel, content in (SD15_CONFIGS if configs is None else configs).items():
         if isinstance(content, str):
             _write(dst / rel, content)
         else:
@@ -432,15 +447,20 @@ def write_sd15_configs(dst: Path) -> Path:
 
 
 def regenerate_bundled_configs(package_configs: Path | None = None) -> None:
-    """Rewrite ``lora_kernel/configs/{tiny-sd,sd15}`` (a developer tool; the files are
-    committed and a test checks they match a fresh build)."""
+    """Rewrite ``lora_kernel/configs/{tiny-sd,sd15,tiny-sdxl,sdxl}`` (a developer tool; the
+    files are committed and a test checks they match a fresh build)."""
     import tempfile
+
+    from lora_kernel.training.demo_sdxl import SDXL_CONFIGS, write_tiny_sdxl
 
     dst = package_configs or Path(__file__).resolve().parent / "configs"
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_tiny_sd(Path(tmp) / "tiny-sd")
         write_config_bundle(folder, dst / "tiny-sd")
+        folder = write_tiny_sdxl(Path(tmp) / "tiny-sdxl")
+        write_config_bundle(folder, dst / "tiny-sdxl")
     write_sd15_configs(dst / "sd15")
+    write_sd15_configs(dst / "sdxl", SDXL_CONFIGS)
 
 
 # -- text ---------------------------------------------------------------------------------

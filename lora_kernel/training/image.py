@@ -35,11 +35,13 @@ from lora_kernel.training.data import (
     read_image_rows,
     rgb_image,
 )
+from lora_kernel.training.families.base import PromptEmbeds
 from lora_kernel.training.loop import seed_everything
+from lora_kernel.training.precision import keep_trainable_fp32
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: keyed by model family; pooled embeddings and time ids (SDXL)
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 
@@ -65,14 +67,27 @@ def pick_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[
                                        -b[0] * b[1]))
 
 
+@dataclass(frozen=True)
+class Geometry:
+    """How a training image became its pixels: its size (w, h) before resizing, the size
+    (w, h) it was resized to, and the top-left corner (top, left) of the crop in that."""
+
+    original_size: tuple[int, int]
+    resized_size: tuple[int, int]
+    crop_top_left: tuple[int, int]
+
+
 def prepare_image(path: Path, target: tuple[int, int], *, center: bool,
-                  rng: random.Random, max_pixels: int = MAX_IMAGE_PIXELS) -> torch.Tensor:
+                  rng: random.Random, max_pixels: int = MAX_IMAGE_PIXELS,
+                  geometry: list | None = None) -> torch.Tensor:
     """Load, resize to cover ``target`` (w, h), crop, and scale to [-1, 1] (C, H, W).
-    An image of more than ``max_pixels`` pixels is refused from its header (ImageTooLarge)."""
+    An image of more than ``max_pixels`` pixels is refused from its header (ImageTooLarge).
+    ``geometry``, when given, receives the image's :class:`Geometry`."""
     with open_image(path, max_pixels) as im:
         if frame_count(im) > 1:
             raise ConfigError(animated_message("the dataset", path.name, frame_count(im)),
                               file=path, key="train_data_dir")
+        original = im.size
         im = rgb_image(im)
         tw, th = target
         scale = max(tw / im.width, th / im.height)
@@ -84,16 +99,21 @@ def prepare_image(path: Path, target: tuple[int, int], *, center: bool,
             left, top = rng.randint(0, new[0] - tw), rng.randint(0, new[1] - th)
         im = im.crop((left, top, left + tw, top + th))
         arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
+    if geometry is not None:
+        geometry.append(Geometry(original, new, (top, left)))
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
 @dataclass
 class Example:
-    """One training image after preprocessing."""
+    """One training image after preprocessing (``bucket``: its size (w, h) after cropping)."""
 
     pixels: torch.Tensor | None
     bucket: tuple[int, int]
     caption: str
+    original_size: tuple[int, int] = (0, 0)  # (w, h) before resizing
+    resized_size: tuple[int, int] = (0, 0)  # (w, h) it was resized to before cropping
+    crop_top_left: tuple[int, int] = (0, 0)  # (top, left) of the crop
 
 
 def load_examples(cfg) -> list[Example]:
@@ -108,15 +128,21 @@ def load_examples(cfg) -> list[Example]:
                 target = pick_bucket(im.size, buckets)
         else:
             target = (cfg.resolution, cfg.resolution)
+        geometry: list[Geometry] = []
         pixels = prepare_image(row["image"], target, center=cfg.center_crop, rng=rng,
-                               max_pixels=cfg.max_image_pixels)
-        out.append(Example(pixels=pixels, bucket=target, caption=row["caption"]))
+                               max_pixels=cfg.max_image_pixels, geometry=geometry)
+        g = geometry[0]
+        out.append(Example(pixels=pixels, bucket=target, caption=row["caption"],
+                           original_size=g.original_size, resized_size=g.resized_size,
+                           crop_top_left=g.crop_top_left))
     return out
 
 
-def cache_key(cfg, dataset_version: str, model_sha256: str) -> str:
+def cache_key(cfg, dataset_version: str, model_sha256: str, family: str = "sd15") -> str:
     """Content key of the latent / text-embedding cache."""
     parts = {"format": CACHE_FORMAT, "dataset": dataset_version, "model": model_sha256,
+             "family": family, "mixed_precision": cfg.mixed_precision,
+             "vae_dtype": cfg.vae_dtype,
              "resolution": cfg.resolution, "bucket": cfg.enable_bucket,
              "center_crop": cfg.center_crop, "flip": cfg.random_flip,
              "crop_seed": None if cfg.center_crop else cfg.seed,
@@ -125,16 +151,12 @@ def cache_key(cfg, dataset_version: str, model_sha256: str) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
-    """CLIP token ids padded to the tokenizer's max length."""
-    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
-                     truncation=True, return_tensors="pt").input_ids
-
-
 # -- the task --------------------------------------------------------------------------
 
 class ImageTask:
-    """LoRA training of a Stable Diffusion UNet (and optionally text encoder).
+    """LoRA training of a Stable Diffusion UNet (and optionally its text encoders), for any
+    family of :mod:`lora_kernel.training.families`: prompts, extra conditioning and the
+    training target come from ``comps.family``.
 
     ``log`` receives the latent-cache notes (hit / written); default: this module's logger.
     """
@@ -144,20 +166,25 @@ class ImageTask:
         from peft import LoraConfig
 
         from lora_kernel.training.config import DEFAULT_IMAGE_TARGETS
+        from lora_kernel.training.families import family_named
         from lora_kernel.training.models import check_target_modules
         self.cfg, self.comps, self.device, self.log = cfg, comps, device, log
-        unet, vae, te = comps.unet, comps.vae, comps.text_encoder
+        self.family = comps.family or family_named("sd15")
+        unet, vae, tes = comps.unet, comps.vae, comps.text_encoders
+        self.te_parts = self.family.text_encoder_parts[:len(tes)]
         # Names that match nothing are refused (exit 2) before anything is attached or trained.
         check_target_modules(unet, cfg.targets, what=f"UNet of {cfg.base_model}",
                              file=cfg.source, default=DEFAULT_IMAGE_TARGETS)
         if cfg.train_text_encoder:
-            check_target_modules(te, TE_TARGETS, what=f"text encoder of {cfg.base_model}",
-                                 file=cfg.source, key="train_text_encoder")
-        for module in (unet, vae, te):
+            for part, te in zip(self.te_parts, tes, strict=True):
+                check_target_modules(te, TE_TARGETS, what=f"{part.name} of {cfg.base_model}",
+                                     file=cfg.source, key="train_text_encoder")
+        for module in (unet, vae, *tes):
             module.requires_grad_(False)
             module.to(device)
         vae.eval()
-        te.eval()
+        for te in tes:
+            te.eval()
         seed_everything(cfg.seed)
         self.unet_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha,
                                       lora_dropout=cfg.lora_dropout, init_lora_weights="gaussian",
@@ -168,22 +195,35 @@ class ImageTask:
             self.te_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha,
                                         lora_dropout=cfg.lora_dropout,
                                         init_lora_weights="gaussian", target_modules=TE_TARGETS)
-            attach_text_encoder_lora(te, self.te_config)
-            te.train()
+            for te in tes:
+                attach_text_encoder_lora(te, self.te_config)
+                te.train()
+        if cfg.init:
+            load_init_adapter(cfg, unet, dict(zip((p.name for p in self.te_parts), tes,
+                                                  strict=True)))
+        keep_trainable_fp32(unet, *tes)  # frozen weights may be half precision, LoRA is not
         unet.train()
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
             if cfg.train_text_encoder:
-                te.gradient_checkpointing_enable()
+                for te in tes:
+                    te.gradient_checkpointing_enable()
         self.scheduler = comps.noise_scheduler
         self.examples = load_examples(cfg)
-        self.input_ids = tokenize(comps.tokenizer, [e.caption for e in self.examples])
+        self.input_ids = self.family.tokenize(comps, [e.caption for e in self.examples])
         self.latents: list[torch.Tensor] | None = None
         self.flipped: list[torch.Tensor] | None = None
         self.te_states: list[torch.Tensor] | None = None
+        self.pooled: list[torch.Tensor] | None = None
+        self.time_ids = self._time_ids(flipped=False)
+        self.time_ids_flipped = self._time_ids(flipped=True)
         self.cache_hit = False
         if cfg.cache_latents:
             self._load_or_build_cache(cache_dir, dataset_version)
+
+    def _time_ids(self, *, flipped: bool) -> list | None:
+        ids = [self.family.time_ids(e, flipped=flipped) for e in self.examples]
+        return None if any(t is None for t in ids) else ids
 
     # cache ----------------------------------------------------------------------------
     @torch.no_grad()
@@ -192,21 +232,26 @@ class ImageTask:
         dist = vae.encode(pixels.unsqueeze(0).to(self.device, vae.dtype)).latent_dist
         return (dist.mean * vae.config.scaling_factor).squeeze(0).float().cpu()
 
-    @torch.no_grad()
-    def _encode_text(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.comps.text_encoder(ids.to(self.device))[0].float().cpu()
+    def _encode_text(self, batch: list[int]):
+        """The prompts of ``batch`` through the family's text encoder(s)."""
+        return self.family.encode_prompt(self.comps, [ids[batch] for ids in self.input_ids])
 
     def _load_or_build_cache(self, cache_dir: Path | None, dataset_version: str) -> None:
-        key = cache_key(self.cfg, dataset_version, self.comps.sha256)
+        key = cache_key(self.cfg, dataset_version, self.comps.sha256, self.family.name)
         path = Path(cache_dir) / f"sd-{key}.safetensors" if cache_dir else None
+        n = len(self.examples)
         if path is not None and path.exists():
             tensors = load_file(str(path))
-            n = len(self.examples)
             self.latents = [tensors[f"latent.{i}"] for i in range(n)]
             if self.cfg.random_flip:
                 self.flipped = [tensors[f"latent_flip.{i}"] for i in range(n)]
             if not self.cfg.train_text_encoder:
                 self.te_states = [tensors[f"te.{i}"] for i in range(n)]
+                if "pooled.0" in tensors:
+                    self.pooled = [tensors[f"pooled.{i}"] for i in range(n)]
+            if "time_ids.0" in tensors:
+                self.time_ids = [tensors[f"time_ids.{i}"] for i in range(n)]
+                self.time_ids_flipped = [tensors[f"time_ids_flip.{i}"] for i in range(n)]
             self.cache_hit = True
             self.log(f"latent cache hit: {path}")
             return
@@ -218,9 +263,17 @@ class ImageTask:
                             for e in self.examples]
             tensors.update({f"latent_flip.{i}": t for i, t in enumerate(self.flipped)})
         if not self.cfg.train_text_encoder:
-            states = self._encode_text(self.input_ids)
-            self.te_states = [s.clone() for s in states]
+            with torch.no_grad():
+                embeds = self._encode_text(list(range(n)))
+            self.te_states = [s.float().cpu().clone() for s in embeds.hidden]
             tensors.update({f"te.{i}": t for i, t in enumerate(self.te_states)})
+            if embeds.pooled is not None:
+                self.pooled = [s.float().cpu().clone() for s in embeds.pooled]
+                tensors.update({f"pooled.{i}": t for i, t in enumerate(self.pooled)})
+        if self.time_ids is not None and self.time_ids_flipped is not None:
+            tensors.update({f"time_ids.{i}": t for i, t in enumerate(self.time_ids)})
+            tensors.update({f"time_ids_flip.{i}": t
+                            for i, t in enumerate(self.time_ids_flipped)})
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             with atomic_path(path) as tmp:
@@ -233,17 +286,18 @@ class ImageTask:
         groups = [{"params": [p for p in self.comps.unet.parameters() if p.requires_grad],
                    "lr": self.cfg.learning_rate}]
         if self.cfg.train_text_encoder:
-            groups.append({"params": [p for p in self.comps.text_encoder.parameters()
-                                      if p.requires_grad],
-                           "lr": self.cfg.text_encoder_lr or self.cfg.learning_rate})
+            for part, te in zip(self.te_parts, self.comps.text_encoders, strict=True):
+                groups.append({"params": [p for p in te.parameters() if p.requires_grad],
+                               "lr": text_encoder_lr(self.cfg, part.lr_key)})
         return groups
 
     def named_trainable(self) -> dict[str, torch.nn.Parameter]:
         named = {f"unet.{n}": p for n, p in self.comps.unet.named_parameters()
                  if p.requires_grad}
         if self.cfg.train_text_encoder:
-            named.update({f"text_encoder.{n}": p for n, p in
-                          self.comps.text_encoder.named_parameters() if p.requires_grad})
+            for part, te in zip(self.te_parts, self.comps.text_encoders, strict=True):
+                named.update({f"{part.name}.{n}": p for n, p in te.named_parameters()
+                              if p.requires_grad})
         return named
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
@@ -272,22 +326,20 @@ class ImageTask:
 
     def train_mode(self, enabled: bool) -> None:
         self.comps.unet.train(enabled)
-        self.comps.text_encoder.train(enabled and self.cfg.train_text_encoder)
+        for te in self.comps.text_encoders:
+            te.train(enabled and self.cfg.train_text_encoder)
 
     def loss(self, batch: list[int], generator: torch.Generator) -> torch.Tensor:
         cfg, dev = self.cfg, self.device
+        flips = (torch.rand(len(batch), generator=generator) < 0.5 if cfg.random_flip
+                 else torch.zeros(len(batch), dtype=torch.bool))
         if self.latents is not None:
-            if cfg.random_flip:
-                flips = torch.rand(len(batch), generator=generator) < 0.5
-                lat = [self.flipped[i] if f else self.latents[i]
-                       for i, f in zip(batch, flips, strict=True)]
-            else:
-                lat = [self.latents[i] for i in batch]
+            lat = [self.flipped[i] if f else self.latents[i]
+                   for i, f in zip(batch, flips.tolist(), strict=True)]
             latents = torch.stack(lat).to(dev)
         else:
             pixels = torch.stack([self.examples[i].pixels for i in batch])
             if cfg.random_flip:
-                flips = torch.rand(len(batch), generator=generator) < 0.5
                 pixels = torch.where(flips[:, None, None, None], torch.flip(pixels, dims=[3]),
                                      pixels)
             with torch.no_grad():
@@ -303,16 +355,20 @@ class ImageTask:
                                   (latents.shape[0],), generator=generator).to(dev)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
         if self.te_states is not None and not cfg.train_text_encoder:
-            hidden = torch.stack([self.te_states[i] for i in batch]).to(dev)
+            embeds = PromptEmbeds(
+                hidden=torch.stack([self.te_states[i] for i in batch]).to(dev),
+                pooled=(torch.stack([self.pooled[i] for i in batch]).to(dev)
+                        if self.pooled is not None else None))
         else:
-            ids = self.input_ids[batch].to(dev)
             with torch.set_grad_enabled(cfg.train_text_encoder):
-                hidden = self.comps.text_encoder(ids)[0]
-        if self.scheduler.config.prediction_type == "v_prediction":
-            target = self.scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-        pred = self.comps.unet(noisy, timesteps, hidden).sample
+                embeds = self._encode_text(batch)
+        time_ids = None
+        if self.time_ids is not None and self.time_ids_flipped is not None:
+            time_ids = torch.stack([(self.time_ids_flipped if f else self.time_ids)[i]
+                                    for i, f in zip(batch, flips.tolist(), strict=True)])
+        target = self.family.training_target(self.scheduler, latents, noise, timesteps)
+        pred = self.comps.unet(noisy, timesteps, embeds.hidden,
+                               **self.family.unet_kwargs(embeds, time_ids)).sample
         return F.mse_loss(pred.float(), target.float())
 
 
@@ -327,23 +383,21 @@ def sample_grid(cfg, comps, out_dir: Path, *, device: torch.device) -> dict:
     :func:`labelled_grid`, and ``mean_abs_diff``: the mean absolute pixel difference (0..255)
     between the two halves, how much the LoRA changes images.
     """
-    from diffusers import StableDiffusionPipeline
+    from lora_kernel.training.families import family_named
     prompts = cfg.sample_prompts or ["a sample"]
-    unet, te = comps.unet, comps.text_encoder
+    unet, tes = comps.unet, comps.text_encoders
     was_training = unet.training
     unet.eval()
-    te.eval()
-    pipe = StableDiffusionPipeline(vae=comps.vae, text_encoder=te, tokenizer=comps.tokenizer,
-                                   unet=unet, scheduler=comps.sample_scheduler,
-                                   safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    for te in tes:
+        te.eval()
+    pipe = (comps.family or family_named("sd15")).pipeline(comps)
     pipe.set_progress_bar_config(disable=True)
     rows, diffs = [], []
     for prompt in prompts:
         row = []
         for with_lora in (False, True):
             for seed in cfg.sample_seeds:
-                _set_adapters(unet, te, with_lora)
+                _set_adapters([unet, *tes], with_lora)
                 gen = torch.Generator(device="cpu").manual_seed(int(seed))
                 image = pipe(prompt, num_inference_steps=cfg.sample_steps, generator=gen,
                              height=cfg.resolution, width=cfg.resolution,
@@ -353,7 +407,7 @@ def sample_grid(cfg, comps, out_dir: Path, *, device: torch.device) -> dict:
         diffs.extend(float(np.abs(a - b).mean() * 255)
                      for a, b in zip(row[:half], row[half:], strict=True))
         rows.append(row)
-    _set_adapters(unet, te, True)
+    _set_adapters([unet, *tes], True)
     if was_training:
         unet.train()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -474,12 +528,48 @@ def attach_text_encoder_lora(text_encoder, config, adapter_name: str = "default"
     text_encoder._hf_peft_config_loaded = True
 
 
-def _set_adapters(unet, te, enabled: bool) -> None:
-    """Switch every LoRA layer of ``unet`` and ``te`` on or off (peft's layer API, which
-    neither diffusers' nor transformers' peft version gates apply to)."""
+def _set_adapters(models: list, enabled: bool) -> None:
+    """Switch every LoRA layer of ``models`` (UNet, text encoders) on or off (peft's layer
+    API, which neither diffusers' nor transformers' peft version gates apply to)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
-    for model in (unet, te):
+    for model in models:
         if getattr(model, "peft_config", None):
             for module in model.modules():
                 if isinstance(module, BaseTunerLayer):
                     module.enable_adapters(enabled)
+
+
+def text_encoder_lr(cfg, key: str) -> float:
+    """The learning rate of a text encoder: its own key (``text_encoder_lr``,
+    ``text_encoder_2_lr``), else ``text_encoder_lr`` (one for both), else ``learning_rate``."""
+    return (getattr(cfg, key, None) or cfg.text_encoder_lr or cfg.learning_rate)
+
+
+def load_init_adapter(cfg, unet, text_encoders: dict) -> None:
+    """Copy the LoRA weights of ``cfg.init`` (a diffusers-format adapter, checked by the
+    validator) into the freshly attached LoRA layers of ``unet`` and the text encoders
+    (``{component name: model}``). A weight that has no layer here, or a layer left without
+    a weight, is a :class:`ConfigError` naming ``init``: the adapter was trained with other
+    target modules or without ``train_text_encoder``."""
+    from diffusers.utils.state_dict_utils import (
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
+    from peft import set_peft_model_state_dict
+
+    from lora_kernel.common.errors import ConfigError
+    weights = load_file(str(cfg.init))
+    models = {"unet": unet, **(text_encoders if cfg.train_text_encoder else {})}
+    for name, model in models.items():
+        part = {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")}
+        # diffusers' file names (lora.down / lora_linear_layer.down) back to peft's
+        part = (convert_unet_state_dict_to_peft(part) if name == "unet"
+                else convert_state_dict_to_peft(part))
+        result = set_peft_model_state_dict(model, part)
+        missing = [k for k in result.missing_keys if ".lora_" in k]
+        if result.unexpected_keys or missing or not part:
+            raise ConfigError(
+                f"{cfg.init} does not fit this run's {name} LoRA layers ({len(part)} weights; "
+                f"unexpected {list(result.unexpected_keys)[:2]}, missing {missing[:2]}); fix: "
+                f"use the target_modules and train_text_encoder it was trained with",
+                file=cfg.source, key="init")

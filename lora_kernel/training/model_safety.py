@@ -179,10 +179,8 @@ def check_model_kind(path: Path, task: str) -> None:
             raise ConfigError(f"{path} holds a text model's weights (e.g. {lm!r}), not a Stable "
                               f"Diffusion checkpoint; fix: set task: text and point base_model "
                               f"at that model's folder, or {_IMAGE_FIX}", key="base_model")
-        if not sd:
-            raise ConfigError(f"{path} holds no Stable Diffusion UNet weights (no tensor name "
-                              f"starts with {' or '.join(map(repr, _SD_PREFIXES))}); fix: "
-                              f"{_IMAGE_FIX}", key="base_model")
+        from lora_kernel.training.families.detect import keys_family
+        keys_family(path, read_safetensors_header(path))  # families not trained: refused
         return
     names = sorted(f.name for f in path.iterdir())
     if not names:
@@ -199,7 +197,10 @@ def check_model_kind(path: Path, task: str) -> None:
                                   f"{_IMAGE_FIX}", key="base_model")
             raise ConfigError(f"{path} is not a diffusers folder (no model_index.json or unet/; "
                               f"it holds {_listing(names)}); fix: {_IMAGE_FIX}", key="base_model")
-        for part in ("unet", "vae", "text_encoder"):
+        from lora_kernel.training.families import FAMILIES
+        from lora_kernel.training.families.detect import folder_family
+        family = FAMILIES[folder_family(path) or "sd15"]  # families not trained: refused
+        for part in ("unet", "vae", *(t.name for t in family.text_encoder_parts)):
             if not any((path / part).glob("*.safetensors")):
                 raise ConfigError(f"{path} has no {part} weights ({part}/*.safetensors); fix: "
                                   f"copy the model's {part}/ folder with its .safetensors "

@@ -34,7 +34,10 @@ from typing import Any
 from lora_kernel.common.contract import BASE_MODEL_DIGEST_FILE_ENV
 from lora_kernel.common.digests import path_sha256
 from lora_kernel.common.errors import ConfigError
+from lora_kernel.training.families.detect import read_json as _read_json
 from lora_kernel.training.model_safety import check_model_path, read_safetensors_header
+from lora_kernel.training.precision import bytes_per_param, vae_dtype_name, weight_dtype_name
+from lora_kernel.training.single_file import LDM_VAE
 
 BUNDLED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -97,7 +100,8 @@ def _pinned_digest(p: Path) -> str | None:
 # -- Stable Diffusion ---------------------------------------------------------------------
 @dataclass
 class SDComponents:
-    """The parts of a Stable Diffusion model that LoRA training and sampling need."""
+    """The parts of a Stable Diffusion model that LoRA training and sampling need
+    (``text_encoder_2`` / ``tokenizer_2``: the second text encoder of SDXL, else None)."""
 
     unet: Any
     vae: Any
@@ -108,6 +112,19 @@ class SDComponents:
     source_path: Path
     sha256: str
     config_path: Path | None = None  # where the configs came from (a single file's bundle)
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    family: Any = None  # the ModelFamily (lora_kernel.training.families)
+
+    @property
+    def text_encoders(self) -> list:
+        """Every text encoder, in the family's order."""
+        return [te for te in (self.text_encoder, self.text_encoder_2) if te is not None]
+
+    @property
+    def tokenizers(self) -> list:
+        """Every tokenizer, one per text encoder."""
+        return [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
 
 
 def _schedulers(config_dir: Path):
@@ -131,49 +148,76 @@ def _load_tokenizer(folder: Path):
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
-def load_sd_components(path: str | os.PathLike, *, dtype=None, config: str | os.PathLike |
-                       None = None, tokenizer: str | os.PathLike | None = None) -> SDComponents:
-    """Load a Stable Diffusion model from a diffusers folder or a single ``.safetensors``.
+def _tokenizer_name(text_encoder_name: str) -> str:
+    """``text_encoder`` -> ``tokenizer``, ``text_encoder_2`` -> ``tokenizer_2``."""
+    return text_encoder_name.replace("text_encoder", "tokenizer")
 
-    ``config`` (single file only): a diffusers folder with the configs (weights not needed);
-    default: the bundled config matching the checkpoint. ``tokenizer``: a CLIP tokenizer
-    folder overriding the model's. All modules are returned in eval mode on CPU in ``dtype``
-    (default float32).
+
+def load_sd_components(path: str | os.PathLike, *, dtype=None, vae_dtype=None,
+                       config: str | os.PathLike | None = None,
+                       tokenizer: str | os.PathLike | None = None) -> SDComponents:
+    """Load a Stable Diffusion model (any family :mod:`lora_kernel.training.families` trains)
+    from a diffusers folder or a single ``.safetensors``.
+
+    The family is read from the folder's ``model_index.json`` or the file's keys first; a
+    family not trained here is refused before anything loads. ``config`` (single file only):
+    a diffusers folder with the configs (weights not needed); default: the bundled config
+    matching the checkpoint. ``tokenizer``: a CLIP tokenizer folder overriding the model's
+    (first) tokenizer. All modules are returned in eval mode on CPU in ``dtype`` (default
+    float32), the VAE in ``vae_dtype`` (default ``dtype``).
     """
+    from lora_kernel.training.families import family_of
+
     p = check_model_path(path, "image")  # refuse before any ML library is even imported
+    return family_of(p).load(p, dtype=dtype, vae_dtype=vae_dtype, config=config,
+                             tokenizer=tokenizer)
+
+
+def load_family_components(family, p: Path, *, dtype=None, vae_dtype=None, config=None,
+                           tokenizer=None) -> SDComponents:
+    """:func:`load_sd_components` for a known ``family`` (its text encoders and configs)."""
     import torch
+    import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel
 
     dtype = dtype or torch.float32
-    if p.is_dir():
+    parts = family.text_encoder_parts
+    if p.is_dir():  # loaded in their dtypes: a half-precision model never exists in float32
         kw = dict(local_files_only=True, use_safetensors=True)
-        unet = UNet2DConditionModel.from_pretrained(p, subfolder="unet", **kw)
-        vae = AutoencoderKL.from_pretrained(p, subfolder="vae", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(p, subfolder="text_encoder",
-                                                     trust_remote_code=False, **kw)
-        tok_dir = Path(tokenizer) if tokenizer else p / "tokenizer"
+        unet = UNet2DConditionModel.from_pretrained(p, subfolder="unet", torch_dtype=dtype, **kw)
+        vae = AutoencoderKL.from_pretrained(p, subfolder="vae", torch_dtype=vae_dtype or dtype,
+                                            **kw)
+        texts = [getattr(transformers, t.model_class).from_pretrained(
+            p, subfolder=t.name, dtype=dtype, trust_remote_code=False, **kw) for t in parts]
+        tok_dirs = [p / _tokenizer_name(t.name) for t in parts]
         cfg_dir = p
     else:
-        unet, vae, text_encoder, cfg_dir = _load_single_file(p, config)
-        tok_dir = Path(tokenizer) if tokenizer else _find_tokenizer(p, cfg_dir)
-    if not (tok_dir / "vocab.json").is_file() and not (tok_dir / "tokenizer.json").is_file():
-        raise ConfigError(f"no CLIP tokenizer in {tok_dir}; fix: copy the model's tokenizer "
-                          f"folder (vocab.json, merges.txt) there", key="base_model")
-    check_model_path(tok_dir)
+        unet, vae, texts, cfg_dir = _load_single_file(p, config, family)
+        tok_dirs = [_find_tokenizer(p, cfg_dir, _tokenizer_name(t.name)) for t in parts]
+    if tokenizer:
+        tok_dirs[0] = Path(tokenizer)
+    tokenizers = []
+    for tok_dir in tok_dirs:
+        if not (tok_dir / "vocab.json").is_file() and not (tok_dir / "tokenizer.json").is_file():
+            raise ConfigError(f"no CLIP tokenizer in {tok_dir}; fix: copy the model's tokenizer "
+                              f"folder (vocab.json, merges.txt) there", key="base_model")
+        check_model_path(tok_dir)
+        tokenizers.append(_load_tokenizer(tok_dir))
     noise_scheduler, sample_scheduler = _schedulers(cfg_dir)
-    for m in (unet, vae, text_encoder):
-        if next(m.parameters()).dtype != dtype:
-            m.to(dtype=dtype)
+    for m, want in ((unet, dtype), (vae, vae_dtype or dtype), *((t, dtype) for t in texts)):
+        if next(m.parameters()).dtype != want:
+            m.to(dtype=want)
         m.eval()
-    return SDComponents(unet=unet, vae=vae, text_encoder=text_encoder,
-                        tokenizer=_load_tokenizer(tok_dir), noise_scheduler=noise_scheduler,
-                        sample_scheduler=sample_scheduler, source_path=p,
-                        sha256=model_sha256(p), config_path=cfg_dir)
+    return SDComponents(unet=unet, vae=vae, text_encoder=texts[0], tokenizer=tokenizers[0],
+                        text_encoder_2=texts[1] if len(texts) > 1 else None,
+                        tokenizer_2=tokenizers[1] if len(tokenizers) > 1 else None,
+                        noise_scheduler=noise_scheduler, sample_scheduler=sample_scheduler,
+                        source_path=p, sha256=model_sha256(p), config_path=cfg_dir,
+                        family=family)
 
 
 def bundled_config(name: str) -> Path:
-    """The folder of a bundled config set (``tiny-sd``, ``sd15``)."""
+    """The folder of a bundled config set (``tiny-sd``, ``sd15``, ``tiny-sdxl``, ``sdxl``)."""
     folder = BUNDLED_CONFIGS / name
     if not (folder / "model_index.json").is_file():
         raise ConfigError(f"no bundled config {name!r} (have: "
@@ -182,11 +226,14 @@ def bundled_config(name: str) -> Path:
     return folder
 
 
-def detect_bundled_config(path: str | os.PathLike) -> Path:
-    """Pick the bundled config for a single-file checkpoint from its tensor shapes (read
-    from the safetensors header; no tensor is loaded)."""
+def detect_bundled_config(path: str | os.PathLike, family=None) -> Path:
+    """Pick the bundled config for a single-file checkpoint of ``family`` (default: the one
+    its keys say) from its tensor shapes (read from the safetensors header; no tensor is
+    loaded)."""
+    from lora_kernel.training.families import family_of
     from lora_kernel.training.single_file import LDM_UNET
 
+    family = family or family_of(path)
     header = read_safetensors_header(path)  # no torch import, no tensor read
     shapes = {}
     for key in (LDM_UNET + "input_blocks.0.0.weight", "unet.conv_in.weight"):
@@ -196,50 +243,53 @@ def detect_bundled_config(path: str | os.PathLike) -> Path:
         if key.endswith("attn2.to_k.weight"):
             shapes["cross"] = tuple(header[key]["shape"])
             break
-    known = {((32, 4, 3, 3), 32): "tiny-sd", ((320, 4, 3, 3), 768): "sd15"}
+    known = family.bundled_configs
     arch = (shapes.get("conv_in"), (shapes.get("cross") or (0, 0))[1])
     if arch not in known:
+        have = ", ".join(sorted(known.values())) or "none"
         raise ConfigError(
             f"{path}: unknown architecture (UNet conv_in {arch[0]}, cross-attention width "
-            f"{arch[1]}); bundled configs cover SD1.x and the demo's tiny-sd; fix: pass "
-            f"config=<a diffusers folder with this model's configs>", key="base_model")
+            f"{arch[1]}) for the {family.title} family; bundled configs for it: {have}; fix: "
+            f"pass config=<a diffusers folder with this model's configs>", key="base_model")
     return bundled_config(known[arch])
 
 
-def _find_tokenizer(ckpt: Path, cfg_dir: Path) -> Path:
-    for cand in (ckpt.parent / "tokenizer", ckpt.with_suffix("") / "tokenizer",
-                 cfg_dir / "tokenizer"):
+def _find_tokenizer(ckpt: Path, cfg_dir: Path, name: str = "tokenizer") -> Path:
+    for cand in (ckpt.parent / name, ckpt.with_suffix("") / name, cfg_dir / name):
         if (cand / "vocab.json").is_file() or (cand / "tokenizer.json").is_file():
             return cand
     raise ConfigError(
-        f"{ckpt}: no CLIP tokenizer found (looked in {ckpt.parent / 'tokenizer'} and "
-        f"{cfg_dir / 'tokenizer'}); the bundled '{cfg_dir.name}' configs cannot include "
-        f"CLIP's vocabulary offline; fix: copy the model's tokenizer folder (vocab.json, "
-        f"merges.txt, from any SD1.x diffusers model) next to the checkpoint as "
-        f"'tokenizer/', or pass a config folder that has one", key="base_model")
+        f"{ckpt}: no CLIP tokenizer found (looked in {ckpt.parent / name} and "
+        f"{cfg_dir / name}); the bundled '{cfg_dir.name}' configs cannot include "
+        f"CLIP's vocabulary offline; fix: copy the model's {name} folder (vocab.json, "
+        f"merges.txt, from a diffusers model of the same family) next to the checkpoint as "
+        f"'{name}/', or pass a config folder that has one", key="base_model")
 
 
-def _load_single_file(p: Path, config):
+def _load_single_file(p: Path, config, family):
+    import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from safetensors.torch import load_file
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig
 
     from lora_kernel.training.single_file import fit_clip_keys, split_checkpoint
 
-    cfg_dir = check_model_path(config) if config else detect_bundled_config(p)
+    cfg_dir = check_model_path(config) if config else detect_bundled_config(p, family)
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(cfg_dir / "unet"))
     vae = AutoencoderKL.from_config(AutoencoderKL.load_config(cfg_dir / "vae"))
-    te_cfg = CLIPTextConfig.from_pretrained(str(cfg_dir / "text_encoder"), local_files_only=True)
-    text_encoder = CLIPTextModel(te_cfg)
+    parts = family.text_encoder_parts
+    texts = [getattr(transformers, t.model_class)(CLIPTextConfig.from_pretrained(
+        str(cfg_dir / t.name), local_files_only=True)) for t in parts]
     checkpoint = load_file(str(p))
-    unet_sd, vae_sd, te_sd = split_checkpoint(checkpoint, unet.config, vae.config)
-    te_sd = fit_clip_keys(te_sd, text_encoder)
-    te_sd.pop("position_ids", None)
-    te_sd.pop("text_model.position_ids", None)
-    te_sd.pop("embeddings.position_ids", None)
-    te_sd.pop("text_model.embeddings.position_ids", None)
-    for name, model, sd in (("unet", unet, unet_sd), ("vae", vae, vae_sd),
-                            ("text_encoder", text_encoder, te_sd)):
+    unet_sd, vae_sd, *te_sds = split_checkpoint(
+        checkpoint, unet.config, vae.config,
+        tuple((t.name, t.ldm_prefix, t.ldm_format) for t in parts), tuple(texts))
+    named = [("unet", unet, unet_sd), ("vae", vae, vae_sd)]
+    for part, model, sd in zip(parts, texts, te_sds, strict=True):
+        sd = {k: v for k, v in fit_clip_keys(sd, model).items()
+              if not k.endswith("position_ids")}
+        named.append((part.name, model, sd))
+    for name, model, sd in named:
         missing, unexpected = model.load_state_dict(sd, strict=False)
         if missing or unexpected:
             raise ConfigError(
@@ -247,7 +297,7 @@ def _load_single_file(p: Path, config):
                 f"{len(missing)}, e.g. {missing[:3]}; unexpected {len(unexpected)}, e.g. "
                 f"{unexpected[:3]}); fix: pass config= with this model's configs",
                 key="base_model")
-    return unet, vae, text_encoder, cfg_dir
+    return unet, vae, texts, cfg_dir
 
 
 # -- causal LM ----------------------------------------------------------------------------
@@ -268,9 +318,9 @@ def load_causal_lm(path: str | os.PathLike, *, dtype=None):
                           f"Stable Diffusion model", key="base_model")
     tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True,
                                               trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True,
-                                                 use_safetensors=True, trust_remote_code=False)
     dtype = dtype or torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=dtype,
+                                                 use_safetensors=True, trust_remote_code=False)
     if next(model.parameters()).dtype != dtype:
         model.to(dtype=dtype)
     model.eval()
@@ -365,26 +415,20 @@ def _weight_files(folder: Path) -> list[Path]:
     return sorted(f for f in folder.glob("*.safetensors") if f.name.count(".") == 1)
 
 
-def _param_count(files: list[Path], skip: tuple[str, ...] = ()) -> int:
-    """Parameters in safetensors files, from their headers only."""
+def _param_count(files: list[Path], skip: tuple[str, ...] = (),
+                 only: tuple[str, ...] = ("",)) -> int:
+    """Parameters in safetensors files, from their headers only: tensors whose names start
+    with one of ``only`` and none of ``skip``."""
     n = 0
     for f in files:
         for name, info in read_safetensors_header(f).items():
-            if name == "__metadata__" or name.startswith(skip):
+            if name == "__metadata__" or name.startswith(skip) or not name.startswith(only):
                 continue
             count = 1
             for d in info["shape"]:
                 count *= d
             n += count
     return n
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _unet_config(path: Path) -> dict:
@@ -401,7 +445,7 @@ def estimate_training_memory(cfg) -> MemoryEstimate:
 
     Read from the safetensors headers and configs only (no tensor is loaded)::
 
-        weights     = 4 B x parameters              (every component is trained in float32)
+        weights     = w x parameters                (w: bytes per frozen weight)
         activations = a x B x sum over levels i of  T_i x C_i x n_i x m_i
         data        = N x 3 x R^2 x 4 B             (image: preprocessed pixels stay in RAM)
 
@@ -416,6 +460,8 @@ def estimate_training_memory(cfg) -> MemoryEstimate:
     m = 18 (attention 6 + MLP 12), the same rule for gradient_checkpointing, plus the logits
     and their gradient: 2 x B x T x vocab_size x 4 B.
 
+    w = 2 bytes with mixed_precision fp16/bf16 (the frozen weights are loaded in that dtype;
+    the VAE's own bytes follow ``vae_dtype``), else 4.
     a = 2 bytes with mixed_precision fp16/bf16 (autocast), else 4. LoRA weights, their
     gradients and AdamW states (well under 1% of the weights) and the attention score
     matrices (fused attention kernels do not keep them) are left out: the estimate is a lower
@@ -426,12 +472,16 @@ def estimate_training_memory(cfg) -> MemoryEstimate:
     b = cfg.batch_size
     levels: list[tuple[int, int, int, int]] = []  # (positions T, channels C, layers n, maps m)
     extra = 0
+    w = bytes_per_param(weight_dtype_name(cfg))
     if cfg.task == "image":
+        w_vae = bytes_per_param(vae_dtype_name(cfg))
         if p.is_dir():
-            params = sum(_param_count(_weight_files(p / part))
-                         for part in ("unet", "vae", "text_encoder"))
+            weights = sum(w * _param_count(_weight_files(p / part))
+                          for part in ("unet", "text_encoder"))
+            weights += w_vae * _param_count(_weight_files(p / "vae"))
         else:
-            params = _param_count([p], skip=("model_ema.",))
+            vae = _param_count([p], only=(LDM_VAE, "vae."))
+            weights = w * (_param_count([p], skip=("model_ema.",)) - vae) + w_vae * vae
         unet = _unet_config(p)
         side = cfg.resolution / 8
         per_block = int(unet.get("layers_per_block", 2))
@@ -443,7 +493,7 @@ def estimate_training_memory(cfg) -> MemoryEstimate:
         from lora_kernel.training.data import read_image_rows
         data = len(read_image_rows(cfg)) * 3 * cfg.resolution ** 2 * 4
     else:
-        params = _param_count(_weight_files(p))
+        weights = w * _param_count(_weight_files(p))
         conf = _read_json(p / "config.json")
         hidden, layers = conf.get("hidden_size"), conf.get("num_hidden_layers")
         if isinstance(hidden, int) and isinstance(layers, int):
@@ -457,4 +507,4 @@ def estimate_training_memory(cfg) -> MemoryEstimate:
         kept += max((t * c * m for t, c, _, m in levels), default=0)
     else:
         kept = sum(t * c * n * m for t, c, n, m in levels)
-    return MemoryEstimate(weights=4 * params, activations=a * b * kept + extra, data=data)
+    return MemoryEstimate(weights=weights, activations=a * b * kept + extra, data=data)

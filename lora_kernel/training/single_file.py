@@ -3,10 +3,19 @@
 Two key layouts are understood:
 
 * **LDM / A1111** (what kohya, A1111 and ComfyUI share): ``model.diffusion_model.*`` (UNet),
-  ``first_stage_model.*`` (VAE), ``cond_stage_model.transformer.*`` (CLIP text encoder).
+  ``first_stage_model.*`` (VAE), and per family the text encoders: SD1.x
+  ``cond_stage_model.transformer.*`` (CLIP), SD2 ``cond_stage_model.model.*`` (OpenCLIP),
+  SDXL ``conditioner.embedders.0.transformer.*`` (CLIP-L) and
+  ``conditioner.embedders.1.model.*`` (OpenCLIP-bigG, fused ``in_proj``, ``text_projection``).
   Reading uses diffusers' own converters (``diffusers.loaders.single_file_utils``);
-  writing uses :func:`diffusers_to_ldm`, the inverse for SD1.x-style UNets of any depth.
-* **prefixed diffusers**: ``unet.*``, ``vae.*``, ``text_encoder.*`` with diffusers' names.
+  writing uses :func:`diffusers_to_ldm`, the inverse for SD-style UNets of any depth (SDXL's
+  ``add_embedding`` is LDM's ``label_emb``).
+* **prefixed diffusers**: ``unet.*``, ``vae.*``, ``text_encoder.*`` (``text_encoder_2.*``)
+  with diffusers' names.
+
+A text encoder is described by ``(name, ldm_prefix, ldm_format)``: its diffusers component
+name, its prefix in the LDM layout and ``"clip"`` (Hugging Face CLIP names) or
+``"open_clip"`` (OpenCLIP names).
 
 Only safetensors are read; nothing here ever unpickles.
 
@@ -23,8 +32,11 @@ LDM_VAE = "first_stage_model."
 LDM_CLIP = "cond_stage_model.transformer."
 PREFIXED = ("unet.", "vae.", "text_encoder.")
 
+SD15_TEXT_ENCODERS = (("text_encoder", LDM_CLIP, "clip"),)
+
 _UNET_TOP = {
     "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
     "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
 }
 _UNET_RESNET = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
@@ -42,8 +54,11 @@ def _sub(name: str, pairs) -> str:
     return name
 
 
-def unet_key_to_ldm(key: str, layers_per_block: int) -> str:
-    """Map one diffusers UNet2DConditionModel key to its LDM name (SD1.x layout)."""
+def unet_key_to_ldm(key: str, layers_per_block: int,
+                    up_block_types: list[str] | None = None) -> str:
+    """Map one diffusers UNet2DConditionModel key to its LDM name (SD1.x / SDXL layout). An
+    upsampler's LDM position depends on whether its up block has attentions: None unless
+    ``up_block_types`` (the UNet config's) says."""
     n = layers_per_block
     for new, old in _UNET_TOP.items():
         if key.startswith(new + "."):
@@ -70,7 +85,10 @@ def unet_key_to_ldm(key: str, layers_per_block: int) -> str:
             return f"output_blocks.{i * (n + 1) + j}.0.{_sub(rest, _UNET_RESNET)}"
         if kind == "attentions":
             return f"output_blocks.{i * (n + 1) + j}.1.{rest}"
-        return None  # upsamplers: position depends on attentions, see diffusers_to_ldm
+        if up_block_types is None:
+            return None  # upsamplers: position depends on attentions, see diffusers_to_ldm
+        slot = 2 if "CrossAttn" in up_block_types[i] else 1
+        return f"output_blocks.{i * (n + 1) + n}.{slot}.{rest}"
     raise KeyError(f"no LDM name for UNet key {key!r}")
 
 
@@ -101,8 +119,11 @@ def vae_key_to_ldm(key: str, num_up_blocks: int) -> str:
 
 
 def diffusers_to_ldm(unet: dict, vae: dict, text_encoder: dict, *, layers_per_block: int,
-                     num_vae_up_blocks: int) -> dict:
-    """One LDM/A1111 state dict from the three diffusers state dicts."""
+                     num_vae_up_blocks: int,
+                     text_encoders: tuple = SD15_TEXT_ENCODERS,
+                     text_encoder_2: dict | None = None) -> dict:
+    """One LDM/A1111 state dict from the diffusers state dicts (``text_encoders`` describes
+    ``text_encoder`` and, for SDXL, ``text_encoder_2``)."""
     out = {}
     up_with_attn = {int(k.split(".")[1]) for k in unet
                     if re.match(r"up_blocks\.\d+\.attentions", k)}
@@ -119,13 +140,66 @@ def diffusers_to_ldm(unet: dict, vae: dict, text_encoder: dict, *, layers_per_bl
         if ".mid.attn_1." in name and name.endswith(".weight") and value.ndim == 2:
             value = value[:, :, None, None]  # LDM's VAE attention uses 1x1 convolutions
         out[LDM_VAE + name] = value
-    for key, value in text_encoder.items():
+    for (_, prefix, fmt), sd in zip(text_encoders, (text_encoder, text_encoder_2),
+                                    strict=False):
+        out.update(clip_to_open_clip(sd, prefix) if fmt == "open_clip"
+                   else clip_to_ldm(sd, prefix))
+    return out
+
+
+def clip_to_ldm(state_dict: dict, prefix: str) -> dict:
+    """A CLIP text encoder's diffusers state dict under ``prefix`` with Hugging Face names."""
+    out = {}
+    for key, value in state_dict.items():
         # transformers >= 5.6 saves CLIPTextModel without the ``text_model.`` level that
         # every SD1.x checkpoint has; write the classic names.
-        if not key.startswith("text_model."):
+        if not key.startswith(("text_model.", "text_projection.")):
             key = "text_model." + key
-        out[LDM_CLIP + key] = value
+        out[prefix + key] = value
     return out
+
+
+_OPEN_CLIP_LAYER = (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
+                    ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"))
+_OPEN_CLIP_TOP = {"embeddings.token_embedding.weight": "token_embedding.weight",
+                  "embeddings.position_embedding.weight": "positional_embedding",
+                  "final_layer_norm.weight": "ln_final.weight",
+                  "final_layer_norm.bias": "ln_final.bias"}
+
+
+def clip_to_open_clip(state_dict: dict, prefix: str) -> dict:
+    """A CLIP text encoder (with projection) in OpenCLIP's names under ``prefix``: the inverse
+    of diffusers' ``convert_open_clip_checkpoint`` (q/k/v fused into ``attn.in_proj_*``,
+    ``text_projection`` transposed, ``positional_embedding`` a bare tensor)."""
+    import torch
+
+    sd = {k.removeprefix("text_model."): v for k, v in state_dict.items()
+          if not k.endswith("position_ids")}
+    out = {}
+    for key, value in sd.items():
+        if key == "text_projection.weight":
+            out[prefix + "text_projection"] = value.T.contiguous()
+        elif key in _OPEN_CLIP_TOP:
+            out[prefix + _OPEN_CLIP_TOP[key]] = value
+        elif m := re.match(r"encoder\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)$", key):
+            i, kind = m[1], m[2]
+            parts = [sd[f"encoder.layers.{i}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
+            out[f"{prefix}transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(parts)
+        elif re.match(r"encoder\.layers\.\d+\.self_attn\.[kv]_proj\.", key):
+            continue  # fused with q above
+        elif m := re.match(r"encoder\.layers\.(\d+)\.(.+)$", key):
+            name = _sub_plain(m[2], _OPEN_CLIP_LAYER)
+            out[f"{prefix}transformer.resblocks.{m[1]}.{name}"] = value
+        else:
+            raise KeyError(f"no OpenCLIP name for text-encoder key {key!r}")
+    return out
+
+
+def _sub_plain(name: str, pairs) -> str:
+    for new, old in pairs:
+        if name.startswith(new + "."):
+            return old + name[len(new):]
+    return name
 
 
 def fit_clip_keys(state_dict: dict, model) -> dict:
@@ -134,6 +208,9 @@ def fit_clip_keys(state_dict: dict, model) -> dict:
     wrapped = hasattr(model, "text_model")
     out = {}
     for key, value in state_dict.items():
+        if key.startswith("text_projection."):  # CLIPTextModelWithProjection's own level
+            out[key] = value
+            continue
         bare = key.removeprefix("text_model.")
         out[("text_model." + bare) if wrapped else bare] = value
     return out
@@ -149,14 +226,16 @@ def detect_layout(keys) -> str:
     return "unknown"
 
 
-def split_checkpoint(checkpoint: dict, unet_config: dict,
-                     vae_config: dict) -> tuple[dict, dict, dict]:
-    """``(unet, vae, text_encoder)`` diffusers state dicts from a single-file checkpoint in
-    either layout (LDM conversion by diffusers' own single-file utilities)."""
+def split_checkpoint(checkpoint: dict, unet_config: dict, vae_config: dict,
+                     text_encoders: tuple = SD15_TEXT_ENCODERS,
+                     text_models: tuple = ()) -> tuple[dict, ...]:
+    """``(unet, vae, text_encoder[, text_encoder_2])`` diffusers state dicts from a single-file
+    checkpoint in either layout (LDM conversion by diffusers' own single-file utilities;
+    ``text_models``, the empty text-encoder modules, size OpenCLIP's fused projections)."""
     layout = detect_layout(checkpoint)
     if layout == "prefixed":
         parts = []
-        for prefix in PREFIXED:
+        for prefix in ("unet.", "vae.", *(f"{name}." for name, _, _ in text_encoders)):
             parts.append({k[len(prefix):]: v for k, v in checkpoint.items()
                           if k.startswith(prefix)})
         return tuple(parts)
@@ -167,11 +246,19 @@ def split_checkpoint(checkpoint: dict, unet_config: dict,
         convert_ldm_clip_checkpoint,
         convert_ldm_unet_checkpoint,
         convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
     )
     unet = convert_ldm_unet_checkpoint(checkpoint, dict(unet_config))
     vae = convert_ldm_vae_checkpoint(checkpoint, dict(vae_config))
-    text = convert_ldm_clip_checkpoint(checkpoint)
-    return unet, vae, text
+    texts = []
+    for i, (_, prefix, fmt) in enumerate(text_encoders):
+        if fmt == "open_clip":
+            texts.append(convert_open_clip_checkpoint(text_models[i], checkpoint, prefix=prefix))
+        else:
+            texts.append(convert_ldm_clip_checkpoint(
+                {k: v for k, v in checkpoint.items() if k.startswith(prefix)},
+                remove_prefix=prefix))
+    return (unet, vae, *texts)
 
 
 def write_single_file(folder: str | os.PathLike, out: str | os.PathLike, *,
@@ -187,14 +274,21 @@ def write_single_file(folder: str | os.PathLike, out: str | os.PathLike, *,
     folder, out = Path(folder), Path(out)
     unet_cfg = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
     vae_cfg = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
+    from lora_kernel.training.families import family_of
+
+    parts = tuple((t.name, t.ldm_prefix, t.ldm_format)
+                  for t in family_of(folder).text_encoder_parts)
     unet = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
     vae = load_file(folder / "vae" / "diffusion_pytorch_model.safetensors")
-    text = load_file(folder / "text_encoder" / "model.safetensors")
+    texts = [load_file(folder / name / "model.safetensors") for name, _, _ in parts]
     if layout == "ldm":
-        sd = diffusers_to_ldm(unet, vae, text, layers_per_block=unet_cfg["layers_per_block"],
-                              num_vae_up_blocks=len(vae_cfg["up_block_types"]))
+        sd = diffusers_to_ldm(unet, vae, texts[0], layers_per_block=unet_cfg["layers_per_block"],
+                              num_vae_up_blocks=len(vae_cfg["up_block_types"]),
+                              text_encoders=parts,
+                              text_encoder_2=texts[1] if len(texts) > 1 else None)
     elif layout == "prefixed":
-        sd = {f"{p}{k}": v for p, part in zip(PREFIXED, (unet, vae, text), strict=True)
+        prefixes = ("unet.", "vae.", *(f"{name}." for name, _, _ in parts))
+        sd = {f"{p}{k}": v for p, part in zip(prefixes, (unet, vae, *texts), strict=True)
               for k, v in part.items()}
     else:
         raise ValueError(f"layout must be 'ldm' or 'prefixed', got {layout!r}")

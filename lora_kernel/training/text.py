@@ -17,6 +17,7 @@ import torch
 from lora_kernel.common.errors import DataError
 from lora_kernel.training.data import read_text_records
 from lora_kernel.training.loop import seed_everything
+from lora_kernel.training.precision import keep_trainable_fp32
 
 IGNORE = -100
 
@@ -99,6 +100,7 @@ class TextTask:
             model.gradient_checkpointing_enable()
             model.enable_input_require_grads()
         self.model = get_peft_model(model, self.lora_config)
+        keep_trainable_fp32(self.model)  # the frozen LM may be half precision, LoRA is not
         self.model.train()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
             tokenizer.eos_token_id or 0)

@@ -31,6 +31,12 @@ from lora_kernel.common.errors import ConfigError
 from lora_kernel.common.paths import lora_home
 from lora_kernel.common.version import version_info
 from lora_kernel.training.data import dataset_digests, dataset_version
+from lora_kernel.training.precision import (
+    torch_dtype,
+    trainable_dtype_name,
+    vae_dtype_name,
+    weight_dtype_name,
+)
 
 if TYPE_CHECKING:
     from lora_kernel.training.loop import LoopResult
@@ -69,6 +75,9 @@ class TrainResult:
     eval_loss_after: float | None = None
     cache_hit: bool = False
     resumed_from: str | None = None
+    model_family: str | None = None  # image: sd15, sd2, sdxl (lora_kernel.training.families)
+    base_weight_dtype: str = "float32"  # the frozen base model's weights (mixed_precision)
+    trainable_dtype: str = "float32"  # the LoRA weights the optimizer trains
     summary_path: str = ""
     live: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -216,7 +225,10 @@ def train(cfg, *, resume: bool | str | Path | None = None, progress: bool = True
                       samples=outcome.samples, cache_hit=outcome.cache_hit,
                       eval_loss_before=loop.eval_loss_before,
                       eval_loss_after=loop.eval_loss_after,
-                      resumed_from=loop.resumed_from, live=outcome.live)
+                      resumed_from=loop.resumed_from,
+                      model_family=outcome.model_family,
+                      base_weight_dtype=outcome.base_weight_dtype,
+                      trainable_dtype=outcome.trainable_dtype, live=outcome.live)
     summary = res.to_dict()
     summary.update({"config": cfg.to_dict(), "started": started, "ended": time.time(),
                     "device": str(device), "deterministic": deterministic,
@@ -239,33 +251,50 @@ class TaskOutcome:
     cache_hit: bool
     base_model_sha256: str
     live: dict[str, Any]
+    base_weight_dtype: str
+    trainable_dtype: str
+    model_family: str | None = None
 
 
 def _train_image(cfg, *, device, out, cache_dir, version, digests, resume, progress,
                  interrupt_at_step, on_step, samples, log, run_loop) -> TaskOutcome:
     from lora_kernel.training.export import adapter_metadata, save_diffusers_lora, save_kohya_lora
+    from lora_kernel.training.families import family_of
     from lora_kernel.training.image import ImageTask, sample_grid
     from lora_kernel.training.models import load_sd_components
-    comps = load_sd_components(cfg.base_model)
+    family = family_of(cfg.base_model)
+    dtype = weight_dtype_name(cfg)
+    vae = vae_dtype_name(cfg, vae_fp16_overflows=family.vae_fp16_overflows)
+    if vae != dtype and cfg.vae_dtype == "auto":
+        log(f"note: the {family.title} VAE overflows in {dtype}; it runs in {vae} "
+            f"(set vae_dtype to choose)")
+    comps = load_sd_components(cfg.base_model, dtype=torch_dtype(dtype),
+                               vae_dtype=torch_dtype(vae))
     task = ImageTask(cfg, comps, device=device,
                      cache_dir=cache_dir if cfg.cache_latents else None,
                      dataset_version=version, log=log)
     result = run_loop(cfg, task, output_dir=out, device=device, resume=resume,
                       on_step=on_step, interrupt_at_step=interrupt_at_step, progress=progress)
+    family = comps.family
     meta = adapter_metadata(cfg, base_model_sha256=comps.sha256, dataset_version=version,
                             dataset_digests=digests,
                             extra={"ss_num_train_steps": str(result.steps),
-                                   "modelspec.architecture": "stable-diffusion-v1/lora"})
-    te = comps.text_encoder if cfg.train_text_encoder else None
+                                   **family.metadata()})
+    te, te2 = ((comps.text_encoder, comps.text_encoder_2) if cfg.train_text_encoder
+               else (None, None))
     files = {
         "diffusers": str(save_diffusers_lora(out / f"{cfg.output_name}.safetensors", comps.unet,
-                                             te, task.unet_config, task.te_config, meta)),
+                                             te, task.unet_config, task.te_config, meta,
+                                             text_encoder_2=te2,
+                                             pipeline_class=family.pipeline_class)),
         "kohya": str(save_kohya_lora(out / f"{cfg.output_name}_kohya.safetensors", comps.unet,
-                                     te, cfg.alpha, meta)),
+                                     te, cfg.alpha, meta, text_encoder_2=te2, family=family)),
     }
     info = sample_grid(cfg, comps, out / "samples", device=device) if samples else {}
     return TaskOutcome(loop=result, adapter_files=files, samples=info, cache_hit=task.cache_hit,
-                       base_model_sha256=comps.sha256, live={"components": comps})
+                       base_model_sha256=comps.sha256, live={"components": comps},
+                       base_weight_dtype=dtype, model_family=family.name,
+                       trainable_dtype=trainable_dtype_name(task.named_trainable()))
 
 
 def _train_text(cfg, *, device, out, version, digests, resume, progress, interrupt_at_step,
@@ -273,7 +302,8 @@ def _train_text(cfg, *, device, out, version, digests, resume, progress, interru
     from lora_kernel.training.export import adapter_metadata, save_peft_adapter
     from lora_kernel.training.models import load_causal_lm, model_sha256
     from lora_kernel.training.text import TextTask, sample_completions
-    model, tokenizer = load_causal_lm(cfg.base_model)
+    dtype = weight_dtype_name(cfg)
+    model, tokenizer = load_causal_lm(cfg.base_model, dtype=torch_dtype(dtype))
     sha = model_sha256(cfg.base_model)
     task = TextTask(cfg, model, tokenizer, device=device)
     result = run_loop(cfg, task, output_dir=out, device=device, resume=resume,
@@ -285,4 +315,6 @@ def _train_text(cfg, *, device, out, version, digests, resume, progress, interru
     files = {"peft": str(folder)}
     info = sample_completions(cfg, task, out / "samples") if samples else {}
     return TaskOutcome(loop=result, adapter_files=files, samples=info, cache_hit=False,
-                       base_model_sha256=sha, live={"model": task.model, "tokenizer": tokenizer})
+                       base_model_sha256=sha, live={"model": task.model, "tokenizer": tokenizer},
+                       base_weight_dtype=dtype,
+                       trainable_dtype=trainable_dtype_name(task.named_trainable()))

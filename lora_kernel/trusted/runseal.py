@@ -333,10 +333,12 @@ def _record_extra(run: RunDescription, *, rc: int | None, failure: str | None,
         "run_as": {"uid": run.run_as.uid, "name": run.run_as.name},
         "cells_executed": sum(1 for e in events if e.get("type") == "execute")}
     if pinned is not None and pinned.training:
-        extra.update({"config_path": pinned.config_path, "config_sha256": pinned.config_sha256})
+        extra.update({"config_path": pinned.config_path, "config_sha256": pinned.config_sha256,
+                      "model_family": pinned.model_family})
     if result is not None:
         extra.update({k: result.get(k) for k in ("steps", "losses", "eval_loss_before",
-                                                 "eval_loss_after", "seconds", "cache_hit")})
+                                                 "eval_loss_after", "seconds", "cache_hit",
+                                                 "base_weight_dtype", "trainable_dtype")})
     if pinned is not None and pinned.resume is not None:
         extra["resumed_from_run"] = pinned.resume.run_id
         extra["resumed_from_checkpoint"] = {"checkpoint": pinned.resume.checkpoint,

@@ -98,6 +98,20 @@ def list_models(task: str, home: str | os.PathLike[str] | None = None) -> list[P
     return found
 
 
+def model_label(path: Path, task: str) -> str:
+    """How the model picker shows a base model: its path and, for an image model, its family
+    (``sd15``, ``sd2``, ``sdxl``; read from ``model_index.json`` or the file's keys, nothing
+    loaded), or why it cannot be trained."""
+    if task != "image":
+        return str(path)
+    from lora_kernel.training.families.detect import detect_family
+    try:
+        family = detect_family(path) or "not a diffusers model"
+    except (ConfigError, OSError):
+        family = "family not trained here"
+    return f"{path} ({family})"
+
+
 def list_datasets(task: str, home: str | os.PathLike[str] | None = None) -> list[Path]:
     """Dataset folders you can read, in the folders ``policies/models.yaml`` ``datasets:``
     lists (the shared store's, by group, then ``<home>/datasets`` and ``<home>/demo/datasets``):
@@ -276,9 +290,11 @@ class Studio:
             if isinstance(self.base.get(key), str) and not Path(self.base[key]).is_absolute():
                 self.base[key] = str((path.parent / self.base[key]).resolve())
         self.task = str(self.base.get("task", "image"))
-        for widget, options in ((self.dataset, list_datasets(self.task, self.home)),
-                                (self.model, list_models(self.task, self.home))):
-            widget.options = [(str(p), str(p)) for p in options]
+        for widget, options, label in (
+                (self.dataset, list_datasets(self.task, self.home), str),
+                (self.model, list_models(self.task, self.home),
+                 lambda p: model_label(p, self.task))):
+            widget.options = [(label(p), str(p)) for p in options]
             widget.value = str(options[0]) if options else None
         types = {f.name: f for f in fields(TrainConfig)}
         rows, self.fields, self.errors = [], {}, {}

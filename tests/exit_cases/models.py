@@ -6,6 +6,7 @@ import pickle
 import random
 from collections.abc import Callable
 
+import numpy as np
 import yaml
 
 from exit_cases import Case
@@ -46,6 +47,41 @@ def _text_config(c: Case, **changes) -> str:
     path = c.tmp / "text.yaml"
     path.write_text(yaml.safe_dump(data))
     return str(path)
+
+
+def _refiner_folder(c: Case) -> list:
+    """The tiny SDXL saved as an SDXL refiner says it is (img2img pipeline class, aesthetic
+    score conditioning)."""
+    import json
+    import shutil
+
+    folder = c.tmp / "refiner"
+    shutil.copytree(c.demo / "models" / "tiny-sdxl", folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index.update(_class_name="StableDiffusionXLImg2ImgPipeline", requires_aesthetics_score=True)
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return ["config", c.config(base_model=str(folder))]
+
+
+def _unknown_layout(c: Case) -> list:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    save_file({"encoder.blocks.0.weight": np.zeros(4, dtype=np.float32)},
+              str(c.tmp / "odd.safetensors"))
+    return ["config", c.config(base_model=str(c.tmp / "odd.safetensors"))]
+
+
+def _sd15_lora_as_sdxl_init(c: Case) -> list:
+    """An adapter file that says it is an SD1.5 LoRA (header metadata, as ours are)."""
+    from safetensors.numpy import save_file
+
+    path = c.tmp / "sd15_lora.safetensors"
+    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"
+    save_file({key: np.zeros((8, 32), dtype=np.float32)}, str(path),
+              metadata={"lora_enclave.model_family": "sd15", "ss_base_model_version": "sd_v1"})
+    return ["config", c.config(base_model=str(c.demo / "models" / "tiny-sdxl"),
+                               init=str(path))]
 
 
 def _output_under_file(c: Case) -> list:
@@ -94,5 +130,11 @@ CASES: dict[str, Callable[[Case], list]] = {
     "`output_dir` is in use by another `lora train` still running": _output_in_use,
     "`resolution` needs more memory than the machine has":
         lambda c: ["config", c.config(resolution=16384)],
+    "base model is of a family not trained here (SD3, Flux, SDXL refiner, inpainting, video)":
+        _refiner_folder,
+    "base model `.safetensors` keys fit no known checkpoint layout": _unknown_layout,
+    "`text_encoder_2_lr` for a model with one text encoder":
+        lambda c: ["config", c.config(text_encoder_2_lr=1e-4)],
+    "an SD1.5 LoRA given as `init` to an SDXL run": _sd15_lora_as_sdxl_init,
 }
 SLOW = {"`target_modules` names no module"}

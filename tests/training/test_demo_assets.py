@@ -216,3 +216,21 @@ def test_bundled_sd15_configs_describe_sd15(tmp_path):
     clip = CLIPTextConfig.from_pretrained(folder / "text_encoder", local_files_only=True)
     assert (clip.hidden_size, clip.num_hidden_layers, clip.vocab_size) == (768, 12, 49408)
     assert not (folder / "tokenizer" / "vocab.json").exists()
+
+
+def test_the_sdxl_demo_files_exist_and_the_bundled_sdxl_configs_are_fresh(demo_home, tmp_path):
+    from lora_kernel.training.demo_sdxl import SDXL_CONFIGS
+    root = demo_home / "demo"
+    for rel in ("models/tiny-sdxl/model_index.json", "models/tiny-sdxl/text_encoder_2",
+                "models/tiny-sdxl/tokenizer_2/vocab.json", "models/tiny-sdxl.safetensors",
+                "sdxl_lora.yaml"):
+        assert (root / rel).exists(), rel
+    bundled = REPO / "lora_kernel" / "training" / "configs"
+    built = {k: v for k, v in _digests(root / "models" / "tiny-sdxl").items()
+             if not k.endswith(".safetensors")}
+    assert _digests(bundled / "tiny-sdxl") == built, (
+        "lora_kernel/configs/tiny-sdxl is stale; regenerate with "
+        "demo_assets.regenerate_bundled_configs()")
+    fresh = demo_assets.write_sd15_configs(tmp_path / "sdxl", SDXL_CONFIGS)
+    assert _digests(bundled / "sdxl") == _digests(fresh)
+    assert load_config(root / "sdxl_lora.yaml").model_family == "sdxl"

@@ -102,3 +102,20 @@ def test_resumed_run_is_bit_identical_to_an_uninterrupted_one(demo_home, tmp_pat
     resumed = _image(demo_home, tmp_path / "split", resume=True)
     assert resumed.steps == whole.steps == 4
     assert_identical(whole, resumed)
+
+
+@pytest.mark.slow
+def test_resumed_bf16_run_is_bit_identical_to_an_uninterrupted_one(demo_home, tmp_path):
+    """Half-precision frozen weights change nothing about exact resume: the LoRA weights,
+    optimizer states and RNGs in a checkpoint are float32 and restore exactly."""
+    def run(out, **kw):
+        cfg = load_config(demo_home / "demo" / "image_lora.yaml",
+                          {**IMAGE, "output_dir": str(out), "mixed_precision": "bf16"})
+        return train(cfg, progress=False, home=demo_home, samples=False, log=lambda m: None,
+                     **kw)
+    whole = run(tmp_path / "whole")
+    with pytest.raises(TrainingInterrupted):
+        run(tmp_path / "split", interrupt_at_step=2)
+    resumed = run(tmp_path / "split", resume=True)
+    assert resumed.base_weight_dtype == "bfloat16"
+    assert_identical(whole, resumed)

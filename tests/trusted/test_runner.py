@@ -124,6 +124,30 @@ def test_run_id_sorts_by_time():
     assert re.fullmatch(r"20260102T030405Z-[0-9a-f]{6}", a) and a < b
 
 
+def test_sdxl_run_through_lora_run_is_a_sealed_record(run_home, demo_home):
+    """A new user's SDXL run: ``lora run --config sdxl_lora.yaml`` seals a record whose
+    adapter names both text encoders in kohya form and whose manifest and summary say the
+    family and the dtypes (bf16 frozen weights, fp32 LoRA)."""
+    from safetensors.torch import load_file
+
+    args = ["run", "--config", demo_home / "demo" / "sdxl_lora.yaml", "--quiet"]
+    for key, value in {**FAST_IMAGE, "train_text_encoder": "true",
+                       "mixed_precision": "bf16"}.items():
+        args += ["-p", key, json.dumps(value) if not isinstance(value, str) else value]
+    proc = lora_cli(*args, home=run_home)
+    assert proc.returncode == 0, proc.stderr
+    record = Path(re.search(r"^record: (\S+)$", proc.stdout, re.M).group(1))
+    manifest = assert_sealed(record, "succeeded")
+    extra = manifest["predicate"]["runDetails"]["metadata"]["extra"]
+    assert extra["model_family"] == "sdxl"
+    assert (extra["base_weight_dtype"], extra["trainable_dtype"]) == ("bfloat16", "float32")
+    kohya = load_file(str(record / "adapter" / "enclave_style_xl_kohya.safetensors"))
+    assert {k.split("_")[1] for k in kohya} == {"unet", "te1", "te2"}
+    summary = json.loads((record / "training_summary.json").read_text())
+    assert (summary["model_family"], summary["base_weight_dtype"]) == ("sdxl", "bfloat16")
+    assert (record / "adapter" / "enclave_style_xl.safetensors").is_file()
+
+
 def test_image_run_record_is_complete(run_home, demo_home):
     cfg_path = demo_home / "demo" / "image_lora.yaml"
     rec = run_config(cfg_path, FAST_IMAGE, home=run_home)
