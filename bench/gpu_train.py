@@ -457,7 +457,7 @@ def child_build(spec: dict) -> dict:
         xl = sizes["sdxl"]
         model, data = root / "models" / "sdxl", root / "datasets" / "sdxl"
         if tiny:
-            from lora_kernel.training.demo_sdxl import write_tiny_sdxl
+            from lora_kernel.training.demo_assets import write_tiny_sdxl
             write_tiny_sdxl(model, seed=0)
             _write_image_dataset(data, xl["images"], IMAGE_SIZE)
         else:
@@ -639,7 +639,7 @@ def child_diffusers_sdxl(spec: dict) -> dict:
     from peft import LoraConfig
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from lora_kernel.training.config import load_config
+    from lora_kernel.training.checks import load_config
     from lora_kernel.training.image import load_examples
     device = _device()
     cfg = load_config(spec["config"])

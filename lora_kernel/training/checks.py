@@ -21,6 +21,7 @@ from PIL import Image
 from lora_kernel.common.errors import ConfigError
 from lora_kernel.common.yamlio import load_yaml
 from lora_kernel.training.config import TrainConfig, config_from_mapping
+from lora_kernel.training.families.detect import refuse_unsupported
 from lora_kernel.training.model_safety import check_model_path
 
 
@@ -93,7 +94,10 @@ def _check_inputs(cfg: TrainConfig, file: str) -> None:
                           f"model (run `lora demo-assets` for a tiny one)", file=file,
                           key="base_model")
     try:  # the loaders' own refusal: pickles are UnsafeModelError (3), and with the task a
-        # corrupt/empty .safetensors or a model of the wrong kind is a ConfigError (2)
+        # corrupt/empty .safetensors or a model of the wrong kind is a ConfigError (2); a
+        # family not trained here (SD3, Flux, ...) is named before anything else is said
+        if cfg.task == "image":
+            refuse_unsupported(model)
         check_model_path(model, cfg.task)
     except ConfigError as exc:  # e.g. an unsupported file type: name the config too
         raise ConfigError(exc.detail, file=file, key=exc.key or "base_model") from None

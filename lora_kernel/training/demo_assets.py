@@ -33,6 +33,7 @@ import shutil
 from pathlib import Path
 
 from lora_kernel.common.paths import lora_home
+from lora_kernel.training import demo_sdxl
 
 # -- the demo vocabulary ----------------------------------------------------------------
 COLORS = ("red", "green", "blue", "yellow", "orange", "cyan")
@@ -127,14 +128,12 @@ def build_demo_assets(home: str | os.PathLike | None = None, seed: int = 0) -> d
         "tiny_sdxl_single_file": models / "tiny-sdxl.safetensors",
         "sdxl_config": root / "sdxl_lora.yaml",
     }
-    from lora_kernel.training.demo_sdxl import SDXL_CONFIG_YAML, write_tiny_sdxl
-
     write_image_dataset(paths["image_dataset"])
     write_tiny_sd(paths["tiny_sd"], seed=seed)
     write_single_file_checkpoint(paths["tiny_sd"], paths["tiny_sd_single_file"])
     write_tiny_sdxl(paths["tiny_sdxl"], seed=seed)
     write_single_file_checkpoint(paths["tiny_sdxl"], paths["tiny_sdxl_single_file"])
-    _write(paths["sdxl_config"], SDXL_CONFIG_YAML)
+    _write(paths["sdxl_config"], demo_sdxl.SDXL_CONFIG_YAML)
     write_text_datasets(paths["text_train"].parent)
     write_tiny_llama(paths["tiny_llama"], seed=seed, corpus=_text_corpus())
     _write(paths["image_config"], IMAGE_CONFIG_YAML)
@@ -352,6 +351,56 @@ def write_tiny_sd(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+# -- the tiny SDXL (its definitions: lora_kernel.training.demo_sdxl) ---------------------
+def build_tiny_sdxl_components(seed: int = 0) -> dict:
+    """The tiny SDXL components (seeded init), as pipeline keyword arguments (no
+    tokenizers)."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    vocab, _ = clip_vocab_and_merges()
+    ids = dict(bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+               pad_token_id=vocab["<|endoftext|>"], vocab_size=len(vocab),
+               max_position_embeddings=77, num_attention_heads=2, num_hidden_layers=2)
+    torch.manual_seed(seed + 10)
+    unet = UNet2DConditionModel(**demo_sdxl.TINY_SDXL_UNET)
+    torch.manual_seed(seed + 11)
+    vae = AutoencoderKL(**{**VAE_CONFIG, "force_upcast": True})
+    width = dict(intermediate_size=64, projection_dim=demo_sdxl.TINY_PROJECTION, **ids)
+    torch.manual_seed(seed + 12)
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=demo_sdxl.TINY_TE_HIDDEN,
+                                      hidden_act="quick_gelu", **width))
+    torch.manual_seed(seed + 13)
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=demo_sdxl.TINY_TE2_HIDDEN,
+                                                     hidden_act="gelu", **width))
+    return {"unet": unet, "vae": vae, "text_encoder": te, "text_encoder_2": te2,
+            "scheduler": EulerDiscreteScheduler(**demo_sdxl.SDXL_SCHEDULER)}
+
+
+def write_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
+    """Write the tiny SDXL model as a diffusers folder (safetensors only)."""
+    from diffusers import StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    _fresh_dir(folder)
+    parts = build_tiny_sdxl_components(seed)
+    toks = {}
+    for name, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
+        toks[name] = CLIPTokenizer.from_pretrained(
+            write_clip_tokenizer(folder / name, pad_token=pad), local_files_only=True)
+    pipe = StableDiffusionXLPipeline(**parts, **toks, force_zeros_for_empty_prompt=True,
+                                     add_watermarker=False)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    # save_pretrained rewrites the tokenizers in its own format; keep ours (stable bytes).
+    for name, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
+        shutil.rmtree(folder / name)
+        write_clip_tokenizer(folder / name, pad_token=pad)
+    _normalise_json_files(folder)
+    return folder
+
+
+
 def _normalise_json_files(folder: Path) -> None:
     """Rewrite every JSON file with sorted keys (stable bytes whatever the writer did)."""
     for path in sorted(folder.rglob("*.json")):
@@ -451,8 +500,6 @@ def regenerate_bundled_configs(package_configs: Path | None = None) -> None:
     files are committed and a test checks they match a fresh build)."""
     import tempfile
 
-    from lora_kernel.training.demo_sdxl import SDXL_CONFIGS, write_tiny_sdxl
-
     dst = package_configs or Path(__file__).resolve().parent / "configs"
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_tiny_sd(Path(tmp) / "tiny-sd")
@@ -460,7 +507,7 @@ def regenerate_bundled_configs(package_configs: Path | None = None) -> None:
         folder = write_tiny_sdxl(Path(tmp) / "tiny-sdxl")
         write_config_bundle(folder, dst / "tiny-sdxl")
     write_sd15_configs(dst / "sd15")
-    write_sd15_configs(dst / "sdxl", SDXL_CONFIGS)
+    write_sd15_configs(dst / "sdxl", demo_sdxl.SDXL_CONFIGS)
 
 
 # -- text ---------------------------------------------------------------------------------

@@ -179,8 +179,8 @@ def check_model_kind(path: Path, task: str) -> None:
             raise ConfigError(f"{path} holds a text model's weights (e.g. {lm!r}), not a Stable "
                               f"Diffusion checkpoint; fix: set task: text and point base_model "
                               f"at that model's folder, or {_IMAGE_FIX}", key="base_model")
-        from lora_kernel.training.families.detect import keys_family
-        keys_family(path, read_safetensors_header(path))  # families not trained: refused
+        if not sd:
+            raise no_layout_error(path, keys)
         return
     names = sorted(f.name for f in path.iterdir())
     if not names:
@@ -197,10 +197,7 @@ def check_model_kind(path: Path, task: str) -> None:
                                   f"{_IMAGE_FIX}", key="base_model")
             raise ConfigError(f"{path} is not a diffusers folder (no model_index.json or unet/; "
                               f"it holds {_listing(names)}); fix: {_IMAGE_FIX}", key="base_model")
-        from lora_kernel.training.families import FAMILIES
-        from lora_kernel.training.families.detect import folder_family
-        family = FAMILIES[folder_family(path) or "sd15"]  # families not trained: refused
-        for part in ("unet", "vae", *(t.name for t in family.text_encoder_parts)):
+        for part in ("unet", "vae", *_text_encoders(path)):
             if not any((path / part).glob("*.safetensors")):
                 raise ConfigError(f"{path} has no {part} weights ({part}/*.safetensors); fix: "
                                   f"copy the model's {part}/ folder with its .safetensors "
@@ -217,6 +214,31 @@ def check_model_kind(path: Path, task: str) -> None:
         raise ConfigError(f"{path} has no weights (*.safetensors), only {_listing(names)}; fix: "
                           f"copy the model's .safetensors files and tokenizer files next to "
                           f"its config.json", key="base_model")
+
+
+def no_layout_error(path: Path, keys: list[str]) -> ConfigError:
+    """The refusal of a checkpoint whose tensor names fit no layout a loader reads."""
+    shown = ", ".join(repr(k) for k in sorted(keys)[:3]) or "none"
+    return ConfigError(
+        f"{path}: its tensor names fit no known checkpoint layout (first: {shown}); known: the "
+        f"original layout of SD1.x/SD2 ('model.diffusion_model.', 'cond_stage_model.') and "
+        f"SDXL ('model.diffusion_model.', 'conditioner.embedders.0/1.'), and prefixed "
+        f"diffusers names ('unet.', 'vae.', 'text_encoder.'); fix: {_IMAGE_FIX}",
+        key="base_model")
+
+
+def _text_encoders(folder: Path) -> list[str]:
+    """The text-encoder components a diffusers folder's ``model_index.json`` names
+    (``text_encoder``, and SDXL's ``text_encoder_2``); ``text_encoder`` without an index."""
+    try:
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ["text_encoder"]
+    if not isinstance(index, dict):
+        return ["text_encoder"]
+    names = [k for k in ("text_encoder", "text_encoder_2")
+             if isinstance(index.get(k), list) and index[k] and index[k][0]]
+    return names or ["text_encoder"]
 
 
 def _architecture(config: Path) -> str | None:

@@ -167,15 +167,19 @@ def load_sd_components(path: str | os.PathLike, *, dtype=None, vae_dtype=None,
     float32), the VAE in ``vae_dtype`` (default ``dtype``).
     """
     from lora_kernel.training.families import family_of
+    from lora_kernel.training.families.detect import refuse_unsupported
 
+    refuse_unsupported(path)  # a family not trained here is named first
     p = check_model_path(path, "image")  # refuse before any ML library is even imported
-    return family_of(p).load(p, dtype=dtype, vae_dtype=vae_dtype, config=config,
-                             tokenizer=tokenizer)
+    return load_family_components(family_of(p), p, dtype=dtype, vae_dtype=vae_dtype,
+                                  config=config, tokenizer=tokenizer)
 
 
 def load_family_components(family, p: Path, *, dtype=None, vae_dtype=None, config=None,
                            tokenizer=None) -> SDComponents:
-    """:func:`load_sd_components` for a known ``family`` (its text encoders and configs)."""
+    """:func:`load_sd_components` for a known ``family``: its ``text_encoder_parts`` say
+    which text encoders (transformers class, folder name, single-file prefix and format)
+    to load, its ``bundled_configs`` which configs a single file uses."""
     import torch
     import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel

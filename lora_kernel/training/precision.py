@@ -11,6 +11,8 @@ whose VAE overflows in fp16 (SDXL's produces inf/NaN latents) keeps it in float3
 
 Pure functions of the config (and the family), so the loaders, the memory estimate and the
 training summary agree on one answer.
+
+Runs as: the user (their kernel, ``lora train``, or a recorded run's steps as the run's user).
 """
 from __future__ import annotations
 

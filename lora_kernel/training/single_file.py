@@ -33,6 +33,10 @@ LDM_CLIP = "cond_stage_model.transformer."
 PREFIXED = ("unet.", "vae.", "text_encoder.")
 
 SD15_TEXT_ENCODERS = (("text_encoder", LDM_CLIP, "clip"),)
+SDXL_TE1 = "conditioner.embedders.0.transformer."
+SDXL_TE2 = "conditioner.embedders.1.model."
+SDXL_TEXT_ENCODERS = (("text_encoder", SDXL_TE1, "clip"),
+                      ("text_encoder_2", SDXL_TE2, "open_clip"))
 
 _UNET_TOP = {
     "time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
@@ -274,10 +278,8 @@ def write_single_file(folder: str | os.PathLike, out: str | os.PathLike, *,
     folder, out = Path(folder), Path(out)
     unet_cfg = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
     vae_cfg = json.loads((folder / "vae" / "config.json").read_text(encoding="utf-8"))
-    from lora_kernel.training.families import family_of
-
-    parts = tuple((t.name, t.ldm_prefix, t.ldm_format)
-                  for t in family_of(folder).text_encoder_parts)
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    parts = SDXL_TEXT_ENCODERS if index.get("text_encoder_2") else SD15_TEXT_ENCODERS
     unet = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
     vae = load_file(folder / "vae" / "diffusion_pytorch_model.safetensors")
     texts = [load_file(folder / name / "model.safetensors") for name, _, _ in parts]

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from lora_kernel.common.errors import ConfigError
-from lora_kernel.training.config import load_config
+from lora_kernel.training.checks import load_config
 from lora_kernel.training.families import FAMILIES, family_named, family_of
 from lora_kernel.training.families.detect import SUPPORTED, detect_family
 

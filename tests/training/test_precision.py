@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from lora_kernel.common.errors import ConfigError
-from lora_kernel.training.config import load_config
+from lora_kernel.training.checks import load_config
 from lora_kernel.training.precision import keep_trainable_fp32, vae_dtype_name
 from lora_kernel.training.train import train
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_kernel.training.config import load_config
+from lora_kernel.training.checks import load_config
 from lora_kernel.training.export import read_metadata
 from lora_kernel.training.families import family_named
 from lora_kernel.training.train import train

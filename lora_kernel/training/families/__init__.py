@@ -1,6 +1,9 @@
 """Model families: one module per family (:mod:`.sd15`, :mod:`.sd2`, :mod:`.sdxl`) behind
 the small interface of :class:`.base.ModelFamily`; :mod:`.detect` tells which family a base
-model is (and refuses the families not trained here) before anything loads."""
+model is (and refuses the families not trained here) before anything loads.
+
+Runs as: the user (their kernel, ``lora train``, or a recorded run's steps as the run's user).
+"""
 from __future__ import annotations
 
 from pathlib import Path

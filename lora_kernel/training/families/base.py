@@ -4,13 +4,17 @@ families share.
 The training loop, the image task, caching, checkpoints, exports and records ask a
 :class:`ModelFamily` (never ``if family == ...``) for what differs between families:
 
-* ``load``: the components, in the training dtypes, from a diffusers folder or one file;
+* ``text_encoder_parts`` and ``bundled_configs``: what
+  :func:`lora_kernel.training.models.load_sd_components` loads (in the training dtypes) from
+  a diffusers folder or one file, and the export names of each text encoder;
 * ``tokenize`` / ``encode_prompt``: one or more text encoders, hidden states for the UNet's
   cross-attention and pooled embeddings (:class:`PromptEmbeds`);
 * ``time_ids`` / ``unet_kwargs``: extra conditioning (SDXL's size and crop ``add_time_ids``);
 * ``training_target``: epsilon or v-prediction (from the scheduler's ``prediction_type``);
-* ``text_encoder_parts`` and ``kohya_unet_name``: what the exports call each part;
+* ``kohya_unet_name``: what the kohya export calls each UNet module;
 * ``pipeline``: the diffusers pipeline the sample grid renders with.
+
+Runs as: the user (their kernel, ``lora train``, or a recorded run's steps as the run's user).
 """
 from __future__ import annotations
 
@@ -55,13 +59,6 @@ class ModelFamily:
     bundled_configs: ClassVar[dict[tuple, str]] = {}  # (conv_in shape, cross width) -> bundle
     text_encoder_parts: ClassVar[tuple[TextEncoderPart, ...]]
     vae_fp16_overflows: ClassVar[bool] = False  # keep the VAE out of fp16 (vae_dtype: auto)
-
-    # -- loading ---------------------------------------------------------------------------
-    def load(self, path, *, dtype, vae_dtype=None, config=None, tokenizer=None):
-        """The model's :class:`~lora_kernel.training.models.SDComponents`."""
-        from lora_kernel.training.models import load_family_components
-        return load_family_components(self, path, dtype=dtype, vae_dtype=vae_dtype,
-                                      config=config, tokenizer=tokenizer)
 
     # -- prompts ---------------------------------------------------------------------------
     def tokenize(self, comps, captions: list[str]) -> list:

@@ -7,6 +7,8 @@ a family we recognise but do not train (SD3, Flux, an SDXL refiner, an inpaintin
 video model) and a checkpoint whose keys fit no known layout are refused with a
 :class:`ConfigError` naming what was found and what is supported. No torch, no model code:
 names, small JSON files and safetensors headers only.
+
+Runs as: the user (their kernel, ``lora train``, or a recorded run's steps as the run's user).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import json
 from pathlib import Path
 
 from lora_kernel.common.errors import ConfigError
+from lora_kernel.training.single_file import SDXL_TE1, SDXL_TE2
 
 SUPPORTED = {"sd15": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x",
              "sdxl": "Stable Diffusion XL (base)"}
@@ -40,8 +43,6 @@ _UNSUPPORTED_KEYS = (
     ("motion_modules.", "a video model (AnimateDiff)"),
 )
 LDM_CONV_IN = "model.diffusion_model.input_blocks.0.0.weight"
-SDXL_TE1 = "conditioner.embedders.0.transformer."
-SDXL_TE2 = "conditioner.embedders.1.model."
 SDXL_REFINER_TE = "conditioner.embedders.0.model."
 SD2_TE = "cond_stage_model.model."
 SUPPORTED_LIST = ", ".join(f"{k} ({v})" for k, v in SUPPORTED.items())
@@ -95,8 +96,22 @@ def _sdxl_base_as_img2img(pipeline: str, index: dict) -> bool:
             and not index.get("requires_aesthetics_score"))
 
 
-def keys_family(path: Path, header: dict) -> str:
-    """The family of a single-file checkpoint from its safetensors ``header``."""
+def refuse_unsupported(path: str | Path) -> None:
+    """Refuse (:class:`ConfigError`) a base model of a family not trained here, naming it,
+    before any other check reads more of it: a diffusers folder by its ``model_index.json``
+    and configs, a ``.safetensors`` file by its header (a pickle renamed to .safetensors is
+    an ``UnsafeModelError`` there). Anything else is left to the other checks."""
+    from lora_kernel.training.model_safety import read_safetensors_header
+
+    p = Path(path)
+    if p.is_dir():
+        folder_family(p)
+    elif p.is_file() and p.suffix == ".safetensors":
+        _unsupported_keys(p, read_safetensors_header(p))
+
+
+def _unsupported_keys(path: Path, header: dict) -> None:
+    """Refuse a single file whose keys or shapes are those of a family not trained here."""
     keys = [k for k in header if k != "__metadata__"]
     for marker, what in _UNSUPPORTED_KEYS:
         if any(k.startswith(marker) or f".{marker}" in k for k in keys):
@@ -105,15 +120,25 @@ def keys_family(path: Path, header: dict) -> str:
     shape = conv_in.get("shape") if isinstance(conv_in, dict) else None
     if shape and len(shape) == 4 and shape[1] == 9:
         raise _unsupported(path, "an inpainting model (its UNet takes 9 input channels)")
+    if any(k.startswith("model.diffusion_model.") for k in keys) \
+            and not any(k.startswith((SDXL_TE1, SDXL_TE2)) for k in keys):
+        if any(k.startswith(SDXL_REFINER_TE) for k in keys):
+            raise _unsupported(path, "an SDXL refiner (sdxl-refiner: one OpenCLIP-bigG text "
+                                     "encoder, no CLIP-L)")
+        if any(k.startswith("model.diffusion_model.label_emb.") for k in keys):
+            raise _unsupported(path, "an SDXL-style UNet without its text encoders")
+
+
+def keys_family(path: Path, header: dict) -> str:
+    """The family of a single-file checkpoint from its safetensors ``header``."""
+    from lora_kernel.training.model_safety import no_layout_error
+
+    _unsupported_keys(path, header)
+    keys = [k for k in header if k != "__metadata__"]
     has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
     if has("model.diffusion_model."):
         if has(SDXL_TE2) or has(SDXL_TE1):
             return "sdxl"
-        if has(SDXL_REFINER_TE):
-            raise _unsupported(path, "an SDXL refiner (sdxl-refiner: one OpenCLIP-bigG text "
-                                     "encoder, no CLIP-L)")
-        if has("model.diffusion_model.label_emb."):
-            raise _unsupported(path, "an SDXL-style UNet without its text encoders")
         return "sd2" if has(SD2_TE) else "sd15"
     if has("unet."):
         if has("unet.add_embedding.") or has("text_encoder_2."):
@@ -121,14 +146,7 @@ def keys_family(path: Path, header: dict) -> str:
         cross = next((header[k]["shape"] for k in sorted(keys)
                       if k.endswith("attn2.to_k.weight")), None)
         return "sd2" if cross and cross[-1] == 1024 else "sd15"
-    shown = ", ".join(repr(k) for k in sorted(keys)[:3]) or "none"
-    raise ConfigError(f"{path}: its tensor names fit no known checkpoint layout (first: "
-                      f"{shown}); known: the original layout of SD1.x/SD2 "
-                      f"('model.diffusion_model.', 'cond_stage_model.') and SDXL "
-                      f"('model.diffusion_model.', 'conditioner.embedders.0/1.'), and prefixed "
-                      f"diffusers names ('unet.', 'vae.', 'text_encoder.'); fix: point "
-                      f"base_model at a checkpoint of a supported family ({SUPPORTED_LIST}) or "
-                      f"its diffusers folder", key="base_model")
+    raise no_layout_error(path, keys)
 
 
 def detect_family(path: str | Path) -> str | None:

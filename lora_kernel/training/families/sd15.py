@@ -1,5 +1,8 @@
 """Stable Diffusion 1.x: one CLIP ViT-L text encoder (its last hidden state conditions the
-UNet), epsilon prediction, 512 px; kohya names the UNet's modules by their diffusers names."""
+UNet), epsilon prediction, 512 px; kohya names the UNet's modules by their diffusers names.
+
+Runs as: the user (their kernel, ``lora train``, or a recorded run's steps as the run's user).
+"""
 from __future__ import annotations
 
 from lora_kernel.training.families.base import ModelFamily, PromptEmbeds, TextEncoderPart

@@ -1,6 +1,9 @@
 """Stable Diffusion 2.x: SD1.x's UNet and pipeline with an OpenCLIP ViT-H text encoder
 (1024 wide) and, for the 768 px models, v-prediction (the scheduler's ``prediction_type``,
-which :meth:`ModelFamily.training_target` follows). kohya marks its adapters ``sd_v2``."""
+which :meth:`ModelFamily.training_target` follows). kohya marks its adapters ``sd_v2``.
+
+Runs as: the user (their kernel, ``lora train``, or a recorded run's steps as the run's user).
+"""
 from __future__ import annotations
 
 from lora_kernel.training.families.base import TextEncoderPart

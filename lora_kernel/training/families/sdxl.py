@@ -8,10 +8,13 @@ prediction, 1024 px, and a VAE that overflows in fp16 (``vae_dtype: auto`` keeps
 kohya / A1111 / ComfyUI name SDXL LoRA modules by the original single-file layout
 (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``) and the two text encoders
 ``lora_te1_`` and ``lora_te2_``; adapters say ``ss_base_model_version: sdxl_base_v1-0``.
+
+Runs as: the user (their kernel, ``lora train``, or a recorded run's steps as the run's user).
 """
 from __future__ import annotations
 
 from lora_kernel.training.families.base import ModelFamily, PromptEmbeds, TextEncoderPart
+from lora_kernel.training.single_file import SDXL_TE1, SDXL_TE2
 
 
 class SDXLFamily(ModelFamily):
@@ -23,9 +26,9 @@ class SDXLFamily(ModelFamily):
     bundled_configs = {((32, 4, 3, 3), 64): "tiny-sdxl", ((320, 4, 3, 3), 2048): "sdxl"}
     text_encoder_parts = (
         TextEncoderPart("text_encoder", "CLIPTextModel", "lora_te1", "text_encoder_lr",
-                        "conditioner.embedders.0.transformer."),
+                        SDXL_TE1),
         TextEncoderPart("text_encoder_2", "CLIPTextModelWithProjection", "lora_te2",
-                        "text_encoder_2_lr", "conditioner.embedders.1.model.", "open_clip"),
+                        "text_encoder_2_lr", SDXL_TE2, "open_clip"),
     )
     vae_fp16_overflows = True
 
