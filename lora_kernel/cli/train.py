@@ -72,10 +72,11 @@ def cmd_config(args) -> int:
     cfg = load_config(args.file, parse_overrides(args.param))
     print_dataset_warnings(cfg)
     print(json.dumps(cfg.to_dict(), indent=1))
+    family = ""
     if cfg.model_family:
         from lora_kernel.training.families import family_named
-        print(f"model family: {cfg.model_family} ({family_named(cfg.model_family).title})")
-    print(f"{args.file}: OK", flush=True)
+        family = f" (model family: {cfg.model_family} ({family_named(cfg.model_family).title}))"
+    print(f"{args.file}: OK{family}", flush=True)
     return 0
 
 
