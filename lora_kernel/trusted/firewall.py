@@ -330,9 +330,13 @@ def prepare_host(policy: EgressPolicy | None = None) -> str:
 def enforce(uid: int, policy: EgressPolicy | None = None) -> bool:
     """For the spawner and the runs service: when the firewall is in force here
     (:func:`effective`: ``required``, or ``auto`` as root with ``nft``), :func:`ensure_user`
-    (raises when the rules are not in place) and True; otherwise nothing and False."""
+    (raises when the rules are not in place) and True; otherwise nothing and False. Under
+    ``auto`` a missing or drifted ruleset is applied first (whichever trusted component
+    starts a user's process first, the hub or a standalone runs service)."""
     policy = policy if policy is not None else load_egress_policy()
     if effective(policy)[0] != "required":
         return False
+    if policy.firewall == "auto" and check(policy):
+        apply(policy)  # `auto`: the platform puts the ruleset in place itself (keeps members)
     ensure_user(uid, policy)
     return True

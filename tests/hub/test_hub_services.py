@@ -120,11 +120,17 @@ def test_a_run_through_the_api_is_sealed_by_the_service_account_and_reviewed(hub
     by_auditor = api(hub, tokens["audrey"], "POST", f"{AUDIT}/runs/{run_id}/review",
                      json={"decision": "approve", "reviewer": user_name("rita")})
     assert by_auditor.status_code == 403
+    # a plain notebook wrote this adapter itself (kind "notebook"): self-reported, so even a
+    # reviewer cannot approve it (issue 20); rejecting it is a review like any other
+    self_reported = api(hub, tokens["rita"], "POST", f"{AUDIT}/runs/{run_id}/review",
+                        json={"decision": "approve", "note": "looks right"})
+    assert self_reported.status_code == 403 and "self-reported" in self_reported.text
     ok = api(hub, tokens["rita"], "POST", f"{AUDIT}/runs/{run_id}/review",
-             json={"decision": "approve", "note": "looks right"})
+             json={"decision": "reject", "note": "not trained by the platform"})
     assert ok.status_code == 200, ok.text
     shown = api(hub, tokens["audrey"], "GET", f"{AUDIT}/runs/{run_id}").json()
-    assert shown["review"] == "approved" and shown["reviewer"] == user_name("rita")
+    assert shown["review"] == "rejected" and shown["reviewer"] == user_name("rita")
+    assert shown["kind"] == "notebook"
 
 
 def test_kernel_events_are_posted_to_the_audit_service_and_land_in_the_ledger(hub, tokens):

@@ -387,7 +387,8 @@ def test_root_mode_runs_the_kernel_as_the_user_and_seals_as_the_service_account(
                 break
             time.sleep(0.5)
         log = state / "hub" / "logs" / f"{sub['id']}.log"
-        assert row["status"] == "succeeded", (row, log.read_text() if log.exists() else "")
+        assert row["status"] == "succeeded", (row.get("error"),
+                                              log.read_text() if log.exists() else "")
         record = Path(row["record"]["path"])
         assert record.stat().st_uid == pwd.getpwnam(SVC).pw_uid
         assert f"uid {alice.pw_uid} x 5" in (record / "executed.ipynb").read_text()

@@ -156,12 +156,19 @@ def test_auto_is_required_as_root_with_nft_and_off_otherwise(monkeypatch):
     monkeypatch.setattr(firewall, "ensure_user", lambda *a, **k: calls.append(a))
     monkeypatch.setattr(firewall.shutil, "which", lambda name: f"/usr/sbin/{name}")
     monkeypatch.setattr(os, "geteuid", lambda: 0)
+    applied = []
+    monkeypatch.setattr(firewall, "apply", lambda policy: applied.append(policy))
+    monkeypatch.setattr(firewall, "check", lambda policy: ["table inet lora_enclave missing"])
     assert firewall.effective(auto)[0] == "required"
     assert firewall.enforce(1001, auto) is True and calls[-1][0] == 1001  # a server is filtered
+    assert applied == [auto]  # auto put the missing ruleset in place first
+    monkeypatch.setattr(firewall, "check", lambda policy: [])
+    assert firewall.enforce(1001, auto) is True and applied == [auto]  # in place: left as is
+    assert firewall.enforce(1001, _policy({"firewall": "required"})) and applied == [auto]
     monkeypatch.setattr(os, "geteuid", lambda: 1000)  # the demo without root: still runs
     mode, why = firewall.effective(auto)
     assert mode == "off" and "not running as root" in why
-    assert firewall.enforce(1002, auto) is False and len(calls) == 1
+    assert firewall.enforce(1002, auto) is False and len(calls) == 3
     assert "only the kernel's audit hook" in firewall.prepare_host(auto)
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     monkeypatch.setattr(firewall.shutil, "which", lambda name: None)  # no nftables
