@@ -21,7 +21,8 @@ BENCH = REPO / "bench" / "gpu_train.py"
 VARIANTS = {"image": ["lora train eager", "lora train compiled", "bare loop",
                       "diffusers+peft"],
             "text": ["lora train eager", "lora train compiled", "bare loop", "Trainer+peft"],
-            "sdxl": ["lora train eager", "bare loop", "diffusers+peft"]}
+            "sdxl": ["lora train eager", "lora train gc batch 1", "bare loop",
+                     "diffusers+peft"]}
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +85,7 @@ def test_ratios_and_targets_are_printed(tiny_run):
         match = re.search(re.escape(line) + r"([0-9.]+)x", out)
         assert match and float(match.group(1)) > 0, (line, out)
     assert "target image lora train >= 12 steps/s on H200: n/a" in out
+    assert "target sdxl peak memory <= 16 GiB (gc, batch 1): n/a here" in out
     assert "peak for MFU: n/a" in out
 
 
