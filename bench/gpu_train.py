@@ -27,6 +27,9 @@ learning rate:
   ``lora_kernel.training.train.train``, what ``lora train --config ... -q --no-samples``
   runs) with ``compile: false``;
 * ``lora train compiled`` -- the same with ``compile: true``;
+* ``lora train fp32 weights`` -- image only: eager, with the frozen weights kept in float32
+  under the same autocast (the loop before issue 22, which loads them in the training
+  precision): the gain of half-precision frozen weights;
 * ``bare loop``           -- the ceiling: the model + peft LoRA, forward / backward / clip /
   (fused on CUDA) AdamW step on random inputs (image: random latents and text states; text:
   random token ids), nothing else;
@@ -120,7 +123,8 @@ PRELOAD = [  # imported once by the fork server, so that each variant's child st
     "lora_kernel.training.image", "lora_kernel.training.text", "lora_kernel.training.models",
     "lora_kernel.training.demo_assets",
 ]
-IMAGE_VARIANTS = ("lora train eager", "lora train compiled", "bare loop", "diffusers+peft")
+IMAGE_VARIANTS = ("lora train eager", "lora train compiled", "lora train fp32 weights",
+                  "bare loop", "diffusers+peft")
 TEXT_VARIANTS = ("lora train eager", "lora train compiled", "bare loop", "Trainer+peft")
 SDXL_VARIANTS = ("lora train eager", "lora train gc batch 1", "bare loop", "diffusers+peft")
 # The 16 GB-card configuration of issue 22: gradient checkpointing at batch 1.
@@ -529,6 +533,11 @@ def child_lora_train(spec: dict) -> dict:
     os.environ[PROGRESS_ENV] = str(progress)
     if spec.get("compile_backend"):
         os.environ[COMPILE_BACKEND_ENV] = spec["compile_backend"]
+    if spec.get("fp32_weights"):  # the loop before issue 22: autocast over float32 weights
+        from lora_kernel.training import precision
+        from lora_kernel.training import train as train_module
+        precision.weight_dtype_name = train_module.weight_dtype_name = (
+            lambda cfg: "float32")
     overrides = {"compile": spec["compile"], "output_dir": str(out_dir),
                  "max_train_steps": spec["warmup"] + spec["steps"],
                  **spec.get("overrides", {})}
@@ -948,6 +957,8 @@ def ratio_lines(results: dict, device_name: str, tiny: bool) -> list[str]:
         else:
             plain = sps(task, "diffusers+peft")
             out.append(ratio("ratio image lora-train eager / diffusers+peft", eager, plain))
+            out.append(ratio("ratio image lora-train eager / fp32 weights (half-precision "
+                             "frozen weights' gain)", eager, sps(task, "lora train fp32 weights")))
             out.append(ratio("ratio image lora-train compiled / diffusers+peft", comp, plain))
             best = max([x for x in (eager, comp) if x is not None], default=None)
             if best is None:
@@ -1096,6 +1107,7 @@ def main() -> int:
                                 compile_backend=args.compile_backend)
                     if name.endswith("gc batch 1"):
                         spec.update(overrides=GC_BATCH_1, batch=1)
+                    spec.update(fp32_weights=name.endswith("fp32 weights"))
                     plan.append((task, name, "lora_train", spec))
                 elif name == "diffusers+peft":
                     plan.append((task, name, f"diffusers_{task}", spec))

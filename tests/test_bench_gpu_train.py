@@ -18,8 +18,8 @@ import pytest
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench" / "gpu_train.py"
-VARIANTS = {"image": ["lora train eager", "lora train compiled", "bare loop",
-                      "diffusers+peft"],
+VARIANTS = {"image": ["lora train eager", "lora train compiled", "lora train fp32 weights",
+                      "bare loop", "diffusers+peft"],
             "text": ["lora train eager", "lora train compiled", "bare loop", "Trainer+peft"],
             "sdxl": ["lora train eager", "lora train gc batch 1", "bare loop",
                      "diffusers+peft"]}
@@ -76,6 +76,8 @@ def test_ratios_and_targets_are_printed(tiny_run):
     for line in ("ratio image lora-train compiled / eager: ",
                  "ratio image lora-train eager / bare loop: ",
                  "ratio image lora-train eager / diffusers+peft: ",
+                 "ratio image lora-train eager / fp32 weights (half-precision frozen weights' "
+                 "gain): ",
                  "ratio text lora-train compiled / eager: ",
                  "ratio text lora-train eager / bare loop: ",
                  "ratio text lora-train eager / Trainer+peft: ",
