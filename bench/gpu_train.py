@@ -13,9 +13,11 @@ Everything is built here, on the machine that runs the benchmark; nothing is dow
 * sdxl (issue 22): an SDXL-base-architecture diffusers folder (UNet, VAE and both text
   encoders from the bundled SDXL configs, ``lora_kernel.training.demo_sdxl.SDXL_CONFIGS``,
   random weights built on the device; the demo tokenizers) and 16 demo-style 1024 px images:
-  batch 4, bf16, rank 16. Its variants: ``lora train eager``, the ``bare loop`` and
-  ``diffusers+peft``, the per-step work of diffusers' ``train_dreambooth_lora_sdxl.py`` (VAE
-  and both text encoders every step, ``add_time_ids``, no caching; target: lora train >= 2x).
+  batch 4, bf16, rank 16. Its variants: ``lora train eager``, ``lora train gc batch 1``
+  (gradient checkpointing at batch 1; target: peak GPU memory <= 16 GiB), the ``bare loop``
+  and ``diffusers+peft``, the per-step work of diffusers' ``train_dreambooth_lora_sdxl.py``
+  (VAE and both text encoders every step, ``add_time_ids``, no caching; target: lora train
+  >= 2x).
 
 Variants, each in its own child process (so the peak memory is that variant's), with the
 same model, data, batch, sequence length / resolution, LoRA rank and targets, precision and
@@ -25,6 +27,9 @@ learning rate:
   ``lora_kernel.training.train.train``, what ``lora train --config ... -q --no-samples``
   runs) with ``compile: false``;
 * ``lora train compiled`` -- the same with ``compile: true``;
+* ``lora train fp32 weights`` -- image only: eager, with the frozen weights kept in float32
+  under the same autocast (the loop before issue 22, which loads them in the training
+  precision): the gain of half-precision frozen weights;
 * ``bare loop``           -- the ceiling: the model + peft LoRA, forward / backward / clip /
   (fused on CUDA) AdamW step on random inputs (image: random latents and text states; text:
   random token ids), nothing else;
@@ -118,9 +123,12 @@ PRELOAD = [  # imported once by the fork server, so that each variant's child st
     "lora_kernel.training.image", "lora_kernel.training.text", "lora_kernel.training.models",
     "lora_kernel.training.demo_assets",
 ]
-IMAGE_VARIANTS = ("lora train eager", "lora train compiled", "bare loop", "diffusers+peft")
+IMAGE_VARIANTS = ("lora train eager", "lora train compiled", "lora train fp32 weights",
+                  "bare loop", "diffusers+peft")
 TEXT_VARIANTS = ("lora train eager", "lora train compiled", "bare loop", "Trainer+peft")
-SDXL_VARIANTS = ("lora train eager", "bare loop", "diffusers+peft")
+SDXL_VARIANTS = ("lora train eager", "lora train gc batch 1", "bare loop", "diffusers+peft")
+# The 16 GB-card configuration of issue 22: gradient checkpointing at batch 1.
+GC_BATCH_1 = {"gradient_checkpointing": True, "batch_size": 1}
 VARIANTS = {"image": IMAGE_VARIANTS, "text": TEXT_VARIANTS, "sdxl": SDXL_VARIANTS}
 MODEL_DIRS = {"image": "sd", "text": "llama", "sdxl": "sdxl"}
 
@@ -525,8 +533,14 @@ def child_lora_train(spec: dict) -> dict:
     os.environ[PROGRESS_ENV] = str(progress)
     if spec.get("compile_backend"):
         os.environ[COMPILE_BACKEND_ENV] = spec["compile_backend"]
+    if spec.get("fp32_weights"):  # the loop before issue 22: autocast over float32 weights
+        from lora_kernel.training import precision
+        from lora_kernel.training import train as train_module
+        precision.weight_dtype_name = train_module.weight_dtype_name = (
+            lambda cfg: "float32")
     overrides = {"compile": spec["compile"], "output_dir": str(out_dir),
-                 "max_train_steps": spec["warmup"] + spec["steps"]}
+                 "max_train_steps": spec["warmup"] + spec["steps"],
+                 **spec.get("overrides", {})}
     cfg = load_config(spec["config"], overrides)
     prepare_output_dir(cfg, overwrite=True)
     ends: list[float] = []
@@ -784,7 +798,7 @@ def _child_main(kind: str, spec: dict, conn, log_path: str) -> None:
         if spec.get("threads"):
             import torch
             torch.set_num_threads(spec["threads"])
-        result = {"ok": True, **CHILDREN[kind](spec)}
+        result = {"ok": True, "batch": spec.get("batch"), **CHILDREN[kind](spec)}
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         traceback.print_exc()
         result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
@@ -851,7 +865,7 @@ def _derive(results: dict, built: dict, sizes: dict, peak: float | None) -> None
             continue
         sps = r["steps_per_s"]
         if task in ("image", "sdxl"):
-            b = sizes[task]["batch"]
+            b = r.get("batch") or sizes[task]["batch"]
             r["items_per_s"], r["items"] = sps * b, "images/s"
             key = "unet_forward_flops" if task == "image" else "sdxl_unet_forward_flops"
             flops = sps * b * 3 * built[key]
@@ -914,6 +928,16 @@ def ratio_lines(results: dict, device_name: str, tiny: bool) -> list[str]:
         out.append(ratio("ratio sdxl lora-train eager / diffusers+peft (dreambooth_lora_sdxl)",
                          sdxl, plain, target=None if tiny else 2.0)
                    + (" (target >= 2x applies to the GPU run only)" if tiny else ""))
+        gc = results.get(("sdxl", "lora train gc batch 1"))
+        if gc is None or not gc.get("ok"):
+            out.append("target sdxl peak memory <= 16 GiB (gc, batch 1): n/a (no result)")
+        elif tiny or not gc.get("peak_mem_kind", "").startswith("GPU"):
+            out.append(f"target sdxl peak memory <= 16 GiB (gc, batch 1): n/a here "
+                       f"({gc['peak_mem_bytes'] / 2**30:.2f} GiB {gc.get('peak_mem_kind')})")
+        else:
+            peak_gib = gc["peak_mem_bytes"] / 2**30
+            out.append(f"target sdxl peak memory <= 16 GiB (gc, batch 1): {peak_gib:.2f} GiB: "
+                       f"{'met' if peak_gib <= 16 else 'NOT met'}")
     for task in ("image", "text"):
         eager, comp = sps(task, "lora train eager"), sps(task, "lora train compiled")
         if eager is None and comp is None and (task, "bare loop") not in results:
@@ -933,6 +957,8 @@ def ratio_lines(results: dict, device_name: str, tiny: bool) -> list[str]:
         else:
             plain = sps(task, "diffusers+peft")
             out.append(ratio("ratio image lora-train eager / diffusers+peft", eager, plain))
+            out.append(ratio("ratio image lora-train eager / fp32 weights (half-precision "
+                             "frozen weights' gain)", eager, sps(task, "lora train fp32 weights")))
             out.append(ratio("ratio image lora-train compiled / diffusers+peft", comp, plain))
             best = max([x for x in (eager, comp) if x is not None], default=None)
             if best is None:
@@ -1079,6 +1105,9 @@ def main() -> int:
                         continue
                     spec.update(compile=name.endswith("compiled"),
                                 compile_backend=args.compile_backend)
+                    if name.endswith("gc batch 1"):
+                        spec.update(overrides=GC_BATCH_1, batch=1)
+                    spec.update(fp32_weights=name.endswith("fp32 weights"))
                     plan.append((task, name, "lora_train", spec))
                 elif name == "diffusers+peft":
                     plan.append((task, name, f"diffusers_{task}", spec))

@@ -18,10 +18,11 @@ import pytest
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench" / "gpu_train.py"
-VARIANTS = {"image": ["lora train eager", "lora train compiled", "bare loop",
-                      "diffusers+peft"],
+VARIANTS = {"image": ["lora train eager", "lora train compiled", "lora train fp32 weights",
+                      "bare loop", "diffusers+peft"],
             "text": ["lora train eager", "lora train compiled", "bare loop", "Trainer+peft"],
-            "sdxl": ["lora train eager", "bare loop", "diffusers+peft"]}
+            "sdxl": ["lora train eager", "lora train gc batch 1", "bare loop",
+                     "diffusers+peft"]}
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +76,8 @@ def test_ratios_and_targets_are_printed(tiny_run):
     for line in ("ratio image lora-train compiled / eager: ",
                  "ratio image lora-train eager / bare loop: ",
                  "ratio image lora-train eager / diffusers+peft: ",
+                 "ratio image lora-train eager / fp32 weights (half-precision frozen weights' "
+                 "gain): ",
                  "ratio text lora-train compiled / eager: ",
                  "ratio text lora-train eager / bare loop: ",
                  "ratio text lora-train eager / Trainer+peft: ",
@@ -84,6 +87,7 @@ def test_ratios_and_targets_are_printed(tiny_run):
         match = re.search(re.escape(line) + r"([0-9.]+)x", out)
         assert match and float(match.group(1)) > 0, (line, out)
     assert "target image lora train >= 12 steps/s on H200: n/a" in out
+    assert "target sdxl peak memory <= 16 GiB (gc, batch 1): n/a here" in out
     assert "peak for MFU: n/a" in out
 
 

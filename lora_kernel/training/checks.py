@@ -112,8 +112,6 @@ def _check_inputs(cfg: TrainConfig, file: str) -> None:
 
 # The down-projection weights of a LoRA file, in diffusers' and peft's names.
 _LORA_DOWN = (".lora.down.weight", ".lora_linear_layer.down.weight", ".lora_A.weight")
-# kohya's ss_base_model_version -> our family name (for adapters that do not say it)
-_KOHYA_FAMILIES = {"sd_v1": "sd15", "sd_v2": "sd2", "sdxl_base_v1-0": "sdxl"}
 
 
 def _check_init(cfg: TrainConfig, family, file: str) -> None:
@@ -139,7 +137,9 @@ def _check_init(cfg: TrainConfig, family, file: str) -> None:
     if not any(k.startswith("unet.") for k in downs):
         raise ConfigError(f"{path} holds no UNet LoRA weights (unet.*.lora.down.*); {fix}",
                           file=file, key="init")
-    found = meta.get("lora_enclave.model_family") or _KOHYA_FAMILIES.get(
+    from lora_kernel.training.families import FAMILIES
+    kohya = {f.kohya_base_version: f.name for f in FAMILIES.values()}  # adapters of others
+    found = meta.get("lora_enclave.model_family") or kohya.get(
         meta.get("ss_base_model_version", ""))
     if found != family.name:
         what = f"a LoRA for {found}" if found else "a LoRA of unknown family"
