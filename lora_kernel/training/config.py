@@ -32,6 +32,8 @@ from lora_kernel.common.errors import ConfigError
 from lora_kernel.common.yamlio import parse_yaml
 from lora_kernel.training.data import MAX_IMAGE_PIXELS
 from lora_kernel.training.precision import VAE_DTYPES
+from lora_kernel.training.text_data import FORMATS, TEMPLATE_NAMES
+from lora_kernel.training.text_quant import COMPUTE_DTYPES, QUANTIZATIONS
 
 TASKS = ("image", "text")
 COMPILE_MODES = ("true", "false", "auto")
@@ -101,6 +103,22 @@ class TrainConfig:
                               default="response")
     max_seq_length: int = _h("Tokens per training sequence (text).", default=256)
     packing: bool = _h("Pack several examples into one sequence (text).", default=True)
+    dataset_format: str = _h(
+        "Text dataset format: auto (from the first line), messages (OpenAI), sharegpt, alpaca, "
+        "prompt_response or text; the manifest records the resolved one (text).",
+        default="auto")
+    chat_template: str | None = _h(
+        "Render conversations with this template of templates/chat (llama3, chatml, qwen, "
+        "mistral, gemma) instead of the tokenizer's own chat_template (text).", default=None)
+    quantization: str = _h(
+        "Load the frozen causal LM through bitsandbytes: none, nf4 or fp4 (4-bit, QLoRA) or "
+        "int8; the LoRA weights stay float32 (text).", default="none")
+    bnb_4bit_compute_dtype: str = _h(
+        "Compute dtype of 4-bit layers: auto (mixed_precision's dtype, bf16 when no), bf16, "
+        "fp16 or fp32 (text).", default="auto")
+    bnb_4bit_use_double_quant: bool = _h(
+        "Quantize the 4-bit quantization constants too (about 0.4 bits per weight less; text).",
+        default=True)
     seed: int = _h("Random seed: data order, LoRA init, noise, sampling.", default=42)
     deterministic: bool | None = _h(
         "Deterministic kernels: the same config and seed give a bit-identical adapter on the "
@@ -173,6 +191,11 @@ class TrainConfig:
     model_warnings: list[str] = field(default_factory=list, repr=False, compare=False,
                                       metadata={"internal": True})
 
+    # The text dataset's format when dataset_format is auto, found by validation from the
+    # first line; to_dict records it in place of "auto" (not a key).
+    resolved_dataset_format: str | None = field(default=None, repr=False, compare=False,
+                                                metadata={"internal": True})
+
     def __post_init__(self):
         self._check()
 
@@ -224,6 +247,7 @@ class TrainConfig:
         if self.vae_dtype not in VAE_DTYPES:
             raise self._err("vae_dtype", f"must be one of {', '.join(VAE_DTYPES)}, got "
                                          f"{self.vae_dtype!r}; fix: vae_dtype: auto")
+        self._check_text_keys()
         if self.lr_scheduler not in LR_SCHEDULERS:
             hint = _did_you_mean(str(self.lr_scheduler), LR_SCHEDULERS)
             raise self._err("lr_scheduler", f"unknown scheduler {self.lr_scheduler!r}{hint}; "
@@ -235,6 +259,20 @@ class TrainConfig:
             raise self._err("target_modules", "must list at least one module name or be omitted")
         if not self.output_name or any(c in self.output_name for c in "/\\"):
             raise self._err("output_name", f"must be a plain file stem, got {self.output_name!r}")
+
+    def _check_text_keys(self):
+        for key, allowed in (("dataset_format", FORMATS), ("quantization", QUANTIZATIONS),
+                             ("bnb_4bit_compute_dtype", COMPUTE_DTYPES)):
+            if getattr(self, key) not in allowed:
+                raise self._err(key, f"must be one of {', '.join(allowed)}, got "
+                                     f"{getattr(self, key)!r}")
+        if self.chat_template is not None and self.chat_template not in TEMPLATE_NAMES:
+            raise self._err("chat_template", f"unknown template {self.chat_template!r}; fix: "
+                            f"one of {', '.join(TEMPLATE_NAMES)}, or remove the key for the "
+                            f"tokenizer's own")
+        if self.task == "image" and self.quantization != "none":
+            raise self._err("quantization", "applies to the causal LM of task: text; fix: "
+                                            "remove it (or set quantization: none)")
 
     # -- derived values ----------------------------------------------------
     @property
@@ -258,6 +296,8 @@ class TrainConfig:
             out[f.name] = getattr(self, f.name)
         out["lora_alpha"] = self.alpha
         out["target_modules"] = self.targets
+        if self.resolved_dataset_format and self.dataset_format == "auto":
+            out["dataset_format"] = self.resolved_dataset_format
         return out
 
     def dataset_files(self) -> list[Path]:

@@ -305,9 +305,12 @@ def _load_single_file(p: Path, config, family):
 
 
 # -- causal LM ----------------------------------------------------------------------------
-def load_causal_lm(path: str | os.PathLike, *, dtype=None):
+def load_causal_lm(path: str | os.PathLike, *, dtype=None, quantization_config=None,
+                   device=None):
     """``(model, tokenizer)`` of a local Hugging Face causal-LM folder (safetensors only, no
-    custom code). If the tokenizer has no pad token, its eos token is used for padding."""
+    custom code). If the tokenizer has no pad token, its eos token is used for padding.
+    With ``quantization_config`` (a ``BitsAndBytesConfig``) the model is quantized while it
+    loads, straight onto ``device`` (:mod:`lora_kernel.training.text_quant`)."""
     p = check_model_path(path, "text")  # refuse before any ML library is even imported
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -323,9 +326,14 @@ def load_causal_lm(path: str | os.PathLike, *, dtype=None):
     tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True,
                                               trust_remote_code=False)
     dtype = dtype or torch.float32
+    quant = {}
+    if quantization_config is not None:
+        quant = {"quantization_config": quantization_config,
+                 "device_map": {"": str(device or "cpu")}}
     model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=dtype,
-                                                 use_safetensors=True, trust_remote_code=False)
-    if next(model.parameters()).dtype != dtype:
+                                                 use_safetensors=True, trust_remote_code=False,
+                                                 **quant)
+    if quantization_config is None and next(model.parameters()).dtype != dtype:
         model.to(dtype=dtype)
     model.eval()
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:

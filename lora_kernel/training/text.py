@@ -1,7 +1,9 @@
 """Text LoRA (causal LM): transformers + peft ``CAUSAL_LM`` LoRA.
 
-The dataset is JSON Lines with either ``text`` records (loss on every token) or
-``prompt``/``response`` records (loss on the response and end-of-sequence only). With
+The dataset is JSON Lines: conversations (OpenAI ``messages``, ShareGPT, Alpaca; rendered with
+the chat template, loss on the assistant turns, see :mod:`lora_kernel.training.text_data`),
+``text`` records (loss on every token) or ``prompt``/``response`` records (loss on the response
+and end-of-sequence only). With
 ``packing`` several examples share one sequence of ``max_seq_length`` tokens, as in
 LLaMA-Factory and TRL; without it each example is its own (padded) sequence.
 
@@ -23,7 +25,13 @@ IGNORE = -100
 
 
 def encode_records(cfg, tokenizer) -> list[tuple[list[int], list[int]]]:
-    """Token ids and labels of each record (prompt tokens masked with -100)."""
+    """Token ids and labels of each record (-100 where no loss): conversations
+    (:mod:`lora_kernel.training.text_data`) rendered with the chat template, loss on the
+    assistant turns; prompt/response records with the prompt masked; text records whole."""
+    from lora_kernel.training.text_data import CHAT_FORMATS, encode_chat_records, resolve_format
+    fmt = resolve_format(cfg)
+    if fmt in CHAT_FORMATS:
+        return encode_chat_records(cfg, tokenizer, fmt)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     out = []
@@ -95,7 +103,8 @@ class TextTask:
         self.lora_config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.lora_rank,
                                       lora_alpha=cfg.alpha, target_modules=cfg.targets,
                                       lora_dropout=cfg.lora_dropout, bias="none")
-        model.to(device)
+        if getattr(cfg, "quantization", "none") == "none":
+            model.to(device)  # a quantized model was loaded onto the device
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.enable_input_require_grads()
@@ -141,17 +150,32 @@ class TextTask:
 @torch.no_grad()
 def sample_completions(cfg, task: TextTask, out_dir: Path) -> dict:
     """Greedy completions of the sample prompts, without and with the LoRA."""
+    from lora_kernel.training.text_data import (
+        CHAT_FORMATS,
+        chat_prompt_ids,
+        first_user_prompts,
+        resolve_format,
+        template_text,
+    )
+    fmt = resolve_format(cfg)
+    chat = fmt in CHAT_FORMATS
     prompts = list(cfg.sample_prompts)
-    if not prompts:
+    if not prompts and chat:
+        prompts = first_user_prompts(cfg, fmt)
+    elif not prompts:
         recs = read_text_records(cfg)
         prompts = [str(r[cfg.prompt_column]) for r in recs[:3] if cfg.prompt_column in r]
     model, tok = task.model, task.tokenizer
+    template = template_text(cfg, tok) if chat else None
     model.eval()
     rows = []
     for prompt in prompts:
-        ids = tok(prompt, return_tensors="pt", add_special_tokens=True).input_ids
-        if tok.bos_token_id is not None and ids[0, 0] != tok.bos_token_id:
-            ids = torch.cat([torch.tensor([[tok.bos_token_id]]), ids], dim=1)
+        if template is not None:  # a chat run samples its prompts as user turns
+            ids = torch.tensor([chat_prompt_ids(prompt, tok, template)])
+        else:
+            ids = tok(prompt, return_tensors="pt", add_special_tokens=True).input_ids
+            if tok.bos_token_id is not None and ids[0, 0] != tok.bos_token_id:
+                ids = torch.cat([torch.tensor([[tok.bos_token_id]]), ids], dim=1)
         ids = ids.to(task.device)
         gen = dict(max_new_tokens=cfg.max_new_tokens, do_sample=False,
                    pad_token_id=task.pad_id, eos_token_id=tok.eos_token_id)

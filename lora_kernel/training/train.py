@@ -300,10 +300,11 @@ def _train_image(cfg, *, device, out, cache_dir, version, digests, resume, progr
 def _train_text(cfg, *, device, out, version, digests, resume, progress, interrupt_at_step,
                 on_step, samples, run_loop) -> TaskOutcome:
     from lora_kernel.training.export import adapter_metadata, save_peft_adapter
-    from lora_kernel.training.models import load_causal_lm, model_sha256
+    from lora_kernel.training.models import model_sha256
     from lora_kernel.training.text import TextTask, sample_completions
+    from lora_kernel.training.text_quant import base_dtype_label, load_text_model
     dtype = weight_dtype_name(cfg)
-    model, tokenizer = load_causal_lm(cfg.base_model, dtype=torch_dtype(dtype))
+    model, tokenizer = load_text_model(cfg, dtype=torch_dtype(dtype), device=device)
     sha = model_sha256(cfg.base_model)
     task = TextTask(cfg, model, tokenizer, device=device)
     result = run_loop(cfg, task, output_dir=out, device=device, resume=resume,
@@ -316,5 +317,5 @@ def _train_text(cfg, *, device, out, version, digests, resume, progress, interru
     info = sample_completions(cfg, task, out / "samples") if samples else {}
     return TaskOutcome(loop=result, adapter_files=files, samples=info, cache_hit=False,
                        base_model_sha256=sha, live={"model": task.model, "tokenizer": tokenizer},
-                       base_weight_dtype=dtype,
+                       base_weight_dtype=base_dtype_label(cfg, dtype),
                        trainable_dtype=trainable_dtype_name(task.named_trainable()))
