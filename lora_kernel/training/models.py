@@ -473,7 +473,10 @@ def estimate_training_memory(cfg) -> MemoryEstimate:
     and their gradient: 2 x B x T x vocab_size x 4 B.
 
     w = 2 bytes with mixed_precision fp16/bf16 (the frozen weights are loaded in that dtype;
-    the VAE's own bytes follow ``vae_dtype``), else 4.
+    the VAE's own bytes follow ``vae_dtype``), else 4. With ``quantization`` (text) the
+    decoder layers' Linear weights cost what bitsandbytes stores per weight (nf4/fp4 about
+    0.52 bytes with double quantization, int8 1 byte), the rest w
+    (:func:`lora_kernel.training.text_quant.quantized_model_bytes`).
     a = 2 bytes with mixed_precision fp16/bf16 (autocast), else 4. LoRA weights, their
     gradients and AdamW states (well under 1% of the weights) and the attention score
     matrices (fused attention kernels do not keep them) are left out: the estimate is a lower
@@ -506,6 +509,11 @@ def estimate_training_memory(cfg) -> MemoryEstimate:
         data = len(read_image_rows(cfg)) * 3 * cfg.resolution ** 2 * 4
     else:
         weights = w * _param_count(_weight_files(p))
+        if getattr(cfg, "quantization", "none") != "none":
+            from lora_kernel.training.text_quant import quantized_model_bytes
+            weights = quantized_model_bytes(cfg, [
+                (name, info["shape"]) for f in _weight_files(p)
+                for name, info in read_safetensors_header(f).items() if name != "__metadata__"])
         conf = _read_json(p / "config.json")
         hidden, layers = conf.get("hidden_size"), conf.get("num_hidden_layers")
         if isinstance(hidden, int) and isinstance(layers, int):

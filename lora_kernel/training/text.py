@@ -18,10 +18,24 @@ import torch
 
 from lora_kernel.common.errors import DataError
 from lora_kernel.training.data import read_text_records
-from lora_kernel.training.loop import seed_everything
+from lora_kernel.training.loop import autocast_context, seed_everything
 from lora_kernel.training.precision import keep_trainable_fp32
 
 IGNORE = -100
+
+
+def load_text_model(cfg, *, dtype, device):
+    """``(model, tokenizer)`` of ``cfg.base_model``: its frozen weights in ``dtype``, or
+    quantized per ``cfg.quantization`` straight onto ``device`` and prepared for k-bit
+    training (:mod:`lora_kernel.training.text_quant`)."""
+    from lora_kernel.training.models import load_causal_lm
+    from lora_kernel.training.text_quant import bnb_config, prepare_unquantized
+    quant = bnb_config(cfg)
+    if quant is None:
+        return load_causal_lm(cfg.base_model, dtype=dtype)
+    model, tokenizer = load_causal_lm(cfg.base_model, dtype=dtype, quantization_config=quant,
+                                      device=device)
+    return prepare_unquantized(cfg, model), tokenizer
 
 
 def encode_records(cfg, tokenizer) -> list[tuple[list[int], list[int]]]:
@@ -179,9 +193,11 @@ def sample_completions(cfg, task: TextTask, out_dir: Path) -> dict:
         ids = ids.to(task.device)
         gen = dict(max_new_tokens=cfg.max_new_tokens, do_sample=False,
                    pad_token_id=task.pad_id, eos_token_id=tok.eos_token_id)
-        with model.disable_adapter():
-            base = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen)
-        tuned = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen)
+        with autocast_context(cfg, task.device):  # half-precision frozen parts need it
+            with model.disable_adapter():
+                base = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                      **gen)
+            tuned = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen)
         n = ids.shape[1]
         rows.append({"prompt": prompt,
                      "base": tok.decode(base[0, n:], skip_special_tokens=True),

@@ -90,17 +90,35 @@ def base_dtype_label(cfg, weight_dtype: str) -> str:
     return cfg.quantization if cfg.quantization != "none" else weight_dtype
 
 
-def load_text_model(cfg, *, dtype, device) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` of ``cfg.base_model``: in ``dtype``, or quantized per
-    ``cfg.quantization`` onto ``device`` and prepared for k-bit training."""
-    from lora_kernel.training.models import load_causal_lm
-    quant = bnb_config(cfg)
-    if quant is None:
-        return load_causal_lm(cfg.base_model, dtype=dtype)
+def quantized_model_bytes(cfg, tensors) -> int:
+    """Bytes of the frozen weights of a model loaded per ``cfg.quantization`` (not none), from
+    its checkpoint's ``(name, shape)`` pairs: the decoder layers' Linear weights at
+    :func:`quantized_bytes_per_weight`; the rest (embeddings, output head, norms) as
+    :func:`prepare_unquantized` leaves them: in the mixed-precision dtype, or float32."""
+    q = quantized_bytes_per_weight(cfg)
+    other = 2 if cfg.mixed_precision in ("bf16", "fp16") else 4
+    total = 0.0
+    for name, shape in tensors:
+        count = 1
+        for d in shape:
+            count *= int(d)
+        total += count * (q if is_quantized_weight(name, list(shape)) else other)
+    return int(total)
+
+
+def prepare_unquantized(cfg, model) -> Any:
+    """peft's ``prepare_model_for_kbit_training`` (freezes the base, float32 for every layer
+    not quantized, input gradients for gradient checkpointing); then, with mixed_precision
+    bf16/fp16, the input embeddings and output head go back to that dtype: in float32 they
+    would cost 4 bytes x ~1B parameters on a Llama-3-8B, more than its 4-bit layers, and
+    autocast computes them in half precision anyway."""
+    import torch
     from peft import prepare_model_for_kbit_training
-    model, tokenizer = load_causal_lm(cfg.base_model, dtype=quant.bnb_4bit_compute_dtype
-                                      if cfg.quantization != "int8" else dtype,
-                                      quantization_config=quant, device=device)
     model = prepare_model_for_kbit_training(
         model, use_gradient_checkpointing=bool(cfg.gradient_checkpointing))
-    return model, tokenizer
+    if cfg.mixed_precision in ("bf16", "fp16"):
+        half = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float16
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            if module is not None:
+                module.to(half)
+    return model

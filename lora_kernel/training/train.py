@@ -301,8 +301,8 @@ def _train_text(cfg, *, device, out, version, digests, resume, progress, interru
                 on_step, samples, run_loop) -> TaskOutcome:
     from lora_kernel.training.export import adapter_metadata, save_peft_adapter
     from lora_kernel.training.models import model_sha256
-    from lora_kernel.training.text import TextTask, sample_completions
-    from lora_kernel.training.text_quant import base_dtype_label, load_text_model
+    from lora_kernel.training.text import TextTask, load_text_model, sample_completions
+    from lora_kernel.training.text_quant import base_dtype_label
     dtype = weight_dtype_name(cfg)
     model, tokenizer = load_text_model(cfg, dtype=torch_dtype(dtype), device=device)
     sha = model_sha256(cfg.base_model)
