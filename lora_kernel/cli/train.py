@@ -72,6 +72,9 @@ def cmd_config(args) -> int:
     cfg = load_config(args.file, parse_overrides(args.param))
     print_dataset_warnings(cfg)
     print(json.dumps(cfg.to_dict(), indent=1))
+    from lora_kernel.training.fit import fit_lines
+    for line in fit_lines(cfg):  # the estimate against each GPU (NVML), before training
+        print(line)
     family = ""
     if cfg.model_family:
         from lora_kernel.training.families import family_named
