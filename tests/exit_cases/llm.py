@@ -1,5 +1,6 @@
-"""Language-model cases: chat data that no template can train, and quantization without its
-backend. Each must-work twin is in ``tests/training/test_text_data.py``."""
+"""Language-model cases: chat data that no template can train, quantization without its
+backend, merges of runs that may not be merged. The must-work twins are in
+``tests/training/test_text_data.py`` and ``tests/training/test_merge.py``."""
 from __future__ import annotations
 
 import json
@@ -61,6 +62,26 @@ def _no_bitsandbytes(c: Case) -> list:
     return ["config", _chat_config(c, [_good()], quantization="nf4")]
 
 
+def _merge_unapproved(c: Case) -> list:
+    c.make_run("r1", user="alice", kind="training")
+    return ["merge", "r1", "--to", c.tmp / "merged"]
+
+
+def _merge_tampered(c: Case) -> list:
+    record = c.make_run("r1", user="alice", kind="training")
+    adapter = record / "adapter" / "lora.safetensors"
+    adapter.chmod(0o644)
+    adapter.write_bytes(adapter.read_bytes() + b" ")
+    return ["merge", "r1", "--to", c.tmp / "merged"]
+
+
+def _merge_into_a_full_folder(c: Case) -> list:
+    c.make_run("r1", user="alice", kind="training")
+    (c.tmp / "merged").mkdir()
+    (c.tmp / "merged" / "config.json").write_text("{}")
+    return ["merge", "r1", "--to", c.tmp / "merged"]
+
+
 CASES: dict[str, Callable[[Case], list]] = {
     "a chat dataset's roles do not alternate user/assistant": _roles_not_alternating,
     "a chat dataset has an empty assistant turn": _empty_assistant,
@@ -68,4 +89,7 @@ CASES: dict[str, Callable[[Case], list]] = {
     "chat data for a model without a chat template and no `chat_template` named":
         _no_chat_template,
     "`quantization: nf4` (or fp4, int8) without a usable bitsandbytes": _no_bitsandbytes,
+    "`lora merge` of a run whose adapter is not approved": _merge_unapproved,
+    "`lora merge` of a run whose record does not verify (tampered)": _merge_tampered,
+    "`lora merge --to` a folder that exists and is not empty": _merge_into_a_full_folder,
 }
