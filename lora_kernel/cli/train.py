@@ -72,14 +72,13 @@ def cmd_config(args) -> int:
     cfg = load_config(args.file, parse_overrides(args.param))
     print_dataset_warnings(cfg)
     print(json.dumps(cfg.to_dict(), indent=1))
-    from lora_kernel.training.fit import fit_lines
-    for line in fit_lines(cfg):  # the estimate against each GPU (NVML), before training
-        print(line)
     family = ""
     if cfg.model_family:
         from lora_kernel.training.families import family_named
         family = f" (model family: {cfg.model_family} ({family_named(cfg.model_family).title}))"
-    print(f"{args.file}: OK{family}", flush=True)
+    from lora_kernel.training.fit import fit_summary
+    # the last line: OK, and the memory estimate against each GPU (NVML), before training
+    print(f"{args.file}: OK{family}; {fit_summary(cfg)}", flush=True)
     return 0
 
 

@@ -45,27 +45,28 @@ def _gib(n: float) -> str:
     return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.1f} MiB"
 
 
-def fit_lines(cfg, gpus: list[Gpu] | None = None) -> list[str]:
-    """Lines for ``lora config``: the estimate, and per GPU whether it fits its total and
-    its free memory (with the settings that would shrink it when it does not)."""
+def fit_summary(cfg, gpus: list[Gpu] | None = None) -> str:
+    """One line for ``lora config``: the estimate and, per GPU, whether it fits its free and
+    total memory (with the settings that would shrink it when it fits none)."""
     from lora_kernel.training.models import estimate_training_memory
     est = estimate_training_memory(cfg)
     gpus = nvml_gpus() if gpus is None else gpus
     what = cfg.quantization if getattr(cfg, "quantization", "none") != "none" else (
         "fp32" if cfg.mixed_precision == "no" else cfg.mixed_precision)
-    lines = [f"memory estimate (lower bound): {_gib(est.device)} on the training device "
-             f"(weights {_gib(est.weights)} in {what} + activations {_gib(est.activations)})"]
+    line = (f"memory estimate (lower bound) {_gib(est.device)}: weights {_gib(est.weights)} "
+            f"in {what} + activations {_gib(est.activations)}")
     if not gpus:
-        lines.append("GPU: none seen through NVML; training runs on the CPU (host memory)")
-        return lines
+        return line + "; no GPU seen through NVML: training runs on the CPU"
+    verdicts = []
     for gpu in gpus:
         if est.device <= gpu.free:
             verdict = "fits"
         elif est.device <= gpu.total:
-            verdict = f"fits its total but not its free {_gib(gpu.free)} now"
+            verdict = f"fits its total but not the {_gib(gpu.free)} free now"
         else:
             verdict = "does NOT fit"
-        lines.append(f"GPU {gpu.index} {gpu.name} ({_gib(gpu.total)}): {verdict}")
+        verdicts.append(f"GPU {gpu.index} {gpu.name} ({_gib(gpu.total)}) {verdict}")
+    line += "; " + "; ".join(verdicts)
     if all(est.device > g.total for g in gpus):
         hints = []
         if cfg.task == "text" and getattr(cfg, "quantization", "none") == "none":
@@ -75,5 +76,5 @@ def fit_lines(cfg, gpus: list[Gpu] | None = None) -> list[str]:
         if not cfg.gradient_checkpointing:
             hints.append("gradient_checkpointing: true")
         if hints:
-            lines.append("to shrink it: " + ", ".join(hints))
-    return lines
+            line += "; to shrink it: " + ", ".join(hints)
+    return line

@@ -106,11 +106,13 @@ def resolve_format(cfg) -> str:
         if fmt is None:
             keys = ", ".join(sorted(rec)) if isinstance(rec, dict) else type(rec).__name__
             raise ConfigError(
-                f"{path} line {lineno} is in no known format (keys: {keys}); fix: one JSON "
-                f"object per line with \"messages\" (OpenAI), \"conversations\" (ShareGPT), "
-                f"\"instruction\"+\"output\" (Alpaca), {cfg.prompt_column!r}+"
-                f"{cfg.response_column!r} or {cfg.text_column!r}, or set dataset_format",
-                file=cfg.source, key="dataset_format")
+                f"{path} line {lineno} has neither {cfg.text_column!r} nor "
+                f"{cfg.prompt_column!r}+{cfg.response_column!r} nor a conversation (keys: "
+                f"{keys}); fix: one JSON object per line with \"messages\" (OpenAI), "
+                f"\"conversations\" (ShareGPT), \"instruction\"+\"output\" (Alpaca), "
+                f"{cfg.prompt_column!r}+{cfg.response_column!r} or {cfg.text_column!r}, or set "
+                f"text_column / prompt_column / response_column", file=cfg.source,
+                key="text_column")
         cfg.resolved_dataset_format = fmt
         return fmt
     raise ConfigError("dataset is empty: no records; fix: add one JSON object per line",

@@ -7,7 +7,7 @@ import importlib.util
 from pathlib import Path
 
 from lora_kernel.training.checks import load_config
-from lora_kernel.training.fit import Gpu, fit_lines
+from lora_kernel.training.fit import Gpu, fit_summary
 
 REPO = Path(__file__).resolve().parents[2]
 GIB = 2 ** 30
@@ -31,9 +31,16 @@ def test_an_8b_llama_fits_a_24_gib_card_in_bf16_and_nf4_but_not_fp32():
 
 def test_lora_config_says_whether_the_run_fits_each_gpu(demo_home):
     cfg = load_config(demo_home / "demo" / "chat_lora.yaml")
-    lines = fit_lines(cfg, [Gpu(0, "NVIDIA RTX 4090", 24 * GIB, 20 * GIB)])
-    assert lines[0].startswith("memory estimate") and "nf4" in lines[0]
-    assert lines[1] == "GPU 0 NVIDIA RTX 4090 (24.0 GiB): fits"
-    tiny = fit_lines(cfg, [Gpu(0, "toy", 2 ** 10, 2 ** 10)])  # the refusal's twin
-    assert "does NOT fit" in tiny[1] and "gradient_checkpointing: true" in tiny[2]
-    assert "none seen" in fit_lines(cfg, [])[1]
+    line = fit_summary(cfg, [Gpu(0, "NVIDIA RTX 4090", 24 * GIB, 20 * GIB)])
+    assert line.startswith("memory estimate") and " in nf4 " in line
+    assert line.endswith("; GPU 0 NVIDIA RTX 4090 (24.0 GiB) fits")
+    tiny = fit_summary(cfg, [Gpu(0, "toy", 2 ** 10, 2 ** 10)])  # the refusal's twin
+    assert "does NOT fit" in tiny and "gradient_checkpointing: true" in tiny
+    assert "no GPU seen" in fit_summary(cfg, [])
+
+
+def test_lora_config_prints_it_on_its_last_line(demo_home, capsys):
+    from lora_kernel.cli import main as cli
+    assert cli.main(["config", str(demo_home / "demo" / "chat_lora.yaml")]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith(str(demo_home / "demo" / "chat_lora.yaml") + ": OK; memory estimate")
