@@ -12,6 +12,7 @@ Runs as: the user (their kernel, ``lora train``, or a recorded run's steps as th
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from lora_kernel.training.loop import autocast_context, seed_everything
 from lora_kernel.training.precision import keep_trainable_fp32
 
 IGNORE = -100
+logger = logging.getLogger(__name__)
 
 
 def load_text_model(cfg, *, dtype, device):
@@ -66,21 +68,65 @@ def encode_records(cfg, tokenizer) -> list[tuple[list[int], list[int]]]:
     return out
 
 
-def build_sequences(cfg, records, pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Training sequences: packed into ``max_seq_length`` chunks, or one per record."""
+class Sequence(tuple):
+    """One training sequence: a ``(ids, labels)`` pair (tensors), and ``positions``: the
+    position id of every token, restarting at 0 for each packed example (None: unpacked,
+    ``0..n-1``)."""
+
+    positions: torch.Tensor | None
+
+    def __new__(cls, ids: torch.Tensor, labels: torch.Tensor,
+                positions: torch.Tensor | None = None) -> Sequence:
+        seq = super().__new__(cls, (ids, labels))
+        seq.positions = positions
+        return seq
+
+
+def pack_examples(lengths: list[int], limit: int) -> list[list[int]]:
+    """First-fit decreasing: the example indices of each packed sequence (at most ``limit``
+    tokens; every example whole), in a fixed order for the same lengths."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(limit - lengths[i])
+    return [sorted(b) for b in bins]
+
+
+def build_sequences(cfg, records, pad_id: int) -> list[Sequence]:
+    """Training sequences, one per record or, with ``packing``, several whole records per
+    sequence of at most ``max_seq_length`` tokens that never attend to each other (position
+    ids restart per record; :func:`collate` leaves the attention mask out so that the model
+    builds a block-diagonal causal mask from them). A record longer than ``max_seq_length``
+    is truncated, with a warning naming it."""
     L = cfg.max_seq_length
-    seqs = []
+    for n, (ids, _) in enumerate(records, start=1):
+        if len(ids) > L:
+            logger.warning("record %d of the dataset has %d tokens, more than max_seq_length "
+                           "%d: it is truncated (raise max_seq_length to keep it whole)",
+                           n, len(ids), L)
+    cut = [(list(i[:L]), list(lab[:L])) for i, lab in records]
     if cfg.packing:
-        ids, labels = [], []
-        for i, lab in records:
-            ids.extend(i)
-            labels.extend(lab)
-        for start in range(0, len(ids), L):
-            seqs.append((torch.tensor(ids[start:start + L]),
-                         torch.tensor(labels[start:start + L])))
+        seqs = []
+        for group in pack_examples([len(i) for i, _ in cut], L):
+            ids: list[int] = []
+            labels: list[int] = []
+            pos: list[int] = []
+            for k in group:
+                i, lab = cut[k]
+                ids.extend(i)
+                labels.extend([IGNORE] + lab[1:])  # the first token is never predicted
+                pos.extend(range(len(i)))
+            seqs.append(Sequence(torch.tensor(ids), torch.tensor(labels), torch.tensor(pos)))
     else:
-        for i, lab in records:
-            seqs.append((torch.tensor(i[:L]), torch.tensor(lab[:L])))
+        seqs = [Sequence(torch.tensor(i), torch.tensor(lab)) for i, lab in cut]
     seqs = [s for s in seqs if (s[1] != IGNORE).any()]
     if not seqs:
         raise DataError("no training tokens: every sequence is fully masked; check "
@@ -99,6 +145,19 @@ def collate(seqs: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int):
         labels[row, :len(lab)] = lab
         mask[row, :len(i)] = 1
     return ids, mask, labels
+
+
+def packed_positions(seqs: list[Sequence]) -> torch.Tensor:
+    """The position ids of a right-padded batch of packed sequences: each sequence's own,
+    then the padding as one more block starting at 0 (it attends only to itself and carries
+    no loss)."""
+    n = max(len(s[0]) for s in seqs)
+    out = torch.zeros((len(seqs), n), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        pos = s.positions if s.positions is not None else torch.arange(len(s[0]))
+        out[row, :len(pos)] = pos
+        out[row, len(pos):] = torch.arange(n - len(pos))
+    return out
 
 
 class TextTask:
@@ -155,7 +214,13 @@ class TextTask:
         self.model.train(enabled)
 
     def loss(self, batch: list[int], generator: torch.Generator) -> torch.Tensor:
-        ids, mask, labels = collate([self.sequences[i] for i in batch], self.pad_id)
+        seqs = [self.sequences[i] for i in batch]
+        ids, mask, labels = collate(seqs, self.pad_id)
+        if self.cfg.packing:  # no attention mask: the model masks by the position ids
+            out = self.model(input_ids=ids.to(self.device),
+                             position_ids=packed_positions(seqs).to(self.device),
+                             labels=labels.to(self.device), use_cache=False)
+            return out.loss
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                          labels=labels.to(self.device))
         return out.loss
