@@ -106,6 +106,8 @@ def _check_inputs(cfg: TrainConfig, file: str) -> None:
         _check_image_dataset(cfg, file)
     else:
         _check_quantization(cfg, file)
+        from lora_kernel.training.text_adapter import check_init_adapter
+        check_init_adapter(cfg, file)
         _check_text_dataset(cfg, file)
     _check_output_dir(cfg, file)
     _check_memory(cfg, file)

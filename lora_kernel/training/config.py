@@ -45,7 +45,8 @@ LR_SCHEDULERS = (
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 # The keys whose values are filesystem paths, resolved against the config's folder.
-PATH_KEYS = ("train_data_dir", "metadata_path", "base_model", "output_dir", "init")
+PATH_KEYS = ("train_data_dir", "metadata_path", "base_model", "output_dir", "init",
+             "init_adapter")
 DEFAULT_IMAGE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 DEFAULT_TEXT_TARGETS = ["q_proj", "v_proj"]
 
@@ -116,6 +117,12 @@ class TrainConfig:
     bnb_4bit_compute_dtype: str = _h(
         "Compute dtype of 4-bit layers: auto (mixed_precision's dtype, bf16 when no), bf16, "
         "fp16 or fp32 (text).", default="auto")
+    use_dora: bool = _h("Weight-decomposed LoRA (DoRA; text).", default=False)
+    use_rslora: bool = _h("Rank-stabilised LoRA: scale lora_alpha/sqrt(r) instead of "
+                          "lora_alpha/r (text).", default=False)
+    init_adapter: str | None = _h(
+        "Continue from this PEFT adapter folder (an earlier text run's <output_name>/, same "
+        "lora_rank); its sha256 is recorded in the new adapter (text).", default=None)
     bnb_4bit_use_double_quant: bool = _h(
         "Quantize the 4-bit quantization constants too (about 0.4 bits per weight less; text).",
         default=True)
@@ -270,6 +277,12 @@ class TrainConfig:
             raise self._err("chat_template", f"unknown template {self.chat_template!r}; fix: "
                             f"one of {', '.join(TEMPLATE_NAMES)}, or remove the key for the "
                             f"tokenizer's own")
+        if self.task == "image" and self.target_modules == ["all-linear"]:
+            raise self._err("target_modules", "all-linear applies to task: text; fix: name "
+                                              "the UNet modules, or remove the key")
+        for key in ("use_dora", "use_rslora", "init_adapter"):
+            if self.task == "image" and getattr(self, key):
+                raise self._err(key, "applies to task: text; fix: remove it")
         if self.task == "image" and self.quantization != "none":
             raise self._err("quantization", "applies to the causal LM of task: text; fix: "
                                             "remove it (or set quantization: none)")

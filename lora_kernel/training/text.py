@@ -164,24 +164,22 @@ class TextTask:
     """PEFT LoRA training of a causal language model."""
 
     def __init__(self, cfg, model, tokenizer, *, device: torch.device):
-        from peft import LoraConfig, TaskType, get_peft_model
-
         from lora_kernel.training.config import DEFAULT_TEXT_TARGETS
         from lora_kernel.training.models import check_target_modules
+        from lora_kernel.training.text_adapter import attach, is_all_linear, lora_config
         self.cfg, self.tokenizer, self.device = cfg, tokenizer, device
         # Names that match nothing are refused (exit 2) before anything is attached or trained.
-        check_target_modules(model, cfg.targets, what=f"model {cfg.base_model}",
-                             file=cfg.source, default=DEFAULT_TEXT_TARGETS)
+        if not is_all_linear(cfg.targets) and not cfg.init_adapter:
+            check_target_modules(model, cfg.targets, what=f"model {cfg.base_model}",
+                                 file=cfg.source, default=DEFAULT_TEXT_TARGETS)
         seed_everything(cfg.seed)
-        self.lora_config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.lora_rank,
-                                      lora_alpha=cfg.alpha, target_modules=cfg.targets,
-                                      lora_dropout=cfg.lora_dropout, bias="none")
+        self.lora_config = lora_config(cfg)
         if getattr(cfg, "quantization", "none") == "none":
             model.to(device)  # a quantized model was loaded onto the device
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.enable_input_require_grads()
-        self.model = get_peft_model(model, self.lora_config)
+        self.model = attach(cfg, model)  # fresh (self.lora_config), or init_adapter
         keep_trainable_fp32(self.model)  # the frozen LM may be half precision, LoRA is not
         self.model.train()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (

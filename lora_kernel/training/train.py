@@ -234,6 +234,9 @@ def train(cfg, *, resume: bool | str | Path | None = None, progress: bool = True
                     "device": str(device), "deterministic": deterministic,
                     "version": version_info(),
                     "dataset_file_count": len(digests)})
+    if getattr(cfg, "init_adapter", None):  # text: the adapter it continued, by content
+        from lora_kernel.training.text_adapter import init_adapter_sha256
+        summary["init_adapter_sha256"] = init_adapter_sha256(cfg)
     path = out / "training_summary.json"
     path.write_text(json.dumps(summary, indent=1, default=str))
     res.summary_path = str(path)
@@ -309,9 +312,12 @@ def _train_text(cfg, *, device, out, version, digests, resume, progress, interru
     task = TextTask(cfg, model, tokenizer, device=device)
     result = run_loop(cfg, task, output_dir=out, device=device, resume=resume,
                       on_step=on_step, interrupt_at_step=interrupt_at_step, progress=progress)
+    from lora_kernel.training.text_adapter import init_adapter_sha256
+    extra = {"ss_num_train_steps": str(result.steps)}
+    if cfg.init_adapter:  # the adapter this one continued, by content
+        extra["lora_enclave.init_adapter_sha256"] = str(init_adapter_sha256(cfg))
     meta = adapter_metadata(cfg, base_model_sha256=sha, dataset_version=version,
-                            dataset_digests=digests,
-                            extra={"ss_num_train_steps": str(result.steps)})
+                            dataset_digests=digests, extra=extra)
     folder = save_peft_adapter(out / cfg.output_name, task.model, meta)
     files = {"peft": str(folder)}
     info = sample_completions(cfg, task, out / "samples") if samples else {}

@@ -82,6 +82,14 @@ def _merge_into_a_full_folder(c: Case) -> list:
     return ["merge", "r1", "--to", c.tmp / "merged"]
 
 
+def _init_adapter_other_rank(c: Case) -> list:
+    folder = c.tmp / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+    (folder / "adapter_model.safetensors").write_bytes(b"")
+    return ["config", _chat_config(c, [_good()], init_adapter=str(folder), lora_rank=8)]
+
+
 CASES: dict[str, Callable[[Case], list]] = {
     "a chat dataset's roles do not alternate user/assistant": _roles_not_alternating,
     "a chat dataset has an empty assistant turn": _empty_assistant,
@@ -89,6 +97,7 @@ CASES: dict[str, Callable[[Case], list]] = {
     "chat data for a model without a chat template and no `chat_template` named":
         _no_chat_template,
     "`quantization: nf4` (or fp4, int8) without a usable bitsandbytes": _no_bitsandbytes,
+    "`init_adapter` is not a PEFT LoRA folder of `lora_rank`": _init_adapter_other_rank,
     "`lora merge` of a run whose adapter is not approved": _merge_unapproved,
     "`lora merge` of a run whose record does not verify (tampered)": _merge_tampered,
     "`lora merge --to` a folder that exists and is not empty": _merge_into_a_full_folder,
