@@ -441,6 +441,15 @@ def _check_text_dataset(cfg: TrainConfig, file: str) -> None:
     for path in files:
         _refuse_json_array(path, file)
     fmt = resolve_format(cfg)  # dataset_format, or auto: from the first line
+    if fmt == "preference" or cfg.objective != "sft":  # chosen/rejected pairs (DPO, ORPO)
+        from lora_kernel.training.text_pref import check_preference_dataset
+        if fmt != "preference":
+            raise ConfigError(f"objective: {cfg.objective} trains on preference pairs, but "
+                              f"the dataset is {fmt}; fix: one {{\"prompt\", \"chosen\", "
+                              f"\"rejected\"}} object per line, or objective: sft", file=file,
+                              key="objective")
+        check_preference_dataset(cfg, file)
+        return
     if fmt in CHAT_FORMATS:  # conversations: roles, turns, the chat template
         check_chat_dataset(cfg, file, fmt)
         return

@@ -117,6 +117,12 @@ class TrainConfig:
     bnb_4bit_compute_dtype: str = _h(
         "Compute dtype of 4-bit layers: auto (mixed_precision's dtype, bf16 when no), bf16, "
         "fp16 or fp32 (text).", default="auto")
+    objective: str = _h(
+        "sft (next-token loss on the answers), dpo or orpo (preference pairs: prompt, chosen, "
+        "rejected; text).", default="sft")
+    preference_beta: float = _h(
+        "DPO's beta (strength of the KL anchor to the base model) / ORPO's lambda (weight of "
+        "the odds-ratio term) (text).", default=0.1)
     use_dora: bool = _h("Weight-decomposed LoRA (DoRA; text).", default=False)
     use_rslora: bool = _h("Rank-stabilised LoRA: scale lora_alpha/sqrt(r) instead of "
                           "lora_alpha/r (text).", default=False)
@@ -268,7 +274,12 @@ class TrainConfig:
             raise self._err("output_name", f"must be a plain file stem, got {self.output_name!r}")
 
     def _check_text_keys(self):
+        if self.preference_beta <= 0:
+            raise self._err("preference_beta", f"must be > 0, got {self.preference_beta}")
+        if self.task == "image" and self.objective != "sft":
+            raise self._err("objective", "dpo and orpo apply to task: text; fix: remove it")
         for key, allowed in (("dataset_format", FORMATS), ("quantization", QUANTIZATIONS),
+                             ("objective", ("sft", "dpo", "orpo")),
                              ("bnb_4bit_compute_dtype", COMPUTE_DTYPES)):
             if getattr(self, key) not in allowed:
                 raise self._err(key, f"must be one of {', '.join(allowed)}, got "

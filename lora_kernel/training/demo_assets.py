@@ -13,6 +13,7 @@
     models/tiny-chat/           the tiny Llama with a ChatML tokenizer and chat_template
                                 (:mod:`lora_kernel.training.demo_chat`)
     datasets/chat/train.jsonl   OpenAI "messages" conversations of the same mapping
+    datasets/chat/preference.jsonl  prompt/chosen/rejected pairs (dpo_lora.yaml)
     datasets/image/             procedurally drawn 64x64 PNGs + metadata.csv (file_name,text),
                                 all in the learnable "enclave style" (magenta stripes, white rims)
     datasets/text/train.jsonl   prompt/response records of a learnable code mapping
@@ -111,7 +112,8 @@ def build_demo_assets(home: str | os.PathLike | None = None, seed: int = 0) -> d
     same bytes in every file. Keys of the returned dict: ``demo``, ``tiny_sd``,
     ``tiny_sd_single_file``, ``tiny_llama``, ``image_dataset``, ``image_metadata``,
     ``text_train``, ``text_plain``, ``image_config``, ``text_config``, ``tiny_sdxl``,
-    ``tiny_sdxl_single_file``, ``sdxl_config``, ``tiny_chat``, ``chat_train``, ``chat_config``.
+    ``tiny_sdxl_single_file``, ``sdxl_config``, ``tiny_chat``, ``chat_train``, ``chat_config``,
+    ``chat_preference``, ``dpo_config``.
     """
     root = demo_dir(home)
     models = root / "models"
@@ -133,6 +135,8 @@ def build_demo_assets(home: str | os.PathLike | None = None, seed: int = 0) -> d
         "tiny_chat": models / "tiny-chat",
         "chat_train": data / "chat" / "train.jsonl",
         "chat_config": root / "chat_lora.yaml",
+        "chat_preference": data / "chat" / "preference.jsonl",
+        "dpo_config": root / "dpo_lora.yaml",
     }
     write_image_dataset(paths["image_dataset"])
     write_tiny_sd(paths["tiny_sd"], seed=seed)
@@ -149,6 +153,8 @@ def build_demo_assets(home: str | os.PathLike | None = None, seed: int = 0) -> d
     _write(paths["chat_train"], _jsonl(chat))
     write_tiny_chat_llama(paths["tiny_chat"], seed=seed, corpus=demo_chat.chat_corpus(chat))
     _write(paths["chat_config"], demo_chat.CHAT_CONFIG_YAML)
+    _write(paths["chat_preference"], _jsonl(demo_chat.preference_records(TEXT_ITEMS, text_code)))
+    _write(paths["dpo_config"], demo_chat.DPO_CONFIG_YAML)
     return paths
 
 

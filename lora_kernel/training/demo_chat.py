@@ -41,6 +41,17 @@ def chat_records(items: Sequence[str], code: Callable[[str], str]) -> list[dict]
     return out
 
 
+def preference_records(items: Sequence[str], code: Callable[[str], str]) -> list[dict]:
+    """The ``{"prompt", "chosen", "rejected"}`` pairs of ``datasets/chat/preference.jsonl``:
+    the right code chosen, the code with the letter count off by one rejected."""
+    out = []
+    for i, item in enumerate(items):
+        question = CHAT_QUESTIONS[i % 3].format(item=item)
+        wrong = f"{item.upper()}-{len(item) + (1 if i % 2 else -1)}"
+        out.append({"prompt": question, "chosen": code(item), "rejected": wrong})
+    return out
+
+
 def chat_corpus(records: list[dict]) -> list[str]:
     """Every text the chat tokenizer should know well (the turns and the sample prompts)."""
     texts = [m["role"] + "\n" + m["content"] for r in records for m in r["messages"]]
@@ -71,6 +82,30 @@ output_name: chat_codes
 sample_prompts:
   - "What is the code for apple?"
   - "What is the code for river?"
+max_new_tokens: 8
+seed: 42
+"""
+
+DPO_CONFIG_YAML = """\
+# Demo preference LoRA (DPO): the tiny chat model learns to prefer "APPLE-5" over "APPLE-6".
+# {"prompt", "chosen", "rejected"} pairs, rendered with the model's chat template; the
+# reference model is the base (the LoRA disabled). Run: lora train --config dpo_lora.yaml
+task: text
+base_model: models/tiny-chat
+metadata_path: datasets/chat/preference.jsonl
+objective: dpo
+preference_beta: 0.1
+max_seq_length: 64
+lora_rank: 8
+lora_alpha: 16
+target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]
+batch_size: 8
+learning_rate: 2.0e-3
+max_train_steps: 40
+output_dir: output/dpo
+output_name: dpo_codes
+sample_prompts:
+  - "What is the code for apple?"
 max_new_tokens: 8
 seed: 42
 """

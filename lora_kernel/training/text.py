@@ -184,8 +184,12 @@ class TextTask:
         self.model.train()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
             tokenizer.eos_token_id or 0)
-        self.sequences = build_sequences(cfg, encode_records(cfg, tokenizer), self.pad_id)
+        self.sequences = self.build(cfg, tokenizer)
         self.tokens = sum(int((s[1] != IGNORE).sum()) for s in self.sequences)
+
+    def build(self, cfg, tokenizer) -> list:
+        """The training examples (here: sequences; a preference task's: pairs)."""
+        return build_sequences(cfg, encode_records(cfg, tokenizer), self.pad_id)
 
     def param_groups(self) -> list[dict]:
         return [{"params": [p for p in self.model.parameters() if p.requires_grad],
@@ -235,14 +239,14 @@ def sample_completions(cfg, task: TextTask, out_dir: Path) -> dict:
         template_text,
     )
     fmt = resolve_format(cfg)
-    chat = fmt in CHAT_FORMATS
+    model, tok = task.model, task.tokenizer
+    chat = fmt in CHAT_FORMATS or (fmt == "preference" and template_text(cfg, tok) is not None)
     prompts = list(cfg.sample_prompts)
-    if not prompts and chat:
+    if not prompts and fmt in CHAT_FORMATS:
         prompts = first_user_prompts(cfg, fmt)
     elif not prompts:
         recs = read_text_records(cfg)
         prompts = [str(r[cfg.prompt_column]) for r in recs[:3] if cfg.prompt_column in r]
-    model, tok = task.model, task.tokenizer
     template = template_text(cfg, tok) if chat else None
     model.eval()
     rows = []

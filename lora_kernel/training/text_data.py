@@ -11,6 +11,8 @@ alpaca             ``{"instruction": "...", "input": "...", "output": "..."}`` (
                    ``system`` optional): one user turn, one assistant turn
 prompt_response    ``{"prompt": "...", "response": "..."}`` (no template; loss on the response)
 text               ``{"text": "..."}`` (no template; loss on every token)
+preference         ``{"prompt" | "messages", "chosen", "rejected"}`` (``objective: dpo | orpo``;
+                   :mod:`lora_kernel.training.text_pref`)
 =================  ===========================================================================
 
 The three conversation formats are rendered with the tokenizer's own ``chat_template``, or a
@@ -41,7 +43,7 @@ from typing import Any
 
 from lora_kernel.common.errors import ConfigError
 
-FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_response", "text")
+FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_response", "text", "preference")
 CHAT_FORMATS = ("messages", "sharegpt", "alpaca")
 CHAT_TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "templates" / "chat"
 # chat_template name -> file in templates/chat
@@ -67,6 +69,8 @@ def detect_format(rec: Any, cfg) -> str | None:
     """The format of one record, or None when it is none of :data:`FORMATS`."""
     if not isinstance(rec, dict):
         return None
+    if "chosen" in rec or "rejected" in rec:
+        return "preference"
     if "messages" in rec:
         return "messages"
     if "conversations" in rec:

@@ -309,7 +309,11 @@ def _train_text(cfg, *, device, out, version, digests, resume, progress, interru
     dtype = weight_dtype_name(cfg)
     model, tokenizer = load_text_model(cfg, dtype=torch_dtype(dtype), device=device)
     sha = model_sha256(cfg.base_model)
-    task = TextTask(cfg, model, tokenizer, device=device)
+    if cfg.objective != "sft":  # DPO / ORPO on chosen/rejected pairs
+        from lora_kernel.training.text_pref import PreferenceTask
+        task = PreferenceTask(cfg, model, tokenizer, device=device)
+    else:
+        task = TextTask(cfg, model, tokenizer, device=device)
     result = run_loop(cfg, task, output_dir=out, device=device, resume=resume,
                       on_step=on_step, interrupt_at_step=interrupt_at_step, progress=progress)
     from lora_kernel.training.text_adapter import init_adapter_sha256

@@ -90,6 +90,12 @@ def _init_adapter_other_rank(c: Case) -> list:
     return ["config", _chat_config(c, [_good()], init_adapter=str(folder), lora_rank=8)]
 
 
+def _chosen_without_rejected(c: Case) -> list:
+    good = {"prompt": "Code for fig?", "chosen": "FIG-3", "rejected": "FIG-4"}
+    return ["config", _chat_config(c, [good, {"prompt": "Code for fig?", "chosen": "FIG-3"}],
+                                   objective="dpo")]
+
+
 CASES: dict[str, Callable[[Case], list]] = {
     "a chat dataset's roles do not alternate user/assistant": _roles_not_alternating,
     "a chat dataset has an empty assistant turn": _empty_assistant,
@@ -98,6 +104,8 @@ CASES: dict[str, Callable[[Case], list]] = {
         _no_chat_template,
     "`quantization: nf4` (or fp4, int8) without a usable bitsandbytes": _no_bitsandbytes,
     "`init_adapter` is not a PEFT LoRA folder of `lora_rank`": _init_adapter_other_rank,
+    "a preference (`objective: dpo`/`orpo`) row has `chosen` but no `rejected`":
+        _chosen_without_rejected,
     "`lora merge` of a run whose adapter is not approved": _merge_unapproved,
     "`lora merge` of a run whose record does not verify (tampered)": _merge_tampered,
     "`lora merge --to` a folder that exists and is not empty": _merge_into_a_full_folder,
