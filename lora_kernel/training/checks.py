@@ -109,6 +109,8 @@ def _check_inputs(cfg: TrainConfig, file: str) -> None:
         from lora_kernel.training.text_adapter import check_init_adapter
         check_init_adapter(cfg, file)
         _check_text_dataset(cfg, file)
+        from lora_kernel.training.text_data import check_eval_path
+        check_eval_path(cfg, file)
     _check_output_dir(cfg, file)
     _check_memory(cfg, file)
 

@@ -46,7 +46,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 # The keys whose values are filesystem paths, resolved against the config's folder.
 PATH_KEYS = ("train_data_dir", "metadata_path", "base_model", "output_dir", "init",
-             "init_adapter")
+             "init_adapter", "eval_path")
 DEFAULT_IMAGE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 DEFAULT_TEXT_TARGETS = ["q_proj", "v_proj"]
 
@@ -117,6 +117,18 @@ class TrainConfig:
     bnb_4bit_compute_dtype: str = _h(
         "Compute dtype of 4-bit layers: auto (mixed_precision's dtype, bf16 when no), bf16, "
         "fp16 or fp32 (text).", default="auto")
+    eval_path: str | None = _h(
+        "Held-out .jsonl (same format as the training data) whose loss is measured every "
+        "eval_steps and at the end (TensorBoard eval/loss, training_summary.json; text, sft).",
+        default=None)
+    validation_split: float = _h(
+        "Hold out this fraction of the records (chosen by the seed) instead of eval_path "
+        "(0: none; text, sft).", default=0.0)
+    eval_steps: int = _h("Measure the held-out loss every N optimizer steps (0: only before "
+                         "and after training; text).", default=0)
+    sample_every_n_steps: int = _h(
+        "Also write sample completions (samples/step-N/) every N optimizer steps (0: only at "
+        "the end; text).", default=0)
     objective: str = _h(
         "sft (next-token loss on the answers), dpo or orpo (preference pairs: prompt, chosen, "
         "rejected; text).", default="sft")
@@ -274,6 +286,19 @@ class TrainConfig:
             raise self._err("output_name", f"must be a plain file stem, got {self.output_name!r}")
 
     def _check_text_keys(self):
+        if not (0 <= self.validation_split < 1):
+            raise self._err("validation_split", f"must be in [0, 1), got "
+                                                f"{self.validation_split}; e.g. 0.1")
+        for key in ("eval_steps", "sample_every_n_steps"):
+            if getattr(self, key) < 0:
+                raise self._err(key, f"must be >= 0, got {getattr(self, key)}")
+        if self.eval_path and self.validation_split:
+            raise self._err("validation_split", "give eval_path or validation_split, not both")
+        if (self.eval_path or self.validation_split) and (
+                self.task != "text" or self.objective != "sft"):
+            raise self._err("eval_path" if self.eval_path else "validation_split",
+                            "held-out evaluation is for text SFT runs (task: text, objective: "
+                            "sft); fix: remove it")
         if self.preference_beta <= 0:
             raise self._err("preference_beta", f"must be > 0, got {self.preference_beta}")
         if self.task == "image" and self.objective != "sft":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lora_kernel.common.errors import DataError
+from lora_kernel.common.errors import ConfigError, DataError
 from lora_kernel.training.data import read_text_records
 from lora_kernel.training.loop import autocast_context, seed_everything
 from lora_kernel.training.precision import keep_trainable_fp32
@@ -186,10 +186,65 @@ class TextTask:
             tokenizer.eos_token_id or 0)
         self.sequences = self.build(cfg, tokenizer)
         self.tokens = sum(int((s[1] != IGNORE).sum()) for s in self.sequences)
+        self._before = self.held_out_loss() if getattr(self, "held", None) else None
 
     def build(self, cfg, tokenizer) -> list:
-        """The training examples (here: sequences; a preference task's: pairs)."""
-        return build_sequences(cfg, encode_records(cfg, tokenizer), self.pad_id)
+        """The training examples (here: sequences; a preference task's: pairs), and the
+        held-out sequences (``self.held``: ``eval_path``, or ``validation_split`` of the
+        records chosen by the seed, never trained on)."""
+        from dataclasses import replace
+        records = encode_records(cfg, tokenizer)
+        held: list = []
+        if cfg.validation_split:
+            gen = torch.Generator().manual_seed(cfg.seed + 104729)
+            order = torch.randperm(len(records), generator=gen).tolist()
+            k = max(1, round(len(records) * cfg.validation_split))
+            if k >= len(records):
+                raise ConfigError(f"validation_split {cfg.validation_split} of {len(records)} "
+                                  f"records leaves none to train on; fix: a smaller fraction",
+                                  file=cfg.source, key="validation_split")
+            out = set(order[:k])
+            held = [r for i, r in enumerate(records) if i in out]
+            records = [r for i, r in enumerate(records) if i not in out]
+        elif cfg.eval_path:
+            held = encode_records(replace(cfg, metadata_path=cfg.eval_path,
+                                          train_data_dir=None), tokenizer)
+        self.held = build_sequences(cfg, held, self.pad_id) if held else []
+        self.eval_history: list[dict] = []
+        return build_sequences(cfg, records, self.pad_id)
+
+    @torch.no_grad()
+    def held_out_loss(self) -> float:
+        """Mean loss over the held-out sequences (eval mode, the run's autocast)."""
+        b = self.cfg.batch_size
+        total, count = 0.0, 0
+        self.model.train(False)
+        try:
+            for i in range(0, len(self.held), b):
+                seqs = self.held[i:i + b]
+                with autocast_context(self.cfg, self.device):
+                    total += self._loss_of(seqs).item() * len(seqs)
+                count += len(seqs)
+        finally:
+            self.model.train(True)
+        return total / max(1, count)
+
+    def after_step(self, step: int, n_steps: int, writer, output_dir: Path) -> None:
+        """The loop's periodic hook: the held-out loss every ``eval_steps`` (and at the last
+        step; the first measurement is before training), sample completions every
+        ``sample_every_n_steps``."""
+        cfg = self.cfg
+        if self.held:
+            if not self.eval_history:
+                self.eval_history.append({"step": 0, "loss": self._before})
+                writer.add_scalar("eval/loss", self._before, 0)
+            if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == n_steps:
+                loss = self.held_out_loss()
+                self.eval_history.append({"step": step, "loss": loss})
+                writer.add_scalar("eval/loss", loss, step)
+        if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0 \
+                and step != n_steps:
+            sample_completions(cfg, self, Path(output_dir) / "samples" / f"step-{step}")
 
     def param_groups(self) -> list[dict]:
         return [{"params": [p for p in self.model.parameters() if p.requires_grad],
@@ -216,7 +271,9 @@ class TextTask:
         self.model.train(enabled)
 
     def loss(self, batch: list[int], generator: torch.Generator) -> torch.Tensor:
-        seqs = [self.sequences[i] for i in batch]
+        return self._loss_of([self.sequences[i] for i in batch])
+
+    def _loss_of(self, seqs: list) -> torch.Tensor:
         ids, mask, labels = collate(seqs, self.pad_id)
         if self.cfg.packing:  # no attention mask: the model masks by the position ids
             out = self.model(input_ids=ids.to(self.device),

@@ -344,3 +344,24 @@ def first_user_prompts(cfg, fmt: str, n: int = 3) -> list[str]:
         if len(out) >= n:
             break
     return out
+
+
+def check_eval_path(cfg, file: str) -> None:
+    """``eval_path`` must be a JSON Lines file in the training data's format."""
+    if not cfg.eval_path:
+        return
+    path = Path(cfg.eval_path)
+    if not path.is_file():
+        raise ConfigError(f"file not found: {path}; fix: point eval_path at a .jsonl file of "
+                          f"held-out records, or use validation_split", file=file,
+                          key="eval_path")
+    from dataclasses import replace
+    held = replace(cfg, metadata_path=str(path), train_data_dir=None, dataset_format="auto",
+                   eval_path=None, resolved_dataset_format=None)
+    fmt, want = resolve_format(held), resolve_format(cfg)
+    if fmt != want:
+        raise ConfigError(f"{path} is {fmt} data but the training data is {want}; fix: "
+                          f"held-out records in the training data's format", file=file,
+                          key="eval_path")
+    if fmt in CHAT_FORMATS:
+        check_chat_dataset(held, file, fmt)

@@ -129,6 +129,7 @@ class PreferenceTask(TextTask):
     def build(self, cfg, tokenizer) -> list:
         pairs = encode_pairs(cfg, tokenizer)
         self.pairs = pairs
+        self.held, self.eval_history = [], []  # held-out evaluation is for SFT runs
         # the loop counts examples and label tokens through ``sequences``: the chosen ones
         return [chosen for chosen, _ in pairs]
 

@@ -234,6 +234,7 @@ def train(cfg, *, resume: bool | str | Path | None = None, progress: bool = True
                     "device": str(device), "deterministic": deterministic,
                     "version": version_info(),
                     "dataset_file_count": len(digests)})
+    summary.update(outcome.summary)
     if getattr(cfg, "init_adapter", None):  # text: the adapter it continued, by content
         from lora_kernel.training.text_adapter import init_adapter_sha256
         summary["init_adapter_sha256"] = init_adapter_sha256(cfg)
@@ -257,6 +258,7 @@ class TaskOutcome:
     base_weight_dtype: str
     trainable_dtype: str
     model_family: str | None = None
+    summary: dict[str, Any] = field(default_factory=dict)  # task facts for the summary file
 
 
 def _train_image(cfg, *, device, out, cache_dir, version, digests, resume, progress,
@@ -328,4 +330,5 @@ def _train_text(cfg, *, device, out, version, digests, resume, progress, interru
     return TaskOutcome(loop=result, adapter_files=files, samples=info, cache_hit=False,
                        base_model_sha256=sha, live={"model": task.model, "tokenizer": tokenizer},
                        base_weight_dtype=base_dtype_label(cfg, dtype),
+                       summary={"held_out_loss": task.eval_history} if task.held else {},
                        trainable_dtype=trainable_dtype_name(task.named_trainable()))

@@ -96,6 +96,12 @@ def _chosen_without_rejected(c: Case) -> list:
                                    objective="dpo")]
 
 
+def _eval_path_other_format(c: Case) -> list:
+    held = c.tmp / "held.jsonl"
+    held.write_text(json.dumps({"prompt": "Q", "response": "A"}) + "\n")
+    return ["config", _chat_config(c, [_good()], eval_path=str(held))]
+
+
 CASES: dict[str, Callable[[Case], list]] = {
     "a chat dataset's roles do not alternate user/assistant": _roles_not_alternating,
     "a chat dataset has an empty assistant turn": _empty_assistant,
@@ -106,6 +112,8 @@ CASES: dict[str, Callable[[Case], list]] = {
     "`init_adapter` is not a PEFT LoRA folder of `lora_rank`": _init_adapter_other_rank,
     "a preference (`objective: dpo`/`orpo`) row has `chosen` but no `rejected`":
         _chosen_without_rejected,
+    "`eval_path` is missing or in another format than the training data":
+        _eval_path_other_format,
     "`lora merge` of a run whose adapter is not approved": _merge_unapproved,
     "`lora merge` of a run whose record does not verify (tampered)": _merge_tampered,
     "`lora merge --to` a folder that exists and is not empty": _merge_into_a_full_folder,
