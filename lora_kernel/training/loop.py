@@ -37,7 +37,7 @@ from lora_kernel.common.errors import ConfigError, TrainingInterrupted
 RESUME_FREE_KEYS = {"max_train_steps", "epochs", "save_steps", "output_dir", "sample_prompts",
                     "sample_steps", "sample_seeds", "max_new_tokens", "logging_steps",
                     "output_name", "record_dataset_paths", "cache_latents", "keep_checkpoints",
-                    "deterministic", "compile"}
+                    "deterministic", "compile", "eval_steps", "sample_every_n_steps"}
 
 
 class Task(Protocol):

@@ -4,6 +4,7 @@ The refusals' exit codes are in ``tests/exit_cases/llm.py``; their must-work twi
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -178,3 +179,18 @@ def test_a_file_mixing_formats_is_refused(demo_home, tmp_path):
     with pytest.raises(ConfigError, match="line 2 is prompt_response, but the dataset is "
                                           "messages"):
         load_config(_config(demo_home, tmp_path, rows))
+
+
+def test_the_chat_template_config_is_valid_and_validates_on_the_demo(demo_home, tmp_path):
+    import yaml
+
+    from lora_kernel.training.checks import validate_config
+    root = Path(__file__).resolve().parents[2] / "templates"
+    raw = yaml.safe_load((root / "chat_lora.yaml").read_text())
+    cfg = validate_config(raw, source=root / "chat_lora.yaml", base_dir=root, check_paths=False)
+    assert cfg.quantization == "nf4" and cfg.validation_split == 0.1
+    demo = demo_home / "demo"
+    raw.update({"base_model": str(demo / "models" / "tiny-chat"),
+                "metadata_path": str(demo / "datasets" / "chat" / "train.jsonl"),
+                "output_dir": str(tmp_path / "out")})
+    assert validate_config(raw, base_dir=tmp_path).to_dict()["dataset_format"] == "messages"
