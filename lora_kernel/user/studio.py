@@ -291,12 +291,18 @@ class Studio:
             if isinstance(self.base.get(key), str) and not Path(self.base[key]).is_absolute():
                 self.base[key] = str((path.parent / self.base[key]).resolve())
         self.task = str(self.base.get("task", "image"))
-        for widget, options, label in (
-                (self.dataset, list_datasets(self.task, self.home), str),
+        data = self.base.get("train_data_dir") or (
+            str(Path(self.base["metadata_path"]).parent) if self.base.get("metadata_path")
+            else None)
+        for widget, options, label, want in (
+                (self.dataset, list_datasets(self.task, self.home), str, data),
                 (self.model, list_models(self.task, self.home),
-                 lambda p: model_label(p, self.task))):
+                 lambda p: model_label(p, self.task), self.base.get("base_model"))):
             widget.options = [(label(p), str(p)) for p in options]
-            widget.value = str(options[0]) if options else None
+            # the template's own model and dataset (by name) when the store has them: the
+            # chat template's chat model and conversations, not the first text model
+            named = [p for p in options if want and p.name == Path(str(want)).name]
+            widget.value = str((named or options)[0]) if options else None
         types = {f.name: f for f in fields(TrainConfig)}
         rows, self.fields, self.errors = [], {}, {}
         for key in EDITABLE[self.task]:
