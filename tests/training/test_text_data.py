@@ -187,7 +187,8 @@ def test_the_chat_template_config_is_valid_and_validates_on_the_demo(demo_home, 
     from lora_kernel.training.checks import validate_config
     root = Path(__file__).resolve().parents[2] / "templates"
     raw = yaml.safe_load((root / "text_chat_lora.yaml").read_text())
-    cfg = validate_config(raw, source=root / "text_chat_lora.yaml", base_dir=root, check_paths=False)
+    cfg = validate_config(raw, source=root / "text_chat_lora.yaml", base_dir=root,
+                          check_paths=False)
     assert cfg.quantization == "nf4" and cfg.validation_split == 0.1
     demo = demo_home / "demo"
     raw.update({"base_model": str(demo / "models" / "tiny-chat"),
