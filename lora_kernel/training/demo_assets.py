@@ -10,11 +10,15 @@
                                 text_time conditioning; :mod:`lora_kernel.training.demo_sdxl`)
     models/tiny-sdxl.safetensors  the same as one file in SDXL's original layout
     models/tiny-llama/          a tiny Llama causal LM with a locally built BPE tokenizer
+    models/tiny-chat/           the tiny Llama with a ChatML tokenizer and chat_template
+                                (:mod:`lora_kernel.training.demo_chat`)
+    datasets/chat/train.jsonl   OpenAI "messages" conversations of the same mapping
+    datasets/chat/preference.jsonl  prompt/chosen/rejected pairs (dpo_lora.yaml)
     datasets/image/             procedurally drawn 64x64 PNGs + metadata.csv (file_name,text),
                                 all in the learnable "enclave style" (magenta stripes, white rims)
     datasets/text/train.jsonl   prompt/response records of a learnable code mapping
     datasets/text/plain.jsonl   {"text": ...} records
-    image_lora.yaml, text_lora.yaml, sdxl_lora.yaml   ready-to-run configs (paths relative
+    image_lora.yaml, text_lora.yaml, sdxl_lora.yaml, chat_lora.yaml   ready-to-run configs
                                 to demo/)
 
 Every weight comes from a seeded CPU ``torch`` initialisation, every file is written with
@@ -34,7 +38,7 @@ import shutil
 from pathlib import Path
 
 from lora_kernel.common.paths import lora_home
-from lora_kernel.training import demo_sdxl
+from lora_kernel.training import demo_chat, demo_sdxl
 
 # -- the demo vocabulary ----------------------------------------------------------------
 COLORS = ("red", "green", "blue", "yellow", "orange", "cyan")
@@ -109,7 +113,8 @@ def build_demo_assets(home: str | os.PathLike | None = None, seed: int = 0) -> d
     same bytes in every file. Keys of the returned dict: ``demo``, ``tiny_sd``,
     ``tiny_sd_single_file``, ``tiny_llama``, ``image_dataset``, ``image_metadata``,
     ``text_train``, ``text_plain``, ``image_config``, ``text_config``, ``tiny_sdxl``,
-    ``tiny_sdxl_single_file``, ``sdxl_config``, ``tiny_clip`` (for ``lora label``).
+    ``tiny_sdxl_single_file``, ``sdxl_config``, ``tiny_clip`` (for ``lora label``),
+    ``tiny_chat``, ``chat_train``, ``chat_config``, ``chat_preference``, ``dpo_config``.
     """
     root = demo_dir(home)
     models = root / "models"
@@ -129,6 +134,11 @@ def build_demo_assets(home: str | os.PathLike | None = None, seed: int = 0) -> d
         "tiny_sdxl_single_file": models / "tiny-sdxl.safetensors",
         "sdxl_config": root / "sdxl_lora.yaml",
         "tiny_clip": models / "tiny-clip",
+        "tiny_chat": models / "tiny-chat",
+        "chat_train": data / "chat" / "train.jsonl",
+        "chat_config": root / "chat_lora.yaml",
+        "chat_preference": data / "chat" / "preference.jsonl",
+        "dpo_config": root / "dpo_lora.yaml",
     }
     write_image_dataset(paths["image_dataset"])
     write_tiny_sd(paths["tiny_sd"], seed=seed)
@@ -141,6 +151,13 @@ def build_demo_assets(home: str | os.PathLike | None = None, seed: int = 0) -> d
     _write(paths["image_config"], IMAGE_CONFIG_YAML)
     _write(paths["text_config"], TEXT_CONFIG_YAML)
     write_demo_clip(paths["tiny_clip"], seed=seed)
+    chat = demo_chat.chat_records(TEXT_ITEMS, text_code)
+    _fresh_dir(paths["chat_train"].parent)
+    _write(paths["chat_train"], _jsonl(chat))
+    write_tiny_chat_llama(paths["tiny_chat"], seed=seed, corpus=demo_chat.chat_corpus(chat))
+    _write(paths["chat_config"], demo_chat.CHAT_CONFIG_YAML)
+    _write(paths["chat_preference"], _jsonl(demo_chat.preference_records(TEXT_ITEMS, text_code)))
+    _write(paths["dpo_config"], demo_chat.DPO_CONFIG_YAML)
     return paths
 
 
@@ -556,14 +573,14 @@ def write_text_datasets(folder: Path) -> None:
 LM_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
 
 
-def lm_vocab_and_merges(corpus) -> tuple[dict[str, int], list[str]]:
+def lm_vocab_and_merges(corpus, specials=LM_SPECIAL_TOKENS) -> tuple[dict[str, int], list[str]]:
     """A byte-level BPE vocabulary (GPT-2 style, ``Ġ`` marks a leading space): special tokens,
     the 256 byte symbols, and merges that make every word of ``corpus`` one token."""
     import re
 
     alphabet = list(_bytes_to_unicode().values())
     byte_map = _bytes_to_unicode()
-    tokens = list(LM_SPECIAL_TOKENS) + alphabet
+    tokens = list(specials) + alphabet
     # the GPT-2 pre-tokenizer pattern, simplified: optional space + letters / digits / other
     words = set()
     for text in corpus:
@@ -593,13 +610,40 @@ def build_lm_tokenizer(corpus):
         padding_side="right")
 
 
-def write_tiny_llama(folder: Path, seed: int = 0, corpus=None) -> Path:
+def build_chat_tokenizer(corpus):
+    """The demo chat tokenizer: byte-level BPE with ChatML's special tokens, no BOS,
+    ``<|im_end|>`` as end of sequence, and the ChatML ``chat_template``."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    from lora_kernel.training.text_data import named_template
+    vocab, merges = lm_vocab_and_merges(corpus, demo_chat.CHAT_SPECIAL_TOKENS)
+    tok = Tokenizer(BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges],
+                        fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(demo_chat.CHAT_SPECIAL_TOKENS))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        model_max_length=512, clean_up_tokenization_spaces=False, padding_side="right")
+    fast.chat_template = named_template("chatml")
+    return fast
+
+
+def write_tiny_chat_llama(folder: Path, seed: int = 0, corpus=None) -> Path:
+    """Write the tiny chat model (:mod:`lora_kernel.training.demo_chat`)."""
+    return write_tiny_llama(folder, seed=seed, tokenizer=build_chat_tokenizer(corpus or []))
+
+
+def write_tiny_llama(folder: Path, seed: int = 0, corpus=None, tokenizer=None) -> Path:
     """Write the tiny Llama causal LM and its tokenizer (safetensors only)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     _fresh_dir(folder)
-    tokenizer = build_lm_tokenizer(corpus if corpus is not None else _text_corpus())
+    if tokenizer is None:
+        tokenizer = build_lm_tokenizer(corpus if corpus is not None else _text_corpus())
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,

@@ -44,7 +44,8 @@ EDITABLE = {
               "batch_size", "resolution", "train_text_encoder", "random_flip", "center_crop",
               "seed", "save_steps", "sample_prompts"],
     "text": ["output_name", "lora_rank", "lora_alpha", "learning_rate", "max_train_steps",
-             "batch_size", "max_seq_length", "packing", "seed", "save_steps", "sample_prompts"],
+             "batch_size", "max_seq_length", "packing", "seed", "save_steps", "sample_prompts",
+             "dataset_format", "quantization", "objective"],
 }
 PATH_KEYS = ("base_model", "train_data_dir", "metadata_path", "output_dir")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
