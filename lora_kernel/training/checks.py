@@ -165,6 +165,7 @@ def _check_family(cfg: TrainConfig, file: str) -> None:
 
     family = family_of(cfg.base_model)
     cfg.model_family = family.name
+    family.check_config(cfg, file)
     have = {t.lr_key for t in family.text_encoder_parts}
     for key in TEXT_ENCODER_KEYS:
         if getattr(cfg, key) is not None and key not in have:

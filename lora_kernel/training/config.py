@@ -156,6 +156,26 @@ class TrainConfig:
     keep_checkpoints: int = _h(
         "Keep only the newest N checkpoints (older ones are deleted after each save; "
         "0: keep all).", default=0)
+    # -- flow-matching transformers (Flux.1, SD3.5; lora_kernel.training.families.flow) --
+    timestep_sampling: str = _h(
+        "How flow times t are drawn (Flux, SD3.5): uniform, sigmoid (sigmoid(sigmoid_scale x "
+        "N(0,1))), logit_normal (sigmoid(N(0,1))) or shift (sigmoid, then shifted by "
+        "discrete_flow_shift).", default="sigmoid")
+    discrete_flow_shift: float = _h(
+        "Shift s of timestep_sampling: shift (t' = s t / (1 + (s - 1) t)); Flux, SD3.5.",
+        default=3.0)
+    sigmoid_scale: float = _h("Scale of the normal draw of timestep_sampling: sigmoid / shift.",
+                              default=1.0)
+    weighting_scheme: str = _h(
+        "Per-example loss weight of flow matching: none, sigma_sqrt or cosmap (Flux, SD3.5).",
+        default="none")
+    guidance_scale: float | None = _h(
+        "Guidance fed to Flux.1-dev's guidance embedding during training (a model without "
+        "one, schnell or SD3.5, refuses it). Default: 1.0 for Flux.1-dev.", default=None)
+    quantization: str = _h(
+        "Load the frozen transformer quantized (Flux, SD3.5): none, nf4 or int8 "
+        "(bitsandbytes; its CPU backend without CUDA), fp8 (GPUs with fp8 support).",
+        default="none")
 
     # Where this config came from (not a user key).
     source: str | None = field(default=None, repr=False, compare=False,
@@ -224,6 +244,7 @@ class TrainConfig:
         if self.vae_dtype not in VAE_DTYPES:
             raise self._err("vae_dtype", f"must be one of {', '.join(VAE_DTYPES)}, got "
                                          f"{self.vae_dtype!r}; fix: vae_dtype: auto")
+        self._check_flow()
         if self.lr_scheduler not in LR_SCHEDULERS:
             hint = _did_you_mean(str(self.lr_scheduler), LR_SCHEDULERS)
             raise self._err("lr_scheduler", f"unknown scheduler {self.lr_scheduler!r}{hint}; "
@@ -235,6 +256,21 @@ class TrainConfig:
             raise self._err("target_modules", "must list at least one module name or be omitted")
         if not self.output_name or any(c in self.output_name for c in "/\\"):
             raise self._err("output_name", f"must be a plain file stem, got {self.output_name!r}")
+
+    def _check_flow(self):
+        from lora_kernel.training.families.flow import TIMESTEP_SAMPLING, WEIGHTING_SCHEMES
+        from lora_kernel.training.flow_models import QUANTIZATIONS
+        for key, allowed in (("timestep_sampling", TIMESTEP_SAMPLING),
+                             ("weighting_scheme", WEIGHTING_SCHEMES),
+                             ("quantization", QUANTIZATIONS)):
+            if getattr(self, key) not in allowed:
+                raise self._err(key, f"must be one of {', '.join(allowed)}, got "
+                                     f"{getattr(self, key)!r}; fix: {key}: {allowed[0]}")
+        for key in ("discrete_flow_shift", "sigmoid_scale"):
+            if not getattr(self, key) > 0:
+                raise self._err(key, f"must be > 0, got {getattr(self, key)}")
+        if self.guidance_scale is not None and not self.guidance_scale >= 0:
+            raise self._err("guidance_scale", f"must be >= 0, got {self.guidance_scale}")
 
     # -- derived values ----------------------------------------------------
     @property

@@ -171,12 +171,15 @@ class ImageTask:
         self.cfg, self.comps, self.device, self.log = cfg, comps, device, log
         self.family = comps.family or family_named("sd15")
         unet, vae, tes = comps.unet, comps.vae, comps.text_encoders
-        self.te_parts = self.family.text_encoder_parts[:len(tes)]
+        # the text encoders train_text_encoder puts a LoRA on (never T5: frozen, cached)
+        self.te_parts = [p for p in self.family.text_encoder_parts[:len(tes)] if p.trainable]
+        trained = [te for p, te in zip(self.family.text_encoder_parts, tes, strict=False)
+                   if p.trainable]
         # Names that match nothing are refused (exit 2) before anything is attached or trained.
         check_target_modules(unet, cfg.targets, what=f"UNet of {cfg.base_model}",
                              file=cfg.source, default=DEFAULT_IMAGE_TARGETS)
         if cfg.train_text_encoder:
-            for part, te in zip(self.te_parts, tes, strict=True):
+            for part, te in zip(self.te_parts, trained, strict=True):
                 check_target_modules(te, TE_TARGETS, what=f"{part.name} of {cfg.base_model}",
                                      file=cfg.source, key="train_text_encoder")
         for module in (unet, vae, *tes):
@@ -195,18 +198,18 @@ class ImageTask:
             self.te_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha,
                                         lora_dropout=cfg.lora_dropout,
                                         init_lora_weights="gaussian", target_modules=TE_TARGETS)
-            for te in tes:
+            for te in trained:
                 attach_text_encoder_lora(te, self.te_config)
                 te.train()
         if cfg.init:
-            load_init_adapter(cfg, unet, dict(zip((p.name for p in self.te_parts), tes,
+            load_init_adapter(cfg, unet, dict(zip((p.name for p in self.te_parts), trained,
                                                   strict=True)))
         keep_trainable_fp32(unet, *tes)  # frozen weights may be half precision, LoRA is not
         unet.train()
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
             if cfg.train_text_encoder:
-                for te in tes:
+                for te in trained:
                     te.gradient_checkpointing_enable()
         self.scheduler = comps.noise_scheduler
         self.examples = load_examples(cfg)
@@ -225,12 +228,18 @@ class ImageTask:
         ids = [self.family.time_ids(e, flipped=flipped) for e in self.examples]
         return None if any(t is None for t in ids) else ids
 
+    @property
+    def trained_text_encoders(self) -> list:
+        """The text encoders ``train_text_encoder`` trains, in ``te_parts`` order."""
+        return [te for p, te in zip(self.family.text_encoder_parts, self.comps.text_encoders,
+                                    strict=False) if p.trainable]
+
     # cache ----------------------------------------------------------------------------
     @torch.no_grad()
     def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         vae = self.comps.vae
         dist = vae.encode(pixels.unsqueeze(0).to(self.device, vae.dtype)).latent_dist
-        return (dist.mean * vae.config.scaling_factor).squeeze(0).float().cpu()
+        return self.family.latents_from_vae(vae, dist.mean).squeeze(0).float().cpu()
 
     def _encode_text(self, batch: list[int]):
         """The prompts of ``batch`` through the family's text encoder(s)."""
@@ -286,7 +295,7 @@ class ImageTask:
         groups = [{"params": [p for p in self.comps.unet.parameters() if p.requires_grad],
                    "lr": self.cfg.learning_rate}]
         if self.cfg.train_text_encoder:
-            for part, te in zip(self.te_parts, self.comps.text_encoders, strict=True):
+            for part, te in zip(self.te_parts, self.trained_text_encoders, strict=True):
                 groups.append({"params": [p for p in te.parameters() if p.requires_grad],
                                "lr": text_encoder_lr(self.cfg, part.lr_key)})
         return groups
@@ -295,7 +304,7 @@ class ImageTask:
         named = {f"unet.{n}": p for n, p in self.comps.unet.named_parameters()
                  if p.requires_grad}
         if self.cfg.train_text_encoder:
-            for part, te in zip(self.te_parts, self.comps.text_encoders, strict=True):
+            for part, te in zip(self.te_parts, self.trained_text_encoders, strict=True):
                 named.update({f"{part.name}.{n}": p for n, p in te.named_parameters()
                               if p.requires_grad})
         return named
@@ -326,7 +335,7 @@ class ImageTask:
 
     def train_mode(self, enabled: bool) -> None:
         self.comps.unet.train(enabled)
-        for te in self.comps.text_encoders:
+        for te in self.trained_text_encoders:
             te.train(enabled and self.cfg.train_text_encoder)
 
     def loss(self, batch: list[int], generator: torch.Generator) -> torch.Tensor:
@@ -344,16 +353,10 @@ class ImageTask:
                                      pixels)
             with torch.no_grad():
                 vae = self.comps.vae
-                latents = vae.encode(pixels.to(dev, vae.dtype)).latent_dist.sample(
-                    generator=generator) * vae.config.scaling_factor
+                latents = self.family.latents_from_vae(vae, vae.encode(
+                    pixels.to(dev, vae.dtype)).latent_dist.sample(generator=generator))
             latents = latents.float()
-        noise = torch.randn(latents.shape, generator=generator).to(dev)
-        if cfg.noise_offset:
-            noise = noise + cfg.noise_offset * torch.randn(
-                (latents.shape[0], latents.shape[1], 1, 1), generator=generator).to(dev)
-        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps,
-                                  (latents.shape[0],), generator=generator).to(dev)
-        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        noisy = self.family.noisy_batch(cfg, self.scheduler, latents, generator)
         if self.te_states is not None and not cfg.train_text_encoder:
             embeds = PromptEmbeds(
                 hidden=torch.stack([self.te_states[i] for i in batch]).to(dev),
@@ -366,10 +369,8 @@ class ImageTask:
         if self.time_ids is not None and self.time_ids_flipped is not None:
             time_ids = torch.stack([(self.time_ids_flipped if f else self.time_ids)[i]
                                     for i, f in zip(batch, flips.tolist(), strict=True)])
-        target = self.family.training_target(self.scheduler, latents, noise, timesteps)
-        pred = self.comps.unet(noisy, timesteps, embeds.hidden,
-                               **self.family.unet_kwargs(embeds, time_ids)).sample
-        return F.mse_loss(pred.float(), target.float())
+        pred = self.family.predict(self.comps, noisy, embeds, time_ids)
+        return self.family.batch_loss(pred, noisy)
 
 
 # -- samples ---------------------------------------------------------------------------

@@ -197,7 +197,8 @@ def check_model_kind(path: Path, task: str) -> None:
                                   f"{_IMAGE_FIX}", key="base_model")
             raise ConfigError(f"{path} is not a diffusers folder (no model_index.json or unet/; "
                               f"it holds {_listing(names)}); fix: {_IMAGE_FIX}", key="base_model")
-        for part in ("unet", "vae", *_text_encoders(path)):
+        denoiser = "transformer" if (path / "transformer").is_dir() else "unet"
+        for part in (denoiser, "vae", *_text_encoders(path)):
             if not any((path / part).glob("*.safetensors")):
                 raise ConfigError(f"{path} has no {part} weights ({part}/*.safetensors); fix: "
                                   f"copy the model's {part}/ folder with its .safetensors "
@@ -229,14 +230,15 @@ def no_layout_error(path: Path, keys: list[str]) -> ConfigError:
 
 def _text_encoders(folder: Path) -> list[str]:
     """The text-encoder components a diffusers folder's ``model_index.json`` names
-    (``text_encoder``, and SDXL's ``text_encoder_2``); ``text_encoder`` without an index."""
+    (``text_encoder``, and SDXL's / Flux's ``text_encoder_2``, SD3.5's ``text_encoder_3``);
+    ``text_encoder`` without an index."""
     try:
         index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return ["text_encoder"]
     if not isinstance(index, dict):
         return ["text_encoder"]
-    names = [k for k in ("text_encoder", "text_encoder_2")
+    names = [k for k in ("text_encoder", "text_encoder_2", "text_encoder_3")
              if isinstance(index.get(k), list) and index[k] and index[k][0]]
     return names or ["text_encoder"]
 

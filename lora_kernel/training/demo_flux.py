@@ -1,0 +1,232 @@
+"""The tiny Flux.1 and SD3.5 demo models (random weights of the real architectures, built by
+our own code, same seed same bytes) and their demo configs.
+
+* ``models/tiny-flux/``: ``FluxPipeline`` folder: ``FluxTransformer2DModel`` with a guidance
+  embedding (Flux.1-dev's form: 1 double- and 2 single-stream blocks, 2 heads of 16), a
+  CLIP-L-like ``CLIPTextModel`` (pooled 32), a T5-XXL-like ``T5EncoderModel`` (v1.1 gated-GELU,
+  width 32) and a 16-channel VAE with a shift factor; 64 px images give 8x8x16 latents,
+  4x4 packed tokens of 64 channels.
+* ``models/tiny-sd3/``: ``StableDiffusion3Pipeline`` folder: ``SD3Transformer2DModel``
+  (SD3.5's RMS qk-norm), CLIP-L and CLIP-G (both with projections, pooled 16 + 16), T5.
+* The T5 tokenizer is a Unigram vocabulary built here (:func:`t5_vocab`): every demo word as
+  one ``▁word`` piece, then single letters, saved through transformers' ``T5Tokenizer``
+  (``tokenizer.json``); the CLIP tokenizers are the demo's BPE one
+  (:func:`lora_kernel.training.demo_assets.write_clip_tokenizer`, passed in: this module
+  does not import the demo writer that calls it).
+
+Runs as: the user (their kernel, ``lora train``, or a recorded run's steps as the run's user).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+T5_WIDTH = 32
+TINY_FLUX_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=1, num_single_layers=2, attention_head_dim=16,
+    num_attention_heads=2, joint_attention_dim=T5_WIDTH, pooled_projection_dim=32,
+    guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+)
+TINY_SD3_TRANSFORMER = dict(
+    sample_size=8, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8,
+    num_attention_heads=4, joint_attention_dim=T5_WIDTH, caption_projection_dim=32,
+    pooled_projection_dim=32, out_channels=16, pos_embed_max_size=16, qk_norm="rms_norm",
+)
+# The 16-channel VAE (Flux's and SD3's shape at toy width). scale: about 1 / std of these
+# randomly initialised VAEs' latent means over the demo images (0.32 and 0.35 for seed 0;
+# mean -0.006 and -0.025, so no shift); Flux's own are shift 0.1159, scale 0.3611.
+FLOW_VAE = dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False,
+                shift_factor=0.0, scaling_factor=3.0)
+FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                      base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                      max_image_seq_len=4096)
+SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
+
+_CONFIG_HEAD = """\
+task: image
+train_data_dir: datasets/image
+metadata_path: datasets/image/metadata.csv
+resolution: 64  # the tiny model's own (the real models': 1024)
+lora_rank: 8
+lora_alpha: 8
+batch_size: 4
+learning_rate: 2.0e-3
+max_train_steps: 40
+save_steps: 20
+sample_prompts:
+  - a red circle in enclave style
+sample_steps: 6
+sample_seeds: [0]
+seed: 42
+timestep_sampling: sigmoid
+"""
+FLUX_CONFIG_YAML = ("# Demo Flux.1 LoRA: the tiny Flux-dev-architecture model learns the "
+                    "\"enclave style\".\n# Paths are relative to this file. Run: lora run "
+                    "--config flux_lora.yaml\n" + _CONFIG_HEAD + """\
+base_model: models/tiny-flux
+output_dir: output/flux
+output_name: enclave_style_flux
+guidance_scale: 1.0  # Flux.1-dev's guidance embedding during training
+# attention of both streams, the MLPs, and the single blocks' MLP input (kohya: linear1)
+target_modules: [to_q, to_k, to_v, to_out.0, add_q_proj, add_k_proj, add_v_proj, to_add_out,
+                 ff.net.0.proj, ff.net.2, ff_context.net.0.proj, ff_context.net.2, proj_mlp]
+""")
+SD3_CONFIG_YAML = ("# Demo SD3.5 LoRA: the tiny SD3.5-architecture model learns the "
+                   "\"enclave style\".\n# Paths are relative to this file. Run: lora run "
+                   "--config sd3_lora.yaml\n" + _CONFIG_HEAD + """\
+base_model: models/tiny-sd3
+output_dir: output/sd3
+output_name: enclave_style_sd3
+target_modules: [to_q, to_k, to_v, to_out.0, add_q_proj, add_k_proj, add_v_proj, to_add_out]
+""")
+
+
+def t5_vocab(words) -> list[tuple[str, float]]:
+    """The demo T5 Unigram vocabulary: ``<pad>``, ``</s>``, ``<unk>`` (T5's ids 0, 1, 2),
+    each word as ``▁word`` (log-probability -2), then ``▁`` and single letters (-8)."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [("\u2581" + w, -2.0) for w in sorted(set(words))]
+    pieces += [("\u2581", -6.0)] + [(c, -8.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    return pieces
+
+
+def write_t5_tokenizer(folder: Path, words, max_length: int = 512) -> Path:
+    """Write the demo T5 tokenizer (``tokenizer.json``, ``tokenizer_config.json``) loadable
+    with ``T5Tokenizer.from_pretrained(folder)``."""
+    from transformers import T5Tokenizer
+    if folder.exists():
+        shutil.rmtree(folder)
+    tok = T5Tokenizer(vocab=t5_vocab(words), extra_ids=0, model_max_length=max_length)
+    tok.save_pretrained(str(folder))
+    _normalise(folder)
+    return folder
+
+
+def _normalise(folder: Path) -> None:
+    """JSON files with sorted keys and no fields that vary between builds."""
+    for path in sorted(folder.rglob("*.json")):
+        if path.name in ("vocab.json",):
+            continue
+        data = json.loads(path.read_text(encoding="utf-8"))
+        path.write_bytes((json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False)
+                          + "\n").encode("utf-8"))
+
+
+def _t5(vocab_size: int):
+    from transformers import T5Config, T5EncoderModel
+    return T5EncoderModel(T5Config(
+        vocab_size=vocab_size, d_model=T5_WIDTH, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=32,
+        dropout_rate=0.0, feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0, is_encoder_decoder=False, use_cache=False))
+
+
+def _clip(cls, vocab: dict, hidden: int, projection: int, act: str):
+    from transformers import CLIPTextConfig
+    return cls(CLIPTextConfig(
+        vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+        projection_dim=projection, hidden_act=act, bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"]))
+
+
+def write_tiny_flux(folder: Path, *, seed: int, vocab: dict, words, vae_config: dict,
+                    clip_tokenizer: Callable[..., Path]) -> Path:
+    """Write the tiny Flux.1-dev-architecture model as a diffusers folder."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        FluxPipeline,
+        FluxTransformer2DModel,
+    )
+    from transformers import CLIPTextModel, CLIPTokenizer, T5Tokenizer
+
+    _fresh(folder)
+    torch.manual_seed(seed + 20)
+    transformer = FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER)
+    torch.manual_seed(seed + 21)
+    vae = AutoencoderKL(**{**vae_config, **FLOW_VAE})
+    torch.manual_seed(seed + 22)
+    clip = _clip(CLIPTextModel, vocab, 32, 32, "quick_gelu")
+    t5_words = [w for w in words]
+    torch.manual_seed(seed + 23)
+    t5 = _t5(len(t5_vocab(t5_words)))
+    toks = {"tokenizer": CLIPTokenizer.from_pretrained(
+                clip_tokenizer(folder / "tokenizer"), local_files_only=True),
+            "tokenizer_2": T5Tokenizer.from_pretrained(
+                write_t5_tokenizer(folder / "tokenizer_2", t5_words), local_files_only=True)}
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae,
+                        text_encoder=clip, text_encoder_2=t5, transformer=transformer, **toks)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    # save_pretrained rewrites the tokenizers in its own format; keep ours (stable bytes).
+    shutil.rmtree(folder / "tokenizer")
+    clip_tokenizer(folder / "tokenizer")
+    write_t5_tokenizer(folder / "tokenizer_2", t5_words)
+    _normalise(folder)
+    return folder
+
+
+def write_tiny_sd3(folder: Path, *, seed: int, vocab: dict, words, vae_config: dict,
+                   clip_tokenizer: Callable[..., Path]) -> Path:
+    """Write the tiny SD3.5-architecture model as a diffusers folder."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5Tokenizer
+
+    _fresh(folder)
+    torch.manual_seed(seed + 30)
+    transformer = SD3Transformer2DModel(**TINY_SD3_TRANSFORMER)
+    torch.manual_seed(seed + 31)
+    vae = AutoencoderKL(**{**vae_config, **FLOW_VAE})
+    torch.manual_seed(seed + 32)
+    clip_l = _clip(CLIPTextModelWithProjection, vocab, 16, 16, "quick_gelu")
+    torch.manual_seed(seed + 33)
+    clip_g = _clip(CLIPTextModelWithProjection, vocab, 16, 16, "gelu")
+    torch.manual_seed(seed + 34)
+    t5 = _t5(len(t5_vocab(words)))
+    pads = {"tokenizer": "<|endoftext|>", "tokenizer_2": "!"}
+    toks = {name: CLIPTokenizer.from_pretrained(clip_tokenizer(folder / name, pad_token=pad),
+                                                local_files_only=True)
+            for name, pad in pads.items()}
+    toks["tokenizer_3"] = T5Tokenizer.from_pretrained(
+        write_t5_tokenizer(folder / "tokenizer_3", words), local_files_only=True)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
+        vae=vae, text_encoder=clip_l, text_encoder_2=clip_g, text_encoder_3=t5, **toks)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    for name, pad in pads.items():
+        shutil.rmtree(folder / name)
+        clip_tokenizer(folder / name, pad_token=pad)
+    write_t5_tokenizer(folder / "tokenizer_3", words)
+    _normalise(folder)
+    return folder
+
+
+def write_flow_demo(root: Path, *, seed: int, vocab: dict, words, vae_config: dict,
+                    clip_tokenizer: Callable[..., Path]) -> dict[str, Path]:
+    """Write both tiny models and their configs under ``root`` (the demo folder); returns
+    ``tiny_flux``, ``flux_config``, ``tiny_sd3``, ``sd3_config``."""
+    models = root / "models"
+    paths = {"tiny_flux": models / "tiny-flux", "flux_config": root / "flux_lora.yaml",
+             "tiny_sd3": models / "tiny-sd3", "sd3_config": root / "sd3_lora.yaml"}
+    kw = dict(seed=seed, vocab=vocab, words=words, vae_config=vae_config,
+              clip_tokenizer=clip_tokenizer)
+    write_tiny_flux(paths["tiny_flux"], **kw)
+    write_tiny_sd3(paths["tiny_sd3"], **kw)
+    paths["flux_config"].write_bytes(FLUX_CONFIG_YAML.encode("utf-8"))
+    paths["sd3_config"].write_bytes(SD3_CONFIG_YAML.encode("utf-8"))
+    return paths
+
+
+def _fresh(folder: Path) -> None:
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
