@@ -92,7 +92,10 @@ def t5_vocab(words) -> list[tuple[str, float]]:
     return pieces
 
 
-def write_t5_tokenizer(folder: Path, words, max_length: int = 512) -> Path:
+T5_MAX_LENGTH = 32  # the tiny models' T5 sequence (the real ones: Flux 512, SD3.5 256)
+
+
+def write_t5_tokenizer(folder: Path, words, max_length: int = T5_MAX_LENGTH) -> Path:
     """Write the demo T5 tokenizer (``tokenizer.json``, ``tokenizer_config.json``) loadable
     with ``T5Tokenizer.from_pretrained(folder)``."""
     from transformers import T5Tokenizer

@@ -391,7 +391,8 @@ def sample_grid(cfg, comps, out_dir: Path, *, device: torch.device) -> dict:
     unet.eval()
     for te in tes:
         te.eval()
-    pipe = (comps.family or family_named("sd15")).pipeline(comps)
+    family = comps.family or family_named("sd15")
+    pipe = family.pipeline(comps)
     pipe.set_progress_bar_config(disable=True)
     rows, diffs = [], []
     for prompt in prompts:
@@ -402,7 +403,8 @@ def sample_grid(cfg, comps, out_dir: Path, *, device: torch.device) -> dict:
                 gen = torch.Generator(device="cpu").manual_seed(int(seed))
                 image = pipe(prompt, num_inference_steps=cfg.sample_steps, generator=gen,
                              height=cfg.resolution, width=cfg.resolution,
-                             guidance_scale=5.0, output_type="np").images[0]
+                             guidance_scale=5.0, output_type="np",
+                             **family.sample_kwargs(comps)).images[0]
                 row.append(image)
         half = len(cfg.sample_seeds)
         diffs.extend(float(np.abs(a - b).mean() * 255)

@@ -175,6 +175,10 @@ class ModelFamily:
         diffusers names), before ``lora_unet_`` and underscores."""
         return module
 
+    def sample_kwargs(self, comps) -> dict:
+        """Extra keyword arguments of the pipeline call that renders the sample grid."""
+        return {}
+
     def pipeline(self, comps):
         """The diffusers pipeline over ``comps`` (samples)."""
         raise NotImplementedError

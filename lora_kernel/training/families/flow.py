@@ -65,7 +65,9 @@ class FlowMatchingFamily(ModelFamily):
     Subclasses say how prompts are encoded and how the transformer is called."""
 
     denoiser = "transformer"
-    t5_max_length: ClassVar[int] = 512  # the pipeline's max_sequence_length
+    # T5's tokens: the pipeline's max_sequence_length, or the tokenizer's model_max_length
+    # where that is shorter (the tiny demo models: 32)
+    t5_max_length: ClassVar[int] = 512
     latent_multiple: ClassVar[int] = 16  # resolution multiple: VAE 8 x patch 2
     native: ClassVar[int] = 1024
 
@@ -77,8 +79,8 @@ class FlowMatchingFamily(ModelFamily):
         """CLIP tokenizers at their 77 tokens, T5's at the pipeline's ``max_sequence_length``."""
         out = []
         for tok in comps.tokenizers:
-            length = (self.t5_max_length if "T5" in type(tok).__name__
-                      else tok.model_max_length)
+            length = (min(self.t5_max_length, tok.model_max_length)
+                      if "T5" in type(tok).__name__ else tok.model_max_length)
             out.append(tok(captions, padding="max_length", max_length=length,
                            truncation=True, return_tensors="pt").input_ids)
         return out
@@ -94,6 +96,11 @@ class FlowMatchingFamily(ModelFamily):
                           weights=loss_weights(cfg.weighting_scheme, t),
                           extra={"guidance": cfg.guidance_scale})
 
+    def sample_kwargs(self, comps) -> dict:
+        """Extra pipeline arguments of the sample grid: T5's sequence length as trained."""
+        t5 = comps.tokenizers[-1]
+        return {"max_sequence_length": min(self.t5_max_length, t5.model_max_length)}
+
     def native_resolution(self, comps_or_unet_config: dict) -> int:
         return self.native
 
@@ -104,7 +111,8 @@ class FlowMatchingFamily(ModelFamily):
             raise ConfigError(
                 f"{self.title} needs a resolution divisible by {m} (the VAE's 8x "
                 f"downsampling, then 2x2 latent patches), got {cfg.resolution}; fix: "
-                f"resolution: {max(m, round(cfg.resolution / m) * m)}", file=file,
+                f"resolution: {max(m, cfg.resolution // m * m)} (or "
+                f"{(cfg.resolution // m + 1) * m})", file=file,
                 key="resolution")
         if cfg.enable_bucket:
             raise ConfigError(
