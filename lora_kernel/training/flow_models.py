@@ -87,7 +87,9 @@ def quantize_linear_layers(model, quantization: str, compute_dtype):
     import bitsandbytes as bnb
     import torch
 
-    compute = compute_dtype if compute_dtype != torch.float32 else torch.float32
+    compute = compute_dtype
+    # bitsandbytes quantizes a weight when it moves to its device: the training device
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             if type(child) is not torch.nn.Linear:
@@ -106,6 +108,6 @@ def quantize_linear_layers(model, quantization: str, compute_dtype):
                                              requires_grad=False, has_fp16_weights=False)
             if child.bias is not None:
                 q.bias = torch.nn.Parameter(child.bias.data.to(compute), requires_grad=False)
-            setattr(parent, child_name, q)
+            setattr(parent, child_name, q.to(device))
         del parent_name
     return model

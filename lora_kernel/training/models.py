@@ -476,6 +476,9 @@ def estimate_training_memory(cfg) -> MemoryEstimate:
     block 30), else 6. With gradient_checkpointing only layer inputs are kept (m_i = 1) plus
     one layer recomputed at a time (max_i T_i x C_i x m_i). N = dataset rows.
 
+    Image (transformer: Flux.1, SD3.5): :func:`lora_kernel.training.flow_memory.flow_memory`
+    (quantized transformer weights, the text encoders, tokens x width per block).
+
     Text (causal LM): one level, T = max_seq_length, C = hidden_size, n = num_hidden_layers,
     m = 18 (attention 6 + MLP 12), the same rule for gradient_checkpointing, plus the logits
     and their gradient: 2 x B x T x vocab_size x 4 B.
@@ -493,6 +496,13 @@ def estimate_training_memory(cfg) -> MemoryEstimate:
     levels: list[tuple[int, int, int, int]] = []  # (positions T, channels C, layers n, maps m)
     extra = 0
     w = bytes_per_param(weight_dtype_name(cfg))
+    if cfg.task == "image" and (p / "transformer").is_dir():  # Flux, SD3.5
+        from lora_kernel.training.data import read_image_rows
+        from lora_kernel.training.flow_memory import flow_memory
+        weights, activations = flow_memory(cfg, p, weight_bytes=w,
+                                           vae_bytes=bytes_per_param(vae_dtype_name(cfg)))
+        data = len(read_image_rows(cfg)) * 3 * cfg.resolution ** 2 * 4
+        return MemoryEstimate(weights=weights, activations=activations, data=data)
     if cfg.task == "image":
         w_vae = bytes_per_param(vae_dtype_name(cfg))
         if p.is_dir():
