@@ -6,6 +6,8 @@ scheduler, from a diffusers folder, safetensors and local files only (the same r
 The frozen transformer can be loaded quantized (``quantization: nf4 | int8``): its Linear
 layers become bitsandbytes ``Linear4bit`` (NF4, bf16 compute) / ``Linear8bitLt`` layers,
 which peft's LoRA wraps; on a machine without CUDA bitsandbytes' CPU backend runs them.
+``fp8`` stores the weights in ``float8_e4m3fn`` and casts each layer up for its forward
+(diffusers' layerwise casting); only on a GPU with fp8 support (:func:`fp8_supported`).
 
 Runs as: the user (their kernel, ``lora train``, or a recorded run's steps as the run's user).
 """
@@ -53,6 +55,11 @@ def load_flow_parts(family, p: Path, *, dtype, vae_dtype=None, tokenizer=None,
             str(tok_dir), local_files_only=True))
     if quantization in ("nf4", "int8"):
         transformer = quantize_linear_layers(transformer, quantization, dtype)
+    elif quantization == "fp8":  # stored in float8, each layer cast up for its forward
+        import torch
+        compute = dtype if dtype != torch.float32 else torch.bfloat16
+        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn,
+                                             compute_dtype=compute)
     noise, sample = flow_schedulers(p)
     for m, want in ((vae, vae_dtype or dtype), *((t, dtype) for t in texts)):
         if next(m.parameters()).dtype != want:
@@ -66,6 +73,15 @@ def load_flow_parts(family, p: Path, *, dtype, vae_dtype=None, tokenizer=None,
         out[name] = te
         out[name.replace("text_encoder", "tokenizer")] = tok
     return out
+
+
+def fp8_supported() -> bool:
+    """Whether training will run on a CUDA GPU with fp8 support (compute capability 8.9:
+    Ada, Hopper and newer). No NVIDIA driver: False, without importing torch."""
+    if not any(Path(p).exists() for p in ("/proc/driver/nvidia/version", "/dev/nvidiactl")):
+        return False
+    import torch
+    return bool(torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9))
 
 
 def flow_schedulers(folder: Path):

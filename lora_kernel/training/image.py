@@ -222,6 +222,12 @@ class ImageTask:
         self.cache_hit = False
         if cfg.cache_latents:
             self._load_or_build_cache(cache_dir, dataset_version)
+        if self.te_states is not None and device.type == "cuda":
+            # prompts are cached: the frozen encoders (T5-XXL: ~9 GB) leave the GPU for the
+            # loop; sample_grid brings them back
+            for te in tes:
+                te.to("cpu")
+            torch.cuda.empty_cache()
 
     def _time_ids(self, *, flipped: bool) -> list | None:
         ids = [self.family.time_ids(e, flipped=flipped) for e in self.examples]
@@ -389,7 +395,7 @@ def sample_grid(cfg, comps, out_dir: Path, *, device: torch.device) -> dict:
     was_training = unet.training
     unet.eval()
     for te in tes:
-        te.eval()
+        te.to(device).eval()
     family = comps.family or family_named("sd15")
     pipe = family.pipeline(comps)
     pipe.set_progress_bar_config(disable=True)

@@ -418,3 +418,28 @@ def test_lora_config_of_a_full_size_flux_says_what_it_needs(demo_home, full_size
     bf16_gc = estimate_training_memory(dataclasses.replace(cfg, quantization="none"))
     assert plain.weights == bf16_gc.weights > 30 * 2 ** 30  # 11.9B + 4.8B params in bf16
     assert 24 * 2 ** 30 < bf16_gc.device < plain.device and bf16_gc.device < 80 * 2 ** 30
+
+
+@pytest.mark.slow
+def test_an_nf4_flux_run_trains_on_the_cpu_and_its_adapter_loads_in_the_full_model(
+        demo_home, tmp_path):
+    """quantization: nf4 through bitsandbytes' CPU backend: the frozen transformer's Linear
+    layers are 4-bit, the LoRA trains (loss falls) and its diffusers file loads into the
+    unquantized pipeline."""
+    import bitsandbytes as bnb
+    from diffusers import FluxPipeline
+    cfg = _cfg(demo_home, "flux", output_dir=str(tmp_path / "nf4"), quantization="nf4",
+               save_steps=0, max_train_steps=16, learning_rate=5e-3, sample_steps=1)
+    res = train(cfg, progress=False, home=demo_home, log=lambda m: None)
+    tr = res.live["components"].unet
+    base = tr.transformer_blocks[0].attn.to_q.base_layer
+    assert isinstance(base, bnb.nn.Linear4bit) and base.weight.dtype == torch.uint8
+    assert isinstance(tr.single_transformer_blocks[0].proj_out, bnb.nn.Linear4bit)
+    assert res.eval_loss_after < 0.95 * res.eval_loss_before, (res.eval_loss_before,
+                                                                res.eval_loss_after)
+    assert json.loads(Path(res.summary_path).read_text())["config"]["quantization"] == "nf4"
+    path = Path(res.adapter_files["diffusers"])
+    pipe = FluxPipeline.from_pretrained(cfg.base_model, local_files_only=True)
+    pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name="t")
+    assert sum(1 for n, _ in pipe.transformer.named_parameters() if "lora_A" in n) == sum(
+        1 for n, _ in tr.named_parameters() if "lora_A" in n) > 0

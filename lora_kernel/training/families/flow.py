@@ -105,7 +105,28 @@ class FlowMatchingFamily(ModelFamily):
         return self.native
 
     def check_config(self, cfg, file: str) -> None:
-        """A resolution the VAE and the 2x2 patches cannot tile is refused."""
+        """Refused: a resolution the VAE and the 2x2 patches cannot tile, buckets, fp8 where
+        the GPU has none, and a model folder without one of its parts (T5, VAE, ...)."""
+        from pathlib import Path
+
+        from lora_kernel.training.flow_models import fp8_supported
+        p = Path(cfg.base_model)
+        if p.is_dir():
+            for part in ("transformer", "vae", *(t.name for t in self.text_encoder_parts)):
+                if not any((p / part).glob("*.safetensors")):
+                    what = next((f"{t.model_class}" for t in self.text_encoder_parts
+                                 if t.name == part), part)
+                    raise ConfigError(
+                        f"{p} is {self.title} without its {part} ({what}) weights "
+                        f"({part}/*.safetensors): it cannot encode prompts or images without "
+                        f"it; fix: copy the model's {part}/ folder (and its tokenizer folder) "
+                        f"into {p}, from the same model's diffusers release", file=file,
+                        key="base_model")
+        if cfg.quantization == "fp8" and not fp8_supported():
+            raise ConfigError(
+                "quantization: fp8 needs a GPU with fp8 support (compute capability 8.9: Ada, "
+                "Hopper or newer), and training here will not run on one; fix: quantization: "
+                "nf4 (bitsandbytes, any GPU or the CPU) or int8", file=file, key="quantization")
         m = self.latent_multiple
         if cfg.resolution % m:
             raise ConfigError(
