@@ -39,7 +39,7 @@ def _file(tmp_path, keys: dict[str, tuple]) -> Path:
 
 
 def test_every_supported_family_has_a_module():
-    assert set(FAMILIES) == set(SUPPORTED) == {"sd15", "sd2", "sdxl"}
+    assert set(FAMILIES) == set(SUPPORTED) == {"sd15", "sd2", "sdxl", "flux", "sd3"}
     for name, family in FAMILIES.items():
         assert family.name == name and family.text_encoder_parts
 
