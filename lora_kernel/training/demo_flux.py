@@ -6,6 +6,8 @@ our own code, same seed same bytes) and their demo configs.
   CLIP-L-like ``CLIPTextModel`` (pooled 32), a T5-XXL-like ``T5EncoderModel`` (v1.1 gated-GELU,
   width 32) and a 16-channel VAE with a shift factor; 64 px images give 8x8x16 latents,
   4x4 packed tokens of 64 channels.
+* ``models/tiny-flux.safetensors``: the same as one all-in-one file in ComfyUI's layout
+  (:mod:`lora_kernel.training.flow_single_file`).
 * ``models/tiny-sd3/``: ``StableDiffusion3Pipeline`` folder: ``SD3Transformer2DModel``
   (SD3.5's RMS qk-norm), CLIP-L and CLIP-G (both with projections, pooled 16 + 16), T5.
 * The T5 tokenizer is a Unigram vocabulary built here (:func:`t5_vocab`): every demo word as
@@ -216,13 +218,17 @@ def write_tiny_sd3(folder: Path, *, seed: int, vocab: dict, words, vae_config: d
 def write_flow_demo(root: Path, *, seed: int, vocab: dict, words, vae_config: dict,
                     clip_tokenizer: Callable[..., Path]) -> dict[str, Path]:
     """Write both tiny models and their configs under ``root`` (the demo folder); returns
-    ``tiny_flux``, ``flux_config``, ``tiny_sd3``, ``sd3_config``."""
+    ``tiny_flux``, ``tiny_flux_single_file`` (all-in-one, ComfyUI layout), ``flux_config``,
+    ``tiny_sd3``, ``sd3_config``."""
     models = root / "models"
     paths = {"tiny_flux": models / "tiny-flux", "flux_config": root / "flux_lora.yaml",
+             "tiny_flux_single_file": models / "tiny-flux.safetensors",
              "tiny_sd3": models / "tiny-sd3", "sd3_config": root / "sd3_lora.yaml"}
     kw = dict(seed=seed, vocab=vocab, words=words, vae_config=vae_config,
               clip_tokenizer=clip_tokenizer)
     write_tiny_flux(paths["tiny_flux"], **kw)
+    from lora_kernel.training.flow_single_file import write_flux_single_file
+    write_flux_single_file(paths["tiny_flux"], paths["tiny_flux_single_file"])
     write_tiny_sd3(paths["tiny_sd3"], **kw)
     paths["flux_config"].write_bytes(FLUX_CONFIG_YAML.encode("utf-8"))
     paths["sd3_config"].write_bytes(SD3_CONFIG_YAML.encode("utf-8"))
@@ -233,3 +239,81 @@ def _fresh(folder: Path) -> None:
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
+
+
+# Flux.1's architecture (black-forest-labs/FLUX.1-dev and -schnell, configs only): the
+# bundles lora_kernel/training/configs/flux-dev and flux-schnell, which load an all-in-one
+# Flux checkpoint offline (its tokenizer folders must sit next to it) and size the
+# full-size model in tests (on the meta device).
+_UP, _DOWN = ("UpDecoderBlock2D",) * 4, ("DownEncoderBlock2D",) * 4
+FLUX_CONFIGS = {
+    "model_index.json": {
+        "_class_name": "FluxPipeline",
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "T5Tokenizer"],
+        "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"]},
+    "transformer/config.json": {
+        "_class_name": "FluxTransformer2DModel", "attention_head_dim": 128,
+        "axes_dims_rope": [16, 56, 56], "guidance_embeds": True, "in_channels": 64,
+        "joint_attention_dim": 4096, "num_attention_heads": 24, "num_layers": 19,
+        "num_single_layers": 38, "patch_size": 1, "pooled_projection_dim": 768},
+    "vae/config.json": {
+        "_class_name": "AutoencoderKL", "act_fn": "silu", "block_out_channels": [128, 256, 512, 512],
+        "down_block_types": list(_DOWN), "force_upcast": True, "in_channels": 3,
+        "latent_channels": 16, "layers_per_block": 2, "mid_block_add_attention": True,
+        "norm_num_groups": 32, "out_channels": 3, "sample_size": 1024,
+        "scaling_factor": 0.3611, "shift_factor": 0.1159, "up_block_types": list(_UP),
+        "use_post_quant_conv": False, "use_quant_conv": False},
+    "text_encoder/config.json": {
+        "architectures": ["CLIPTextModel"], "attention_dropout": 0.0, "bos_token_id": 0,
+        "dropout": 0.0, "eos_token_id": 2, "hidden_act": "quick_gelu", "hidden_size": 768,
+        "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 3072,
+        "layer_norm_eps": 1e-05, "max_position_embeddings": 77, "model_type": "clip_text_model",
+        "num_attention_heads": 12, "num_hidden_layers": 12, "pad_token_id": 1,
+        "projection_dim": 768, "vocab_size": 49408},
+    "text_encoder_2/config.json": {
+        "architectures": ["T5EncoderModel"], "d_ff": 10240, "d_kv": 64, "d_model": 4096,
+        "dense_act_fn": "gelu_new", "dropout_rate": 0.1, "eos_token_id": 1,
+        "feed_forward_proj": "gated-gelu", "initializer_factor": 1.0, "is_encoder_decoder": True,
+        "is_gated_act": True, "layer_norm_epsilon": 1e-06, "model_type": "t5", "num_heads": 64,
+        "num_layers": 24, "pad_token_id": 0, "relative_attention_max_distance": 128,
+        "relative_attention_num_buckets": 32, "tie_word_embeddings": False,
+        "vocab_size": 32128},
+    "scheduler/scheduler_config.json": {
+        "_class_name": "FlowMatchEulerDiscreteScheduler", **FLUX_SCHEDULER},
+    "tokenizer/README.txt": (
+        "The CLIP and T5 tokenizer vocabularies cannot be generated offline, so they are not\n"
+        "bundled. Put the tokenizer/ and tokenizer_2/ folders of a Flux diffusers model next\n"
+        "to the checkpoint (or pass config= with them).\n"),
+}
+FLUX_SCHNELL_CHANGES = {
+    "transformer/config.json": {"guidance_embeds": False},
+    "scheduler/scheduler_config.json": {"shift": 1.0, "use_dynamic_shifting": False},
+}
+
+
+def write_flux_config_bundles(dst: Path, tiny_folder: Path) -> None:
+    """Write the bundled Flux configs into ``dst`` (``lora_kernel/training/configs``):
+    ``flux-dev``, ``flux-schnell`` and ``tiny-flux`` (the demo model's configs and
+    tokenizers, from ``tiny_folder``). A developer tool, like
+    :func:`lora_kernel.training.demo_assets.regenerate_bundled_configs`."""
+    for name, changes in (("flux-dev", {}), ("flux-schnell", FLUX_SCHNELL_CHANGES)):
+        _fresh(dst / name)
+        for rel, data in FLUX_CONFIGS.items():
+            path = dst / name / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(data, str):
+                path.write_bytes(data.encode("utf-8"))
+                continue
+            path.write_bytes((json.dumps({**data, **changes.get(rel, {})}, indent=2,
+                                         sort_keys=True) + "\n").encode("utf-8"))
+    _fresh(dst / "tiny-flux")
+    for f in sorted(tiny_folder.rglob("*")):
+        if f.is_file() and f.suffix != ".safetensors":
+            target = dst / "tiny-flux" / f.relative_to(tiny_folder)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(f.read_bytes())

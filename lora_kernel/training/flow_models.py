@@ -32,9 +32,19 @@ def load_flow_parts(family, p: Path, *, dtype, vae_dtype=None, tokenizer=None,
     from diffusers import AutoencoderKL
 
     if not p.is_dir():
-        raise ConfigError(f"{p}: {family.title} loads from a diffusers folder here (a single "
-                          f"file needs its configs: pass a diffusers folder of the model)",
-                          key="base_model")
+        if not family.single_file:
+            raise ConfigError(f"{p}: {family.title} trains from its diffusers folder here (a "
+                              f"single file is read for Flux only); fix: point base_model at "
+                              f"the model's diffusers folder", key="base_model")
+        from lora_kernel.training.flow_single_file import load_flux_single_file
+        out = load_flux_single_file(family, p, dtype=dtype, vae_dtype=vae_dtype, config=config)
+        if quantization in ("nf4", "int8"):
+            out["unet"] = quantize_linear_layers(out["unet"], quantization, dtype)
+        out["noise_scheduler"], out["sample_scheduler"] = flow_schedulers(out["config_path"])
+        for module in out.values():
+            if hasattr(module, "eval"):
+                module.eval()
+        return out
     kw = dict(local_files_only=True, use_safetensors=True)
     cls = getattr(diffusers, family.transformer_class)
     transformer = cls.from_pretrained(p, subfolder="transformer", torch_dtype=dtype, **kw)

@@ -53,6 +53,7 @@ _TEXT_FIX = ("point base_model at a Hugging Face causal-LM folder (config.json, 
 # Key prefixes of a single-file Stable Diffusion checkpoint (LDM/A1111 or prefixed diffusers;
 # see lora_kernel.training.single_file) and typical ones of a text model's weights.
 _SD_PREFIXES = ("model.diffusion_model.", "unet.")
+_FLOW_MARKERS = ("double_blocks.", "joint_blocks.")  # Flux / SD3 transformers, bare
 _LM_MARKERS = ("lm_head.", "embed_tokens.", ".layers.", "transformer.h.", "gpt_neox.")
 
 
@@ -168,7 +169,7 @@ def check_model_kind(path: Path, task: str) -> None:
     """
     if path.is_file():
         keys = [k for k in read_safetensors_header(path) if k != "__metadata__"]
-        sd = any(k.startswith(_SD_PREFIXES) for k in keys)
+        sd = any(k.startswith(_SD_PREFIXES) or k.startswith(_FLOW_MARKERS) for k in keys)
         lm = next((k for k in keys if any(m in k for m in _LM_MARKERS)), None)
         if task == "text":
             what = "a Stable Diffusion checkpoint" if sd else "a single weights file"

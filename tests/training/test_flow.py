@@ -470,3 +470,53 @@ def test_a_resumed_flux_run_is_bit_identical_to_an_uninterrupted_one(demo_home, 
         ours, theirs = load_file(path), load_file(resumed.adapter_files[fmt])
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[k], theirs[k]) for k in ours), fmt
+
+
+# -- single files -----------------------------------------------------------------------------
+def test_the_all_in_one_flux_file_loads_as_its_folder(demo_home):
+    """The demo's ComfyUI-layout all-in-one file (BFL transformer under
+    ``model.diffusion_model.``, ``text_encoders.clip_l/t5xxl``, ``vae.``) gives exactly the
+    folder's weights, with the bundled tiny-flux configs and tokenizers."""
+    from lora_kernel.training.models import load_sd_components
+    models = demo_home / "demo" / "models"
+    folder = load_sd_components(models / "tiny-flux")
+    single = load_sd_components(models / "tiny-flux.safetensors")
+    assert single.family is FLUX and single.config_path.name == "tiny-flux"
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        a, b = getattr(folder, name).state_dict(), getattr(single, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert single.tokenizer_2("a red circle").input_ids == folder.tokenizer_2(
+        "a red circle").input_ids
+    assert _cfg(demo_home, "flux", base_model=str(models / "tiny-flux.safetensors")
+                ).model_family == "flux"
+
+
+@pytest.mark.parametrize("prefix", ["model.diffusion_model.", ""])
+def test_a_transformer_only_flux_file_is_refused_naming_what_it_lacks(demo_home, tmp_path,
+                                                                      prefix):
+    """flux1-dev.safetensors (bare BFL keys) and ComfyUI's diffusion-model file hold the
+    transformer only: refused before anything loads, naming the T5 and the VAE."""
+    from safetensors.torch import save_file
+    full = load_file(str(demo_home / "demo" / "models" / "tiny-flux.safetensors"))
+    path = tmp_path / "flux1-tiny.safetensors"
+    save_file({prefix + k[len("model.diffusion_model."):]: v for k, v in full.items()
+               if k.startswith("model.diffusion_model.")}, str(path))
+    with pytest.raises(ConfigError) as info:
+        _cfg(demo_home, "flux", base_model=str(path))
+    msg = str(info.value)
+    assert info.value.key == "base_model" and "T5-XXL" in msg and "VAE" in msg
+    assert "CLIP-L" in msg and "all-in-one" in msg and "diffusers folder" in msg
+
+
+def test_the_bundled_full_size_flux_configs_are_flux_dev_and_schnell(flux_dev_meta):
+    from diffusers import FluxTransformer2DModel
+
+    from lora_kernel.training.flow_single_file import CONFIGS, bundled_flux_config
+    conf = FluxTransformer2DModel.load_config(CONFIGS / "flux-dev" / "transformer")
+    assert {k: conf[k] for k in FLUX_DEV} == {**FLUX_DEV, "axes_dims_rope": [16, 56, 56]}
+    header = {"img_in.weight": {"shape": [3072, 64]}, "guidance_in.in_layer.weight": {}}
+    assert bundled_flux_config(header).name == "flux-dev"
+    del header["guidance_in.in_layer.weight"]
+    assert bundled_flux_config(header).name == "flux-schnell"
+    assert not FluxTransformer2DModel.load_config(
+        CONFIGS / "flux-schnell" / "transformer")["guidance_embeds"]

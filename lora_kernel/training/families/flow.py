@@ -70,6 +70,7 @@ class FlowMatchingFamily(ModelFamily):
     t5_max_length: ClassVar[int] = 512
     latent_multiple: ClassVar[int] = 16  # resolution multiple: VAE 8 x patch 2
     native: ClassVar[int] = 1024
+    single_file: ClassVar[bool] = False  # trains from one .safetensors (Flux: all-in-one)
 
     def latents_from_vae(self, vae, latents):
         shift = vae.config.shift_factor or 0.0
@@ -111,6 +112,13 @@ class FlowMatchingFamily(ModelFamily):
 
         from lora_kernel.training.flow_models import fp8_supported
         p = Path(cfg.base_model)
+        if p.is_file() and self.single_file:
+            from lora_kernel.training.flow_single_file import missing_error, missing_parts
+            from lora_kernel.training.model_safety import read_safetensors_header
+            missing = missing_parts(read_safetensors_header(p))
+            if missing:
+                err = missing_error(p, missing)
+                raise ConfigError(err.detail, file=file, key="base_model")
         if p.is_dir():
             for part in ("transformer", "vae", *(t.name for t in self.text_encoder_parts)):
                 if not any((p / part).glob("*.safetensors")):

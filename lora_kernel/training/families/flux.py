@@ -83,6 +83,25 @@ def _swap_halves(t):
     return torch.cat([b, a], dim=0)
 
 
+def bfl_key(key: str) -> tuple[str, int, str]:
+    """``(BFL key, member index, fused kind)`` of one diffusers Flux transformer state-dict
+    key (``transformer_blocks.0.attn.norm_q.weight`` ->
+    ``("double_blocks.0.img_attn.norm.query_norm.scale", 0, "")``); KeyError when the
+    original layout has no such tensor."""
+    module, _, param = key.rpartition(".")
+    target = bfl_target(module)
+    if target is not None:
+        name, index, kind = target
+        return f"{name}.{param}", index, kind
+    m = re.fullmatch(r"(single_transformer_blocks|transformer_blocks)\.(\d+)\.(.+)", module)
+    single = bool(m) and m.group(1).startswith("single")
+    norm = (_SINGLE_NORMS if single else _NORMS).get(m.group(3)) if m else None
+    if norm is None or param != "weight":
+        raise KeyError(f"no BFL name for {key}")
+    prefix = "single_blocks" if single else "double_blocks"
+    return f"{prefix}.{m.group(2)}.{norm}.scale", 0, ""
+
+
 def to_bfl_state_dict(sd: dict, config) -> dict:
     """The diffusers Flux transformer state dict ``sd`` in Black Forest Labs' layout (the
     inverse of diffusers' ``convert_flux_transformer_checkpoint_to_diffusers``)."""
@@ -90,29 +109,33 @@ def to_bfl_state_dict(sd: dict, config) -> dict:
     out: dict = {}
     fused: dict[str, dict[int, object]] = {}
     for key, tensor in sd.items():
-        module, _, param = key.rpartition(".")
-        target = bfl_target(module)
-        if target is None:
-            m = re.fullmatch(r"(single_transformer_blocks|transformer_blocks)\.(\d+)\.(.+)",
-                             module)
-            if not m:
-                raise KeyError(f"no BFL name for {key}")
-            single = m.group(1).startswith("single")
-            norm = (_SINGLE_NORMS if single else _NORMS).get(m.group(3))
-            if norm is None or param != "weight":
-                raise KeyError(f"no BFL name for {key}")
-            prefix = "single_blocks" if single else "double_blocks"
-            out[f"{prefix}.{m.group(2)}.{norm}.scale"] = tensor
-            continue
-        name, index, kind = target
-        if name == SWAPPED:
+        name, index, kind = bfl_key(key)
+        if name.startswith(SWAPPED):
             tensor = _swap_halves(tensor)
         if kind:
-            fused.setdefault(f"{name}.{param}", {})[index] = tensor
+            fused.setdefault(name, {})[index] = tensor
         else:
-            out[f"{name}.{param}"] = tensor
+            out[name] = tensor
     for key, parts in fused.items():
         out[key] = torch.cat([parts[i] for i in sorted(parts)], dim=0)
+    return out
+
+
+def from_bfl_state_dict(bfl: dict, model_keys, config) -> dict:
+    """The diffusers state dict (keys ``model_keys``) of a transformer in Black Forest Labs'
+    layout ``bfl`` (fused projections split by :func:`fused_sizes`, the final modulation's
+    halves swapped back); a tensor the model needs and ``bfl`` lacks is a KeyError."""
+    out = {}
+    for key in model_keys:
+        name, index, kind = bfl_key(key)
+        tensor = bfl[name]
+        if kind:
+            sizes = fused_sizes(kind, config)
+            start = sum(sizes[:index])
+            tensor = tensor[start:start + sizes[index]]
+        if name.startswith(SWAPPED):
+            tensor = _swap_halves(tensor)
+        out[key] = tensor
     return out
 
 
@@ -123,6 +146,7 @@ class FluxFamily(FlowMatchingFamily):
     modelspec_architecture = "flux-1-dev/lora"
     pipeline_class = "FluxPipeline"
     transformer_class = "FluxTransformer2DModel"
+    single_file = True
     text_encoder_parts = (
         TextEncoderPart("text_encoder", "CLIPTextModel", "lora_te1", "text_encoder_lr",
                         "text_encoders.clip_l.transformer."),
