@@ -263,7 +263,8 @@ FLUX_CONFIGS = {
         "num_single_layers": 38, "patch_size": 1, "pooled_projection_dim": 768},
     "vae/config.json": {
         "_class_name": "AutoencoderKL", "act_fn": "silu",
-        "block_out_channels": [128, 256, 512, 512], "down_block_types": list(_DOWN), "force_upcast": True, "in_channels": 3,
+        "block_out_channels": [128, 256, 512, 512], "down_block_types": list(_DOWN),
+        "force_upcast": True, "in_channels": 3,
         "latent_channels": 16, "layers_per_block": 2, "mid_block_add_attention": True,
         "norm_num_groups": 32, "out_channels": 3, "sample_size": 1024,
         "scaling_factor": 0.3611, "shift_factor": 0.1159, "up_block_types": list(_UP),
