@@ -78,7 +78,7 @@ def load_flux_single_file(family, p: Path, *, dtype, vae_dtype=None, config=None
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     from safetensors.torch import load_file
 
-    from lora_kernel.training.families.flux import from_bfl_state_dict
+    from lora_kernel.training.flux_layout import from_bfl_state_dict
     from lora_kernel.training.single_file import fit_clip_keys
 
     header = read_safetensors_header(p)
@@ -150,7 +150,7 @@ def write_flux_single_file(folder: Path, out: Path) -> Path:
     from safetensors.torch import load_file, save_file
 
     from lora_kernel.training.families.detect import read_json
-    from lora_kernel.training.families.flux import to_bfl_state_dict
+    from lora_kernel.training.flux_layout import to_bfl_state_dict
     from lora_kernel.training.single_file import vae_key_to_ldm
 
     tconf = read_json(folder / "transformer" / "config.json")

@@ -45,7 +45,28 @@ def _schnell_with_guidance(c: Case) -> list:
     return ["config", _flux_config(c, base_model=str(folder), guidance_scale=3.5)]
 
 
+def _licence_not_allowed(c: Case) -> list:
+    """The platform's policies, with the demo Flux under a licence only a group nobody is
+    in may train on."""
+    import shutil as sh
+    from pathlib import Path
+
+    pdir = c.tmp / "policies"
+    sh.copytree(Path(__file__).resolve().parents[2] / "policies", pdir)
+    with open(pdir / "models.yaml", "a", encoding="utf-8") as fh:
+        fh.write("\n")  # the repository file ends its own mappings; ours replace them
+    data = yaml.safe_load((pdir / "models.yaml").read_text())
+    data["models"] = [{"match": "tiny-flux*", "licence": "flux-1-dev-non-commercial"}]
+    data["licences"] = {"flux-1-dev-non-commercial": {"allowed_groups": ["nobody-xyz"]}}
+    (pdir / "models.yaml").write_text(yaml.safe_dump(data))
+    c.monkeypatch.setenv("LORA_POLICIES", str(pdir))
+    return ["run", "--config", _flux_config(c, max_train_steps=1), "--quiet",
+            "--home", c.tmp / "home"]
+
+
 CASES: dict[str, Callable[[Case], list]] = {
+    "`lora run` on a base model whose licence the policy does not allow for the user's groups":
+        _licence_not_allowed,
     "a Flux / SD3.5 model folder without its T5 or VAE": _without_t5,
     "`guidance_scale` for a model without a guidance embedding (Flux.1-schnell, SD3.5)":
         _schnell_with_guidance,

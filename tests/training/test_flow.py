@@ -21,7 +21,7 @@ from lora_kernel.training.export import read_metadata
 from lora_kernel.training.families import family_named, family_of
 from lora_kernel.training.families.base import NoisyBatch, PromptEmbeds
 from lora_kernel.training.families.flow import loss_weights, sample_t
-from lora_kernel.training.families.flux import bfl_target, fused_sizes, to_bfl_state_dict
+from lora_kernel.training.flux_layout import bfl_target, fused_sizes, to_bfl_state_dict
 from lora_kernel.training.train import train
 
 FLUX, SD3 = family_named("flux"), family_named("sd3")

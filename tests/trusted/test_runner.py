@@ -149,11 +149,24 @@ def test_sdxl_run_through_lora_run_is_a_sealed_record(run_home, demo_home):
 
 
 @pytest.mark.slow
-def test_flux_run_through_lora_run_is_a_sealed_record(run_home, demo_home):
+def test_flux_run_through_lora_run_is_a_sealed_record(run_home, demo_home, tmp_path,
+                                                       monkeypatch):
     """A new user's Flux run: ``lora run --config flux_lora.yaml`` seals a record with the
-    family, both adapter formats (the kohya one in Black Forest Labs' layout) and a sample
-    grid rendered by ``FluxPipeline``."""
+    family, both adapter formats (the kohya one in Black Forest Labs' layout), a sample grid
+    rendered by ``FluxPipeline`` and the base model's licence, which the policy allows for
+    the user's own group (the refusal of another group: tests/exit_cases/flow.py)."""
+    import grp
+
     from safetensors.torch import load_file
+
+    pdir = tmp_path / "policies"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "policies", pdir)
+    models = yaml.safe_load((pdir / "models.yaml").read_text())
+    models["models"] = [{"match": "tiny-flux*", "licence": "flux-1-dev-non-commercial"}]
+    models["licences"] = {"flux-1-dev-non-commercial": {
+        "allowed_groups": [grp.getgrgid(os.getgid()).gr_name]}}
+    (pdir / "models.yaml").write_text(yaml.safe_dump(models))
+    monkeypatch.setenv("LORA_POLICIES", str(pdir))
 
     args = ["run", "--config", demo_home / "demo" / "flux_lora.yaml", "--quiet"]
     for key, value in {**FAST_IMAGE, "train_text_encoder": "true"}.items():
@@ -164,6 +177,7 @@ def test_flux_run_through_lora_run_is_a_sealed_record(run_home, demo_home):
     manifest = assert_sealed(record, "succeeded")
     extra = manifest["predicate"]["runDetails"]["metadata"]["extra"]
     assert extra["model_family"] == "flux"
+    assert extra["base_model_licence"] == "flux-1-dev-non-commercial"
     kohya = load_file(str(record / "adapter" / "enclave_style_flux_kohya.safetensors"))
     assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in kohya
     assert "lora_unet_single_blocks_0_linear1.lora_up.weight" in kohya
