@@ -14,14 +14,16 @@ ask the runner service).
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import getpass
 import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from lora_kernel.cli.options import add_home, add_runner, add_state
-from lora_kernel.common.errors import ConfigError, NoMatch, VerificationError
+from lora_kernel.common.errors import ConfigError, LoraError, NoMatch, VerificationError
 from lora_kernel.common.timeutil import parse_time
 
 
@@ -90,10 +92,33 @@ def _recover(state) -> None:
         return
     from lora_kernel.trusted.recovery import leftovers, recover
 
-    for rec in recover(state=state):
+    try:
+        recovered = recover(state=state)
+    except (OSError, LoraError) as exc:  # a full state store: verify reports what is unsealed
+        print(f"could not seal stale runs: {exc}")
+        recovered = []
+    for rec in recovered:
         print(f"recovered {rec.run_id}: sealed as failed ({rec.error})")
     for left in leftovers(state):
         print(f"leftover {left.path}: {left.what}")
+
+
+def _unsealed(state) -> list:
+    """Runs still announced in ``.active`` whose runner is gone: they ended without a record
+    (e.g. the state store was full even for a minimal one); a problem until recovered."""
+    from lora_kernel.common.paths import runs_dir
+    from lora_kernel.provenance.records import Problem
+    from lora_kernel.trusted.runseal import stale_runs
+
+    if not os.access(runs_dir(state) / ".active", os.W_OK):  # none, or an auditor's view
+        return []
+    try:
+        stale = stale_runs(state)
+    except (OSError, LoraError) as exc:
+        return [Problem("unsealed", "runs/.active", f"cannot read the active runs: {exc}")]
+    return [Problem("unsealed", run.run_id, "the run ended without a sealed record (its "
+                    "runner is gone); fix: free space in the state store, then `lora audit "
+                    "recover` seals it as failed") for run in stale]
 
 
 def cmd_verify(args) -> int:
@@ -106,6 +131,8 @@ def cmd_verify(args) -> int:
         _recover(args.state)
     problems = verify(None if args.all else args.run, state=args.state,
                       trusted_key=args.trusted_key, inputs=args.inputs)
+    if args.all:
+        problems += _unsealed(args.state)
     checked = len(list_runs(state=args.state, verify=False)) if args.all else 1
     for p in problems:
         print(p)
@@ -164,13 +191,71 @@ def cmd_key(args) -> int:
     return 0
 
 
+def _through_service(args, request: dict) -> Any:
+    """The runner service's answer to an audit ``request`` when this user cannot read the
+    state directory and the service runs (a trainer on the hub); None: read it here."""
+    from lora_kernel.common.paths import state_dir
+    from lora_kernel.trusted.service import call, runner_socket
+
+    if args.state is not None:
+        return None
+    root = state_dir(None)
+    if os.access(root, os.R_OK | os.X_OK) and os.access(root / "runs", os.R_OK | os.X_OK):
+        return None
+    sock = runner_socket(getattr(args, "runner", None))
+    if sock is None:
+        return None
+    return call(sock, request)
+
+
+def _hub_runs() -> list | None:
+    """In a hub user's server (``$LORA_RUNS_URL`` and the server's hub token set, no state
+    directory of one's own): the caller's submissions from the runs service, else None."""
+    from lora_kernel.common.paths import ledger_path
+
+    url, token = os.environ.get("LORA_RUNS_URL"), os.environ.get("JUPYTERHUB_API_TOKEN")
+    if not url or not token:
+        return None
+    try:
+        if ledger_path(None).exists():  # a state directory of one's own: local mode
+            return None
+    except OSError:  # the platform's state, not readable by users: the service answers
+        pass
+    from lora_kernel.user.runs_client import RunsClient
+
+    return RunsClient(url, token).list()
+
+
+def _print_hub_runs(subs: list) -> None:
+    table = [[str(s.get("run_id") or "-"), _cell(s.get("user")), _cell(s.get("status")),
+              _short_time(dt.datetime.fromtimestamp(s["submitted"], dt.UTC).isoformat())
+              if s.get("submitted") else "-", Path(str(s.get("path") or "-")).name,
+              str(s.get("id"))] for s in subs]
+    _print_table(["RUN", "USER", "STATUS", "SUBMITTED", "NOTEBOOK/CONFIG", "SUBMISSION"], table)
+    print("(your runs, from the hub's runs service; reviews and records: the audit service)")
+
+
 def cmd_list(args) -> int:
     """List runs matching the filters; a run that does not verify is marked TAMPERED."""
     from lora_kernel.provenance.audit import list_runs
     columns = [c.strip() for c in (args.columns or "").split(",") if c.strip()]
-    rows = list_runs(state=args.state, user=args.user, since=args.since, until=args.until,
-                     status=args.status, review=args.review, expired=args.expired,
-                     columns=columns)
+    if args.state is None and not columns:
+        subs = _hub_runs()
+        if subs is not None:
+            if args.json:
+                _print_json(subs)
+            else:
+                _print_hub_runs(subs)
+            return 0
+    rows = _through_service(args, {
+        "op": "audit_list", "user": args.user, "status": args.status, "review": args.review,
+        "expired": args.expired, "columns": columns,
+        "since": args.since.isoformat() if args.since else None,
+        "until": args.until.isoformat() if args.until else None})
+    if rows is None:
+        rows = list_runs(state=args.state, user=args.user, since=args.since, until=args.until,
+                         status=args.status, review=args.review, expired=args.expired,
+                         columns=columns)
     if args.json:
         _print_json(rows)
         return 0
@@ -214,7 +299,12 @@ SHOW_FIELDS = ("run_id", "kind", "status", "error", "user", "uid", "identity", "
 def cmd_show(args) -> int:
     """Print a run's summary; write the executed notebook as sanitized HTML with --html."""
     from lora_kernel.provenance.audit import notebook_path, render_notebook_html, show
-    info = show(args.run, state=args.state)
+    info = _through_service(args, {"op": "audit_show", "run": args.run})
+    if info is None:
+        info = show(args.run, state=args.state)
+    elif args.html:
+        raise ConfigError("--html needs the record's notebook, which the runner service does "
+                          "not send; fix: open the run in the audit service's pages")
     if args.html:
         Path(args.html).write_text(render_notebook_html(notebook_path(args.run, args.state)),
                                    encoding="utf-8")
@@ -302,9 +392,14 @@ def cmd_export(args) -> int:
 def cmd_import(args) -> int:
     """Restore and verify an encrypted archive."""
     from lora_kernel.trusted.archive import import_archive
-    out = import_archive(args.archive, secret=_secret(args), state=args.state)
+    out = import_archive(args.archive, secret=_secret(args), state=args.state,
+                         trusted_key=args.trusted_key)
     print(f"imported {args.archive}: restored {out['restored'] or 'none'}, already present "
-          f"{out['skipped'] or 'none'} (key fingerprint {out['key_fingerprint']})")
+          f"{out['skipped'] or 'none'} (key fingerprint {out['key_fingerprint']}; ledger "
+          f"signed by {out['signer_key_fingerprint'][:16]}…, trusted by {out['trusted_by']})")
+    if out["trusted_by"] == "unpinned":
+        print("warning: no trusted key given and no pin in policies/ledger.yaml: the archive's "
+              "own key was taken; give --trusted-key PROD.pem", file=sys.stderr)
     return 0
 
 
@@ -433,6 +528,7 @@ def register(sub) -> None:
                    help="also show these config keys, e.g. learning_rate,lora_rank")
     p.add_argument("--json", action="store_true")
     add_state(p)
+    add_runner(p)
     p.set_defaults(func=cmd_list)
 
     p = asub.add_parser("show", help="a run's summary and its notebook as standalone HTML")
@@ -440,6 +536,7 @@ def register(sub) -> None:
     p.add_argument("--html", metavar="FILE", help="write the executed notebook as sanitized HTML")
     p.add_argument("--json", action="store_true")
     add_state(p)
+    add_runner(p)
     p.set_defaults(func=cmd_show)
 
     p = asub.add_parser("lineage", help="every run that used a file, digest, dataset or model")
@@ -468,6 +565,9 @@ def register(sub) -> None:
 
     p = asub.add_parser("import", help="restore and verify an encrypted archive")
     p.add_argument("archive", metavar="FILE")
+    p.add_argument("--trusted-key", metavar="PEM",
+                   help="the exporting (production) ledger's public key; default: the "
+                        "policies/ledger.yaml pin")
     _secret_args(p)
     add_state(p)
     p.set_defaults(func=cmd_import)

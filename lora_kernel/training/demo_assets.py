@@ -32,6 +32,7 @@ import csv
 import io
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -111,8 +112,8 @@ def build_demo_assets(home: str | os.PathLike | None = None, seed: int = 0) -> d
     same bytes in every file. Keys of the returned dict: ``demo``, ``tiny_sd``,
     ``tiny_sd_single_file``, ``tiny_llama``, ``image_dataset``, ``image_metadata``,
     ``text_train``, ``text_plain``, ``image_config``, ``text_config``, ``tiny_sdxl``,
-    ``tiny_sdxl_single_file``, ``sdxl_config``, ``tiny_flux``, ``flux_config``,
-    ``tiny_sd3``, ``sd3_config``.
+    ``tiny_sdxl_single_file``, ``sdxl_config``, ``tiny_clip`` (for ``lora label``),
+    ``tiny_flux``, ``tiny_flux_single_file``, ``flux_config``, ``tiny_sd3``, ``sd3_config``.
     """
     root = demo_dir(home)
     models = root / "models"
@@ -131,6 +132,7 @@ def build_demo_assets(home: str | os.PathLike | None = None, seed: int = 0) -> d
         "tiny_sdxl": models / "tiny-sdxl",
         "tiny_sdxl_single_file": models / "tiny-sdxl.safetensors",
         "sdxl_config": root / "sdxl_lora.yaml",
+        "tiny_clip": models / "tiny-clip",
     }
     write_image_dataset(paths["image_dataset"])
     write_tiny_sd(paths["tiny_sd"], seed=seed)
@@ -145,6 +147,7 @@ def build_demo_assets(home: str | os.PathLike | None = None, seed: int = 0) -> d
     write_tiny_llama(paths["tiny_llama"], seed=seed, corpus=_text_corpus())
     _write(paths["image_config"], IMAGE_CONFIG_YAML)
     _write(paths["text_config"], TEXT_CONFIG_YAML)
+    write_demo_clip(paths["tiny_clip"], seed=seed)
     return paths
 
 
@@ -729,3 +732,75 @@ def write_clip_folder(model, folder: str | os.PathLike) -> Path:
 def build_tiny_clip(path: str | os.PathLike, seed: int = 0) -> Path:
     """Write a tiny, randomly initialised CLIP (:func:`tiny_clip_model`) to ``path``."""
     return write_clip_folder(tiny_clip_model(seed), path)
+
+
+# -- the demo CLIP for `lora label`: the tiny CLIP trained for a few seconds with CLIP's
+# contrastive loss on drawn squares and circles against "a photo of red/green/blue", so that
+# zero-shot tagging of the demo images says their colour. One thread, fixed seed and drawings:
+# the same seed gives the same bytes.
+CLIP_COLOURS = {"red": (220, 40, 40), "green": (40, 190, 70), "blue": (50, 80, 230)}
+CLIP_SHAPES = ("square", "circle")
+CLIP_TEMPLATE = "a photo of {}"
+CLIP_STEPS = 60
+
+
+def draw_shape(colour: str, shape: str, rng: random.Random, size: int = 48):
+    """A ``colour`` ``shape`` (PIL image) of random size and place on a light grey ground."""
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (size, size), (235, 235, 235))
+    d = ImageDraw.Draw(im)
+    r, cx, cy = rng.randint(12, 18), rng.randint(20, 28), rng.randint(20, 28)
+    box = [cx - r, cy - r, cx + r, cy + r]
+    (d.rectangle if shape == "square" else d.ellipse)(box, fill=CLIP_COLOURS[colour])
+    return im
+
+
+def train_tiny_clip(seed: int = 0, steps: int = CLIP_STEPS):
+    """The tiny CLIP trained to tell red, green and blue shapes apart; returns
+    ``(model in eval mode, final contrastive loss)``."""
+    import tempfile
+
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "tok"),
+                                            local_files_only=True)
+    model = tiny_clip_model(seed=seed)
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+
+    def pixels(im) -> torch.Tensor:
+        arr = np.asarray(im.resize((CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE),
+                                   Image.Resampling.BICUBIC), dtype=np.float32)
+        return (torch.from_numpy(arr / 255).permute(2, 0, 1) - mean) / std
+
+    rng = random.Random(seed)
+    bank = {c: [pixels(draw_shape(c, s, rng)) for s in CLIP_SHAPES for _ in range(4)]
+            for c in CLIP_COLOURS}
+    enc = tok([CLIP_TEMPLATE.format(c) for c in CLIP_COLOURS], padding=True, return_tensors="pt")
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: faster, and the same bytes on every run
+    loss = torch.tensor(float("nan"))
+    try:
+        for _ in range(steps):
+            pv = torch.stack([bank[c][rng.randrange(8)] for c in CLIP_COLOURS])
+            loss = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                         pixel_values=pv, return_loss=True).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval(), float(loss.item())
+
+
+def write_demo_clip(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """Train (:func:`train_tiny_clip`) and write the demo CLIP to ``folder``."""
+    model, _loss = train_tiny_clip(seed)
+    return write_clip_folder(model, folder)

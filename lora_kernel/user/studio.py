@@ -93,9 +93,36 @@ def list_models(task: str, home: str | os.PathLike[str] | None = None) -> list[P
             elif task == "image" and p.suffix == ".safetensors" and p.is_file():
                 found.append(p)
             elif task == "text" and (p / "config.json").is_file() \
-                    and not (p / "model_index.json").exists():
+                    and not (p / "model_index.json").exists() and _is_causal_lm(p):
                 found.append(p)
     return found
+
+
+def _preferred(options: list[Path], wanted: Any, key: str) -> Path:
+    """The option the template names (its path, or a folder of the same name, e.g. the
+    shared store's ``tiny-sd`` for a template's ``demo/models/tiny-sd``), else the first."""
+    if isinstance(wanted, str) and wanted:
+        path = Path(wanted)
+        if key == "metadata_path":  # a dataset file: its folder is what the list holds
+            path = path.parent
+        for match in (lambda p: p == path, lambda p: p.name == path.name):
+            hit = next((p for p in options if match(p)), None)
+            if hit is not None:
+                return hit
+    return options[0]
+
+
+def _is_causal_lm(folder: Path) -> bool:
+    """Whether a transformers folder holds a causal LM (not, say, the demo CLIP that
+    ``lora label`` uses): its config names a ``...ForCausalLM`` architecture."""
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    archs = config.get("architectures") if isinstance(config, dict) else None
+    return any(str(a).endswith("ForCausalLM") for a in archs or [])
 
 
 def model_label(path: Path, task: str) -> str:
@@ -297,12 +324,14 @@ class Studio:
             if isinstance(self.base.get(key), str) and not Path(self.base[key]).is_absolute():
                 self.base[key] = str((path.parent / self.base[key]).resolve())
         self.task = str(self.base.get("task", "image"))
-        for widget, options, label in (
-                (self.dataset, list_datasets(self.task, self.home), str),
+        data_key = "train_data_dir" if self.base.get("train_data_dir") else "metadata_path"
+        for widget, options, label, key in (
+                (self.dataset, list_datasets(self.task, self.home), str, data_key),
                 (self.model, list_models(self.task, self.home),
-                 lambda p: model_label(p, self.task))):
+                 lambda p: model_label(p, self.task), "base_model")):
             widget.options = [(label(p), str(p)) for p in options]
-            widget.value = str(options[0]) if options else None
+            widget.value = str(_preferred(options, self.base.get(key), key)) \
+                if options else None
         types = {f.name: f for f in fields(TrainConfig)}
         rows, self.fields, self.errors = [], {}, {}
         for key in EDITABLE[self.task]:
