@@ -186,6 +186,28 @@ def test_flux_run_through_lora_run_is_a_sealed_record(run_home, demo_home, tmp_p
     assert (record / "samples" / "grid.png").is_file()
 
 
+@pytest.mark.slow
+def test_sd3_run_through_lora_run_is_a_sealed_record(run_home, demo_home):
+    """The demo SD3.5 through ``lora run``: a sealed record naming the family, whose
+    diffusers adapter holds the transformer's LoRA (StableDiffusion3Pipeline's names) and a
+    kohya file in OneTrainer's ``lora_transformer_`` names."""
+    from safetensors.torch import load_file
+
+    args = ["run", "--config", demo_home / "demo" / "sd3_lora.yaml", "--quiet"]
+    for key, value in FAST_IMAGE.items():
+        args += ["-p", key, json.dumps(value) if not isinstance(value, str) else value]
+    proc = lora_cli(*args, home=run_home)
+    assert proc.returncode == 0, proc.stderr
+    record = Path(re.search(r"^record: (\S+)$", proc.stdout, re.M).group(1))
+    manifest = assert_sealed(record, "succeeded")
+    assert manifest["predicate"]["runDetails"]["metadata"]["extra"]["model_family"] == "sd3"
+    adapter = load_file(str(record / "adapter" / "enclave_style_sd3.safetensors"))
+    assert adapter and all(k.startswith("transformer.") for k in adapter)
+    kohya = load_file(str(record / "adapter" / "enclave_style_sd3_kohya.safetensors"))
+    assert kohya and all(k.startswith("lora_transformer_") for k in kohya)
+    assert (record / "samples" / "grid.png").is_file()
+
+
 def test_image_run_record_is_complete(run_home, demo_home):
     cfg_path = demo_home / "demo" / "image_lora.yaml"
     rec = run_config(cfg_path, FAST_IMAGE, home=run_home)
