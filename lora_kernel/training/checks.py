@@ -134,9 +134,9 @@ def _check_init(cfg: TrainConfig, family, file: str) -> None:
         raise ConfigError(f"{path} is a kohya-format file; init takes the diffusers-format "
                           f"adapter exported next to it; {fix}", file=file, key="init")
     downs = [k for k in keys if k.endswith(_LORA_DOWN)]
-    if not any(k.startswith("unet.") for k in downs):
-        raise ConfigError(f"{path} holds no UNet LoRA weights (unet.*.lora.down.*); {fix}",
-                          file=file, key="init")
+    if not any(k.startswith(f"{family.denoiser}.") for k in downs):
+        raise ConfigError(f"{path} holds no {family.denoiser} LoRA weights "
+                          f"({family.denoiser}.*.lora.down.*); {fix}", file=file, key="init")
     from lora_kernel.training.families import FAMILIES
     kohya = {f.kohya_base_version: f.name for f in FAMILIES.values()}  # adapters of others
     found = meta.get("lora_enclave.model_family") or kohya.get(

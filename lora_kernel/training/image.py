@@ -202,7 +202,7 @@ class ImageTask:
                 te.train()
         if cfg.init:
             load_init_adapter(cfg, unet, dict(zip((p.name for p in self.te_parts), trained,
-                                                  strict=True)))
+                                                  strict=True)), denoiser=self.family.denoiser)
         keep_trainable_fp32(unet, *tes)  # frozen weights may be half precision, LoRA is not
         unet.train()
         if cfg.gradient_checkpointing:
@@ -564,10 +564,11 @@ def text_encoder_lr(cfg, key: str) -> float:
     return (getattr(cfg, key, None) or cfg.text_encoder_lr or cfg.learning_rate)
 
 
-def load_init_adapter(cfg, unet, text_encoders: dict) -> None:
+def load_init_adapter(cfg, unet, text_encoders: dict, denoiser: str = "unet") -> None:
     """Copy the LoRA weights of ``cfg.init`` (a diffusers-format adapter, checked by the
     validator) into the freshly attached LoRA layers of ``unet`` and the text encoders
-    (``{component name: model}``). A weight that has no layer here, or a layer left without
+    (``{component name: model}``); ``denoiser``: the component name ``unet`` has in the file
+    (``transformer`` for Flux and SD3.5). A weight that has no layer here, or a layer left without
     a weight, is a :class:`ConfigError` naming ``init``: the adapter was trained with other
     target modules or without ``train_text_encoder``."""
     from diffusers.utils.state_dict_utils import (
@@ -578,11 +579,11 @@ def load_init_adapter(cfg, unet, text_encoders: dict) -> None:
 
     from lora_kernel.common.errors import ConfigError
     weights = load_file(str(cfg.init))
-    models = {"unet": unet, **(text_encoders if cfg.train_text_encoder else {})}
+    models = {denoiser: unet, **(text_encoders if cfg.train_text_encoder else {})}
     for name, model in models.items():
         part = {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")}
         # diffusers' file names (lora.down / lora_linear_layer.down) back to peft's
-        part = (convert_unet_state_dict_to_peft(part) if name == "unet"
+        part = (convert_unet_state_dict_to_peft(part) if name == denoiser
                 else convert_state_dict_to_peft(part))
         result = set_peft_model_state_dict(model, part)
         missing = [k for k in result.missing_keys if ".lora_" in k]

@@ -520,3 +520,18 @@ def test_the_bundled_full_size_flux_configs_are_flux_dev_and_schnell(flux_dev_me
     assert bundled_flux_config(header).name == "flux-schnell"
     assert not FluxTransformer2DModel.load_config(
         CONFIGS / "flux-schnell" / "transformer")["guidance_embeds"]
+
+
+@pytest.mark.slow
+def test_init_continues_from_a_flux_adapter_and_refuses_an_sd3_one(flux_run, sd3_run,
+                                                                    demo_home, tmp_path):
+    """``init:`` takes this platform's Flux adapter (transformer and CLIP LoRA) into a new
+    Flux run, whose first loss is then the trained one's; an SD3.5 adapter is refused."""
+    cfg, res = flux_run
+    over = dict(FAST, max_train_steps=1, init=res.adapter_files["diffusers"])
+    again = train(_cfg(demo_home, "flux", output_dir=str(tmp_path / "again"), **over),
+                  progress=False, home=demo_home, samples=False, log=lambda m: None)
+    assert again.eval_loss_before == pytest.approx(res.eval_loss_after, rel=1e-5)
+    with pytest.raises(ConfigError, match="is a LoRA for sd3") as info:
+        _cfg(demo_home, "flux", **dict(over, init=sd3_run[1].adapter_files["diffusers"]))
+    assert info.value.key == "init"
