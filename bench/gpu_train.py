@@ -18,6 +18,15 @@ Everything is built here, on the machine that runs the benchmark; nothing is dow
   and ``diffusers+peft``, the per-step work of diffusers' ``train_dreambooth_lora_sdxl.py``
   (VAE and both text encoders every step, ``add_time_ids``, no caching; target: lora train
   >= 2x).
+* flux (issue 25): a Flux.1-dev-architecture diffusers folder (12B transformer, T5-XXL,
+  CLIP-L and the 16-channel VAE from the bundled configs,
+  ``lora_kernel.training.demo_flux.FLUX_CONFIGS``, random weights built on the device; the
+  demo tokenizers) and 8 demo-style 1024 px images: batch 1, bf16, rank 16 on
+  to_q,to_k,to_v,to_out.0. Its variants: ``lora train`` (bf16 frozen weights, an 80 GB
+  card), ``lora train nf4 gc`` (the transformer in NF4 through bitsandbytes, gradient
+  checkpointing; target: peak GPU memory <= 22 GiB, a 24 GB card) and ``diffusers+peft``,
+  the per-step work of diffusers' ``train_dreambooth_lora_flux.py`` (VAE, CLIP and T5 every
+  step, packed latents, guidance, no caching; target: lora train >= 1.5x).
 
 Variants, each in its own child process (so the peak memory is that variant's), with the
 same model, data, batch, sequence length / resolution, LoRA rank and targets, precision and
@@ -104,12 +113,14 @@ SIZES = {
                            "num_hidden_layers": 16, "num_attention_heads": 16,
                            "num_key_value_heads": 16, "vocab_size": 32000}},
         "sdxl": {"resolution": 1024, "batch": 4, "rank": 16, "images": 16},
+        "flux": {"resolution": 1024, "batch": 1, "rank": 16, "images": 8},
         "warmup": 5, "steps": 30, "precision": "bf16", "timeout": 420,
     },
     "tiny": {
         "image": {"resolution": 64, "batch": 4, "rank": 8, "images": 8},  # 64: the demo images
         "text": {"seq": 64, "batch": 8, "rank": 8, "records": 16, "llama": None},
         "sdxl": {"resolution": 64, "batch": 4, "rank": 8, "images": 8},  # the tiny SDXL's 64 px
+        "flux": {"resolution": 64, "batch": 1, "rank": 8, "images": 8},  # the tiny Flux's
         "warmup": 1, "steps": 4, "precision": "no", "timeout": 240,
     },
 }
@@ -137,8 +148,12 @@ NF4 = {"quantization": "nf4"}  # issue 23: QLoRA rows (bitsandbytes; CPU kernels
 SDXL_VARIANTS = ("lora train eager", "lora train gc batch 1", "bare loop", "diffusers+peft")
 # The 16 GB-card configuration of issue 22: gradient checkpointing at batch 1.
 GC_BATCH_1 = {"gradient_checkpointing": True, "batch_size": 1}
-VARIANTS = {"image": IMAGE_VARIANTS, "text": TEXT_VARIANTS, "sdxl": SDXL_VARIANTS}
-MODEL_DIRS = {"image": "sd", "text": "llama", "sdxl": "sdxl"}
+FLUX_VARIANTS = ("lora train", "lora train nf4 gc", "diffusers+peft")
+# The 24 GB-card configuration of issue 25: the frozen transformer in NF4, checkpointing.
+NF4_GC = {"quantization": "nf4", "gradient_checkpointing": True}
+VARIANTS = {"image": IMAGE_VARIANTS, "text": TEXT_VARIANTS, "sdxl": SDXL_VARIANTS,
+            "flux": FLUX_VARIANTS}
+MODEL_DIRS = {"image": "sd", "text": "llama", "sdxl": "sdxl", "flux": "flux"}
 
 
 # -- helpers shared by the children ----------------------------------------------------------
@@ -432,6 +447,52 @@ def _write_sdxl(folder: Path, seed: int) -> None:
     _normalise_json_files(folder)
 
 
+def _write_flux(folder: Path, seed: int) -> None:
+    """A Flux.1-dev-architecture diffusers folder with random weights (initialised on the GPU
+    when there is one, saved as bf16): transformer, VAE, CLIP-L and T5-XXL from the bundled
+    Flux configs (CLIP's vocabulary sized to the demo's CLIP tokenizer), the flow-matching
+    scheduler, the demo tokenizers (the demo T5 vocabulary: ids well inside T5's)."""
+    import shutil
+
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from lora_kernel.training.demo_assets import (
+        CLIP_WORDS,
+        _normalise_json_files,
+        _write_json,
+        clip_vocab_and_merges,
+        write_clip_tokenizer,
+    )
+    from lora_kernel.training.demo_flux import FLUX_CONFIGS, T5_MAX_LENGTH, write_t5_tokenizer
+
+    def plain(cfg: dict) -> dict:
+        return {k: v for k, v in cfg.items()
+                if not k.startswith("_") and k not in ("architectures", "model_type")}
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    vocab, _ = clip_vocab_and_merges()
+    clip = {**plain(FLUX_CONFIGS["text_encoder/config.json"]), "vocab_size": len(vocab),
+            "bos_token_id": vocab["<|startoftext|>"], "eos_token_id": vocab["<|endoftext|>"],
+            "pad_token_id": vocab["<|endoftext|>"]}
+    t5 = plain(FLUX_CONFIGS["text_encoder_2/config.json"])
+    _save_random(folder, seed, (
+        ("transformer", lambda: FluxTransformer2DModel(
+            **plain(FLUX_CONFIGS["transformer/config.json"]))),
+        ("vae", lambda: AutoencoderKL(**plain(FLUX_CONFIGS["vae/config.json"]))),
+        ("text_encoder", lambda: CLIPTextModel(CLIPTextConfig(**clip))),
+        ("text_encoder_2", lambda: T5EncoderModel(T5Config(**t5)))))
+    FlowMatchEulerDiscreteScheduler.from_config(
+        plain(FLUX_CONFIGS["scheduler/scheduler_config.json"])).save_pretrained(
+        folder / "scheduler")
+    write_clip_tokenizer(folder / "tokenizer")
+    write_t5_tokenizer(folder / "tokenizer_2", CLIP_WORDS, max_length=T5_MAX_LENGTH)
+    _write_json(folder / "model_index.json", dict(FLUX_CONFIGS["model_index.json"]))
+    _normalise_json_files(folder)
+
+
 def _image_config(model: Path, data: Path, sizes: dict, size: dict, out: Path) -> dict:
     """The ``lora train`` config of an image benchmark task."""
     return {"task": "image", "base_model": str(model), "train_data_dir": str(data),
@@ -486,6 +547,26 @@ def child_build(spec: dict) -> dict:
         config = _image_config(model, data, sizes, xl, root / "output" / "sdxl")
         out["sdxl_config"] = str(root / "sdxl_lora.yaml")
         Path(out["sdxl_config"]).write_text(yaml.safe_dump(config, sort_keys=False))
+    if "flux" in spec["tasks"]:
+        fl = sizes["flux"]
+        model, data = root / "models" / "flux", root / "datasets" / "flux"
+        if tiny:
+            from lora_kernel.training.demo_assets import (
+                CLIP_WORDS,
+                VAE_CONFIG,
+                clip_vocab_and_merges,
+                write_clip_tokenizer,
+            )
+            from lora_kernel.training.demo_flux import write_tiny_flux
+            write_tiny_flux(model, seed=0, vocab=clip_vocab_and_merges()[0], words=CLIP_WORDS,
+                            vae_config=VAE_CONFIG, clip_tokenizer=write_clip_tokenizer)
+            _write_image_dataset(data, fl["images"], IMAGE_SIZE)
+        else:
+            _write_flux(model, seed=0)
+            _write_image_dataset(data, fl["images"], fl["resolution"])
+        config = _image_config(model, data, sizes, fl, root / "output" / "flux")
+        out["flux_config"] = str(root / "flux_lora.yaml")
+        Path(out["flux_config"]).write_text(yaml.safe_dump(config, sort_keys=False))
     if "text" in spec["tasks"]:
         model, data = root / "models" / "llama", root / "datasets" / "text"
         records = _long_text_records(txt["records"])
@@ -714,6 +795,79 @@ def child_diffusers_sdxl(spec: dict) -> dict:
     return _timed_loop(unet, device, spec["warmup"], spec["steps"], loss_fn)
 
 
+def child_diffusers_flux(spec: dict) -> dict:
+    """The plain Flux baseline: what diffusers' ``train_dreambooth_lora_flux.py`` does per
+    step (minus accelerate) on the config's dataset, with per-image captions: the VAE
+    encodes (``(z - shift) x scale``), CLIP-L (pooled) and T5 (hidden states) encode, the
+    noisy latents are packed with ``FluxPipeline._pack_latents`` and image ids, Flux-dev's
+    guidance is passed, the prediction is unpacked and compared with ``noise - latents``;
+    frozen weights in the training precision, LoRA weights float32, clipping, AdamW. No
+    caching."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
+    from peft import LoraConfig
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokenizer
+
+    from lora_kernel.training.checks import load_config
+    from lora_kernel.training.image import load_examples
+    device = _device()
+    cfg = load_config(spec["config"])
+    root = Path(spec["model"])
+    dtype = torch.bfloat16 if spec["precision"] == "bf16" else torch.float32
+    torch.manual_seed(SEED)
+    kw = {"local_files_only": True}
+    transformer = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer",
+                                                         torch_dtype=dtype, **kw)
+    vae = AutoencoderKL.from_pretrained(root, subfolder="vae", torch_dtype=dtype, **kw)
+    clip = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", dtype=dtype, **kw)
+    t5 = T5EncoderModel.from_pretrained(root, subfolder="text_encoder_2", dtype=dtype, **kw)
+    tok = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", **kw)
+    tok2 = T5Tokenizer.from_pretrained(str(root / "tokenizer_2"), **kw)
+    for m in (transformer, vae, clip, t5):
+        m.to(device).requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=spec["rank"], lora_alpha=spec["rank"],
+                                       init_lora_weights="gaussian",
+                                       target_modules=IMAGE_TARGETS))
+    for p in transformer.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    transformer.train()
+    examples = load_examples(cfg)
+    pixels = torch.stack([e.pixels for e in examples])
+    captions = [e.caption for e in examples]
+    ids = tok(captions, padding="max_length", max_length=77, truncation=True,
+              return_tensors="pt").input_ids
+    ids2 = tok2(captions, padding="max_length", max_length=min(512, tok2.model_max_length),
+                truncation=True, return_tensors="pt").input_ids
+    b = spec["batch"]
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    def loss_fn():
+        idx = torch.randint(0, len(examples), (b,))
+        with torch.no_grad():
+            latents = vae.encode(pixels[idx].to(device, dtype)).latent_dist.sample()
+            latents = ((latents - vae.config.shift_factor) * vae.config.scaling_factor).float()
+            pooled = clip(ids[idx].to(device), output_hidden_states=False).pooler_output
+            hidden = t5(ids2[idx].to(device), output_hidden_states=False)[0]
+        _, c, h, w = latents.shape
+        noise = torch.randn_like(latents)
+        sigma = torch.rand(b, device=device)
+        noisy = (1 - sigma.view(-1, 1, 1, 1)) * latents + sigma.view(-1, 1, 1, 1) * noise
+        packed = FluxPipeline._pack_latents(noisy, b, c, h, w)
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, device, dtype)
+        txt_ids = torch.zeros(hidden.shape[1], 3, device=device, dtype=dtype)
+        guidance = (torch.full((b,), 3.5, device=device)
+                    if transformer.config.guidance_embeds else None)
+        with _autocast(device, spec["precision"]):
+            pred = transformer(hidden_states=packed, timestep=sigma, guidance=guidance,
+                               pooled_projections=pooled, encoder_hidden_states=hidden,
+                               txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        pred = FluxPipeline._unpack_latents(pred, h * scale, w * scale, scale)
+        return F.mse_loss(pred.float(), noise - latents)
+    return _timed_loop(transformer, device, spec["warmup"], spec["steps"], loss_fn)
+
+
 def _peft_llama(spec: dict, device):
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
@@ -806,7 +960,7 @@ def child_trainer(spec: dict) -> dict:
 CHILDREN = {"probe": child_probe, "build": child_build, "lora_train": child_lora_train,
             "bare_image": child_bare_image, "bare_text": child_bare_text,
             "trainer": child_trainer, "diffusers_image": child_diffusers_image,
-            "diffusers_sdxl": child_diffusers_sdxl}
+            "diffusers_sdxl": child_diffusers_sdxl, "diffusers_flux": child_diffusers_flux}
 
 
 def _child_main(kind: str, spec: dict, conn, log_path: str) -> None:
@@ -885,6 +1039,11 @@ def _derive(results: dict, built: dict, sizes: dict, peak: float | None) -> None
         if not r.get("ok"):
             continue
         sps = r["steps_per_s"]
+        if task == "flux":  # no FLOP count for the transformer: MFU n/a
+            r["items_per_s"], r["items"] = sps * (r.get("batch") or sizes[task]["batch"]), \
+                "images/s"
+            r["mfu"] = None
+            continue
         if task in ("image", "sdxl"):
             b = r.get("batch") or sizes[task]["batch"]
             r["items_per_s"], r["items"] = sps * b, "images/s"
@@ -959,6 +1118,21 @@ def ratio_lines(results: dict, device_name: str, tiny: bool) -> list[str]:
             peak_gib = gc["peak_mem_bytes"] / 2**30
             out.append(f"target sdxl peak memory <= 16 GiB (gc, batch 1): {peak_gib:.2f} GiB: "
                        f"{'met' if peak_gib <= 16 else 'NOT met'}")
+    if ("flux", "lora train") in results or ("flux", "diffusers+peft") in results:
+        out.append(ratio("ratio flux lora-train / diffusers+peft (dreambooth_lora_flux)",
+                         sps("flux", "lora train"), sps("flux", "diffusers+peft"),
+                         target=None if tiny else 1.5)
+                   + (" (target >= 1.5x applies to the GPU run only)" if tiny else ""))
+        nf4 = results.get(("flux", "lora train nf4 gc"))
+        if nf4 is None or not nf4.get("ok"):
+            out.append("target flux nf4 peak memory <= 22 GiB (gc, batch 1): n/a (no result)")
+        elif tiny or not nf4.get("peak_mem_kind", "").startswith("GPU"):
+            out.append(f"target flux nf4 peak memory <= 22 GiB (gc, batch 1): n/a here "
+                       f"({nf4['peak_mem_bytes'] / 2**30:.2f} GiB {nf4.get('peak_mem_kind')})")
+        else:
+            peak_gib = nf4["peak_mem_bytes"] / 2**30
+            out.append(f"target flux nf4 peak memory <= 22 GiB (gc, batch 1): {peak_gib:.2f} "
+                       f"GiB: {'met' if peak_gib <= 22 else 'NOT met'}")
     for task in ("image", "text"):
         eager, comp = sps(task, "lora train eager"), sps(task, "lora train compiled")
         if eager is None and comp is None and (task, "bare loop") not in results:
@@ -1037,6 +1211,11 @@ def header_lines(probe: dict, sizes: dict, tiny: bool, args, built: dict) -> lis
                      f"{xl['batch']}, rank {xl['rank']} on {','.join(IMAGE_TARGETS)}, "
                      f"{xl['images']} images; UNet forward "
                      f"{built['sdxl_unet_forward_flops'] / 1e9:,.4g} GFLOPs/image")
+    if "flux_config" in built:
+        fl = sizes["flux"]
+        lines.append(f"flux: {'demo tiny Flux' if tiny else 'Flux.1-dev-architecture'} "
+                     f"transformer, {fl['resolution']} px, batch {fl['batch']}, rank "
+                     f"{fl['rank']} on {','.join(IMAGE_TARGETS)}, {fl['images']} images")
     if "llama_params" in built:
         lines.append(f"text: {'demo tiny Llama' if tiny else 'Llama'} "
                      f"{built['llama_params'] / 1e6:,.4g} M params, seq {txt['seq']}, "
@@ -1069,7 +1248,8 @@ def main() -> int:
     ap.add_argument("--home", type=Path,
                     help="working folder for models, data, caches and outputs (default: a "
                          "temporary folder, deleted afterwards)")
-    ap.add_argument("--only", choices=["image", "text", "sdxl"], help="run one task only")
+    ap.add_argument("--only", choices=["image", "text", "sdxl", "flux"],
+                    help="run one task only")
     ap.add_argument("--skip-compiled", action="store_true", help="no compiled variants")
     ap.add_argument("--steps", type=int, help="measured steps per variant (default: 30 on "
                                               "GPU, 4 tiny)")
@@ -1118,7 +1298,7 @@ def main() -> int:
         runner.timeout = args.timeout or sizes["timeout"]
         if args.compile_backend is None and tiny and not probe["cuda"]:
             args.compile_backend = "eager"  # dynamo graph capture only: seconds, not minutes
-        tasks = [args.only] if args.only else ["image", "text", "sdxl"]
+        tasks = [args.only] if args.only else ["image", "text", "sdxl", "flux"]
         print(f"gpu_train: {'tiny' if tiny else 'full-size'} run on {probe['device_name']}; "
               f"home {home}", flush=True)
         built = runner.run("build", "build", {"home": str(home), "sizes": sizes, "tiny": tiny,
@@ -1148,7 +1328,9 @@ def main() -> int:
                                 compile_backend=args.compile_backend)
                     if name.endswith("gc batch 1"):
                         spec.update(overrides=GC_BATCH_1, batch=1)
-                    if name.endswith("nf4"):
+                    if name.endswith("nf4 gc"):
+                        spec.update(overrides=NF4_GC)
+                    elif name.endswith("nf4"):
                         spec.update(overrides=NF4)
                     spec.update(fp32_weights=name.endswith("fp32 weights"))
                     plan.append((task, name, "lora_train", spec))

@@ -1,6 +1,7 @@
 """``bench/gpu_train.py --tiny`` (issue 13's GPU training benchmark) runs on CPU: every
 variant — ``lora train`` eager and compiled, the bare loop, for text Trainer+peft, and the
-SDXL rows (issue 22: lora train, bare loop, the dreambooth_lora_sdxl-style loop) —
+SDXL rows (issue 22: lora train, bare loop, the dreambooth_lora_sdxl-style loop), the Flux
+rows (issue 25: lora train in bf16 and nf4 + checkpointing, the dreambooth_lora_flux loop) —
 trains and reports a positive, finite throughput, the ratios are printed, and
 ``--write-docs`` fills only the tiny block of its section (never the GPU rows)."""
 from __future__ import annotations
@@ -22,7 +23,8 @@ VARIANTS = {"image": ["lora train eager", "lora train compiled", "lora train fp3
                       "bare loop", "diffusers+peft"],
             "text": ["lora train eager", "lora train compiled", "bare loop", "Trainer+peft"],
             "sdxl": ["lora train eager", "lora train gc batch 1", "bare loop",
-                     "diffusers+peft"]}
+                     "diffusers+peft"],
+            "flux": ["lora train", "lora train nf4 gc", "diffusers+peft"]}
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +85,13 @@ def test_ratios_and_targets_are_printed(tiny_run):
                  "ratio text lora-train eager / Trainer+peft: ",
                  "ratio text lora-train best / Trainer+peft: ",
                  "ratio sdxl lora-train eager / bare loop: ",
-                 "ratio sdxl lora-train eager / diffusers+peft (dreambooth_lora_sdxl): "):
+                 "ratio sdxl lora-train eager / diffusers+peft (dreambooth_lora_sdxl): ",
+                 "ratio flux lora-train / diffusers+peft (dreambooth_lora_flux): "):
         match = re.search(re.escape(line) + r"([0-9.]+)x", out)
         assert match and float(match.group(1)) > 0, (line, out)
     assert "target image lora train >= 12 steps/s on H200: n/a" in out
     assert "target sdxl peak memory <= 16 GiB (gc, batch 1): n/a here" in out
+    assert "target flux nf4 peak memory <= 22 GiB (gc, batch 1): n/a here" in out
     assert "peak for MFU: n/a" in out
 
 
@@ -104,4 +108,5 @@ def test_write_docs_fills_only_the_tiny_block(tiny_run):
     assert "| image | lora train compiled |" in tiny
     assert "| text | Trainer+peft |" in tiny
     assert "| sdxl | diffusers+peft |" in tiny
+    assert "| flux | lora train nf4 gc |" in tiny
     assert "torch " in tiny and "transformers " in tiny and "peft " in tiny

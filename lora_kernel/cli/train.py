@@ -76,10 +76,32 @@ def cmd_config(args) -> int:
     if cfg.model_family:
         from lora_kernel.training.families import family_named
         family = f" (model family: {cfg.model_family} ({family_named(cfg.model_family).title}))"
+    if cfg.task == "image":  # against the usual 24 / 80 GB cards (Flux, SD3.5, SDXL...)
+        print(memory_line(cfg))
     from lora_kernel.training.fit import fit_summary
     # the last line: OK, and the memory estimate against each GPU (NVML), before training
     print(f"{args.file}: OK{family}; {fit_summary(cfg)}", flush=True)
     return 0
+
+
+GPU_CARDS_GIB = (24, 80)  # the cards a run is sized for: a 24 GB consumer card, an 80 GB one
+
+
+def memory_line(cfg) -> str:
+    """What ``lora config`` says about memory: the estimate (a lower bound, see
+    :func:`lora_kernel.training.models.estimate_training_memory`) and whether the run fits
+    this machine's GPU (when it has one) and the usual 24 / 80 GB cards."""
+    from lora_kernel.training.checks import _cuda_free_bytes, _gib
+    from lora_kernel.training.models import estimate_training_memory
+    est = estimate_training_memory(cfg)
+    fits = ", ".join(f"{'fits' if est.device <= g * 2 ** 30 else 'does not fit'} a {g} GB GPU"
+                     for g in GPU_CARDS_GIB)
+    free = _cuda_free_bytes()
+    here = ("" if free is None else
+            f"; this GPU has {_gib(free)} free: {'fits' if est.device <= free else 'too small'}")
+    return (f"memory: training needs about {_gib(est.device)} on the GPU (weights "
+            f"{_gib(est.weights)} + activations {_gib(est.activations)}; a lower bound): "
+            f"{fits}{here}")
 
 
 def register(sub) -> None:

@@ -139,9 +139,9 @@ def _check_init(cfg: TrainConfig, family, file: str) -> None:
         raise ConfigError(f"{path} is a kohya-format file; init takes the diffusers-format "
                           f"adapter exported next to it; {fix}", file=file, key="init")
     downs = [k for k in keys if k.endswith(_LORA_DOWN)]
-    if not any(k.startswith("unet.") for k in downs):
-        raise ConfigError(f"{path} holds no UNet LoRA weights (unet.*.lora.down.*); {fix}",
-                          file=file, key="init")
+    if not any(k.startswith(f"{family.denoiser}.") for k in downs):
+        raise ConfigError(f"{path} holds no {family.denoiser} LoRA weights "
+                          f"({family.denoiser}.*.lora.down.*); {fix}", file=file, key="init")
     from lora_kernel.training.families import FAMILIES
     kohya = {f.kohya_base_version: f.name for f in FAMILIES.values()}  # adapters of others
     found = meta.get("lora_enclave.model_family") or kohya.get(
@@ -170,6 +170,7 @@ def _check_family(cfg: TrainConfig, file: str) -> None:
 
     family = family_of(cfg.base_model)
     cfg.model_family = family.name
+    family.check_config(cfg, file)
     have = {t.lr_key for t in family.text_encoder_parts}
     for key in TEXT_ENCODER_KEYS:
         if getattr(cfg, key) is not None and key not in have:

@@ -112,8 +112,10 @@ class TrainConfig:
         "Render conversations with this template of templates/chat (llama3, chatml, qwen, "
         "mistral, gemma) instead of the tokenizer's own chat_template (text).", default=None)
     quantization: str = _h(
-        "Load the frozen causal LM through bitsandbytes: none, nf4 or fp4 (4-bit, QLoRA) or "
-        "int8; the LoRA weights stay float32 (text).", default="none")
+        "Load the frozen base quantized, the LoRA weights staying float32: a causal LM (text) "
+        "through bitsandbytes as nf4 or fp4 (4-bit, QLoRA) or int8; the Flux / SD3.5 "
+        "transformer as nf4 or int8 (bitsandbytes; its CPU backend without CUDA) or fp8 (GPUs "
+        "with fp8 support); none for other image models.", default="none")
     bnb_4bit_compute_dtype: str = _h(
         "Compute dtype of 4-bit layers: auto (mixed_precision's dtype, bf16 when no), bf16, "
         "fp16 or fp32 (text).", default="auto")
@@ -199,6 +201,22 @@ class TrainConfig:
     keep_checkpoints: int = _h(
         "Keep only the newest N checkpoints (older ones are deleted after each save; "
         "0: keep all).", default=0)
+    # -- flow-matching transformers (Flux.1, SD3.5; lora_kernel.training.families.flow) --
+    timestep_sampling: str = _h(
+        "How flow times t are drawn (Flux, SD3.5): uniform, sigmoid (sigmoid(sigmoid_scale x "
+        "N(0,1))), logit_normal (sigmoid(N(0,1))) or shift (sigmoid, then shifted by "
+        "discrete_flow_shift).", default="sigmoid")
+    discrete_flow_shift: float = _h(
+        "Shift s of timestep_sampling: shift (t' = s t / (1 + (s - 1) t)); Flux, SD3.5.",
+        default=3.0)
+    sigmoid_scale: float = _h("Scale of the normal draw of timestep_sampling: sigmoid / shift.",
+                              default=1.0)
+    weighting_scheme: str = _h(
+        "Per-example loss weight of flow matching: none, sigma_sqrt or cosmap (Flux, SD3.5).",
+        default="none")
+    guidance_scale: float | None = _h(
+        "Guidance fed to Flux.1-dev's guidance embedding during training (a model without "
+        "one, schnell or SD3.5, refuses it). Default: 1.0 for Flux.1-dev.", default=None)
 
     # Where this config came from (not a user key).
     source: str | None = field(default=None, repr=False, compare=False,
@@ -273,6 +291,7 @@ class TrainConfig:
             raise self._err("vae_dtype", f"must be one of {', '.join(VAE_DTYPES)}, got "
                                          f"{self.vae_dtype!r}; fix: vae_dtype: auto")
         self._check_text_keys()
+        self._check_flow()
         if self.lr_scheduler not in LR_SCHEDULERS:
             hint = _did_you_mean(str(self.lr_scheduler), LR_SCHEDULERS)
             raise self._err("lr_scheduler", f"unknown scheduler {self.lr_scheduler!r}{hint}; "
@@ -303,7 +322,9 @@ class TrainConfig:
             raise self._err("preference_beta", f"must be > 0, got {self.preference_beta}")
         if self.task == "image" and self.objective != "sft":
             raise self._err("objective", "dpo and orpo apply to task: text; fix: remove it")
-        for key, allowed in (("dataset_format", FORMATS), ("quantization", QUANTIZATIONS),
+        from lora_kernel.training.flow_models import QUANTIZATIONS as FLOW_QUANTIZATIONS
+        quantizations = QUANTIZATIONS if self.task == "text" else FLOW_QUANTIZATIONS
+        for key, allowed in (("dataset_format", FORMATS), ("quantization", quantizations),
                              ("objective", ("sft", "dpo", "orpo")),
                              ("bnb_4bit_compute_dtype", COMPUTE_DTYPES)):
             if getattr(self, key) not in allowed:
@@ -319,9 +340,19 @@ class TrainConfig:
         for key in ("use_dora", "use_rslora", "init_adapter"):
             if self.task == "image" and getattr(self, key):
                 raise self._err(key, "applies to task: text; fix: remove it")
-        if self.task == "image" and self.quantization != "none":
-            raise self._err("quantization", "applies to the causal LM of task: text; fix: "
-                                            "remove it (or set quantization: none)")
+
+    def _check_flow(self):
+        from lora_kernel.training.families.flow import TIMESTEP_SAMPLING, WEIGHTING_SCHEMES
+        for key, allowed in (("timestep_sampling", TIMESTEP_SAMPLING),
+                             ("weighting_scheme", WEIGHTING_SCHEMES)):
+            if getattr(self, key) not in allowed:
+                raise self._err(key, f"must be one of {', '.join(allowed)}, got "
+                                     f"{getattr(self, key)!r}; fix: {key}: {allowed[0]}")
+        for key in ("discrete_flow_shift", "sigmoid_scale"):
+            if not getattr(self, key) > 0:
+                raise self._err(key, f"must be > 0, got {getattr(self, key)}")
+        if self.guidance_scale is not None and not self.guidance_scale >= 0:
+            raise self._err("guidance_scale", f"must be >= 0, got {self.guidance_scale}")
 
     # -- derived values ----------------------------------------------------
     @property

@@ -18,8 +18,12 @@
                                 all in the learnable "enclave style" (magenta stripes, white rims)
     datasets/text/train.jsonl   prompt/response records of a learnable code mapping
     datasets/text/plain.jsonl   {"text": ...} records
-    image_lora.yaml, text_lora.yaml, sdxl_lora.yaml, chat_lora.yaml   ready-to-run configs
-                                to demo/)
+    models/tiny-flux/, models/tiny-sd3/   tiny Flux.1-dev / SD3.5-architecture diffusers
+                                folders with a locally built T5 vocabulary
+                                (:mod:`lora_kernel.training.demo_flux`)
+    image_lora.yaml, text_lora.yaml, sdxl_lora.yaml, flux_lora.yaml, sd3_lora.yaml,
+    chat_lora.yaml, dpo_lora.yaml
+                                ready-to-run configs (paths relative to demo/)
 
 Every weight comes from a seeded CPU ``torch`` initialisation, every file is written with
 fixed ordering and without timestamps, so two builds produce the same sha256 for every file
@@ -38,7 +42,7 @@ import shutil
 from pathlib import Path
 
 from lora_kernel.common.paths import lora_home
-from lora_kernel.training import demo_chat, demo_sdxl
+from lora_kernel.training import demo_chat, demo_flux, demo_sdxl
 
 # -- the demo vocabulary ----------------------------------------------------------------
 COLORS = ("red", "green", "blue", "yellow", "orange", "cyan")
@@ -114,7 +118,8 @@ def build_demo_assets(home: str | os.PathLike | None = None, seed: int = 0) -> d
     ``tiny_sd_single_file``, ``tiny_llama``, ``image_dataset``, ``image_metadata``,
     ``text_train``, ``text_plain``, ``image_config``, ``text_config``, ``tiny_sdxl``,
     ``tiny_sdxl_single_file``, ``sdxl_config``, ``tiny_clip`` (for ``lora label``),
-    ``tiny_chat``, ``chat_train``, ``chat_config``, ``chat_preference``, ``dpo_config``.
+    ``tiny_chat``, ``chat_train``, ``chat_config``, ``chat_preference``, ``dpo_config``,
+    ``tiny_flux``, ``tiny_flux_single_file``, ``flux_config``, ``tiny_sd3``, ``sd3_config``.
     """
     root = demo_dir(home)
     models = root / "models"
@@ -146,6 +151,9 @@ def build_demo_assets(home: str | os.PathLike | None = None, seed: int = 0) -> d
     write_tiny_sdxl(paths["tiny_sdxl"], seed=seed)
     write_single_file_checkpoint(paths["tiny_sdxl"], paths["tiny_sdxl_single_file"])
     _write(paths["sdxl_config"], demo_sdxl.SDXL_CONFIG_YAML)
+    paths.update(demo_flux.write_flow_demo(root, seed=seed, vocab=clip_vocab_and_merges()[0],
+                                           words=CLIP_WORDS, vae_config=VAE_CONFIG,
+                                           clip_tokenizer=write_clip_tokenizer))
     write_text_datasets(paths["text_train"].parent)
     write_tiny_llama(paths["tiny_llama"], seed=seed, corpus=_text_corpus())
     _write(paths["image_config"], IMAGE_CONFIG_YAML)

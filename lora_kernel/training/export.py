@@ -100,9 +100,11 @@ def text_encoder_state_dict(text_encoder) -> dict | None:
 
 def save_diffusers_lora(path: Path, unet, text_encoder, unet_config, te_config,
                         metadata: dict[str, str], *, text_encoder_2=None,
-                        pipeline_class: str = "StableDiffusionPipeline") -> Path:
+                        pipeline_class: str = "StableDiffusionPipeline",
+                        denoiser: str = "unet") -> Path:
     """Write a diffusers/PEFT-format LoRA file (loadable by ``load_lora_weights`` of
-    ``pipeline_class``; SDXL's second text encoder as ``text_encoder_2``)."""
+    ``pipeline_class``; SDXL's second text encoder as ``text_encoder_2``). ``denoiser``:
+    the component ``unet`` is saved as (``transformer`` for Flux and SD3.5)."""
     import diffusers
     from diffusers.utils import convert_state_dict_to_diffusers
     unet_sd, te_sd = peft_state_dicts(unet, text_encoder)
@@ -120,9 +122,9 @@ def save_diffusers_lora(path: Path, unet, text_encoder, unet_config, te_config,
         # renamed as all-peft, so a LoRA on convolutions too (SDXL's first level has no
         # attention) would silently lose its attention layers on reload.
         getattr(diffusers, pipeline_class).save_lora_weights(
-            tmp, unet_lora_layers=unet_sd,
-            weight_name=path.name, safe_serialization=True,
-            unet_lora_adapter_metadata=unet_config.to_dict(), **kw)
+            tmp, **{f"{denoiser}_lora_layers": unet_sd,
+                    f"{denoiser}_lora_adapter_metadata": unet_config.to_dict()},
+            weight_name=path.name, safe_serialization=True, **kw)
         written = Path(tmp) / path.name
         _merge_metadata(written, metadata)
         shutil.move(str(written), str(path))
@@ -161,6 +163,10 @@ def kohya_state_dict(unet_sd: dict, te_sd: dict | None, alpha: float, *,
     te_prefixes = [t.kohya_prefix for t in family.text_encoder_parts]
     parts = [(KOHYA_UNET_PREFIX, unet_sd)] + list(zip(te_prefixes, (te_sd, te2_sd),
                                                       strict=False))
+    own = family.kohya_state_dict(unet_sd, alpha, unet_config or {})
+    if own is not None:  # the family names (and fuses) its denoiser's modules itself
+        out.update(own)
+        parts = parts[1:]
     for prefix, sd in parts:
         for key, tensor in (sd or {}).items():
             match = pattern.match(key)

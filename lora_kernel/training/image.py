@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -171,12 +170,15 @@ class ImageTask:
         self.cfg, self.comps, self.device, self.log = cfg, comps, device, log
         self.family = comps.family or family_named("sd15")
         unet, vae, tes = comps.unet, comps.vae, comps.text_encoders
-        self.te_parts = self.family.text_encoder_parts[:len(tes)]
+        # the text encoders train_text_encoder puts a LoRA on (never T5: frozen, cached)
+        self.te_parts = [p for p in self.family.text_encoder_parts[:len(tes)] if p.trainable]
+        trained = [te for p, te in zip(self.family.text_encoder_parts, tes, strict=False)
+                   if p.trainable]
         # Names that match nothing are refused (exit 2) before anything is attached or trained.
         check_target_modules(unet, cfg.targets, what=f"UNet of {cfg.base_model}",
                              file=cfg.source, default=DEFAULT_IMAGE_TARGETS)
         if cfg.train_text_encoder:
-            for part, te in zip(self.te_parts, tes, strict=True):
+            for part, te in zip(self.te_parts, trained, strict=True):
                 check_target_modules(te, TE_TARGETS, what=f"{part.name} of {cfg.base_model}",
                                      file=cfg.source, key="train_text_encoder")
         for module in (unet, vae, *tes):
@@ -195,18 +197,18 @@ class ImageTask:
             self.te_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha,
                                         lora_dropout=cfg.lora_dropout,
                                         init_lora_weights="gaussian", target_modules=TE_TARGETS)
-            for te in tes:
+            for te in trained:
                 attach_text_encoder_lora(te, self.te_config)
                 te.train()
         if cfg.init:
-            load_init_adapter(cfg, unet, dict(zip((p.name for p in self.te_parts), tes,
-                                                  strict=True)))
+            load_init_adapter(cfg, unet, dict(zip((p.name for p in self.te_parts), trained,
+                                                  strict=True)), denoiser=self.family.denoiser)
         keep_trainable_fp32(unet, *tes)  # frozen weights may be half precision, LoRA is not
         unet.train()
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
             if cfg.train_text_encoder:
-                for te in tes:
+                for te in trained:
                     te.gradient_checkpointing_enable()
         self.scheduler = comps.noise_scheduler
         self.examples = load_examples(cfg)
@@ -220,17 +222,29 @@ class ImageTask:
         self.cache_hit = False
         if cfg.cache_latents:
             self._load_or_build_cache(cache_dir, dataset_version)
+        if self.te_states is not None and device.type == "cuda":
+            # prompts are cached: the frozen encoders (T5-XXL: ~9 GB) leave the GPU for the
+            # loop; sample_grid brings them back
+            for te in tes:
+                te.to("cpu")
+            torch.cuda.empty_cache()
 
     def _time_ids(self, *, flipped: bool) -> list | None:
         ids = [self.family.time_ids(e, flipped=flipped) for e in self.examples]
         return None if any(t is None for t in ids) else ids
+
+    @property
+    def trained_text_encoders(self) -> list:
+        """The text encoders ``train_text_encoder`` trains, in ``te_parts`` order."""
+        return [te for p, te in zip(self.family.text_encoder_parts, self.comps.text_encoders,
+                                    strict=False) if p.trainable]
 
     # cache ----------------------------------------------------------------------------
     @torch.no_grad()
     def _encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         vae = self.comps.vae
         dist = vae.encode(pixels.unsqueeze(0).to(self.device, vae.dtype)).latent_dist
-        return (dist.mean * vae.config.scaling_factor).squeeze(0).float().cpu()
+        return self.family.latents_from_vae(vae, dist.mean).squeeze(0).float().cpu()
 
     def _encode_text(self, batch: list[int]):
         """The prompts of ``batch`` through the family's text encoder(s)."""
@@ -286,7 +300,7 @@ class ImageTask:
         groups = [{"params": [p for p in self.comps.unet.parameters() if p.requires_grad],
                    "lr": self.cfg.learning_rate}]
         if self.cfg.train_text_encoder:
-            for part, te in zip(self.te_parts, self.comps.text_encoders, strict=True):
+            for part, te in zip(self.te_parts, self.trained_text_encoders, strict=True):
                 groups.append({"params": [p for p in te.parameters() if p.requires_grad],
                                "lr": text_encoder_lr(self.cfg, part.lr_key)})
         return groups
@@ -295,7 +309,7 @@ class ImageTask:
         named = {f"unet.{n}": p for n, p in self.comps.unet.named_parameters()
                  if p.requires_grad}
         if self.cfg.train_text_encoder:
-            for part, te in zip(self.te_parts, self.comps.text_encoders, strict=True):
+            for part, te in zip(self.te_parts, self.trained_text_encoders, strict=True):
                 named.update({f"{part.name}.{n}": p for n, p in te.named_parameters()
                               if p.requires_grad})
         return named
@@ -326,7 +340,7 @@ class ImageTask:
 
     def train_mode(self, enabled: bool) -> None:
         self.comps.unet.train(enabled)
-        for te in self.comps.text_encoders:
+        for te in self.trained_text_encoders:
             te.train(enabled and self.cfg.train_text_encoder)
 
     def loss(self, batch: list[int], generator: torch.Generator) -> torch.Tensor:
@@ -344,16 +358,10 @@ class ImageTask:
                                      pixels)
             with torch.no_grad():
                 vae = self.comps.vae
-                latents = vae.encode(pixels.to(dev, vae.dtype)).latent_dist.sample(
-                    generator=generator) * vae.config.scaling_factor
+                latents = self.family.latents_from_vae(vae, vae.encode(
+                    pixels.to(dev, vae.dtype)).latent_dist.sample(generator=generator))
             latents = latents.float()
-        noise = torch.randn(latents.shape, generator=generator).to(dev)
-        if cfg.noise_offset:
-            noise = noise + cfg.noise_offset * torch.randn(
-                (latents.shape[0], latents.shape[1], 1, 1), generator=generator).to(dev)
-        timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps,
-                                  (latents.shape[0],), generator=generator).to(dev)
-        noisy = self.scheduler.add_noise(latents, noise, timesteps)
+        noisy = self.family.noisy_batch(cfg, self.scheduler, latents, generator)
         if self.te_states is not None and not cfg.train_text_encoder:
             embeds = PromptEmbeds(
                 hidden=torch.stack([self.te_states[i] for i in batch]).to(dev),
@@ -366,10 +374,8 @@ class ImageTask:
         if self.time_ids is not None and self.time_ids_flipped is not None:
             time_ids = torch.stack([(self.time_ids_flipped if f else self.time_ids)[i]
                                     for i, f in zip(batch, flips.tolist(), strict=True)])
-        target = self.family.training_target(self.scheduler, latents, noise, timesteps)
-        pred = self.comps.unet(noisy, timesteps, embeds.hidden,
-                               **self.family.unet_kwargs(embeds, time_ids)).sample
-        return F.mse_loss(pred.float(), target.float())
+        pred = self.family.predict(self.comps, noisy, embeds, time_ids)
+        return self.family.batch_loss(pred, noisy)
 
 
 # -- samples ---------------------------------------------------------------------------
@@ -389,8 +395,9 @@ def sample_grid(cfg, comps, out_dir: Path, *, device: torch.device) -> dict:
     was_training = unet.training
     unet.eval()
     for te in tes:
-        te.eval()
-    pipe = (comps.family or family_named("sd15")).pipeline(comps)
+        te.to(device).eval()
+    family = comps.family or family_named("sd15")
+    pipe = family.pipeline(comps)
     pipe.set_progress_bar_config(disable=True)
     rows, diffs = [], []
     for prompt in prompts:
@@ -401,7 +408,8 @@ def sample_grid(cfg, comps, out_dir: Path, *, device: torch.device) -> dict:
                 gen = torch.Generator(device="cpu").manual_seed(int(seed))
                 image = pipe(prompt, num_inference_steps=cfg.sample_steps, generator=gen,
                              height=cfg.resolution, width=cfg.resolution,
-                             guidance_scale=5.0, output_type="np").images[0]
+                             guidance_scale=5.0, output_type="np",
+                             **family.sample_kwargs(comps)).images[0]
                 row.append(image)
         half = len(cfg.sample_seeds)
         diffs.extend(float(np.abs(a - b).mean() * 255)
@@ -556,10 +564,11 @@ def text_encoder_lr(cfg, key: str) -> float:
     return (getattr(cfg, key, None) or cfg.text_encoder_lr or cfg.learning_rate)
 
 
-def load_init_adapter(cfg, unet, text_encoders: dict) -> None:
+def load_init_adapter(cfg, unet, text_encoders: dict, denoiser: str = "unet") -> None:
     """Copy the LoRA weights of ``cfg.init`` (a diffusers-format adapter, checked by the
     validator) into the freshly attached LoRA layers of ``unet`` and the text encoders
-    (``{component name: model}``). A weight that has no layer here, or a layer left without
+    (``{component name: model}``); ``denoiser``: the component name ``unet`` has in the file
+    (``transformer`` for Flux and SD3.5). A weight that has no layer here, or a layer left without
     a weight, is a :class:`ConfigError` naming ``init``: the adapter was trained with other
     target modules or without ``train_text_encoder``."""
     from diffusers.utils.state_dict_utils import (
@@ -570,11 +579,11 @@ def load_init_adapter(cfg, unet, text_encoders: dict) -> None:
 
     from lora_kernel.common.errors import ConfigError
     weights = load_file(str(cfg.init))
-    models = {"unet": unet, **(text_encoders if cfg.train_text_encoder else {})}
+    models = {denoiser: unet, **(text_encoders if cfg.train_text_encoder else {})}
     for name, model in models.items():
         part = {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")}
         # diffusers' file names (lora.down / lora_linear_layer.down) back to peft's
-        part = (convert_unet_state_dict_to_peft(part) if name == "unet"
+        part = (convert_unet_state_dict_to_peft(part) if name == denoiser
                 else convert_state_dict_to_peft(part))
         result = set_peft_model_state_dict(model, part)
         missing = [k for k in result.missing_keys if ".lora_" in k]

@@ -53,6 +53,7 @@ _TEXT_FIX = ("point base_model at a Hugging Face causal-LM folder (config.json, 
 # Key prefixes of a single-file Stable Diffusion checkpoint (LDM/A1111 or prefixed diffusers;
 # see lora_kernel.training.single_file) and typical ones of a text model's weights.
 _SD_PREFIXES = ("model.diffusion_model.", "unet.")
+_FLOW_MARKERS = ("double_blocks.", "joint_blocks.")  # Flux / SD3 transformers, bare
 _LM_MARKERS = ("lm_head.", "embed_tokens.", ".layers.", "transformer.h.", "gpt_neox.")
 
 
@@ -168,7 +169,7 @@ def check_model_kind(path: Path, task: str) -> None:
     """
     if path.is_file():
         keys = [k for k in read_safetensors_header(path) if k != "__metadata__"]
-        sd = any(k.startswith(_SD_PREFIXES) for k in keys)
+        sd = any(k.startswith(_SD_PREFIXES) or k.startswith(_FLOW_MARKERS) for k in keys)
         lm = next((k for k in keys if any(m in k for m in _LM_MARKERS)), None)
         if task == "text":
             what = "a Stable Diffusion checkpoint" if sd else "a single weights file"
@@ -197,7 +198,8 @@ def check_model_kind(path: Path, task: str) -> None:
                                   f"{_IMAGE_FIX}", key="base_model")
             raise ConfigError(f"{path} is not a diffusers folder (no model_index.json or unet/; "
                               f"it holds {_listing(names)}); fix: {_IMAGE_FIX}", key="base_model")
-        for part in ("unet", "vae", *_text_encoders(path)):
+        denoiser = "transformer" if (path / "transformer").is_dir() else "unet"
+        for part in (denoiser, "vae", *_text_encoders(path)):
             if not any((path / part).glob("*.safetensors")):
                 raise ConfigError(f"{path} has no {part} weights ({part}/*.safetensors); fix: "
                                   f"copy the model's {part}/ folder with its .safetensors "
@@ -229,14 +231,15 @@ def no_layout_error(path: Path, keys: list[str]) -> ConfigError:
 
 def _text_encoders(folder: Path) -> list[str]:
     """The text-encoder components a diffusers folder's ``model_index.json`` names
-    (``text_encoder``, and SDXL's ``text_encoder_2``); ``text_encoder`` without an index."""
+    (``text_encoder``, and SDXL's / Flux's ``text_encoder_2``, SD3.5's ``text_encoder_3``);
+    ``text_encoder`` without an index."""
     try:
         index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return ["text_encoder"]
     if not isinstance(index, dict):
         return ["text_encoder"]
-    names = [k for k in ("text_encoder", "text_encoder_2")
+    names = [k for k in ("text_encoder", "text_encoder_2", "text_encoder_3")
              if isinstance(index.get(k), list) and index[k] and index[k][0]]
     return names or ["text_encoder"]
 

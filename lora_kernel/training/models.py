@@ -102,7 +102,9 @@ def _pinned_digest(p: Path) -> str | None:
 @dataclass
 class SDComponents:
     """The parts of a Stable Diffusion model that LoRA training and sampling need
-    (``text_encoder_2`` / ``tokenizer_2``: the second text encoder of SDXL, else None)."""
+    (``text_encoder_2`` / ``tokenizer_2``: the second text encoder of SDXL, Flux's T5 and
+    SD3.5's CLIP-G, else None; ``text_encoder_3`` / ``tokenizer_3``: SD3.5's T5).
+    ``unet`` is the denoiser: the UNet, or the transformer of a flow-matching family."""
 
     unet: Any
     vae: Any
@@ -116,16 +118,20 @@ class SDComponents:
     text_encoder_2: Any = None
     tokenizer_2: Any = None
     family: Any = None  # the ModelFamily (lora_kernel.training.families)
+    text_encoder_3: Any = None
+    tokenizer_3: Any = None
 
     @property
     def text_encoders(self) -> list:
         """Every text encoder, in the family's order."""
-        return [te for te in (self.text_encoder, self.text_encoder_2) if te is not None]
+        return [te for te in (self.text_encoder, self.text_encoder_2, self.text_encoder_3)
+                if te is not None]
 
     @property
     def tokenizers(self) -> list:
         """Every tokenizer, one per text encoder."""
-        return [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
+        return [t for t in (self.tokenizer, self.tokenizer_2, self.tokenizer_3)
+                if t is not None]
 
 
 def _schedulers(config_dir: Path):
@@ -156,7 +162,8 @@ def _tokenizer_name(text_encoder_name: str) -> str:
 
 def load_sd_components(path: str | os.PathLike, *, dtype=None, vae_dtype=None,
                        config: str | os.PathLike | None = None,
-                       tokenizer: str | os.PathLike | None = None) -> SDComponents:
+                       tokenizer: str | os.PathLike | None = None,
+                       quantization: str = "none") -> SDComponents:
     """Load a Stable Diffusion model (any family :mod:`lora_kernel.training.families` trains)
     from a diffusers folder or a single ``.safetensors``.
 
@@ -165,7 +172,9 @@ def load_sd_components(path: str | os.PathLike, *, dtype=None, vae_dtype=None,
     a diffusers folder with the configs (weights not needed); default: the bundled config
     matching the checkpoint. ``tokenizer``: a CLIP tokenizer folder overriding the model's
     (first) tokenizer. All modules are returned in eval mode on CPU in ``dtype`` (default
-    float32), the VAE in ``vae_dtype`` (default ``dtype``).
+    float32), the VAE in ``vae_dtype`` (default ``dtype``). ``quantization`` (``nf4``,
+    ``int8``; flow-matching families): the frozen transformer's Linear layers in bitsandbytes
+    form (:mod:`lora_kernel.training.flow_models`).
     """
     from lora_kernel.training.families import family_of
     from lora_kernel.training.families.detect import refuse_unsupported
@@ -173,19 +182,26 @@ def load_sd_components(path: str | os.PathLike, *, dtype=None, vae_dtype=None,
     refuse_unsupported(path)  # a family not trained here is named first
     p = check_model_path(path, "image")  # refuse before any ML library is even imported
     return load_family_components(family_of(p), p, dtype=dtype, vae_dtype=vae_dtype,
-                                  config=config, tokenizer=tokenizer)
+                                  config=config, tokenizer=tokenizer, quantization=quantization)
 
 
 def load_family_components(family, p: Path, *, dtype=None, vae_dtype=None, config=None,
-                           tokenizer=None) -> SDComponents:
+                           tokenizer=None, quantization: str = "none") -> SDComponents:
     """:func:`load_sd_components` for a known ``family``: its ``text_encoder_parts`` say
     which text encoders (transformers class, folder name, single-file prefix and format)
-    to load, its ``bundled_configs`` which configs a single file uses."""
+    to load, its ``bundled_configs`` which configs a single file uses; a transformer family
+    (Flux, SD3.5) loads through :func:`lora_kernel.training.flow_models.load_flow_parts`."""
     import torch
     import transformers
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     dtype = dtype or torch.float32
+    if family.denoiser == "transformer":
+        from lora_kernel.training.flow_models import load_flow_parts
+        parts_kw = load_flow_parts(family, p, dtype=dtype, vae_dtype=vae_dtype,
+                                   tokenizer=tokenizer, quantization=quantization,
+                                   config=config)
+        return SDComponents(**parts_kw, source_path=p, sha256=model_sha256(p), family=family)
     parts = family.text_encoder_parts
     if p.is_dir():  # loaded in their dtypes: a half-precision model never exists in float32
         kw = dict(local_files_only=True, use_safetensors=True)
@@ -469,6 +485,9 @@ def estimate_training_memory(cfg) -> MemoryEstimate:
     block 30), else 6. With gradient_checkpointing only layer inputs are kept (m_i = 1) plus
     one layer recomputed at a time (max_i T_i x C_i x m_i). N = dataset rows.
 
+    Image (transformer: Flux.1, SD3.5): :func:`lora_kernel.training.flow_memory.flow_memory`
+    (quantized transformer weights, the text encoders, tokens x width per block).
+
     Text (causal LM): one level, T = max_seq_length, C = hidden_size, n = num_hidden_layers,
     m = 18 (attention 6 + MLP 12), the same rule for gradient_checkpointing, plus the logits
     and their gradient: 2 x B x T x vocab_size x 4 B.
@@ -489,6 +508,13 @@ def estimate_training_memory(cfg) -> MemoryEstimate:
     levels: list[tuple[int, int, int, int]] = []  # (positions T, channels C, layers n, maps m)
     extra = 0
     w = bytes_per_param(weight_dtype_name(cfg))
+    if cfg.task == "image" and (p / "transformer").is_dir():  # Flux, SD3.5
+        from lora_kernel.training.data import read_image_rows
+        from lora_kernel.training.flow_memory import flow_memory
+        weights, activations = flow_memory(cfg, p, weight_bytes=w,
+                                           vae_bytes=bytes_per_param(vae_dtype_name(cfg)))
+        data = len(read_image_rows(cfg)) * 3 * cfg.resolution ** 2 * 4
+        return MemoryEstimate(weights=weights, activations=activations, data=data)
     if cfg.task == "image":
         w_vae = bytes_per_param(vae_dtype_name(cfg))
         if p.is_dir():

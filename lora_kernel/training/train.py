@@ -276,7 +276,7 @@ def _train_image(cfg, *, device, out, cache_dir, version, digests, resume, progr
         log(f"note: the {family.title} VAE overflows in {dtype}; it runs in {vae} "
             f"(set vae_dtype to choose)")
     comps = load_sd_components(cfg.base_model, dtype=torch_dtype(dtype),
-                               vae_dtype=torch_dtype(vae))
+                               vae_dtype=torch_dtype(vae), quantization=cfg.quantization)
     task = ImageTask(cfg, comps, device=device,
                      cache_dir=cache_dir if cfg.cache_latents else None,
                      dataset_version=version, log=log)
@@ -293,7 +293,8 @@ def _train_image(cfg, *, device, out, cache_dir, version, digests, resume, progr
         "diffusers": str(save_diffusers_lora(out / f"{cfg.output_name}.safetensors", comps.unet,
                                              te, task.unet_config, task.te_config, meta,
                                              text_encoder_2=te2,
-                                             pipeline_class=family.pipeline_class)),
+                                             pipeline_class=family.pipeline_class,
+                                             denoiser=family.denoiser)),
         "kohya": str(save_kohya_lora(out / f"{cfg.output_name}_kohya.safetensors", comps.unet,
                                      te, cfg.alpha, meta, text_encoder_2=te2, family=family)),
     }

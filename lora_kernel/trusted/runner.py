@@ -52,6 +52,7 @@ from lora_kernel.common.errors import (
     VerificationError,
     error_from_answer,
 )
+from lora_kernel.common.licences import check_licence
 from lora_kernel.common.notebooks import NOTEBOOKS, config_task, notebook_dir, notebook_for_task
 from lora_kernel.common.paths import lora_home, runs_dir
 from lora_kernel.common.runspec import (
@@ -193,6 +194,7 @@ class _Pinned(NamedTuple):
     parameters: dict[str, Any]
     notebook_source: str
     base_model_digest: dict[str, str] | None
+    licence: str | None = None  # the base model's (policies/models.yaml), pinned in the record
 
 
 @dataclass
@@ -265,6 +267,10 @@ class Runner:
         if not isinstance(notebook_source, str):
             raise LoraError("the pin step answered no notebook source")
         inputs = PinnedInputs.from_untrusted(answer)
+        licence = None
+        if inputs.training and inputs.config:  # refused before anything runs (exit 6)
+            licence = check_licence(str(inputs.config.get("base_model", "")), ctx.actor.name,
+                                    ctx.actor.groups)
         stat_key = answer.get("base_model_stat_key")
         if not answer.get("base_model_hash_cached", False) and hooks.model_hash_cache \
                 and isinstance(stat_key, str) and inputs.base_model_sha256 is not None:
@@ -281,7 +287,7 @@ class Runner:
             params["resume_from"] = point.checkpoint
         known = ({"key": stat_key, "sha256": inputs.base_model_sha256}
                  if isinstance(stat_key, str) and inputs.base_model_sha256 else None)
-        return _Pinned(inputs, params, notebook_source, known)
+        return _Pinned(inputs, params, notebook_source, known, licence)
 
     def _describe(self, run_id: str, notebook: Path, pinned: _Pinned, home: Path, work: Path,
                   hooks: RunHooks) -> RunDescription:
@@ -292,7 +298,8 @@ class Runner:
             home=str(home), work=str(work), started=iso_time(),
             actor=RunActor(ctx.actor.name, ctx.actor.uid, ctx.actor.source),
             run_as=RunUser(ctx.run_as.uid, ctx.run_as.name), pinned=pinned.inputs,
-            extra=_plain_json(hooks.extra) if hooks.extra else {})
+            extra={**(_plain_json(hooks.extra) if hooks.extra else {}),
+                   **({"base_model_licence": pinned.licence} if pinned.licence else {})})
 
 
 def _plain_json(values: Mapping[str, Any] | None) -> dict[str, Any]:

@@ -128,16 +128,23 @@ def _is_causal_lm(folder: Path) -> bool:
 
 def model_label(path: Path, task: str) -> str:
     """How the model picker shows a base model: its path and, for an image model, its family
-    (``sd15``, ``sd2``, ``sdxl``; read from ``model_index.json`` or the file's keys, nothing
-    loaded), or why it cannot be trained."""
+    (``sd15``, ``sd2``, ``sdxl``, ``flux``, ``sd3``; read from ``model_index.json`` or the
+    file's keys, nothing loaded), or why it cannot be trained; and its licence when
+    ``policies/models.yaml`` names one (:mod:`lora_kernel.common.licences`)."""
+    from lora_kernel.common.licences import model_licence
+    try:
+        licence = model_licence(path)
+    except ConfigError:
+        licence = "licence policy malformed"
+    tail = f", licence: {licence}" if licence else ""
     if task != "image":
-        return str(path)
+        return f"{path} (licence: {licence})" if licence else str(path)
     from lora_kernel.training.families.detect import detect_family
     try:
         family = detect_family(path) or "not a diffusers model"
     except (ConfigError, OSError):
         family = "family not trained here"
-    return f"{path} ({family})"
+    return f"{path} ({family}{tail})"
 
 
 def list_datasets(task: str, home: str | os.PathLike[str] | None = None) -> list[Path]:

@@ -130,7 +130,7 @@ CASES: dict[str, Callable[[Case], list]] = {
     "`output_dir` is in use by another `lora train` still running": _output_in_use,
     "`resolution` needs more memory than the machine has":
         lambda c: ["config", c.config(resolution=16384)],
-    "base model is of a family not trained here (SD3, Flux, SDXL refiner, inpainting, video)":
+    "base model is of a family not trained here (Flux fill, SDXL refiner, inpainting, video)":
         _refiner_folder,
     "base model `.safetensors` keys fit no known checkpoint layout": _unknown_layout,
     "`text_encoder_2_lr` for a model with one text encoder":

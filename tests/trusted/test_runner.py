@@ -148,6 +148,66 @@ def test_sdxl_run_through_lora_run_is_a_sealed_record(run_home, demo_home):
     assert (record / "adapter" / "enclave_style_xl.safetensors").is_file()
 
 
+@pytest.mark.slow
+def test_flux_run_through_lora_run_is_a_sealed_record(run_home, demo_home, tmp_path,
+                                                       monkeypatch):
+    """A new user's Flux run: ``lora run --config flux_lora.yaml`` seals a record with the
+    family, both adapter formats (the kohya one in Black Forest Labs' layout), a sample grid
+    rendered by ``FluxPipeline`` and the base model's licence, which the policy allows for
+    the user's own group (the refusal of another group: tests/exit_cases/flow.py)."""
+    import grp
+
+    from safetensors.torch import load_file
+
+    pdir = tmp_path / "policies"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "policies", pdir)
+    models = yaml.safe_load((pdir / "models.yaml").read_text())
+    models["models"] = [{"match": "tiny-flux*", "licence": "flux-1-dev-non-commercial"}]
+    models["licences"] = {"flux-1-dev-non-commercial": {
+        "allowed_groups": [grp.getgrgid(os.getgid()).gr_name]}}
+    (pdir / "models.yaml").write_text(yaml.safe_dump(models))
+    monkeypatch.setenv("LORA_POLICIES", str(pdir))
+
+    args = ["run", "--config", demo_home / "demo" / "flux_lora.yaml", "--quiet"]
+    for key, value in {**FAST_IMAGE, "train_text_encoder": "true"}.items():
+        args += ["-p", key, json.dumps(value) if not isinstance(value, str) else value]
+    proc = lora_cli(*args, home=run_home)
+    assert proc.returncode == 0, proc.stderr
+    record = Path(re.search(r"^record: (\S+)$", proc.stdout, re.M).group(1))
+    manifest = assert_sealed(record, "succeeded")
+    extra = manifest["predicate"]["runDetails"]["metadata"]["extra"]
+    assert extra["model_family"] == "flux"
+    assert extra["base_model_licence"] == "flux-1-dev-non-commercial"
+    kohya = load_file(str(record / "adapter" / "enclave_style_flux_kohya.safetensors"))
+    assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in kohya
+    assert "lora_unet_single_blocks_0_linear1.lora_up.weight" in kohya
+    assert any(k.startswith("lora_te1_text_model_") for k in kohya)
+    assert (record / "adapter" / "enclave_style_flux.safetensors").is_file()
+    assert (record / "samples" / "grid.png").is_file()
+
+
+@pytest.mark.slow
+def test_sd3_run_through_lora_run_is_a_sealed_record(run_home, demo_home):
+    """The demo SD3.5 through ``lora run``: a sealed record naming the family, whose
+    diffusers adapter holds the transformer's LoRA (StableDiffusion3Pipeline's names) and a
+    kohya file in OneTrainer's ``lora_transformer_`` names."""
+    from safetensors.torch import load_file
+
+    args = ["run", "--config", demo_home / "demo" / "sd3_lora.yaml", "--quiet"]
+    for key, value in FAST_IMAGE.items():
+        args += ["-p", key, json.dumps(value) if not isinstance(value, str) else value]
+    proc = lora_cli(*args, home=run_home)
+    assert proc.returncode == 0, proc.stderr
+    record = Path(re.search(r"^record: (\S+)$", proc.stdout, re.M).group(1))
+    manifest = assert_sealed(record, "succeeded")
+    assert manifest["predicate"]["runDetails"]["metadata"]["extra"]["model_family"] == "sd3"
+    adapter = load_file(str(record / "adapter" / "enclave_style_sd3.safetensors"))
+    assert adapter and all(k.startswith("transformer.") for k in adapter)
+    kohya = load_file(str(record / "adapter" / "enclave_style_sd3_kohya.safetensors"))
+    assert kohya and all(k.startswith("lora_transformer_") for k in kohya)
+    assert (record / "samples" / "grid.png").is_file()
+
+
 def test_image_run_record_is_complete(run_home, demo_home):
     cfg_path = demo_home / "demo" / "image_lora.yaml"
     rec = run_config(cfg_path, FAST_IMAGE, home=run_home)

@@ -11,6 +11,11 @@ The training loop, the image task, caching, checkpoints, exports and records ask
   cross-attention and pooled embeddings (:class:`PromptEmbeds`);
 * ``time_ids`` / ``unet_kwargs``: extra conditioning (SDXL's size and crop ``add_time_ids``);
 * ``training_target``: epsilon or v-prediction (from the scheduler's ``prediction_type``);
+* ``noisy_batch`` / ``predict`` / ``batch_loss``: one training step's noising, timesteps and
+  target, the denoiser's call, and the (weighted) loss — DDPM here, flow matching in
+  :mod:`.flow` (Flux, SD3.5: velocity target, packed latents, guidance embedding);
+* ``latents_from_vae``: the VAE's latent scaling (and shift, for the 16-channel VAEs);
+* ``check_config``: refusals that depend on the model (read before anything loads);
 * ``kohya_unet_name``: what the kohya export calls each UNet module;
 * ``pipeline``: the diffusers pipeline the sample grid renders with.
 
@@ -18,7 +23,7 @@ Runs as: the user (their kernel, ``lora train``, or a recorded run's steps as th
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 
@@ -27,7 +32,9 @@ class TextEncoderPart:
     """One text encoder of a family: its component / diffusers-folder name, transformers
     class, kohya prefix, the config key of its own learning rate, and its keys' prefix in the
     original single-file layout with the converter that reads them (``"clip"``: Hugging Face
-    CLIP names, ``"open_clip"``: OpenCLIP's ``resblocks`` with fused ``in_proj``)."""
+    CLIP names, ``"open_clip"``: OpenCLIP's ``resblocks`` with fused ``in_proj``, ``"t5"``:
+    Hugging Face T5 names); its tokenizer's transformers class; ``trainable``: whether
+    ``train_text_encoder`` puts a LoRA on it (T5 is always frozen and cached)."""
 
     name: str
     model_class: str
@@ -35,6 +42,21 @@ class TextEncoderPart:
     lr_key: str
     ldm_prefix: str
     ldm_format: str = "clip"
+    tokenizer_class: str = "CLIPTokenizer"
+    trainable: bool = True
+
+
+@dataclass
+class NoisyBatch:
+    """One training step's denoiser input: ``noisy`` latents at ``timesteps`` and the
+    ``target`` the denoiser learns; ``weights`` (batch,) scale each example's loss (None: 1);
+    ``extra`` holds what a family's :meth:`ModelFamily.predict` needs besides (guidance)."""
+
+    noisy: Any
+    timesteps: Any
+    target: Any
+    weights: Any = None
+    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -59,6 +81,7 @@ class ModelFamily:
     bundled_configs: ClassVar[dict[tuple, str]] = {}  # (conv_in shape, cross width) -> bundle
     text_encoder_parts: ClassVar[tuple[TextEncoderPart, ...]]
     vae_fp16_overflows: ClassVar[bool] = False  # keep the VAE out of fp16 (vae_dtype: auto)
+    denoiser: ClassVar[str] = "unet"  # the denoiser's component name (Flux, SD3: transformer)
 
     # -- prompts ---------------------------------------------------------------------------
     def tokenize(self, comps, captions: list[str]) -> list:
@@ -89,15 +112,72 @@ class ModelFamily:
             return scheduler.get_velocity(latents, noise, timesteps)
         return noise
 
+    def latents_from_vae(self, vae, latents):
+        """VAE latents (the posterior's mean or a sample) in the denoiser's scale."""
+        return latents * vae.config.scaling_factor
+
+    def noisy_batch(self, cfg, scheduler, latents, generator) -> NoisyBatch:
+        """Noise, timesteps and target of one step (DDPM: uniform integer timesteps, the
+        scheduler's ``add_noise``, epsilon or v target; ``noise_offset`` adds per-channel
+        noise). Draws from ``generator`` only (CPU), so a replay draws the same."""
+        import torch
+        dev = latents.device
+        noise = torch.randn(latents.shape, generator=generator).to(dev)
+        if cfg.noise_offset:
+            noise = noise + cfg.noise_offset * torch.randn(
+                (latents.shape[0], latents.shape[1], 1, 1), generator=generator).to(dev)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps,
+                                  (latents.shape[0],), generator=generator).to(dev)
+        return NoisyBatch(noisy=scheduler.add_noise(latents, noise, timesteps),
+                          timesteps=timesteps,
+                          target=self.training_target(scheduler, latents, noise, timesteps))
+
+    def predict(self, comps, batch: NoisyBatch, embeds: PromptEmbeds, time_ids):
+        """The denoiser's prediction for ``batch`` (same shape as ``batch.target``)."""
+        return comps.unet(batch.noisy, batch.timesteps, embeds.hidden,
+                          **self.unet_kwargs(embeds, time_ids)).sample
+
+    def batch_loss(self, pred, batch: NoisyBatch):
+        """Mean squared error of ``pred`` against the target, each example weighted."""
+        import torch.nn.functional as F
+        if batch.weights is None:
+            return F.mse_loss(pred.float(), batch.target.float())
+        per = ((pred.float() - batch.target.float()) ** 2).reshape(pred.shape[0], -1).mean(1)
+        return (batch.weights.float().to(per.device) * per).mean()
+
+    def check_config(self, cfg, file: str) -> None:
+        """Refuse (:class:`~lora_kernel.common.errors.ConfigError`) settings this family's
+        model cannot train with, before anything loads (validation calls it). A UNet family
+        has no guidance embedding and no quantized loading."""
+        from lora_kernel.common.errors import ConfigError
+        if cfg.guidance_scale is not None:
+            raise ConfigError(f"{cfg.base_model} is {self.title}, which has no guidance "
+                              f"embedding; fix: remove guidance_scale (it is for Flux.1-dev)",
+                              file=file, key="guidance_scale")
+        if cfg.quantization != "none":
+            raise ConfigError(f"quantization is for the Flux and SD3.5 transformers, and "
+                              f"{cfg.base_model} is {self.title}; fix: quantization: none",
+                              file=file, key="quantization")
+
     def native_resolution(self, comps_or_unet_config: dict) -> int:
         """The resolution the model was trained at: UNet ``sample_size`` x 8."""
         return int(comps_or_unet_config.get("sample_size", 64)) * 8
 
     # -- export ----------------------------------------------------------------------------
+    def kohya_state_dict(self, denoiser_sd: dict, alpha: float, config) -> dict | None:
+        """The denoiser's kohya entries when the family writes them itself (Flux: fused
+        projections of the original layout); None: one entry per module, named by
+        :meth:`kohya_unet_name`."""
+        return None
+
     def kohya_unet_name(self, module: str, unet_config) -> str:
         """The module name kohya/A1111 files use for the UNet module ``module`` (dotted,
         diffusers names), before ``lora_unet_`` and underscores."""
         return module
+
+    def sample_kwargs(self, comps) -> dict:
+        """Extra keyword arguments of the pipeline call that renders the sample grid."""
+        return {}
 
     def pipeline(self, comps):
         """The diffusers pipeline over ``comps`` (samples)."""

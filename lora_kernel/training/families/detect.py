@@ -2,8 +2,10 @@
 
 A diffusers folder says it in ``model_index.json`` (the pipeline class) and its UNet and
 scheduler configs; a single ``.safetensors`` checkpoint in its tensor names and shapes (read
-from the header only). Families we train are returned by name (``sd15``, ``sd2``, ``sdxl``);
-a family we recognise but do not train (SD3, Flux, an SDXL refiner, an inpainting UNet, a
+from the header only). Families we train are returned by name (``sd15``, ``sd2``, ``sdxl``,
+``flux``, ``sd3``: a transformer-only Flux / SD3.5 file in BFL, SAI or ComfyUI layout is
+recognised by its ``double_blocks.`` / ``joint_blocks.``); a family we recognise but do not
+train (a Flux control or fill model, an SDXL refiner, an inpainting UNet, a
 video model) and a checkpoint whose keys fit no known layout are refused with a
 :class:`ConfigError` naming what was found and what is supported. No torch, no model code:
 names, small JSON files and safetensors headers only.
@@ -19,12 +21,17 @@ from lora_kernel.common.errors import ConfigError
 from lora_kernel.training.single_file import SDXL_TE1, SDXL_TE2
 
 SUPPORTED = {"sd15": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x",
-             "sdxl": "Stable Diffusion XL (base)"}
+             "sdxl": "Stable Diffusion XL (base)", "flux": "Flux.1 (dev, schnell)",
+             "sd3": "Stable Diffusion 3 / 3.5"}
+# pipeline class in model_index.json -> flow-matching family trained here
+FLOW_PIPELINES = {"FluxPipeline": "flux", "StableDiffusion3Pipeline": "sd3"}
+# single-file key markers of the flow-matching families (BFL / SAI / ComfyUI layouts)
+FLOW_KEYS = (("double_blocks.", "flux"), ("joint_blocks.", "sd3"))
 
 # pipeline class in model_index.json -> (family, what it is) for the families not trained here
 _UNSUPPORTED_PIPELINES = {
-    "StableDiffusion3Pipeline": "Stable Diffusion 3 (sd3)",
-    "FluxPipeline": "Flux (flux)",
+    "FluxControlPipeline": "a Flux control model (flux-control)",
+    "FluxFillPipeline": "a Flux inpainting model (flux-fill)",
     "StableDiffusionXLImg2ImgPipeline": "an SDXL refiner (sdxl-refiner)",
     "StableDiffusionInpaintPipeline": "an inpainting model (sd15-inpainting)",
     "StableDiffusionXLInpaintPipeline": "an SDXL inpainting model (sdxl-inpainting)",
@@ -34,10 +41,6 @@ _UNSUPPORTED_PIPELINES = {
 }
 # single-file key markers of families not trained here (checked before the supported ones)
 _UNSUPPORTED_KEYS = (
-    ("model.diffusion_model.joint_blocks.", "Stable Diffusion 3 (sd3)"),
-    ("joint_blocks.", "Stable Diffusion 3 (sd3)"),
-    ("double_blocks.", "Flux (flux)"),
-    ("model.diffusion_model.double_blocks.", "Flux (flux)"),
     ("time_stack.", "a video model (Stable Video Diffusion)"),
     ("temporal_transformer_blocks.", "a video model"),
     ("motion_modules.", "a video model (AnimateDiff)"),
@@ -71,6 +74,8 @@ def folder_family(path: Path) -> str | None:
     if not index and not unet:
         return None
     pipeline = str(index.get("_class_name") or "")
+    if pipeline in FLOW_PIPELINES:
+        return FLOW_PIPELINES[pipeline]
     if pipeline in _UNSUPPORTED_PIPELINES and not _sdxl_base_as_img2img(pipeline, index):
         raise _unsupported(path, _UNSUPPORTED_PIPELINES[pipeline])
     if "Video" in pipeline or (pipeline and "unet" not in index and not unet):
@@ -135,6 +140,9 @@ def keys_family(path: Path, header: dict) -> str:
 
     _unsupported_keys(path, header)
     keys = [k for k in header if k != "__metadata__"]
+    for marker, family in FLOW_KEYS:
+        if any(k.startswith(marker) or f".{marker}" in k for k in keys):
+            return family
     has = lambda prefix: any(k.startswith(prefix) for k in keys)  # noqa: E731
     if has("model.diffusion_model."):
         if has(SDXL_TE2) or has(SDXL_TE1):
