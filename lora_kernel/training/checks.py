@@ -295,7 +295,7 @@ def _check_image_dataset(cfg: TrainConfig, file: str) -> None:
     # (where, name as written, image path, caption) of every entry
     entries: list[tuple[str, str, Path, str]] = []
     if layout == "kohya":
-        found = kohya_entries(data, source=file)
+        found = kohya_entries(data, source=file, caption_extension=cfg.caption_extension)
         if not found:
             raise ConfigError(
                 f"dataset is empty: {data} has no metadata.csv and no images (PNG/JPEG/WebP) "
@@ -365,6 +365,8 @@ def _check_image_dataset(cfg: TrainConfig, file: str) -> None:
             first_at = first.split(" of ")[0]
             warnings.append(f"{where}: {name!r} is listed again (first at {first_at}); it "
                             f"trains twice per epoch")
+    from lora_kernel.training.captions import keep_tokens_warnings
+    warnings += keep_tokens_warnings(cfg, [(w, n, c) for w, n, _, c in entries])
     cfg.dataset_warnings = warnings
 
 

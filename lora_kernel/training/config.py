@@ -156,6 +156,36 @@ class TrainConfig:
     keep_checkpoints: int = _h(
         "Keep only the newest N checkpoints (older ones are deleted after each save; "
         "0: keep all).", default=0)
+    # -- kohya habits (issue 24; logic in optimizers.py, captions.py, kohya_config.py) ----
+    optimizer: str = _h(
+        "adamw, adamw8bit, lion, lion8bit (bitsandbytes), prodigy (prodigyopt) or adafactor "
+        "(transformers) (kohya: optimizer_type).", default="adamw")
+    optimizer_args: dict = _h(
+        "Extra optimizer keyword arguments: a mapping, or kohya's list of \"key=value\" "
+        "strings (e.g. [\"d_coef=2\", \"use_bias_correction=True\"] for prodigy).",
+        default_factory=dict)
+    lr_scheduler_num_cycles: int = _h("Restarts of cosine_with_restarts (kohya's name).",
+                                      default=1)
+    lr_scheduler_power: float = _h("Power of the polynomial schedule.", default=1.0)
+    min_lr: float = _h("Floor of a decaying schedule (linear, cosine, cosine_with_restarts, "
+                       "polynomial) after warm-up; 0: decay to 0.", default=0.0)
+    shuffle_caption: bool = _h("Shuffle a caption's tags every step (image; the first "
+                               "keep_tokens stay first).", default=False)
+    keep_tokens: int = _h("Leading tags kept in place by shuffle_caption and tag dropout "
+                          "(the trigger word).", default=0)
+    keep_tokens_separator: str = _h(
+        "Text in a caption ending its fixed part (kohya: e.g. \"|||\"); overrides "
+        "keep_tokens for captions that contain it. Empty: off.", default="")
+    caption_separator: str = _h("Tag separator of captions (a full-width \"\uff0c\" of "
+                                "Chinese captions splits the same as \",\").", default=",")
+    caption_dropout_rate: float = _h("Probability that a step trains an image with an empty "
+                                     "caption, in [0, 1).", default=0.0)
+    caption_tag_dropout_rate: float = _h(
+        "Probability that each tag after keep_tokens is dropped for a step, in [0, 1).",
+        default=0.0)
+    caption_extension: str | None = _h(
+        "Suffix of sidecar caption files (kohya layout), e.g. .txt. Default: .txt or "
+        ".caption.", default=None)
 
     # Where this config came from (not a user key).
     source: str | None = field(default=None, repr=False, compare=False,
@@ -172,6 +202,10 @@ class TrainConfig:
     # below its native resolution), printed as ``warning: ...`` (not a key).
     model_warnings: list[str] = field(default_factory=list, repr=False, compare=False,
                                       metadata={"internal": True})
+    # kohya spellings of our keys that this config used (``network_dim`` for ``lora_rank``),
+    # one note each; the canonical key is what is recorded (not a key).
+    key_notes: list[str] = field(default_factory=list, repr=False, compare=False,
+                                 metadata={"internal": True})
 
     def __post_init__(self):
         self._check()
@@ -201,13 +235,15 @@ class TrainConfig:
                     "noise_offset", "keep_checkpoints"):
             if getattr(self, key) < 0:
                 raise self._err(key, f"must be >= 0, got {getattr(self, key)}")
-        if not (0 < self.learning_rate < 1) or not math.isfinite(self.learning_rate):
-            raise self._err("learning_rate", f"must be in (0, 1), got {self.learning_rate}; "
-                                             f"typical LoRA values are 1e-5 .. 1e-3")
+        from lora_kernel.training.habits import lr_ceiling
+        top, typical = lr_ceiling(self.optimizer)
+        if not (0 < self.learning_rate < top) or not math.isfinite(self.learning_rate):
+            raise self._err("learning_rate", f"must be in (0, {top:g}), got "
+                                             f"{self.learning_rate}; typical {typical}")
         for key in ("text_encoder_lr", "text_encoder_2_lr"):
             value = getattr(self, key)
-            if value is not None and not (0 < value < 1):
-                raise self._err(key, f"must be in (0, 1), got {value}")
+            if value is not None and not (0 < value < top):
+                raise self._err(key, f"must be in (0, {top:g}), got {value}")
         if not (0 <= self.lora_dropout < 1):
             raise self._err("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
@@ -235,6 +271,8 @@ class TrainConfig:
             raise self._err("target_modules", "must list at least one module name or be omitted")
         if not self.output_name or any(c in self.output_name for c in "/\\"):
             raise self._err("output_name", f"must be a plain file stem, got {self.output_name!r}")
+        from lora_kernel.training.habits import check_habits
+        check_habits(self)
 
     # -- derived values ----------------------------------------------------
     @property
@@ -298,6 +336,8 @@ def _field_types() -> dict[str, tuple[type, ...]]:
             types = (list,)
         elif ann.startswith("list[int]"):
             types = (list,)
+        elif ann.startswith("dict"):
+            types = (dict,)
         else:
             types = (str,)
         _TYPES[f.name] = (types, "None" in ann, ann)
@@ -317,6 +357,9 @@ def _coerce(key: str, value: Any, file: str):
         value = "true" if value else "false"
     if key == "sample_prompts" and isinstance(value, str):
         value = [value]
+    if key == "optimizer_args" and isinstance(value, (list, str)):
+        from lora_kernel.training.habits import parse_optimizer_args
+        value = parse_optimizer_args(value, file)
     if bool in types:
         if not isinstance(value, bool):
             raise ConfigError(f"must be true or false, got {type(value).__name__} {value!r}; "
@@ -324,7 +367,8 @@ def _coerce(key: str, value: Any, file: str):
                               f"{key}: {_example(key)}", file=file, key=key)
         return value
     if isinstance(value, bool) or not isinstance(value, types):
-        want = {int: "an integer", float: "a number", str: "a string", list: "a list"}
+        want = {int: "an integer", float: "a number", str: "a string", list: "a list",
+                dict: "a mapping"}
         raise ConfigError(f"must be {want[types[-1]]}, got {type(value).__name__} {value!r}; "
                           f"fix: e.g. {key}: {_example(key)}", file=file, key=key)
     if float in types:
@@ -368,6 +412,8 @@ def config_from_mapping(raw: Mapping[str, Any], *, source: str | os.PathLike | N
                           f"fix: start from templates/image_lora.yaml", file=file)
     keys = config_keys()
     values: dict[str, Any] = {}
+    from lora_kernel.training.habits import resolve_aliases
+    raw, alias_notes = resolve_aliases(raw, file)
     for key, value in raw.items():
         if key not in keys:
             hint = _did_you_mean(str(key), keys)
@@ -382,4 +428,6 @@ def config_from_mapping(raw: Mapping[str, Any], *, source: str | os.PathLike | N
         if values.get(key):
             p = Path(os.path.expanduser(values[key]))
             values[key] = str(p if p.is_absolute() else (base / p).resolve())
-    return TrainConfig(**values, source=file)
+    cfg = TrainConfig(**values, source=file)
+    cfg.key_notes = alias_notes
+    return cfg

@@ -210,6 +210,10 @@ class ImageTask:
                     te.gradient_checkpointing_enable()
         self.scheduler = comps.noise_scheduler
         self.examples = load_examples(cfg)
+        from lora_kernel.training.captions import CaptionHabits
+        self.habits = CaptionHabits(cfg)  # per-step captions (shuffle, dropout)
+        self.captions_seen: list[list[str]] = []  # what the text encoder saw, per micro-batch
+        self._training = True
         self.input_ids = self.family.tokenize(comps, [e.caption for e in self.examples])
         self.latents: list[torch.Tensor] | None = None
         self.flipped: list[torch.Tensor] | None = None
@@ -232,8 +236,12 @@ class ImageTask:
         dist = vae.encode(pixels.unsqueeze(0).to(self.device, vae.dtype)).latent_dist
         return (dist.mean * vae.config.scaling_factor).squeeze(0).float().cpu()
 
-    def _encode_text(self, batch: list[int]):
-        """The prompts of ``batch`` through the family's text encoder(s)."""
+    def _encode_text(self, batch: list[int], captions: list[str] | None = None):
+        """The prompts of ``batch`` (or ``captions``, this step's) through the family's text
+        encoder(s)."""
+        if captions is not None:
+            return self.family.encode_prompt(self.comps,
+                                             self.family.tokenize(self.comps, captions))
         return self.family.encode_prompt(self.comps, [ids[batch] for ids in self.input_ids])
 
     def _load_or_build_cache(self, cache_dir: Path | None, dataset_version: str) -> None:
@@ -325,6 +333,7 @@ class ImageTask:
                 for idx in [by_bucket[bucket]] for i in range(0, len(idx), b)]
 
     def train_mode(self, enabled: bool) -> None:
+        self._training = enabled  # evaluation sees the captions as written
         self.comps.unet.train(enabled)
         for te in self.comps.text_encoders:
             te.train(enabled and self.cfg.train_text_encoder)
@@ -354,14 +363,19 @@ class ImageTask:
         timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps,
                                   (latents.shape[0],), generator=generator).to(dev)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
-        if self.te_states is not None and not cfg.train_text_encoder:
+        captions = None
+        if self.habits.active and self._training:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            captions = self.habits.captions([self.examples[i].caption for i in batch], seed)
+            self.captions_seen.append(captions)
+        if captions is None and self.te_states is not None and not cfg.train_text_encoder:
             embeds = PromptEmbeds(
                 hidden=torch.stack([self.te_states[i] for i in batch]).to(dev),
                 pooled=(torch.stack([self.pooled[i] for i in batch]).to(dev)
                         if self.pooled is not None else None))
         else:
             with torch.set_grad_enabled(cfg.train_text_encoder):
-                embeds = self._encode_text(batch)
+                embeds = self._encode_text(batch, captions)
         time_ids = None
         if self.time_ids is not None and self.time_ids_flipped is not None:
             time_ids = torch.stack([(self.time_ids_flipped if f else self.time_ids)[i]

@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from lora_kernel.common.contract import PROGRESS_ENV
 from lora_kernel.common.errors import ConfigError, TrainingInterrupted
+from lora_kernel.training.optimizers import flatten_optimizer_state, unflatten_optimizer_state
 
 # Keys whose change between a checkpoint and a resumed run is harmless.
 RESUME_FREE_KEYS = {"max_train_steps", "epochs", "save_steps", "output_dir", "sample_prompts",
@@ -241,13 +242,7 @@ def _write_checkpoint(tmp: Path, path: Path, *, step: int, epoch: int, batch_in_
     save_file({k: v.detach().cpu().contiguous() for k, v in named.items()},
               str(tmp / "adapter_state.safetensors"))
     opt = optimizer.state_dict()
-    opt_tensors, opt_meta = {}, {}
-    for pid, state in opt["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                opt_tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                opt_meta[f"{pid}.{key}"] = value
+    opt_tensors, opt_meta = flatten_optimizer_state(opt["state"])
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     rng_tensors, rng_meta = _rng_state(generator)
     save_file({k: v.contiguous() for k, v in rng_tensors.items()},
@@ -371,14 +366,8 @@ def load_checkpoint(path: Path, *, named: dict[str, torch.nn.Parameter],
     with torch.no_grad():
         for name, param in named.items():
             param.copy_(weights[name].to(param.device, param.dtype))
-    opt_tensors = load_file(str(path / "optimizer.safetensors"))
-    opt_state: dict = {}
-    for key, value in opt_tensors.items():
-        pid, name = key.split(".", 1)
-        opt_state.setdefault(int(pid), {})[name] = value
-    for key, value in state["optimizer_scalars"].items():
-        pid, name = key.split(".", 1)
-        opt_state.setdefault(int(pid), {})[name] = value
+    opt_state = unflatten_optimizer_state(load_file(str(path / "optimizer.safetensors")),
+                                          state["optimizer_scalars"])
     optimizer.load_state_dict({"state": opt_state,
                                "param_groups": state["optimizer_param_groups"]})
     scheduler.load_state_dict(state["scheduler"])
@@ -481,19 +470,16 @@ class _Loop:
     over the task's trainable parameters, the position, and the result being built."""
 
     def __init__(self, cfg, task: Task, output_dir: Path, device: torch.device) -> None:
-        from diffusers.optimization import get_scheduler
+        from lora_kernel.training.optimizers import build_optimizer, build_scheduler
 
         self.cfg, self.task, self.output_dir, self.device = cfg, task, output_dir, device
         self.generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
         self.named = task.named_trainable()
         self.n_steps = total_steps(cfg, len(task.epoch_batches(0)))
         self.compiled = compile_enabled(cfg, device, self.n_steps)
-        fused = {"fused": True} if self.compiled and device.type == "cuda" else {}
-        self.optimizer = torch.optim.AdamW(task.param_groups(), lr=cfg.learning_rate,
-                                           weight_decay=cfg.weight_decay, **fused)
-        self.scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer,
-                                       num_warmup_steps=cfg.lr_warmup_steps,
-                                       num_training_steps=self.n_steps)
+        self.optimizer = build_optimizer(cfg, task.param_groups(),
+                                         fused=self.compiled and device.type == "cuda")
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.n_steps)
         self.config = cfg.to_dict()
         self.result = LoopResult(steps=0)
         self.at = _Position()
