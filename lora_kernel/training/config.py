@@ -183,6 +183,15 @@ class TrainConfig:
     caption_tag_dropout_rate: float = _h(
         "Probability that each tag after keep_tokens is dropped for a step, in [0, 1).",
         default=0.0)
+    save_every_n_epochs: int = _h(
+        "Write a loadable adapter (kohya and diffusers format, <output_name>-eNNNN) every N "
+        "epochs into <output_dir>/snapshots/ (0: never); save_steps also writes one "
+        "(<output_name>-sNNNNNN) besides its checkpoint (image).", default=0)
+    sample_every_n_steps: int = _h("Draw the sample grid every N optimizer steps (image; into "
+                                   "samples/step-N/ and TensorBoard; 0: only at the end).",
+                                   default=0)
+    sample_every_n_epochs: int = _h("Draw the sample grid every N epochs (image; 0: only at "
+                                    "the end).", default=0)
     caption_extension: str | None = _h(
         "Suffix of sidecar caption files (kohya layout), e.g. .txt. Default: .txt or "
         ".caption.", default=None)
@@ -232,7 +241,8 @@ class TrainConfig:
             raise self._err("max_train_steps", f"must be >= 1 or omitted, got "
                                                f"{self.max_train_steps}")
         for key in ("save_steps", "lr_warmup_steps", "max_grad_norm", "weight_decay",
-                    "noise_offset", "keep_checkpoints"):
+                    "noise_offset", "keep_checkpoints", "save_every_n_epochs",
+                    "sample_every_n_steps", "sample_every_n_epochs"):
             if getattr(self, key) < 0:
                 raise self._err(key, f"must be >= 0, got {getattr(self, key)}")
         from lora_kernel.training.habits import lr_ceiling

@@ -38,7 +38,8 @@ from lora_kernel.training.optimizers import flatten_optimizer_state, unflatten_o
 RESUME_FREE_KEYS = {"max_train_steps", "epochs", "save_steps", "output_dir", "sample_prompts",
                     "sample_steps", "sample_seeds", "max_new_tokens", "logging_steps",
                     "output_name", "record_dataset_paths", "cache_latents", "keep_checkpoints",
-                    "deterministic", "compile"}
+                    "deterministic", "compile", "save_every_n_epochs",
+                    "sample_every_n_steps", "sample_every_n_epochs"}
 
 
 class Task(Protocol):
@@ -417,8 +418,12 @@ def uncompile_module(module: torch.nn.Module) -> None:
 def run_loop(cfg, task: Task, *, output_dir: Path, device: torch.device,
              resume: str | Path | bool | None = None,
              on_step: Callable[[int, float, float], None] | None = None,
-             interrupt_at_step: int | None = None, progress: bool = True) -> LoopResult:
+             interrupt_at_step: int | None = None, progress: bool = True,
+             after_step: Callable[[int, int, int], None] | None = None) -> LoopResult:
     """Train ``task`` per ``cfg``; return losses and timing.
+
+    ``after_step(step, epochs_done_before, epochs_done_after)`` runs after each optimizer
+    step (snapshots and samples during training, :mod:`lora_kernel.training.snapshots`).
 
     ``resume``: True for the latest checkpoint in ``output_dir``, or a checkpoint path.
     ``interrupt_at_step`` simulates a Ctrl-C after that optimizer step (for tests).
@@ -433,10 +438,13 @@ def run_loop(cfg, task: Task, *, output_dir: Path, device: torch.device,
         with _StopFlag() as stop:
             while loop.at.step < loop.n_steps:
                 t0 = time.perf_counter()
+                epochs_before = loop.epochs_done()
                 step_loss, step_examples, lr = loop.optimizer_step()
                 report.step(step_loss, step_examples, lr, time.perf_counter() - t0)
                 if on_step is not None:
                     on_step(loop.at.step, step_loss, lr)
+                if after_step is not None:
+                    after_step(loop.at.step, epochs_before, loop.epochs_done())
                 if cfg.save_steps and (loop.at.step % cfg.save_steps == 0
                                        or loop.at.step == loop.n_steps):
                     loop.checkpoint()  # the last step too, so a longer run can continue it
@@ -514,6 +522,10 @@ class _Loop:
         else:
             result.eval_loss_before = evaluate(self.task, cfg, self.device)
         self.batches = self.task.epoch_batches(self.at.epoch)
+
+    def epochs_done(self) -> int:
+        """Epochs whose every batch has been trained on."""
+        return self.at.epoch + (1 if self.at.batch_in_epoch >= len(self.batches) else 0)
 
     def optimizer_step(self) -> tuple[float, int, float]:
         """One optimizer step over ``gradient_accumulation_steps`` batches; returns its loss,
