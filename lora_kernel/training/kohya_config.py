@@ -43,6 +43,9 @@ SAME = {
     "gradient_accumulation_steps": "gradient_accumulation_steps",
     "max_grad_norm": "max_grad_norm", "flip_aug": "random_flip",
     "cache_latents": "cache_latents", "sample_steps": "sample_steps",
+    "save_every_n_epochs": "save_every_n_epochs",
+    "sample_every_n_steps": "sample_every_n_steps",
+    "sample_every_n_epochs": "sample_every_n_epochs",
     "lr_scheduler_min_lr_ratio": None,  # handled with learning_rate (min_lr)
 }
 PATHS = {"pretrained_model_name_or_path": "base_model", "train_data_dir": "train_data_dir",
@@ -92,9 +95,6 @@ UNMAPPED = {
     "v_parameterization": "the prediction type is read from the base model's scheduler",
     "zero_terminal_snr": "zero-terminal-SNR is not offered here yet",
     "scale_v_pred_loss_like_noise_pred": "v-prediction loss scaling is not offered here",
-    "save_every_n_epochs": "per-epoch adapters are not written here yet; use save_steps",
-    "sample_every_n_steps": "samples are drawn at the end of training here",
-    "sample_every_n_epochs": "samples are drawn at the end of training here",
     "min_bucket_reso": "buckets here span aspect ratios up to 2:1 at `resolution`",
     "max_bucket_reso": "buckets here span aspect ratios up to 2:1 at `resolution`",
     "bucket_reso_steps": "bucket sides here are multiples of 8",

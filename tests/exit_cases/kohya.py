@@ -21,10 +21,20 @@ def _both_spellings(c: Case) -> list:
     return ["config", c.config(network_dim=4, lora_rank=8)]
 
 
+def _step_not_saved(c: Case) -> list:
+    """The caller, a reviewer, approves step 7 of a run that saved no adapter mid-run."""
+    import getpass
+
+    c.policies(f"reviewers_group: no-such-group-xyz\nmembers: [{getpass.getuser()}]\n")
+    c.make_run("r1", user="alice")
+    return ["review", "approve", "r1", "--step", "7", "--note", "epoch 2 looks best"]
+
+
 CASES: dict[str, Callable[[Case], list]] = {
     "kohya TOML names a Hugging Face model id (`lora config --from-kohya`)": _hub_id_toml,
     "`optimizer` needs a package this platform does not ship (D-Adaptation, CAME)":
         _unshipped_optimizer,
     "config sets a key in both kohya's spelling and ours (`network_dim` and `lora_rank`)":
         _both_spellings,
+    "`lora review approve RUN --step N` names a step the run saved no adapter at": _step_not_saved,
 }
