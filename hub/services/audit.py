@@ -81,7 +81,8 @@ th{background:#eef0f3}code,.mono{font-family:ui-monospace,monospace;font-size:12
 .ok{color:#0a6b2d;font-weight:600}.bad{color:#a4161a;font-weight:600}
 .box{background:#fff;border:1px solid #d6d9de;padding:.8em;margin:.8em 0}
 form.filters input{margin-right:.6em}img.art{max-width:100%;border:1px solid #d6d9de}
-textarea{width:100%;max-width:40em}.nb{background:#fff;border:1px solid #d6d9de;padding:.5em}
+textarea{width:100%;max-width:40em}
+.record-notebook{background:#fff;border:1px solid #d6d9de;padding:.5em}
 """
 
 
@@ -470,7 +471,7 @@ class RunPage(AuditHandler):
                     f"{e(exc)}</p>")
         link = self.url("runs", run_id, "notebook")
         return (f"<h2>Executed notebook</h2><p><a href=\"{e(link)}\">open on its own page</a>"
-                f"</p><div class=nb>{notebook_fragment(html)}</div>")
+                f"</p><div class=record-notebook>{notebook_fragment(html)}</div>")
 
 
 class NotebookPage(AuditHandler):

@@ -19,9 +19,10 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from lora_kernel.cli.options import add_home, add_runner, add_state
-from lora_kernel.common.errors import ConfigError, NoMatch, VerificationError
+from lora_kernel.common.errors import ConfigError, LoraError, NoMatch, VerificationError
 from lora_kernel.common.timeutil import parse_time
 
 
@@ -90,10 +91,33 @@ def _recover(state) -> None:
         return
     from lora_kernel.trusted.recovery import leftovers, recover
 
-    for rec in recover(state=state):
+    try:
+        recovered = recover(state=state)
+    except (OSError, LoraError) as exc:  # a full state store: verify reports what is unsealed
+        print(f"could not seal stale runs: {exc}")
+        recovered = []
+    for rec in recovered:
         print(f"recovered {rec.run_id}: sealed as failed ({rec.error})")
     for left in leftovers(state):
         print(f"leftover {left.path}: {left.what}")
+
+
+def _unsealed(state) -> list:
+    """Runs still announced in ``.active`` whose runner is gone: they ended without a record
+    (e.g. the state store was full even for a minimal one); a problem until recovered."""
+    from lora_kernel.common.paths import runs_dir
+    from lora_kernel.provenance.records import Problem
+    from lora_kernel.trusted.runseal import stale_runs
+
+    if not os.access(runs_dir(state) / ".active", os.W_OK):  # none, or an auditor's view
+        return []
+    try:
+        stale = stale_runs(state)
+    except (OSError, LoraError) as exc:
+        return [Problem("unsealed", "runs/.active", f"cannot read the active runs: {exc}")]
+    return [Problem("unsealed", run.run_id, "the run ended without a sealed record (its "
+                    "runner is gone); fix: free space in the state store, then `lora audit "
+                    "recover` seals it as failed") for run in stale]
 
 
 def cmd_verify(args) -> int:
@@ -106,6 +130,8 @@ def cmd_verify(args) -> int:
         _recover(args.state)
     problems = verify(None if args.all else args.run, state=args.state,
                       trusted_key=args.trusted_key, inputs=args.inputs)
+    if args.all:
+        problems += _unsealed(args.state)
     checked = len(list_runs(state=args.state, verify=False)) if args.all else 1
     for p in problems:
         print(p)
@@ -164,13 +190,36 @@ def cmd_key(args) -> int:
     return 0
 
 
+def _through_service(args, request: dict) -> Any:
+    """The runner service's answer to an audit ``request`` when this user cannot read the
+    state directory and the service runs (a trainer on the hub); None: read it here."""
+    from lora_kernel.common.paths import state_dir
+    from lora_kernel.trusted.service import call, runner_socket
+
+    if args.state is not None:
+        return None
+    root = state_dir(None)
+    if os.access(root, os.R_OK | os.X_OK) and os.access(root / "runs", os.R_OK | os.X_OK):
+        return None
+    sock = runner_socket(getattr(args, "runner", None))
+    if sock is None:
+        return None
+    return call(sock, request)
+
+
 def cmd_list(args) -> int:
     """List runs matching the filters; a run that does not verify is marked TAMPERED."""
     from lora_kernel.provenance.audit import list_runs
     columns = [c.strip() for c in (args.columns or "").split(",") if c.strip()]
-    rows = list_runs(state=args.state, user=args.user, since=args.since, until=args.until,
-                     status=args.status, review=args.review, expired=args.expired,
-                     columns=columns)
+    rows = _through_service(args, {
+        "op": "audit_list", "user": args.user, "status": args.status, "review": args.review,
+        "expired": args.expired, "columns": columns,
+        "since": args.since.isoformat() if args.since else None,
+        "until": args.until.isoformat() if args.until else None})
+    if rows is None:
+        rows = list_runs(state=args.state, user=args.user, since=args.since, until=args.until,
+                         status=args.status, review=args.review, expired=args.expired,
+                         columns=columns)
     if args.json:
         _print_json(rows)
         return 0
@@ -214,7 +263,12 @@ SHOW_FIELDS = ("run_id", "kind", "status", "error", "user", "uid", "identity", "
 def cmd_show(args) -> int:
     """Print a run's summary; write the executed notebook as sanitized HTML with --html."""
     from lora_kernel.provenance.audit import notebook_path, render_notebook_html, show
-    info = show(args.run, state=args.state)
+    info = _through_service(args, {"op": "audit_show", "run": args.run})
+    if info is None:
+        info = show(args.run, state=args.state)
+    elif args.html:
+        raise ConfigError("--html needs the record's notebook, which the runner service does "
+                          "not send; fix: open the run in the audit service's pages")
     if args.html:
         Path(args.html).write_text(render_notebook_html(notebook_path(args.run, args.state)),
                                    encoding="utf-8")
@@ -302,9 +356,14 @@ def cmd_export(args) -> int:
 def cmd_import(args) -> int:
     """Restore and verify an encrypted archive."""
     from lora_kernel.trusted.archive import import_archive
-    out = import_archive(args.archive, secret=_secret(args), state=args.state)
+    out = import_archive(args.archive, secret=_secret(args), state=args.state,
+                         trusted_key=args.trusted_key)
     print(f"imported {args.archive}: restored {out['restored'] or 'none'}, already present "
-          f"{out['skipped'] or 'none'} (key fingerprint {out['key_fingerprint']})")
+          f"{out['skipped'] or 'none'} (key fingerprint {out['key_fingerprint']}; ledger "
+          f"signed by {out['signer_key_fingerprint'][:16]}…, trusted by {out['trusted_by']})")
+    if out["trusted_by"] == "unpinned":
+        print("warning: no trusted key given and no pin in policies/ledger.yaml: the archive's "
+              "own key was taken; give --trusted-key PROD.pem", file=sys.stderr)
     return 0
 
 
@@ -434,6 +493,7 @@ def register(sub) -> None:
                    help="also show these config keys, e.g. learning_rate,lora_rank")
     p.add_argument("--json", action="store_true")
     add_state(p)
+    add_runner(p)
     p.set_defaults(func=cmd_list)
 
     p = asub.add_parser("show", help="a run's summary and its notebook as standalone HTML")
@@ -441,6 +501,7 @@ def register(sub) -> None:
     p.add_argument("--html", metavar="FILE", help="write the executed notebook as sanitized HTML")
     p.add_argument("--json", action="store_true")
     add_state(p)
+    add_runner(p)
     p.set_defaults(func=cmd_show)
 
     p = asub.add_parser("lineage", help="every run that used a file, digest, dataset or model")
@@ -469,6 +530,9 @@ def register(sub) -> None:
 
     p = asub.add_parser("import", help="restore and verify an encrypted archive")
     p.add_argument("archive", metavar="FILE")
+    p.add_argument("--trusted-key", metavar="PEM",
+                   help="the exporting (production) ledger's public key; default: the "
+                        "policies/ledger.yaml pin")
     _secret_args(p)
     add_state(p)
     p.set_defaults(func=cmd_import)

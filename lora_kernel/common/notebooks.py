@@ -10,7 +10,8 @@ from pathlib import Path
 from lora_kernel.common.errors import ConfigError
 from lora_kernel.common.yamlio import load_yaml
 
-__all__ = ["NOTEBOOKS", "config_task", "notebook_dir", "notebook_for_task"]
+__all__ = ["NOTEBOOKS", "config_task", "notebook_dir", "notebook_for_task",
+           "training_notebook_digests"]
 
 NOTEBOOKS = {"image": "train_image_lora.ipynb", "text": "train_text_lora.ipynb"}
 
@@ -38,3 +39,18 @@ def config_task(config_path: str | os.PathLike[str]) -> str:
     data = load_yaml(config_path, what="config")
     task = data.get("task", "image") if isinstance(data, dict) else "image"
     return str(task)
+
+
+def training_notebook_digests() -> dict[str, str]:
+    """``{sha256: file name}`` of the platform's training notebooks as installed: a run is
+    of kind ``training`` (numbers measured by the platform's own loop) only when it executed
+    one of these byte for byte; any other notebook that takes a ``config_path`` is the
+    user's code and its numbers are self-reported."""
+    import hashlib
+
+    out = {}
+    for name in NOTEBOOKS.values():
+        path = notebook_dir() / name
+        if path.is_file():
+            out[hashlib.sha256(path.read_bytes()).hexdigest()] = name
+    return out

@@ -75,14 +75,15 @@ def main(argv: list[str] | None = None) -> None:
 
     from lora_kernel.common.errors import LoraError
     from lora_kernel.common.offline import apply_offline_env
-    from lora_kernel.common.process import die_with_parent
+    from lora_kernel.common.process import die_with_parent, make_undumpable
     from lora_kernel.common.version import __version__
     from lora_kernel.kernel import guard
     from lora_kernel.kernel.execlog import ExecLog, sink_from_env
 
     apply_offline_env()
-    if os.environ.get("LORA_RUN_ID"):  # a recorded run: never outlive its executor
-        die_with_parent()
+    if os.environ.get("LORA_RUN_ID"):  # a recorded run: never outlive its executor, and
+        die_with_parent()              # no ptrace or memory reads by the user's processes
+        make_undumpable()
     try:
         policy = guard.load_egress_policy()
         log = ExecLog(kernel_id=kernel_id_from_argv(argv), sink=sink_from_env())

@@ -443,6 +443,8 @@ def lineage(query: str, *, state: _State = None,
                         matched.append(f"{key} (ledger)")
             if s.get("dataset_version") in names:
                 matched.append("dataset version")
+            if (s.get("derived_from") or {}).get("run_id") in names:
+                matched.append("derived from run")
             if s.get("adapter_digest") in digests and not any("adapter" in x for x in matched):
                 matched.append("adapter digest")
             if matched:

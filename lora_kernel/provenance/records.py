@@ -172,6 +172,8 @@ def summary(manifest: dict[str, Any]) -> dict[str, Any]:
         "files": files, "adapter_digest": adapter_digest_of(files),
         "adapter_files": sorted(r for r in files if file_role(r) == "adapter"),
         "kind": provenance_kind(meta.get("extra"), ext.get("config")),
+        "derived_from": (meta.get("extra") or {}).get("derived_from")
+        if isinstance(meta.get("extra"), dict) else None,
     }
 
 

@@ -53,6 +53,7 @@ from lora_kernel.common.contract import (
 from lora_kernel.common.digests import sha256_bytes
 from lora_kernel.common.errors import ConfigError, LoraError
 from lora_kernel.common.paths import private_dir
+from lora_kernel.steps.cleanenv import apply_recorded_run_environment
 
 # Optional imports that nothing here needs and that cost seconds at every child's start:
 # jsonschema (imported by nbformat, which papermill imports) loads ``rfc3987_syntax`` when
@@ -216,6 +217,7 @@ def run(spec: dict[str, Any]) -> int:
     """Execute the pinned notebook with papermill; 0 on success, 1 after writing error.json."""
     work = Path(spec["work"])
     _make_folders(work / "output")
+    apply_recorded_run_environment(work)
     relay = ProgressRelay(work / "progress.jsonl") if spec.get("progress") else None
     if relay is not None:
         os.environ[PROGRESS_ENV] = str(relay.path)  # the kernel inherits it
@@ -264,6 +266,7 @@ def prestarted_run(setup: dict[str, Any], stdin: IO[str]) -> int:
     """
     work = Path(setup["work"])
     made = _make_folders(work / "output")
+    apply_recorded_run_environment(work)  # before the kernel starts: it inherits it
     relay_path = work / "progress.jsonl"
     if setup.get("progress"):
         os.environ[PROGRESS_ENV] = str(relay_path)

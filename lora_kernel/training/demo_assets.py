@@ -108,7 +108,7 @@ def build_demo_assets(home: str | os.PathLike | None = None, seed: int = 0) -> d
     same bytes in every file. Keys of the returned dict: ``demo``, ``tiny_sd``,
     ``tiny_sd_single_file``, ``tiny_llama``, ``image_dataset``, ``image_metadata``,
     ``text_train``, ``text_plain``, ``image_config``, ``text_config``, ``tiny_sdxl``,
-    ``tiny_sdxl_single_file``, ``sdxl_config``.
+    ``tiny_sdxl_single_file``, ``sdxl_config``, ``tiny_clip`` (for ``lora label``).
     """
     root = demo_dir(home)
     models = root / "models"
@@ -127,6 +127,7 @@ def build_demo_assets(home: str | os.PathLike | None = None, seed: int = 0) -> d
         "tiny_sdxl": models / "tiny-sdxl",
         "tiny_sdxl_single_file": models / "tiny-sdxl.safetensors",
         "sdxl_config": root / "sdxl_lora.yaml",
+        "tiny_clip": models / "tiny-clip",
     }
     write_image_dataset(paths["image_dataset"])
     write_tiny_sd(paths["tiny_sd"], seed=seed)
@@ -138,6 +139,8 @@ def build_demo_assets(home: str | os.PathLike | None = None, seed: int = 0) -> d
     write_tiny_llama(paths["tiny_llama"], seed=seed, corpus=_text_corpus())
     _write(paths["image_config"], IMAGE_CONFIG_YAML)
     _write(paths["text_config"], TEXT_CONFIG_YAML)
+    from lora_kernel.training.demo_clip import write_demo_clip
+    write_demo_clip(paths["tiny_clip"], seed=seed)
     return paths
 
 

@@ -452,8 +452,9 @@ def labelled_grid(rows: list[list[Image.Image]], prompts: list[str],
     truncated to fit, in a left margin.
 
     ``rows`` holds one list of equally sized images per prompt, its columns split evenly into
-    ``groups``. Drawn with PIL's built-in bitmap font (no font file, nothing fetched) and
-    nothing time-dependent, so the same images give the same bytes. Returns the grid and its
+    ``groups``. Drawn with PIL's built-in bitmap font (no font file, nothing fetched), or
+    Debian's CJK font when a prompt has characters outside Latin-1, and nothing
+    time-dependent, so the same images give the same bytes. Returns the grid and its
     geometry in pixels (``cell`` [w, h], ``header_height``, ``margin_width``): cell (r, c)
     starts at (margin_width + c * w, header_height + r * h).
     """
@@ -462,13 +463,23 @@ def labelled_grid(rows: list[list[Image.Image]], prompts: list[str],
     if len(rows) != len(prompts) or not rows or len(rows[0]) % len(groups):
         raise ValueError(f"{len(rows)} rows for {len(prompts)} prompts; each row's columns "
                          f"must split evenly into {groups}")
-    loader = getattr(ImageFont, "load_default_imagefont", None)  # Pillow >= 10.1
-    font = loader() if loader is not None else ImageFont.load_default()
+    from lora_kernel.training.fonts import caption_font, cjk_font_file
+
+    clean = _latin1
+    if cjk_font_file() is not None and any(_latin1(t) != " ".join(str(t).split())
+                                           for t in (*prompts, *groups)):
+        font = caption_font(11)  # prompts in Chinese, Japanese, Korean...: Debian's CJK font
+
+        def clean(text: str) -> str:
+            return " ".join(str(text).split())
+    else:
+        loader = getattr(ImageFont, "load_default_imagefont", None)  # Pillow >= 10.1
+        font = loader() if loader is not None else ImageFont.load_default()
     cell_w, cell_h = rows[0][0].size
     ncols, pad = len(rows[0]), 3
     line_h = font.getbbox("Ag")[3] + 2
     header_h = line_h + 2 * pad
-    texts = [_latin1(p) for p in prompts]
+    texts = [clean(p) for p in prompts]
     widest = max(font.getlength(t) for t in texts)
     margin_w = int(min(192, max(64, widest + 2 * pad + 1)))  # + 1: the rule at its right
     grid = Image.new(rows[0][0].mode, (margin_w + ncols * cell_w, header_h + len(rows) * cell_h),
@@ -478,7 +489,7 @@ def labelled_grid(rows: list[list[Image.Image]], prompts: list[str],
     group_w = ncols // len(groups) * cell_w
     for i, name in enumerate(groups):
         x0 = margin_w + i * group_w
-        label = _fit_lines(_latin1(name), font, group_w - 2, 1)
+        label = _fit_lines(clean(name), font, group_w - 2, 1)
         if label:
             draw.text((x0 + (group_w - font.getlength(label[0])) // 2, pad), label[0],
                       fill=ink, font=font)

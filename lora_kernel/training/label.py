@@ -355,13 +355,14 @@ def prepare_notebook(image_dir: str | os.PathLike = "", clip_model: str | os.Pat
                      home: str | os.PathLike | None = None) -> tuple[Path, Path]:
     """``(image folder, CLIP folder)`` for the auto-label notebook. An empty ``image_dir``: a
     copy of the demo images, without captions, in ``<home>/label-demo/images`` (the demo
-    dataset itself is never touched); an empty ``clip_model``: the tiny CLIP of
-    :func:`~lora_kernel.training.demo_assets.build_tiny_clip` in
-    ``<home>/demo/models/tiny-clip`` (random weights: its tags only show the mechanics)."""
+    dataset itself is never touched); an empty ``clip_model``: the demo CLIP of
+    :func:`~lora_kernel.training.demo_clip.write_demo_clip` in
+    ``<home>/demo/models/tiny-clip`` (it tells red, green and blue apart)."""
     import shutil
 
     from lora_kernel.common.paths import lora_home
-    from lora_kernel.training.demo_assets import build_tiny_clip, demo_dir, write_image_dataset
+    from lora_kernel.training.demo_assets import demo_dir, write_image_dataset
+    from lora_kernel.training.demo_clip import write_demo_clip
 
     root = lora_home(home)
     if image_dir:
@@ -382,7 +383,7 @@ def prepare_notebook(image_dir: str | os.PathLike = "", clip_model: str | os.Pat
     else:
         model = demo_dir(home) / "models" / "tiny-clip"
         if not (model / "model.safetensors").is_file():
-            build_tiny_clip(model, seed=0)
+            write_demo_clip(model, seed=0)
     return images, model
 
 

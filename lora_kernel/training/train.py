@@ -206,7 +206,9 @@ def train(cfg, *, resume: bool | str | Path | None = None, progress: bool = True
     out.mkdir(parents=True, exist_ok=True)
     digests = dataset_digests(cfg)
     version = dataset_version(cfg, digests)
-    cache_dir = lora_home(home) / "cache"
+    # A recorded run's cache is its own (steps.cleanenv: LORA_CACHE_DIR in its work folder),
+    # never one in the user's home that could hold edited latents.
+    cache_dir = Path(os.environ.get("LORA_CACHE_DIR") or lora_home(home) / "cache")
     started = time.time()
     if cfg.task == "image":
         outcome = _train_image(

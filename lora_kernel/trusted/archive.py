@@ -36,13 +36,17 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from lora_kernel.common.atomic import atomic_path
 from lora_kernel.common.digests import canonical_json, sha256_bytes, sha256_file
 from lora_kernel.common.errors import ConfigError, PolicyRefusal, VerificationError
-from lora_kernel.common.paths import runs_dir
+from lora_kernel.common.paths import runs_dir, state_dir
 from lora_kernel.common.timeutil import iso_time, parse_time
 from lora_kernel.common.version import __version__
 from lora_kernel.provenance.audit import verify_run
 from lora_kernel.provenance.ledger import (
+    key_fingerprint as ledger_key_fingerprint,
+)
+from lora_kernel.provenance.ledger import (
     load_public_key,
     open_ledger,
+    pinned_fingerprint,
     public_key_pem,
     verify_entries,
 )
@@ -224,15 +228,48 @@ def _safe_extract(tar: tarfile.TarFile, dest: Path) -> None:
 
 def import_archive(archive: str | os.PathLike[str], *, secret: bytes,
                    state: str | os.PathLike[str] | None = None,
-                   ledger: Ledger | None = None) -> dict[str, Any]:
+                   ledger: Ledger | None = None,
+                   trusted_key: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Decrypt, verify and restore an archive into ``<state>/runs``; record an ``import``
     ledger entry (which attests the restored manifests). Returns that entry's payload.
 
     Nothing is restored unless the archive authenticates, its ledger slice verifies with the
-    exporting ledger's key, and every record matches its manifest and the slice's run entry.
-    A run already present with the same manifest is skipped; a different one is refused.
+    exporting ledger's key, that key is the trusted one (``trusted_key``, a PEM file, else the
+    fingerprint ``policies/ledger.yaml`` pins; with neither the archive's own key is taken
+    and the payload says ``"unpinned"``), and every record matches its manifest and the
+    slice's run entry. A run already present with the same manifest is skipped; a different
+    one is refused. A refused import leaves no state behind that was not there before.
     """
-    archive = Path(archive).resolve()
+    root = state_dir(state)
+    existed = root.exists()
+    try:
+        return _import_archive(Path(archive).resolve(), secret=secret, state=state,
+                               ledger=ledger, trusted_key=trusted_key)
+    except BaseException:
+        if not existed and ledger is None:
+            shutil.rmtree(root, ignore_errors=True)
+        raise
+
+
+def _expected_key(trusted_key: str | os.PathLike[str] | None) -> tuple[str | None, str]:
+    """``(fingerprint the exporting key must have, where that comes from)``."""
+    if trusted_key is not None:
+        path = Path(trusted_key)
+        try:
+            key = load_public_key(path.read_bytes(), where=str(path))
+        except (OSError, VerificationError) as exc:
+            raise ConfigError(f"not a readable PEM public key: {exc}; fix: give the exporting "
+                              "ledger's public key (`lora audit key --pem` prints it)",
+                              file=path, key="--trusted-key") from None
+        return ledger_key_fingerprint(key), f"--trusted-key {path}"
+    pin = pinned_fingerprint()
+    return (pin, "the policies/ledger.yaml pin") if pin else (None, "unpinned")
+
+
+def _import_archive(archive: Path, *, secret: bytes, state: str | os.PathLike[str] | None,
+                    ledger: Ledger | None,
+                    trusted_key: str | os.PathLike[str] | None) -> dict[str, Any]:
+    expected, key_source = _expected_key(trusted_key)
     base = runs_dir(state)
     staging_root = base / ".staging"
     staging_root.mkdir(parents=True, exist_ok=True)
@@ -250,6 +287,12 @@ def import_archive(archive: str | os.PathLike[str], *, secret: bytes,
             public_key = load_public_key(meta["public_key_pem"])
         except (tarfile.TarError, OSError, ValueError, KeyError) as exc:
             raise VerificationError(f"{archive}: archive content damaged: {exc}") from None
+        signer = ledger_key_fingerprint(public_key)
+        if expected is not None and signer != expected:
+            raise VerificationError(
+                f"{archive}: refused: its ledger slice is signed by key {signer[:16]}…, not "
+                f"the trusted key {expected[:16]}… ({key_source}); fix: import only archives "
+                "of the production ledger, or give its key with --trusted-key")
         problems = verify_entries(rows, public_key, anchor_prev=None, where=f"{archive} ledger")
         attested = {r["subject"]: r["payload"].get("manifest_sha256") for r in rows
                     if r["kind"] == "run"}
@@ -287,6 +330,7 @@ def import_archive(archive: str | os.PathLike[str], *, secret: bytes,
         payload = {"archive": str(archive), "archive_sha256": archive_sha,
                    "key_fingerprint": fingerprint,
                    "source_key_fingerprint": meta.get("source_key_fingerprint"),
+                   "signer_key_fingerprint": signer, "trusted_by": key_source,
                    "runs": meta["runs"], "restored": restored, "skipped": skipped,
                    "ledger_from_seq": meta["ledger_from_seq"],
                    "ledger_to_seq": meta["ledger_to_seq"],

@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +108,23 @@ def _self_reported_allowed(trainer: str, policy: dict[str, Any]) -> bool:
     return bool(groups & mine)
 
 
+def check_source_approved(s: Mapping[str, Any], ledger: LedgerReader) -> None:
+    """For a derived record's summary ``s``: refuse (:class:`PolicyRefusal`) unless the run
+    it was derived from is approved with the adapter digest it had when the output was made.
+    A derived record made from a loose file has no platform provenance and is refused
+    (it may be approved only where self-reported adapters are allowed: the caller's rule)."""
+    src = s.get("derived_from") or {}
+    if not src.get("run_id"):
+        raise PolicyRefusal(f"run {s['run_id']} was derived from a loose file "
+                            f"({src.get('file')}), not from a platform run; its adapter is "
+                            "self-reported")
+    state, _entry = review_state(ledger, src["run_id"], src.get("adapter_digest"))
+    if state != "approved":
+        raise PolicyRefusal(f"run {s['run_id']} was derived from run {src['run_id']}, which is "
+                            f"not approved (review state: {state}); fix: approve the source "
+                            "run first")
+
+
 def _review(run_id: str, decision: str, note: str, actor: Actor | None,
             state: str | os.PathLike[str] | None, ledger: Ledger | None,
             step: int | None = None) -> Entry:
@@ -139,6 +157,10 @@ def _review(run_id: str, decision: str, note: str, actor: Actor | None,
                     f"self-reported by user code, not trained and measured by the platform; "
                     f"fix: train it with `lora run --config` (a training run), or an admin "
                     f"lists the trainer's group in self_reported_groups (policies/review.yaml)")
+            if s.get("kind") == "derived" and not (
+                    not (s.get("derived_from") or {}).get("run_id")
+                    and _self_reported_allowed(s["user"], policy)):
+                check_source_approved(s, led)
         expected = led.expected_manifest_sha256(run_id)
         return led.append("review", run_id, {
             "decision": decision, "reviewer": actor.name, "reviewer_uid": actor.uid,
@@ -216,6 +238,8 @@ def publish(run_id: str, to_dir: str | os.PathLike[str], name: str | None = None
         if step is not None:
             s = snapshot_summary(runs_dir(state) / run_id, s, step)
         approval = check_approved(run_id, s, led)
+        if s.get("kind") == "derived" and (s.get("derived_from") or {}).get("run_id"):
+            check_source_approved(s, led)  # the source may have been rejected since
         if not s["adapter_files"]:
             raise PolicyRefusal(f"run {run_id} has no adapter files to publish")
         to = Path(to_dir).resolve()

@@ -18,6 +18,7 @@ however it dies, so a run whose lock can be taken is stale (:func:`stale_runs`).
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -33,7 +34,8 @@ from typing import Any
 
 from lora_kernel.common.atomic import atomic_write
 from lora_kernel.common.contract import EXECUTOR_MODULE, KERNEL_NAME
-from lora_kernel.common.errors import RunFailed
+from lora_kernel.common.errors import ConfigError, RunFailed
+from lora_kernel.common.notebooks import training_notebook_digests
 from lora_kernel.common.paths import runs_dir
 from lora_kernel.common.runspec import PinnedInputs, RunDescription
 from lora_kernel.common.timeutil import utc_now
@@ -149,18 +151,63 @@ class ActiveRun:
 
     def __enter__(self) -> ActiveRun:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        check_state_space(self.dir)
         self._fd = os.open(self.dir / f"{self.run_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(self._fd, fcntl.LOCK_EX)
+        reserve_space(self.reserve)
         self.staging = make_staging_dir(self.dir.parent, self.run_id)
         self.run.staging = str(self.staging)
         atomic_write(self.dir / f"{self.run_id}.json", json.dumps(self.run.to_dict(), indent=1))
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    @property
+    def reserve(self) -> Path:
+        """The space held for sealing this run when the state store fills up
+        (:func:`seal_run` frees it to write a minimal failed record)."""
+        return self.dir / f"{self.run_id}.reserve"
+
+    def __exit__(self, _type: object, exc: object, _tb: object) -> None:
+        self.reserve.unlink(missing_ok=True)
+        if getattr(exc, "unsealed", False):  # no record could be written: leave the run
+            if self._fd is not None:         # announced for `lora audit recover`
+                os.close(self._fd)
+            return
         (self.dir / f"{self.run_id}.json").unlink(missing_ok=True)
         (self.dir / f"{self.run_id}.lock").unlink(missing_ok=True)
         if self._fd is not None:
             os.close(self._fd)
+
+
+#: Bytes held per live run in the state store for a minimal failed record (manifest, ledger
+#: entry) should the store fill up while the run is sealed.
+RESERVE_BYTES = 256 * 1024
+#: Free bytes a run needs in the state store to start, besides its reserve.
+START_MARGIN_BYTES = 256 * 1024
+
+
+def check_state_space(folder: Path) -> None:
+    """Refuse to start a run (:class:`ConfigError`, exit 2) when the state store holding
+    ``folder`` has less free space than a reserve and a margin: such a run could not be
+    recorded."""
+    free = shutil.disk_usage(folder).free
+    need = RESERVE_BYTES + START_MARGIN_BYTES
+    if free < need:
+        raise ConfigError(f"the state store has {free // 1024} KiB free; a run needs at least "
+                          f"{need // 1024} KiB to be recorded; fix: free space there (or "
+                          "`lora audit prune` old records) before starting runs",
+                          file=folder.parent.parent, key="state")
+
+
+def reserve_space(path: Path) -> None:
+    """Write :data:`RESERVE_BYTES` to ``path`` (really allocated, not a sparse file)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, RESERVE_BYTES)
+    except OSError:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
 
 
 
@@ -205,8 +252,14 @@ def collect_evidence(ctx: RunContext, run: RunDescription, staging: Path,
                                  "since": since}).encode())
     proc.stdin.close()
     notes = extract_evidence(proc.stdout, staging)
+    proc.stdout.close()  # what was not read (a full disk cut it short) ends the collector
     err = proc.stderr.read() if proc.stderr else b""
-    if proc.wait() != 0:
+    try:
+        rc = proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rc = proc.wait()
+    if rc != 0:
         notes.append("collecting the work folder failed: "
                      + err.decode("utf-8", "replace")[-500:])
     return notes
@@ -261,16 +314,35 @@ def seal_run(run: RunDescription, staging: Path, *, rc: int | None, reason: str 
     """Collect, build, seal and ledger the record of ``run``; raise :class:`RunFailed` for a
     failed run. Used by the runner, by recovery (``rc`` None, a ``reason``) and by the
     Kubernetes backend (``run.evidence``: the Job's tar)."""
+    try:
+        return _seal_run(run, staging, rc=rc, reason=reason, ctx=ctx, state=state,
+                         seconds=seconds, log=log, before_seal=before_seal)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        return _seal_minimal(run, staging, ctx=ctx, state=state, seconds=seconds, log=log,
+                             why=str(exc))
+
+
+def _seal_run(run: RunDescription, staging: Path, *, rc: int | None, reason: str | None,
+              ctx: RunContext, state: str | os.PathLike[str] | None, seconds: float,
+              log: Callable[[str], None], before_seal: BeforeSeal | None) -> RunRecord:
     if run.evidence:  # a Kubernetes Job's tar on the output volume (hub.k8s_run)
         notes = extract_evidence_file(Path(run.evidence), staging)
     else:
         notes = collect_evidence(ctx, run, staging)
+    cut = next((n for n in notes if n.startswith("the work folder's evidence was cut short")),
+               None)
+    if cut is not None and "No space left" in cut:
+        raise OSError(errno.ENOSPC, cut)
     error = _read_json(staging / "error.json")
     (staging / "error.json").unlink(missing_ok=True)
     result = _read_json(staging / "run_result.json")
     pinned = run.pinned
     training = pinned is not None and pinned.training
     failure = _failure_reason(rc, reason, error, result, training)
+    if failure is None and cut is not None:
+        failure = cut  # a record missing part of its evidence never seals as succeeded
     if failure is None and training and result is not None and pinned is not None:
         failure = _inputs_differ(pinned, result)
     notes += _keep_partial_notebook(staging)
@@ -300,6 +372,57 @@ def seal_run(run: RunDescription, staging: Path, *, rc: int | None, reason: str 
     return rec
 
 
+def _seal_minimal(run: RunDescription, staging: Path, *, ctx: RunContext,
+                  state: str | os.PathLike[str] | None, seconds: float,
+                  log: Callable[[str], None], why: str) -> RunRecord:
+    """The state store filled up while ``run`` was sealed: drop the evidence collected so far,
+    free the run's reserve (:class:`ActiveRun`) and seal a record that holds only its
+    manifest, failed, naming the cause; the work folder stays for ``lora run --resume``. If
+    even that cannot be written, :class:`RunFailed` says so and the run stays announced in
+    ``.active`` for ``lora audit recover`` (which reports it)."""
+    reserve = runs_dir(state) / ".active" / f"{run.run_id}.reserve"
+    if not staging.is_dir():  # sealed, then the ledger could not take its entry
+        exc = RunFailed(f"run {run.run_id} was sealed in {runs_dir(state) / run.run_id} but "
+                        f"the ledger could not record it: the state store is full ({why}); "
+                        "`lora audit verify --all` reports it; fix: free space in the state "
+                        "store")
+        raise exc
+    for child in list(staging.iterdir()):
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+    reserve.unlink(missing_ok=True)
+    failure = (f"the state store is full (ENOSPC) while sealing: {why}; the run's evidence "
+               f"(notebook, adapter, logs) could not be kept; its work folder {run.work} was "
+               "kept; fix: free space in the state store, then `lora run --resume "
+               f"{run.run_id}` or run it again")
+    extra = _record_extra(run, rc=None, failure=failure, notes=["state store full"],
+                          events=[], result=None)
+    extra["work_dir"] = run.work
+    try:
+        context = _manifest_context(run, status="failed", extra=extra, events=[])
+        write_manifest(staging, build_manifest(staging, context))
+        record = seal_record(staging, runs_dir(state), run.run_id)
+        with Ledger(state=state) as ledger:
+            entry = ledger.append_run(record)
+    except OSError as exc:
+        unsealed = RunFailed(f"run {run.run_id} failed and could not be recorded: the state "
+                             f"store is full ({exc}); it stays listed by `lora audit "
+                             "recover`, which seals it once there is space; fix: free space "
+                             "in the state store")
+        unsealed.unsealed = True  # type: ignore[attr-defined]  # ActiveRun keeps it announced
+        raise unsealed from None
+    rec = RunRecord(run_id=run.run_id, path=record, status="failed",
+                    manifest_sha256=manifest_sha256(record), ledger_seq=entry.seq,
+                    seconds=seconds, error=failure, files=record_files(record))
+    log(f"run {run.run_id}: failed (state store full) in {seconds:.1f}s; record {record}")
+    exc2 = RunFailed(f"run {run.run_id} failed: {failure}; the failed run is recorded in "
+                     f"{record}")
+    exc2.record = rec
+    raise exc2
+
+
 def _keep_partial_notebook(staging: Path) -> list[str]:
     """Notes about the executed notebook; one cut mid-write is kept as ``.partial``."""
     executed = staging / "executed.ipynb"
@@ -325,8 +448,14 @@ def _record_extra(run: RunDescription, *, rc: int | None, failure: str | None,
     """The manifest's ``extra``: what ran, how it ended, the result's numbers, the run it
     resumed, and the run's own ``extra`` (a replay's, a Job's)."""
     pinned = run.pinned
+    kind = pinned.kind if pinned is not None else None
+    if kind == "training" and pinned is not None \
+            and pinned.notebook_sha256 not in training_notebook_digests():
+        kind = "notebook"  # the user's own notebook around a config: its numbers are claims
+        notes = [*notes, "the notebook is not one of the platform's training notebooks: its "
+                 "adapter and numbers are self-reported (kind notebook)"]
     extra: dict[str, Any] = {
-        "kind": pinned.kind if pinned is not None else None,
+        "kind": kind,
         "notebook": Path(run.notebook).name, "notebook_path": run.notebook,
         "parameters": run.parameters, "kernel": KERNEL_NAME, "executor_exit_code": rc,
         "error": failure, "notes": notes, "identity": run.actor.source,

@@ -113,6 +113,8 @@ class ManifestContext:
     egress_refusals: int
     uid: int | None = None
     extra: dict[str, Any] | None = None
+    # More resolved dependencies (a derived record's source run and files).
+    dependencies: tuple[dict[str, Any], ...] = ()
 
 
 def build_manifest(record_dir: str | Path, context: ManifestContext | None = None, /,
@@ -133,6 +135,7 @@ def build_manifest(record_dir: str | Path, context: ManifestContext | None = Non
     deps += [{"name": f"dataset/{rel}", "digest": {"sha256": digest}}
              for rel, digest in sorted(ctx.dataset_digests.items())]
     deps.append({"name": "notebook", "digest": {"sha256": ctx.notebook_source_sha256}})
+    deps += [dict(d) for d in ctx.dependencies]
     producer = version_info()
     pkg = {"name": "lora_enclave", "annotations": {"version": producer["lora_enclave"]}}
     if producer.get("git_commit"):

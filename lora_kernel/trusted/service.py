@@ -175,8 +175,55 @@ class RunnerServer(socketserver.ForkingMixIn, socketserver.UnixStreamServer):
             from lora_kernel.trusted.recovery import recover
 
             return [r.to_dict() for r in recover(state=self.state, ctx=ctx)]
+        if op in ("audit_list", "audit_show"):
+            return audit_view(op, request, actor, self.state)
         raise ConfigError(f"unknown request {op!r}; one of run, resume, review, publish, "
-                          "withdraw, recover")
+                          "withdraw, recover, audit_list, audit_show")
+
+
+def sees_every_run(actor: Actor) -> bool:
+    """Reviewers and auditors (the groups ``policies/hub.yaml`` maps to ``auditor``) see every
+    run's record; anyone else sees their own."""
+    from lora_kernel.common.policy import load_policy
+    from lora_kernel.trusted.identity import in_group
+    from lora_kernel.trusted.review import is_reviewer
+
+    if is_reviewer(actor):
+        return True
+    roles = load_policy("hub", {}).get("roles") or {}
+    return any(role == "auditor" and in_group(actor, group) for group, role in roles.items())
+
+
+def audit_view(op: str, request: dict[str, Any], actor: Actor, state: Path) -> Any:
+    """``lora audit list`` / ``show`` for a caller who cannot read the state directory: the
+    service reads it and answers with the runs the caller may see (:func:`sees_every_run`,
+    else their own: a trainer's samples, losses and metrics instead of a PermissionError)."""
+    import datetime as dt
+
+    from lora_kernel.common.timeutil import parse_time
+    from lora_kernel.provenance.audit import list_runs, show
+
+    everyone = sees_every_run(actor)
+
+    def mine(user: Any, uid: Any) -> bool:
+        return everyone or actor.same_person(str(user), uid)
+
+    if op == "audit_list":
+        times: dict[str, dt.datetime | None] = {}
+        for key in ("since", "until"):
+            times[key] = parse_time(str(request[key])) if request.get(key) else None
+        rows = list_runs(state=state, user=request.get("user"), since=times["since"],
+                         until=times["until"], status=request.get("status"),
+                         review=request.get("review"), expired=bool(request.get("expired")),
+                         columns=list(request.get("columns") or []))
+        return json.loads(json.dumps([r for r in rows if mine(r.get("user"), r.get("uid"))],
+                                     default=str))
+    run_id = str(request["run"])
+    info = show(run_id, state=state)
+    if not mine(info.get("user"), info.get("uid")):
+        raise PolicyRefusal(f"run {run_id} is not yours; fix: ask a reviewer or auditor, who "
+                            "see every run")
+    return json.loads(json.dumps(info, default=str))
 
 
 def serve(socket_path: Path, state: Path, service_user: str) -> None:

@@ -163,7 +163,12 @@ def kill_run_processes(run_id: str, privileges: Privileges) -> list[int]:
             if proc.pid == me:
                 continue
             try:
-                if proc.environ().get("LORA_RUN_ID") == run_id:
+                try:
+                    ours = proc.environ().get("LORA_RUN_ID") == run_id
+                except psutil.AccessDenied:  # a recorded run's kernel is not dumpable: its
+                    # connection file lies in <work>/<run_id>/.env (steps.cleanenv)
+                    ours = any(f"/{run_id}/.env/" in arg for arg in proc.cmdline())
+                if ours:
                     proc.kill()
                     found.append(proc)
             except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):

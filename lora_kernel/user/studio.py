@@ -93,9 +93,22 @@ def list_models(task: str, home: str | os.PathLike[str] | None = None) -> list[P
             elif task == "image" and p.suffix == ".safetensors" and p.is_file():
                 found.append(p)
             elif task == "text" and (p / "config.json").is_file() \
-                    and not (p / "model_index.json").exists():
+                    and not (p / "model_index.json").exists() and _is_causal_lm(p):
                 found.append(p)
     return found
+
+
+def _is_causal_lm(folder: Path) -> bool:
+    """Whether a transformers folder holds a causal LM (not, say, the demo CLIP that
+    ``lora label`` uses): its config names a ``...ForCausalLM`` architecture."""
+    import json
+
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    archs = config.get("architectures") if isinstance(config, dict) else None
+    return any(str(a).endswith("ForCausalLM") for a in archs or [])
 
 
 def model_label(path: Path, task: str) -> str:

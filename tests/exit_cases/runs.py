@@ -38,10 +38,23 @@ def _resume_succeeded(c: Case) -> list:
     return ["run", "--resume", "r1", "--home", c.tmp / "home"]
 
 
+def _state_store_full(c: Case) -> list:
+    from lora_kernel.trusted import runseal
+
+    # a store with less free space than a run needs to be recorded (the real full disk, a
+    # small tmpfs, is in tests/trusted/test_runner.py)
+    c.monkeypatch.setattr(runseal, "START_MARGIN_BYTES", 1 << 60)
+    (c.tmp / "nb").mkdir()
+    return ["run", REPO / "notebooks" / "train_image_lora.ipynb", "-p", "config_path",
+            c.config(), "--home", c.tmp / "home"]
+
+
 CASES: dict[str, Callable[[Case], list]] = {
     "`params.yaml` has a key that is neither a parameter nor a config key": _params_unknown_key,
     "`lora train` into an `output_dir` that holds a run": _output_dir_holds_a_run,
     "`lora train --resume` after a finished run": _resume_finished,
     "`lora run --resume` of a run that succeeded": _resume_succeeded,
+    "`lora run` when the state store has too little free space to record a run":
+        _state_store_full,
 }
 SLOW = {"`lora train --resume` after a finished run"}

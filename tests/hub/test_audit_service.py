@@ -426,3 +426,18 @@ def test_events_malformed_or_unauthenticated(service, state_tmp):
     assert service("POST", "api/events", json=_batch()).status_code in (401, 403)
     assert not (state_tmp / "ledger" / "ledger.sqlite").exists() or \
         ledger_entries(state_tmp, "kernel_events") == []
+
+
+def test_page_styles_never_restyle_the_embedded_notebooks_code():
+    """The embedded notebook's code is highlighted by Pygments, whose token classes are short
+    (``nb``: a builtin such as ``print``, ``k``: a keyword...). The page's own class ``nb``
+    drew every ``print`` and ``range`` as a bordered box over the code; none of the page's
+    class selectors may be a Pygments token class."""
+    from pygments.token import STANDARD_TYPES
+
+    from hub.services import audit
+
+    page_classes = set(re.findall(r"\.([A-Za-z][\w-]*)\s*\{", audit.STYLE + base.ERROR_STYLE))
+    assert "record-notebook" in page_classes  # what wraps the notebook now
+    assert not page_classes & set(STANDARD_TYPES.values()), page_classes & set(
+        STANDARD_TYPES.values())

@@ -232,7 +232,7 @@ def test_auditor_browses_the_run_list_and_a_sealed_runs_notebook(hub, new_page, 
     page.get_by_role("heading", name=f"Run {sealed_run}").wait_for()
     assert page.locator("p.ok", has_text="Verified").count() == 1
     # the executed notebook, rendered: its container, the source and the cell's output
-    notebook = page.locator("div.nb")
+    notebook = page.locator("div.record-notebook")
     notebook.wait_for(state="visible")
     assert "greeting" in notebook.inner_text()
     notebook.get_by_text("hello from the browser test").first.wait_for(state="visible")

@@ -1,5 +1,6 @@
-"""``lora label``: CLIP zero-shot tags land on the right images (a tiny CLIP trained here, in a
-few seconds, to tell red, green and blue apart: an untrained or mis-wired tagger fails), in
+"""``lora label``: CLIP zero-shot tags land on the right images (the demo CLIP, trained by
+``lora demo-assets`` in a few seconds, to tell red, green and blue apart: an untrained or
+mis-wired tagger fails), in
 ``metadata.csv`` or ``.txt`` sidecars with the trigger first; labeling resumes where it
 stopped; pickle models are refused; and no network connection is ever attempted."""
 from __future__ import annotations
@@ -9,73 +10,23 @@ import random
 import socket
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image, ImageDraw
 
 from lora_kernel.cli.main import main
 from lora_kernel.common.errors import ConfigError, UnsafeModelError
 from lora_kernel.training.data import kohya_entries
-from lora_kernel.training.label import DEFAULT_TEMPLATE, label_folder, load_vocab
+from lora_kernel.training.demo_clip import COLOURS, SHAPES, draw_shape
+from lora_kernel.training.label import label_folder, load_vocab
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 190, 70), "blue": (50, 80, 230)}
-SHAPES = ("square", "circle")
 VOCAB = ["red", "green", "blue", "yellow", "square", "circle"]
-
-
-def draw(colour: str, shape: str, rng: random.Random, size: int = 48) -> Image.Image:
-    """A ``colour`` ``shape`` of random size and place on a light grey ground."""
-    im = Image.new("RGB", (size, size), (235, 235, 235))
-    d = ImageDraw.Draw(im)
-    r, cx, cy = rng.randint(12, 18), rng.randint(20, 28), rng.randint(20, 28)
-    box = [cx - r, cy - r, cx + r, cy + r]
-    (d.rectangle if shape == "square" else d.ellipse)(box, fill=COLOURS[colour])
-    return im
+draw = draw_shape
 
 
 @pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory) -> Path:
-    """A tiny CLIP (built by demo_assets) trained with a contrastive loss on drawn squares
-    and circles against the prompts "a photo of red/green/blue" (~60 steps on CPU)."""
-    import torch
-    from transformers import CLIPTokenizer
-
-    from lora_kernel.training.demo_assets import (
-        CLIP_MEAN,
-        CLIP_STD,
-        tiny_clip_model,
-        write_clip_folder,
-        write_clip_tokenizer,
-    )
-    root = tmp_path_factory.mktemp("clip")
-    tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(root / "tok"),
-                                        local_files_only=True)
-    model = tiny_clip_model(seed=0)
-    mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
-
-    def pixels(im: Image.Image) -> torch.Tensor:
-        arr = np.asarray(im.resize((32, 32), Image.Resampling.BICUBIC), dtype=np.float32)
-        return (torch.from_numpy(arr / 255).permute(2, 0, 1) - mean) / std
-
-    rng = random.Random(0)
-    bank = {c: [pixels(draw(c, s, rng)) for s in SHAPES for _ in range(4)] for c in COLOURS}
-    enc = tok([DEFAULT_TEMPLATE.format(c) for c in COLOURS], padding=True, return_tensors="pt")
-    torch.manual_seed(0)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is several times faster on a busy CPU
-    try:
-        for _ in range(60):
-            pv = torch.stack([bank[c][rng.randrange(8)] for c in COLOURS])
-            loss = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
-                         pixel_values=pv, return_loss=True).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    finally:
-        torch.set_num_threads(threads)
-    assert loss.item() < 0.1
-    return write_clip_folder(model.eval(), root / "clip")
+def clip_dir(demo_home) -> Path:
+    """The demo CLIP that ``lora demo-assets`` builds: the tiny CLIP trained with a
+    contrastive loss on drawn squares and circles against "a photo of red/green/blue"."""
+    return demo_home / "demo" / "models" / "tiny-clip"
 
 
 @pytest.fixture
@@ -205,10 +156,10 @@ def test_default_vocabulary_is_generic_and_editable():
     assert not any(t.startswith("#") for t in tags)
 
 
-def test_tiny_clip_builds_deterministically(tmp_path):
+def test_the_demo_clip_builds_deterministically(tmp_path, clip_dir):
     from lora_kernel.common.digests import sha256_file
-    from lora_kernel.training.demo_assets import build_tiny_clip
-    a, b = build_tiny_clip(tmp_path / "a", seed=1), build_tiny_clip(tmp_path / "b", seed=1)
+    from lora_kernel.training.demo_clip import write_demo_clip
+    a, b = clip_dir, write_demo_clip(tmp_path / "b", seed=0)
     files = sorted(p.name for p in a.iterdir())
     assert "model.safetensors" in files and "preprocessor_config.json" in files
     assert all(sha256_file(a / f) == sha256_file(b / f) for f in files)

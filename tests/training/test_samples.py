@@ -63,7 +63,8 @@ def test_long_or_foreign_prompts_are_truncated_to_the_margin():
     assert geo["margin_width"] <= 192  # a long prompt does not widen the grid without bound
     assert grid.width == geo["margin_width"] + 2 * CELL
     short, _ = labelled_grid(_cells(2, 2), ["a", "b"])
-    assert short.width < grid.width and short.height == grid.height
+    assert short.width < grid.width  # and the rows stay one cell high, whatever the font:
+    assert grid.height - geo["header_height"] == short.height - _["header_height"] == 2 * CELL
 
 
 def test_same_images_same_bytes_and_bad_shapes_refused():
@@ -106,3 +107,22 @@ def test_sample_grid_on_the_demo_model_writes_labels_and_samples_json(demo_home,
     assert (tmp_path / "a" / "grid.png").read_bytes() == (tmp_path / "b" / "grid.png"
                                                            ).read_bytes()
     assert again["mean_abs_diff"] == info["mean_abs_diff"] == 0.0
+
+
+def test_chinese_prompts_are_drawn_as_their_characters_not_boxes():
+    """Prompts differing in one Chinese character (猫 cat, 狗 dog) give different margins
+    with Debian's CJK font; before, both were drawn as the same "?" marks. A Latin-only grid
+    keeps the bitmap font (its bytes unchanged)."""
+    from osdeps import missing
+
+    from lora_kernel.training.fonts import cjk_font_file
+
+    if cjk_font_file() is None:
+        missing("a CJK font (Debian's fonts-droid-fallback)")
+    grid, geo = labelled_grid(_cells(2, 2), ["一只猫在草地上", "一只狗在草地上"])
+    head, margin = geo["header_height"], geo["margin_width"]
+    bands = [np.asarray(grid.crop((0, head + r * CELL, margin - 1, head + (r + 1) * CELL))
+                        .convert("L")) for r in range(2)]
+    assert all((b < 128).sum() > 20 for b in bands)  # both prompts left ink
+    assert (bands[0] != bands[1]).sum() > 10  # 猫 and 狗 are different glyphs
+    assert np.array_equal(np.asarray(grid)[head:, margin:], _plain(_cells(2, 2)))

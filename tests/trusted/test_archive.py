@@ -42,9 +42,32 @@ def test_export_import_roundtrip_and_tampered_archive_refused(make_run, lora, st
     monkeypatch.setenv("WRONG_PASS", "not the key at all")
     assert lora("audit", "import", archive, "--passphrase-env", "WRONG_PASS",
                 "--state", other)[0] == 5
+    assert not other.exists()  # a refused import leaves nothing behind
 
+    # the exporting ledger's key must be the trusted one: another key's PEM is refused
+    code, pem = lora("audit", "key", "--pem")
+    assert code == 0 and "BEGIN PUBLIC KEY" in pem
+    prod_pem = tmp_path / "prod.pem"
+    prod_pem.write_text(pem[pem.index("-----BEGIN"):])
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    stranger = tmp_path / "stranger.pem"
+    stranger.write_bytes(Ed25519PrivateKey.generate().public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    code, out = lora("audit", "import", archive, "--key-file", key, "--state", other,
+                     "--trusted-key", stranger)
+    assert code == 5 and "not the trusted key" in out and not other.exists()
+    pdir = tmp_path / "policies"
+    pdir.mkdir()
+    (pdir / "ledger.yaml").write_text("key_fingerprint: '" + "ab" * 32 + "'\n")
+    monkeypatch.setenv("LORA_POLICIES", str(pdir))
     code, out = lora("audit", "import", archive, "--key-file", key, "--state", other)
-    assert code == 0 and "restored ['r1', 'r2']" in out
+    assert code == 5 and "policies/ledger.yaml pin" in out and not other.exists(), out
+    monkeypatch.delenv("LORA_POLICIES")
+
+    code, out = lora("audit", "import", archive, "--key-file", key, "--state", other,
+                     "--trusted-key", prod_pem)
+    assert code == 0 and "restored ['r1', 'r2']" in out and "trusted by --trusted-key" in out
     assert lora("audit", "verify", "--all", "--state", other)[0] == 0
     with Ledger(state=other) as led:
         imp = led.entries("import")[0].payload

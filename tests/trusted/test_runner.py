@@ -250,6 +250,10 @@ def test_a_dataset_swapped_after_the_pin_seals_a_failed_record_naming_both(
     nb = write_notebook(tmp_path / "swap.ipynb", params, swap, train)
     honest = lora_cli("run", nb, "-p", "config_path", config, home=run_home)
     assert honest.returncode == 0, honest.stdout + honest.stderr
+    # the user's own notebook around a config: its numbers are self-reported, not "training"
+    honest_record = Path(re.search(r"^record: (.+)$", honest.stdout, re.M).group(1))
+    assert load_manifest(honest_record)["predicate"]["runDetails"]["metadata"]["extra"][
+        "kind"] == "notebook"
     res = lora_cli("run", nb, "-p", "config_path", config, "-p", "swap", "true", home=run_home)
     assert res.returncode == 7, res.stdout + res.stderr
     assert "other inputs than were pinned" in res.stderr and "dataset version" in res.stderr
@@ -516,3 +520,141 @@ def test_lora_run_resume_continues_an_interrupted_run_into_a_new_record(run_home
     assert again.returncode == 2 and "succeeded: there is nothing to resume" in again.stderr
     runs = [p for p in (state_of(run_home) / "runs").iterdir() if not p.name.startswith(".")]
     assert len(runs) == 2
+
+
+# -- a recorded run runs nothing from the requester's home (issue 20) -----------------------
+EVIL_STARTUP = "open({marker!r}, 'a').write('{what}\\n')\n"
+
+
+def _plant_home_code(home: Path, markers: Path) -> None:
+    """What a hostile trainer leaves in their home: an IPython startup file and kernel config
+    in their IPython profile (``exec_lines``, ``exec_files``), each appending its name to
+    ``markers``."""
+    profile = home / ".ipython" / "profile_default"
+    (profile / "startup").mkdir(parents=True)
+    (profile / "startup" / "00-evil.py").write_text(
+        EVIL_STARTUP.format(marker=str(markers), what="startup"))
+    line = EVIL_STARTUP.format(marker=str(markers), what="{}").strip()
+    (profile / "ipython_kernel_config.py").write_text(
+        f"c.InteractiveShellApp.exec_lines = [{line.format('profile-config')!r}]\n")
+    evil = home / "evil.py"
+    evil.write_text(line.format("exec-file") + "\n")
+    (profile / "ipython_config.py").write_text(
+        f"c.InteractiveShellApp.exec_files = [{str(evil)!r}]\n")
+
+
+def test_startup_files_and_kernel_config_in_the_home_never_run_in_a_recorded_run(
+        run_home, tmp_path, monkeypatch, lora_kernel_prefix):
+    """IPython startup files and kernel config in the requester's home ran before the
+    notebook's first cell and the record showed nothing of it. A recorded run's kernel gets a
+    fresh IPython/Jupyter config and data folder in its work folder (steps.cleanenv), and is
+    not dumpable (no ptrace by the user's processes). The paired case: the same home's files
+    do run in an ordinary kernel of the same kernelspec — the attack is real."""
+    from jupyter_client.manager import start_new_kernel
+
+    user_home = tmp_path / "userhome"
+    user_home.mkdir()
+    markers = tmp_path / "markers.txt"
+    _plant_home_code(user_home, markers)
+    monkeypatch.setenv("HOME", str(user_home))
+    for var in ("IPYTHONDIR", "JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    nb = write_notebook(tmp_path / "probe.ipynb", "x = 1",
+                        "import json, os\nfrom lora_kernel.common.process import is_dumpable\n"
+                        "print(json.dumps({'dumpable': is_dumpable(), "
+                        "'ipythondir': os.environ.get('IPYTHONDIR'), "
+                        "'cache': os.environ.get('LORA_CACHE_DIR')}))")
+    rec = run_notebook(nb, {}, home=run_home)
+    assert rec.status == "succeeded"
+    assert not markers.exists(), markers.read_text()
+    executed = nbformat.read(str(rec.path / "executed.ipynb"), as_version=4)
+    out = json.loads(executed.cells[-1].outputs[0]["text"])
+    work = run_home / "work" / rec.run_id
+    assert out == {"dumpable": False, "ipythondir": str(work / ".env" / "ipython"),
+                   "cache": str(work / ".env" / "cache")}
+
+    km, kc = start_new_kernel(kernel_name="lora", cwd=str(tmp_path))  # not a recorded run
+    try:
+        kc.execute_interactive("pass", timeout=60)
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+    assert set(markers.read_text().split()) == {"startup", "profile-config", "exec-file"}
+
+
+def test_a_poisoned_latent_cache_in_the_home_is_not_what_a_recorded_run_trains_on(
+        run_home, demo_home, tmp_path):
+    """The latent cache in ``$LORA_HOME/cache`` is keyed by the claimed dataset version, so a
+    trainer could edit it and get records claiming dataset X for training on something else.
+    ``lora train`` (not a record) still uses it — and reads the poisoned latents; a recorded
+    run never does: its cache is its own, in its work folder, and its losses equal a run's
+    from a home with no cache at all."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = demo_home / "demo" / "image_lora.yaml"
+    fast = [a for k, v in FAST_IMAGE.items() for a in ("-p", k, json.dumps(v))]
+    first = lora_cli("train", "--config", cfg, *fast, "-p", "output_dir",
+                     tmp_path / "o1", home=run_home)
+    assert first.returncode == 0, first.stderr
+    (cache,) = (run_home / "cache").glob("sd-*.safetensors")
+    tensors = load_file(str(cache))
+    save_file({k: (v * 0 + 3.0 if k.startswith("latent") else v) for k, v in tensors.items()},
+              str(cache), metadata={"poisoned": "yes"})
+    again = lora_cli("train", "--config", cfg, *fast, "-p", "output_dir", tmp_path / "o2",
+                     home=run_home)
+    assert again.returncode == 0, again.stderr
+    poisoned = json.loads((tmp_path / "o2" / "training_summary.json").read_text())
+    assert poisoned["cache_hit"] is True  # the unrecorded path reads what is in the home
+
+    rec = run_config(cfg, FAST_IMAGE, home=run_home)
+    extra = load_manifest(rec.path)["predicate"]["runDetails"]["metadata"]["extra"]
+    assert extra["cache_hit"] is False and extra["kind"] == "training"
+    clean_home = tmp_path / "clean"
+    clean_home.mkdir()
+    clean = run_config(cfg, FAST_IMAGE, home=clean_home)
+    clean_extra = load_manifest(clean.path)["predicate"]["runDetails"]["metadata"]["extra"]
+    assert extra["losses"] == clean_extra["losses"] != poisoned["losses"]
+
+
+@pytest.fixture
+def small_state(tmp_path, monkeypatch):
+    """A 1.3 MB tmpfs as the state store (root only: it mounts one)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs as the state store needs root")
+    mnt = tmp_path / "small-state"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1300k", "tmpfs", str(mnt)], check=True)
+    monkeypatch.setenv("LORA_STATE", str(mnt))
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _writer(tmp_path: Path, nbytes: int) -> Path:
+    return write_notebook(tmp_path / f"w{nbytes}.ipynb", "x = 1",
+                          "import os\nos.makedirs('output', exist_ok=True)\n"
+                          f"open('output/adapter.safetensors', 'wb').write(b'7' * {nbytes})")
+
+
+@pytest.mark.root
+def test_a_full_state_store_never_hangs_lora_run(run_home, tmp_path, small_state):
+    """Sealing ran out of space and `lora run` hung forever (the collector blocked on a pipe
+    nobody read): no record, no ledger entry, and `verify --all` said OK. Now the run ends
+    failed with a minimal record written from the run's reserved space, exit 7, naming the
+    cause; the paired small run on the same store succeeds; and a store with too little
+    space left refuses to start a run (exit 2)."""
+    small = lora_cli("run", _writer(tmp_path, 10_000), home=run_home)
+    assert small.returncode == 0, small.stdout + small.stderr
+    big = lora_cli("run", _writer(tmp_path, 1_200_000), home=run_home)
+    assert big.returncode == 7, big.stdout + big.stderr
+    assert "state store is full" in big.stderr and "Traceback" not in big.stderr
+    record = Path(re.search(r"recorded in (\S+)", big.stderr).group(1))
+    manifest = assert_sealed(record, "failed")
+    assert "ENOSPC" in manifest["predicate"]["runDetails"]["metadata"]["extra"]["error"]
+    assert not list((small_state / "runs" / ".active").iterdir())
+    verify = lora_cli("audit", "verify", "--all", home=run_home)
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    filler = small_state / "filler"
+    free = os.statvfs(small_state).f_bavail * os.statvfs(small_state).f_frsize
+    filler.write_bytes(b"\0" * max(0, free - 100_000))
+    refused = lora_cli("run", _writer(tmp_path, 10), home=run_home)
+    assert refused.returncode == 2 and "a run needs at least" in refused.stderr, refused.stderr

@@ -273,3 +273,27 @@ def test_a_requester_that_dies_ends_its_run_which_is_sealed_as_failed(service):
     meta = json.loads((state / "runs" / new.pop() / "manifest.json").read_text())[
         "predicate"]["runDetails"]["metadata"]
     assert meta["status"] == "failed" and "requester went away" in meta["extra"]["error"]
+
+
+def test_a_trainer_sees_their_own_runs_through_the_service(service, demo_home):
+    """A trainer cannot read the state directory; `lora audit list/show` used to end in a
+    PermissionError traceback. Through the runner socket they see their own runs (status,
+    losses, files) and are refused another's (exit 6); a reviewer sees every run."""
+    sock, state = service
+    runs = {}
+    for who in (ALICE, CAROL):
+        home = user_home(who)
+        nb = write_notebook(home / "hello.ipynb", who, "x = 1", "print('hi', x)")
+        res = as_user(who, "run", nb, "--home", home, "--runner", sock)
+        assert res.returncode == 0, res.stdout + res.stderr
+        runs[who] = record_of(res)
+    res = as_user(ALICE, "audit", "list", "--runner", sock)
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stdout + res.stderr
+    assert runs[ALICE] in res.stdout and runs[CAROL] not in res.stdout, res.stdout
+    res = as_user(ALICE, "audit", "show", runs[ALICE], "--runner", sock)
+    assert res.returncode == 0 and "succeeded" in res.stdout, res.stdout + res.stderr
+    res = as_user(ALICE, "audit", "show", runs[CAROL], "--runner", sock)
+    assert res.returncode == 6 and "not yours" in res.stderr, res.stdout + res.stderr
+    res = as_user(BOB, "audit", "list", "--runner", sock)  # bob reviews: sees both
+    assert res.returncode == 0 and runs[ALICE] in res.stdout and runs[CAROL] in res.stdout, \
+        res.stdout + res.stderr
