@@ -30,6 +30,15 @@ def _step_not_saved(c: Case) -> list:
     return ["review", "approve", "r1", "--step", "7", "--note", "epoch 2 looks best"]
 
 
+def _resize_not_kohya(c: Case) -> list:
+    import torch
+    from safetensors.torch import save_file
+
+    path = c.tmp / "peft.safetensors"
+    save_file({"unet.to_q.lora_A.weight": torch.zeros(2, 4)}, str(path))
+    return ["resize", path, "--rank", "1"]
+
+
 CASES: dict[str, Callable[[Case], list]] = {
     "kohya TOML names a Hugging Face model id (`lora config --from-kohya`)": _hub_id_toml,
     "`optimizer` needs a package this platform does not ship (D-Adaptation, CAME)":
@@ -37,4 +46,5 @@ CASES: dict[str, Callable[[Case], list]] = {
     "config sets a key in both kohya's spelling and ours (`network_dim` and `lora_rank`)":
         _both_spellings,
     "`lora review approve RUN --step N` names a step the run saved no adapter at": _step_not_saved,
+    "`lora resize` of a file that is not a kohya-format LoRA": _resize_not_kohya,
 }

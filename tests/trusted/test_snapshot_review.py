@@ -17,8 +17,8 @@ from lora_kernel.trusted.runner import run_config
 pytestmark = pytest.mark.slow
 
 
-def test_reviewer_approves_and_publishes_epoch_2s_adapter(tmp_path, monkeypatch, demo_home,
-                                                          lora_kernel_prefix, actor):
+def test_reviewer_approves_and_publishes_epoch_2s_adapter_then_resizes_the_run(
+        tmp_path, monkeypatch, demo_home, lora_kernel_prefix, actor):
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("LORA_HOME", str(home))
@@ -65,3 +65,15 @@ def test_reviewer_approves_and_publishes_epoch_2s_adapter(tmp_path, monkeypatch,
     for f in index[1]["files"].values():
         assert sha256_file(dest / f["name"]) == f["sha256"]
     assert json.loads((dest / "publication.json").read_text())["step"] == 6
+
+    # lora resize of the run: a derived record pinning the run, found by lineage
+    from lora_kernel.cli import main as cli
+    from lora_kernel.provenance.audit import lineage
+    from lora_kernel.provenance.records import summary
+    assert cli.main(["resize", rec.run_id, "--rank", "2"]) == 0
+    found = {h["run_id"] for h in lineage(rec.run_id)} - {rec.run_id}
+    assert len(found) == 1
+    derived = rec.path.parent / found.pop()
+    s = summary(load_manifest(derived))
+    assert s["kind"] == "derived" and s["derived_from"]["run_id"] == rec.run_id
+    assert s["adapter_files"] == ["adapter/enclave_style-r2_kohya.safetensors"]
