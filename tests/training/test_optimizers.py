@@ -158,3 +158,32 @@ def test_min_lr_floors_cosine_and_num_cycles_restarts():
 def test_min_lr_must_be_below_learning_rate():
     with pytest.raises(ConfigError, match="min_lr"):
         config_from_mapping({"base_model": "x", "learning_rate": 1e-4, "min_lr": 1e-3})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["prodigy", "adamw8bit"])
+def test_image_run_with_kohya_optimizer_resumes_bit_identically(name, demo_home, tmp_path):
+    """The demo image LoRA (UNet and text encoder) with Prodigy / AdamW8bit: interrupted at
+    step 2 and resumed, it ends with the very losses and adapter of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from lora_kernel.training.checks import load_config
+    from lora_kernel.training.train import train
+
+    over = {"optimizer": name, "learning_rate": 1.0 if name == "prodigy" else 3e-3,
+            "max_train_steps": 4, "save_steps": 0, "train_text_encoder": True,
+            "lr_scheduler": "cosine", "shuffle_caption": True}
+
+    def run(out, **kw):
+        cfg = load_config(demo_home / "demo" / "image_lora.yaml",
+                          {**over, "output_dir": str(out)})
+        return train(cfg, progress=False, home=demo_home, samples=False, log=lambda m: None,
+                     **kw)
+
+    whole = run(tmp_path / "whole")
+    with pytest.raises(TrainingInterrupted):
+        run(tmp_path / "split", interrupt_at_step=2)
+    resumed = run(tmp_path / "split", resume=True)
+    assert resumed.losses == whole.losses
+    a, b = (load_file(r.adapter_files["diffusers"]) for r in (whole, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
