@@ -1,5 +1,5 @@
-"""``lora resize``: post-training tools whose outputs are sealed records of kind ``derived``
-(:mod:`lora_kernel.trusted.derive`), pinning their source run (its manifest and adapter
+"""``lora resize`` and ``lora convert``: post-training tools whose outputs are sealed records
+of kind ``derived`` (:mod:`lora_kernel.trusted.derive`), pinning their source run (its manifest and adapter
 digests) or source file (its sha256), so ``lora audit verify``, lineage, review and publish
 cover them.
 
@@ -65,8 +65,68 @@ def cmd_resize(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    """Convert between kohya, diffusers and PEFT formats; seal the output as derived."""
+    from lora_kernel.training.convert import convert_lora
+    from lora_kernel.trusted.derive import seal_derived
+
+    source, src = _source_any(args.source, args.state, args.to)
+    stem = src.name.removesuffix(".safetensors").removesuffix("_kohya")
+    with tempfile.TemporaryDirectory(prefix="lora-convert-") as tmp:
+        name = {"kohya": f"{stem}_kohya.safetensors", "diffusers": f"{stem}.safetensors",
+                "peft": f"{stem}_peft"}[args.to]
+        out = Path(tmp) / name
+        info = convert_lora(src, out, args.to)
+        outputs = ({f"{name}/{p.name}": p for p in sorted(out.iterdir())} if out.is_dir()
+                   else {name: out})
+        rec = seal_derived(tool="convert", params={"to": args.to, "from": info["from"],
+                                                   "source_file": src.name},
+                           source=source, outputs=outputs, state=args.state,
+                           measured={"modules": info["modules"]})
+        if args.output:
+            if out.is_dir():
+                shutil.copytree(out, args.output, dirs_exist_ok=True)
+            else:
+                shutil.copyfile(out, args.output)
+    print(f"converted {src.name} ({info['from']}) to {args.to}: {info['modules']} UNet modules")
+    print(f"record: {rec.path} (kind derived, from {source.run_id or source.sha256})")
+    if args.output:
+        print(f"copy: {args.output}")
+    return 0
+
+
+def _source_any(spec: str, state, to: str):
+    """Like :func:`_source`, for convert: a run's adapter in another format than ``to``."""
+    from lora_kernel.trusted.derive import source_from_file, source_from_run
+
+    path = Path(spec)
+    if path.exists():
+        return source_from_file(path), path
+    source = source_from_run(spec, state=state)
+    want = "_kohya.safetensors" if to != "kohya" else ".safetensors"
+    files = [rel for rel in source.adapter_files if rel.endswith(want)
+             and (to == "kohya") != rel.endswith("_kohya.safetensors")]
+    if not files or source.record is None:
+        raise ConfigError(f"run {spec} has no image LoRA file to convert to {to}",
+                          key="SOURCE")
+    return source, source.record / files[0]
+
+
 def register(sub) -> None:
-    """Add ``resize`` to the ``lora`` CLI."""
+    """Add ``resize`` and ``convert`` to the ``lora`` CLI."""
+    c = sub.add_parser("convert", help="convert a LoRA between kohya, diffusers and PEFT "
+                                       "formats as a sealed derived record",
+                       description="Convert an SD 1.x/2.x LoRA (a run's adapter or a file) to "
+                                   "kohya, diffusers or PEFT format; the output is sealed as a "
+                                   "record of kind derived that pins its source.")
+    c.add_argument("source", metavar="RUN|FILE", help="a run id, a .safetensors LoRA or a "
+                                                      "PEFT folder")
+    c.add_argument("--to", required=True, choices=["kohya", "diffusers", "peft"])
+    c.add_argument("-o", "--output", metavar="PATH", default=None,
+                   help="also write the converted file (or PEFT folder) here")
+    add_state(c)
+    c.set_defaults(func=cmd_convert)
+
     p = sub.add_parser("resize", help="resize a LoRA to a lower rank (SVD, kohya's method) "
                                       "as a sealed derived record",
                        description="Resize a kohya-format LoRA (a run's adapter or a file) "

@@ -39,6 +39,15 @@ def _resize_not_kohya(c: Case) -> list:
     return ["resize", path, "--rank", "1"]
 
 
+def _convert_not_lora(c: Case) -> list:
+    import torch
+    from safetensors.torch import save_file
+
+    path = c.tmp / "model.safetensors"
+    save_file({"model.diffusion_model.out.2.weight": torch.zeros(2, 4)}, str(path))
+    return ["convert", path, "--to", "diffusers"]
+
+
 CASES: dict[str, Callable[[Case], list]] = {
     "kohya TOML names a Hugging Face model id (`lora config --from-kohya`)": _hub_id_toml,
     "`optimizer` needs a package this platform does not ship (D-Adaptation, CAME)":
@@ -47,4 +56,5 @@ CASES: dict[str, Callable[[Case], list]] = {
         _both_spellings,
     "`lora review approve RUN --step N` names a step the run saved no adapter at": _step_not_saved,
     "`lora resize` of a file that is not a kohya-format LoRA": _resize_not_kohya,
+    "`lora convert` of a file that is not a LoRA in kohya or diffusers format": _convert_not_lora,
 }
