@@ -1,7 +1,7 @@
 """``lora resize`` and ``lora convert``: post-training tools whose outputs are sealed records
-of kind ``derived`` (:mod:`lora_kernel.trusted.derive`), pinning their source run (its manifest and adapter
-digests) or source file (its sha256), so ``lora audit verify``, lineage, review and publish
-cover them.
+of kind ``derived`` (:mod:`lora_kernel.trusted.derive`), pinning their source run (its
+manifest and adapter digests) or source file (its sha256), so ``lora audit verify``, lineage,
+review and publish cover them.
 
 Runs as: whoever runs ``lora``: the user (the record is sealed as in a local run).
 """
