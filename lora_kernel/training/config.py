@@ -192,6 +192,18 @@ class TrainConfig:
                                    default=0)
     sample_every_n_epochs: int = _h("Draw the sample grid every N epochs (image; 0: only at "
                                     "the end).", default=0)
+    min_snr_gamma: float = _h("Min-SNR loss weighting gamma (image; kohya's; typical 5; 0: "
+                              "off). Follows the model's epsilon / v prediction.", default=0.0)
+    debiased_estimation_loss: bool = _h("Weight the loss by 1/sqrt(SNR) (image; kohya's "
+                                        "debiased estimation).", default=False)
+    multires_noise_iterations: int = _h("Levels of multires (pyramid) noise added to the "
+                                        "training noise (image; kohya's; typical 6; 0: off).",
+                                        default=0)
+    multires_noise_discount: float = _h("Weight decay per multires noise level, in (0, 1].",
+                                        default=0.3)
+    zero_terminal_snr: bool = _h("Rescale the training noise schedule to zero terminal SNR "
+                                 "(image; for v-prediction models such as SD2-768).",
+                                 default=False)
     caption_extension: str | None = _h(
         "Suffix of sidecar caption files (kohya layout), e.g. .txt. Default: .txt or "
         ".caption.", default=None)
@@ -242,7 +254,8 @@ class TrainConfig:
                                                f"{self.max_train_steps}")
         for key in ("save_steps", "lr_warmup_steps", "max_grad_norm", "weight_decay",
                     "noise_offset", "keep_checkpoints", "save_every_n_epochs",
-                    "sample_every_n_steps", "sample_every_n_epochs"):
+                    "sample_every_n_steps", "sample_every_n_epochs", "min_snr_gamma",
+                    "multires_noise_iterations"):
             if getattr(self, key) < 0:
                 raise self._err(key, f"must be >= 0, got {getattr(self, key)}")
         from lora_kernel.training.habits import lr_ceiling

@@ -160,6 +160,9 @@ def check_habits(cfg) -> None:
     for key in ("caption_dropout_rate", "caption_tag_dropout_rate"):
         if not (0 <= getattr(cfg, key) < 1):
             raise err(key, f"must be in [0, 1), got {getattr(cfg, key)}")
+    if not (0 < cfg.multires_noise_discount <= 1):
+        raise err("multires_noise_discount", f"must be in (0, 1], got "
+                                             f"{cfg.multires_noise_discount}")
     ext = cfg.caption_extension
     if ext is not None and (not ext.startswith(".") or "/" in ext or len(ext) < 2):
         raise err("caption_extension", f"must be a file suffix such as .txt, got {ext!r}")

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -208,7 +207,8 @@ class ImageTask:
             if cfg.train_text_encoder:
                 for te in tes:
                     te.gradient_checkpointing_enable()
-        self.scheduler = comps.noise_scheduler
+        from lora_kernel.training.losses import training_scheduler
+        self.scheduler = training_scheduler(cfg, comps.noise_scheduler)  # zero_terminal_snr
         self.examples = load_examples(cfg)
         from lora_kernel.training.captions import CaptionHabits
         self.habits = CaptionHabits(cfg)  # per-step captions (shuffle, dropout)
@@ -360,6 +360,8 @@ class ImageTask:
         if cfg.noise_offset:
             noise = noise + cfg.noise_offset * torch.randn(
                 (latents.shape[0], latents.shape[1], 1, 1), generator=generator).to(dev)
+        from lora_kernel.training.losses import diffusion_loss, multires_noise
+        noise = multires_noise(noise, cfg, generator)  # a no-op unless configured
         timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps,
                                   (latents.shape[0],), generator=generator).to(dev)
         noisy = self.scheduler.add_noise(latents, noise, timesteps)
@@ -383,7 +385,7 @@ class ImageTask:
         target = self.family.training_target(self.scheduler, latents, noise, timesteps)
         pred = self.comps.unet(noisy, timesteps, embeds.hidden,
                                **self.family.unet_kwargs(embeds, time_ids)).sample
-        return F.mse_loss(pred.float(), target.float())
+        return diffusion_loss(cfg, self.scheduler, pred, target, timesteps)
 
 
 # -- samples ---------------------------------------------------------------------------

@@ -70,6 +70,7 @@ def test_lora_scripts_toml_converts_every_key_and_validates(kohya_root, capsys):
     assert cfg["sample_prompts"] == ["enclave, red, circle", "enclave, blue, square"]
     assert (cfg["sample_seeds"], cfg["sample_steps"]) == ([7, 8], 3)
     assert (cfg["save_every_n_epochs"], cfg["sample_every_n_epochs"]) == (1, 1)
+    assert cfg["min_snr_gamma"] == 5
     # every key of the TOML is accounted for, by name, in the report
     keys = re.findall(r"^(\w+) =", (toml).read_text(), re.M)
     for key in keys:
