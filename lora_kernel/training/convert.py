@@ -24,6 +24,8 @@ from lora_kernel.common.atomic import atomic_path
 from lora_kernel.common.errors import ConfigError
 
 FORMATS = ("kohya", "diffusers", "peft")
+TE_PROCESSOR_NAMES = {f".to_{p}_lora.": f".{p}_proj.lora_linear_layer." for p in "qkv"}
+TE_PROCESSOR_NAMES[".to_out_lora."] = ".out_proj.lora_linear_layer."
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -70,7 +72,14 @@ def kohya_to_diffusers(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     sd, _alphas = _convert_non_diffusers_lora_to_diffusers(baked)
     unet = {k[len("unet."):]: v for k, v in sd.items() if k.startswith("unet.")}
     out = {"unet." + k: v for k, v in convert_unet_state_dict_to_peft(unet).items()}
-    out.update({k: v for k, v in sd.items() if k.startswith("text_encoder.")})
+    # transformers >= 5.6 flattened CLIPTextModel (no text_model level), as our exports are
+    # and diffusers' converter names CLIP's projections in attention-processor style
+    for key, value in sd.items():
+        if key.startswith("text_encoder."):
+            key = key.replace("text_encoder.text_model.", "text_encoder.", 1)
+            for old, new in TE_PROCESSOR_NAMES.items():
+                key = key.replace(old, new)
+            out[key] = value
     return out
 
 

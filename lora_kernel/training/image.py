@@ -586,6 +586,11 @@ def load_init_adapter(cfg, unet, text_encoders: dict) -> None:
 
     from lora_kernel.common.errors import ConfigError
     weights = load_file(str(cfg.init))
+    if any(k.startswith("lora_unet_") for k in weights):  # kohya's network_weights
+        from lora_kernel.training.convert import kohya_to_diffusers
+        scale = cfg.alpha / cfg.lora_rank  # the file's alpha/rank is baked in: undo ours
+        weights = {k: (v / scale if ".lora_B." in k or "lora_linear_layer.up" in k else v)
+                   for k, v in kohya_to_diffusers(weights).items()}
     models = {"unet": unet, **(text_encoders if cfg.train_text_encoder else {})}
     for name, model in models.items():
         part = {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")}

@@ -47,7 +47,11 @@ def test_kohya_to_diffusers_applies_the_same_update(trained, tmp_path):
     out = tmp_path / "from_kohya.safetensors"
     info = convert_lora(kohya, out, "diffusers")
     assert info["from"] == "kohya" and info["modules"] > 0
-    assert any(k.startswith("text_encoder.") for k in load_file(str(out)))
+    converted, exported = load_file(str(out)), load_file(files["diffusers"])
+    assert converted.keys() == exported.keys()  # text encoder included, same names
+    for key, tensor in exported.items():  # alpha / rank = 0.5 baked into the up weights
+        up = ".lora_B." in key or "lora_linear_layer.up" in key
+        torch.testing.assert_close(converted[key], tensor * (0.5 if up else 1.0))
     base = _unet_out(cfg.base_model)
     direct, converted = _unet_out(cfg.base_model, kohya), _unet_out(cfg.base_model, out)
     assert (direct - base).abs().mean() > 1e-6
@@ -95,3 +99,30 @@ def test_lora_convert_seals_a_derived_record(trained, tmp_path, state_tmp, capsy
     assert verify_record(record) == []
     s = summary(load_manifest(record))
     assert s["kind"] == "derived" and s["adapter_files"] == ["adapter/enclave_style.safetensors"]
+
+
+def test_init_from_a_kohya_file_equals_init_from_its_diffusers_twin(trained, demo_home,
+                                                                    tmp_path, capsys):
+    """kohya's network_weights (our init, or init_adapter): a run started from the kohya file
+    trains exactly as one started from the diffusers file exported beside it."""
+    from lora_kernel.training.checks import load_config
+    from lora_kernel.training.train import train
+    _, files = trained
+    out = {}
+    for fmt, key in (("diffusers", "init"), ("kohya", "init_adapter")):
+        cfg = load_config(demo_home / "demo" / "image_lora.yaml",
+                          {"output_dir": str(tmp_path / fmt), "max_train_steps": 1,
+                           "save_steps": 0, "train_text_encoder": True, "lora_alpha": 4,
+                           key: files[fmt]})
+        assert cfg.init == files[fmt]
+        out[fmt] = train(cfg, progress=False, home=demo_home, samples=False,
+                         log=lambda m: None)
+    a, b = (load_file(out[f].adapter_files["diffusers"]) for f in ("diffusers", "kohya"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+    assert out["kohya"].losses == pytest.approx(out["diffusers"].losses, abs=1e-6)
+    from lora_kernel.training.checks import load_config as again
+    with pytest.raises(ConfigError, match="rank"):
+        again(demo_home / "demo" / "image_lora.yaml",
+              {"output_dir": str(tmp_path / "x"), "lora_rank": 4, "init": files["kohya"]})
