@@ -193,6 +193,10 @@ class TrainConfig:
                                    default=0)
     sample_every_n_epochs: int = _h("Draw the sample grid every N epochs (image; 0: only at "
                                     "the end).", default=0)
+    clip_skip: int = _h("Condition on the text encoder's output this many layers from the "
+                        "end (kohya's clip_skip; 2 for many anime models; SD 1.x/2.x, SDXL "
+                        "always uses its penultimate layer; sample images use the last).",
+                        default=1)
     min_snr_gamma: float = _h("Min-SNR loss weighting gamma (image; kohya's; typical 5; 0: "
                               "off). Follows the model's epsilon / v prediction.", default=0.0)
     debiased_estimation_loss: bool = _h("Weight the loss by 1/sqrt(SNR) (image; kohya's "
@@ -245,7 +249,7 @@ class TrainConfig:
                                     f"fix: set task: image or task: text")
         positive = ["lora_rank", "batch_size", "epochs", "gradient_accumulation_steps",
                     "resolution", "max_seq_length", "sample_steps", "max_new_tokens",
-                    "logging_steps", "max_image_pixels"]
+                    "logging_steps", "max_image_pixels", "clip_skip"]
         for key in positive:
             if getattr(self, key) < 1:
                 raise self._err(key, f"must be >= 1, got {getattr(self, key)}; fix: use a "

@@ -147,6 +147,8 @@ def cache_key(cfg, dataset_version: str, model_sha256: str, family: str = "sd15"
              "crop_seed": None if cfg.center_crop else cfg.seed,
              "captions": [cfg.caption_column, cfg.image_column],
              "text_encoder_cached": not cfg.train_text_encoder}
+    if getattr(cfg, "clip_skip", 1) > 1:  # (absent at 1: the keys of earlier caches stay)
+        parts["clip_skip"] = cfg.clip_skip
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -212,6 +214,7 @@ class ImageTask:
         self.examples = load_examples(cfg)
         from lora_kernel.training.captions import CaptionHabits
         self.habits = CaptionHabits(cfg)  # per-step captions (shuffle, dropout)
+        comps.clip_skip = cfg.clip_skip  # read by the family's encode_prompt
         self.captions_seen: list[list[str]] = []  # what the text encoder saw, per micro-batch
         self._training = True
         self.input_ids = self.family.tokenize(comps, [e.caption for e in self.examples])

@@ -45,6 +45,7 @@ SAME = {
     "cache_latents": "cache_latents", "sample_steps": "sample_steps",
     "save_every_n_epochs": "save_every_n_epochs",
     "min_snr_gamma": "min_snr_gamma", "debiased_estimation_loss": "debiased_estimation_loss",
+    "clip_skip": "clip_skip",
     "multires_noise_iterations": "multires_noise_iterations",
     "multires_noise_discount": "multires_noise_discount",
     "zero_terminal_snr": "zero_terminal_snr",
@@ -91,7 +92,6 @@ UNMAPPED = {
     "network_train_text_encoder_only": "training the text encoder alone is not offered",
     "reg_data_dir": "regularization images are not trained here yet",
     "prior_loss_weight": "regularization images are not trained here yet",
-    "clip_skip": "clip_skip is not offered here yet",
     "v_parameterization": "the prediction type is read from the base model's scheduler",
     "scale_v_pred_loss_like_noise_pred": "v-prediction loss scaling is not offered here",
     "min_bucket_reso": "buckets here span aspect ratios up to 2:1 at `resolution`",
@@ -248,8 +248,6 @@ def _convert_key(conv: Conversion, key: str, value: Any, flat: dict, base: Path,
             why = (LYCORIS_NEEDS.format(algo=algo) if "lycoris" in str(value)
                    else f"network_module = {value} is not trained here; fix: remove it")
             conv.unmapped.append((key, why))
-    elif key == "clip_skip" and int(value) == 1:
-        conv.ignored.append((key, "1: the text encoder's last layer, what is used here"))
     elif key == "dataset_config":
         conv.mapped.append((key, "train_data_dir (its subsets)"))
     elif key in IGNORED:

@@ -115,6 +115,7 @@ class SDComponents:
     text_encoder_2: Any = None
     tokenizer_2: Any = None
     family: Any = None  # the ModelFamily (lora_kernel.training.families)
+    clip_skip: int = 1  # text-encoder layer from the end whose output conditions (SD 1.x/2.x)
 
     @property
     def text_encoders(self) -> list:

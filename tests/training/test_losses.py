@@ -88,3 +88,20 @@ def test_a_run_with_every_loss_option_trains(demo_home, tmp_path):
     res = train(cfg, progress=False, home=demo_home, samples=False, log=lambda m: None)
     assert all(torch.isfinite(torch.tensor(res.losses)))
     assert res.eval_loss_after < res.eval_loss_before
+
+
+def test_clip_skip_conditions_on_the_penultimate_layer_through_the_final_norm(demo_home):
+    from lora_kernel.training.families import family_named
+    from lora_kernel.training.models import load_sd_components
+    comps = load_sd_components(demo_home / "demo" / "models" / "tiny-sd")
+    fam = family_named("sd15")
+    ids = fam.tokenize(comps, ["a red circle in enclave style"])
+    te = comps.text_encoder
+    with torch.no_grad():
+        last = fam.encode_prompt(comps, ids).hidden
+        comps.clip_skip = 2
+        skipped = fam.encode_prompt(comps, ids).hidden
+        states = te(ids[0], output_hidden_states=True).hidden_states
+        torch.testing.assert_close(skipped, te.final_layer_norm(states[-2]))
+        torch.testing.assert_close(last, te.final_layer_norm(states[-1]))
+    assert not torch.allclose(last, skipped)
