@@ -34,7 +34,13 @@ learning rate:
   (fused on CUDA) AdamW step on random inputs (image: random latents and text states; text:
   random token ids), nothing else;
 * ``Trainer+peft``        -- text only: ``transformers.Trainer`` with a peft LoRA model on
-  the very sequences ``lora train`` trains on (its defaults otherwise: fused AdamW).
+  the very sequences ``lora train`` trains on (its defaults otherwise: fused AdamW);
+* issue 23, text only: ``lora train nf4`` (``quantization: nf4``: bitsandbytes 4-bit
+  NormalFloat, double quantization, bf16 compute), ``Trainer+peft bf16 weights`` (the frozen
+  model loaded in bf16, as LLaMA-Factory does) and ``Trainer+peft nf4`` (``BitsAndBytesConfig``
+  + ``prepare_model_for_kbit_training``, the peft QLoRA recipe). Targets (GPU run): lora train
+  nf4 >= 1.3x Trainer+peft nf4 tokens/s, and its peak memory <= 40% of lora train eager's
+  (bf16 on the GPU).
 
 Each variant runs ``--warmup`` steps (the first includes any compilation; reported
 separately) and then ``--steps`` measured steps: steady steps/s = measured steps / their
@@ -125,7 +131,9 @@ PRELOAD = [  # imported once by the fork server, so that each variant's child st
 ]
 IMAGE_VARIANTS = ("lora train eager", "lora train compiled", "lora train fp32 weights",
                   "bare loop", "diffusers+peft")
-TEXT_VARIANTS = ("lora train eager", "lora train compiled", "bare loop", "Trainer+peft")
+TEXT_VARIANTS = ("lora train eager", "lora train compiled", "bare loop", "Trainer+peft",
+                 "lora train nf4", "Trainer+peft bf16 weights", "Trainer+peft nf4")
+NF4 = {"quantization": "nf4"}  # issue 23: QLoRA rows (bitsandbytes; CPU kernels in --tiny)
 SDXL_VARIANTS = ("lora train eager", "lora train gc batch 1", "bare loop", "diffusers+peft")
 # The 16 GB-card configuration of issue 22: gradient checkpointing at batch 1.
 GC_BATCH_1 = {"gradient_checkpointing": True, "batch_size": 1}
@@ -711,9 +719,22 @@ def _peft_llama(spec: dict, device):
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForCausalLM
     torch.manual_seed(SEED)
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], local_files_only=True,
-                                                 use_safetensors=True)
-    model.to(device, torch.float32)
+    weights = spec.get("weights", "fp32")
+    if weights == "nf4":  # QLoRA as the peft/bitsandbytes docs set it up
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                   bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(
+            spec["model"], local_files_only=True, use_safetensors=True,
+            quantization_config=quant, dtype=torch.bfloat16, device_map={"": str(device)})
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        dtype = torch.bfloat16 if weights == "bf16" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(spec["model"], local_files_only=True,
+                                                     use_safetensors=True, dtype=dtype)
+        model.to(device, dtype)
     lora = LoraConfig(task_type=TaskType.CAUSAL_LM, r=spec["rank"], lora_alpha=2 * spec["rank"],
                       target_modules=TEXT_TARGETS, lora_dropout=0.0, bias="none")
     return get_peft_model(model, lora)
@@ -954,6 +975,13 @@ def ratio_lines(results: dict, device_name: str, tiny: bool) -> list[str]:
             out.append(ratio("ratio text lora-train best / Trainer+peft", best, hf,
                              target=None if tiny else 1.3)
                        + (" (target >= 1.3x applies to the GPU run only)" if tiny else ""))
+            out.append(ratio("ratio text lora-train eager / Trainer+peft bf16 weights", eager,
+                             sps(task, "Trainer+peft bf16 weights")))
+            out.append(ratio("ratio text lora-train nf4 / Trainer+peft nf4",
+                             sps(task, "lora train nf4"), sps(task, "Trainer+peft nf4"),
+                             target=None if tiny else 1.3)
+                       + (" (target >= 1.3x applies to the GPU run only)" if tiny else ""))
+            out.append(_nf4_memory_line(results, tiny))
         else:
             plain = sps(task, "diffusers+peft")
             out.append(ratio("ratio image lora-train eager / diffusers+peft", eager, plain))
@@ -970,6 +998,19 @@ def ratio_lines(results: dict, device_name: str, tiny: bool) -> list[str]:
                 out.append(f"target image lora train >= 12 steps/s on H200: best {best:.2f} "
                            f"steps/s: {'met' if best >= 12 else 'NOT met'}")
     return out
+
+
+def _nf4_memory_line(results: dict, tiny: bool) -> str:
+    """Issue 23's memory target: lora train's nf4 peak <= 40% of its bf16 peak (GPU run)."""
+    nf4, half = results.get(("text", "lora train nf4")), results.get(("text", "lora train eager"))
+    label = "target text nf4 peak memory <= 40% of bf16 (lora train)"
+    if not (nf4 and half and nf4.get("ok") and half.get("ok")):
+        return f"{label}: n/a (no result)"
+    share = nf4["peak_mem_bytes"] / half["peak_mem_bytes"]
+    if tiny or not nf4.get("peak_mem_kind", "").startswith("GPU"):
+        return (f"{label}: n/a here ({share:.0%} of the eager run's "
+                f"{nf4.get('peak_mem_kind')} peak; tiny runs are fp32 and host memory)")
+    return f"{label}: {share:.0%}: {'met' if share <= 0.4 else 'NOT met'}"
 
 
 def header_lines(probe: dict, sizes: dict, tiny: bool, args, built: dict) -> list[str]:
@@ -1107,6 +1148,8 @@ def main() -> int:
                                 compile_backend=args.compile_backend)
                     if name.endswith("gc batch 1"):
                         spec.update(overrides=GC_BATCH_1, batch=1)
+                    if name.endswith("nf4"):
+                        spec.update(overrides=NF4)
                     spec.update(fp32_weights=name.endswith("fp32 weights"))
                     plan.append((task, name, "lora_train", spec))
                 elif name == "diffusers+peft":
@@ -1117,7 +1160,8 @@ def main() -> int:
                     plan.append((task, name, "bare_text" if task == "text" else "bare_image",
                                  spec))
                 else:
-                    spec.update(seq=sz["seq"])
+                    spec.update(seq=sz["seq"], weights="nf4" if name.endswith("nf4") else (
+                        "bf16" if name.endswith("bf16 weights") else "fp32"))
                     plan.append((task, name, "trainer", spec))
         for task, name, kind, spec in plan:
             r = runner.run(kind, f"{task} {name}", spec)

@@ -14,6 +14,7 @@ ask the runner service).
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import getpass
 import json
 import os
@@ -207,10 +208,45 @@ def _through_service(args, request: dict) -> Any:
     return call(sock, request)
 
 
+def _hub_runs() -> list | None:
+    """In a hub user's server (``$LORA_RUNS_URL`` and the server's hub token set, no state
+    directory of one's own): the caller's submissions from the runs service, else None."""
+    from lora_kernel.common.paths import ledger_path
+
+    url, token = os.environ.get("LORA_RUNS_URL"), os.environ.get("JUPYTERHUB_API_TOKEN")
+    if not url or not token:
+        return None
+    try:
+        if ledger_path(None).exists():  # a state directory of one's own: local mode
+            return None
+    except OSError:  # the platform's state, not readable by users: the service answers
+        pass
+    from lora_kernel.user.runs_client import RunsClient
+
+    return RunsClient(url, token).list()
+
+
+def _print_hub_runs(subs: list) -> None:
+    table = [[str(s.get("run_id") or "-"), _cell(s.get("user")), _cell(s.get("status")),
+              _short_time(dt.datetime.fromtimestamp(s["submitted"], dt.UTC).isoformat())
+              if s.get("submitted") else "-", Path(str(s.get("path") or "-")).name,
+              str(s.get("id"))] for s in subs]
+    _print_table(["RUN", "USER", "STATUS", "SUBMITTED", "NOTEBOOK/CONFIG", "SUBMISSION"], table)
+    print("(your runs, from the hub's runs service; reviews and records: the audit service)")
+
+
 def cmd_list(args) -> int:
     """List runs matching the filters; a run that does not verify is marked TAMPERED."""
     from lora_kernel.provenance.audit import list_runs
     columns = [c.strip() for c in (args.columns or "").split(",") if c.strip()]
+    if args.state is None and not columns:
+        subs = _hub_runs()
+        if subs is not None:
+            if args.json:
+                _print_json(subs)
+            else:
+                _print_hub_runs(subs)
+            return 0
     rows = _through_service(args, {
         "op": "audit_list", "user": args.user, "status": args.status, "review": args.review,
         "expired": args.expired, "columns": columns,

@@ -79,7 +79,9 @@ def cmd_config(args) -> int:
     if cfg.model_family:
         from lora_kernel.training.families import family_named
         family = f" (model family: {cfg.model_family} ({family_named(cfg.model_family).title}))"
-    print(f"{args.file}: OK{family}", flush=True)
+    from lora_kernel.training.fit import fit_summary
+    # the last line: OK, and the memory estimate against each GPU (NVML), before training
+    print(f"{args.file}: OK{family}; {fit_summary(cfg)}", flush=True)
     return 0
 
 

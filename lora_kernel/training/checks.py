@@ -105,7 +105,12 @@ def _check_inputs(cfg: TrainConfig, file: str) -> None:
         _check_family(cfg, file)
         _check_image_dataset(cfg, file)
     else:
+        _check_quantization(cfg, file)
+        from lora_kernel.training.text_adapter import check_init_adapter
+        check_init_adapter(cfg, file)
         _check_text_dataset(cfg, file)
+        from lora_kernel.training.text_data import check_eval_path
+        check_eval_path(cfg, file)
     _check_output_dir(cfg, file)
     _check_memory(cfg, file)
 
@@ -407,6 +412,20 @@ def _refuse_json_array(path: Path, file: str) -> None:
             file=file, key="metadata_path")
 
 
+def _check_quantization(cfg: TrainConfig, file: str) -> None:
+    """``quantization`` other than none needs a working bitsandbytes."""
+    if cfg.quantization == "none":
+        return
+    from lora_kernel.training.text_quant import bitsandbytes_problem
+    problem = bitsandbytes_problem()
+    if problem:
+        raise ConfigError(f"quantization: {cfg.quantization} loads the model through "
+                          f"bitsandbytes, but {problem}; fix: install the pinned bitsandbytes "
+                          f"(requirements.lock.txt), or set quantization: none (and "
+                          f"mixed_precision: bf16 to halve the weights)", file=file,
+                          key="quantization")
+
+
 def _check_text_dataset(cfg: TrainConfig, file: str) -> None:
     from lora_kernel.training.data import is_inside, jsonl_lines, text_files
     files = text_files(cfg)
@@ -425,8 +444,23 @@ def _check_text_dataset(cfg: TrainConfig, file: str) -> None:
                 raise ConfigError(f"dataset file {path} resolves to {path.resolve()}, outside "
                                   f"{data}; {_outside_fix(data)}", file=file,
                                   key="metadata_path" if cfg.metadata_path else "train_data_dir")
+    from lora_kernel.training.text_data import CHAT_FORMATS, check_chat_dataset, resolve_format
     for path in files:
         _refuse_json_array(path, file)
+    fmt = resolve_format(cfg)  # dataset_format, or auto: from the first line
+    if fmt == "preference" or cfg.objective != "sft":  # chosen/rejected pairs (DPO, ORPO)
+        from lora_kernel.training.text_pref import check_preference_dataset
+        if fmt != "preference":
+            raise ConfigError(f"objective: {cfg.objective} trains on preference pairs, but "
+                              f"the dataset is {fmt}; fix: one {{\"prompt\", \"chosen\", "
+                              f"\"rejected\"}} object per line, or objective: sft", file=file,
+                              key="objective")
+        check_preference_dataset(cfg, file)
+        return
+    if fmt in CHAT_FORMATS:  # conversations: roles, turns, the chat template
+        check_chat_dataset(cfg, file, fmt)
+        return
+    for path in files:
         for lineno, line in jsonl_lines(path, source=file):
             try:
                 rec = json.loads(line)

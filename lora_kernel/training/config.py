@@ -32,6 +32,8 @@ from lora_kernel.common.errors import ConfigError
 from lora_kernel.common.yamlio import parse_yaml
 from lora_kernel.training.data import MAX_IMAGE_PIXELS
 from lora_kernel.training.precision import VAE_DTYPES
+from lora_kernel.training.text_data import FORMATS, TEMPLATE_NAMES
+from lora_kernel.training.text_quant import COMPUTE_DTYPES, QUANTIZATIONS
 
 TASKS = ("image", "text")
 COMPILE_MODES = ("true", "false", "auto")
@@ -43,7 +45,8 @@ LR_SCHEDULERS = (
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 # The keys whose values are filesystem paths, resolved against the config's folder.
-PATH_KEYS = ("train_data_dir", "metadata_path", "base_model", "output_dir", "init")
+PATH_KEYS = ("train_data_dir", "metadata_path", "base_model", "output_dir", "init",
+             "init_adapter", "eval_path")
 DEFAULT_IMAGE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 DEFAULT_TEXT_TARGETS = ["q_proj", "v_proj"]
 
@@ -101,6 +104,47 @@ class TrainConfig:
                               default="response")
     max_seq_length: int = _h("Tokens per training sequence (text).", default=256)
     packing: bool = _h("Pack several examples into one sequence (text).", default=True)
+    dataset_format: str = _h(
+        "Text dataset format: auto (from the first line), messages (OpenAI), sharegpt, alpaca, "
+        "prompt_response or text; the manifest records the resolved one (text).",
+        default="auto")
+    chat_template: str | None = _h(
+        "Render conversations with this template of templates/chat (llama3, chatml, qwen, "
+        "mistral, gemma) instead of the tokenizer's own chat_template (text).", default=None)
+    quantization: str = _h(
+        "Load the frozen causal LM through bitsandbytes: none, nf4 or fp4 (4-bit, QLoRA) or "
+        "int8; the LoRA weights stay float32 (text).", default="none")
+    bnb_4bit_compute_dtype: str = _h(
+        "Compute dtype of 4-bit layers: auto (mixed_precision's dtype, bf16 when no), bf16, "
+        "fp16 or fp32 (text).", default="auto")
+    eval_path: str | None = _h(
+        "Held-out .jsonl (same format as the training data) whose loss is measured every "
+        "eval_steps and at the end (TensorBoard eval/loss, training_summary.json; text, sft).",
+        default=None)
+    validation_split: float = _h(
+        "Hold out this fraction of the records (chosen by the seed) instead of eval_path "
+        "(0: none; text, sft).", default=0.0)
+    eval_steps: int = _h("Measure the held-out loss every N optimizer steps (0: only before "
+                         "and after training; text).", default=0)
+    sample_every_n_steps: int = _h(
+        "Also write samples every N optimizer steps (0: only at the end): the sample grid "
+        "(image; samples/step-N/ and TensorBoard) or sample completions (text; "
+        "samples/step-N/).", default=0)
+    objective: str = _h(
+        "sft (next-token loss on the answers), dpo or orpo (preference pairs: prompt, chosen, "
+        "rejected; text).", default="sft")
+    preference_beta: float = _h(
+        "DPO's beta (strength of the KL anchor to the base model) / ORPO's lambda (weight of "
+        "the odds-ratio term) (text).", default=0.1)
+    use_dora: bool = _h("Weight-decomposed LoRA (DoRA; text).", default=False)
+    use_rslora: bool = _h("Rank-stabilised LoRA: scale lora_alpha/sqrt(r) instead of "
+                          "lora_alpha/r (text).", default=False)
+    init_adapter: str | None = _h(
+        "Continue from this PEFT adapter folder (an earlier text run's <output_name>/, same "
+        "lora_rank); its sha256 is recorded in the new adapter (text).", default=None)
+    bnb_4bit_use_double_quant: bool = _h(
+        "Quantize the 4-bit quantization constants too (about 0.4 bits per weight less; text).",
+        default=True)
     seed: int = _h("Random seed: data order, LoRA init, noise, sampling.", default=42)
     deterministic: bool | None = _h(
         "Deterministic kernels: the same config and seed give a bit-identical adapter on the "
@@ -188,9 +232,6 @@ class TrainConfig:
         "Write a loadable adapter (kohya and diffusers format, <output_name>-eNNNN) every N "
         "epochs into <output_dir>/snapshots/ (0: never); save_steps also writes one "
         "(<output_name>-sNNNNNN) besides its checkpoint (image).", default=0)
-    sample_every_n_steps: int = _h("Draw the sample grid every N optimizer steps (image; into "
-                                   "samples/step-N/ and TensorBoard; 0: only at the end).",
-                                   default=0)
     sample_every_n_epochs: int = _h("Draw the sample grid every N epochs (image; 0: only at "
                                     "the end).", default=0)
     clip_skip: int = _h("Condition on the text encoder's output this many layers from the "
@@ -232,6 +273,11 @@ class TrainConfig:
     # one note each; the canonical key is what is recorded (not a key).
     key_notes: list[str] = field(default_factory=list, repr=False, compare=False,
                                  metadata={"internal": True})
+
+    # The text dataset's format when dataset_format is auto, found by validation from the
+    # first line; to_dict records it in place of "auto" (not a key).
+    resolved_dataset_format: str | None = field(default=None, repr=False, compare=False,
+                                                metadata={"internal": True})
 
     def __post_init__(self):
         self._check()
@@ -288,6 +334,7 @@ class TrainConfig:
         if self.vae_dtype not in VAE_DTYPES:
             raise self._err("vae_dtype", f"must be one of {', '.join(VAE_DTYPES)}, got "
                                          f"{self.vae_dtype!r}; fix: vae_dtype: auto")
+        self._check_text_keys()
         if self.lr_scheduler not in LR_SCHEDULERS:
             hint = _did_you_mean(str(self.lr_scheduler), LR_SCHEDULERS)
             raise self._err("lr_scheduler", f"unknown scheduler {self.lr_scheduler!r}{hint}; "
@@ -301,6 +348,44 @@ class TrainConfig:
             raise self._err("output_name", f"must be a plain file stem, got {self.output_name!r}")
         from lora_kernel.training.habits import check_habits
         check_habits(self)
+
+    def _check_text_keys(self):
+        if not (0 <= self.validation_split < 1):
+            raise self._err("validation_split", f"must be in [0, 1), got "
+                                                f"{self.validation_split}; e.g. 0.1")
+        for key in ("eval_steps", "sample_every_n_steps"):
+            if getattr(self, key) < 0:
+                raise self._err(key, f"must be >= 0, got {getattr(self, key)}")
+        if self.eval_path and self.validation_split:
+            raise self._err("validation_split", "give eval_path or validation_split, not both")
+        if (self.eval_path or self.validation_split) and (
+                self.task != "text" or self.objective != "sft"):
+            raise self._err("eval_path" if self.eval_path else "validation_split",
+                            "held-out evaluation is for text SFT runs (task: text, objective: "
+                            "sft); fix: remove it")
+        if self.preference_beta <= 0:
+            raise self._err("preference_beta", f"must be > 0, got {self.preference_beta}")
+        if self.task == "image" and self.objective != "sft":
+            raise self._err("objective", "dpo and orpo apply to task: text; fix: remove it")
+        for key, allowed in (("dataset_format", FORMATS), ("quantization", QUANTIZATIONS),
+                             ("objective", ("sft", "dpo", "orpo")),
+                             ("bnb_4bit_compute_dtype", COMPUTE_DTYPES)):
+            if getattr(self, key) not in allowed:
+                raise self._err(key, f"must be one of {', '.join(allowed)}, got "
+                                     f"{getattr(self, key)!r}")
+        if self.chat_template is not None and self.chat_template not in TEMPLATE_NAMES:
+            raise self._err("chat_template", f"unknown template {self.chat_template!r}; fix: "
+                            f"one of {', '.join(TEMPLATE_NAMES)}, or remove the key for the "
+                            f"tokenizer's own")
+        if self.task == "image" and self.target_modules == ["all-linear"]:
+            raise self._err("target_modules", "all-linear applies to task: text; fix: name "
+                                              "the UNet modules, or remove the key")
+        for key in ("use_dora", "use_rslora", "init_adapter"):
+            if self.task == "image" and getattr(self, key):
+                raise self._err(key, "applies to task: text; fix: remove it")
+        if self.task == "image" and self.quantization != "none":
+            raise self._err("quantization", "applies to the causal LM of task: text; fix: "
+                                            "remove it (or set quantization: none)")
 
     # -- derived values ----------------------------------------------------
     @property
@@ -324,6 +409,8 @@ class TrainConfig:
             out[f.name] = getattr(self, f.name)
         out["lora_alpha"] = self.alpha
         out["target_modules"] = self.targets
+        if self.resolved_dataset_format and self.dataset_format == "auto":
+            out["dataset_format"] = self.resolved_dataset_format
         return out
 
     def dataset_files(self) -> list[Path]:

@@ -10,11 +10,15 @@
                                 text_time conditioning; :mod:`lora_kernel.training.demo_sdxl`)
     models/tiny-sdxl.safetensors  the same as one file in SDXL's original layout
     models/tiny-llama/          a tiny Llama causal LM with a locally built BPE tokenizer
+    models/tiny-chat/           the tiny Llama with a ChatML tokenizer and chat_template
+                                (:mod:`lora_kernel.training.demo_chat`)
+    datasets/chat/train.jsonl   OpenAI "messages" conversations of the same mapping
+    datasets/chat/preference.jsonl  prompt/chosen/rejected pairs (dpo_lora.yaml)
     datasets/image/             procedurally drawn 64x64 PNGs + metadata.csv (file_name,text),
                                 all in the learnable "enclave style" (magenta stripes, white rims)
     datasets/text/train.jsonl   prompt/response records of a learnable code mapping
     datasets/text/plain.jsonl   {"text": ...} records
-    image_lora.yaml, text_lora.yaml, sdxl_lora.yaml   ready-to-run configs (paths relative
+    image_lora.yaml, text_lora.yaml, sdxl_lora.yaml, chat_lora.yaml   ready-to-run configs
                                 to demo/)
 
 Every weight comes from a seeded CPU ``torch`` initialisation, every file is written with
@@ -29,11 +33,12 @@ import csv
 import io
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
 from lora_kernel.common.paths import lora_home
-from lora_kernel.training import demo_sdxl
+from lora_kernel.training import demo_chat, demo_sdxl
 
 # -- the demo vocabulary ----------------------------------------------------------------
 COLORS = ("red", "green", "blue", "yellow", "orange", "cyan")
@@ -108,7 +113,8 @@ def build_demo_assets(home: str | os.PathLike | None = None, seed: int = 0) -> d
     same bytes in every file. Keys of the returned dict: ``demo``, ``tiny_sd``,
     ``tiny_sd_single_file``, ``tiny_llama``, ``image_dataset``, ``image_metadata``,
     ``text_train``, ``text_plain``, ``image_config``, ``text_config``, ``tiny_sdxl``,
-    ``tiny_sdxl_single_file``, ``sdxl_config``, ``tiny_clip`` (for ``lora label``).
+    ``tiny_sdxl_single_file``, ``sdxl_config``, ``tiny_clip`` (for ``lora label``),
+    ``tiny_chat``, ``chat_train``, ``chat_config``, ``chat_preference``, ``dpo_config``.
     """
     root = demo_dir(home)
     models = root / "models"
@@ -128,6 +134,11 @@ def build_demo_assets(home: str | os.PathLike | None = None, seed: int = 0) -> d
         "tiny_sdxl_single_file": models / "tiny-sdxl.safetensors",
         "sdxl_config": root / "sdxl_lora.yaml",
         "tiny_clip": models / "tiny-clip",
+        "tiny_chat": models / "tiny-chat",
+        "chat_train": data / "chat" / "train.jsonl",
+        "chat_config": root / "chat_lora.yaml",
+        "chat_preference": data / "chat" / "preference.jsonl",
+        "dpo_config": root / "dpo_lora.yaml",
     }
     write_image_dataset(paths["image_dataset"])
     write_tiny_sd(paths["tiny_sd"], seed=seed)
@@ -139,8 +150,14 @@ def build_demo_assets(home: str | os.PathLike | None = None, seed: int = 0) -> d
     write_tiny_llama(paths["tiny_llama"], seed=seed, corpus=_text_corpus())
     _write(paths["image_config"], IMAGE_CONFIG_YAML)
     _write(paths["text_config"], TEXT_CONFIG_YAML)
-    from lora_kernel.training.demo_clip import write_demo_clip
     write_demo_clip(paths["tiny_clip"], seed=seed)
+    chat = demo_chat.chat_records(TEXT_ITEMS, text_code)
+    _fresh_dir(paths["chat_train"].parent)
+    _write(paths["chat_train"], _jsonl(chat))
+    write_tiny_chat_llama(paths["tiny_chat"], seed=seed, corpus=demo_chat.chat_corpus(chat))
+    _write(paths["chat_config"], demo_chat.CHAT_CONFIG_YAML)
+    _write(paths["chat_preference"], _jsonl(demo_chat.preference_records(TEXT_ITEMS, text_code)))
+    _write(paths["dpo_config"], demo_chat.DPO_CONFIG_YAML)
     return paths
 
 
@@ -556,14 +573,14 @@ def write_text_datasets(folder: Path) -> None:
 LM_SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
 
 
-def lm_vocab_and_merges(corpus) -> tuple[dict[str, int], list[str]]:
+def lm_vocab_and_merges(corpus, specials=LM_SPECIAL_TOKENS) -> tuple[dict[str, int], list[str]]:
     """A byte-level BPE vocabulary (GPT-2 style, ``Ġ`` marks a leading space): special tokens,
     the 256 byte symbols, and merges that make every word of ``corpus`` one token."""
     import re
 
     alphabet = list(_bytes_to_unicode().values())
     byte_map = _bytes_to_unicode()
-    tokens = list(LM_SPECIAL_TOKENS) + alphabet
+    tokens = list(specials) + alphabet
     # the GPT-2 pre-tokenizer pattern, simplified: optional space + letters / digits / other
     words = set()
     for text in corpus:
@@ -593,13 +610,40 @@ def build_lm_tokenizer(corpus):
         padding_side="right")
 
 
-def write_tiny_llama(folder: Path, seed: int = 0, corpus=None) -> Path:
+def build_chat_tokenizer(corpus):
+    """The demo chat tokenizer: byte-level BPE with ChatML's special tokens, no BOS,
+    ``<|im_end|>`` as end of sequence, and the ChatML ``chat_template``."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+    from transformers import PreTrainedTokenizerFast
+
+    from lora_kernel.training.text_data import named_template
+    vocab, merges = lm_vocab_and_merges(corpus, demo_chat.CHAT_SPECIAL_TOKENS)
+    tok = Tokenizer(BPE(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges],
+                        fuse_unk=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(list(demo_chat.CHAT_SPECIAL_TOKENS))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        model_max_length=512, clean_up_tokenization_spaces=False, padding_side="right")
+    fast.chat_template = named_template("chatml")
+    return fast
+
+
+def write_tiny_chat_llama(folder: Path, seed: int = 0, corpus=None) -> Path:
+    """Write the tiny chat model (:mod:`lora_kernel.training.demo_chat`)."""
+    return write_tiny_llama(folder, seed=seed, tokenizer=build_chat_tokenizer(corpus or []))
+
+
+def write_tiny_llama(folder: Path, seed: int = 0, corpus=None, tokenizer=None) -> Path:
     """Write the tiny Llama causal LM and its tokenizer (safetensors only)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     _fresh_dir(folder)
-    tokenizer = build_lm_tokenizer(corpus if corpus is not None else _text_corpus())
+    if tokenizer is None:
+        tokenizer = build_lm_tokenizer(corpus if corpus is not None else _text_corpus())
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -725,3 +769,75 @@ def write_clip_folder(model, folder: str | os.PathLike) -> Path:
 def build_tiny_clip(path: str | os.PathLike, seed: int = 0) -> Path:
     """Write a tiny, randomly initialised CLIP (:func:`tiny_clip_model`) to ``path``."""
     return write_clip_folder(tiny_clip_model(seed), path)
+
+
+# -- the demo CLIP for `lora label`: the tiny CLIP trained for a few seconds with CLIP's
+# contrastive loss on drawn squares and circles against "a photo of red/green/blue", so that
+# zero-shot tagging of the demo images says their colour. One thread, fixed seed and drawings:
+# the same seed gives the same bytes.
+CLIP_COLOURS = {"red": (220, 40, 40), "green": (40, 190, 70), "blue": (50, 80, 230)}
+CLIP_SHAPES = ("square", "circle")
+CLIP_TEMPLATE = "a photo of {}"
+CLIP_STEPS = 60
+
+
+def draw_shape(colour: str, shape: str, rng: random.Random, size: int = 48):
+    """A ``colour`` ``shape`` (PIL image) of random size and place on a light grey ground."""
+    from PIL import Image, ImageDraw
+
+    im = Image.new("RGB", (size, size), (235, 235, 235))
+    d = ImageDraw.Draw(im)
+    r, cx, cy = rng.randint(12, 18), rng.randint(20, 28), rng.randint(20, 28)
+    box = [cx - r, cy - r, cx + r, cy + r]
+    (d.rectangle if shape == "square" else d.ellipse)(box, fill=CLIP_COLOURS[colour])
+    return im
+
+
+def train_tiny_clip(seed: int = 0, steps: int = CLIP_STEPS):
+    """The tiny CLIP trained to tell red, green and blue shapes apart; returns
+    ``(model in eval mode, final contrastive loss)``."""
+    import tempfile
+
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(tmp) / "tok"),
+                                            local_files_only=True)
+    model = tiny_clip_model(seed=seed)
+    mean = torch.tensor(CLIP_MEAN).view(3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(3, 1, 1)
+
+    def pixels(im) -> torch.Tensor:
+        arr = np.asarray(im.resize((CLIP_IMAGE_SIZE, CLIP_IMAGE_SIZE),
+                                   Image.Resampling.BICUBIC), dtype=np.float32)
+        return (torch.from_numpy(arr / 255).permute(2, 0, 1) - mean) / std
+
+    rng = random.Random(seed)
+    bank = {c: [pixels(draw_shape(c, s, rng)) for s in CLIP_SHAPES for _ in range(4)]
+            for c in CLIP_COLOURS}
+    enc = tok([CLIP_TEMPLATE.format(c) for c in CLIP_COLOURS], padding=True, return_tensors="pt")
+    torch.manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: faster, and the same bytes on every run
+    loss = torch.tensor(float("nan"))
+    try:
+        for _ in range(steps):
+            pv = torch.stack([bank[c][rng.randrange(8)] for c in CLIP_COLOURS])
+            loss = model(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
+                         pixel_values=pv, return_loss=True).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model.eval(), float(loss.item())
+
+
+def write_demo_clip(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """Train (:func:`train_tiny_clip`) and write the demo CLIP to ``folder``."""
+    model, _loss = train_tiny_clip(seed)
+    return write_clip_folder(model, folder)

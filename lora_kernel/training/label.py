@@ -356,13 +356,12 @@ def prepare_notebook(image_dir: str | os.PathLike = "", clip_model: str | os.Pat
     """``(image folder, CLIP folder)`` for the auto-label notebook. An empty ``image_dir``: a
     copy of the demo images, without captions, in ``<home>/label-demo/images`` (the demo
     dataset itself is never touched); an empty ``clip_model``: the demo CLIP of
-    :func:`~lora_kernel.training.demo_clip.write_demo_clip` in
+    :func:`~lora_kernel.training.demo_assets.write_demo_clip` in
     ``<home>/demo/models/tiny-clip`` (it tells red, green and blue apart)."""
     import shutil
 
     from lora_kernel.common.paths import lora_home
-    from lora_kernel.training.demo_assets import demo_dir, write_image_dataset
-    from lora_kernel.training.demo_clip import write_demo_clip
+    from lora_kernel.training.demo_assets import demo_dir, write_demo_clip, write_image_dataset
 
     root = lora_home(home)
     if image_dir:

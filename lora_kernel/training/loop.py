@@ -38,7 +38,7 @@ from lora_kernel.training.optimizers import flatten_optimizer_state, unflatten_o
 RESUME_FREE_KEYS = {"max_train_steps", "epochs", "save_steps", "output_dir", "sample_prompts",
                     "sample_steps", "sample_seeds", "max_new_tokens", "logging_steps",
                     "output_name", "record_dataset_paths", "cache_latents", "keep_checkpoints",
-                    "deterministic", "compile", "save_every_n_epochs",
+                    "deterministic", "compile", "eval_steps", "save_every_n_epochs",
                     "sample_every_n_steps", "sample_every_n_epochs"}
 
 
@@ -441,6 +441,9 @@ def run_loop(cfg, task: Task, *, output_dir: Path, device: torch.device,
                 epochs_before = loop.epochs_done()
                 step_loss, step_examples, lr = loop.optimizer_step()
                 report.step(step_loss, step_examples, lr, time.perf_counter() - t0)
+                after = getattr(task, "after_step", None)
+                if after is not None:  # a task's periodic work (held-out loss, samples)
+                    after(loop.at.step, loop.n_steps, report.writer, loop.output_dir)
                 if on_step is not None:
                     on_step(loop.at.step, step_loss, lr)
                 if after_step is not None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -306,9 +307,12 @@ def _load_single_file(p: Path, config, family):
 
 
 # -- causal LM ----------------------------------------------------------------------------
-def load_causal_lm(path: str | os.PathLike, *, dtype=None):
+def load_causal_lm(path: str | os.PathLike, *, dtype=None, quantization_config=None,
+                   device=None):
     """``(model, tokenizer)`` of a local Hugging Face causal-LM folder (safetensors only, no
-    custom code). If the tokenizer has no pad token, its eos token is used for padding."""
+    custom code). If the tokenizer has no pad token, its eos token is used for padding.
+    With ``quantization_config`` (a ``BitsAndBytesConfig``) the model is quantized while it
+    loads, straight onto ``device`` (:mod:`lora_kernel.training.text_quant`)."""
     p = check_model_path(path, "text")  # refuse before any ML library is even imported
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -324,9 +328,14 @@ def load_causal_lm(path: str | os.PathLike, *, dtype=None):
     tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True,
                                               trust_remote_code=False)
     dtype = dtype or torch.float32
+    quant = {}
+    if quantization_config is not None:
+        quant = {"quantization_config": quantization_config,
+                 "device_map": {"": str(device or "cpu")}}
     model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=dtype,
-                                                 use_safetensors=True, trust_remote_code=False)
-    if next(model.parameters()).dtype != dtype:
+                                                 use_safetensors=True, trust_remote_code=False,
+                                                 **quant)
+    if quantization_config is None and next(model.parameters()).dtype != dtype:
         model.to(dtype=dtype)
     model.eval()
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
@@ -466,7 +475,10 @@ def estimate_training_memory(cfg) -> MemoryEstimate:
     and their gradient: 2 x B x T x vocab_size x 4 B.
 
     w = 2 bytes with mixed_precision fp16/bf16 (the frozen weights are loaded in that dtype;
-    the VAE's own bytes follow ``vae_dtype``), else 4.
+    the VAE's own bytes follow ``vae_dtype``), else 4. With ``quantization`` (text) the
+    decoder layers' Linear weights cost what bitsandbytes stores per weight (nf4/fp4 about
+    0.52 bytes with double quantization, int8 1 byte), the rest w
+    (:func:`lora_kernel.training.text_quant.quantized_model_bytes`).
     a = 2 bytes with mixed_precision fp16/bf16 (autocast), else 4. LoRA weights, their
     gradients and AdamW states (well under 1% of the weights) and the attention score
     matrices (fused attention kernels do not keep them) are left out: the estimate is a lower
@@ -498,18 +510,40 @@ def estimate_training_memory(cfg) -> MemoryEstimate:
         from lora_kernel.training.data import read_image_rows
         data = len(read_image_rows(cfg)) * 3 * cfg.resolution ** 2 * 4
     else:
-        weights = w * _param_count(_weight_files(p))
-        conf = _read_json(p / "config.json")
-        hidden, layers = conf.get("hidden_size"), conf.get("num_hidden_layers")
-        if isinstance(hidden, int) and isinstance(layers, int):
-            levels.append((cfg.max_seq_length, hidden, layers, 18))
-        vocab = conf.get("vocab_size")
-        if isinstance(vocab, int):
-            extra = 2 * b * cfg.max_seq_length * vocab * 4
-        data = 0
-    if cfg.gradient_checkpointing:
-        kept = sum(t * c * n for t, c, n, _ in levels)
-        kept += max((t * c * m for t, c, _, m in levels), default=0)
-    else:
-        kept = sum(t * c * n * m for t, c, n, m in levels)
+        tensors = [(name, info["shape"]) for f in _weight_files(p)
+                   for name, info in read_safetensors_header(f).items()
+                   if name != "__metadata__"]
+        return estimate_text_memory(cfg, tensors, _read_json(p / "config.json"))
+    kept = _kept_maps(levels, cfg.gradient_checkpointing)
     return MemoryEstimate(weights=weights, activations=a * b * kept + extra, data=data)
+
+
+def _kept_maps(levels: list[tuple[int, int, int, int]], checkpointing: bool) -> int:
+    """Activation values the backward pass keeps over ``levels`` (T, C, n, m); see
+    :func:`estimate_training_memory`."""
+    if checkpointing:
+        return (sum(t * c * n for t, c, n, _ in levels)
+                + max((t * c * m for t, c, _, m in levels), default=0))
+    return sum(t * c * n * m for t, c, n, m in levels)
+
+
+def estimate_text_memory(cfg, tensors, conf: dict) -> MemoryEstimate:
+    """The causal-LM rule of :func:`estimate_training_memory` from the checkpoint's
+    ``(name, shape)`` pairs and its ``config.json`` values, so that a full-size layout built
+    on the meta device is estimated the same way (``bench/llm_memory.py``)."""
+    b = cfg.batch_size
+    a = 2 if cfg.mixed_precision in ("fp16", "bf16") else 4
+    if getattr(cfg, "quantization", "none") != "none":
+        from lora_kernel.training.text_quant import quantized_model_bytes
+        weights = quantized_model_bytes(cfg, tensors)
+    else:
+        w = bytes_per_param(weight_dtype_name(cfg))
+        weights = w * sum(math.prod(int(d) for d in shape) for _, shape in tensors)
+    levels = []
+    hidden, layers = conf.get("hidden_size"), conf.get("num_hidden_layers")
+    if isinstance(hidden, int) and isinstance(layers, int):
+        levels.append((cfg.max_seq_length, hidden, layers, 18))
+    vocab = conf.get("vocab_size")
+    extra = 2 * b * cfg.max_seq_length * vocab * 4 if isinstance(vocab, int) else 0
+    kept = _kept_maps(levels, cfg.gradient_checkpointing)
+    return MemoryEstimate(weights=weights, activations=a * b * kept + extra, data=0)

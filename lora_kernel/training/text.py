@@ -1,7 +1,9 @@
 """Text LoRA (causal LM): transformers + peft ``CAUSAL_LM`` LoRA.
 
-The dataset is JSON Lines with either ``text`` records (loss on every token) or
-``prompt``/``response`` records (loss on the response and end-of-sequence only). With
+The dataset is JSON Lines: conversations (OpenAI ``messages``, ShareGPT, Alpaca; rendered with
+the chat template, loss on the assistant turns, see :mod:`lora_kernel.training.text_data`),
+``text`` records (loss on every token) or ``prompt``/``response`` records (loss on the response
+and end-of-sequence only). With
 ``packing`` several examples share one sequence of ``max_seq_length`` tokens, as in
 LLaMA-Factory and TRL; without it each example is its own (padded) sequence.
 
@@ -10,20 +12,42 @@ Runs as: the user (their kernel, ``lora train``, or a recorded run's steps as th
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
 
-from lora_kernel.common.errors import DataError
+from lora_kernel.common.errors import ConfigError, DataError
 from lora_kernel.training.data import read_text_records
-from lora_kernel.training.loop import seed_everything
+from lora_kernel.training.loop import autocast_context, seed_everything
 from lora_kernel.training.precision import keep_trainable_fp32
 
 IGNORE = -100
+logger = logging.getLogger(__name__)
+
+
+def load_text_model(cfg, *, dtype, device):
+    """``(model, tokenizer)`` of ``cfg.base_model``: its frozen weights in ``dtype``, or
+    quantized per ``cfg.quantization`` straight onto ``device`` and prepared for k-bit
+    training (:mod:`lora_kernel.training.text_quant`)."""
+    from lora_kernel.training.models import load_causal_lm
+    from lora_kernel.training.text_quant import bnb_config, prepare_unquantized
+    quant = bnb_config(cfg)
+    if quant is None:
+        return load_causal_lm(cfg.base_model, dtype=dtype)
+    model, tokenizer = load_causal_lm(cfg.base_model, dtype=dtype, quantization_config=quant,
+                                      device=device)
+    return prepare_unquantized(cfg, model), tokenizer
 
 
 def encode_records(cfg, tokenizer) -> list[tuple[list[int], list[int]]]:
-    """Token ids and labels of each record (prompt tokens masked with -100)."""
+    """Token ids and labels of each record (-100 where no loss): conversations
+    (:mod:`lora_kernel.training.text_data`) rendered with the chat template, loss on the
+    assistant turns; prompt/response records with the prompt masked; text records whole."""
+    from lora_kernel.training.text_data import CHAT_FORMATS, encode_chat_records, resolve_format
+    fmt = resolve_format(cfg)
+    if fmt in CHAT_FORMATS:
+        return encode_chat_records(cfg, tokenizer, fmt)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     out = []
@@ -44,21 +68,65 @@ def encode_records(cfg, tokenizer) -> list[tuple[list[int], list[int]]]:
     return out
 
 
-def build_sequences(cfg, records, pad_id: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Training sequences: packed into ``max_seq_length`` chunks, or one per record."""
+class Sequence(tuple):
+    """One training sequence: a ``(ids, labels)`` pair (tensors), and ``positions``: the
+    position id of every token, restarting at 0 for each packed example (None: unpacked,
+    ``0..n-1``)."""
+
+    positions: torch.Tensor | None
+
+    def __new__(cls, ids: torch.Tensor, labels: torch.Tensor,
+                positions: torch.Tensor | None = None) -> Sequence:
+        seq = super().__new__(cls, (ids, labels))
+        seq.positions = positions
+        return seq
+
+
+def pack_examples(lengths: list[int], limit: int) -> list[list[int]]:
+    """First-fit decreasing: the example indices of each packed sequence (at most ``limit``
+    tokens; every example whole), in a fixed order for the same lengths."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        for b, free in enumerate(room):
+            if lengths[i] <= free:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(limit - lengths[i])
+    return [sorted(b) for b in bins]
+
+
+def build_sequences(cfg, records, pad_id: int) -> list[Sequence]:
+    """Training sequences, one per record or, with ``packing``, several whole records per
+    sequence of at most ``max_seq_length`` tokens that never attend to each other (position
+    ids restart per record; :func:`collate` leaves the attention mask out so that the model
+    builds a block-diagonal causal mask from them). A record longer than ``max_seq_length``
+    is truncated, with a warning naming it."""
     L = cfg.max_seq_length
-    seqs = []
+    for n, (ids, _) in enumerate(records, start=1):
+        if len(ids) > L:
+            logger.warning("record %d of the dataset has %d tokens, more than max_seq_length "
+                           "%d: it is truncated (raise max_seq_length to keep it whole)",
+                           n, len(ids), L)
+    cut = [(list(i[:L]), list(lab[:L])) for i, lab in records]
     if cfg.packing:
-        ids, labels = [], []
-        for i, lab in records:
-            ids.extend(i)
-            labels.extend(lab)
-        for start in range(0, len(ids), L):
-            seqs.append((torch.tensor(ids[start:start + L]),
-                         torch.tensor(labels[start:start + L])))
+        seqs = []
+        for group in pack_examples([len(i) for i, _ in cut], L):
+            ids: list[int] = []
+            labels: list[int] = []
+            pos: list[int] = []
+            for k in group:
+                i, lab = cut[k]
+                ids.extend(i)
+                labels.extend([IGNORE] + lab[1:])  # the first token is never predicted
+                pos.extend(range(len(i)))
+            seqs.append(Sequence(torch.tensor(ids), torch.tensor(labels), torch.tensor(pos)))
     else:
-        for i, lab in records:
-            seqs.append((torch.tensor(i[:L]), torch.tensor(lab[:L])))
+        seqs = [Sequence(torch.tensor(i), torch.tensor(lab)) for i, lab in cut]
     seqs = [s for s in seqs if (s[1] != IGNORE).any()]
     if not seqs:
         raise DataError("no training tokens: every sequence is fully masked; check "
@@ -79,33 +147,104 @@ def collate(seqs: list[tuple[torch.Tensor, torch.Tensor]], pad_id: int):
     return ids, mask, labels
 
 
+def packed_positions(seqs: list[Sequence]) -> torch.Tensor:
+    """The position ids of a right-padded batch of packed sequences: each sequence's own,
+    then the padding as one more block starting at 0 (it attends only to itself and carries
+    no loss)."""
+    n = max(len(s[0]) for s in seqs)
+    out = torch.zeros((len(seqs), n), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        pos = s.positions if s.positions is not None else torch.arange(len(s[0]))
+        out[row, :len(pos)] = pos
+        out[row, len(pos):] = torch.arange(n - len(pos))
+    return out
+
+
 class TextTask:
     """PEFT LoRA training of a causal language model."""
 
     def __init__(self, cfg, model, tokenizer, *, device: torch.device):
-        from peft import LoraConfig, TaskType, get_peft_model
-
         from lora_kernel.training.config import DEFAULT_TEXT_TARGETS
         from lora_kernel.training.models import check_target_modules
+        from lora_kernel.training.text_adapter import attach, is_all_linear, lora_config
         self.cfg, self.tokenizer, self.device = cfg, tokenizer, device
         # Names that match nothing are refused (exit 2) before anything is attached or trained.
-        check_target_modules(model, cfg.targets, what=f"model {cfg.base_model}",
-                             file=cfg.source, default=DEFAULT_TEXT_TARGETS)
+        if not is_all_linear(cfg.targets) and not cfg.init_adapter:
+            check_target_modules(model, cfg.targets, what=f"model {cfg.base_model}",
+                                 file=cfg.source, default=DEFAULT_TEXT_TARGETS)
         seed_everything(cfg.seed)
-        self.lora_config = LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.lora_rank,
-                                      lora_alpha=cfg.alpha, target_modules=cfg.targets,
-                                      lora_dropout=cfg.lora_dropout, bias="none")
-        model.to(device)
+        self.lora_config = lora_config(cfg)
+        if getattr(cfg, "quantization", "none") == "none":
+            model.to(device)  # a quantized model was loaded onto the device
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.enable_input_require_grads()
-        self.model = get_peft_model(model, self.lora_config)
+        self.model = attach(cfg, model)  # fresh (self.lora_config), or init_adapter
         keep_trainable_fp32(self.model)  # the frozen LM may be half precision, LoRA is not
         self.model.train()
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (
             tokenizer.eos_token_id or 0)
-        self.sequences = build_sequences(cfg, encode_records(cfg, tokenizer), self.pad_id)
+        self.sequences = self.build(cfg, tokenizer)
         self.tokens = sum(int((s[1] != IGNORE).sum()) for s in self.sequences)
+        self._before = self.held_out_loss() if getattr(self, "held", None) else None
+
+    def build(self, cfg, tokenizer) -> list:
+        """The training examples (here: sequences; a preference task's: pairs), and the
+        held-out sequences (``self.held``: ``eval_path``, or ``validation_split`` of the
+        records chosen by the seed, never trained on)."""
+        from dataclasses import replace
+        records = encode_records(cfg, tokenizer)
+        held: list = []
+        if cfg.validation_split:
+            gen = torch.Generator().manual_seed(cfg.seed + 104729)
+            order = torch.randperm(len(records), generator=gen).tolist()
+            k = max(1, round(len(records) * cfg.validation_split))
+            if k >= len(records):
+                raise ConfigError(f"validation_split {cfg.validation_split} of {len(records)} "
+                                  f"records leaves none to train on; fix: a smaller fraction",
+                                  file=cfg.source, key="validation_split")
+            out = set(order[:k])
+            held = [r for i, r in enumerate(records) if i in out]
+            records = [r for i, r in enumerate(records) if i not in out]
+        elif cfg.eval_path:
+            held = encode_records(replace(cfg, metadata_path=cfg.eval_path,
+                                          train_data_dir=None), tokenizer)
+        self.held = build_sequences(cfg, held, self.pad_id) if held else []
+        self.eval_history: list[dict] = []
+        return build_sequences(cfg, records, self.pad_id)
+
+    @torch.no_grad()
+    def held_out_loss(self) -> float:
+        """Mean loss over the held-out sequences (eval mode, the run's autocast)."""
+        b = self.cfg.batch_size
+        total, count = 0.0, 0
+        self.model.train(False)
+        try:
+            for i in range(0, len(self.held), b):
+                seqs = self.held[i:i + b]
+                with autocast_context(self.cfg, self.device):
+                    total += self._loss_of(seqs).item() * len(seqs)
+                count += len(seqs)
+        finally:
+            self.model.train(True)
+        return total / max(1, count)
+
+    def after_step(self, step: int, n_steps: int, writer, output_dir: Path) -> None:
+        """The loop's periodic hook: the held-out loss every ``eval_steps`` (and at the last
+        step; the first measurement is before training), sample completions every
+        ``sample_every_n_steps``."""
+        cfg = self.cfg
+        if self.held:
+            if not self.eval_history:
+                self.eval_history.append({"step": 0, "loss": self._before})
+                writer.add_scalar("eval/loss", self._before, 0)
+            if (cfg.eval_steps and step % cfg.eval_steps == 0) or step == n_steps:
+                loss = self.held_out_loss()
+                self.eval_history.append({"step": step, "loss": loss})
+                writer.add_scalar("eval/loss", loss, step)
+        if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0 \
+                and step != n_steps:
+            sample_completions(cfg, self, Path(output_dir) / "samples" / f"step-{step}")
 
     def param_groups(self) -> list[dict]:
         return [{"params": [p for p in self.model.parameters() if p.requires_grad],
@@ -132,7 +271,15 @@ class TextTask:
         self.model.train(enabled)
 
     def loss(self, batch: list[int], generator: torch.Generator) -> torch.Tensor:
-        ids, mask, labels = collate([self.sequences[i] for i in batch], self.pad_id)
+        return self._loss_of([self.sequences[i] for i in batch])
+
+    def _loss_of(self, seqs: list) -> torch.Tensor:
+        ids, mask, labels = collate(seqs, self.pad_id)
+        if self.cfg.packing:  # no attention mask: the model masks by the position ids
+            out = self.model(input_ids=ids.to(self.device),
+                             position_ids=packed_positions(seqs).to(self.device),
+                             labels=labels.to(self.device), use_cache=False)
+            return out.loss
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                          labels=labels.to(self.device))
         return out.loss
@@ -141,23 +288,40 @@ class TextTask:
 @torch.no_grad()
 def sample_completions(cfg, task: TextTask, out_dir: Path) -> dict:
     """Greedy completions of the sample prompts, without and with the LoRA."""
+    from lora_kernel.training.text_data import (
+        CHAT_FORMATS,
+        chat_prompt_ids,
+        first_user_prompts,
+        resolve_format,
+        template_text,
+    )
+    fmt = resolve_format(cfg)
+    model, tok = task.model, task.tokenizer
+    chat = fmt in CHAT_FORMATS or (fmt == "preference" and template_text(cfg, tok) is not None)
     prompts = list(cfg.sample_prompts)
-    if not prompts:
+    if not prompts and fmt in CHAT_FORMATS:
+        prompts = first_user_prompts(cfg, fmt)
+    elif not prompts:
         recs = read_text_records(cfg)
         prompts = [str(r[cfg.prompt_column]) for r in recs[:3] if cfg.prompt_column in r]
-    model, tok = task.model, task.tokenizer
+    template = template_text(cfg, tok) if chat else None
     model.eval()
     rows = []
     for prompt in prompts:
-        ids = tok(prompt, return_tensors="pt", add_special_tokens=True).input_ids
-        if tok.bos_token_id is not None and ids[0, 0] != tok.bos_token_id:
-            ids = torch.cat([torch.tensor([[tok.bos_token_id]]), ids], dim=1)
+        if template is not None:  # a chat run samples its prompts as user turns
+            ids = torch.tensor([chat_prompt_ids(prompt, tok, template)])
+        else:
+            ids = tok(prompt, return_tensors="pt", add_special_tokens=True).input_ids
+            if tok.bos_token_id is not None and ids[0, 0] != tok.bos_token_id:
+                ids = torch.cat([torch.tensor([[tok.bos_token_id]]), ids], dim=1)
         ids = ids.to(task.device)
         gen = dict(max_new_tokens=cfg.max_new_tokens, do_sample=False,
                    pad_token_id=task.pad_id, eos_token_id=tok.eos_token_id)
-        with model.disable_adapter():
-            base = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen)
-        tuned = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen)
+        with autocast_context(cfg, task.device):  # half-precision frozen parts need it
+            with model.disable_adapter():
+                base = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                      **gen)
+            tuned = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **gen)
         n = ids.shape[1]
         rows.append({"prompt": prompt,
                      "base": tok.decode(base[0, n:], skip_special_tokens=True),

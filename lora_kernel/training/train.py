@@ -239,6 +239,10 @@ def train(cfg, *, resume: bool | str | Path | None = None, progress: bool = True
                     "device": str(device), "deterministic": deterministic,
                     "version": version_info(),
                     "dataset_file_count": len(digests)})
+    summary.update(outcome.summary)
+    if getattr(cfg, "init_adapter", None):  # text: the adapter it continued, by content
+        from lora_kernel.training.text_adapter import init_adapter_sha256
+        summary["init_adapter_sha256"] = init_adapter_sha256(cfg)
     path = out / "training_summary.json"
     path.write_text(json.dumps(summary, indent=1, default=str))
     res.summary_path = str(path)
@@ -260,6 +264,7 @@ class TaskOutcome:
     trainable_dtype: str
     model_family: str | None = None
     snapshots: list[dict] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)  # task facts for the summary file
 
 
 def _train_image(cfg, *, device, out, cache_dir, version, digests, resume, progress,
@@ -317,21 +322,30 @@ def _train_image(cfg, *, device, out, cache_dir, version, digests, resume, progr
 def _train_text(cfg, *, device, out, version, digests, resume, progress, interrupt_at_step,
                 on_step, samples, run_loop) -> TaskOutcome:
     from lora_kernel.training.export import adapter_metadata, save_peft_adapter
-    from lora_kernel.training.models import load_causal_lm, model_sha256
-    from lora_kernel.training.text import TextTask, sample_completions
+    from lora_kernel.training.models import model_sha256
+    from lora_kernel.training.text import TextTask, load_text_model, sample_completions
+    from lora_kernel.training.text_quant import base_dtype_label
     dtype = weight_dtype_name(cfg)
-    model, tokenizer = load_causal_lm(cfg.base_model, dtype=torch_dtype(dtype))
+    model, tokenizer = load_text_model(cfg, dtype=torch_dtype(dtype), device=device)
     sha = model_sha256(cfg.base_model)
-    task = TextTask(cfg, model, tokenizer, device=device)
+    if cfg.objective != "sft":  # DPO / ORPO on chosen/rejected pairs
+        from lora_kernel.training.text_pref import PreferenceTask
+        task = PreferenceTask(cfg, model, tokenizer, device=device)
+    else:
+        task = TextTask(cfg, model, tokenizer, device=device)
     result = run_loop(cfg, task, output_dir=out, device=device, resume=resume,
                       on_step=on_step, interrupt_at_step=interrupt_at_step, progress=progress)
+    from lora_kernel.training.text_adapter import init_adapter_sha256
+    extra = {"ss_num_train_steps": str(result.steps)}
+    if cfg.init_adapter:  # the adapter this one continued, by content
+        extra["lora_enclave.init_adapter_sha256"] = str(init_adapter_sha256(cfg))
     meta = adapter_metadata(cfg, base_model_sha256=sha, dataset_version=version,
-                            dataset_digests=digests,
-                            extra={"ss_num_train_steps": str(result.steps)})
+                            dataset_digests=digests, extra=extra)
     folder = save_peft_adapter(out / cfg.output_name, task.model, meta)
     files = {"peft": str(folder)}
     info = sample_completions(cfg, task, out / "samples") if samples else {}
     return TaskOutcome(loop=result, adapter_files=files, samples=info, cache_hit=False,
                        base_model_sha256=sha, live={"model": task.model, "tokenizer": tokenizer},
-                       base_weight_dtype=dtype,
+                       base_weight_dtype=base_dtype_label(cfg, dtype),
+                       summary={"held_out_loss": task.eval_history} if task.held else {},
                        trainable_dtype=trainable_dtype_name(task.named_trainable()))

@@ -44,7 +44,8 @@ EDITABLE = {
               "batch_size", "resolution", "train_text_encoder", "random_flip", "center_crop",
               "seed", "save_steps", "sample_prompts"],
     "text": ["output_name", "lora_rank", "lora_alpha", "learning_rate", "max_train_steps",
-             "batch_size", "max_seq_length", "packing", "seed", "save_steps", "sample_prompts"],
+             "batch_size", "max_seq_length", "packing", "seed", "save_steps", "sample_prompts",
+             "dataset_format", "quantization", "objective"],
 }
 PATH_KEYS = ("base_model", "train_data_dir", "metadata_path", "output_dir")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -96,6 +97,20 @@ def list_models(task: str, home: str | os.PathLike[str] | None = None) -> list[P
                     and not (p / "model_index.json").exists() and _is_causal_lm(p):
                 found.append(p)
     return found
+
+
+def _preferred(options: list[Path], wanted: Any, key: str) -> Path:
+    """The option the template names (its path, or a folder of the same name, e.g. the
+    shared store's ``tiny-sd`` for a template's ``demo/models/tiny-sd``), else the first."""
+    if isinstance(wanted, str) and wanted:
+        path = Path(wanted)
+        if key == "metadata_path":  # a dataset file: its folder is what the list holds
+            path = path.parent
+        for match in (lambda p: p == path, lambda p: p.name == path.name):
+            hit = next((p for p in options if match(p)), None)
+            if hit is not None:
+                return hit
+    return options[0]
 
 
 def _is_causal_lm(folder: Path) -> bool:
@@ -303,12 +318,14 @@ class Studio:
             if isinstance(self.base.get(key), str) and not Path(self.base[key]).is_absolute():
                 self.base[key] = str((path.parent / self.base[key]).resolve())
         self.task = str(self.base.get("task", "image"))
-        for widget, options, label in (
-                (self.dataset, list_datasets(self.task, self.home), str),
+        data_key = "train_data_dir" if self.base.get("train_data_dir") else "metadata_path"
+        for widget, options, label, key in (
+                (self.dataset, list_datasets(self.task, self.home), str, data_key),
                 (self.model, list_models(self.task, self.home),
-                 lambda p: model_label(p, self.task))):
+                 lambda p: model_label(p, self.task), "base_model")):
             widget.options = [(label(p), str(p)) for p in options]
-            widget.value = str(options[0]) if options else None
+            widget.value = str(_preferred(options, self.base.get(key), key)) \
+                if options else None
         types = {f.name: f for f in fields(TrainConfig)}
         rows, self.fields, self.errors = [], {}, {}
         for key in EDITABLE[self.task]:

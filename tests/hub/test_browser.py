@@ -3,13 +3,15 @@
 
 A researcher logs in, the hub spawns her server and JupyterLab opens a training notebook on
 the ``lora`` kernel; an auditor browses the audit service's run list and a sealed run's page
-(strict CSP, nothing but loopback requested); a researcher is refused the audit pages.
+(strict CSP, nothing but loopback requested); a researcher is refused the audit pages; the
+studio trains; and a new team's first hour, from ``make hub`` to Ctrl-C.
 Screenshots go to ``test-artifacts/browser/`` (git-ignored).
 """
 from __future__ import annotations
 
 import os
 import pwd
+import subprocess
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -285,11 +287,9 @@ def _give_demo_assets(hub, short: str, demo_home: Path) -> Path:
     return home
 
 
-def test_studio_in_jupyterlab_starts_a_run_and_shows_progress_and_samples(hub, new_page,
-                                                                         demo_home):
-    _give_demo_assets(hub, "alice", demo_home)
-    page = new_page()
-    panel = open_notebook_in_lab(page, hub, "alice", "studio.ipynb")
+def _studio_trains(page, panel, output_name: str) -> str:
+    """In an open studio.ipynb: run all cells, set a 2-step run, press Start, wait until it
+    succeeded; returns the run id (progress bar, "done", the sample grid and "my runs" seen)."""
     page.get_by_role("menuitem", name="Run", exact=True).click()
     page.get_by_text("Run All Cells", exact=True).click()
     try:
@@ -313,7 +313,7 @@ def test_studio_in_jupyterlab_starts_a_run_and_shows_progress_and_samples(hub, n
         return panel.locator(f".widget-text:has(label:text-is('{label}')) input")
 
     for label, value in (("max train steps", "2"), ("save steps", "0"),
-                         ("output name", "browser_studio")):
+                         ("output name", output_name)):
         field(label).fill(value)
         field(label).press("Enter")
     panel.locator(".widget-textarea:has(label:text-is('sample prompts')) textarea").fill(
@@ -332,4 +332,123 @@ def test_studio_in_jupyterlab_starts_a_run_and_shows_progress_and_samples(hub, n
     page.screenshot(path=str(ARTIFACTS / "studio.png"), full_page=True)
     runs_table = panel.locator(".widget-html table").last          # "my runs"
     assert run_id in runs_table.inner_text() and "succeeded" in runs_table.inner_text()
+    return run_id
+
+
+def test_studio_in_jupyterlab_starts_a_run_and_shows_progress_and_samples(hub, new_page,
+                                                                         demo_home):
+    _give_demo_assets(hub, "alice", demo_home)
+    page = new_page()
+    panel = open_notebook_in_lab(page, hub, "alice", "studio.ipynb")
+    _studio_trains(page, panel, "browser_studio")
     assert_loopback_only(page)
+
+
+# -- day one: a new team's first hour, from `make hub` to Ctrl-C --------------------------------
+def _tree(pid: int) -> set[int]:
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        return {pid, *(c.pid for c in proc.children(recursive=True))}
+    except psutil.NoSuchProcess:
+        return set()
+
+
+def _alive(pids: set[int]) -> list[str]:
+    import psutil
+
+    out = []
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(f"{pid} {' '.join(proc.cmdline())[:120]}")
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _as(name: str, *cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["runuser", "-u", name, "--", *cmd], capture_output=True, text=True,
+                          timeout=60)
+
+
+def test_the_first_hour_of_a_new_team(hub_root, new_page):
+    """Issue 21's day one, as a new team lives it: the admin starts ``make hub`` (which fills
+    the shared store); alice logs in, her studio lists the shared demo model and dataset and
+    Start trains; her run is on her "My runs" page; ``!lora`` works in a cell of her kernel;
+    erin cannot read alice's home (root); rita approves the run in the audit service and sees
+    the confirmation with her note; Ctrl-C of ``make hub`` leaves no process behind."""
+    import signal
+
+    from hubtools import Hub, execute, start_kernel
+
+    shared = hub_root / "first-hour-shared"
+    h = Hub(hub_root / "first-hour", env={"LORA_SHARED_STORE": str(shared)})
+    h.sessions = {}
+    h.add_users({"alice": ["lora-researchers"], "erin": ["lora-researchers"],
+                 "rita": ["lora-reviewers"]})
+    h.start(make_hub=True, timeout=400)  # the first start fills the shared store
+    try:
+        # alice: the studio lists the shared store's demo model and dataset; Start trains
+        page = new_page()
+        panel = open_notebook_in_lab(page, h, "alice", "studio.ipynb")
+        run_id = _studio_trains(page, panel, "first_hour")
+        model = panel.locator(".widget-dropdown:has(label:text-is('base model')) select")
+        dataset = panel.locator(".widget-dropdown:has(label:text-is('dataset')) select")
+        # (the options show the path, a model's with its family: "…/tiny-sd (sd15)")
+        assert model.input_value().split(" (")[0] == str(shared / "models" / "tiny-sd"), \
+            model.input_value()
+        assert dataset.input_value() == str(shared / "datasets" / "image"), \
+            dataset.input_value()
+
+        # her run on "My runs" (the runs service's root, the hub's Services menu entry)
+        mine = page.goto(f"{h.url}{RUNS}/")
+        assert mine is not None and mine.status == 200
+        page.get_by_role("heading", name=f"My runs ({user_name('alice')})").wait_for()
+        assert run_id in page.inner_text("table") and "succeeded" in page.inner_text("table")
+        page.screenshot(path=str(ARTIFACTS / "first_hour_my_runs.png"), full_page=True)
+        assert_loopback_only(page)
+
+        # a shell inside the guarded kernel: the platform's lora, her runs
+        s = h.login("alice")
+        assert s.get(f"{h.url}/user/{user_name('alice')}/lab").status_code == 200  # OAuth
+        kernel_id = start_kernel(h, s)
+        out = execute(h, s, kernel_id, "!lora audit list\n!echo hi from a shell", timeout=120)
+        assert out["status"] == "ok", out
+        assert "Bad file descriptor" not in out["stdout"] and "Traceback" not in out["stdout"]
+        assert run_id in out["stdout"] and "hi from a shell" in out["stdout"], out["stdout"]
+
+        if ROOT:  # another researcher cannot read alice's home (0700), she can
+            home = pwd.getpwnam(user_name("alice")).pw_dir
+            assert _as(user_name("erin"), "ls", home).returncode != 0
+            assert _as(user_name("alice"), "ls", home).returncode == 0
+
+        # rita approves in the audit service and sees it confirmed, with her note
+        review = new_page()
+        login(review, h, "rita")
+        review.goto(f"{h.url}{AUDIT}/runs/{run_id}")
+        review.fill("textarea[name=note]", "samples look right")
+        with review.expect_navigation():
+            review.get_by_role("button", name="Approve").click()
+        confirmation = review.locator("p.ok", has_text="You approved this run")
+        confirmation.wait_for(state="visible")
+        assert "samples look right" in confirmation.inner_text()
+        review.screenshot(path=str(ARTIFACTS / "first_hour_approved.png"), full_page=True)
+        assert_loopback_only(review)
+
+        # Ctrl-C (SIGINT to the foreground process group) stops everything make hub started
+        everything = _tree(h.proc.pid)  # hub.demo, the hub, proxy, services, server, kernel
+        assert len(everything) >= 6, _alive(everything)
+        before = len(h.log_path.read_bytes())  # the shutdown's own lines are checked below
+        os.killpg(h.proc.pid, signal.SIGINT)
+        assert h.proc.wait(timeout=120) == 0, h.log_tail()
+        assert _alive(everything) == [], h.log_tail()
+        log = h.log_path.read_bytes()[before:].decode(errors="replace")
+        assert "nothing left running" in log, log[-3000:]
+        at = max(log.find("Traceback"), log.find("KeyboardInterrupt"))  # a quiet shutdown
+        assert at < 0, log[max(0, at - 1500):at + 3500]
+    finally:
+        h.proc = None if h.proc is None or h.proc.poll() is not None else h.proc
+        h.stop_all()

@@ -15,7 +15,9 @@ import pytest
 from lora_kernel.cli.main import main
 from lora_kernel.common.errors import ConfigError, UnsafeModelError
 from lora_kernel.training.data import kohya_entries
-from lora_kernel.training.demo_clip import COLOURS, SHAPES, draw_shape
+from lora_kernel.training.demo_assets import CLIP_COLOURS as COLOURS
+from lora_kernel.training.demo_assets import CLIP_SHAPES as SHAPES
+from lora_kernel.training.demo_assets import draw_shape
 from lora_kernel.training.label import label_folder, load_vocab
 
 VOCAB = ["red", "green", "blue", "yellow", "square", "circle"]
@@ -158,7 +160,7 @@ def test_default_vocabulary_is_generic_and_editable():
 
 def test_the_demo_clip_builds_deterministically(tmp_path, clip_dir):
     from lora_kernel.common.digests import sha256_file
-    from lora_kernel.training.demo_clip import write_demo_clip
+    from lora_kernel.training.demo_assets import write_demo_clip
     a, b = clip_dir, write_demo_clip(tmp_path / "b", seed=0)
     files = sorted(p.name for p in a.iterdir())
     assert "model.safetensors" in files and "preprocessor_config.json" in files

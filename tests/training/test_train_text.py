@@ -99,7 +99,7 @@ def test_prompt_tokens_are_masked_and_packing_fills_sequences(demo_home):
     assert all(x == -100 for x in labels[:prompt_len + 1])  # bos + prompt
     assert labels[-1] == tok.eos_token_id and labels[prompt_len + 1] == ids[prompt_len + 1]
     packed = build_sequences(cfg, records, tok.pad_token_id)
-    assert all(len(s[0]) == 64 for s in packed[:-1])
+    assert all(len(s[0]) <= 64 for s in packed) and len(packed) < len(records) / 2
     total = sum(len(i) for i, _ in records)
     assert sum(len(s[0]) for s in packed) == total
 

@@ -651,7 +651,8 @@ def test_a_full_state_store_never_hangs_lora_run(run_home, tmp_path, small_state
     manifest = assert_sealed(record, "failed")
     assert "ENOSPC" in manifest["predicate"]["runDetails"]["metadata"]["extra"]["error"]
     assert not list((small_state / "runs" / ".active").iterdir())
-    verify = lora_cli("audit", "verify", "--all", home=run_home)
+    verify = subprocess.run([sys.executable, "-m", "lora_kernel.cli", "audit", "verify",
+                             "--all"], capture_output=True, text=True, timeout=120)
     assert verify.returncode == 0, verify.stdout + verify.stderr
     filler = small_state / "filler"
     free = os.statvfs(small_state).f_bavail * os.statvfs(small_state).f_frsize
