@@ -178,7 +178,7 @@ class TrainConfig:
         "Start from this LoRA instead of a fresh one: a diffusers-format adapter file this "
         "platform exported (<output_name>.safetensors) for a model of the same family, with "
         "the same lora_rank and target modules (image); for SD 1.x/2.x also a kohya-format "
-        "file (kohya: network_weights; also spelled init_adapter).", default=None)
+        "file (kohya: network_weights).", default=None)
     noise_offset: float = _h("Noise offset (image; 0 disables).", default=0.0)
     cache_latents: bool = _h("Cache VAE latents and text embeddings on disk (image).",
                              default=True)

@@ -30,7 +30,6 @@ KOHYA_ALIASES = {
     "save_every_n_steps": "save_steps",
     "flip_aug": "random_flip",
     "network_weights": "init",
-    "init_adapter": "init",
 }
 
 # optimizer -> (the module it needs, the pip distribution that ships it)
@@ -77,8 +76,7 @@ def resolve_aliases(raw: Mapping[str, Any], file: str) -> tuple[dict, list[str]]
             raise ConfigError(f"is kohya's spelling of {canon}, which is set too; fix: keep "
                               f"one of them", file=file, key=str(key))
         out[canon] = value
-        who = "another" if key == "init_adapter" else "kohya's"
-        notes.append(f"{key} is {who} spelling of {canon}; recorded as {canon}")
+        notes.append(f"{key} is kohya's spelling of {canon}; recorded as {canon}")
     return out, notes
 
 

@@ -103,13 +103,13 @@ def test_lora_convert_seals_a_derived_record(trained, tmp_path, state_tmp, capsy
 
 def test_init_from_a_kohya_file_equals_init_from_its_diffusers_twin(trained, demo_home,
                                                                     tmp_path, capsys):
-    """kohya's network_weights (our init, or init_adapter): a run started from the kohya file
+    """kohya's network_weights (our init): a run started from the kohya file
     trains exactly as one started from the diffusers file exported beside it."""
     from lora_kernel.training.checks import load_config
     from lora_kernel.training.train import train
     _, files = trained
     out = {}
-    for fmt, key in (("diffusers", "init"), ("kohya", "init_adapter")):
+    for fmt, key in (("diffusers", "init"), ("kohya", "network_weights")):
         cfg = load_config(demo_home / "demo" / "image_lora.yaml",
                           {"output_dir": str(tmp_path / fmt), "max_train_steps": 1,
                            "save_steps": 0, "train_text_encoder": True, "lora_alpha": 4,
