@@ -422,16 +422,17 @@ def cmd_review(args) -> int:
     sock = runner_socket(args.runner)
     if sock is not None:
         out = call(sock, {"op": "review", "decision": args.decision, "run": args.run,
-                          "note": args.note})
+                          "note": args.note, "step": args.step})
         seq, payload = out["seq"], out["payload"]
     else:
         from lora_kernel.trusted.review import approve, reject
 
         fn = approve if args.decision == "approve" else reject
-        entry = fn(args.run, args.note, state=args.state)
+        entry = fn(args.run, args.note, state=args.state, step=args.step)
         seq, payload = entry.seq, entry.payload
+    which = f"step {args.step}'s adapter" if args.step is not None else "adapter"
     print(f"{payload['decision']} {args.run} by {payload['reviewer']} "
-          f"(adapter {payload['adapter_digest'][:16]}…, ledger seq {seq})")
+          f"({which} {payload['adapter_digest'][:16]}…, ledger seq {seq})")
     return 0
 
 
@@ -448,11 +449,11 @@ def cmd_publish(args) -> int:
     sock = runner_socket(args.runner)
     if sock is not None:
         dest = call(sock, {"op": "publish", "run": args.run, "to": str(Path(args.to).resolve()),
-                           "name": args.name})["path"]
+                           "name": args.name, "step": args.step})["path"]
     else:
         from lora_kernel.trusted.review import publish
 
-        dest = publish(args.run, args.to, args.name, state=args.state)
+        dest = publish(args.run, args.to, args.name, state=args.state, step=args.step)
     print(f"published {args.run} to {dest}")
     return 0
 
@@ -582,6 +583,9 @@ def register(sub) -> None:
     review.add_argument("decision", choices=["approve", "reject"])
     review.add_argument("run")
     review.add_argument("--note", required=True, help="the reviewer's reason")
+    review.add_argument("--step", type=int, default=None, metavar="N",
+                        help="the adapter the run saved at step N (save_every_n_epochs / "
+                             "save_steps) instead of its final one")
     add_state(review)
     add_runner(review)
     review.set_defaults(func=cmd_review)
@@ -595,6 +599,9 @@ def register(sub) -> None:
                      help="withdraw RUN's publication: remove the published folder and record "
                           "it in the ledger (a reviewer or the publisher)")
     pub.add_argument("--note", help="why it is withdrawn (with --withdraw)")
+    pub.add_argument("--step", type=int, default=None, metavar="N",
+                     help="publish the adapter the run saved at step N (the one approved "
+                          "with --step N)")
     add_state(pub)
     add_runner(pub)
     pub.set_defaults(func=cmd_publish)

@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "lora_kernel.cli.data",
     "lora_kernel.cli.label",
     "lora_kernel.cli.firewall",
+    "lora_kernel.cli.posttrain",
     "lora_kernel.cli.merge",
 ]
 

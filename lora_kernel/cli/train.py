@@ -18,7 +18,7 @@ def print_dataset_warnings(cfg) -> None:
     """What validation accepted but noticed in the dataset and the model, one
     ``warning: ...`` line each on stderr (empty captions, duplicate rows, 1x1 images; a
     resolution below the model's own)."""
-    for text in [*cfg.dataset_warnings, *cfg.model_warnings]:
+    for text in [*cfg.key_notes, *cfg.dataset_warnings, *cfg.model_warnings]:
         print(f"warning: {text}", file=sys.stderr)
 
 
@@ -65,6 +65,9 @@ def _train_locked(cfg, args) -> int:
 
 def cmd_config(args) -> int:
     """List the config keys, or validate a config file."""
+    if args.from_kohya:
+        from lora_kernel.cli.kohya import cmd_from_kohya
+        return cmd_from_kohya(args)
     if args.keys or not args.file:
         for key, text in config_keys().items():
             print(f"{key:28s} {text}")
@@ -124,6 +127,14 @@ def register(sub) -> None:
     c = sub.add_parser("config", help="list config keys or validate a config file")
     c.add_argument("file", nargs="?", help="config file to validate")
     c.add_argument("--keys", action="store_true", help="list every key with its meaning")
+    c.add_argument("--from-kohya", metavar="TOML", default=None,
+                   help="convert a kohya sd-scripts / lora-scripts training TOML (and its "
+                        "dataset_config) into this platform's YAML; validated before written")
+    c.add_argument("-o", "--output", metavar="YAML", default=None,
+                   help="with --from-kohya: write the YAML here (default: print it)")
+    c.add_argument("--kohya-root", metavar="DIR", default=None,
+                   help="with --from-kohya: the folder kohya ran in, which its relative paths "
+                        "are relative to (default: the current folder)")
     add_override_args(c)
     c.set_defaults(func=cmd_config)
 

@@ -16,7 +16,7 @@ EXECUTOR_MODULE = "lora_kernel.steps.executor"
 JOBSTEP_MODULE = "lora_kernel.steps.jobstep"
 # What a run's output folder contributes to the record (checkpoints stay out: they are
 # resumable state, not evidence); adapter files go under adapter/.
-OUTPUT_EXTRAS = ("tb", "samples", "loss_curve.png", "training_summary.json")
+OUTPUT_EXTRAS = ("tb", "samples", "loss_curve.png", "training_summary.json", "snapshots")
 # Names the collector writes at the top of its tar, and the trusted extractor accepts.
 COLLECTED = ("executed.ipynb", "run_result.json", "error.json", "events.jsonl", "adapter",
              *OUTPUT_EXTRAS)

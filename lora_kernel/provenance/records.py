@@ -61,6 +61,8 @@ class Problem:
 def file_role(rel: str) -> str:
     """The role of a record file from its relative path."""
     name = rel.rsplit("/", 1)[-1]
+    if rel.startswith("snapshots/"):  # adapters saved mid-run: approved one by one (--step)
+        return "snapshot"
     if rel.startswith("adapter/") or rel.endswith(".safetensors") or name in ADAPTER_NAMES:
         return "adapter"
     if rel == NOTEBOOK:

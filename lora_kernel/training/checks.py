@@ -120,9 +120,9 @@ _LORA_DOWN = (".lora.down.weight", ".lora_linear_layer.down.weight", ".lora_A.we
 
 
 def _check_init(cfg: TrainConfig, family, file: str) -> None:
-    """``init`` must be a diffusers-format LoRA file (header read only) of ``family`` with
-    ``lora_rank``: an adapter of another family or rank could not load into this run's
-    LoRA layers, and a kohya file has other names."""
+    """``init`` must be a LoRA file (header read only) of ``family`` with ``lora_rank``:
+    diffusers format, or for SD 1.x/2.x kohya format too (kohya's ``network_weights``); an
+    adapter of another family or rank could not load into this run's LoRA layers."""
     from lora_kernel.training.model_safety import read_safetensors_header
 
     path = Path(cfg.init or "")
@@ -135,11 +135,14 @@ def _check_init(cfg: TrainConfig, family, file: str) -> None:
     header = read_safetensors_header(path)
     meta = header.get("__metadata__") or {}
     keys = [k for k in header if k != "__metadata__"]
-    if any(k.startswith("lora_unet_") for k in keys):
-        raise ConfigError(f"{path} is a kohya-format file; init takes the diffusers-format "
-                          f"adapter exported next to it; {fix}", file=file, key="init")
-    downs = [k for k in keys if k.endswith(_LORA_DOWN)]
-    if not any(k.startswith(f"{family.denoiser}.") for k in downs):
+    kohya_file = any(k.startswith("lora_unet_") for k in keys)
+    if kohya_file and (family.name not in ("sd15", "sd2")
+                       or any(k.startswith(("lora_te1_", "lora_te2_")) for k in keys)):
+        raise ConfigError(f"{path} is a kohya-format file; for {family.title} init takes the "
+                          f"diffusers-format adapter exported next to it; {fix}", file=file,
+                          key="init")
+    downs = [k for k in keys if k.endswith(_LORA_DOWN + (".lora_down.weight",))]
+    if not any(k.startswith((f"{family.denoiser}.", "lora_unet_")) for k in downs):
         raise ConfigError(f"{path} holds no {family.denoiser} LoRA weights "
                           f"({family.denoiser}.*.lora.down.*); {fix}", file=file, key="init")
     from lora_kernel.training.families import FAMILIES
@@ -301,7 +304,7 @@ def _check_image_dataset(cfg: TrainConfig, file: str) -> None:
     # (where, name as written, image path, caption) of every entry
     entries: list[tuple[str, str, Path, str]] = []
     if layout == "kohya":
-        found = kohya_entries(data, source=file)
+        found = kohya_entries(data, source=file, caption_extension=cfg.caption_extension)
         if not found:
             raise ConfigError(
                 f"dataset is empty: {data} has no metadata.csv and no images (PNG/JPEG/WebP) "
@@ -371,6 +374,8 @@ def _check_image_dataset(cfg: TrainConfig, file: str) -> None:
             first_at = first.split(" of ")[0]
             warnings.append(f"{where}: {name!r} is listed again (first at {first_at}); it "
                             f"trains twice per epoch")
+    from lora_kernel.training.captions import keep_tokens_warnings
+    warnings += keep_tokens_warnings(cfg, [(w, n, c) for w, n, _, c in entries])
     cfg.dataset_warnings = warnings
 
 

@@ -129,8 +129,9 @@ class TrainConfig:
     eval_steps: int = _h("Measure the held-out loss every N optimizer steps (0: only before "
                          "and after training; text).", default=0)
     sample_every_n_steps: int = _h(
-        "Also write sample completions (samples/step-N/) every N optimizer steps (0: only at "
-        "the end; text).", default=0)
+        "Also write samples every N optimizer steps (0: only at the end): the sample grid "
+        "(image; samples/step-N/ and TensorBoard) or sample completions (text; "
+        "samples/step-N/).", default=0)
     objective: str = _h(
         "sft (next-token loss on the answers), dpo or orpo (preference pairs: prompt, chosen, "
         "rejected; text).", default="sft")
@@ -178,7 +179,8 @@ class TrainConfig:
     init: str | None = _h(
         "Start from this LoRA instead of a fresh one: a diffusers-format adapter file this "
         "platform exported (<output_name>.safetensors) for a model of the same family, with "
-        "the same lora_rank and target modules (image).", default=None)
+        "the same lora_rank and target modules (image); for SD 1.x/2.x also a kohya-format "
+        "file (kohya: network_weights).", default=None)
     noise_offset: float = _h("Noise offset (image; 0 disables).", default=0.0)
     cache_latents: bool = _h("Cache VAE latents and text embeddings on disk (image).",
                              default=True)
@@ -217,6 +219,58 @@ class TrainConfig:
     guidance_scale: float | None = _h(
         "Guidance fed to Flux.1-dev's guidance embedding during training (a model without "
         "one, schnell or SD3.5, refuses it). Default: 1.0 for Flux.1-dev.", default=None)
+    # -- kohya habits (issue 24; logic in optimizers.py, captions.py, kohya_config.py) ----
+    optimizer: str = _h(
+        "adamw, adamw8bit, lion, lion8bit (bitsandbytes), prodigy (prodigyopt) or adafactor "
+        "(transformers) (kohya: optimizer_type).", default="adamw")
+    optimizer_args: dict = _h(
+        "Extra optimizer keyword arguments: a mapping, or kohya's list of \"key=value\" "
+        "strings (e.g. [\"d_coef=2\", \"use_bias_correction=True\"] for prodigy).",
+        default_factory=dict)
+    lr_scheduler_num_cycles: int = _h("Restarts of cosine_with_restarts (kohya's name).",
+                                      default=1)
+    lr_scheduler_power: float = _h("Power of the polynomial schedule.", default=1.0)
+    min_lr: float = _h("Floor of a decaying schedule (linear, cosine, cosine_with_restarts, "
+                       "polynomial) after warm-up; 0: decay to 0.", default=0.0)
+    shuffle_caption: bool = _h("Shuffle a caption's tags every step (image; the first "
+                               "keep_tokens stay first).", default=False)
+    keep_tokens: int = _h("Leading tags kept in place by shuffle_caption and tag dropout "
+                          "(the trigger word).", default=0)
+    keep_tokens_separator: str = _h(
+        "Text in a caption ending its fixed part (kohya: e.g. \"|||\"); overrides "
+        "keep_tokens for captions that contain it. Empty: off.", default="")
+    caption_separator: str = _h("Tag separator of captions (a full-width \"\uff0c\" of "
+                                "Chinese captions splits the same as \",\").", default=",")
+    caption_dropout_rate: float = _h("Probability that a step trains an image with an empty "
+                                     "caption, in [0, 1).", default=0.0)
+    caption_tag_dropout_rate: float = _h(
+        "Probability that each tag after keep_tokens is dropped for a step, in [0, 1).",
+        default=0.0)
+    save_every_n_epochs: int = _h(
+        "Write a loadable adapter (kohya and diffusers format, <output_name>-eNNNN) every N "
+        "epochs into <output_dir>/snapshots/ (0: never); save_steps also writes one "
+        "(<output_name>-sNNNNNN) besides its checkpoint (image).", default=0)
+    sample_every_n_epochs: int = _h("Draw the sample grid every N epochs (image; 0: only at "
+                                    "the end).", default=0)
+    clip_skip: int = _h("Condition on the text encoder's output this many layers from the "
+                        "end (kohya's clip_skip; 2 for many anime models; SD 1.x/2.x, SDXL "
+                        "always uses its penultimate layer; sample images use the last).",
+                        default=1)
+    min_snr_gamma: float = _h("Min-SNR loss weighting gamma (image; kohya's; typical 5; 0: "
+                              "off). Follows the model's epsilon / v prediction.", default=0.0)
+    debiased_estimation_loss: bool = _h("Weight the loss by 1/sqrt(SNR) (image; kohya's "
+                                        "debiased estimation).", default=False)
+    multires_noise_iterations: int = _h("Levels of multires (pyramid) noise added to the "
+                                        "training noise (image; kohya's; typical 6; 0: off).",
+                                        default=0)
+    multires_noise_discount: float = _h("Weight decay per multires noise level, in (0, 1].",
+                                        default=0.3)
+    zero_terminal_snr: bool = _h("Rescale the training noise schedule to zero terminal SNR "
+                                 "(image; for v-prediction models such as SD2-768).",
+                                 default=False)
+    caption_extension: str | None = _h(
+        "Suffix of sidecar caption files (kohya layout), e.g. .txt. Default: .txt or "
+        ".caption.", default=None)
 
     # Where this config came from (not a user key).
     source: str | None = field(default=None, repr=False, compare=False,
@@ -233,6 +287,10 @@ class TrainConfig:
     # below its native resolution), printed as ``warning: ...`` (not a key).
     model_warnings: list[str] = field(default_factory=list, repr=False, compare=False,
                                       metadata={"internal": True})
+    # kohya spellings of our keys that this config used (``network_dim`` for ``lora_rank``),
+    # one note each; the canonical key is what is recorded (not a key).
+    key_notes: list[str] = field(default_factory=list, repr=False, compare=False,
+                                 metadata={"internal": True})
 
     # The text dataset's format when dataset_format is auto, found by validation from the
     # first line; to_dict records it in place of "auto" (not a key).
@@ -255,7 +313,7 @@ class TrainConfig:
                                     f"fix: set task: image or task: text")
         positive = ["lora_rank", "batch_size", "epochs", "gradient_accumulation_steps",
                     "resolution", "max_seq_length", "sample_steps", "max_new_tokens",
-                    "logging_steps", "max_image_pixels"]
+                    "logging_steps", "max_image_pixels", "clip_skip"]
         for key in positive:
             if getattr(self, key) < 1:
                 raise self._err(key, f"must be >= 1, got {getattr(self, key)}; fix: use a "
@@ -264,16 +322,20 @@ class TrainConfig:
             raise self._err("max_train_steps", f"must be >= 1 or omitted, got "
                                                f"{self.max_train_steps}")
         for key in ("save_steps", "lr_warmup_steps", "max_grad_norm", "weight_decay",
-                    "noise_offset", "keep_checkpoints"):
+                    "noise_offset", "keep_checkpoints", "save_every_n_epochs",
+                    "sample_every_n_steps", "sample_every_n_epochs", "min_snr_gamma",
+                    "multires_noise_iterations"):
             if getattr(self, key) < 0:
                 raise self._err(key, f"must be >= 0, got {getattr(self, key)}")
-        if not (0 < self.learning_rate < 1) or not math.isfinite(self.learning_rate):
-            raise self._err("learning_rate", f"must be in (0, 1), got {self.learning_rate}; "
-                                             f"typical LoRA values are 1e-5 .. 1e-3")
+        from lora_kernel.training.habits import lr_ceiling
+        top, typical = lr_ceiling(self.optimizer)
+        if not (0 < self.learning_rate < top) or not math.isfinite(self.learning_rate):
+            raise self._err("learning_rate", f"must be in (0, {top:g}), got "
+                                             f"{self.learning_rate}; typical {typical}")
         for key in ("text_encoder_lr", "text_encoder_2_lr"):
             value = getattr(self, key)
-            if value is not None and not (0 < value < 1):
-                raise self._err(key, f"must be in (0, 1), got {value}")
+            if value is not None and not (0 < value < top):
+                raise self._err(key, f"must be in (0, {top:g}), got {value}")
         if not (0 <= self.lora_dropout < 1):
             raise self._err("lora_dropout", f"must be in [0, 1), got {self.lora_dropout}")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
@@ -303,6 +365,8 @@ class TrainConfig:
             raise self._err("target_modules", "must list at least one module name or be omitted")
         if not self.output_name or any(c in self.output_name for c in "/\\"):
             raise self._err("output_name", f"must be a plain file stem, got {self.output_name!r}")
+        from lora_kernel.training.habits import check_habits
+        check_habits(self)
 
     def _check_text_keys(self):
         if not (0 <= self.validation_split < 1):
@@ -418,6 +482,8 @@ def _field_types() -> dict[str, tuple[type, ...]]:
             types = (list,)
         elif ann.startswith("list[int]"):
             types = (list,)
+        elif ann.startswith("dict"):
+            types = (dict,)
         else:
             types = (str,)
         _TYPES[f.name] = (types, "None" in ann, ann)
@@ -437,6 +503,9 @@ def _coerce(key: str, value: Any, file: str):
         value = "true" if value else "false"
     if key == "sample_prompts" and isinstance(value, str):
         value = [value]
+    if key == "optimizer_args" and isinstance(value, (list, str)):
+        from lora_kernel.training.habits import parse_optimizer_args
+        value = parse_optimizer_args(value, file)
     if bool in types:
         if not isinstance(value, bool):
             raise ConfigError(f"must be true or false, got {type(value).__name__} {value!r}; "
@@ -444,7 +513,8 @@ def _coerce(key: str, value: Any, file: str):
                               f"{key}: {_example(key)}", file=file, key=key)
         return value
     if isinstance(value, bool) or not isinstance(value, types):
-        want = {int: "an integer", float: "a number", str: "a string", list: "a list"}
+        want = {int: "an integer", float: "a number", str: "a string", list: "a list",
+                dict: "a mapping"}
         raise ConfigError(f"must be {want[types[-1]]}, got {type(value).__name__} {value!r}; "
                           f"fix: e.g. {key}: {_example(key)}", file=file, key=key)
     if float in types:
@@ -488,6 +558,8 @@ def config_from_mapping(raw: Mapping[str, Any], *, source: str | os.PathLike | N
                           f"fix: start from templates/image_lora.yaml", file=file)
     keys = config_keys()
     values: dict[str, Any] = {}
+    from lora_kernel.training.habits import resolve_aliases
+    raw, alias_notes = resolve_aliases(raw, file)
     for key, value in raw.items():
         if key not in keys:
             hint = _did_you_mean(str(key), keys)
@@ -502,4 +574,6 @@ def config_from_mapping(raw: Mapping[str, Any], *, source: str | os.PathLike | N
         if values.get(key):
             p = Path(os.path.expanduser(values[key]))
             values[key] = str(p if p.is_absolute() else (base / p).resolve())
-    return TrainConfig(**values, source=file)
+    cfg = TrainConfig(**values, source=file)
+    cfg.key_notes = alias_notes
+    return cfg

@@ -190,10 +190,12 @@ def read_caption_file(path: str | os.PathLike, *, source: str | None = None) -> 
     return ""
 
 
-def caption_sidecar(image: Path, *, source: str | None = None) -> Path | None:
-    """The caption file of ``image`` (``<stem>.txt`` or ``<stem>.caption``), or None. Both
-    present: :class:`ConfigError` (which one is meant is ambiguous)."""
-    found = [image.with_suffix(s) for s in CAPTION_SUFFIXES if image.with_suffix(s).is_file()]
+def caption_sidecar(image: Path, *, source: str | None = None,
+                    suffixes: tuple[str, ...] = CAPTION_SUFFIXES) -> Path | None:
+    """The caption file of ``image`` (``<stem>.txt`` or ``<stem>.caption``; ``suffixes``:
+    kohya's ``caption_extension``), or None. Two present: :class:`ConfigError` (which one is
+    meant is ambiguous)."""
+    found = [image.with_suffix(s) for s in suffixes if image.with_suffix(s).is_file()]
     if len(found) > 1:
         raise ConfigError(f"{image} has two caption files, {found[0].name} and "
                           f"{found[1].name}; fix: keep one of them", file=source,
@@ -202,7 +204,7 @@ def caption_sidecar(image: Path, *, source: str | None = None) -> Path | None:
 
 
 def kohya_entries(data_dir: str | os.PathLike, *, source: str | None = None,
-                  captions: bool = True) -> list[dict]:
+                  captions: bool = True, caption_extension: str | None = None) -> list[dict]:
     """The images of a kohya-layout folder, sorted by path, as ``{"image": Path, "caption":
     str, "caption_file": Path | None, "repeats": int, "concept": str | None}``.
 
@@ -211,7 +213,8 @@ def kohya_entries(data_dir: str | os.PathLike, *, source: str | None = None,
     dataset. When the dataset uses sidecar captions (any image has one), an image without
     one is a :class:`ConfigError` naming it; when none has, an image in a repeat folder is
     captioned with its concept name (kohya's class-token captions) and one outside them is
-    an error. ``captions=False`` skips these checks and reading (for lint)."""
+    an error. ``captions=False`` skips these checks and reading (for lint);
+    ``caption_extension`` (e.g. ``.txt``) reads only sidecars with that suffix."""
     data = Path(data_dir)
     groups: list[tuple[Path, int, str | None]] = [(data, 1, None)]
     for sub in sorted(p for p in data.iterdir() if p.is_dir()):
@@ -221,7 +224,9 @@ def kohya_entries(data_dir: str | os.PathLike, *, source: str | None = None,
     out = []
     for folder, repeats, concept in groups:
         for img in sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p)):
-            side = caption_sidecar(img, source=source) if captions else None
+            suffixes = (caption_extension,) if caption_extension else CAPTION_SUFFIXES
+            side = (caption_sidecar(img, source=source, suffixes=suffixes) if captions
+                    else None)
             out.append({"image": img, "caption": "", "caption_file": side,
                         "repeats": repeats, "concept": concept})
     if not captions:
@@ -284,7 +289,8 @@ def image_entries(cfg) -> list[dict]:
     """Every image entry of an image dataset, once each, as ``{"image": Path, "caption": str,
     "caption_file": Path | None, "repeats": int, "concept": str | None}``."""
     if image_layout(cfg) == "kohya":
-        return kohya_entries(cfg.train_data_dir, source=cfg.source)
+        return kohya_entries(cfg.train_data_dir, source=cfg.source,
+                             caption_extension=getattr(cfg, "caption_extension", None))
     _, _, rows = metadata_rows(cfg)
     return [{"image": Path(cfg.train_data_dir) / (row.get(cfg.image_column) or ""),
              "caption": row.get(cfg.caption_column) or "", "caption_file": None,

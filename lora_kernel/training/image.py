@@ -147,6 +147,8 @@ def cache_key(cfg, dataset_version: str, model_sha256: str, family: str = "sd15"
              "crop_seed": None if cfg.center_crop else cfg.seed,
              "captions": [cfg.caption_column, cfg.image_column],
              "text_encoder_cached": not cfg.train_text_encoder}
+    if getattr(cfg, "clip_skip", 1) > 1:  # (absent at 1: the keys of earlier caches stay)
+        parts["clip_skip"] = cfg.clip_skip
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -210,8 +212,14 @@ class ImageTask:
             if cfg.train_text_encoder:
                 for te in trained:
                     te.gradient_checkpointing_enable()
-        self.scheduler = comps.noise_scheduler
+        from lora_kernel.training.losses import training_scheduler
+        self.scheduler = training_scheduler(cfg, comps.noise_scheduler)  # zero_terminal_snr
         self.examples = load_examples(cfg)
+        from lora_kernel.training.captions import CaptionHabits
+        self.habits = CaptionHabits(cfg)  # per-step captions (shuffle, dropout)
+        comps.clip_skip = cfg.clip_skip  # read by the family's encode_prompt
+        self.captions_seen: list[list[str]] = []  # what the text encoder saw, per micro-batch
+        self._training = True
         self.input_ids = self.family.tokenize(comps, [e.caption for e in self.examples])
         self.latents: list[torch.Tensor] | None = None
         self.flipped: list[torch.Tensor] | None = None
@@ -246,8 +254,12 @@ class ImageTask:
         dist = vae.encode(pixels.unsqueeze(0).to(self.device, vae.dtype)).latent_dist
         return self.family.latents_from_vae(vae, dist.mean).squeeze(0).float().cpu()
 
-    def _encode_text(self, batch: list[int]):
-        """The prompts of ``batch`` through the family's text encoder(s)."""
+    def _encode_text(self, batch: list[int], captions: list[str] | None = None):
+        """The prompts of ``batch`` (or ``captions``, this step's) through the family's text
+        encoder(s)."""
+        if captions is not None:
+            return self.family.encode_prompt(self.comps,
+                                             self.family.tokenize(self.comps, captions))
         return self.family.encode_prompt(self.comps, [ids[batch] for ids in self.input_ids])
 
     def _load_or_build_cache(self, cache_dir: Path | None, dataset_version: str) -> None:
@@ -339,6 +351,7 @@ class ImageTask:
                 for idx in [by_bucket[bucket]] for i in range(0, len(idx), b)]
 
     def train_mode(self, enabled: bool) -> None:
+        self._training = enabled  # evaluation sees the captions as written
         self.comps.unet.train(enabled)
         for te in self.trained_text_encoders:
             te.train(enabled and self.cfg.train_text_encoder)
@@ -362,14 +375,19 @@ class ImageTask:
                     pixels.to(dev, vae.dtype)).latent_dist.sample(generator=generator))
             latents = latents.float()
         noisy = self.family.noisy_batch(cfg, self.scheduler, latents, generator)
-        if self.te_states is not None and not cfg.train_text_encoder:
+        captions = None
+        if self.habits.active and self._training:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            captions = self.habits.captions([self.examples[i].caption for i in batch], seed)
+            self.captions_seen.append(captions)
+        if captions is None and self.te_states is not None and not cfg.train_text_encoder:
             embeds = PromptEmbeds(
                 hidden=torch.stack([self.te_states[i] for i in batch]).to(dev),
                 pooled=(torch.stack([self.pooled[i] for i in batch]).to(dev)
                         if self.pooled is not None else None))
         else:
             with torch.set_grad_enabled(cfg.train_text_encoder):
-                embeds = self._encode_text(batch)
+                embeds = self._encode_text(batch, captions)
         time_ids = None
         if self.time_ids is not None and self.time_ids_flipped is not None:
             time_ids = torch.stack([(self.time_ids_flipped if f else self.time_ids)[i]
@@ -579,6 +597,11 @@ def load_init_adapter(cfg, unet, text_encoders: dict, denoiser: str = "unet") ->
 
     from lora_kernel.common.errors import ConfigError
     weights = load_file(str(cfg.init))
+    if any(k.startswith("lora_unet_") for k in weights):  # kohya's network_weights
+        from lora_kernel.training.convert import kohya_to_diffusers
+        scale = cfg.alpha / cfg.lora_rank  # the file's alpha/rank is baked in: undo ours
+        weights = {k: (v / scale if ".lora_B." in k or "lora_linear_layer.up" in k else v)
+                   for k, v in kohya_to_diffusers(weights).items()}
     models = {denoiser: unet, **(text_encoders if cfg.train_text_encoder else {})}
     for name, model in models.items():
         part = {k[len(name) + 1:]: v for k, v in weights.items() if k.startswith(name + ".")}

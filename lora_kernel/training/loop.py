@@ -32,12 +32,14 @@ from safetensors.torch import load_file, save_file
 
 from lora_kernel.common.contract import PROGRESS_ENV
 from lora_kernel.common.errors import ConfigError, TrainingInterrupted
+from lora_kernel.training.optimizers import flatten_optimizer_state, unflatten_optimizer_state
 
 # Keys whose change between a checkpoint and a resumed run is harmless.
 RESUME_FREE_KEYS = {"max_train_steps", "epochs", "save_steps", "output_dir", "sample_prompts",
                     "sample_steps", "sample_seeds", "max_new_tokens", "logging_steps",
                     "output_name", "record_dataset_paths", "cache_latents", "keep_checkpoints",
-                    "deterministic", "compile", "eval_steps", "sample_every_n_steps"}
+                    "deterministic", "compile", "eval_steps", "save_every_n_epochs",
+                    "sample_every_n_steps", "sample_every_n_epochs"}
 
 
 class Task(Protocol):
@@ -241,13 +243,7 @@ def _write_checkpoint(tmp: Path, path: Path, *, step: int, epoch: int, batch_in_
     save_file({k: v.detach().cpu().contiguous() for k, v in named.items()},
               str(tmp / "adapter_state.safetensors"))
     opt = optimizer.state_dict()
-    opt_tensors, opt_meta = {}, {}
-    for pid, state in opt["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                opt_tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                opt_meta[f"{pid}.{key}"] = value
+    opt_tensors, opt_meta = flatten_optimizer_state(opt["state"])
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     rng_tensors, rng_meta = _rng_state(generator)
     save_file({k: v.contiguous() for k, v in rng_tensors.items()},
@@ -371,14 +367,8 @@ def load_checkpoint(path: Path, *, named: dict[str, torch.nn.Parameter],
     with torch.no_grad():
         for name, param in named.items():
             param.copy_(weights[name].to(param.device, param.dtype))
-    opt_tensors = load_file(str(path / "optimizer.safetensors"))
-    opt_state: dict = {}
-    for key, value in opt_tensors.items():
-        pid, name = key.split(".", 1)
-        opt_state.setdefault(int(pid), {})[name] = value
-    for key, value in state["optimizer_scalars"].items():
-        pid, name = key.split(".", 1)
-        opt_state.setdefault(int(pid), {})[name] = value
+    opt_state = unflatten_optimizer_state(load_file(str(path / "optimizer.safetensors")),
+                                          state["optimizer_scalars"])
     optimizer.load_state_dict({"state": opt_state,
                                "param_groups": state["optimizer_param_groups"]})
     scheduler.load_state_dict(state["scheduler"])
@@ -428,8 +418,12 @@ def uncompile_module(module: torch.nn.Module) -> None:
 def run_loop(cfg, task: Task, *, output_dir: Path, device: torch.device,
              resume: str | Path | bool | None = None,
              on_step: Callable[[int, float, float], None] | None = None,
-             interrupt_at_step: int | None = None, progress: bool = True) -> LoopResult:
+             interrupt_at_step: int | None = None, progress: bool = True,
+             after_step: Callable[[int, int, int], None] | None = None) -> LoopResult:
     """Train ``task`` per ``cfg``; return losses and timing.
+
+    ``after_step(step, epochs_done_before, epochs_done_after)`` runs after each optimizer
+    step (snapshots and samples during training, :mod:`lora_kernel.training.snapshots`).
 
     ``resume``: True for the latest checkpoint in ``output_dir``, or a checkpoint path.
     ``interrupt_at_step`` simulates a Ctrl-C after that optimizer step (for tests).
@@ -444,6 +438,7 @@ def run_loop(cfg, task: Task, *, output_dir: Path, device: torch.device,
         with _StopFlag() as stop:
             while loop.at.step < loop.n_steps:
                 t0 = time.perf_counter()
+                epochs_before = loop.epochs_done()
                 step_loss, step_examples, lr = loop.optimizer_step()
                 report.step(step_loss, step_examples, lr, time.perf_counter() - t0)
                 after = getattr(task, "after_step", None)
@@ -451,6 +446,8 @@ def run_loop(cfg, task: Task, *, output_dir: Path, device: torch.device,
                     after(loop.at.step, loop.n_steps, report.writer, loop.output_dir)
                 if on_step is not None:
                     on_step(loop.at.step, step_loss, lr)
+                if after_step is not None:
+                    after_step(loop.at.step, epochs_before, loop.epochs_done())
                 if cfg.save_steps and (loop.at.step % cfg.save_steps == 0
                                        or loop.at.step == loop.n_steps):
                     loop.checkpoint()  # the last step too, so a longer run can continue it
@@ -484,19 +481,16 @@ class _Loop:
     over the task's trainable parameters, the position, and the result being built."""
 
     def __init__(self, cfg, task: Task, output_dir: Path, device: torch.device) -> None:
-        from diffusers.optimization import get_scheduler
+        from lora_kernel.training.optimizers import build_optimizer, build_scheduler
 
         self.cfg, self.task, self.output_dir, self.device = cfg, task, output_dir, device
         self.generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
         self.named = task.named_trainable()
         self.n_steps = total_steps(cfg, len(task.epoch_batches(0)))
         self.compiled = compile_enabled(cfg, device, self.n_steps)
-        fused = {"fused": True} if self.compiled and device.type == "cuda" else {}
-        self.optimizer = torch.optim.AdamW(task.param_groups(), lr=cfg.learning_rate,
-                                           weight_decay=cfg.weight_decay, **fused)
-        self.scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer,
-                                       num_warmup_steps=cfg.lr_warmup_steps,
-                                       num_training_steps=self.n_steps)
+        self.optimizer = build_optimizer(cfg, task.param_groups(),
+                                         fused=self.compiled and device.type == "cuda")
+        self.scheduler = build_scheduler(cfg, self.optimizer, self.n_steps)
         self.config = cfg.to_dict()
         self.result = LoopResult(steps=0)
         self.at = _Position()
@@ -531,6 +525,10 @@ class _Loop:
         else:
             result.eval_loss_before = evaluate(self.task, cfg, self.device)
         self.batches = self.task.epoch_batches(self.at.epoch)
+
+    def epochs_done(self) -> int:
+        """Epochs whose every batch has been trained on."""
+        return self.at.epoch + (1 if self.at.batch_in_epoch >= len(self.batches) else 0)
 
     def optimizer_step(self) -> tuple[float, int, float]:
         """One optimizer step over ``gradient_accumulation_steps`` batches; returns its loss,

@@ -120,6 +120,7 @@ class SDComponents:
     family: Any = None  # the ModelFamily (lora_kernel.training.families)
     text_encoder_3: Any = None
     tokenizer_3: Any = None
+    clip_skip: int = 1  # text-encoder layer from the end whose output conditions (SD 1.x/2.x)
 
     @property
     def text_encoders(self) -> list:

@@ -47,7 +47,8 @@ __all__ = ["TrainResult", "TaskOutcome", "train", "pick_device", "run_outputs",
 logger = logging.getLogger(__name__)
 
 # What a run writes into output_dir besides its adapters (see the module docstring).
-RUN_OUTPUTS = ("checkpoints", "tb", "samples", "training_summary.json", "loss_curve.png")
+RUN_OUTPUTS = ("checkpoints", "tb", "samples", "training_summary.json", "loss_curve.png",
+               "snapshots")
 
 
 @dataclass
@@ -71,6 +72,7 @@ class TrainResult:
     dataset_version: str
     dataset_digests: dict[str, str]
     samples: dict = field(default_factory=dict)
+    snapshots: list[dict] = field(default_factory=list)  # loadable adapters saved mid-run
     eval_loss_before: float | None = None
     eval_loss_after: float | None = None
     cache_hit: bool = False
@@ -225,6 +227,7 @@ def train(cfg, *, resume: bool | str | Path | None = None, progress: bool = True
                       base_model_sha256=outcome.base_model_sha256, dataset_version=version,
                       dataset_digests=digests if cfg.record_dataset_paths else {},
                       samples=outcome.samples, cache_hit=outcome.cache_hit,
+                      snapshots=outcome.snapshots,
                       eval_loss_before=loop.eval_loss_before,
                       eval_loss_after=loop.eval_loss_after,
                       resumed_from=loop.resumed_from,
@@ -260,6 +263,7 @@ class TaskOutcome:
     base_weight_dtype: str
     trainable_dtype: str
     model_family: str | None = None
+    snapshots: list[dict] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)  # task facts for the summary file
 
 
@@ -277,29 +281,40 @@ def _train_image(cfg, *, device, out, cache_dir, version, digests, resume, progr
             f"(set vae_dtype to choose)")
     comps = load_sd_components(cfg.base_model, dtype=torch_dtype(dtype),
                                vae_dtype=torch_dtype(vae), quantization=cfg.quantization)
+    from lora_kernel.training.snapshots import Snapshots
     task = ImageTask(cfg, comps, device=device,
                      cache_dir=cache_dir if cfg.cache_latents else None,
                      dataset_version=version, log=log)
-    result = run_loop(cfg, task, output_dir=out, device=device, resume=resume,
-                      on_step=on_step, interrupt_at_step=interrupt_at_step, progress=progress)
     family = comps.family
-    meta = adapter_metadata(cfg, base_model_sha256=comps.sha256, dataset_version=version,
-                            dataset_digests=digests,
-                            extra={"ss_num_train_steps": str(result.steps),
-                                   **family.metadata()})
     te, te2 = ((comps.text_encoder, comps.text_encoder_2) if cfg.train_text_encoder
                else (None, None))
-    files = {
-        "diffusers": str(save_diffusers_lora(out / f"{cfg.output_name}.safetensors", comps.unet,
-                                             te, task.unet_config, task.te_config, meta,
-                                             text_encoder_2=te2,
-                                             pipeline_class=family.pipeline_class,
-                                             denoiser=family.denoiser)),
-        "kohya": str(save_kohya_lora(out / f"{cfg.output_name}_kohya.safetensors", comps.unet,
-                                     te, cfg.alpha, meta, text_encoder_2=te2, family=family)),
-    }
+
+    def export(folder: Path, stem: str, steps: int, epoch: int | None) -> dict[str, str]:
+        meta = adapter_metadata(cfg, base_model_sha256=comps.sha256, dataset_version=version,
+                                dataset_digests=digests,
+                                extra={"ss_num_train_steps": str(steps),
+                                       **({"ss_epoch": str(epoch)} if epoch else {}),
+                                       **family.metadata()})
+        return {
+            "diffusers": str(save_diffusers_lora(folder / f"{stem}.safetensors", comps.unet,
+                                                 te, task.unet_config, task.te_config, meta,
+                                                 text_encoder_2=te2,
+                                                 pipeline_class=family.pipeline_class,
+                                                 denoiser=family.denoiser)),
+            "kohya": str(save_kohya_lora(folder / f"{stem}_kohya.safetensors", comps.unet,
+                                         te, cfg.alpha, meta, text_encoder_2=te2,
+                                         family=family)),
+        }
+
+    snaps = Snapshots(cfg, out, export, task=task,
+                      sample=lambda folder: sample_grid(cfg, comps, folder, device=device))
+    result = run_loop(cfg, task, output_dir=out, device=device, resume=resume,
+                      on_step=on_step, interrupt_at_step=interrupt_at_step, progress=progress,
+                      after_step=snaps.after_step if snaps.wanted else None)
+    files = export(out, cfg.output_name, result.steps, None)
     info = sample_grid(cfg, comps, out / "samples", device=device) if samples else {}
     return TaskOutcome(loop=result, adapter_files=files, samples=info, cache_hit=task.cache_hit,
+                       snapshots=snaps.entries,
                        base_model_sha256=comps.sha256, live={"components": comps},
                        base_weight_dtype=dtype, model_family=family.name,
                        trainable_dtype=trainable_dtype_name(task.named_trainable()))

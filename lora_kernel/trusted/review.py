@@ -41,6 +41,7 @@ from lora_kernel.common.version import __version__
 from lora_kernel.provenance.ledger import Entry, LedgerReader, open_ledger
 from lora_kernel.provenance.publications import PUBLICATION_FILE, publications, review_state
 from lora_kernel.provenance.records import load_manifest, summary, verify_record
+from lora_kernel.provenance.snapshots import snapshot_summary
 from lora_kernel.trusted.identity import Actor, actor_by_name, current_actor, in_group
 from lora_kernel.trusted.ledger import Ledger
 
@@ -125,7 +126,8 @@ def check_source_approved(s: Mapping[str, Any], ledger: LedgerReader) -> None:
 
 
 def _review(run_id: str, decision: str, note: str, actor: Actor | None,
-            state: str | os.PathLike[str] | None, ledger: Ledger | None) -> Entry:
+            state: str | os.PathLike[str] | None, ledger: Ledger | None,
+            step: int | None = None) -> Entry:
     actor = actor or current_actor()
     policy = review_policy()
     check_run_id(run_id)
@@ -136,6 +138,8 @@ def _review(run_id: str, decision: str, note: str, actor: Actor | None,
                                 f"an admin adds {actor.name} to that OS group, or to `members:` "
                                 "in that policy on a single-user machine")
         s = verified_summary(run_id, led, state)
+        if step is not None:  # one of the adapters the run saved mid-training
+            s = snapshot_summary(runs_dir(state) / run_id, s, step)
         if decision == "approved":
             if actor.same_person(s["user"], s.get("uid")) \
                     and not policy.get("allow_self_approval"):
@@ -162,29 +166,41 @@ def _review(run_id: str, decision: str, note: str, actor: Actor | None,
             "decision": decision, "reviewer": actor.name, "reviewer_uid": actor.uid,
             "identity": actor.source, "note": note, "trainer": s["user"],
             "adapter_digest": s["adapter_digest"],
+            **({"step": step, "adapter_files": s["adapter_files"]} if step is not None else {}),
             "manifest_sha256": expected[0] if expected else None})
 
 
 def approve(run_id: str, note: str = "", *, actor: Actor | None = None,
-            state: str | os.PathLike[str] | None = None, ledger: Ledger | None = None) -> Entry:
+            state: str | os.PathLike[str] | None = None, ledger: Ledger | None = None,
+            step: int | None = None) -> Entry:
     """Approve a run's adapter (bound to its current digest); returns the ledger entry.
+    ``step``: the adapter the run saved at that step (``snapshots/``) instead of the final
+    one; a step it saved nothing at is a :class:`ConfigError` naming the saved steps.
 
     Raises :class:`PolicyRefusal` (not a reviewer, self-approval, failed run, no adapter) or
     :class:`VerificationError` (the record does not verify).
     """
-    return _review(run_id, "approved", note, actor, state, ledger)
+    return _review(run_id, "approved", note, actor, state, ledger, step)
 
 
 def reject(run_id: str, note: str = "", *, actor: Actor | None = None,
-           state: str | os.PathLike[str] | None = None, ledger: Ledger | None = None) -> Entry:
+           state: str | os.PathLike[str] | None = None, ledger: Ledger | None = None,
+           step: int | None = None) -> Entry:
     """Reject a run's adapter (also revokes an earlier approval); returns the ledger entry."""
-    return _review(run_id, "rejected", note, actor, state, ledger)
+    return _review(run_id, "rejected", note, actor, state, ledger, step)
 
 
 def check_approved(run_id: str, s: dict[str, Any], ledger: LedgerReader) -> Entry:
     """The approval entry that lets ``run_id`` (summary ``s``) be published, or
     :class:`PolicyRefusal` saying why not (pending, rejected, replayed/void, self-approved)."""
     state, entry = review_state(ledger, run_id, s["adapter_digest"])
+    if state == "void" and entry is not None and entry.payload.get("step") != s.get("step"):
+        approved = entry.payload.get("step")
+        what = (f"the adapter it saved at step {approved}; fix: lora publish {run_id} "
+                f"--step {approved}" if approved is not None
+                else f"its final adapter; fix: lora publish {run_id} without --step")
+        raise PolicyRefusal(f"the approval of run {run_id} (ledger seq {entry.seq}) is of "
+                            f"{what}, or have a reviewer approve the one you want")
     if state == "void" and entry is not None:
         raise PolicyRefusal(
             f"the approval of run {run_id} (ledger seq {entry.seq}) is bound to adapter digest "
@@ -206,8 +222,9 @@ def check_approved(run_id: str, s: dict[str, Any], ledger: LedgerReader) -> Entr
 
 def publish(run_id: str, to_dir: str | os.PathLike[str], name: str | None = None, *,
             actor: Actor | None = None, state: str | os.PathLike[str] | None = None,
-            ledger: Ledger | None = None) -> Path:
+            ledger: Ledger | None = None, step: int | None = None) -> Path:
     """Copy an approved, verified run's adapter files to ``to_dir/<name>``; return that path.
+    ``step``: publish the adapter the run saved at that step, which must be the one approved.
 
     Writes ``publication.json`` (run, digests, access groups and expiry date from policy) and a
     ``publication`` ledger entry. The folder appears by one rename. Raises
@@ -218,6 +235,8 @@ def publish(run_id: str, to_dir: str | os.PathLike[str], name: str | None = None
     actor = actor or current_actor()
     with open_ledger(ledger, state, Ledger) as led:
         s = verified_summary(run_id, led, state)
+        if step is not None:
+            s = snapshot_summary(runs_dir(state) / run_id, s, step)
         approval = check_approved(run_id, s, led)
         if s.get("kind") == "derived" and (s.get("derived_from") or {}).get("run_id"):
             check_source_approved(s, led)  # the source may have been rejected since
@@ -235,7 +254,8 @@ def publish(run_id: str, to_dir: str | os.PathLike[str], name: str | None = None
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=to))
         files = {}
         for rel in s["adapter_files"]:
-            out_rel = rel[len("adapter/"):] if rel.startswith("adapter/") else rel
+            out_rel = rel.split("/", 1)[1] if rel.startswith(("adapter/", "snapshots/")) \
+                else rel
             out = tmp / out_rel
             out.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(record / rel, out)
@@ -248,7 +268,8 @@ def publish(run_id: str, to_dir: str | os.PathLike[str], name: str | None = None
         meta = {"run_id": run_id, "name": name, "adapter_digest": s["adapter_digest"],
                 "files": files, "access_groups": list(policy.get("access_groups") or []),
                 "expires": expires, "published_at": iso_time(now), "published_by": actor.name,
-                "approval_seq": approval.seq, "lora_enclave": __version__}
+                "approval_seq": approval.seq, "lora_enclave": __version__,
+                **({"step": step} if step is not None else {})}
         (tmp / PUBLICATION_FILE).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n",
                                             encoding="utf-8")
         os.chmod(tmp / PUBLICATION_FILE, 0o444)

@@ -152,14 +152,17 @@ class RunnerServer(socketserver.ForkingMixIn, socketserver.UnixStreamServer):
             from lora_kernel.trusted.review import approve, reject
 
             fn = approve if request.get("decision") == "approve" else reject
+            step = request.get("step")
             entry = fn(str(request["run"]), str(request.get("note", "")), actor=actor,
-                       state=self.state)
+                       state=self.state, step=int(step) if step is not None else None)
             return {"seq": entry.seq, "payload": entry.payload}
         if op == "publish":
             from lora_kernel.trusted.review import publish
 
+            step = request.get("step")
             dest = publish(str(request["run"]), str(request["to"]), request.get("name"),
-                           actor=actor, state=self.state)
+                           actor=actor, state=self.state,
+                           step=int(step) if step is not None else None)
             return {"path": str(dest)}
         if op == "withdraw":
             from lora_kernel.trusted.review import withdraw

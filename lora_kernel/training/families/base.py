@@ -126,11 +126,14 @@ class ModelFamily:
         if cfg.noise_offset:
             noise = noise + cfg.noise_offset * torch.randn(
                 (latents.shape[0], latents.shape[1], 1, 1), generator=generator).to(dev)
+        from lora_kernel.training.losses import multires_noise
+        noise = multires_noise(noise, cfg, generator)  # a no-op unless configured
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps,
                                   (latents.shape[0],), generator=generator).to(dev)
         return NoisyBatch(noisy=scheduler.add_noise(latents, noise, timesteps),
                           timesteps=timesteps,
-                          target=self.training_target(scheduler, latents, noise, timesteps))
+                          target=self.training_target(scheduler, latents, noise, timesteps),
+                          extra={"cfg": cfg, "scheduler": scheduler})
 
     def predict(self, comps, batch: NoisyBatch, embeds: PromptEmbeds, time_ids):
         """The denoiser's prediction for ``batch`` (same shape as ``batch.target``)."""
@@ -138,8 +141,14 @@ class ModelFamily:
                           **self.unet_kwargs(embeds, time_ids)).sample
 
     def batch_loss(self, pred, batch: NoisyBatch):
-        """Mean squared error of ``pred`` against the target, each example weighted."""
+        """Mean squared error of ``pred`` against the target, each example weighted (a DDPM
+        batch: kohya's loss options, min-SNR, debiased estimation, through
+        :func:`lora_kernel.training.losses.diffusion_loss`; plain MSE without them)."""
         import torch.nn.functional as F
+        if batch.weights is None and "scheduler" in batch.extra:
+            from lora_kernel.training.losses import diffusion_loss
+            return diffusion_loss(batch.extra["cfg"], batch.extra["scheduler"], pred,
+                                  batch.target, batch.timesteps)
         if batch.weights is None:
             return F.mse_loss(pred.float(), batch.target.float())
         per = ((pred.float() - batch.target.float()) ** 2).reshape(pred.shape[0], -1).mean(1)

@@ -20,7 +20,15 @@ class SD15Family(ModelFamily):
 
     def encode_prompt(self, comps, ids: list) -> PromptEmbeds:
         te = comps.text_encoder
-        return PromptEmbeds(hidden=te(ids[0].to(te.device))[0])
+        skip = int(getattr(comps, "clip_skip", 1) or 1)
+        if skip <= 1:
+            return PromptEmbeds(hidden=te(ids[0].to(te.device))[0])
+        # kohya's clip_skip: the hidden state `skip` layers from the end, through the final
+        # layer norm (CLIPTextModel is flat in transformers >= 5.6: no text_model level)
+        out = te(ids[0].to(te.device), output_hidden_states=True)
+        norm = te.final_layer_norm if hasattr(te, "final_layer_norm") \
+            else te.text_model.final_layer_norm
+        return PromptEmbeds(hidden=norm(out.hidden_states[-skip]))
 
     def pipeline(self, comps):
         from diffusers import StableDiffusionPipeline
