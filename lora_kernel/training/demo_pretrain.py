@@ -50,7 +50,7 @@ PRETRAIN_THREADS = 1
 VAE_STEPS = 200
 DENOISER_STEPS = 1000
 DENOISER_LR = 3e-3
-OFFSET_NOISE = 0.1
+OFFSET_NOISE = 0.5
 N_SCENES = 1024
 RECIPE_VERSION = 1
 
@@ -401,8 +401,9 @@ def train_denoiser(unet, text_encoder, tokenizer, vae, vocab: SceneVocabulary,
         idx = torch.randint(0, len(latents), (16,), generator=g)
         z0 = latents[idx]
         # offset noise: a per-channel constant too, so that the model learns to set each
-        # image's mean colour (SD's schedule leaves ~7% of the signal at the last step, and
-        # on 8x8 latents the start noise's mean would otherwise pick the background)
+        # image's mean colour itself (SD's schedule leaves ~7-10% of the signal at the first
+        # sampling step, and on 8x8 latents the start noise's mean, std 1/8 per channel,
+        # would otherwise pick the background colour)
         noise = torch.randn(z0.shape, generator=g) + OFFSET_NOISE * torch.randn(
             (len(idx), z0.shape[1], 1, 1), generator=g)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=g)

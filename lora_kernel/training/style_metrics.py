@@ -12,7 +12,8 @@ images still show what the prompt asks for, computed over a "base | LoRA" sample
 * **Prompt adherence: dominant colour of the shape region** (1 or 0 per image). Each pixel is
   given the nearest of the palette's reference colours (the six demo colours, the scenes'
   backgrounds, the style's magenta, dark ground and white rim); the shape region is the
-  pixels nearest one of the six demo colours (within ``COLOUR_RADIUS``); an image adheres when
+  pixels nearest one of the six demo colours (within ``COLOUR_RADIUS``), less the
+  background (the reference colour most frequent on the image's border); an image adheres when
   that region covers at least ``MIN_SHAPE_FRACTION`` of it and its most frequent colour is the
   colour the prompt names. The grid's adherence is the fraction of images that adhere.
 
@@ -75,14 +76,20 @@ def stripe_energy(image, period: int = STRIPE_PERIOD) -> float:
 
 def dominant_colour(image) -> tuple[str | None, float]:
     """The most frequent demo colour of the shape region and the region's fraction of the
-    image (``None`` when no pixel is near a demo colour)."""
-    rgb = _as_uint8(image).reshape(-1, 3).astype(np.float32)
+    image (``None`` when no pixel is near a demo colour). The background is the reference
+    colour most frequent on the image's border, and is not part of the shape region."""
+    arr = _as_uint8(image).astype(np.float32)
+    rgb = arr.reshape(-1, 3)
     names = list(COLORS) + list(OTHER_REFERENCES)
     refs = np.array([COLOR_RGB[c] for c in COLORS] + list(OTHER_REFERENCES.values()),
                     dtype=np.float32)
     dist = np.linalg.norm(rgb[:, None, :] - refs[None, :, :], axis=-1)
     nearest = dist.argmin(axis=1)
-    in_shape = (nearest < len(COLORS)) & (dist.min(axis=1) <= COLOUR_RADIUS)
+    border = np.zeros(arr.shape[:2], bool)
+    border[[0, -1], :] = border[:, [0, -1]] = True
+    background = np.bincount(nearest[border.reshape(-1)], minlength=len(names)).argmax()
+    in_shape = ((nearest < len(COLORS)) & (nearest != background)
+                & (dist.min(axis=1) <= COLOUR_RADIUS))
     if not in_shape.any():
         return None, 0.0
     counts = np.bincount(nearest[in_shape], minlength=len(COLORS))
