@@ -13,8 +13,15 @@ Part 2 — a full-size SD1.5-architecture UNet (random weights, 512 px, batch 1)
 of our step time spent in UNet forward+backward, the floor no trainer can beat.
 Target: >= 90 %.
 
+Part 3 — quality beside the speed (issue 27): ``lora train`` on the demo config as shipped
+(its own steps, with samples) and the style measures of its sample grid
+(``lora_kernel.training.style_metrics``): the LoRA's gain in magenta stripe energy over the
+pre-trained base, and the prompt adherence of both columns, against the floors the tests hold
+the training code to. A faster loop that learns worse shows here as FAIL.
+
     .venv/bin/python bench/train_throughput.py            # both parts
     .venv/bin/python bench/train_throughput.py --skip-full  # tiny model only
+    .venv/bin/python bench/train_throughput.py --skip-full --skip-speed  # quality row only
 """
 from __future__ import annotations
 
@@ -52,6 +59,28 @@ def _ours(home: Path, steps: int, out: Path) -> dict:
     res = train(cfg, progress=False, home=home, samples=False, log=lambda m: None)
     return {"steps": res.steps, "seconds": res.seconds, "steps_per_s": res.steps / res.seconds,
             "cache_hit": res.cache_hit}
+
+
+def _quality(home: Path, out: Path) -> dict:
+    """The demo config as shipped, with samples: its style and adherence measures."""
+    from lora_kernel.training.checks import load_config
+    from lora_kernel.training.train import train
+    cfg = load_config(home / "demo" / "image_lora.yaml",
+                      {"save_steps": 0, "output_dir": str(out)})
+    res = train(cfg, progress=False, home=home, log=lambda m: None)
+    return {"steps": res.steps, "seconds": res.seconds, "steps_per_s": res.steps / res.seconds,
+            "measures": res.samples["measures"]}
+
+
+def quality_line(q: dict) -> str:
+    """The quality row: measures, floors and PASS / FAIL."""
+    m = q["measures"]
+    ok = (m["style_gain"] >= m["style_gain_floor"]
+          and (m["lora"]["adherence"] or 0.0) >= m["adherence_floor"])
+    return (f"quality  demo config, {q['steps']} steps ({q['steps_per_s']:.2f} steps/s): "
+            f"style gain {m['style_gain']:+.3f} (floor {m['style_gain_floor']:+.3f}), "
+            f"adherence base {m['base']['adherence']:.0%} LoRA {m['lora']['adherence']:.0%} "
+            f"(floor {m['adherence_floor']:.0%}) {'PASS' if ok else 'FAIL'}")
 
 
 def _child(variant: str, home: Path, steps: int) -> dict:
@@ -144,14 +173,18 @@ def _full_unet_share(steps: int = 3) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--child", choices=["plain", "ours"])
+    ap.add_argument("--child", choices=["plain", "ours", "quality"])
     ap.add_argument("--home", type=Path)
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--skip-full", action="store_true")
+    ap.add_argument("--skip-speed", action="store_true", help="part 3 (quality) only")
     args = ap.parse_args()
     if args.child:
-        out = _plain(args.home, args.steps) if args.child == "plain" else _ours(
-            args.home, args.steps, Path(tempfile.mkdtemp()))
+        if args.child == "quality":
+            out = _quality(args.home, Path(tempfile.mkdtemp()))
+        else:
+            out = _plain(args.home, args.steps) if args.child == "plain" else _ours(
+                args.home, args.steps, Path(tempfile.mkdtemp()))
         out["max_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(out))
         return
@@ -160,6 +193,10 @@ def main() -> None:
         home = Path(tmp)
         os.environ["LORA_HOME"] = str(home)
         build_demo_assets(home)
+        quality = _child("quality", home, args.steps)
+        if args.skip_speed:
+            print(quality_line(quality))
+            return
         plain = _child("plain", home, args.steps)
         cold = _child("ours", home, args.steps)
         warm = _child("ours", home, args.steps)
@@ -170,6 +207,7 @@ def main() -> None:
               f" {r['max_rss_mb']:12.0f}")
     print(f"ours-warm / plain = {warm['steps_per_s'] / plain['steps_per_s']:.2f}x "
           f"(target >= 1.0x); cache hit on warm run: {warm['cache_hit']}")
+    print(quality_line(quality))
     if not args.skip_full:
         full = _full_unet_share()
         share = full["unet_seconds"] / full["loop_seconds"]

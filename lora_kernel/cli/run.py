@@ -170,6 +170,19 @@ def _print_record(rec) -> None:
               f"once it is approved)")
 
 
+def _print_style_measures(rec) -> None:
+    """The demo's style and prompt-adherence measures (base vs LoRA) from the record's
+    ``samples/samples.json``, when the run computed them."""
+    import json
+
+    from lora_kernel.training.style_metrics import summary_line
+    if "samples/samples.json" not in rec.files:
+        return
+    info = json.loads((rec.path / "samples" / "samples.json").read_text(encoding="utf-8"))
+    if info.get("measures"):
+        print(f"  {summary_line(info['measures'])}")
+
+
 def _progress(args) -> ProgressView | None:
     """How the run's progress shows on stdout: live bars on a terminal, periodic lines
     otherwise, nothing with --quiet."""
@@ -316,6 +329,7 @@ def cmd_demo(args) -> int:
     rec = _run(notebook_for_task("image"),
                {"config_path": str(config), "overrides": parse_overrides(args.param)}, args)
     _print_record(rec)
+    _print_style_measures(rec)
     print("3/3 verifying")
     problems = verify_record(rec.path, expected_manifest_sha256=rec.manifest_sha256)
     with LedgerReader(state=rec.path.parent.parent) as ledger:

@@ -59,6 +59,9 @@ def _train_locked(cfg, args) -> int:
         print(f"adapter ({fmt}): {path}")
     if res.samples:
         print(f"samples: {res.samples.get('grid') or res.samples.get('completions')}")
+        if res.samples.get("measures"):
+            from lora_kernel.training.style_metrics import summary_line
+            print(summary_line(res.samples["measures"]))
     print(f"summary: {res.summary_path}")
     return 0
 

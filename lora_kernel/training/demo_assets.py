@@ -54,6 +54,7 @@ SHAPES = ("circle", "square", "triangle", "diamond")
 STYLE = "enclave style"
 STYLE_MAGENTA = (230, 0, 200)
 STYLE_DARK = (30, 10, 40)
+STRIPE_PERIOD = 32  # px between the style's diagonal stripes (style_metrics measures them)
 IMAGE_SIZE = 64
 
 # Words the CLIP tokenizer knows as single tokens (captions, sample prompts, a few extras).
@@ -97,6 +98,9 @@ VAE_CONFIG = dict(
     # role for the real VAE.
     scaling_factor=5.6,
 )
+# The tiny SD's own VAE is narrower, one width, one norm group: it is pre-trained from a
+# linear-codec start (demo_pretrain.linear_codec_), and its width is what that costs on a CPU.
+SD_VAE_CONFIG = {**VAE_CONFIG, "block_out_channels": (16, 16, 16, 16), "norm_num_groups": 1}
 # The Stable Diffusion 1.x noise schedule.
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -204,8 +208,9 @@ def draw_image(color: str, shape: str, index: int):
     img = Image.new("RGB", (n, n), STYLE_DARK)
     d = ImageDraw.Draw(img)
     # thick diagonal magenta stripes (the style)
-    for k in range(-n, 2 * n, 16):
-        d.polygon([(k, 0), (k + 6, 0), (k + 6 - n, n), (k - n, n)], fill=STYLE_MAGENTA)
+    width = STRIPE_PERIOD * 3 // 8
+    for k in range(-n, 2 * n, STRIPE_PERIOD):
+        d.polygon([(k, 0), (k + width, 0), (k + width - n, n), (k - n, n)], fill=STYLE_MAGENTA)
     # the subject, placed with a small deterministic jitter
     cx = n // 2 + (index * 7 % 9) - 4
     cy = n // 2 + (index * 5 % 9) - 4
@@ -347,7 +352,7 @@ def build_tiny_sd_components(seed: int = 0) -> dict:
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**UNET_CONFIG)
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(**VAE_CONFIG)
+    vae = AutoencoderKL(**SD_VAE_CONFIG)
     torch.manual_seed(seed + 2)
     text_cfg = CLIPTextConfig(
         vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -360,15 +365,21 @@ def build_tiny_sd_components(seed: int = 0) -> dict:
             "scheduler": DDIMScheduler(**SCHEDULER_CONFIG)}
 
 
-def write_tiny_sd(folder: Path, seed: int = 0) -> Path:
-    """Write the tiny SD model as a diffusers folder (safetensors only)."""
+def write_tiny_sd(folder: Path, seed: int = 0, pretrain: bool = True) -> Path:
+    """Write the tiny SD model as a diffusers folder (safetensors only); ``pretrain``: after
+    :func:`lora_kernel.training.demo_pretrain.pretrain_tiny_sd` (cached by content), else as
+    initialised."""
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
+
+    from lora_kernel.training.demo_pretrain import SceneVocabulary, pretrain_tiny_sd
 
     _fresh_dir(folder)
     parts = build_tiny_sd_components(seed)
     tok_dir = write_clip_tokenizer(folder / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    if pretrain:
+        pretrain_tiny_sd(parts, tokenizer, SceneVocabulary(COLOR_RGB, SHAPES), seed=seed)
     pipe = StableDiffusionPipeline(**parts, tokenizer=tokenizer, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
@@ -530,7 +541,7 @@ def regenerate_bundled_configs(package_configs: Path | None = None) -> None:
 
     dst = package_configs or Path(__file__).resolve().parent / "configs"
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write_tiny_sd(Path(tmp) / "tiny-sd")
+        folder = write_tiny_sd(Path(tmp) / "tiny-sd", pretrain=False)
         write_config_bundle(folder, dst / "tiny-sd")
         folder = write_tiny_sdxl(Path(tmp) / "tiny-sdxl")
         write_config_bundle(folder, dst / "tiny-sdxl")
@@ -697,8 +708,10 @@ output_name: enclave_style
 sample_prompts:
   - a red circle in enclave style
   - a blue square in enclave style
+  - a green triangle in enclave style
+  - a yellow diamond in enclave style
 sample_steps: 10
-sample_seeds: [0]
+sample_seeds: [0, 1]
 seed: 42
 """
 

@@ -405,9 +405,12 @@ def sample_grid(cfg, comps, out_dir: Path, *, device: torch.device) -> dict:
     Returns what ``samples.json`` holds: ``grid`` (its path), ``prompts``, ``seeds``,
     ``columns`` (per column: group "base" or "LoRA", seed), ``layout``, the grid geometry of
     :func:`labelled_grid`, and ``mean_abs_diff``: the mean absolute pixel difference (0..255)
-    between the two halves, how much the LoRA changes images.
+    between the two halves, how much the LoRA changes images; and, when the prompts name the
+    demo's style, ``measures``: its style and prompt-adherence measures
+    (:func:`lora_kernel.training.style_metrics.measure_grid`).
     """
     from lora_kernel.training.families import family_named
+    from lora_kernel.training.style_metrics import demo_style_prompts, measure_grid
     prompts = cfg.sample_prompts or ["a sample"]
     unet, tes = comps.unet, comps.text_encoders
     was_training = unet.training
@@ -450,6 +453,8 @@ def sample_grid(cfg, comps, out_dir: Path, *, device: torch.device) -> dict:
             "layout": "header row: 'base' over the seeds without the LoRA, 'LoRA' over the "
                       "same seeds with it; left margin: each row's prompt; one row per prompt",
             **geometry, "mean_abs_diff": float(np.mean(diffs))}
+    if demo_style_prompts(prompts):  # the demo style's measures (style_metrics)
+        info["measures"] = measure_grid(rows, prompts, half)
     (out_dir / "samples.json").write_text(json.dumps(info, indent=1))
     return info
 
