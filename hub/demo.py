@@ -106,8 +106,8 @@ def prepare_shared_store(store: Path) -> bool:
     """The platform's shared store (``$LORA_SHARED_STORE``, listed first by the studio, see
     ``policies/models.yaml``): on first use, the demo models (tiny SD folder and single file,
     tiny Llama) and datasets go there, readable by every user and writable by none but this
-    account; returns whether it was filled now. An admin adds a model by copying it into
-    ``models/`` there (``cp -r MODEL $LORA_SHARED_STORE/models/``)."""
+    account; returns whether it was filled now. An admin adds a model with
+    ``lora models add PATH`` (checked, copied read-only into ``models/`` there)."""
     if (store / "models").is_dir():
         return False
     import shutil

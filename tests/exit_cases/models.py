@@ -115,6 +115,12 @@ def _bad_targets(c: Case) -> list:
             "--no-samples", "--quiet", "--home", c.tmp / "home"]
 
 
+def _models_add_taken(c: Case) -> list:
+    src = c.demo / "models" / "tiny-sd"
+    (c.tmp / "shared" / "models" / "tiny-sd").mkdir(parents=True)
+    return ["models", "add", src, "--store", c.tmp / "shared"]
+
+
 CASES: dict[str, Callable[[Case], list]] = {
     "base model `.safetensors` is corrupt": _corrupt,
     "base model `.safetensors` is empty (0 bytes)": lambda c: _model_file(c, b""),
@@ -136,5 +142,6 @@ CASES: dict[str, Callable[[Case], list]] = {
     "`text_encoder_2_lr` for a model with one text encoder":
         lambda c: ["config", c.config(text_encoder_2_lr=1e-4)],
     "an SD1.5 LoRA given as `init` to an SDXL run": _sd15_lora_as_sdxl_init,
+    "`lora models add` under a name the shared store already has": _models_add_taken,
 }
 SLOW = {"`target_modules` names no module"}
