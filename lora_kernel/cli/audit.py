@@ -106,12 +106,16 @@ def _recover(state) -> None:
 def _unsealed(state) -> list:
     """Runs still announced in ``.active`` whose runner is gone: they ended without a record
     (e.g. the state store was full even for a minimal one); a problem until recovered."""
-    from lora_kernel.common.paths import runs_dir
+    from lora_kernel.common.paths import ledger_path, runs_dir
+    from lora_kernel.provenance.ledger import KEY_NAME
     from lora_kernel.provenance.records import Problem
     from lora_kernel.trusted.runseal import stale_runs
 
     if not os.access(runs_dir(state) / ".active", os.W_OK):  # none, or an auditor's view
         return []
+    ledger = ledger_path(state)
+    if ledger.exists() and not (ledger.parent / KEY_NAME).exists():
+        return []  # an auditor's copy (no signing key): only read, never locked or sealed
     try:
         stale = stale_runs(state)
     except (OSError, LoraError) as exc:
