@@ -82,11 +82,11 @@ def cmd_config(args) -> int:
     if cfg.model_family:
         from lora_kernel.training.families import family_named
         family = f" (model family: {cfg.model_family} ({family_named(cfg.model_family).title}))"
-    if cfg.task == "image":  # against the usual 24 / 80 GB cards (Flux, SD3.5, SDXL...)
-        print(memory_line(cfg))
     from lora_kernel.training.fit import fit_summary
-    # the last line: OK, and the memory estimate against each GPU (NVML), before training
-    print(f"{args.file}: OK{family}; {fit_summary(cfg)}", flush=True)
+    # the last line: OK, and the memory estimate against each GPU (NVML), before training;
+    # an image run also against the usual 24 / 80 GB cards (Flux, SD3.5, SDXL...)
+    cards = f"; {memory_line(cfg)}" if cfg.task == "image" else ""
+    print(f"{args.file}: OK{family}; {fit_summary(cfg)}{cards}", flush=True)
     return 0
 
 

@@ -406,7 +406,7 @@ def test_lora_config_of_a_full_size_flux_says_what_it_needs(demo_home, full_size
     code = cli.main(["config", str(demo_home / "demo" / "flux_lora.yaml"), *over])
     out = capsys.readouterr().out
     assert code == 0, out
-    line = next(x for x in out.splitlines() if x.startswith("memory:"))
+    line = out.splitlines()[-1].split("; memory: ", 1)[1]  # the last line: OK; ...; memory
     assert "fits a 24 GB GPU" in line and "fits a 80 GB GPU" in line, line
     cfg = _cfg(demo_home, "flux", base_model=str(full_size_flux), resolution=1024,
                mixed_precision="bf16", quantization="nf4", gradient_checkpointing=True,
