@@ -287,12 +287,13 @@ def test_a_trainer_sees_their_own_runs_through_the_service(service, demo_home):
         res = as_user(who, "run", nb, "--home", home, "--runner", sock)
         assert res.returncode == 0, res.stdout + res.stderr
         runs[who] = record_of(res)
-    res = as_user(ALICE, "audit", "list", "--runner", sock)
+    # carol trains and reviews nothing (alice and bob are reviewers in these tests)
+    res = as_user(CAROL, "audit", "list", "--runner", sock)
     assert res.returncode == 0 and "Traceback" not in res.stderr, res.stdout + res.stderr
-    assert runs[ALICE] in res.stdout and runs[CAROL] not in res.stdout, res.stdout
-    res = as_user(ALICE, "audit", "show", runs[ALICE], "--runner", sock)
+    assert runs[CAROL] in res.stdout and runs[ALICE] not in res.stdout, res.stdout
+    res = as_user(CAROL, "audit", "show", runs[CAROL], "--runner", sock)
     assert res.returncode == 0 and "succeeded" in res.stdout, res.stdout + res.stderr
-    res = as_user(ALICE, "audit", "show", runs[CAROL], "--runner", sock)
+    res = as_user(CAROL, "audit", "show", runs[ALICE], "--runner", sock)
     assert res.returncode == 6 and "not yours" in res.stderr, res.stdout + res.stderr
     res = as_user(BOB, "audit", "list", "--runner", sock)  # bob reviews: sees both
     assert res.returncode == 0 and runs[ALICE] in res.stdout and runs[CAROL] in res.stdout, \
