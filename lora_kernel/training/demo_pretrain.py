@@ -167,6 +167,9 @@ def recipe_key(name: str, models: dict, **extra) -> str:
         model = models[part]
         cfg = model.config
         cfg = dict(cfg) if isinstance(cfg, dict) else cfg.to_dict()
+        # diffusers' private entries (``_use_default_values`` is built from a set, so its
+        # order changes with every process's hash seed) are bookkeeping, not the model
+        cfg = {k: v for k, v in cfg.items() if not str(k).startswith("_")}
         h.update(json.dumps([part, cfg], sort_keys=True, default=str).encode())
         for k, v in sorted(model.state_dict().items()):
             h.update(k.encode())

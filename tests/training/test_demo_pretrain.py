@@ -102,3 +102,29 @@ def test_pretraining_gives_the_same_bytes_twice_on_this_machine(tmp_path):
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     init = demo_assets.build_tiny_sd_components(0)["unet"].state_dict()
     assert any(not torch.equal(init[k], states[0][f"unet.{k}"]) for k in init)
+
+
+def test_the_pretraining_cache_key_is_the_same_in_every_process(tmp_path):
+    """The key once hashed diffusers' ``_use_default_values`` (built from a set, so ordered
+    by each process's hash seed): every new process missed the cache and pre-trained again
+    (minutes per demo build). Two processes with different hash seeds must agree."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, pathlib\n"
+            "import lora_kernel.training.demo_pretrain as dp\n"
+            "def stop(name, key, train):\n"
+            "    print(key)\n"
+            "    raise SystemExit(0)\n"
+            "dp.cached_state = stop\n"
+            "from lora_kernel.training.demo_assets import write_tiny_sd\n"
+            "write_tiny_sd(pathlib.Path(sys.argv[1]), seed=0)\n")
+    keys = set()
+    for hash_seed in ("1", "2"):
+        res = subprocess.run([sys.executable, "-c", code, str(tmp_path / hash_seed)],
+                             capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "PYTHONHASHSEED": hash_seed})
+        assert res.returncode == 0, res.stderr[-2000:]
+        keys.add(res.stdout.strip().splitlines()[-1])
+    assert len(keys) == 1, keys
