@@ -34,4 +34,8 @@ def test_an_admin_adds_a_model_that_every_studio_lists(tmp_path, demo_home, caps
     evil.write_bytes(b"\x80\x04\x95" + b"\0" * 64)
     code, out = lora("models", "add", evil)
     assert code == 3, out
+    code, out = lora("models", "add", "")
+    assert code == 2 and "no model given" in out, out
+    code, out = lora("models", "add", src, "--store", "/proc/no-such-store")
+    assert code == 2 and "cannot write the shared store" in out and "Traceback" not in out, out
     assert sorted(p.name for p in (store / "models").iterdir()) == ["house-sd"]

@@ -31,6 +31,9 @@ def cmd_models_add(args) -> int:
     if not store_root:
         raise ConfigError("no shared store: give --store DIR or set LORA_SHARED_STORE (make "
                           "hub uses hub_shared/ in the checkout)", key="--store")
+    if not str(args.model).strip():
+        raise ConfigError("no model given; fix: lora models add PATH (a model folder or one "
+                          ".safetensors file)", key="PATH")
     src = check_model_path(args.model)  # pickles and remote code refused, nothing loaded
     name = args.name or src.name
     if not name or "/" in name or name.startswith("."):
@@ -41,8 +44,13 @@ def cmd_models_add(args) -> int:
         raise ConfigError(f"{dest} already exists; fix: --name ANOTHER, or remove it first "
                           "(records pin models by sha256, so a replaced model is noticed)",
                           key="--name")
-    store.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=store))
+    try:
+        store.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=store))
+    except OSError as exc:
+        raise ConfigError(f"cannot write the shared store {store}: {exc.strerror or exc}; fix: "
+                          "run as the admin who owns it, or give --store DIR",
+                          key="--store") from None
     try:
         staged = tmp / name
         if src.is_dir():
@@ -57,6 +65,9 @@ def cmd_models_add(args) -> int:
             os.chmod(staged, 0o644)
         digest = model_sha256(staged)
         os.rename(staged, dest)
+    except OSError as exc:  # a full or read-only store: nothing half-written stays
+        raise ConfigError(f"cannot copy {src} into {store}: {exc.strerror or exc}; fix: free "
+                          "space there or give --store DIR", key="--store") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"added {dest} (sha256 {digest}); the studio lists it for every user")
