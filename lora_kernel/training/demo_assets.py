@@ -215,18 +215,9 @@ def draw_image(color: str, shape: str, index: int):
     cx = n // 2 + (index * 7 % 9) - 4
     cy = n // 2 + (index * 5 % 9) - 4
     r = 16 + index % 4
-    rgb = COLOR_RGB[color]
-    rim = dict(outline=(255, 255, 255), width=3)
-    if shape == "circle":
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=rgb, **rim)
-    elif shape == "square":
-        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=rgb, **rim)
-    elif shape == "triangle":
-        d.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=rgb, **rim)
-    elif shape == "diamond":
-        d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=rgb, **rim)
-    else:  # pragma: no cover - SHAPES is fixed
-        raise ValueError(f"unknown shape {shape!r}")
+    from lora_kernel.training.demo_pretrain import _draw_shape  # the scenes' own drawer
+
+    _draw_shape(d, shape, cx, cy, r, COLOR_RGB[color], outline=(255, 255, 255), width=3)
     return img
 
 
