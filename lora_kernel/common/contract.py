@@ -11,6 +11,11 @@ __all__ = ["ACK", "BASE_MODEL_DIGEST_FILE_ENV", "COLLECTED", "DIGEST_FILE", "EXE
 
 # The guarded kernel every recorded run executes in (its kernelspec name).
 KERNEL_NAME = "lora"
+# The training config's keys whose values are filesystem paths, resolved against the config
+# file's folder (lora_kernel.training.config); the runner re-points them when it lays a run's
+# pinned inputs out from the snapshot store (lora_kernel.trusted.objects).
+CONFIG_PATH_KEYS = ("train_data_dir", "metadata_path", "base_model", "output_dir", "init",
+                    "init_adapter", "eval_path")
 # The modules of the user-side steps (``python -m ...``).
 EXECUTOR_MODULE = "lora_kernel.steps.executor"
 JOBSTEP_MODULE = "lora_kernel.steps.jobstep"

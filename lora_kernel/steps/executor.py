@@ -22,6 +22,9 @@ decides what to believe:
              Started early (a first line ``{"prestart": true, ...}``), while the pin step
              still hashes: it starts the kernel and imports papermill, then reads the spec on
              a second line (:func:`prestarted_run`).
+``snapshot`` write the pinned input files the runner asks for (those its content-addressed
+             store lacks) as an uncompressed tar on stdout, read with the user's rights
+             (:mod:`lora_kernel.trusted.objects` hashes and stores them).
 ``collect``  write the run's evidence from the work folder as an uncompressed tar on stdout:
              only plain files under fixed names (:data:`COLLECTED`), links refused. The runner
              extracts it with its own checks
@@ -168,7 +171,7 @@ def _pin_training(params: dict[str, Any], work: Path,
                   known: dict[str, str] | None = None) -> dict[str, Any]:
     from lora_kernel.common.digests import sha256_file
     from lora_kernel.training.checks import load_config
-    from lora_kernel.training.data import dataset_digests, dataset_version
+    from lora_kernel.training.data import dataset_paths, dataset_version
 
     overrides = params.get("overrides") or {}
     if not isinstance(overrides, dict):
@@ -177,9 +180,16 @@ def _pin_training(params: dict[str, Any], work: Path,
     cfg = load_config(params["config_path"], overrides)
     if cfg.source is None:  # load_config always records the file it read
         raise RuntimeError(f"load_config({params['config_path']!r}) lost its source file")
-    digests = dataset_digests(cfg)
+    paths = dataset_paths(cfg)
+    digests = {key: sha256_file(f) for key, f in paths.items()}
     base = _pin_base_model(cfg.base_model, known or {})
-    return {"kind": "training", "config": cfg.to_dict(), "overrides": overrides,
+    # where each pinned file is, so that the runner can ask for the ones its content-addressed
+    # store lacks (the ``snapshot`` command); the runner hashes what it receives itself
+    sources = {"dataset": {key: str(f) for key, f in paths.items()},
+               "base_model": str(Path(cfg.base_model).expanduser().resolve()),
+               "config": str(Path(cfg.source).resolve())}
+    return {"kind": "training", "snapshot_sources": sources, "config": cfg.to_dict(),
+            "overrides": overrides,
             "config_path": str(cfg.source), "config_sha256": sha256_file(cfg.source),
             "task": cfg.task, "seed": cfg.seed, "dataset_digests": digests,
             "dataset_version": dataset_version(cfg, digests),
@@ -498,6 +508,28 @@ def _write_error(work: Path, ename: str, evalue: str, cell_index: int | None) ->
         encoding="utf-8")
 
 
+# -- snapshot -------------------------------------------------------------------------------
+def snapshot(spec: dict[str, Any], stream: IO[bytes] | None = None) -> int:
+    """Write the files ``spec["files"]`` names (``[[arcname, path], ...]``; a folder: every
+    plain file in it) as an uncompressed tar on ``stream`` (default stdout), read with this
+    user's rights: the pinned inputs the runner's content-addressed store does not hold yet.
+    The runner hashes what it receives; nothing here is believed."""
+    with tarfile.open(fileobj=stream or sys.stdout.buffer, mode="w|") as tar:
+        for arcname, path in spec["files"]:
+            p = Path(path)
+            # the files path_sha256 hashed: a folder's files found by rglob, links followed
+            files = [(str(arcname), p)] if p.is_file() else [
+                (f"{arcname}/{f.relative_to(p).as_posix()}", f)
+                for f in sorted(p.rglob("*")) if f.is_file()]
+            for name, f in files:
+                with open(f, "rb") as fh:
+                    info = tarfile.TarInfo(name)
+                    info.size = os.fstat(fh.fileno()).st_size
+                    info.mode = 0o444
+                    tar.addfile(info, fh)
+    return 0
+
+
 # -- collect --------------------------------------------------------------------------------
 def collect(spec: dict[str, Any], stream: IO[bytes] | None = None) -> int:
     """Write the work folder's evidence as a tar on ``stream`` (default stdout; see the
@@ -569,7 +601,9 @@ def main(argv: list[str]) -> int:
         return run(spec)
     if command == "collect":
         return collect(spec)
-    raise SystemExit(f"usage: python -m {EXECUTOR_MODULE} pin|run|collect")
+    if command == "snapshot":
+        return snapshot(spec)
+    raise SystemExit(f"usage: python -m {EXECUTOR_MODULE} pin|run|snapshot|collect")
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from lora_kernel.common.contract import CONFIG_PATH_KEYS
 from lora_kernel.common.errors import ConfigError
 from lora_kernel.common.yamlio import parse_yaml
 from lora_kernel.training.data import MAX_IMAGE_PIXELS
@@ -45,8 +46,7 @@ LR_SCHEDULERS = (
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 # The keys whose values are filesystem paths, resolved against the config's folder.
-PATH_KEYS = ("train_data_dir", "metadata_path", "base_model", "output_dir", "init",
-             "init_adapter", "eval_path")
+PATH_KEYS = CONFIG_PATH_KEYS
 DEFAULT_IMAGE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 DEFAULT_TEXT_TARGETS = ["q_proj", "v_proj"]
 

@@ -346,8 +346,8 @@ def is_inside(path: Path, root: Path) -> bool:
     return Path(path).resolve().is_relative_to(Path(root).resolve())
 
 
-def dataset_digests(cfg) -> dict[str, str]:
-    """``{key: sha256}`` of every dataset file.
+def dataset_paths(cfg) -> dict[str, Path]:
+    """``{key: file}`` of every dataset file, keyed as :func:`dataset_digests` records them.
 
     Files inside train_data_dir (or, without one, the text file's folder) are keyed by their
     relative POSIX path. Files outside it (only accepted with ``allow_outside_dataset: true``)
@@ -360,7 +360,7 @@ def dataset_digests(cfg) -> dict[str, str]:
     root = Path(cfg.train_data_dir).resolve() if cfg.train_data_dir else files[0].parent
     meta_file = metadata_file(cfg) if cfg.task == "image" else None
     meta = meta_file.resolve() if meta_file is not None else None
-    out = {}
+    out: dict[str, Path] = {}
     for f in files:
         if f.is_relative_to(root):
             key = f.relative_to(root).as_posix()
@@ -372,8 +372,13 @@ def dataset_digests(cfg) -> dict[str, str]:
             raise ConfigError(f"two dataset files would be recorded as {key!r}; fix: rename "
                               f"the folder {OUTSIDE_PREFIX!r} in {root}", file=cfg.source,
                               key="train_data_dir")
-        out[key] = sha256_file(f)
+        out[key] = f
     return dict(sorted(out.items()))
+
+
+def dataset_digests(cfg) -> dict[str, str]:
+    """``{key: sha256}`` of every dataset file, keyed as :func:`dataset_paths` says."""
+    return {key: sha256_file(f) for key, f in dataset_paths(cfg).items()}
 
 
 def dataset_version(cfg, digests: dict[str, str] | None = None) -> str:

@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
+from lora_kernel.common.contract import CONFIG_PATH_KEYS
+from lora_kernel.common.digests import OUTSIDE_PREFIX, listing_sha256, stat_key
 from lora_kernel.common.errors import (
     ConfigError,
     LoraError,
@@ -195,6 +197,8 @@ class _Pinned(NamedTuple):
     notebook_source: str
     base_model_digest: dict[str, str] | None
     licence: str | None = None  # the base model's (policies/models.yaml), pinned in the record
+    sources: dict[str, Any] | None = None  # where the pin step read each input (snapshot)
+    snapshot: dict[str, Any] | None = None  # extra.snapshot of the record
 
 
 @dataclass
@@ -227,6 +231,8 @@ class Runner:
         handed = False
         try:
             pinned = self._pin(notebook, params, home, work, hooks)
+            if pinned.sources is not None:
+                pinned = self._snapshot(run_id, pinned, home, work)
             run = self._describe(run_id, notebook, pinned, home, work, hooks)
             with ActiveRun(runs_dir(self.state), run) as active:
                 self.log(f"run {run_id}: {notebook.name} in kernel '{KERNEL_NAME}' "
@@ -287,7 +293,55 @@ class Runner:
             params["resume_from"] = point.checkpoint
         known = ({"key": stat_key, "sha256": inputs.base_model_sha256}
                  if isinstance(stat_key, str) and inputs.base_model_sha256 else None)
-        return _Pinned(inputs, params, notebook_source, known, licence)
+        sources = answer.get("snapshot_sources") if inputs.training else None
+        return _Pinned(inputs, params, notebook_source, known, licence,
+                       sources if isinstance(sources, dict) else None)
+
+    def _snapshot(self, run_id: str, pinned: _Pinned, home: Path, work: Path) -> _Pinned:
+        """Store the pinned inputs the content-addressed store lacks (read by a ``snapshot``
+        child as the user, hashed here), lay the run's snapshot out in ``<work>/inputs`` and
+        point the run at it: the notebook trains on exactly the bytes that were pinned."""
+        from lora_kernel.trusted import objects
+
+        inputs, sources = pinned.inputs, pinned.sources or {}
+        digests = inputs.dataset_digests or {}
+        if any(k.startswith(OUTSIDE_PREFIX) for k in digests):
+            return pinned._replace(snapshot={
+                "read_from": "the user's files",
+                "why": "the dataset has files outside train_data_dir (allow_outside_dataset)"})
+        version = "ds-" + listing_sha256(digests)[:32]
+        if version != inputs.dataset_version:
+            raise VerificationError(f"the pin step answered dataset version "
+                                    f"{inputs.dataset_version} for files whose version is "
+                                    f"{version}")
+        doc = {"dataset_digests": digests, "dataset_version": version,
+               "config_sha256": inputs.config_sha256,
+               "base_model_sha256": inputs.base_model_sha256}
+        store = objects.ObjectStore.of(self.state)
+        request = objects.snapshot_request(doc, sources, store)
+        if request:
+            objects.check_free_space(store, request)
+            got = _child_tar(self.ctx, "snapshot", {"files": request}, home,
+                             store.receive)
+        else:
+            got = {}
+        snap = objects.accept(doc, sources, got, store, run_id)
+        dest = work / "inputs"
+        with self.ctx.privileges.elevated():
+            _make_run_folders(work, self.ctx.run_as)
+            dest.mkdir(mode=0o755, exist_ok=False)
+            os.chmod(dest, 0o755)
+            laid = objects.lay_out(store, snap, dest)
+            model_key = stat_key(laid["base_model"])
+        config = inputs.config or {}
+        overrides = dict(pinned.parameters.get("overrides") or {})
+        overrides.update(_snapshot_paths(config, laid))
+        params = {**pinned.parameters, "config_path": laid["config"], "overrides": overrides}
+        self.log(f"run {run_id}: inputs pinned in the snapshot store ({version}, "
+                 f"{len(request)} new of {snap.record()['files']} files)")
+        return pinned._replace(
+            parameters=params, snapshot={"read_from": "snapshot", **snap.record()},
+            base_model_digest={"key": model_key, "sha256": snap.base_model_sha256})
 
     def _describe(self, run_id: str, notebook: Path, pinned: _Pinned, home: Path, work: Path,
                   hooks: RunHooks) -> RunDescription:
@@ -299,7 +353,8 @@ class Runner:
             actor=RunActor(ctx.actor.name, ctx.actor.uid, ctx.actor.source),
             run_as=RunUser(ctx.run_as.uid, ctx.run_as.name), pinned=pinned.inputs,
             extra={**(_plain_json(hooks.extra) if hooks.extra else {}),
-                   **({"base_model_licence": pinned.licence} if pinned.licence else {})})
+                   **({"base_model_licence": pinned.licence} if pinned.licence else {}),
+                   **({"snapshot": pinned.snapshot} if pinned.snapshot else {})})
 
 
 def _plain_json(values: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -331,6 +386,71 @@ def run_notebook(notebook: str | os.PathLike[str], parameters: Mapping[str, Any]
     runner = Runner(home=home, state=state, timeout=timeout, ctx=ctx or RunContext.local(),
                     log=log or (lambda _msg: None))
     return runner.run(notebook, parameters, hooks)
+
+
+def _snapshot_paths(config: Mapping[str, Any], laid: Mapping[str, str]) -> dict[str, str]:
+    """The config keys that point a run at its laid-out snapshot: ``base_model``,
+    ``train_data_dir`` (when the config has one) and ``metadata_path`` (inside the dataset
+    folder where it was, else by its file name, as the dataset's keys say)."""
+    out = {key: str(config[key]) for key in CONFIG_PATH_KEYS
+           if config.get(key) and key != "output_dir"}  # resolved: the config file moves
+    out["base_model"] = laid["base_model"]
+    data = Path(laid["train_data_dir"])
+    root = config.get("train_data_dir")
+    if root:
+        out["train_data_dir"] = str(data)
+    meta = config.get("metadata_path")
+    if meta:
+        m = Path(str(meta))
+        inside = bool(root) and m.is_relative_to(Path(str(root)))
+        out["metadata_path"] = str(data / m.relative_to(Path(str(root)))) if inside \
+            else str(data / m.name)
+    return out
+
+
+def _make_run_folders(work: Path, run_as: RunAs) -> None:
+    """Make ``work`` and its missing parents, mode 0700, owned by the run's user (the
+    executor, as that user, writes there; the runner makes them first when it lays the
+    snapshot out inside)."""
+    for folder in [p for p in (*reversed(work.parents), work) if not p.exists()]:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        if run_as.switches and run_as.uid is not None:
+            os.chown(folder, run_as.uid, run_as.gid if run_as.gid is not None else -1)
+
+
+def _child_tar(ctx: RunContext, command: str, spec: dict[str, Any], home: Path,
+               receive: Callable[[IO[bytes]], dict[str, tuple[str, int]]]
+               ) -> dict[str, tuple[str, int]]:
+    """Run an executor command that writes a tar on stdout and hand the stream to
+    ``receive``; a failed child or a broken tar raises :class:`LoraError` with its stderr."""
+    import tarfile
+
+    proc = spawn([*executor_command(), command], run_as=ctx.run_as, privileges=ctx.privileges,
+                 env=ctx.child_env(home), cwd=child_cwd(home, ctx.privileges),
+                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    proc.stdin.write(json.dumps(spec).encode())
+    proc.stdin.close()
+    err: list[bytes] = []
+    stderr = proc.stderr
+    drain = threading.Thread(target=lambda: err.append(stderr.read()), daemon=True)
+    drain.start()
+    try:
+        got = receive(proc.stdout)
+    except (tarfile.TarError, OSError) as exc:
+        proc.kill()
+        proc.wait()
+        drain.join(timeout=5)
+        raise LoraError(f"the run's {command} step failed ({exc}): "
+                        + b"".join(err).decode("utf-8", "replace")[-2000:]) from None
+    finally:
+        proc.stdout.close()
+    rc = proc.wait()
+    drain.join(timeout=5)
+    if rc != 0:
+        raise LoraError(f"the run's {command} step failed (exit {rc}): "
+                        + b"".join(err).decode("utf-8", "replace")[-2000:])
+    return got
 
 
 def _child_json(ctx: RunContext, command: str, spec: dict[str, Any], home: Path

@@ -504,6 +504,8 @@ def _remove_work(ctx: RunContext, run: RunDescription) -> None:
     if not ctx.run_as.switches:
         shutil.rmtree(run.work, ignore_errors=True)
         return
+    with ctx.privileges.elevated():  # the laid-out snapshot is the runner's, not the user's
+        shutil.rmtree(Path(run.work) / "inputs", ignore_errors=True)
     proc = spawn(["rm", "-rf", "--", run.work], run_as=ctx.run_as,
                  privileges=ctx.privileges, env=ctx.child_env(Path(run.home)), cwd="/")
     proc.wait()

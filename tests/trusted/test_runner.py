@@ -226,7 +226,11 @@ def test_image_run_record_is_complete(run_home, demo_home):
     nb = nbformat.read(str(rec.path / "executed.ipynb"), as_version=4)
     injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert len(injected) == 1
-    assert str(cfg_path) in injected[0].source and "max_train_steps" in injected[0].source
+    # the notebook read the pinned snapshot laid out in the work folder, not the user's files
+    laid = run_home / "work" / rec.run_id / "inputs"
+    assert str(laid / "config" / cfg_path.name) in injected[0].source
+    assert str(laid / "dataset") in injected[0].source and "max_train_steps" in \
+        injected[0].source
     assert str(run_home / "work" / rec.run_id / "output") in injected[0].source
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.execution_count for c in code)
@@ -251,6 +255,14 @@ def test_image_run_record_is_complete(run_home, demo_home):
     meta = manifest["predicate"]["runDetails"]["metadata"]
     assert meta["egressRefusals"] == 0 and meta["extra"]["steps"] == 2
     assert build["internalParameters"]["environment"]["packages"]["papermill"]
+    snap = meta["extra"]["snapshot"]
+    assert snap["read_from"] == "snapshot" and snap["dataset_version"] == \
+        deps["dataset"]["annotations"]["version"]
+    assert snap["base_model_sha256"] == deps["base_model"]["digest"]["sha256"]
+    index = json.loads((state_of(run_home) / "objects" / "datasets" /
+                        f"{snap['dataset_version']}.json").read_text())
+    assert index["first_run"] == rec.run_id and set(index["files"]) == {
+        p.name for p in data.iterdir()}
 
     # the kernel's events of this run: one execute event per code cell, in order
     events = [json.loads(line) for line in (rec.path / "events.jsonl").read_text().splitlines()]
@@ -286,10 +298,15 @@ def test_a_plain_notebooks_own_numbers_never_crash_lora_run(run_home, tmp_path):
 
 def test_a_dataset_swapped_after_the_pin_seals_a_failed_record_naming_both(
         run_home, demo_home, tmp_path):
-    """User code changes the dataset between the pin and the training: the training reports
-    the version it read, sealing compares it with the pinned one and the record is failed,
-    naming both; its manifest keeps the pinned version (what was claimed is not what ran).
-    The same notebook without the swap succeeds (the honest twin)."""
+    """User code changes the dataset between the pin and the training.
+
+    * In the user's own folder: the run trains on the pinned snapshot anyway (laid out from
+      the content-addressed store), so the record succeeds and its claim is true — the
+      training read the pinned dataset version.
+    * In the laid-out snapshot itself (a local-mode user owns the work folder): the training
+      reports the version it read, sealing compares it with the pinned one and the record is
+      failed, naming both; its manifest keeps the pinned version.
+    The same notebook without a swap succeeds (the honest twin)."""
     import shutil
 
     data = tmp_path / "data"
@@ -300,10 +317,12 @@ def test_a_dataset_swapped_after_the_pin_seals_a_failed_record_naming_both(
                 "train_data_dir": str(data), "metadata_path": str(data / "metadata.csv"),
                 **FAST_IMAGE})
     config.write_text(yaml.safe_dump(raw))
-    params = "config_path = ''\noverrides = {}\nresult_path = ''\nswap = False"
-    swap = ("if swap:\n    p = __import__('pathlib').Path(config_path).parent / 'data' / "
-            "'metadata.csv'\n    p.write_text(p.read_text().replace('enclave style', "
-            "'some other style'))")
+    params = f"config_path = ''\noverrides = {{}}\nresult_path = ''\nswap = ''"
+    swap = ("import pathlib\n"
+            f"where = {{'original': pathlib.Path({str(data)!r}), 'snapshot': "
+            "pathlib.Path(config_path).parent.parent / 'dataset'}.get(swap)\n"
+            "if where:\n    p = where / 'metadata.csv'\n    text = p.read_text()\n"
+            "    p.unlink()\n    p.write_text(text.replace('enclave style', 'other style'))")
     train = ("import lora_kernel.notebook as lk\ncfg = lk.prepare_config(config_path, "
              "overrides, task='image')\nresult = lk.run_training(cfg)\n"
              "lk.write_result(result, result_path)")
@@ -312,15 +331,28 @@ def test_a_dataset_swapped_after_the_pin_seals_a_failed_record_naming_both(
     assert honest.returncode == 0, honest.stdout + honest.stderr
     # the user's own notebook around a config: its numbers are self-reported, not "training"
     honest_record = Path(re.search(r"^record: (.+)$", honest.stdout, re.M).group(1))
-    assert load_manifest(honest_record)["predicate"]["runDetails"]["metadata"]["extra"][
-        "kind"] == "notebook"
-    res = lora_cli("run", nb, "-p", "config_path", config, "-p", "swap", "true", home=run_home)
+    honest_meta = load_manifest(honest_record)["predicate"]["runDetails"]["metadata"]
+    assert honest_meta["extra"]["kind"] == "notebook"
+    pinned = honest_meta["extra"]["snapshot"]["dataset_version"]
+
+    res = lora_cli("run", nb, "-p", "config_path", config, "-p", "swap", "original",
+                   home=run_home)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "other style" in (data / "metadata.csv").read_text()  # the swap happened
+    record = Path(re.search(r"^record: (.+)$", res.stdout, re.M).group(1))
+    summary = json.loads((record / "training_summary.json").read_text())
+    assert summary["dataset_version"] == pinned  # trained on what was pinned
+
+    (data / "metadata.csv").write_text((data / "metadata.csv").read_text().replace(
+        "other style", "enclave style"))
+    res = lora_cli("run", nb, "-p", "config_path", config, "-p", "swap", "snapshot",
+                   home=run_home)
     assert res.returncode == 7, res.stdout + res.stderr
     assert "other inputs than were pinned" in res.stderr and "dataset version" in res.stderr
     record = Path(re.search(r"recorded in (\S+)", res.stderr).group(1))
     manifest = assert_sealed(record, "failed")
     meta = manifest["predicate"]["runDetails"]["metadata"]
-    assert "pinned ds-" in meta["extra"]["error"] and "the training read ds-" in \
+    assert f"pinned {pinned}" in meta["extra"]["error"] and "the training read ds-" in \
         meta["extra"]["error"]
 
 
