@@ -317,7 +317,7 @@ def test_a_dataset_swapped_after_the_pin_seals_a_failed_record_naming_both(
                 "train_data_dir": str(data), "metadata_path": str(data / "metadata.csv"),
                 **FAST_IMAGE})
     config.write_text(yaml.safe_dump(raw))
-    params = f"config_path = ''\noverrides = {{}}\nresult_path = ''\nswap = ''"
+    params = "config_path = ''\noverrides = {}\nresult_path = ''\nswap = ''"
     swap = ("import pathlib\n"
             f"where = {{'original': pathlib.Path({str(data)!r}), 'snapshot': "
             "pathlib.Path(config_path).parent.parent / 'dataset'}.get(swap)\n"
