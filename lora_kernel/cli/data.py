@@ -1,5 +1,6 @@
-"""``lora data``: dataset tools (lint, version, diff, contact sheet). Thin: every command calls
-one function of :mod:`lora_kernel.training.datatools`.
+"""``lora data``: dataset tools (lint, version, versions, show, diff, contact sheet). Thin:
+every command calls one function of :mod:`lora_kernel.training.datatools` or
+:mod:`lora_kernel.provenance.datasets` (the snapshot store's dataset versions).
 
 Runs as: whoever runs ``lora``: the user (trusted commands act as this account in local mode, or
 ask the runner service).
@@ -41,6 +42,39 @@ def cmd_diff(args) -> int:
     return 0
 
 
+def cmd_versions(args) -> int:
+    from lora_kernel.provenance.datasets import dataset_versions
+    versions = dataset_versions(args.state)
+    if args.json:
+        print(json.dumps(versions, indent=1, sort_keys=True))
+        return 0
+    if not versions:
+        print("the snapshot store holds no dataset yet (a recorded training run stores the "
+              "dataset it pins)")
+        return 0
+    print(f"{'VERSION':<36} {'FILES':>5} {'BYTES':>10} {'RUNS':>4}  {'STORED':<20} FIRST RUN")
+    for v in versions:
+        print(f"{v.get('id', '?'):<36} {len(v.get('files') or {}):>5} "
+              f"{int(v.get('bytes') or 0):>10} {len(v['runs']):>4}  "
+              f"{str(v.get('stored', ''))[:19]:<20} {v.get('first_run', '')}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    from lora_kernel.provenance.datasets import dataset_version
+    v = dataset_version(args.version, args.state)
+    if args.json:
+        print(json.dumps(v, indent=1, sort_keys=True))
+        return 0
+    files, sizes = v.get("files") or {}, v.get("sizes") or {}
+    print(f"{v['id']}: {len(files)} files, {int(v.get('bytes') or 0)} bytes, stored "
+          f"{v.get('stored')} by run {v.get('first_run')}")
+    print("runs pinned on it: " + (", ".join(v["runs"]) or "none kept"))
+    for key, sha in sorted(files.items()):
+        print(f"  {sha[:16]}  {int(sizes.get(key) or 0):>10}  {key}")
+    return 0
+
+
 def cmd_sheet(args) -> int:
     from lora_kernel.training.datatools import contact_sheet
     out = contact_sheet(args.dir, args.output, columns=args.columns, thumb=args.thumb,
@@ -50,10 +84,10 @@ def cmd_sheet(args) -> int:
 
 
 def register(sub) -> None:
-    """Add ``data`` (lint, version, diff, sheet) to the ``lora`` CLI."""
+    """Add ``data`` (lint, version, versions, show, diff, sheet) to the ``lora`` CLI."""
     from lora_kernel.training.datatools import DEFAULT_MIN_SIZE, NEAR_DUPLICATE_BITS
 
-    p = sub.add_parser("data", help="dataset tools: lint, version, diff, sheet",
+    p = sub.add_parser("data", help="dataset tools: lint, version, versions, show, diff, sheet",
                        description="Check, identify, compare and preview dataset folders "
                                    "(metadata.csv, metadata.jsonl or kohya layouts).")
     dsub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
@@ -78,9 +112,23 @@ def register(sub) -> None:
     q.add_argument("dir")
     q.set_defaults(func=cmd_version)
 
+    q = dsub.add_parser("versions", help="the dataset versions the snapshot store holds",
+                        description="Every dataset version recorded runs were pinned on and "
+                                    "the store keeps (content-addressed, stored once), with "
+                                    "the kept runs pinned on each.")
+    add_state(q)
+    q.add_argument("--json", action="store_true", help="print them as JSON")
+    q.set_defaults(func=cmd_versions)
+
+    q = dsub.add_parser("show", help="one dataset version of the store: its files and runs")
+    q.add_argument("version", metavar="VERSION", help="a ds-… id from `lora data versions`")
+    add_state(q)
+    q.add_argument("--json", action="store_true", help="print it as JSON")
+    q.set_defaults(func=cmd_show)
+
     q = dsub.add_parser("diff", help="files added, removed, changed between two datasets",
-                        description="A and B: dataset folders, or run ids whose records pin "
-                                    "a dataset.")
+                        description="A and B: dataset folders, run ids whose records pin "
+                                    "a dataset, or dataset versions (ds-…) of the store.")
     q.add_argument("a")
     q.add_argument("b")
     add_state(q)

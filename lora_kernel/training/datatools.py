@@ -77,11 +77,15 @@ def folder_version(folder: str | os.PathLike) -> str:
 
 def dataset_ref_digests(ref: str, *, state: str | os.PathLike | None = None
                         ) -> tuple[str, dict[str, str]]:
-    """``(label, digests)`` of a dataset folder, or of the dataset a run's record pins (a run
-    id in ``state``'s ``runs/``)."""
+    """``(label, digests)`` of a dataset folder, of the dataset a run's record pins (a run
+    id in ``state``'s ``runs/``), or of a dataset version the snapshot store holds (``ds-…``)."""
     path = Path(ref)
     if path.is_dir():
         return str(path), folder_digests(path)
+    if ref.startswith("ds-") and "/" not in ref:
+        from lora_kernel.provenance.datasets import dataset_version
+
+        return ref, dict(dataset_version(ref, state).get("files") or {})
     from lora_kernel.common.paths import runs_dir
     from lora_kernel.provenance.records import load_manifest, summary
 
@@ -92,7 +96,8 @@ def dataset_ref_digests(ref: str, *, state: str | os.PathLike | None = None
             raise ConfigError(f"run {ref} pins no dataset (not a training run)")
         return f"run {ref}", dict(s["dataset_digests"])
     raise ConfigError(f"{ref} is neither a dataset folder nor a run id in {runs_dir(state)}; "
-                      f"fix: give a folder, or a run id from `lora audit list`")
+                      f"fix: give a folder, a run id from `lora audit list` or a dataset "
+                      f"version from `lora data versions`")
 
 
 @dataclass

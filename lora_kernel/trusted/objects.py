@@ -47,6 +47,7 @@ from lora_kernel.common.digests import OUTSIDE_PREFIX, listing_sha256
 from lora_kernel.common.errors import ConfigError, LoraError, VerificationError
 from lora_kernel.common.paths import state_dir
 from lora_kernel.common.timeutil import iso_time
+from lora_kernel.provenance.datasets import read_index, snapshots_in_use
 
 CHUNK = 1 << 20
 # Free space the store keeps beyond a snapshot's own size when it checks at the pin.
@@ -82,14 +83,7 @@ class ObjectStore:
         return self.root / kind / f"{name}.json"
 
     def read_index(self, kind: str, name: str) -> dict[str, Any] | None:
-        path = self._index(kind, name)
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            raise VerificationError(f"{path}: unreadable snapshot index ({exc})") from None
-        return doc if isinstance(doc, dict) else None
+        return read_index(self.root, kind, name)
 
     def write_index(self, kind: str, name: str, doc: Mapping[str, Any]) -> None:
         path = self._index(kind, name)
@@ -200,6 +194,17 @@ class ObjectStore:
                 path.unlink()
                 removed["objects"] += 1
         return removed
+
+
+def prune_store(state: str | os.PathLike[str] | None = None) -> dict[str, int]:
+    """Remove from the store every snapshot (dataset version, base model, config, their
+    files) that no kept record and no run in flight was pinned on (after ``lora audit
+    prune``); the counts removed."""
+    store = ObjectStore.of(state)
+    if not store.root.is_dir():
+        return {"objects": 0, "bytes": 0, "datasets": 0, "models": 0}
+    datasets, models, configs = snapshots_in_use(state)
+    return store.prune(set(configs), datasets, models)
 
 
 def _mkstemp(folder: Path) -> tuple[int, str]:
@@ -354,6 +359,24 @@ def lay_out(store: ObjectStore, snap: Snapshot, dest: Path) -> dict[str, str]:
         else dest / "model"
     return {"train_data_dir": str(dest / "dataset"), "base_model": str(model),
             "config": str(dest / "config" / snap.config_name)}
+
+
+def check_objects(store: ObjectStore, snap: Snapshot) -> None:
+    """Re-hash every object of ``snap``: :class:`VerificationError` naming the first whose
+    bytes are not its name (a damaged or edited store)."""
+    from lora_kernel.common.digests import sha256_file
+
+    for sha in sorted(snap.objects):
+        path = store.object_path(sha)
+        try:
+            got = sha256_file(path)
+        except OSError as exc:
+            raise VerificationError(f"{path}: the snapshot's object is unreadable "
+                                    f"({exc.strerror or exc})") from None
+        if got != sha:
+            raise VerificationError(f"{path}: the snapshot's object was changed in the store "
+                                    f"(its bytes hash to {got[:16]}…); the records pinned on "
+                                    "it can no longer be replayed")
 
 
 def snapshot_of_record(store: ObjectStore, snapshot: Mapping[str, Any]) -> Snapshot:

@@ -58,6 +58,8 @@ IDENTICAL, WITHIN_TOLERANCE, DIFFERS = "identical", "within tolerance", "differs
 GPU_TOLERANCE = {"max_abs_diff": 1e-3, "loss_correlation": 0.99}
 # Config keys a replay may change: where it writes (its own work folder).
 FREE_KEYS = ("output_dir",)
+# ... and, replaying from the snapshot store, where the laid-out dataset and model are.
+SNAPSHOT_KEYS = ("train_data_dir", "metadata_path", "base_model")
 
 _DTYPES = {"F64": ("<f8", 8), "F32": ("<f4", 4), "F16": ("<f2", 2), "BF16": ("<u2", 2),
            "I64": ("<i8", 8), "I32": ("<i4", 4), "I16": ("<i2", 2), "I8": ("i1", 1),
@@ -252,16 +254,18 @@ def _extra(manifest: Mapping[str, Any]) -> dict[str, Any]:
     return extra if isinstance(extra, dict) else {}
 
 
-def check_replay_inputs(manifest: dict[str, Any], run_id: str) -> list[Problem]:
+def check_replay_inputs(manifest: dict[str, Any], run_id: str, *, inputs: bool = True
+                        ) -> list[Problem]:
     """Every pinned input of a record re-hashed: dataset files and base model
     (:func:`~lora_kernel.provenance.inputs.verify_inputs`), the notebook (its source sha256)
-    and the config file (its sha256). Empty: all still as pinned."""
-    problems = verify_inputs(manifest, run_id)
+    and the config file (its sha256). Empty: all still as pinned. ``inputs`` False (a run
+    that trained on a snapshot, which the replay reads instead): the notebook only."""
     s, extra = summary(manifest), _extra(manifest)
-    for what, path, want in (("notebook", extra.get("notebook_path"),
-                              s.get("notebook_source_sha256")),
-                             ("config file", extra.get("config_path"),
-                              extra.get("config_sha256"))):
+    problems = verify_inputs(manifest, run_id) if inputs else []
+    checks = [("notebook", extra.get("notebook_path"), s.get("notebook_source_sha256"))]
+    if inputs:
+        checks.append(("config file", extra.get("config_path"), extra.get("config_sha256")))
+    for what, path, want in checks:
         if not path or not want:
             problems.append(Problem("drifted", str(path or what),
                                     f"the record of run {run_id} names no {what} to re-hash"))
@@ -305,9 +309,14 @@ def package_differences(manifest: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def _pinned_differences(pinned: PinnedInputs, manifest: dict[str, Any]) -> list[str]:
-    """What the replay's pin step found that differs from the record (before it trains)."""
+def _pinned_differences(pinned: PinnedInputs, manifest: dict[str, Any], *,
+                        snapshot: bool = False) -> list[str]:
+    """What the replay's pin step found that differs from the record (before it trains).
+    ``snapshot``: the replay reads the laid-out snapshot, so the config's paths to the
+    dataset and model differ (their contents are compared by digest) and so does the
+    config file's path (its bytes by sha256)."""
     s = summary(manifest)
+    free = FREE_KEYS + (SNAPSHOT_KEYS if snapshot else ())
     out = []
     if not pinned.training:
         out.append("the notebook is no longer a training notebook")
@@ -322,7 +331,7 @@ def _pinned_differences(pinned: PinnedInputs, manifest: dict[str, Any]) -> list[
         out.append("dataset files differ: " + ", ".join(names[:20]))
     old_cfg, new_cfg = s["config"], pinned.config or {}
     for key in sorted(old_cfg):
-        if key not in FREE_KEYS and old_cfg.get(key) != new_cfg.get(key):
+        if key not in free and old_cfg.get(key) != new_cfg.get(key):
             out.append(f"config {key}: {new_cfg.get(key)!r}, recorded {old_cfg.get(key)!r}")
     if int(pinned.seed if pinned.seed is not None else -1) != int(s.get("seed") or 0):
         out.append(f"seed {pinned.seed}, recorded {s.get('seed')}")
@@ -401,7 +410,10 @@ def replay_run(run_id: str, *, home: str | os.PathLike[str] | None = None,
     if s["status"] != "succeeded" or not s["adapter_files"]:
         raise ConfigError(f"run {run_id} did not succeed (status {s['status']}): it has no "
                           "adapter to reproduce", key="RUN")
-    changed = check_replay_inputs(manifest, run_id)
+    snapshot = extra.get("snapshot") if isinstance(extra.get("snapshot"), dict) else None
+    if snapshot is not None and snapshot.get("read_from") != "snapshot":
+        snapshot = None  # trained on the user's files (allow_outside_dataset): re-hash those
+    changed = check_replay_inputs(manifest, run_id, inputs=snapshot is None)
     if changed:
         raise ConfigError(f"the pinned inputs of run {run_id} changed, so it is not replayed "
                           f"(nothing trained): " + "; ".join(map(str, changed)), key="RUN")
@@ -416,7 +428,7 @@ def replay_run(run_id: str, *, home: str | os.PathLike[str] | None = None,
             "it uninterrupted (resume is exact, so the adapter must be the same)")
 
     def check_pinned(pinned: PinnedInputs) -> None:
-        diffs = _pinned_differences(pinned, manifest)
+        diffs = _pinned_differences(pinned, manifest, snapshot=snapshot is not None)
         if diffs:
             raise ConfigError(f"the replay of run {run_id} would not use the recorded inputs "
                               "(nothing trained): " + "; ".join(diffs), key="RUN")
@@ -438,10 +450,13 @@ def replay_run(run_id: str, *, home: str | os.PathLike[str] | None = None,
             "verdict", "reason", "mode", "max_abs_diff", "loss_max_abs_diff",
             "loss_correlation", "tolerance", "package_differences")}
 
-    say(f"replaying run {run_id}: inputs re-hashed and unchanged")
+    say(f"replaying run {run_id}: " + ("inputs re-hashed and unchanged" if snapshot is None
+                                        else "from its snapshot in the store"))
     rec = run_notebook(str(extra.get("notebook_path") or extra["notebook"]), params, home=home,
                        state=state, timeout=timeout, ctx=ctx, log=log,
                        hooks=RunHooks(check_pinned=check_pinned,
+                                      snapshot=None if snapshot is None else {
+                                          **snapshot, "config": s["config"]},
                                       extra={"kind": "replay", "replay_of": run_id},
                                       before_seal=before_seal, model_hash_cache=False))
     try:

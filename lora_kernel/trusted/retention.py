@@ -93,4 +93,8 @@ def prune(run_ids_: list[str] | None = None, *, state: str | os.PathLike[str] | 
                 shutil.rmtree(trash)
                 item["seq"] = entry.seq
             done.append(item)
+    if done and not dry_run:
+        from lora_kernel.trusted.objects import prune_store
+
+        prune_store(state)  # the snapshots only the pruned records were pinned on
     return done

@@ -159,7 +159,12 @@ def resume_run(run_id: str, *, home: str | os.PathLike[str] | None = None,
     if not extra.get("work_dir"):
         raise ConfigError(f"run {run_id} records no work folder (no checkpoints kept): nothing "
                           "to resume; fix: start a new run (lora run --config ...)", key="RUN")
-    overrides = dict((extra.get("parameters") or {}).get("overrides") or {})
+    snapshot: dict[str, Any] = extra["snapshot"] if isinstance(extra.get("snapshot"), dict) \
+        else {}
+    # the overrides the user asked for (a snapshot run's parameters point at its laid-out
+    # inputs instead; the resumed run is pinned and laid out again from the user's files)
+    overrides = dict(snapshot.get("overrides") or (extra.get("parameters") or {}).get(
+        "overrides") or {})
     overrides.pop("output_dir", None)  # the new run's work folder replaces it
     params = {"config_path": extra["config_path"], "overrides": overrides}
     return run_notebook(str(extra.get("notebook_path") or extra["notebook"]), params, home=home,
@@ -178,6 +183,9 @@ class RunHooks:
     ``extra`` of a succeeded run before its manifest is built) and ``model_hash_cache`` False
     (hash the base model in full instead of taking its digest from the state directory's
     digest cache when its stat key matches, :mod:`lora_kernel.trusted.hashcache`).
+    ``snapshot`` (a replay of a run that trained on a snapshot: the record's
+    ``extra.snapshot`` plus its ``config``) lays that snapshot out before the pin step, so
+    the replay reads only the pinned bytes from the store, never the user's files.
     """
 
     resume: ResumeFrom | None = None
@@ -185,6 +193,7 @@ class RunHooks:
     extra: Mapping[str, Any] | None = None
     before_seal: BeforeSeal | None = None
     model_hash_cache: bool = True
+    snapshot: Mapping[str, Any] | None = None  # a replay: the record's extra.snapshot + config
 
 
 class _Pinned(NamedTuple):
@@ -230,8 +239,13 @@ class Runner:
         prestart = _Prestart(self.ctx, run_id, home, work)
         handed = False
         try:
+            replayed = None
+            if hooks.snapshot is not None:  # a replay reads the recorded snapshot only
+                params, replayed = self._replay_inputs(hooks.snapshot, params, work)
             pinned = self._pin(notebook, params, home, work, hooks)
-            if pinned.sources is not None:
+            if replayed is not None:
+                pinned = pinned._replace(snapshot=replayed)
+            elif pinned.sources is not None:
                 pinned = self._snapshot(run_id, pinned, home, work)
             run = self._describe(run_id, notebook, pinned, home, work, hooks)
             with ActiveRun(runs_dir(self.state), run) as active:
@@ -326,6 +340,22 @@ class Runner:
         else:
             got = {}
         snap = objects.accept(doc, sources, got, store, run_id)
+        laid, digest = self._lay_out(store, snap, work)
+        requested = dict(pinned.parameters.get("overrides") or {})
+        overrides = {**requested, **_snapshot_paths(inputs.config or {}, laid)}
+        params = {**pinned.parameters, "config_path": laid["config"], "overrides": overrides}
+        self.log(f"run {run_id}: inputs pinned in the snapshot store ({version}, "
+                 f"{len(request)} new of {snap.record()['files']} files)")
+        return pinned._replace(parameters=params, base_model_digest=digest,
+                               snapshot={"read_from": "snapshot", **snap.record(),
+                                         "overrides": requested})
+
+    def _lay_out(self, store: Any, snap: Any, work: Path) -> tuple[dict[str, str],
+                                                                 dict[str, str]]:
+        """Lay ``snap`` out in ``<work>/inputs`` (the runner's files, read-only to the run's
+        user); the laid-out paths and the base model's stat key and digest for the kernel."""
+        from lora_kernel.trusted import objects
+
         dest = work / "inputs"
         with self.ctx.privileges.elevated():
             _make_run_folders(work, self.ctx.run_as)
@@ -333,15 +363,22 @@ class Runner:
             os.chmod(dest, 0o755)
             laid = objects.lay_out(store, snap, dest)
             model_key = stat_key(laid["base_model"])
-        config = inputs.config or {}
-        overrides = dict(pinned.parameters.get("overrides") or {})
-        overrides.update(_snapshot_paths(config, laid))
-        params = {**pinned.parameters, "config_path": laid["config"], "overrides": overrides}
-        self.log(f"run {run_id}: inputs pinned in the snapshot store ({version}, "
-                 f"{len(request)} new of {snap.record()['files']} files)")
-        return pinned._replace(
-            parameters=params, snapshot={"read_from": "snapshot", **snap.record()},
-            base_model_digest={"key": model_key, "sha256": snap.base_model_sha256})
+        return laid, {"key": model_key, "sha256": snap.base_model_sha256}
+
+    def _replay_inputs(self, recorded: Mapping[str, Any], params: dict[str, Any],
+                       work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A replay of a run that trained on a snapshot: its objects re-hashed (a damaged
+        store is refused), laid out in ``<work>/inputs``, the parameters pointed at them."""
+        from lora_kernel.trusted import objects
+
+        store = objects.ObjectStore.of(self.state)
+        snap = objects.snapshot_of_record(store, recorded)
+        objects.check_objects(store, snap)
+        laid, _digest = self._lay_out(store, snap, work)
+        overrides = dict(params.get("overrides") or {})
+        overrides.update(_snapshot_paths(recorded.get("config") or {}, laid))
+        return ({**params, "config_path": laid["config"], "overrides": overrides},
+                {"read_from": "snapshot", **snap.record()})
 
     def _describe(self, run_id: str, notebook: Path, pinned: _Pinned, home: Path, work: Path,
                   hooks: RunHooks) -> RunDescription:

@@ -6,6 +6,7 @@ tensors (no GPU here)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -156,9 +157,18 @@ def test_replay_of_an_image_run_is_identical(world, image_run, lora, tmp_path, m
 
     monkeypatch.setenv("JUPYTER_PATH", str(lora_kernel_prefix / "share" / "jupyter"))
     kept = tmp_path / "kept"
-    code, out = lora("audit", "replay", image_run.run_id, "--to", kept,
-                     "--home", world["home"], "--state", world["state"])
+    # the replay reads the run's snapshot in the store, never the user's files: an edited
+    # dataset file in the user's folder changes nothing
+    image = sorted((world["data"] / "datasets" / "image").glob("*.png"))[0]
+    before = image.read_bytes()
+    try:
+        image.write_bytes(before + b"\0")
+        code, out = lora("audit", "replay", image_run.run_id, "--to", kept,
+                         "--home", world["home"], "--state", world["state"])
+    finally:
+        image.write_bytes(before)
     assert code == 0, out
+    assert "from its snapshot in the store" in out
     assert "verdict       identical" in out
     replay_id = next(line.split()[2] for line in out.splitlines()
                      if line.startswith("replay run"))
@@ -245,18 +255,26 @@ def test_a_forged_record_with_another_configs_adapter_differs(world, image_run, 
 
 
 @pytest.mark.slow
-def test_an_edited_dataset_file_stops_the_replay_before_it_trains(world, image_run, lora):
-    image = sorted((world["data"] / "datasets" / "image").glob("*.png"))[0]
-    before = image.read_bytes()
+def test_a_damaged_snapshot_in_the_store_stops_the_replay_before_it_trains(world, image_run,
+                                                                         lora):
+    """An object of the run's snapshot edited in the store (its bytes no longer its name):
+    the replay refuses (exit 5) naming it, nothing trained; restored, it replays (above)."""
+    from lora_kernel.provenance.records import load_manifest, summary
+
+    digest = sorted(summary(load_manifest(image_run.path))["dataset_digests"].values())[0]
+    obj = world["state"] / "objects" / "sha256" / digest[:2] / digest[2:]
+    before = obj.read_bytes()
     runs = _runs(world["state"])
+    os.chmod(obj, 0o644)
     try:
-        image.write_bytes(before + b"\0")
+        obj.write_bytes(before + b"\0")
         code, out = lora("audit", "replay", image_run.run_id, "--home", world["home"],
                          "--state", world["state"])
     finally:
-        image.write_bytes(before)
-    assert code == 2, out
-    assert str(image) in out and "changed" in out and "nothing trained" in out
+        obj.write_bytes(before)
+        os.chmod(obj, 0o444)
+    assert code == 5, out
+    assert str(obj) in out and "changed in the store" in out
     assert _runs(world["state"]) == runs  # no record, no run
 
 
