@@ -39,6 +39,27 @@ DEMO_USERS = [("demo-admin", "lora-admins", True), ("demo-alice", "lora-research
 SERVICE_USER = "lora-svc"
 
 
+def ensure_run_accounts(group: str = "lora-runs", count: int = 2,
+                        prefix: str = "lora-run") -> list[str]:
+    """The run-account pool of :mod:`lora_kernel.trusted.accounts` (root only): the group
+    ``group`` and ``count`` system users ``<prefix>0`` … whose primary group it is (no home,
+    no login shell). Existing ones are kept; returns the names created here."""
+    try:
+        grp.getgrnam(group)
+    except KeyError:
+        subprocess.run(["groupadd", "--system", group], check=True)
+    made = []
+    for n in range(count):
+        name = f"{prefix}{n}"
+        try:
+            pwd.getpwnam(name)
+        except KeyError:
+            subprocess.run(["useradd", "--system", "--no-create-home", "--shell",
+                            "/usr/sbin/nologin", "-g", group, name], check=True)
+            made.append(name)
+    return made
+
+
 def ensure_system_user(name: str, groups: list[str], *, system: bool = False) -> bool:
     """Make the Linux user ``name`` exist with exactly ``groups`` as its supplementary groups
     (root only); returns whether it was created here.

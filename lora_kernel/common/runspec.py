@@ -89,6 +89,7 @@ class PinnedInputs:
     dataset_digests: dict[str, str] | None = None
     dataset_version: str | None = None
     base_model_sha256: str | None = None
+    init_adapter_sha256: str | None = None  # init_adapter: the adapter the run continues from
     dataset_warnings: tuple[str, ...] = ()
     model_family: str | None = None  # image: sd15, sd2, sdxl (read by the validator)
     resume: ResumePoint | None = None
@@ -121,6 +122,7 @@ class PinnedInputs:
             "dataset_digests": lambda v: v is None or _str_map(v),
             "dataset_version": lambda v: v is None or isinstance(v, str),
             "base_model_sha256": lambda v: v is None or _is_sha256(v),
+            "init_adapter_sha256": lambda v: v is None or _is_sha256(v),
             "dataset_warnings": lambda v: v is None or (isinstance(v, list) and all(
                 isinstance(w, str) for w in v)),
             "model_family": lambda v: v is None or isinstance(v, str)}
@@ -145,6 +147,7 @@ class PinnedInputs:
                    seed=doc.get("seed"), dataset_digests=doc.get("dataset_digests"),
                    dataset_version=doc.get("dataset_version"),
                    base_model_sha256=doc.get("base_model_sha256"),
+                   init_adapter_sha256=doc.get("init_adapter_sha256"),
                    dataset_warnings=tuple(doc.get("dataset_warnings") or ()),
                    model_family=doc.get("model_family"), resume=point)
 
@@ -154,7 +157,8 @@ class PinnedInputs:
                                "notebook_sha256": self.notebook_sha256,
                                "declared": list(self.declared)}
         for key in ("config", "overrides", "config_path", "config_sha256", "task",
-                    "dataset_digests", "dataset_version", "base_model_sha256", "model_family"):
+                    "dataset_digests", "dataset_version", "base_model_sha256",
+                    "init_adapter_sha256", "model_family"):
             value = getattr(self, key)
             if value is not None:
                 out[key] = value

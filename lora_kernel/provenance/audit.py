@@ -18,7 +18,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
-from lora_kernel.common.digests import sha256_file
+from lora_kernel.common.digests import path_sha256, sha256_file
 from lora_kernel.common.errors import ConfigError, VerificationError
 from lora_kernel.common.paths import check_run_id, runs_dir, state_dir
 from lora_kernel.common.timeutil import parse_time
@@ -403,8 +403,9 @@ def _query_digests(query: str) -> tuple[set[str], set[str]]:
     path = Path(query)
     if path.is_file():
         return {sha256_file(path)}, {str(path.resolve())}
-    if path.is_dir():
-        return {sha256_file(p) for p in path.rglob("*") if p.is_file()}, {str(path.resolve())}
+    if path.is_dir():  # its files, and the folder as a whole (a model or adapter input)
+        return ({sha256_file(p) for p in path.rglob("*") if p.is_file()} | {path_sha256(path)},
+                {str(path.resolve())})
     if _HEX64.match(query):
         return {query.lower()}, set()
     return set(), {query}

@@ -105,7 +105,7 @@ def snapshots_in_use(state: str | os.PathLike[str] | None = None
         if not isinstance(doc, dict):
             return
         for key, into in (("dataset_version", datasets), ("base_model_sha256", models),
-                          ("config_sha256", configs)):
+                          ("init_adapter_sha256", models), ("config_sha256", configs)):
             if isinstance(doc.get(key), str):
                 into.add(doc[key])
 

@@ -188,12 +188,24 @@ def _pin_training(params: dict[str, Any], work: Path,
     sources = {"dataset": {key: str(f) for key, f in paths.items()},
                "base_model": str(Path(cfg.base_model).expanduser().resolve()),
                "config": str(Path(cfg.source).resolve())}
+    init: dict[str, Any] = {}
+    if cfg.init_adapter:  # the adapter this run continues from: pinned like the base model
+        from lora_kernel.common.digests import path_sha256
+
+        init_path = Path(cfg.init_adapter).expanduser().resolve()
+        try:
+            init = {"init_adapter_sha256": path_sha256(init_path)}
+        except OSError as exc:
+            raise ConfigError(f"cannot read init_adapter: {exc.strerror or exc}; fix: point "
+                              "it at a readable adapter", file=cfg.source,
+                              key="init_adapter") from None
+        sources["init_adapter"] = str(init_path)
     return {"kind": "training", "snapshot_sources": sources, "config": cfg.to_dict(),
             "overrides": overrides,
             "config_path": str(cfg.source), "config_sha256": sha256_file(cfg.source),
             "task": cfg.task, "seed": cfg.seed, "dataset_digests": digests,
             "dataset_version": dataset_version(cfg, digests),
-            **base, "dataset_warnings": cfg.dataset_warnings,
+            **base, **init, "dataset_warnings": cfg.dataset_warnings,
             "model_family": cfg.model_family}
 
 

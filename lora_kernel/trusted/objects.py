@@ -232,16 +232,24 @@ class Snapshot:
     model_is_file: bool
     config_sha256: str
     config_name: str
+    init_adapter_sha256: str | None = None  # init_adapter: a file or folder, as the model
+    init_files: dict[str, str] | None = None
+    init_is_file: bool = False
 
     def record(self) -> dict[str, Any]:
-        return {"dataset_version": self.dataset_version,
-                "base_model_sha256": self.base_model_sha256,
-                "config_sha256": self.config_sha256, "config_name": self.config_name,
-                "files": len(self.dataset) + len(self.model_files) + 1}
+        out = {"dataset_version": self.dataset_version,
+               "base_model_sha256": self.base_model_sha256,
+               "config_sha256": self.config_sha256, "config_name": self.config_name,
+               "files": len(self.dataset) + len(self.model_files) + 1
+               + len(self.init_files or {})}
+        if self.init_adapter_sha256:
+            out["init_adapter_sha256"] = self.init_adapter_sha256
+        return out
 
     @property
     def objects(self) -> set[str]:
-        return {*self.dataset.values(), *self.model_files.values(), self.config_sha256}
+        return {*self.dataset.values(), *self.model_files.values(), self.config_sha256,
+                *(self.init_files or {}).values()}
 
 
 def snapshot_request(pinned: Mapping[str, Any], sources: Mapping[str, Any],
@@ -259,9 +267,13 @@ def snapshot_request(pinned: Mapping[str, Any], sources: Mapping[str, Any],
     config_sha = pinned["config_sha256"]
     if not store.has(config_sha):
         want.append([f"c/{config_sha}", str(sources["config"])])
-    model = store.read_index("models", pinned["base_model_sha256"])
-    if model is None or not all(store.has(s) for s in _index_objects(model)):
-        want.append(["m", str(sources["base_model"])])
+    for key, digest, source in (("m", pinned["base_model_sha256"], "base_model"),
+                                ("i", pinned.get("init_adapter_sha256"), "init_adapter")):
+        if not digest:
+            continue
+        tree = store.read_index("models", digest)
+        if tree is None or not all(store.has(s) for s in _index_objects(tree)):
+            want.append([key, str(sources[source])])
     return want
 
 
@@ -302,11 +314,11 @@ def accept(pinned: Mapping[str, Any], sources: Mapping[str, Any], got: dict[str,
         raise VerificationError(f"the snapshot lacks the dataset file {missing[0]}; nothing "
                                 "was run")
     base_sha = pinned["base_model_sha256"]
-    model_src = Path(str(sources["base_model"]))
-    model = store.read_index("models", base_sha)
-    if model is None or not all(store.has(s) for s in _index_objects(model)):
-        model = _model_index(got, base_sha, model_src.name, run_id)
-        store.write_index("models", base_sha, model)
+    model = _tree(got, store, "m", base_sha, Path(str(sources["base_model"])).name, run_id,
+                  "base model")
+    init_sha = pinned.get("init_adapter_sha256")
+    init = _tree(got, store, "i", init_sha, Path(str(sources.get("init_adapter"))).name,
+                 run_id, "init_adapter") if init_sha else None
     version = pinned["dataset_version"]
     if store.read_index("datasets", version) is None:
         sizes = {k: store.object_path(s).stat().st_size for k, s in dataset.items()}
@@ -318,28 +330,43 @@ def accept(pinned: Mapping[str, Any], sources: Mapping[str, Any], got: dict[str,
     return Snapshot(dataset_version=version, dataset=dataset, base_model_sha256=base_sha,
                     model_files=dict(files), model_is_file=model.get("kind") == "file",
                     config_sha256=pinned["config_sha256"],
-                    config_name=Path(str(sources["config"])).name)
+                    config_name=Path(str(sources["config"])).name,
+                    init_adapter_sha256=init_sha or None,
+                    init_files=dict(init["files"]) if init else None,
+                    init_is_file=bool(init and init.get("kind") == "file"))
 
 
-def _model_index(got: dict[str, tuple[str, int]], digest: str, name: str, run_id: str
-                 ) -> dict[str, Any]:
-    if "m" in got:  # a single file
-        sha, size = got["m"]
+def _tree(got: dict[str, tuple[str, int]], store: ObjectStore, key: str, digest: str,
+          name: str, run_id: str, what: str) -> dict[str, Any]:
+    """The index of a model-like input (a file, or a folder by its listing digest): the
+    store's when it holds all of it, else built from what was received and written."""
+    tree = store.read_index("models", digest)
+    if tree is not None and all(store.has(s) for s in _index_objects(tree)):
+        return tree
+    tree = _tree_index(got, key, digest, name, run_id, what)
+    store.write_index("models", digest, tree)
+    return tree
+
+
+def _tree_index(got: dict[str, tuple[str, int]], key: str, digest: str, name: str,
+                run_id: str, what: str) -> dict[str, Any]:
+    if key in got:  # a single file
+        sha, size = got[key]
         if sha != digest:
-            raise VerificationError(f"the base model changed while the run was pinned "
+            raise VerificationError(f"the {what} changed while the run was pinned "
                                     f"(sha256 {sha[:16]}…, pinned {digest[:16]}…); nothing was "
-                                    "run; fix: run again once the model file is complete")
+                                    "run; fix: run again once the file is complete")
         return {"id": digest, "kind": "file", "name": name, "files": {name: sha},
                 "bytes": size, "stored": iso_time(), "first_run": run_id}
-    files = {n[2:]: s for n, (s, _z) in got.items() if n.startswith("m/")}
+    files = {n[2:]: s for n, (s, _z) in got.items() if n.startswith(f"{key}/")}
     if not files:
-        raise LoraError("the snapshot step sent no base model files")
+        raise LoraError(f"the snapshot step sent no {what} files")
     listing = listing_sha256(files)
     if listing != digest:
-        raise VerificationError(f"the base model folder changed while the run was pinned "
+        raise VerificationError(f"the {what} folder changed while the run was pinned "
                                 f"(listing sha256 {listing[:16]}…, pinned {digest[:16]}…); "
-                                "nothing was run; fix: run again once the model is complete")
-    size = sum(z for n, (_s, z) in got.items() if n.startswith("m/"))
+                                "nothing was run; fix: run again once it is complete")
+    size = sum(z for n, (_s, z) in got.items() if n.startswith(f"{key}/"))
     return {"id": digest, "kind": "folder", "name": name, "files": files, "bytes": size,
             "stored": iso_time(), "first_run": run_id}
 
@@ -352,13 +379,19 @@ def lay_out(store: ObjectStore, snap: Snapshot, dest: Path) -> dict[str, str]:
     store.materialize(snap.dataset, dest / "dataset")
     store.materialize(snap.model_files, dest / "model")
     store.materialize({snap.config_name: snap.config_sha256}, dest / "config")
+    laid_init = None
+    if snap.init_files:
+        store.materialize(snap.init_files, dest / "init_adapter")
+        laid_init = dest / "init_adapter" / next(iter(snap.init_files)) if snap.init_is_file \
+            else dest / "init_adapter"
     for folder in [dest, *dest.rglob("*")]:  # readable by the run's user whatever the umask
         if folder.is_dir() and not folder.is_symlink():
             os.chmod(folder, 0o755)
     model = dest / "model" / next(iter(snap.model_files)) if snap.model_is_file \
         else dest / "model"
     return {"train_data_dir": str(dest / "dataset"), "base_model": str(model),
-            "config": str(dest / "config" / snap.config_name)}
+            "config": str(dest / "config" / snap.config_name),
+            **({"init_adapter": str(laid_init)} if laid_init is not None else {})}
 
 
 def check_objects(store: ObjectStore, snap: Snapshot) -> None:
@@ -389,7 +422,15 @@ def snapshot_of_record(store: ObjectStore, snapshot: Mapping[str, Any]) -> Snaps
         what = f"dataset {version}" if ds is None else f"base model {base[:16]}…"
         raise VerificationError(f"the snapshot store {store.root} no longer holds the {what} "
                                 "this run was pinned on (pruned?)")
+    init_sha = snapshot.get("init_adapter_sha256")
+    init = store.read_index("models", str(init_sha)) if init_sha else None
+    if init_sha and init is None:
+        raise VerificationError(f"the snapshot store {store.root} no longer holds the "
+                                f"init_adapter {str(init_sha)[:16]}… this run started from")
     return Snapshot(dataset_version=version, dataset=dict(ds["files"]), base_model_sha256=base,
                     model_files=dict(model["files"]), model_is_file=model.get("kind") == "file",
                     config_sha256=str(snapshot.get("config_sha256")),
-                    config_name=str(snapshot.get("config_name") or "config.yaml"))
+                    config_name=str(snapshot.get("config_name") or "config.yaml"),
+                    init_adapter_sha256=str(init_sha) if init_sha else None,
+                    init_files=dict(init["files"]) if init else None,
+                    init_is_file=bool(init and init.get("kind") == "file"))

@@ -232,36 +232,93 @@ class Runner:
         params = _plain_json(parameters)
         self._recover_stale_runs()
         run_id = new_run_id()
-        home = lora_home(self.home)
-        work = home / "work" / run_id
+        home = lora_home(self.home)  # the requester's working home (the pin step's)
+        lease, run_ctx, run_home, work = self._place(run_id, home, hooks)
+        try:
+            return self._run(run_id, notebook, params, hooks, home, run_ctx, run_home, work,
+                             lease)
+        finally:
+            if lease is not None:
+                lease.release()
+
+    def _place(self, run_id: str, home: Path, hooks: RunHooks
+               ) -> tuple[Any, RunContext, Path, Path]:
+        """Where the run executes and as whom: in the requester's working home as the
+        requester, or (service mode with run accounts, :mod:`lora_kernel.trusted.accounts`)
+        in a private work folder as a leased run account the requester does not control.
+        Returns ``(lease or None, the run's context, its working home, its work folder)``."""
+        accounts = self.ctx.isolation
+        if accounts is None:
+            return None, self.ctx, home, home / "work" / run_id
+        from lora_kernel.trusted.accounts import make_work
+        from lora_kernel.trusted.firewall import enforce
+
+        if hooks.resume is not None:
+            raise ConfigError("resuming a run that ran under a run account is not built yet; "
+                              "fix: start a new run (lora run --config ...), or ask the admin "
+                              "for isolation: none in policies/runs.yaml", key="RUN")
+        lease = accounts.acquire(self.state)
+        try:
+            account = lease.run_as
+            with self.ctx.privileges.elevated():
+                work, run_home = make_work(accounts, account, run_id)
+                if account.uid is not None:
+                    enforce(account.uid)  # the egress firewall covers the run account
+        except BaseException:
+            lease.release()
+            raise
+        run_as = dataclasses.replace(account, home_dir=str(run_home))
+        env = dict(self.ctx.env or {})
+        env.update({"HOME": str(run_home), "USER": str(run_as.name),
+                    "LOGNAME": str(run_as.name)})
+        return lease, dataclasses.replace(self.ctx, run_as=run_as, env=env), run_home, work
+
+    def _run(self, run_id: str, notebook: Path, params: dict[str, Any], hooks: RunHooks,
+             home: Path, run_ctx: RunContext, run_home: Path, work: Path, lease: Any
+             ) -> RunRecord:
         # The executor starts now (papermill, the kernel) while the pin child hashes the
         # inputs; it runs only when the pin step and the checks accept the run.
-        prestart = _Prestart(self.ctx, run_id, home, work)
+        prestart = _Prestart(run_ctx, run_id, run_home, work)
         handed = False
         try:
             replayed = None
             if hooks.snapshot is not None:  # a replay reads the recorded snapshot only
                 params, replayed = self._replay_inputs(hooks.snapshot, params, work)
-            pinned = self._pin(notebook, params, home, work, hooks)
+            # an isolated run's work folder is the run account's: the pin step (as the
+            # requester) checks an output folder in the requester's working home instead,
+            # and the runner points the pinned config at the real one
+            pin_work = home / "work" / run_id if lease is not None else work
+            pinned = self._pin(notebook, params, home, pin_work, hooks, run_work=work)
             if replayed is not None:
                 pinned = pinned._replace(snapshot=replayed)
             elif pinned.sources is not None:
                 pinned = self._snapshot(run_id, pinned, home, work)
-            run = self._describe(run_id, notebook, pinned, home, work, hooks)
+            elif lease is not None and pinned.inputs.training:
+                raise ConfigError("this run's dataset has files outside train_data_dir "
+                                  "(allow_outside_dataset), which a run account cannot read; "
+                                  "fix: copy them into the dataset folder", key="train_data_dir")
+            run = self._describe(run_id, notebook, pinned, run_home, work, hooks, run_ctx,
+                                 lease is not None)
             with ActiveRun(runs_dir(self.state), run) as active:
                 self.log(f"run {run_id}: {notebook.name} in kernel '{KERNEL_NAME}' "
-                         "(papermill)")
+                         f"(papermill)" + (f" as run account {run_ctx.run_as.name}"
+                                           if lease is not None else ""))
                 t0 = time.monotonic()
                 handed = True  # from here on _execute stops it, whatever happens
-                rc, reason = _execute(self.ctx, run, pinned.notebook_source, active.staging,
+                rc, reason = _execute(run_ctx, run, pinned.notebook_source, active.staging,
                                       self.timeout, prestart,
                                       base_model_digest=pinned.base_model_digest)
-                return seal_run(run, active.staging, rc=rc, reason=reason, ctx=self.ctx,
+                return seal_run(run, active.staging, rc=rc, reason=reason, ctx=run_ctx,
                                 state=self.state, seconds=time.monotonic() - t0,
                                 log=self.log, before_seal=hooks.before_seal)
         except BaseException as exc:
             if not handed:
                 prestart.abort(clean=isinstance(exc, Exception))
+                if lease is not None:
+                    from lora_kernel.trusted.accounts import remove_work
+
+                    with self.ctx.privileges.elevated():
+                        remove_work(work)
             raise
 
     def _recover_stale_runs(self) -> None:
@@ -271,7 +328,7 @@ class Runner:
             self.log(f"recovered stale run {rec.run_id}: sealed as failed ({rec.error})")
 
     def _pin(self, notebook: Path, params: dict[str, Any], home: Path, work: Path,
-             hooks: RunHooks) -> _Pinned:
+             hooks: RunHooks, run_work: Path | None = None) -> _Pinned:
         """Ask the pin step (as the user) for the run's inputs, check and type its answer,
         keep the base model's digest in the cache, and apply the hooks' checks."""
         spec: dict[str, Any] = {"notebook": str(notebook), "parameters": params,
@@ -286,6 +343,12 @@ class Runner:
         notebook_source = answer.get("notebook_source")
         if not isinstance(notebook_source, str):
             raise LoraError("the pin step answered no notebook source")
+        if run_work is not None and run_work != work and isinstance(answer.get("config"), dict):
+            out = str(run_work / "output")
+            answer["config"]["output_dir"] = out
+            if isinstance(answer.get("overrides"), dict):
+                answer["overrides"]["output_dir"] = out
+            work = run_work
         inputs = PinnedInputs.from_untrusted(answer)
         licence = None
         if inputs.training and inputs.config:  # refused before anything runs (exit 6)
@@ -330,7 +393,8 @@ class Runner:
                                     f"{version}")
         doc = {"dataset_digests": digests, "dataset_version": version,
                "config_sha256": inputs.config_sha256,
-               "base_model_sha256": inputs.base_model_sha256}
+               "base_model_sha256": inputs.base_model_sha256,
+               "init_adapter_sha256": inputs.init_adapter_sha256}
         store = objects.ObjectStore.of(self.state)
         request = objects.snapshot_request(doc, sources, store)
         if request:
@@ -381,15 +445,20 @@ class Runner:
                 {"read_from": "snapshot", **snap.record()})
 
     def _describe(self, run_id: str, notebook: Path, pinned: _Pinned, home: Path, work: Path,
-                  hooks: RunHooks) -> RunDescription:
+                  hooks: RunHooks, run_ctx: RunContext, isolated: bool) -> RunDescription:
         """The run as ``.active/<run_id>.json`` announces it and :func:`seal_run` seals it."""
         ctx = self.ctx
+        isolation = ({"account": run_ctx.run_as.name, "uid": run_ctx.run_as.uid,
+                      "work": str(work)} if isolated else
+                     {"account": None, "why": "local mode: the run ran as its requester"
+                      if not ctx.privileges.active else "no run accounts (policies/runs.yaml):"
+                      " the run ran as its requester"})
         return RunDescription(
             run_id=run_id, notebook=str(notebook), parameters=pinned.parameters,
             home=str(home), work=str(work), started=iso_time(),
             actor=RunActor(ctx.actor.name, ctx.actor.uid, ctx.actor.source),
-            run_as=RunUser(ctx.run_as.uid, ctx.run_as.name), pinned=pinned.inputs,
-            extra={**(_plain_json(hooks.extra) if hooks.extra else {}),
+            run_as=RunUser(run_ctx.run_as.uid, run_ctx.run_as.name), pinned=pinned.inputs,
+            extra={**(_plain_json(hooks.extra) if hooks.extra else {}), "isolation": isolation,
                    **({"base_model_licence": pinned.licence} if pinned.licence else {}),
                    **({"snapshot": pinned.snapshot} if pinned.snapshot else {})})
 
@@ -432,6 +501,8 @@ def _snapshot_paths(config: Mapping[str, Any], laid: Mapping[str, str]) -> dict[
     out = {key: str(config[key]) for key in CONFIG_PATH_KEYS
            if config.get(key) and key != "output_dir"}  # resolved: the config file moves
     out["base_model"] = laid["base_model"]
+    if "init_adapter" in laid:
+        out["init_adapter"] = laid["init_adapter"]
     data = Path(laid["train_data_dir"])
     root = config.get("train_data_dir")
     if root:

@@ -115,6 +115,7 @@ class RunContext:
     run_as: RunAs = field(default_factory=RunAs.local)
     privileges: Privileges = field(default_factory=Privileges)
     env: dict[str, str] | None = None
+    isolation: Any = None  # service mode: the run-account pool (trusted.accounts.RunAccounts)
     cancelled: Callable[[], bool | str | None] = lambda: False
     progress: Callable[[bytes], None] | None = None
 
@@ -493,7 +494,18 @@ def _manifest_context(run: RunDescription, *, status: str, extra: dict[str, Any]
         dataset_digests=(pinned.dataset_digests if pinned is not None else None) or {},
         notebook_source_sha256=pinned.notebook_sha256 if pinned is not None else "",
         seed=int(seed or 0),
-        egress_refusals=sum(1 for e in events if e.get("type") == "refusal"), extra=extra)
+        egress_refusals=sum(1 for e in events if e.get("type") == "refusal"), extra=extra,
+        dependencies=_init_adapter_dependency(pinned))
+
+
+def _init_adapter_dependency(pinned: PinnedInputs | None) -> tuple[dict[str, Any], ...]:
+    """The adapter a run continued from (``init_adapter``), pinned by its sha256 as an input
+    of the manifest, so ``lora audit lineage`` finds every run that started from it."""
+    if pinned is None or not pinned.init_adapter_sha256:
+        return ()
+    uri = str((pinned.config or {}).get("init_adapter") or "")
+    return ({"name": "init_adapter", "uri": uri,
+             "digest": {"sha256": pinned.init_adapter_sha256}},)
 
 
 def _remove_work(ctx: RunContext, run: RunDescription) -> None:
@@ -503,6 +515,10 @@ def _remove_work(ctx: RunContext, run: RunDescription) -> None:
         return
     if not ctx.run_as.switches:
         shutil.rmtree(run.work, ignore_errors=True)
+        return
+    if (run.extra.get("isolation") or {}).get("account"):  # a run account's private folder
+        with ctx.privileges.elevated():
+            shutil.rmtree(run.work, ignore_errors=True)
         return
     with ctx.privileges.elevated():  # the laid-out snapshot is the runner's, not the user's
         shutil.rmtree(Path(run.work) / "inputs", ignore_errors=True)

@@ -131,6 +131,9 @@ class RunnerServer(socketserver.ForkingMixIn, socketserver.UnixStreamServer):
         ctx = RunContext(actor=actor, run_as=run_as, privileges=privileges,
                          env=service_env(run_as, extra), cancelled=conn.hung_up)
         if op in ("run", "resume"):
+            from lora_kernel.trusted.accounts import run_accounts
+
+            ctx.isolation = run_accounts(privileges, self.state)
             from lora_kernel.trusted.runner import resume_run
 
             home = Path(str(request["home"]))

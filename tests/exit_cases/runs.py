@@ -49,6 +49,18 @@ def _state_store_full(c: Case) -> list:
             c.config(), "--home", c.tmp / "home"]
 
 
+def _snapshot_store_full(c: Case) -> list:
+    from lora_kernel.trusted import objects
+
+    # less free space than the run's inputs (plus the margin) need in the snapshot store
+    c.monkeypatch.setattr(objects, "FREE_MARGIN", 1 << 60)
+    return ["run", "--config", c.config(), "--home", c.tmp / "home"]
+
+
+def _data_show_unknown(c: Case) -> list:
+    return ["data", "show", "ds-" + "0" * 32, "--state", c.tmp / "state"]
+
+
 CASES: dict[str, Callable[[Case], list]] = {
     "`params.yaml` has a key that is neither a parameter nor a config key": _params_unknown_key,
     "`lora train` into an `output_dir` that holds a run": _output_dir_holds_a_run,
@@ -56,5 +68,9 @@ CASES: dict[str, Callable[[Case], list]] = {
     "`lora run --resume` of a run that succeeded": _resume_succeeded,
     "`lora run` when the state store has too little free space to record a run":
         _state_store_full,
+    "`lora run` when the snapshot store has too little free space for the run's inputs":
+        _snapshot_store_full,
+    "`lora data show` of a dataset version the snapshot store does not hold":
+        _data_show_unknown,
 }
 SLOW = {"`lora train --resume` after a finished run"}

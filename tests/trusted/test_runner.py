@@ -284,6 +284,32 @@ def test_cli_run_text_config(run_home, demo_home):
     assert (record / "samples" / "completions.json").is_file()
 
 
+def test_a_run_continued_from_an_adapter_pins_it_and_lineage_finds_it(run_home, demo_home):
+    """``init_adapter`` (kohya's ``network_weights``): the adapter a run starts from is pinned
+    by sha256 as an input of the manifest, stored in the snapshot store and laid out with the
+    run's inputs; ``lora audit lineage ADAPTER`` finds both the run that made it and the run
+    that continued from it. A run without one pins none (the twin)."""
+    first = run_config(demo_home / "demo" / "text_lora.yaml", FAST_TEXT, home=run_home)
+    deps = {d["name"] for d in load_manifest(first.path)["predicate"]["buildDefinition"][
+        "resolvedDependencies"]}
+    assert "init_adapter" not in deps
+    adapter = first.path / "adapter" / "codes"
+    second = run_config(demo_home / "demo" / "text_lora.yaml",
+                        {**FAST_TEXT, "init_adapter": str(adapter)}, home=run_home)
+    manifest = load_manifest(second.path)
+    deps = {d["name"]: d for d in manifest["predicate"]["buildDefinition"][
+        "resolvedDependencies"]}
+    from lora_kernel.common.digests import path_sha256
+    assert deps["init_adapter"]["digest"]["sha256"] == path_sha256(adapter)
+    extra = manifest["predicate"]["runDetails"]["metadata"]["extra"]
+    assert extra["snapshot"]["init_adapter_sha256"] == path_sha256(adapter)
+    assert "/inputs/init_adapter" in extra["parameters"]["overrides"]["init_adapter"]
+    res = subprocess.run([sys.executable, "-m", "lora_kernel.cli", "audit", "lineage",
+                          str(adapter)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert first.run_id in res.stdout and second.run_id in res.stdout
+
+
 def test_a_plain_notebooks_own_numbers_never_crash_lora_run(run_home, tmp_path):
     """A plain notebook reports steps but no losses (or losses that are not numbers): lora run
     prints its record and exits 0 (it crashed with KeyError: 'first_loss' after sealing)."""

@@ -298,3 +298,119 @@ def test_a_trainer_sees_their_own_runs_through_the_service(service, demo_home):
     res = as_user(BOB, "audit", "list", "--runner", sock)  # bob reviews: sees both
     assert res.returncode == 0 and runs[ALICE] in res.stdout and runs[CAROL] in res.stdout, \
         res.stdout + res.stderr
+
+
+# -- run accounts (issue 20): the requester cannot touch the run ---------------------------
+@pytest.fixture(scope="module")
+def isolated_service(system_users, tmp_path_factory):
+    """``lora runner serve`` with ``policies/runs.yaml`` ``isolation: accounts``: a pool of
+    two run accounts (primary group ``<prefix>runs``) the requesters do not control; yields
+    ``(socket, state, run account names, work_root)``."""
+    import sysusers
+
+    from hub.demo import ensure_run_accounts
+
+    group = sysusers.user_name("runs")
+    made = ensure_run_accounts(group, 2, sysusers.user_name("run"))
+    sysusers._made_users.extend(made)
+    sysusers._made_groups.append(group)
+    base = Path(tempfile.mkdtemp(prefix="lora-iso-test-", dir="/tmp"))
+    os.chmod(base, 0o711)
+    state, sock, work_root = base / "state", base / "run" / "runner.sock", base / "runs-work"
+    policies = base / "policies"
+    shutil.copytree(Path(__file__).resolve().parents[2] / "policies", policies)
+    (policies / "runs.yaml").write_text(yaml.safe_dump(
+        {"isolation": "accounts", "run_group": group, "work_root": str(work_root)}))
+    os.chmod(policies, 0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("LORA_STATE", "JUPYTER_PATH")}
+    env["LORA_POLICIES"] = str(policies)
+    log = open(base / "service.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "lora_kernel.cli", "runner", "serve",
+                             "--state", str(state), "--service-user", SVC,
+                             "--socket", str(sock)], env=env, stdout=log, stderr=log)
+    deadline = time.monotonic() + 30
+    while not sock.exists() and time.monotonic() < deadline:
+        assert proc.poll() is None, (base / "service.log").read_text()
+        time.sleep(0.1)
+    names = [sysusers.user_name(f"run{n}") for n in range(2)]
+    yield sock, state, names, work_root
+    proc.terminate()
+    proc.wait(timeout=10)
+    log.close()
+    shutil.rmtree(base, ignore_errors=True)
+
+
+ATTACK = """
+import json, os, signal, sys
+pids, work = json.loads(sys.argv[1]), sys.argv[2]
+out = {}
+for pid in pids:
+    try:
+        os.kill(pid, signal.SIGTERM)
+        out[str(pid)] = "signalled"
+    except PermissionError:
+        out[str(pid)] = "EPERM"
+for what in ("output/adapter.safetensors", "inputs/dataset/planted.png", "x"):
+    try:
+        open(os.path.join(work, what), "wb").write(b"forged")
+        out[what] = "written"
+    except OSError as exc:
+        out[what] = type(exc).__name__
+try:
+    os.listdir(work)
+    out["list"] = "listed"
+except OSError as exc:
+    out["list"] = type(exc).__name__
+print(json.dumps(out))
+"""
+
+
+def test_a_recorded_run_runs_as_a_run_account_the_requester_cannot_touch(isolated_service,
+                                                                        demo_home):
+    """With run accounts, a training run's kernel runs as a leased run account in a private
+    work folder: a process of the requester (same uid as the trainer) can neither signal the
+    kernel nor write into the work folder (output, laid-out inputs), so the run trains on
+    exactly its snapshot and succeeds; the record names the account. Without isolation the
+    trainer's own processes can signal their kernel (the run then seals failed:
+    test_a_requester_that_dies_ends_its_run_which_is_sealed_as_failed)."""
+    import psutil
+
+    sock, state, names, work_root = isolated_service
+    pool = {pwd.getpwnam(n).pw_uid for n in names}
+    home = user_home(CAROL, demo_home)
+    args = ["run", "--config", home / "demo" / "image_lora.yaml", "--home", home,
+            "--runner", sock, "-p", "max_train_steps", "6", "-p", "sample_steps", "1",
+            "-p", "save_steps", "0", "-p", "sample_prompts", '["a red circle"]']
+    client = as_user(CAROL, *args, wait=False)
+    try:
+        deadline = time.monotonic() + 180
+        kernels = []
+        while not kernels and time.monotonic() < deadline and client.poll() is None:
+            kernels = [p for p in psutil.process_iter(["cmdline", "uids"])
+                       if p.info["uids"] is not None and p.info["uids"].real in pool
+                       and "-f" in (p.info["cmdline"] or [])]
+            time.sleep(0.2)
+        assert kernels, "no kernel ran as a run account"
+        work = next(w for w in work_root.iterdir() if w.is_dir())
+        pw = pwd.getpwnam(CAROL)
+        attack = subprocess.run(
+            [sys.executable, "-c", ATTACK, json.dumps([k.pid for k in kernels]), str(work)],
+            capture_output=True, text=True, timeout=60, user=pw.pw_uid, group=pw.pw_gid,
+            extra_groups=os.getgrouplist(CAROL, pw.pw_gid), cwd="/")
+        assert attack.returncode == 0, attack.stderr
+        seen = json.loads(attack.stdout)
+        assert all(seen[str(k.pid)] == "EPERM" for k in kernels), seen
+        assert seen["x"] == "PermissionError" and seen["list"] == "PermissionError", seen
+        out, err = client.communicate(timeout=300)
+    finally:
+        if client.poll() is None:
+            client.kill()
+    assert client.returncode == 0, out + err
+    run_id = re.search(r"^run (\S+) succeeded", out, re.M).group(1)
+    meta = json.loads((state / "runs" / run_id / "manifest.json").read_text())[
+        "predicate"]["runDetails"]["metadata"]
+    iso = meta["extra"]["isolation"]
+    assert iso["account"] in names and iso["uid"] in pool
+    assert meta["extra"]["snapshot"]["read_from"] == "snapshot"
+    assert not (work_root / run_id).exists()  # removed after sealing
+    assert os.stat(work_root).st_mode & 0o777 == 0o711
