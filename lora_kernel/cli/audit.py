@@ -294,7 +294,8 @@ def _show_line(key: str, info: dict) -> str | None:
     return f"{key:18s} {_cell(value)}"
 
 
-SHOW_FIELDS = ("run_id", "kind", "status", "error", "user", "uid", "identity", "run_as", "host",
+SHOW_FIELDS = ("run_id", "kind", "status", "error", "user", "uid", "identity", "run_as",
+               "isolation", "inputs_read_from", "host",
                "started", "ended", "review", "reviewer", "notebook", "parameters", "config",
                "dataset_version", "base_model", "base_model_sha256", "adapter_digest", "seed",
                "egress_refusals", "published", "html")

@@ -224,6 +224,8 @@ def run_details(manifest: dict[str, Any]) -> dict[str, Any]:
     extra = extra if isinstance(extra, dict) else {}
     return {"kind": extra.get("kind"), "error": extra.get("error"), "uid": s.get("uid"),
             "identity": extra.get("identity"), "run_as": extra.get("run_as"),
+            "isolation": _isolation(extra), "inputs_read_from": (extra.get("snapshot") or {}).get(
+                "read_from") if isinstance(extra.get("snapshot"), dict) else None,
             "notebook": {"name": extra.get("notebook"), "sha256": s["notebook_source_sha256"]},
             "parameters": extra.get("parameters"),
             "config_essentials": config_essentials(s["config"]),
@@ -409,6 +411,17 @@ def _query_digests(query: str) -> tuple[set[str], set[str]]:
     if _HEX64.match(query):
         return {query.lower()}, set()
     return set(), {query}
+
+
+def _isolation(extra: dict[str, Any]) -> str | None:
+    """How a run was kept from its requester (``extra.isolation``), in words; None for
+    records made before runs said."""
+    iso = extra.get("isolation")
+    if not isinstance(iso, dict):
+        return None
+    if iso.get("account"):
+        return f"run account {iso['account']} (uid {iso.get('uid')}): not the requester's"
+    return f"not isolated ({iso.get('why') or 'ran as its requester'})"
 
 
 def lineage(query: str, *, state: _State = None,

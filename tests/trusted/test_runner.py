@@ -259,6 +259,10 @@ def test_image_run_record_is_complete(run_home, demo_home):
     assert snap["read_from"] == "snapshot" and snap["dataset_version"] == \
         deps["dataset"]["annotations"]["version"]
     assert snap["base_model_sha256"] == deps["base_model"]["digest"]["sha256"]
+    from lora_kernel.provenance.audit import show
+    info = show(rec.run_id)  # what `lora audit show` prints
+    assert info["isolation"].startswith("not isolated (local mode") and \
+        info["inputs_read_from"] == "snapshot"
     index = json.loads((state_of(run_home) / "objects" / "datasets" /
                         f"{snap['dataset_version']}.json").read_text())
     assert index["first_run"] == rec.run_id and set(index["files"]) == {
