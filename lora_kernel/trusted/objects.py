@@ -373,25 +373,30 @@ def _tree_index(got: dict[str, tuple[str, int]], key: str, digest: str, name: st
 
 def lay_out(store: ObjectStore, snap: Snapshot, dest: Path) -> dict[str, str]:
     """Materialize ``snap`` under ``dest``: ``dataset/`` (its keys as relative paths),
-    ``model/`` (the folder, or ``model/<name>`` for a single file) and ``config/<name>``.
-    Returns the paths the run's config is pointed at (``train_data_dir``, ``base_model``,
-    ``config``)."""
+    ``model/`` (the folder, or ``model/<name>`` for a single file), ``config/<name>`` and
+    ``init_adapter/``. Returns :func:`laid_paths`."""
     store.materialize(snap.dataset, dest / "dataset")
     store.materialize(snap.model_files, dest / "model")
     store.materialize({snap.config_name: snap.config_sha256}, dest / "config")
-    laid_init = None
     if snap.init_files:
         store.materialize(snap.init_files, dest / "init_adapter")
-        laid_init = dest / "init_adapter" / next(iter(snap.init_files)) if snap.init_is_file \
-            else dest / "init_adapter"
     for folder in [dest, *dest.rglob("*")]:  # readable by the run's user whatever the umask
         if folder.is_dir() and not folder.is_symlink():
             os.chmod(folder, 0o755)
+    return laid_paths(snap, dest)
+
+
+def laid_paths(snap: Snapshot, dest: Path) -> dict[str, str]:
+    """Where :func:`lay_out` puts ``snap`` under ``dest``: the paths the run's config is
+    pointed at (``train_data_dir``, ``base_model``, ``config``, ``init_adapter``)."""
     model = dest / "model" / next(iter(snap.model_files)) if snap.model_is_file \
         else dest / "model"
-    return {"train_data_dir": str(dest / "dataset"), "base_model": str(model),
-            "config": str(dest / "config" / snap.config_name),
-            **({"init_adapter": str(laid_init)} if laid_init is not None else {})}
+    out = {"train_data_dir": str(dest / "dataset"), "base_model": str(model),
+           "config": str(dest / "config" / snap.config_name)}
+    if snap.init_files:
+        out["init_adapter"] = str(dest / "init_adapter" / next(iter(snap.init_files))
+                                  if snap.init_is_file else dest / "init_adapter")
+    return out
 
 
 def check_objects(store: ObjectStore, snap: Snapshot) -> None:

@@ -120,6 +120,7 @@ class ResumeFrom:
 
     run_id: str
     work: str
+    snapshot: dict[str, Any] | None = None  # its record's extra.snapshot
 
 
 def resume_run(run_id: str, *, home: str | os.PathLike[str] | None = None,
@@ -169,7 +170,8 @@ def resume_run(run_id: str, *, home: str | os.PathLike[str] | None = None,
     params = {"config_path": extra["config_path"], "overrides": overrides}
     return run_notebook(str(extra.get("notebook_path") or extra["notebook"]), params, home=home,
                         state=state, timeout=timeout, ctx=ctx, log=log,
-                        hooks=RunHooks(resume=ResumeFrom(run_id, str(extra["work_dir"]))))
+                        hooks=RunHooks(resume=ResumeFrom(run_id, str(extra["work_dir"]),
+                                                         snapshot or None)))
 
 
 @dataclass(frozen=True)
@@ -292,7 +294,7 @@ class Runner:
             if replayed is not None:
                 pinned = pinned._replace(snapshot=replayed)
             elif pinned.sources is not None:
-                pinned = self._snapshot(run_id, pinned, home, work)
+                pinned = self._snapshot(run_id, pinned, home, work, hooks.resume)
             elif lease is not None and pinned.inputs.training:
                 raise ConfigError("this run's dataset has files outside train_data_dir "
                                   "(allow_outside_dataset), which a run account cannot read; "
@@ -374,7 +376,8 @@ class Runner:
         return _Pinned(inputs, params, notebook_source, known, licence,
                        sources if isinstance(sources, dict) else None)
 
-    def _snapshot(self, run_id: str, pinned: _Pinned, home: Path, work: Path) -> _Pinned:
+    def _snapshot(self, run_id: str, pinned: _Pinned, home: Path, work: Path,
+                  resume: ResumeFrom | None = None) -> _Pinned:
         """Store the pinned inputs the content-addressed store lacks (read by a ``snapshot``
         child as the user, hashed here), lay the run's snapshot out in ``<work>/inputs`` and
         point the run at it: the notebook trains on exactly the bytes that were pinned."""
@@ -404,7 +407,15 @@ class Runner:
         else:
             got = {}
         snap = objects.accept(doc, sources, got, store, run_id)
-        laid, digest = self._lay_out(store, snap, work)
+        resumed = self._resumed_inputs(snap, resume)
+        if resumed is not None:  # the interrupted run's laid-out snapshot, the same bytes
+            laid = objects.laid_paths(snap, resumed)
+            with self.ctx.privileges.elevated():
+                digest = {"key": stat_key(laid["base_model"]),
+                          "sha256": snap.base_model_sha256}
+        else:
+            laid, digest = self._lay_out(store, snap, work)
+        where = resumed if resumed is not None else work / "inputs"
         requested = dict(pinned.parameters.get("overrides") or {})
         overrides = {**requested, **_snapshot_paths(inputs.config or {}, laid)}
         params = {**pinned.parameters, "config_path": laid["config"], "overrides": overrides}
@@ -412,7 +423,22 @@ class Runner:
                  f"{len(request)} new of {snap.record()['files']} files)")
         return pinned._replace(parameters=params, base_model_digest=digest,
                                snapshot={"read_from": "snapshot", **snap.record(),
-                                         "overrides": requested})
+                                         "overrides": requested, "inputs": str(where)})
+
+    @staticmethod
+    def _resumed_inputs(snap: Any, resume: ResumeFrom | None) -> Path | None:
+        """A resume of a run whose snapshot is this one: that run's laid-out ``inputs``
+        folder (still in its work folder), so that the config the checkpoint recorded names
+        the same paths; None otherwise (the inputs changed: the training refuses to resume,
+        naming the keys)."""
+        if resume is None or not resume.snapshot:
+            return None
+        keys = ("dataset_version", "base_model_sha256", "config_sha256", "init_adapter_sha256")
+        mine = snap.record()
+        if any(resume.snapshot.get(k) != mine.get(k) for k in keys):
+            return None
+        inputs = Path(str(resume.snapshot.get("inputs") or Path(resume.work) / "inputs"))
+        return inputs if inputs.is_dir() else None
 
     def _lay_out(self, store: Any, snap: Any, work: Path) -> tuple[dict[str, str],
                                                                  dict[str, str]]:
