@@ -104,7 +104,8 @@ def child_base_env(run_as: RunAs, service: bool, devices: list[str]) -> dict[str
 
 
 def make_context(sub: Submission | None, *, demo: bool, service_user: str | None,
-                 cancelled: Cancelled, local: bool = True) -> RunContext:
+                 cancelled: Cancelled, local: bool = True, state: str | None = None
+                 ) -> RunContext:
     """The run context of ``sub`` (None: the recovering service account's own). ``local``
     False (the Kubernetes backend): no child runs here, so nothing runs as the user and no
     host firewall applies (the Job's pod gets the user's uid and the NetworkPolicy)."""
@@ -130,11 +131,17 @@ def make_context(sub: Submission | None, *, demo: bool, service_user: str | None
         from lora_kernel.trusted.firewall import enforce
 
         enforce(run_as.uid)  # `firewall: required`: refuse unless in place (still root here)
+    isolation = None
+    if root_mode(demo) and sub is not None and local:
+        from lora_kernel.trusted.accounts import run_accounts
+
+        isolation = run_accounts(privileges, state)  # policies/runs.yaml: run accounts
     privileges.drop()
     # With a progress sink the executor writes <work>/progress.jsonl, which the user's studio
     # reads live from their own working home; the records themselves go nowhere else.
     return RunContext(actor=actor, run_as=run_as, privileges=privileges, env=env,
-                      cancelled=cancelled, progress=(lambda _chunk: None) if sub else None)
+                      cancelled=cancelled, progress=(lambda _chunk: None) if sub else None,
+                      isolation=isolation)
 
 
 def config_task_as_user(ctx: RunContext, config: str, home: Path) -> str:
@@ -282,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         if hub.runs_backend == "kubernetes":
             backend = kubernetes_backend(hub)
         ctx = make_context(sub, demo=args.demo, service_user=args.service_user,
-                           cancelled=cancelled, local=backend is None)
+                           cancelled=cancelled, local=backend is None, state=state)
     except KeyError as exc:  # the user has no passwd entry
         queue.finish(sub.id, "failed", error=f"cannot run as {sub.user}: {exc}", exit_code=2)
         return 2

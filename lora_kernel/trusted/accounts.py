@@ -28,6 +28,7 @@ import grp
 import os
 import pwd
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,8 +85,12 @@ class Lease:
 
     run_as: RunAs
     fd: int | None
+    on_release: Callable[[], None] | None = None
 
     def release(self) -> None:
+        if self.on_release is not None:
+            self.on_release()
+            self.on_release = None
         if self.fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self.fd)

@@ -413,4 +413,9 @@ def test_a_recorded_run_runs_as_a_run_account_the_requester_cannot_touch(isolate
     assert iso["account"] in names and iso["uid"] in pool
     assert meta["extra"]["snapshot"]["read_from"] == "snapshot"
     assert not (work_root / run_id).exists()  # removed after sealing
+    # the progress the studio reads, mirrored into the requester's home by a child as them
+    mirrored = home / "work" / run_id / "progress.jsonl"
+    assert mirrored.stat().st_uid == pwd.getpwnam(CAROL).pw_uid
+    steps = [json.loads(line) for line in mirrored.read_text().splitlines()]
+    assert any(r.get("event") == "step" for r in steps), steps[:5]
     assert os.stat(work_root).st_mode & 0o777 == 0o711
