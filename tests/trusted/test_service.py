@@ -7,6 +7,7 @@ BOB (reviewers), CAROL.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -43,20 +44,31 @@ def service(system_users, tmp_path_factory):
     pub = base / "pub"  # a publication store the service account may write
     pub.mkdir()
     os.chown(pub, pwd.getpwnam(SVC).pw_uid, pwd.getpwnam(SVC).pw_gid)
+    with _runner_service(base, state, sock):
+        yield sock, state
+
+
+@contextlib.contextmanager
+def _runner_service(base: Path, state: Path, sock: Path, **extra_env: str):
+    """``lora runner serve`` as root (service account SVC) until the block ends; ``base`` (its
+    log, state and socket) is removed after."""
     env = {k: v for k, v in os.environ.items() if k not in ("LORA_STATE", "JUPYTER_PATH")}
+    env.update(extra_env)
     log = open(base / "service.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "lora_kernel.cli", "runner", "serve",
                              "--state", str(state), "--service-user", SVC,
                              "--socket", str(sock)], env=env, stdout=log, stderr=log)
-    deadline = time.monotonic() + 30
-    while not sock.exists() and time.monotonic() < deadline:
-        assert proc.poll() is None, (base / "service.log").read_text()
-        time.sleep(0.1)
-    yield sock, state
-    proc.terminate()
-    proc.wait(timeout=10)
-    log.close()
-    shutil.rmtree(base, ignore_errors=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists() and time.monotonic() < deadline:
+            assert proc.poll() is None, (base / "service.log").read_text()
+            time.sleep(0.1)
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        log.close()
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def user_home(name: str, demo_home: Path | None = None) -> Path:
@@ -322,22 +334,9 @@ def isolated_service(system_users, tmp_path_factory):
     (policies / "runs.yaml").write_text(yaml.safe_dump(
         {"isolation": "accounts", "run_group": group, "work_root": str(work_root)}))
     os.chmod(policies, 0o755)
-    env = {k: v for k, v in os.environ.items() if k not in ("LORA_STATE", "JUPYTER_PATH")}
-    env["LORA_POLICIES"] = str(policies)
-    log = open(base / "service.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "lora_kernel.cli", "runner", "serve",
-                             "--state", str(state), "--service-user", SVC,
-                             "--socket", str(sock)], env=env, stdout=log, stderr=log)
-    deadline = time.monotonic() + 30
-    while not sock.exists() and time.monotonic() < deadline:
-        assert proc.poll() is None, (base / "service.log").read_text()
-        time.sleep(0.1)
     names = [sysusers.user_name(f"run{n}") for n in range(2)]
-    yield sock, state, names, work_root
-    proc.terminate()
-    proc.wait(timeout=10)
-    log.close()
-    shutil.rmtree(base, ignore_errors=True)
+    with _runner_service(base, state, sock, LORA_POLICIES=str(policies)):
+        yield sock, state, names, work_root
 
 
 ATTACK = """
