@@ -19,8 +19,10 @@ The result is cached by content through :mod:`lora_kernel.training.demo_pretrain
 (the same cache folder, key and lock; the key also hashes this module's source and the
 token ids of the grammar); the training runs on one CPU thread with deterministic
 algorithms: ``LM_STEPS`` steps, about 15 s for the tiny Llama and 40 s for the chat model
-(longer sequences) on an idle 2-core machine. Half the steps for the chat model cost its
-LoRA's held-out exact-match rate 92% -> 58% (measured once), so both get the same.
+(longer sequences) on an idle 2-core machine (37 s and 79 s at load 7). Half the steps for
+the chat model cost its LoRA's held-out exact-match rate 92% -> 58% (measured once); half
+the batch, or padding each batch only to its own length, saved little time (the per-step
+overhead dominates), so both models get the same recipe.
 
 Runs as: the user (``lora demo-assets`` and everything that builds the demo assets).
 """

@@ -115,3 +115,16 @@ def test_a_text_run_that_does_not_learn_fails_the_check(frozen_text_run):
     m = frozen_text_run.samples["measures"]
     assert m["base"]["exact_match"] <= text_metrics.BASE_CEILING
     assert not text_metrics.learned(m), m
+
+
+@pytest.mark.slow
+def test_the_runs_summary_file_and_notebook_table_show_the_measure(frozen_text_run):
+    import json
+
+    from lora_kernel.user.notebook import summary_view
+    with open(frozen_text_run.summary_path, encoding="utf-8") as fh:
+        recorded = json.load(fh)["samples"]["measures"]
+    assert recorded["kind"] == "text_exact_match"
+    assert recorded["items"] == list(demo_text_pretrain.HELD_OUT_ITEMS)
+    html = summary_view(frozen_text_run).data
+    assert "what the LoRA learned" in html and "exact match on 12 held-out prompts" in html
