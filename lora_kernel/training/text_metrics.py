@@ -5,6 +5,8 @@ rate of greedy completions on held-out demo prompts, without and with the LoRA.
   answers "what is the code for ``item``?" with the item's *code*, its spelling in capitals,
   a dash and its letter count (``apple`` -> ``APPLE-5``,
   :func:`lora_kernel.training.demo_assets.text_code`).
+* **When**: the run's training data holds demo codes and a sample prompt asks for one
+  (a user's own data about "the code for login" gets no measure).
 * **Held-out prompts**: the run's first sample prompt that asks for a code (the run's own
   prompt format: ``Q: what is the code for apple? A:`` or a chat user turn), with its item
   replaced by each of :data:`~lora_kernel.training.demo_text_pretrain.HELD_OUT_ITEMS` that
@@ -26,7 +28,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Sequence
 
-from lora_kernel.training.demo_assets import text_code
+from lora_kernel.training.demo_assets import TEXT_ITEMS, text_code
 from lora_kernel.training.demo_text_pretrain import HELD_OUT_ITEMS
 
 EXACT_MATCH_FLOOR = 0.8
@@ -55,6 +57,12 @@ def unseen_items(training_texts: Sequence[str], items: Sequence[str] = HELD_OUT_
     return [it for it in items if it.lower() not in words]
 
 
+def teaches_codes(training_texts: Sequence[str]) -> bool:
+    """Whether the training data teaches demo codes (some record holds one, ``APPLE-5``):
+    only then is the measure about what the run was meant to learn."""
+    return any(text_code(item) in t for t in training_texts for item in TEXT_ITEMS)
+
+
 def exact_match(completion: str, item: str) -> bool:
     """Whether ``completion`` is ``item``'s code (see the module docstring)."""
     return completion.strip() == text_code(item)
@@ -62,12 +70,13 @@ def exact_match(completion: str, item: str) -> bool:
 
 def measure_held_out(prompts: Sequence[str], training_texts: Sequence[str],
                      complete: Callable[[list[str]], list[dict]]) -> dict | None:
-    """The exact-match measures of a run whose sample ``prompts`` ask for demo codes, or
-    None when none does or every held-out item is in ``training_texts``. ``complete``
-    returns, per prompt, ``{"prompt", "base", "lora"}`` greedy completions."""
+    """The exact-match measures of a run whose training data teaches demo codes and whose
+    sample ``prompts`` ask for one; None otherwise, or when every held-out item is in
+    ``training_texts``. ``complete`` returns, per prompt, ``{"prompt", "base", "lora"}``
+    greedy completions."""
     prompt = code_prompt(prompts)
     items = unseen_items(training_texts)
-    if prompt is None or not items:
+    if prompt is None or not items or not teaches_codes(training_texts):
         return None
     pairs = held_out_prompts(prompt, items)
     rows = complete([p for _, p in pairs])

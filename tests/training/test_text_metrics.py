@@ -45,14 +45,19 @@ def test_measure_held_out_rates_base_and_lora_and_the_summary_names_them():
                          "lora": f" {item.upper()}-{len(item)}" if item != "ember" else "x"})
         return rows
 
-    m = text_metrics.measure_held_out(["Q: what is the code for apple? A:"], [], complete)
+    demo = [r["prompt"] + r["response"] for r in text_records()]
+    m = text_metrics.measure_held_out(["Q: what is the code for apple? A:"], demo, complete)
     n = len(demo_text_pretrain.HELD_OUT_ITEMS)
     assert m["base"]["exact_match"] == 0.0
     assert m["lora"]["exact_match"] == pytest.approx((n - 1) / n)
     assert text_metrics.learned(m)
     line = style_metrics.summary_line(m)  # the one line every caller prints
     assert f"exact match on {n} held-out prompts" in line and "base 0%" in line
-    assert text_metrics.measure_held_out(["a red circle"], [], complete) is None
+    assert text_metrics.measure_held_out(["a red circle"], demo, complete) is None
+    # a user's own data that asks for codes is not the demo's pattern: no measure
+    own = ["Q: what is the code for login? A: 4711"]
+    assert text_metrics.measure_held_out(["Q: what is the code for login? A:"], own,
+                                         complete) is None
     worse = {**m, "lora": {"exact_match": 0.5, "prompts": n}}
     assert not text_metrics.learned(worse)
 
