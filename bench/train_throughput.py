@@ -17,7 +17,10 @@ Part 3 — quality beside the speed (issue 27): ``lora train`` on the demo confi
 (its own steps, with samples) and the style measures of its sample grid
 (``lora_kernel.training.style_metrics``): the LoRA's gain in magenta stripe energy over the
 pre-trained base, and the prompt adherence of both columns, against the floors the tests hold
-the training code to. A faster loop that learns worse shows here as FAIL.
+the training code to. A faster loop that learns worse shows here as FAIL. Beside it the text
+quality row: ``lora train`` on the demo text config as shipped and the exact-match rate of
+its greedy completions on held-out demo prompts, base vs LoRA
+(``lora_kernel.training.text_metrics``), against the LoRA floor and the base ceiling.
 
     .venv/bin/python bench/train_throughput.py            # both parts
     .venv/bin/python bench/train_throughput.py --skip-full  # tiny model only
@@ -70,6 +73,28 @@ def _quality(home: Path, out: Path) -> dict:
     res = train(cfg, progress=False, home=home, log=lambda m: None)
     return {"steps": res.steps, "seconds": res.seconds, "steps_per_s": res.steps / res.seconds,
             "measures": res.samples["measures"]}
+
+
+def _text_quality(home: Path, out: Path) -> dict:
+    """The demo text config as shipped, with samples: its held-out exact-match measures."""
+    from lora_kernel.training.checks import load_config
+    from lora_kernel.training.train import train
+    cfg = load_config(home / "demo" / "text_lora.yaml",
+                      {"save_steps": 0, "output_dir": str(out)})
+    res = train(cfg, progress=False, home=home, log=lambda m: None)
+    return {"steps": res.steps, "seconds": res.seconds, "steps_per_s": res.steps / res.seconds,
+            "measures": res.samples["measures"]}
+
+
+def text_quality_line(q: dict) -> str:
+    """The text quality row: exact-match rates, bounds and PASS / FAIL."""
+    from lora_kernel.training.text_metrics import learned
+    m = q["measures"]
+    return (f"quality  demo text config, {q['steps']} steps ({q['steps_per_s']:.2f} steps/s): "
+            f"held-out exact match base {m['base']['exact_match']:.0%} LoRA "
+            f"{m['lora']['exact_match']:.0%} of {m['lora']['prompts']} (LoRA floor "
+            f"{m['exact_match_floor']:.0%}, base ceiling {m['base_ceiling']:.0%}) "
+            f"{'PASS' if learned(m) else 'FAIL'}")
 
 
 def quality_line(q: dict) -> str:
@@ -173,7 +198,7 @@ def _full_unet_share(steps: int = 3) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--child", choices=["plain", "ours", "quality"])
+    ap.add_argument("--child", choices=["plain", "ours", "quality", "text-quality"])
     ap.add_argument("--home", type=Path)
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--skip-full", action="store_true")
@@ -182,6 +207,8 @@ def main() -> None:
     if args.child:
         if args.child == "quality":
             out = _quality(args.home, Path(tempfile.mkdtemp()))
+        elif args.child == "text-quality":
+            out = _text_quality(args.home, Path(tempfile.mkdtemp()))
         else:
             out = _plain(args.home, args.steps) if args.child == "plain" else _ours(
                 args.home, args.steps, Path(tempfile.mkdtemp()))
@@ -194,8 +221,10 @@ def main() -> None:
         os.environ["LORA_HOME"] = str(home)
         build_demo_assets(home)
         quality = _child("quality", home, args.steps)
+        text_quality = _child("text-quality", home, args.steps)
         if args.skip_speed:
             print(quality_line(quality))
+            print(text_quality_line(text_quality))
             return
         plain = _child("plain", home, args.steps)
         cold = _child("ours", home, args.steps)
@@ -208,6 +237,7 @@ def main() -> None:
     print(f"ours-warm / plain = {warm['steps_per_s'] / plain['steps_per_s']:.2f}x "
           f"(target >= 1.0x); cache hit on warm run: {warm['cache_hit']}")
     print(quality_line(quality))
+    print(text_quality_line(text_quality))
     if not args.skip_full:
         full = _full_unet_share()
         share = full["unet_seconds"] / full["loop_seconds"]

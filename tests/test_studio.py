@@ -24,6 +24,7 @@ class FakeRuns:
         self.submitted: list[Path] = []
         self.state = {"status": "queued", "run_id": None, "error": None, "done": False}
         self.grid: bytes | None = None
+        self.measured: dict | None = None
 
     def submit(self, path):
         self.submitted.append(Path(path))
@@ -34,6 +35,9 @@ class FakeRuns:
 
     def samples(self, handle):
         return self.grid
+
+    def measures(self, handle):
+        return self.measured
 
     def my_runs(self):
         return [{"id": 7, "run_id": self.state["run_id"], "status": self.state["status"],
@@ -139,9 +143,15 @@ def test_start_submits_the_chosen_config_and_follows_the_run(home):
     from lora_kernel.notebook import _png  # any PNG will do as the grid
 
     runs.grid = _png(Figure(figsize=(1, 1)))
+    runs.measured = {"kind": "text_exact_match", "base": {"exact_match": 0.0, "prompts": 12},
+                     "lora": {"exact_match": 0.75, "prompts": 12}, "exact_match_floor": 0.8,
+                     "base_ceiling": 0.1}
     runs.state = {"status": "succeeded", "run_id": RUN_ID, "error": None, "done": True}
     assert s.poll() is True and s.progress.value == 4 and s.eta.value == "done"
     assert s.samples.outputs and RUN_ID in s.my_runs_html.value
+    # the run's measures are shown under its samples (issue 27)
+    shown = [o["data"].get("text/html", "") for o in s.samples.outputs]
+    assert any("base 0% -&gt; LoRA 75%" in h for h in shown), shown
 
 
 def test_progress_of_a_missing_or_partial_file():

@@ -159,14 +159,17 @@ def build_demo_assets(home: str | os.PathLike | None = None, seed: int = 0) -> d
                                            words=CLIP_WORDS, vae_config=VAE_CONFIG,
                                            clip_tokenizer=write_clip_tokenizer))
     write_text_datasets(paths["text_train"].parent)
-    write_tiny_llama(paths["tiny_llama"], seed=seed, corpus=_text_corpus())
+    write_tiny_llama(paths["tiny_llama"], seed=seed, corpus=_text_corpus(), pretrain=True)
     _write(paths["image_config"], IMAGE_CONFIG_YAML)
     _write(paths["text_config"], TEXT_CONFIG_YAML)
     write_demo_clip(paths["tiny_clip"], seed=seed)
     chat = demo_chat.chat_records(TEXT_ITEMS, text_code)
     _fresh_dir(paths["chat_train"].parent)
     _write(paths["chat_train"], _jsonl(chat))
-    write_tiny_chat_llama(paths["tiny_chat"], seed=seed, corpus=demo_chat.chat_corpus(chat))
+    from lora_kernel.training.demo_text_pretrain import HELD_OUT_ITEMS, grammar_conversations
+    grammar = grammar_conversations(TEXT_ITEMS + HELD_OUT_ITEMS, demo_chat.CHAT_SYSTEM, seed)
+    write_tiny_chat_llama(paths["tiny_chat"], seed=seed, pretrain=True, corpus=demo_chat
+                          .chat_corpus(chat + [{"messages": m} for m in grammar]))
     _write(paths["chat_config"], demo_chat.CHAT_CONFIG_YAML)
     _write(paths["chat_preference"], _jsonl(demo_chat.preference_records(TEXT_ITEMS, text_code)))
     _write(paths["dpo_config"], demo_chat.DPO_CONFIG_YAML)
@@ -566,7 +569,8 @@ def _text_corpus() -> list[str]:
     """Every text the LM tokenizer should know well (datasets and sample prompts)."""
     out = [r["prompt"] + r["response"] for r in text_records()]
     out += [r["text"] for r in plain_records()]
-    return out + TEXT_SAMPLE_PROMPTS
+    from lora_kernel.training.demo_text_pretrain import HELD_OUT_ITEMS, grammar_texts
+    return out + TEXT_SAMPLE_PROMPTS + grammar_texts(TEXT_ITEMS + HELD_OUT_ITEMS)
 
 
 def _jsonl(records) -> str:
@@ -641,13 +645,18 @@ def build_chat_tokenizer(corpus):
     return fast
 
 
-def write_tiny_chat_llama(folder: Path, seed: int = 0, corpus=None) -> Path:
+def write_tiny_chat_llama(folder: Path, seed: int = 0, corpus=None,
+                          pretrain: bool = False) -> Path:
     """Write the tiny chat model (:mod:`lora_kernel.training.demo_chat`)."""
-    return write_tiny_llama(folder, seed=seed, tokenizer=build_chat_tokenizer(corpus or []))
+    return write_tiny_llama(folder, seed=seed, tokenizer=build_chat_tokenizer(corpus or []),
+                            pretrain=pretrain, system=demo_chat.CHAT_SYSTEM)
 
 
-def write_tiny_llama(folder: Path, seed: int = 0, corpus=None, tokenizer=None) -> Path:
-    """Write the tiny Llama causal LM and its tokenizer (safetensors only)."""
+def write_tiny_llama(folder: Path, seed: int = 0, corpus=None, tokenizer=None,
+                     pretrain: bool = False, system: str | None = None) -> Path:
+    """Write the tiny Llama causal LM and its tokenizer (safetensors only); ``pretrain``:
+    after :func:`lora_kernel.training.demo_text_pretrain.pretrain_tiny_lm` on the demo
+    grammar (conversations after ``system`` for a chat model; cached by content)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -667,6 +676,10 @@ def write_tiny_llama(folder: Path, seed: int = 0, corpus=None, tokenizer=None) -
     # plateaus near log(vocab)). A wider output head makes the random model learnable.
     with torch.no_grad():
         torch.nn.init.normal_(model.lm_head.weight, std=0.4)
+    if pretrain:
+        from lora_kernel.training.demo_text_pretrain import HELD_OUT_ITEMS, pretrain_tiny_lm
+        pretrain_tiny_lm(model, tokenizer, items=TEXT_ITEMS + HELD_OUT_ITEMS, seed=seed,
+                         system=system)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)

@@ -140,7 +140,11 @@ def measure_grid(rows: Sequence[Sequence], prompts: Sequence[str], n_seeds: int)
 
 
 def summary_line(measures: dict) -> str:
-    """One line for the end of a run: the style and adherence measures, base vs LoRA."""
+    """One line for the end of a run: the style and adherence measures, base vs LoRA (a text
+    run's measures: :func:`lora_kernel.training.text_metrics.summary_line`)."""
+    if measures.get("kind") == "text_exact_match":
+        from lora_kernel.training.text_metrics import summary_line as text_line
+        return text_line(measures)
     b, lo = measures["base"], measures["lora"]
 
     def pct(x):

@@ -244,7 +244,8 @@ class TextTask:
                 writer.add_scalar("eval/loss", loss, step)
         if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0 \
                 and step != n_steps:
-            sample_completions(cfg, self, Path(output_dir) / "samples" / f"step-{step}")
+            sample_completions(cfg, self, Path(output_dir) / "samples" / f"step-{step}",
+                               measure=False)
 
     def param_groups(self) -> list[dict]:
         return [{"params": [p for p in self.model.parameters() if p.requires_grad],
@@ -286,17 +287,20 @@ class TextTask:
 
 
 @torch.no_grad()
-def sample_completions(cfg, task: TextTask, out_dir: Path) -> dict:
-    """Greedy completions of the sample prompts, without and with the LoRA."""
+def sample_completions(cfg, task: TextTask, out_dir: Path, measure: bool = True) -> dict:
+    """Greedy completions of the sample prompts, without and with the LoRA; and, with
+    ``measure``, when a prompt asks for a demo code, the exact-match measures on held-out
+    prompts (``measures``: :func:`lora_kernel.training.text_metrics.measure_held_out`)."""
     from lora_kernel.training.text_data import (
         CHAT_FORMATS,
-        chat_prompt_ids,
+        dataset_lines,
         first_user_prompts,
         resolve_format,
         template_text,
     )
+    from lora_kernel.training.text_metrics import measure_held_out
     fmt = resolve_format(cfg)
-    model, tok = task.model, task.tokenizer
+    tok = task.tokenizer
     chat = fmt in CHAT_FORMATS or (fmt == "preference" and template_text(cfg, tok) is not None)
     prompts = list(cfg.sample_prompts)
     if not prompts and fmt in CHAT_FORMATS:
@@ -305,6 +309,31 @@ def sample_completions(cfg, task: TextTask, out_dir: Path) -> dict:
         recs = read_text_records(cfg)
         prompts = [str(r[cfg.prompt_column]) for r in recs[:3] if cfg.prompt_column in r]
     template = template_text(cfg, tok) if chat else None
+
+    def complete(batch: list[str]) -> list[dict]:
+        return _greedy_rows(cfg, task, batch, template)
+
+    rows = complete(prompts)
+    measures = measure_held_out(prompts, [json.dumps(rec) for _, _, rec in dataset_lines(cfg)],
+                                complete) if measure else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "completions.json"
+    path.write_text(json.dumps(rows, indent=1, ensure_ascii=False))
+    md = ["| prompt | base model | with LoRA |", "|---|---|---|"]
+    md += [f"| {r['prompt']} | {r['base']} | {r['lora']} |" for r in rows]
+    (out_dir / "completions.md").write_text("\n".join(md) + "\n")
+    info = {"completions": str(path), "rows": rows}
+    if measures is not None:
+        info["measures"] = measures
+        (out_dir / "samples.json").write_text(json.dumps(info, indent=1, ensure_ascii=False))
+    return info
+
+
+def _greedy_rows(cfg, task: TextTask, prompts: list[str], template: str | None) -> list[dict]:
+    """``{"prompt", "base", "lora"}``: each prompt's greedy completion without and with the
+    LoRA (``template``: sampled as a chat user turn)."""
+    from lora_kernel.training.text_data import chat_prompt_ids
+    model, tok = task.model, task.tokenizer
     model.eval()
     rows = []
     for prompt in prompts:
@@ -327,10 +356,4 @@ def sample_completions(cfg, task: TextTask, out_dir: Path) -> dict:
                      "base": tok.decode(base[0, n:], skip_special_tokens=True),
                      "lora": tok.decode(tuned[0, n:], skip_special_tokens=True)})
     model.train()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "completions.json"
-    path.write_text(json.dumps(rows, indent=1, ensure_ascii=False))
-    md = ["| prompt | base model | with LoRA |", "|---|---|---|"]
-    md += [f"| {r['prompt']} | {r['base']} | {r['lora']} |" for r in rows]
-    (out_dir / "completions.md").write_text("\n".join(md) + "\n")
-    return {"completions": str(path), "rows": rows}
+    return rows

@@ -239,9 +239,9 @@ def summary_view(result, cfg: TrainConfig | None = None):
             ("dataset version", result.dataset_version),
             ("base model sha256", result.base_model_sha256)]
     measures = (getattr(result, "samples", None) or {}).get("measures")
-    if measures:  # the demo style's measures over the sample grid (style_metrics)
+    if measures:  # the demo's measures: image style (style_metrics) or text (text_metrics)
         from lora_kernel.training.style_metrics import summary_line
-        rows.append(("style and adherence, base → LoRA", summary_line(measures)))
+        rows.append(("what the LoRA learned, base → LoRA", summary_line(measures)))
     if cfg is not None:
         rows += [("base model", cfg.base_model), ("seed", cfg.seed),
                  ("lora rank / alpha", f"{cfg.lora_rank} / {cfg.alpha:g}"),

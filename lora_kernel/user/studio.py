@@ -193,6 +193,11 @@ class HubRuns:
     def samples(self, handle: str) -> bytes | None:
         return self.client.samples(handle)
 
+    def measures(self, handle: str) -> dict | None:
+        """None: the runs service does not serve a run's measures yet (its record's
+        ``samples/samples.json`` holds them)."""
+        return None
+
     def my_runs(self) -> list[dict[str, Any]]:
         return [{"id": r["id"], "run_id": r.get("run_id"), "status": r["status"],
                  "what": Path(str(r.get("path", ""))).name} for r in self.client.list()]
@@ -238,6 +243,18 @@ class LocalRuns:
         record = self.procs[handle].get("record")
         grid = Path(record) / "samples" / "grid.png" if record else None
         return grid.read_bytes() if grid and grid.is_file() else None
+
+    def measures(self, handle: str) -> dict | None:
+        """The run's demo measures (image style and adherence, or text exact match) from its
+        record's ``samples/samples.json``; None when it has none."""
+        import json
+
+        record = self.procs[handle].get("record")
+        path = Path(record) / "samples" / "samples.json" if record else None
+        if not (path and path.is_file()):
+            return None
+        measures = json.loads(path.read_text(encoding="utf-8")).get("measures")
+        return measures if isinstance(measures, dict) else None
 
     def my_runs(self) -> list[dict[str, Any]]:
         return [{"id": h, "run_id": i["run_id"], "status": self.status(h)["status"],
@@ -465,9 +482,18 @@ class Studio:
                 self.progress.value = self.progress.max
                 self.eta.value = "done"
                 grid = self.runs.samples(self.handle)
+                self.samples.outputs = ()
                 if grid:
-                    self.samples.outputs = ()
                     self.samples.append_display_data(Image(data=grid))
+                measures = self.runs.measures(self.handle)
+                if measures:  # what the LoRA learned, base vs LoRA (style_metrics)
+                    from html import escape
+
+                    from IPython.display import HTML
+
+                    from lora_kernel.training.style_metrics import summary_line
+                    self.samples.append_display_data(
+                        HTML(f"<p>{escape(summary_line(measures))}</p>"))
             elif st.get("error"):
                 self.status.value += f"<pre>{st['error']}</pre>"
             self.refresh_runs()

@@ -51,6 +51,19 @@ def test_lora_learns_the_pattern_the_base_model_lacks(text_run):
     assert exact >= 0.25 * len(rows) and base_exact == 0, rows
 
 
+def test_the_lora_answers_held_out_prompts_with_their_codes(text_run):
+    """The pattern, not the rows: prompts about words no training record names (issue 27;
+    the paired run that learns nothing is in test_text_metrics.py)."""
+    from lora_kernel.training import text_metrics
+    _, res, _ = text_run
+    m = res.samples["measures"]
+    assert m["lora"]["exact_match"] >= text_metrics.EXACT_MATCH_FLOOR, m["rows"]
+    assert m["base"]["exact_match"] <= text_metrics.BASE_CEILING, m["rows"]
+    with open(res.summary_path, encoding="utf-8") as fh:
+        recorded = json.load(fh)["samples"]["measures"]
+    assert recorded["lora"] == m["lora"] and recorded["items"] == m["items"]
+
+
 def test_peft_adapter_reloads_to_identical_logits(text_run):
     from peft import PeftModel
 
