@@ -87,10 +87,25 @@ def main(argv: list[str] | None = None) -> int:
     except LoraError as exc:
         print(f"rank {rank}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    except (RuntimeError, dist.DistError) as exc:
+        if not _peer_gone(exc):
+            raise  # a crash: its traceback on this rank's output
+        # another rank ended (the launcher names it); this one's traceback would only hide it
+        print(f"rank {rank}: stopped: another rank is gone ({str(exc).splitlines()[0][:200]})",
+              file=sys.stderr, flush=True)
+        return 1
+    if dist.is_initialized():  # a clean end only: with a peer gone this would wait for it
+        dist.destroy_process_group()
     return 0
+
+
+def _peer_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective failing because a peer rank ended (gloo / nccl)."""
+    import torch.distributed as dist
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or any(
+        m in text for m in ("Connection closed by peer", "Connection reset by peer",
+                            "gloo", "NCCL", "Broken pipe"))
 
 
 if __name__ == "__main__":
