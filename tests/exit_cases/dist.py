@@ -13,7 +13,6 @@ from collections.abc import Callable
 
 from exit_cases import Case
 
-
 _HELD: list[socket.socket] = []
 
 
