@@ -162,3 +162,30 @@ def test_two_ranks_train_the_image_adapter_of_one_rank_with_double_batch(
     assert s1.get("distributed") in ({}, None)
     # rank 0 alone wrote: one TensorBoard log, no second adapter
     assert len(list((outs[2] / "tb").glob("events.*"))) == 1
+
+
+def test_the_gpus_a_run_is_given_become_its_processes(monkeypatch):
+    """``lora run --hub --gpus N`` / the spawner: the runs service gives the run N GPUs
+    (hub.gpus.cuda_env), and ``num_processes: auto`` resolves to N; none given: 1."""
+    from hub.gpus import cuda_env
+    from lora_kernel.training.config import config_from_mapping
+    from lora_kernel.training.distributed_checks import resolve_num_processes
+    cfg = config_from_mapping({"base_model": "x", "task": "image"})
+    for devices, want in ((["0", "1"], 2), (["2", "3", "5", "7"], 4), ([], 1)):
+        for key, value in cuda_env(devices).items():
+            monkeypatch.setenv(key, value)
+        assert resolve_num_processes(cfg) == want
+
+
+def test_progress_lines_show_the_global_step_and_the_ranks_throughput():
+    import io
+
+    from lora_kernel.user.progress import ProgressView
+    out = io.StringIO()
+    view = ProgressView(out, live=False)
+    recs = [{"event": "train_start", "step": 0, "total": 2, "task": "image"},
+            {"event": "step", "step": 2, "total": 2, "start": 0, "loss": 0.5, "lr": 1e-3,
+             "elapsed": 1.0, "ranks": 2, "examples_per_second": 8.0}]
+    view.feed(b"".join(json.dumps(r).encode() + b"\n" for r in recs))
+    view.close()
+    assert "step 2/2 (100%)  loss 0.5000  2.00 it/s  2 ranks 8.0 examples/s" in out.getvalue()
