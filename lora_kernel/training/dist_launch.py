@@ -89,6 +89,9 @@ def spawn_ranks(argv: list[str], n: int, *, port: int, backend: str, work: Path,
                         "WORLD_SIZE": str(n), "LOCAL_RANK": str(r),
                         "MASTER_ADDR": RENDEZVOUS_HOST, "MASTER_PORT": str(port),
                         BACKEND_ENV: backend, PARENT_ENV: str(os.getpid())})
+            # the cores shared out (as torchrun does): N ranks each with every core's worth
+            # of OpenMP threads spin in each other's barriers (steps 10-20x slower on CPU)
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
             logfile = None if r == 0 else work / f"rank-{r}.log"
             out = None if logfile is None else open(logfile, "wb")  # noqa: SIM115
             try:
