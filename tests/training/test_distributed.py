@@ -134,17 +134,26 @@ FAST_IMAGE = {"max_train_steps": 3, "save_steps": 0, "sample_prompts": [],
 @pytest.mark.slow
 def test_two_ranks_train_the_image_adapter_of_one_rank_with_double_batch(
         demo_home, tmp_path, capsys):
-    """Through ``lora train``: 2 processes x batch 2 against 1 process x batch 4."""
+    """Through ``lora train``: 2 processes x batch 2 against 1 process x batch 4, the 2-rank
+    run stopped after step 2 (its checkpoint) and resumed on 2 ranks to step 3."""
     from lora_kernel.cli import main as cli
     outs = {}
     for n, batch in ((2, 2), (1, 4)):
         out = tmp_path / f"out{n}"
         cfg = write_config(demo_home, tmp_path, "image_lora.yaml", num_processes=n,
                            batch_size=batch, output_dir=str(out), **FAST_IMAGE)
-        assert cli.main(["train", "--config", str(cfg), "--quiet", "--no-samples"]) == 0
+        if n == 2:  # 2 steps, checkpoint, then --resume to the 3rd
+            assert cli.main(["train", "--config", str(cfg), "--quiet", "--no-samples",
+                             "-p", "max_train_steps", "2", "-p", "save_steps", "2"]) == 0
+            assert (out / "checkpoints" / "checkpoint-2" / "state.json").is_file()
+            assert cli.main(["train", "--config", str(cfg), "--quiet", "--no-samples",
+                             "-p", "save_steps", "2", "--resume"]) == 0
+        else:
+            assert cli.main(["train", "--config", str(cfg), "--quiet", "--no-samples"]) == 0
         outs[n] = out
     printed = capsys.readouterr().out
     assert "rank 0/2: pid" in printed and "rank 1/2: pid" in printed
+    assert "resumed from" in printed
     two, one = (load_file(str(outs[n] / "enclave_style.safetensors")) for n in (2, 1))
     assert two.keys() == one.keys() and len(one) > 0
     diff = max((two[k] - one[k]).abs().max().item() for k in one)
@@ -160,8 +169,12 @@ def test_two_ranks_train_the_image_adapter_of_one_rank_with_double_batch(
     assert [r["rank"] for r in dist["ranks"]] == [0, 1]
     assert all(r["exit_code"] == 0 and r["pid"] > 0 for r in dist["ranks"])
     assert s1.get("distributed") in ({}, None)
-    # rank 0 alone wrote: one TensorBoard log, no second adapter
-    assert len(list((outs[2] / "tb").glob("events.*"))) == 1
+    # rank 0 alone wrote TensorBoard: one event file per run (two: the run and its resume),
+    # each named with a rank 0's pid
+    import re
+    zero = set(re.findall(r"rank 0/2: pid (\d+)", printed))
+    writers = {p.name.split(".")[-2] for p in (outs[2] / "tb").glob("events.*")}
+    assert len(zero) == 2 and writers == zero, (writers, printed)
 
 
 def test_the_gpus_a_run_is_given_become_its_processes(monkeypatch):
