@@ -39,7 +39,7 @@ RESUME_FREE_KEYS = {"max_train_steps", "epochs", "save_steps", "output_dir", "sa
                     "sample_steps", "sample_seeds", "max_new_tokens", "logging_steps",
                     "output_name", "record_dataset_paths", "cache_latents", "keep_checkpoints",
                     "deterministic", "compile", "eval_steps", "save_every_n_epochs",
-                    "sample_every_n_steps", "sample_every_n_epochs"}
+                    "sample_every_n_steps", "sample_every_n_epochs", "rendezvous_port"}
 
 
 class Task(Protocol):
