@@ -96,6 +96,9 @@ def test_lora_run_on_two_ranks_seals_a_record_listing_both_and_the_one_rank_adap
     assert [r["rank"] for r in dist["ranks"]] == [0, 1]
     assert all(r["pid"] > 0 and r["exit_code"] == 0 for r in dist["ranks"])
     assert dist["effective_batch_size"] == 8 and dist["learning_rate"] == 2.0e-3
+    # the kernel's log (its guard reports process launches) lists both ranks' processes
+    events = (record / "events.jsonl").read_text().splitlines()
+    assert sum("lora_kernel.training.dist_worker" in line for line in events) == 2
     one = train(load_config(write_config(demo_home, tmp_path, "text_lora.yaml", batch_size=8,
                                          max_train_steps=3, output_dir=str(tmp_path / "one"),
                                          **FAST_TEXT)), progress=False, samples=False)
