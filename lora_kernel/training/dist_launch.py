@@ -204,6 +204,7 @@ def _fail(ranks: list[RankProcess], failed: list[RankProcess]) -> None:
         f"rank {first.rank} of {len(ranks)} (pid {first.proc.pid}) {_how(first.proc.returncode)}"
         f"; the training failed and the other ranks were stopped ({others}); nothing was "
         f"exported" + (f"; the end of its log ({first.log}):\n{tail}" if tail else
+                       f" (its log {first.log} is empty)" if first.log else
                        " (its messages are above)")
         + "\nfix: see why the rank ended (out of memory, a killed process, its error above); "
           "the last checkpoint (if any) resumes with --resume")
