@@ -151,3 +151,34 @@ def test_a_rank_killed_with_sigkill_fails_the_run_naming_it_and_leaves_nothing_r
         assert not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
     assert _ranks_under(os.getpid()) == []
     json.dumps(meta)  # the record is plain data
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_at_one_step_with_a_checkpoint(
+        demo_home, tmp_path, monkeypatch):
+    """Ctrl-C / SIGTERM reaches the ranks once; they stop at the same step (agreed in the
+    all-reduce), rank 0 saves that step's checkpoint, ``lora train`` exits 130 and nothing
+    is left running; its twin, a finished run, is the equality test's."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    progress = tmp_path / "progress.jsonl"
+    out = tmp_path / "out"
+    cfg = write_config(demo_home, tmp_path, "text_lora.yaml", num_processes=2, batch_size=4,
+                       max_train_steps=100000, output_dir=str(out),
+                       **dict(FAST_TEXT, save_steps=100000))
+    proc = subprocess.Popen([sys.executable, "-m", "lora_kernel.cli", "train", "--config",
+                             str(cfg), "--quiet", "--no-samples"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, LORA_PROGRESS_FILE=str(progress)))
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not (
+            progress.is_file() and '"event": "step"' in progress.read_text()):
+        time.sleep(0.3)
+    ranks = _ranks_under(proc.pid)
+    assert len(ranks) == 2, proc.communicate()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 130, stdout + stderr
+    step = int(re.search(r"interrupted at step (\d+)/", stderr).group(1))
+    assert (out / "checkpoints" / f"checkpoint-{step}" / "state.json").is_file()
+    assert "every rank stopped at the same step" in stderr
+    for p in ranks:
+        assert not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
