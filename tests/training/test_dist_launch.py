@@ -182,3 +182,30 @@ def test_sigterm_to_the_launcher_stops_every_rank_at_one_step_with_a_checkpoint(
     assert "every rank stopped at the same step" in stderr
     for p in ranks:
         assert not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_rank_killed_mid_training_fails_lora_train_naming_it(demo_home, tmp_path,
+                                                              monkeypatch):
+    """Killed while the others wait in the gradient all-reduce: rank 0 notices its peer is
+    gone (one line, no traceback), the launcher stops it and exits 7 naming rank 1."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    progress = tmp_path / "progress.jsonl"
+    cfg = write_config(demo_home, tmp_path, "text_lora.yaml", num_processes=2, batch_size=4,
+                       max_train_steps=100000, output_dir=str(tmp_path / "out"), **FAST_TEXT)
+    proc = subprocess.Popen([sys.executable, "-m", "lora_kernel.cli", "train", "--config",
+                             str(cfg), "--quiet", "--no-samples"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, LORA_PROGRESS_FILE=str(progress)))
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not (
+            progress.is_file() and '"event": "step"' in progress.read_text()):
+        time.sleep(0.3)
+    ranks = {int(p.environ()["LORA_DIST_RANK"]): p for p in _ranks_under(proc.pid)}
+    assert set(ranks) == {0, 1}, proc.communicate()
+    os.kill(ranks[1].pid, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 7, stdout + stderr
+    assert re.search(rf"rank 1 of 2 \(pid {ranks[1].pid}\) was killed by SIGKILL", stderr)
+    assert "Traceback" not in stderr
+    for p in ranks.values():
+        assert not p.is_running() or p.status() == psutil.STATUS_ZOMBIE
