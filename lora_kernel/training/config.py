@@ -212,7 +212,8 @@ class TrainConfig:
         default="auto")
     fsdp: bool = _h(
         "Shard the frozen base model over the ranks (FSDP with LoRA) so a text model larger "
-        "than one GPU trains; text runs on CUDA only.", default=False)
+        "than one GPU trains. Not built yet: true is refused (docs/distributed.md).",
+        default=False)
     rendezvous_port: int = _h(
         "TCP port on 127.0.0.1 where the ranks meet (num_processes > 1); 0: a free one.",
         default=0)
