@@ -226,7 +226,8 @@ def child_probe(spec: dict) -> dict:
     cuda = torch.cuda.is_available()
     out = {"cuda": cuda, "device_name": torch.cuda.get_device_name(0) if cuda else
            f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-           "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
+           "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+           "cuda_count": torch.cuda.device_count() if cuda else 0}
     for pkg in ("torch", "diffusers", "transformers", "peft", "accelerate"):
         try:
             out[pkg] = version(pkg)
@@ -619,6 +620,7 @@ def child_lora_train(spec: dict) -> dict:
     from lora_kernel.training.train import prepare_output_dir, train
     out_dir = Path(spec["out"])
     progress = out_dir.with_name(out_dir.name + ".progress.jsonl")
+    progress.unlink(missing_ok=True)  # a --home used again: this run's records only
     os.environ[PROGRESS_ENV] = str(progress)
     if spec.get("compile_backend"):
         os.environ[COMPILE_BACKEND_ENV] = spec["compile_backend"]
@@ -637,8 +639,12 @@ def child_lora_train(spec: dict) -> dict:
                 on_step=lambda step, loss, lr: ends.append(time.perf_counter()))
     records = [json.loads(line) for line in progress.read_text().splitlines() if line.strip()]
     first = next(r["elapsed"] for r in records if r.get("event") == "step")
+    if not ends:  # num_processes > 1: the ranks ran the loop; rank 0's records time it
+        ends = [float(r["elapsed"]) for r in records if r.get("event") == "step"]
     device = _device()
     out = _timings(float(first), ends, spec["warmup"])
+    if spec.get("items_batch"):  # the global batch of a data-parallel run (images/s)
+        out["batch"] = spec["items_batch"]
     out.update(_peak_memory(device), loss_first=res.losses[0], loss_last=res.losses[-1],
                loop_seconds=res.seconds, cache_hit=res.cache_hit)
     return out
@@ -1241,6 +1247,60 @@ def write_docs(path: Path, gpu_run: bool, lines: list[str]) -> None:
                     encoding="utf-8")
 
 
+SCALING_TARGETS = {2: 0.85, 8: 0.8}  # issue 26: efficiency at N GPUs (SD1.5 / SDXL LoRA)
+
+
+def scaling_plan(args, tasks: list[str], built: dict, sizes: dict, common: dict,
+                 probe: dict) -> list:
+    """``--gpus N``: ``lora train`` eager on 1 process and on N (``num_processes``), the same
+    batch per process, for the image tasks asked for (SD1.5, SDXL)."""
+    n = int(args.gpus)
+    if n < 2:
+        raise SystemExit("--gpus N: N must be at least 2 (1 process is the baseline row)")
+    if probe["cuda"] and n > int(probe.get("cuda_count") or 1):
+        raise SystemExit(f"--gpus {n}: this machine has {probe.get('cuda_count')} GPU(s)")
+    home = Path(common["home"])
+    plan = []
+    for task in [t for t in tasks if t in ("image", "sdxl")]:
+        sz = sizes[task]
+        for procs in (1, n):
+            name = f"lora train {procs} GPU{'s' if procs > 1 else ''}"
+            spec = dict(common, config=built[f"{task}_config"],
+                        model=str(Path(built["root"]) / "models" / MODEL_DIRS[task]),
+                        rank=sz["rank"], batch=sz["batch"], compile=False,
+                        items_batch=sz["batch"] * procs, fp32_weights=False,
+                        overrides={"num_processes": procs},
+                        out=str(home / "out" / task / f"dp{procs}"))
+            plan.append((task, name, "lora_train", spec))
+    return plan
+
+
+def scaling_lines(results: dict, n: int, probe: dict) -> list[str]:
+    """Scaling efficiency = steps/s on N processes / steps/s on 1 (same batch per process:
+    N x the examples per second is perfect scaling), against issue 26's targets."""
+    out = []
+    for task in ("image", "sdxl"):
+        one, many = (results.get((task, f"lora train {p} GPU{'s' if p > 1 else ''}"))
+                     for p in (1, n))
+        if one is None and many is None:
+            continue
+        if not (one and many and one.get("ok") and many.get("ok")):
+            out.append(f"scaling {task} {n} GPUs: n/a (a row failed)")
+            continue
+        eff = many["steps_per_s"] / one["steps_per_s"]
+        target = SCALING_TARGETS.get(n)
+        if not probe["cuda"]:
+            verdict = " (CPU gloo smoke row: the path works; says nothing of GPU scaling)"
+        elif target is not None:
+            verdict = f" (target >= {target}: {'met' if eff >= target else 'NOT met'})"
+        else:
+            verdict = ""
+        out.append(f"scaling {task} {n} GPUs: efficiency {eff:.2f} = {many['steps_per_s']:.2f}"
+                   f" / {one['steps_per_s']:.2f} steps/s at the same batch per process"
+                   f"{verdict}")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true",
@@ -1263,6 +1323,10 @@ def main() -> int:
                          "where 2 threads on a loaded 2-core machine made steps up to 100x "
                          "slower spinning in OpenMP barriers; else torch's default)")
     ap.add_argument("--peak-tflops", type=float, help="dense bf16 peak of the GPU, for MFU")
+    ap.add_argument("--gpus", type=int, default=None, metavar="N",
+                    help="issue 26: scaling efficiency of data-parallel lora train (image, "
+                         "sdxl): 1 process against N (num_processes, the same batch per "
+                         "process); only those rows. On CPU: N gloo processes (a smoke row)")
     ap.add_argument("--timeout", type=float, help="seconds per variant")
     ap.add_argument("--json", type=Path, help="also write the results as JSON here")
     ap.add_argument("--write-docs", action="store_true",
@@ -1313,6 +1377,9 @@ def main() -> int:
                   "precision": sizes["precision"], "threads": threads}
         args.threads_used = threads
         plan = []
+        if args.gpus:
+            plan = scaling_plan(args, tasks, built, sizes, common, probe)
+            tasks = []  # the scaling rows only
         for task in tasks:
             cfg_path = built[f"{task}_config"]
             model = str(Path(built["root"]) / "models" / MODEL_DIRS[task])
@@ -1354,7 +1421,8 @@ def main() -> int:
         peak = _peak_for(probe["device_name"], probe["cuda"], args.peak_tflops)
         _derive(results, built, sizes, peak)
         header = header_lines(probe, sizes, tiny, args, built)
-        ratios = ratio_lines(results, probe["device_name"], tiny)
+        ratios = (scaling_lines(results, args.gpus, probe) if args.gpus
+                  else ratio_lines(results, probe["device_name"], tiny))
         total = time.perf_counter() - started
         print()
         for line in header:
@@ -1374,7 +1442,10 @@ def main() -> int:
                 "peak_flops": peak, "total_s": total,
                 "results": [{"task": t, "variant": n, **r} for (t, n), r in results.items()],
                 "ratios": ratios}, indent=1, default=str))
-        if args.write_docs:
+        if args.write_docs and args.gpus:
+            print("--write-docs: not for a --gpus run (docs/benchmarks.md's data-parallel "
+                  "section is written by hand from its printout)")
+        elif args.write_docs:
             gpu_run = probe["cuda"] and not tiny
             doc = [f"`{' '.join(['.venv/bin/python', 'bench/gpu_train.py', *sys.argv[1:]])}`",
                    "", *[f"- {h}" for h in header],

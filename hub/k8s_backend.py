@@ -149,6 +149,14 @@ def job_manifest(sub: Submission, settings: K8sSettings | None = None, *,
     name = job_name(run_id)
     labels = _labels(sub, settings, run_id)
     gpus = int(sub.gpus)
+    if gpus > settings.gpus_per_node:  # one Job is one pod on one node
+        raise ConfigError(
+            f"the run asks for {gpus} GPUs but a node has {settings.gpus_per_node} "
+            f"(runs.kubernetes.gpus_per_node); a run spanning nodes (a Kubeflow PyTorchJob) "
+            f"is not built yet, and a pod asking for more than a node has would wait "
+            f"unscheduled; fix: ask for at most {settings.gpus_per_node} GPUs (--gpus "
+            f"{settings.gpus_per_node}); they train as that many data-parallel processes",
+            key="gpus")
     workhome = posixpath.join(settings.home_mount, settings.workdir)
     env = {**OFFLINE_VARS, "HOME": settings.home_mount, "USER": sub.user,
            "LORA_HOME": workhome, "LORA_NOTEBOOKS": settings.notebooks_dir,

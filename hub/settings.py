@@ -53,6 +53,8 @@ class K8sSettings:
     memory_limit: str | None = "64Gi"
     node_selector: dict[str, str] = field(default_factory=dict)
     extra_labels: dict[str, str] = field(default_factory=dict)
+    # GPUs of one node: a run asking for more would span nodes (not built yet: refused)
+    gpus_per_node: int = 8
 
     @property
     def netpol_labels(self) -> dict[str, str]:

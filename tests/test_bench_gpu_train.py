@@ -110,3 +110,25 @@ def test_write_docs_fills_only_the_tiny_block(tiny_run):
     assert "| sdxl | diffusers+peft |" in tiny
     assert "| flux | lora train nf4 gc |" in tiny
     assert "torch " in tiny and "transformers " in tiny and "peft " in tiny
+
+
+def test_gpus_2_on_cpu_is_a_gloo_smoke_row_of_data_parallel_scaling(tmp_path):
+    """Issue 26: ``--gpus 2`` trains the tiny SD on 1 process and on 2 (gloo on CPU, the
+    same batch per process), both report a throughput, and the efficiency line is printed
+    (on CPU it says the path works, not how a GPU server scales)."""
+    env = dict(os.environ, LORA_HOME=str(tmp_path / "home"), LORA_STATE=str(tmp_path),
+               CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env.pop("LORA_PROGRESS_FILE", None)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--tiny", "--gpus", "2", "--only", "image", "--home",
+         str(tmp_path / "home"), "--json", str(tmp_path / "r.json")],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    got = {r["variant"]: r for r in json.loads((tmp_path / "r.json").read_text())["results"]}
+    one, two = got["lora train 1 GPU"], got["lora train 2 GPUs"]
+    for r in (one, two):
+        assert r["ok"] and math.isfinite(r["steps_per_s"]) and r["steps_per_s"] > 0, r
+    assert two["items_per_s"] == pytest.approx(two["steps_per_s"] * 2 * 4)  # global batch
+    line = re.search(r"^scaling image 2 GPUs: efficiency ([0-9.]+) = ", proc.stdout, re.M)
+    assert line and float(line.group(1)) > 0, proc.stdout
+    assert "CPU gloo smoke row" in proc.stdout

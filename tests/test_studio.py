@@ -202,3 +202,35 @@ def test_a_run_started_from_the_studio_completes_and_appears_in_my_runs(home, lo
     assert s.run_id and s.run_id in s.my_runs_html.value and "succeeded" in s.my_runs_html.value
     assert s.samples.outputs, "no sample grid shown"
     assert Path(st["record"], "manifest.json").is_file()
+
+
+def test_the_gpus_field_asks_the_run_for_that_many_gpus(home):
+    """GPUs 2: the hub request asks for 2 GPUs (the run's num_processes: auto trains on 2
+    ranks); GPUs 1: the request as before (no gpus key)."""
+    from lora_kernel.user.studio import HubRuns, LocalRuns
+
+    class Client:
+        def __init__(self):
+            self.requests = []
+
+        def submit(self, request):
+            self.requests.append(request)
+            return {"id": len(self.requests)}
+
+    hub = HubRuns.__new__(HubRuns)
+    hub.client = Client()
+
+    class Runs(FakeRuns):
+        def submit(self, path, gpus=None):
+            self.gpus = gpus
+            return hub.submit(Path(path), gpus=gpus)
+
+    runs = Runs()
+    s = Studio(home=home, runs=runs, announce=lambda _t: None)
+    s.gpus.value = 2
+    assert s.start() is not None
+    assert hub.client.requests[-1]["gpus"] == 2 and runs.gpus == 2
+    s.gpus.value = 1
+    assert s.start() is not None
+    assert "gpus" not in hub.client.requests[-1] and runs.gpus is None
+    assert "gpus" in LocalRuns.submit.__code__.co_varnames  # local: -p num_processes N

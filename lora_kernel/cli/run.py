@@ -387,7 +387,8 @@ def register(sub) -> None:
                         "$JUPYTERHUB_API_TOKEN); it runs as you in your hub working home")
     p.add_argument("--gpus", type=int, default=None, metavar="N",
                    help="with --hub: GPUs for the run (default 1 if the hub has any; at most "
-                        "your quota)")
+                        "your quota); the config's num_processes: auto trains on that many "
+                        "data-parallel ranks")
     _common(p)
     p.set_defaults(func=cmd_run)
 

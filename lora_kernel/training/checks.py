@@ -38,6 +38,8 @@ def validate_config(raw: Mapping[str, Any], *, source: str | os.PathLike | None 
     cfg = config_from_mapping(raw, source=source, base_dir=base_dir)
     if check_paths:
         check_inputs(cfg)
+        from lora_kernel.training.distributed_checks import check_distributed_env
+        check_distributed_env(cfg)  # GPUs given, rendezvous port (num_processes, fsdp)
     return cfg
 
 

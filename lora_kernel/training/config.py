@@ -203,6 +203,20 @@ class TrainConfig:
     keep_checkpoints: int = _h(
         "Keep only the newest N checkpoints (older ones are deleted after each save; "
         "0: keep all).", default=0)
+    # -- several processes, one run (lora_kernel.training.distributed) --
+    num_processes: str = _h(
+        "Data-parallel training processes (ranks), launched with torch.distributed on "
+        "127.0.0.1: auto (the GPUs the run was given; 1 on CPU) or N. Each rank trains "
+        "batch_size examples of every global batch of batch_size x N; rank 0 alone writes "
+        "checkpoints, samples, TensorBoard and adapters. N > 1 on CPU uses gloo (tests).",
+        default="auto")
+    fsdp: bool = _h(
+        "Shard the frozen base model over the ranks (FSDP with LoRA) so a text model larger "
+        "than one GPU trains. Not built yet: true is refused (docs/distributed.md).",
+        default=False)
+    rendezvous_port: int = _h(
+        "TCP port on 127.0.0.1 where the ranks meet (num_processes > 1); 0: a free one.",
+        default=0)
     # -- flow-matching transformers (Flux.1, SD3.5; lora_kernel.training.families.flow) --
     timestep_sampling: str = _h(
         "How flow times t are drawn (Flux, SD3.5): uniform, sigmoid (sigmoid(sigmoid_scale x "
@@ -367,6 +381,8 @@ class TrainConfig:
             raise self._err("output_name", f"must be a plain file stem, got {self.output_name!r}")
         from lora_kernel.training.habits import check_habits
         check_habits(self)
+        from lora_kernel.training.distributed_checks import check_distributed_keys
+        check_distributed_keys(self)
 
     def _check_text_keys(self):
         if not (0 <= self.validation_split < 1):
@@ -501,6 +517,8 @@ def _coerce(key: str, value: Any, file: str):
         value = [v.strip() for v in value.split(",") if v.strip()]
     if key == "compile" and isinstance(value, bool):
         value = "true" if value else "false"
+    if key == "num_processes" and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
     if key == "sample_prompts" and isinstance(value, str):
         value = [value]
     if key == "optimizer_args" and isinstance(value, (list, str)):

@@ -331,11 +331,12 @@ class ImageTask:
         by_bucket: dict[tuple[int, int], list[int]] = {}
         for i in torch.randperm(len(self.examples), generator=gen).tolist():
             by_bucket.setdefault(self.examples[i].bucket, []).append(i)
+        from lora_kernel.training.distributed import global_batch_size
+        b = global_batch_size(self.cfg)  # data-parallel: the batch over all ranks
         batches = []
         for bucket in sorted(by_bucket):
             idx = by_bucket[bucket]
-            batches.extend(idx[i:i + self.cfg.batch_size]
-                           for i in range(0, len(idx), self.cfg.batch_size))
+            batches.extend(idx[i:i + b] for i in range(0, len(idx), b))
         order = torch.randperm(len(batches), generator=gen).tolist()
         return [batches[i] for i in order]
 
@@ -356,7 +357,11 @@ class ImageTask:
         for te in self.trained_text_encoders:
             te.train(enabled and self.cfg.train_text_encoder)
 
-    def loss(self, batch: list[int], generator: torch.Generator) -> torch.Tensor:
+    def loss(self, batch: list[int], generator: torch.Generator,
+             shard=None) -> torch.Tensor:
+        """The batch's loss. ``shard`` (data-parallel, :mod:`lora_kernel.training.distributed`):
+        every random draw is made for the whole global ``batch``, then only this rank's slice
+        is denoised, its loss weighted so the ranks' mean gradient is the whole batch's."""
         cfg, dev = self.cfg, self.device
         flips = (torch.rand(len(batch), generator=generator) < 0.5 if cfg.random_flip
                  else torch.zeros(len(batch), dtype=torch.bool))
@@ -380,6 +385,15 @@ class ImageTask:
             seed = int(torch.randint(0, 2**62, (1,), generator=generator))
             captions = self.habits.captions([self.examples[i].caption for i in batch], seed)
             self.captions_seen.append(captions)
+        n_global = len(batch)
+        if shard is not None:
+            part = shard.part(n_global)
+            if part.stop == part.start:  # a short last batch: nothing for this rank
+                from lora_kernel.training.distributed import zero_loss
+                return zero_loss(list(self.named_trainable().values()))
+            batch, flips = batch[part], flips[part]
+            noisy = self.family.shard_batch(noisy, part, n_global)
+            captions = captions[part] if captions is not None else None
         if captions is None and self.te_states is not None and not cfg.train_text_encoder:
             embeds = PromptEmbeds(
                 hidden=torch.stack([self.te_states[i] for i in batch]).to(dev),
@@ -393,7 +407,8 @@ class ImageTask:
             time_ids = torch.stack([(self.time_ids_flipped if f else self.time_ids)[i]
                                     for i, f in zip(batch, flips.tolist(), strict=True)])
         pred = self.family.predict(self.comps, noisy, embeds, time_ids)
-        return self.family.batch_loss(pred, noisy)
+        loss = self.family.batch_loss(pred, noisy)
+        return loss if shard is None else loss * shard.weight(n_global)
 
 
 # -- samples ---------------------------------------------------------------------------

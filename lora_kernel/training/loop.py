@@ -39,7 +39,7 @@ RESUME_FREE_KEYS = {"max_train_steps", "epochs", "save_steps", "output_dir", "sa
                     "sample_steps", "sample_seeds", "max_new_tokens", "logging_steps",
                     "output_name", "record_dataset_paths", "cache_latents", "keep_checkpoints",
                     "deterministic", "compile", "eval_steps", "save_every_n_epochs",
-                    "sample_every_n_steps", "sample_every_n_epochs"}
+                    "sample_every_n_steps", "sample_every_n_epochs", "rendezvous_port"}
 
 
 class Task(Protocol):
@@ -436,6 +436,7 @@ def run_loop(cfg, task: Task, *, output_dir: Path, device: torch.device,
     compiled_module = compile_module(task) if loop.compiled else None
     try:
         with _StopFlag() as stop:
+            loop.stop_flag = stop
             while loop.at.step < loop.n_steps:
                 t0 = time.perf_counter()
                 epochs_before = loop.epochs_done()
@@ -451,8 +452,8 @@ def run_loop(cfg, task: Task, *, output_dir: Path, device: torch.device,
                 if cfg.save_steps and (loop.at.step % cfg.save_steps == 0
                                        or loop.at.step == loop.n_steps):
                     loop.checkpoint()  # the last step too, so a longer run can continue it
-                if stop.signum is not None or (interrupt_at_step is not None
-                                               and loop.at.step == interrupt_at_step):
+                if loop.stopping() or (interrupt_at_step is not None
+                                       and loop.at.step == interrupt_at_step):
                     path = loop.checkpoint()
                     raise TrainingInterrupted(
                         f"interrupted at step {loop.at.step}/{loop.n_steps}; checkpoint saved "
@@ -496,6 +497,17 @@ class _Loop:
         self.at = _Position()
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.batches: list = []
+        from lora_kernel.training.distributed import current_shard
+        self.shard = current_shard()  # data-parallel: this rank's part of each batch
+        self.stop_flag: _StopFlag | None = None
+        self.synced_stop = False  # data-parallel: some rank asked to stop (same on all)
+
+    def stopping(self) -> bool:
+        """Ctrl-C / SIGTERM asked the loop to stop after this step (data-parallel: on any
+        rank, as agreed in the step's all-reduce, so that every rank stops together)."""
+        if self.shard is not None:
+            return self.synced_stop
+        return self.stop_flag is not None and self.stop_flag.signum is not None
 
     def start(self, resume: str | Path | bool | None) -> None:
         """Continue from a checkpoint (``resume``), or measure the loss before training."""
@@ -524,6 +536,9 @@ class _Loop:
             result.eval_loss_before = state.get("eval_loss_before")
         else:
             result.eval_loss_before = evaluate(self.task, cfg, self.device)
+        if self.shard is not None:  # every rank starts from rank 0's adapter, as DDP does
+            from lora_kernel.training.distributed import broadcast_parameters
+            broadcast_parameters(self.params)
         self.batches = self.task.epoch_batches(self.at.epoch)
 
     def epochs_done(self) -> int:
@@ -543,7 +558,8 @@ class _Loop:
             batch = self.batches[at.batch_in_epoch]
             at.batch_in_epoch += 1
             with autocast_context(cfg, self.device):
-                loss = self.task.loss(batch, self.generator)
+                loss = (self.task.loss(batch, self.generator) if self.shard is None
+                        else self.task.loss(batch, self.generator, shard=self.shard))
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"loss became {loss.item()} at step {at.step + 1}; lower "
@@ -551,6 +567,10 @@ class _Loop:
             (loss / accum).backward()
             step_loss += loss.item() / accum
             step_examples += self.task.batch_size_of(batch)
+        if self.shard is not None:  # the ranks' mean gradient, loss and stop request
+            from lora_kernel.training.distributed import sync_gradients
+            asked = self.stop_flag is not None and self.stop_flag.signum is not None
+            step_loss, self.synced_stop = sync_gradients(self.params, step_loss, asked)
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
@@ -562,8 +582,11 @@ class _Loop:
         return step_loss, step_examples, lr
 
     def checkpoint(self) -> Path:
-        """Save a checkpoint at the current step; prune the old ones."""
+        """Save a checkpoint at the current step; prune the old ones (data-parallel: rank 0
+        alone writes; the others get the path it writes)."""
         at, result = self.at, self.result
+        if self.shard is not None and self.shard.rank != 0:
+            return self.output_dir / "checkpoints" / f"checkpoint-{at.step}"
         path = save_checkpoint(self.output_dir / "checkpoints" / f"checkpoint-{at.step}",
                                step=at.step, epoch=at.epoch, batch_in_epoch=at.batch_in_epoch,
                                named=self.named, optimizer=self.optimizer,
@@ -573,6 +596,22 @@ class _Loop:
         gone = {str(p) for p in prune_checkpoints(self.output_dir, self.cfg.keep_checkpoints)}
         result.checkpoints = [p for p in result.checkpoints if p not in gone]
         return path
+
+
+class _NoWriter:
+    """The TensorBoard writer of a rank other than 0: it writes nothing."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def add_image(self, *args, **kwargs) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _Report:
@@ -588,13 +627,16 @@ class _Report:
 
         self.cfg, self.loop = cfg, loop
         step = loop.at.step
-        self.writer = SummaryWriter(log_dir=str(loop.output_dir / "tb"), purge_step=step or None)
+        writes = loop.shard is None or loop.shard.rank == 0  # data-parallel: rank 0 reports
+        self.writer = (SummaryWriter(log_dir=str(loop.output_dir / "tb"), purge_step=step or None)
+                       if writes else _NoWriter())
         self.bar = tqdm(total=loop.n_steps, initial=step, desc=f"{cfg.task} LoRA", unit="step",
-                        disable=not progress, dynamic_ncols=True, mininterval=0.5)
+                        disable=not (progress and writes), dynamic_ncols=True, mininterval=0.5)
         self.t_start = time.perf_counter()
         self.examples = 0
         self.start_step = step
-        self.records = ProgressFile()
+        self.records = ProgressFile(None if writes else "")
+        self.ranks = 1 if loop.shard is None else loop.shard.world
         self.records.write("train_start", step=step, total=loop.n_steps, task=cfg.task,
                            resumed_from=loop.result.resumed_from)
 
@@ -612,9 +654,13 @@ class _Report:
                                    at.step)
         self.bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
         self.bar.update(1)
+        elapsed = time.perf_counter() - self.t_start
         self.records.write("step", step=at.step, total=n_steps, start=self.start_step,
-                           loss=step_loss, lr=lr,
-                           elapsed=round(time.perf_counter() - self.t_start, 3))
+                           loss=step_loss, lr=lr, elapsed=round(elapsed, 3),
+                           **({} if self.ranks == 1 else {  # global step, all ranks' rate
+                               "ranks": self.ranks,
+                               "examples_per_second": round(self.examples / elapsed, 3)
+                               if elapsed else 0.0}))
 
     def close(self) -> None:
         self.records.write("train_end", step=self.loop.at.step, total=self.loop.n_steps)

@@ -242,8 +242,9 @@ class TextTask:
                 loss = self.held_out_loss()
                 self.eval_history.append({"step": step, "loss": loss})
                 writer.add_scalar("eval/loss", loss, step)
+        from lora_kernel.training.distributed import is_rank_zero
         if cfg.sample_every_n_steps and step % cfg.sample_every_n_steps == 0 \
-                and step != n_steps:
+                and step != n_steps and is_rank_zero():
             sample_completions(cfg, self, Path(output_dir) / "samples" / f"step-{step}",
                                measure=False)
 
@@ -257,7 +258,8 @@ class TextTask:
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         gen = torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch)
         order = torch.randperm(len(self.sequences), generator=gen).tolist()
-        b = self.cfg.batch_size
+        from lora_kernel.training.distributed import global_batch_size
+        b = global_batch_size(self.cfg)  # data-parallel: the batch over all ranks
         return [order[i:i + b] for i in range(0, len(order), b)]
 
     def batch_size_of(self, batch: list[int]) -> int:
@@ -271,18 +273,31 @@ class TextTask:
     def train_mode(self, enabled: bool) -> None:
         self.model.train(enabled)
 
-    def loss(self, batch: list[int], generator: torch.Generator) -> torch.Tensor:
-        return self._loss_of([self.sequences[i] for i in batch])
+    def loss(self, batch: list[int], generator: torch.Generator,
+             shard=None) -> torch.Tensor:
+        seqs = [self.sequences[i] for i in batch]
+        if shard is None:
+            return self._loss_of(seqs)
+        # data-parallel (lora_kernel.training.distributed): this rank's slice, its token
+        # losses summed over the global batch's labelled tokens, x ranks: the ranks' mean
+        # gradient is the one-process gradient of the whole batch
+        mine = seqs[shard.part(len(seqs))]
+        if not mine:
+            from lora_kernel.training.distributed import zero_loss
+            return zero_loss(list(self.named_trainable().values()))
+        tokens = sum(int((lab[1:] != IGNORE).sum()) for _, lab in seqs)
+        return self._loss_of(mine, num_items=max(1, tokens)) * shard.world
 
-    def _loss_of(self, seqs: list) -> torch.Tensor:
+    def _loss_of(self, seqs: list, num_items: int | None = None) -> torch.Tensor:
         ids, mask, labels = collate(seqs, self.pad_id)
+        extra = {} if num_items is None else {"num_items_in_batch": num_items}
         if self.cfg.packing:  # no attention mask: the model masks by the position ids
             out = self.model(input_ids=ids.to(self.device),
                              position_ids=packed_positions(seqs).to(self.device),
-                             labels=labels.to(self.device), use_cache=False)
+                             labels=labels.to(self.device), use_cache=False, **extra)
             return out.loss
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                         labels=labels.to(self.device))
+                         labels=labels.to(self.device), **extra)
         return out.loss
 
 

@@ -81,6 +81,7 @@ class TrainResult:
     base_weight_dtype: str = "float32"  # the frozen base model's weights (mixed_precision)
     trainable_dtype: str = "float32"  # the LoRA weights the optimizer trains
     summary_path: str = ""
+    distributed: dict = field(default_factory=dict)  # num_processes > 1: ranks, batch, lr
     live: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -199,6 +200,12 @@ def train(cfg, *, resume: bool | str | Path | None = None, progress: bool = True
     Raises :class:`~lora_kernel.common.errors.TrainingInterrupted` (after saving a checkpoint) on
     Ctrl-C / SIGTERM, :class:`~lora_kernel.common.errors.UnsafeModelError` for refused models.
     """
+    from lora_kernel.training.dist_launch import wants_launch
+    if wants_launch(cfg):  # num_processes > 1: start the ranks, return rank 0's result
+        from lora_kernel.training.dist_launch import launch
+        return TrainResult(**launch(cfg, resume=resume, progress=progress, samples=samples,
+                                    home=home, log=log))
+    from lora_kernel.training.distributed import is_rank_zero
     from lora_kernel.training.loop import apply_determinism, run_loop
     device = pick_device()
     deterministic = apply_determinism(cfg, device)  # before any kernel runs
@@ -234,6 +241,10 @@ def train(cfg, *, resume: bool | str | Path | None = None, progress: bool = True
                       model_family=outcome.model_family,
                       base_weight_dtype=outcome.base_weight_dtype,
                       trainable_dtype=outcome.trainable_dtype, live=outcome.live)
+    from lora_kernel.training.dist_launch import distributed_facts
+    res.distributed = distributed_facts(cfg)
+    if not is_rank_zero():
+        return res  # rank 0 alone writes the summary
     summary = res.to_dict()
     summary.update({"config": cfg.to_dict(), "started": started, "ended": time.time(),
                     "device": str(device), "deterministic": deterministic,
@@ -308,10 +319,13 @@ def _train_image(cfg, *, device, out, cache_dir, version, digests, resume, progr
 
     snaps = Snapshots(cfg, out, export, task=task,
                       sample=lambda folder: sample_grid(cfg, comps, folder, device=device))
+    from lora_kernel.training.distributed import is_rank_zero
+    writer = is_rank_zero()  # data-parallel: rank 0 alone exports, samples and snapshots
     result = run_loop(cfg, task, output_dir=out, device=device, resume=resume,
                       on_step=on_step, interrupt_at_step=interrupt_at_step, progress=progress,
-                      after_step=snaps.after_step if snaps.wanted else None)
-    files = export(out, cfg.output_name, result.steps, None)
+                      after_step=snaps.after_step if snaps.wanted and writer else None)
+    samples = samples and writer
+    files = export(out, cfg.output_name, result.steps, None) if writer else {}
     info = sample_grid(cfg, comps, out / "samples", device=device) if samples else {}
     return TaskOutcome(loop=result, adapter_files=files, samples=info, cache_hit=task.cache_hit,
                        snapshots=snaps.entries,
@@ -342,8 +356,10 @@ def _train_text(cfg, *, device, out, version, digests, resume, progress, interru
         extra["lora_enclave.init_adapter_sha256"] = str(init_adapter_sha256(cfg))
     meta = adapter_metadata(cfg, base_model_sha256=sha, dataset_version=version,
                             dataset_digests=digests, extra=extra)
-    folder = save_peft_adapter(out / cfg.output_name, task.model, meta)
-    files = {"peft": str(folder)}
+    from lora_kernel.training.distributed import is_rank_zero
+    files, samples = {}, samples and is_rank_zero()  # data-parallel: rank 0 alone writes
+    if is_rank_zero():
+        files = {"peft": str(save_peft_adapter(out / cfg.output_name, task.model, meta))}
     info = sample_completions(cfg, task, out / "samples") if samples else {}
     return TaskOutcome(loop=result, adapter_files=files, samples=info, cache_hit=False,
                        base_model_sha256=sha, live={"model": task.model, "tokenizer": tokenizer},

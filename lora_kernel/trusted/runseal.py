@@ -472,6 +472,8 @@ def _record_extra(run: RunDescription, *, rc: int | None, failure: str | None,
         extra.update({k: result.get(k) for k in ("steps", "losses", "eval_loss_before",
                                                  "eval_loss_after", "seconds", "cache_hit",
                                                  "base_weight_dtype", "trainable_dtype")})
+        if result.get("distributed"):  # num_processes > 1: each rank's pid, the batch, lr
+            extra["distributed"] = result["distributed"]
     if pinned is not None and pinned.resume is not None:
         extra["resumed_from_run"] = pinned.resume.run_id
         extra["resumed_from_checkpoint"] = {"checkpoint": pinned.resume.checkpoint,

@@ -140,7 +140,10 @@ class ProgressView:
         if self.live:
             bar = self._bar("train", total=total, initial=step - 1, desc="training",
                             unit="step")
-            bar.set_postfix(loss=f"{float(rec['loss']):.4f}", refresh=False)
+            extra = ({"ranks": int(rec["ranks"]),
+                      "ex/s": f"{float(rec.get('examples_per_second', 0.0)):.1f}"}
+                     if int(rec.get("ranks", 1) or 1) > 1 else {})
+            bar.set_postfix(loss=f"{float(rec['loss']):.4f}", **extra, refresh=False)
             bar.update(step - bar.n)
             return
         now = time.monotonic()
@@ -156,8 +159,12 @@ class ProgressView:
         elapsed = float(rec.get("elapsed", 0.0))
         rate = done / elapsed if elapsed > 0 and done > 0 else 0.0
         eta = _hms((total - step) / rate) if rate else "?"
+        ranks = ""  # data-parallel: the global step; the examples/s of all ranks together
+        if int(rec.get("ranks", 1) or 1) > 1:
+            ranks = (f"  {int(rec['ranks'])} ranks "
+                     f"{float(rec.get('examples_per_second', 0.0)):.1f} examples/s")
         return (f"step {step}/{total} ({100 * step // max(1, total)}%)  loss "
-                f"{float(rec['loss']):.4f}  {rate:.2f} it/s  elapsed {_hms(elapsed)}  "
+                f"{float(rec['loss']):.4f}  {rate:.2f} it/s{ranks}  elapsed {_hms(elapsed)}  "
                 f"ETA {eta}")
 
     def _on_train_end(self, rec: dict) -> None:

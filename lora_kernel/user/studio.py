@@ -182,8 +182,13 @@ class HubRuns:
     def __init__(self, url: str, token: str) -> None:
         self.client = RunsClient(url, token, timeout=30)
 
-    def submit(self, config_path: Path) -> str:
-        return str(self.client.submit({"config": str(config_path)})["id"])
+    def submit(self, config_path: Path, gpus: int | None = None) -> str:
+        """Queue the config; ``gpus``: the GPUs the run asks for (its ``num_processes: auto``
+        trains on that many ranks; None: the service's default)."""
+        request: dict[str, Any] = {"config": str(config_path)}
+        if gpus is not None:
+            request["gpus"] = gpus
+        return str(self.client.submit(request)["id"])
 
     def status(self, handle: str) -> dict[str, Any]:
         row = self.client.get(handle)
@@ -210,9 +215,13 @@ class LocalRuns:
     def __init__(self) -> None:
         self.procs: dict[str, dict[str, Any]] = {}
 
-    def submit(self, config_path: Path) -> str:
+    def submit(self, config_path: Path, gpus: int | None = None) -> str:
+        """Run the config; ``gpus`` > 1: on that many processes (``-p num_processes N``; the
+        GPUs are this server's)."""
         lora = Path(sys.executable).with_name("lora")
-        proc = subprocess.Popen([str(lora), "run", "--config", str(config_path), "--quiet"],
+        more = ["-p", "num_processes", str(gpus)] if gpus is not None and gpus > 1 else []
+        proc = subprocess.Popen([str(lora), "run", "--config", str(config_path), "--quiet",
+                                 *more],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         handle = str(proc.pid)
         info: dict[str, Any] = {"proc": proc, "run_id": None, "record": None, "lines": [],
@@ -313,6 +322,9 @@ class Studio:
         self.general_error = w.HTML()
         self.form = w.VBox()
         self.start_button = w.Button(description="Start", button_style="primary", icon="play")
+        # GPUs for the run: asked of the runs service (hub), or ranks on this server (local);
+        # the config's num_processes: auto trains on as many ranks as the run was given
+        self.gpus = w.BoundedIntText(value=1, min=1, max=64, description="GPUs")
         self.status = w.HTML("")
         self.progress = w.IntProgress(value=0, min=0, max=1, description="steps")
         self.eta = w.Label("")
@@ -326,7 +338,7 @@ class Studio:
         self._load_template()
         self.widget = w.VBox([
             w.HTML("<h3>LoRA studio</h3>"), self.template, self.dataset, self.model, self.form,
-            self.general_error, w.HBox([self.start_button, self.status]),
+            self.general_error, w.HBox([self.gpus, self.start_button, self.status]),
             w.HBox([self.progress, self.eta]), self.submitted, self.plot, self.samples,
             w.HBox([w.HTML("<b>My runs</b>"), self.refresh_button]), self.my_runs_html])
 
@@ -445,8 +457,10 @@ class Studio:
         text = yaml.safe_dump(raw, sort_keys=True)
         path.write_text(text, encoding="utf-8")
         self.announce(f"studio: submitting {path}\n{text}\n")
-        try:
-            self.handle = self.runs.submit(path)
+        try:  # one GPU: the request as ever; more: the run's data-parallel ranks
+            gpus = int(self.gpus.value)
+            self.handle = (self.runs.submit(path) if gpus == 1
+                           else self.runs.submit(path, gpus=gpus))  # type: ignore[call-arg]
         except LoraError as exc:
             self.status.value = f"<span style='color:#b00020'>{exc}</span>"
             return None

@@ -353,3 +353,18 @@ def test_services_policy_selects_the_kubernetes_backend(services, tmp_path, monk
         assert name in values["hub"]["services"]
         port = int(values["hub"]["services"][name]["url"].rsplit(":", 1)[1])
         assert svc["spec"]["ports"][0]["port"] == port
+
+
+def test_a_run_asking_for_more_gpus_than_a_node_has_is_refused_a_full_node_accepted():
+    """Issue 26: one Job is one pod on one node; more GPUs than a node has would leave it
+    unscheduled, and runs spanning nodes are not built: refused naming the setting. A run
+    asking for exactly a node's GPUs renders (its num_processes: auto trains on all)."""
+    with pytest.raises(ConfigError, match=r"asks for 16 GPUs but a node has 8") as info:
+        kb.job_manifest(sub(gpus=16), settings())
+    assert info.value.key == "gpus" and "gpus_per_node" in str(info.value)
+    data, _ = round_trip(kb.job_manifest(sub(gpus=8), settings()), "V1Job")
+    (c,) = data["spec"]["template"]["spec"]["containers"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    data, _ = round_trip(kb.job_manifest(sub(gpus=4), settings(gpus_per_node=4)), "V1Job")
+    with pytest.raises(ConfigError, match="a node has 4"):
+        kb.job_manifest(sub(gpus=5), settings(gpus_per_node=4))

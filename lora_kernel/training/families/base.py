@@ -135,6 +135,21 @@ class ModelFamily:
                           target=self.training_target(scheduler, latents, noise, timesteps),
                           extra={"cfg": cfg, "scheduler": scheduler})
 
+    def shard_batch(self, batch: NoisyBatch, part: slice, n: int) -> NoisyBatch:
+        """The examples ``part`` of a ``batch`` of ``n`` drawn for the whole global batch
+        (data-parallel: :mod:`lora_kernel.training.distributed`): every tensor whose first
+        dimension is the batch is sliced, in ``extra`` too; the rest (a scalar guidance,
+        the config) is kept. A family whose batch holds other per-example values overrides
+        this."""
+        import torch
+
+        def cut(value):
+            return value[part] if torch.is_tensor(value) and value.ndim and \
+                value.shape[0] == n else value
+        return NoisyBatch(noisy=cut(batch.noisy), timesteps=cut(batch.timesteps),
+                          target=cut(batch.target), weights=cut(batch.weights),
+                          extra={k: cut(v) for k, v in batch.extra.items()})
+
     def predict(self, comps, batch: NoisyBatch, embeds: PromptEmbeds, time_ids):
         """The denoiser's prediction for ``batch`` (same shape as ``batch.target``)."""
         return comps.unet(batch.noisy, batch.timesteps, embeds.hidden,
