@@ -376,6 +376,9 @@ def _check_image_dataset(cfg: TrainConfig, file: str) -> None:
                             f"trains twice per epoch")
     from lora_kernel.training.captions import keep_tokens_warnings
     warnings += keep_tokens_warnings(cfg, [(w, n, c) for w, n, _, c in entries])
+    if cfg.reg_data_dir:  # regularization images: a second kohya-layout set (reg.py)
+        from lora_kernel.training.reg import check_reg_folder
+        check_reg_folder(cfg, file)
     cfg.dataset_warnings = warnings
 
 

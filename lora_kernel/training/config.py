@@ -46,7 +46,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 # The keys whose values are filesystem paths, resolved against the config's folder.
 PATH_KEYS = ("train_data_dir", "metadata_path", "base_model", "output_dir", "init",
-             "init_adapter", "eval_path")
+             "init_adapter", "eval_path", "reg_data_dir")
 DEFAULT_IMAGE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 DEFAULT_TEXT_TARGETS = ["q_proj", "v_proj"]
 
@@ -271,6 +271,14 @@ class TrainConfig:
     caption_extension: str | None = _h(
         "Suffix of sidecar caption files (kohya layout), e.g. .txt. Default: .txt or "
         ".caption.", default=None)
+    reg_data_dir: str | None = _h(
+        "Regularization (class) images, kohya's layout: N_class folders (N repeats; the "
+        "class name is the caption unless the images have sidecar captions), balanced to the "
+        "training images' count each epoch as kohya does; recorded as dataset files "
+        "reg:<path> (image; logic in reg.py).", default=None)
+    prior_loss_weight: float | None = _h(
+        "Loss weight of the regularization images (needs reg_data_dir). Default: 1.0.",
+        default=None)
 
     # Where this config came from (not a user key).
     source: str | None = field(default=None, repr=False, compare=False,

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from lora_kernel.common.digests import OUTSIDE_PREFIX, listing_sha256, sha256_file
+from lora_kernel.common.digests import OUTSIDE_PREFIX, REG_PREFIX, listing_sha256, sha256_file
 from lora_kernel.common.errors import ConfigError
 
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's default decompression-bomb limit
@@ -373,7 +373,21 @@ def dataset_digests(cfg) -> dict[str, str]:
                               f"the folder {OUTSIDE_PREFIX!r} in {root}", file=cfg.source,
                               key="train_data_dir")
         out[key] = sha256_file(f)
+    out.update(reg_dataset_digests(cfg))
     return dict(sorted(out.items()))
+
+
+def reg_dataset_digests(cfg) -> dict[str, str]:
+    """``{REG_PREFIX + path in reg_data_dir: sha256}`` of the regularization images and their
+    sidecar captions (:mod:`lora_kernel.training.reg`); {} without ``reg_data_dir``."""
+    if not getattr(cfg, "reg_data_dir", None):
+        return {}
+    root = Path(cfg.reg_data_dir).resolve()
+    files: set[Path] = set()
+    for e in kohya_entries(root, source=cfg.source,
+                           caption_extension=getattr(cfg, "caption_extension", None)):
+        files.update(f.resolve() for f in (e["image"], e["caption_file"]) if f is not None)
+    return {REG_PREFIX + f.relative_to(root).as_posix(): sha256_file(f) for f in sorted(files)}
 
 
 def dataset_version(cfg, digests: dict[str, str] | None = None) -> str:

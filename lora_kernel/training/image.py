@@ -113,11 +113,15 @@ class Example:
     original_size: tuple[int, int] = (0, 0)  # (w, h) before resizing
     resized_size: tuple[int, int] = (0, 0)  # (w, h) it was resized to before cropping
     crop_top_left: tuple[int, int] = (0, 0)  # (top, left) of the crop
+    weight: float = 1.0  # loss weight: prior_loss_weight for a regularization image
 
 
 def load_examples(cfg) -> list[Example]:
     """Preprocess every row of the dataset (deterministic in ``cfg.seed``)."""
     rows = read_image_rows(cfg)
+    if getattr(cfg, "reg_data_dir", None):  # regularization images after them (reg.py)
+        from lora_kernel.training.reg import prior_weight, reg_rows
+        rows = rows + [{**r, "weight": prior_weight(cfg)} for r in reg_rows(cfg, len(rows))]
     rng = random.Random(cfg.seed)
     buckets = make_buckets(cfg.resolution) if cfg.enable_bucket else None
     out = []
@@ -133,7 +137,7 @@ def load_examples(cfg) -> list[Example]:
         g = geometry[0]
         out.append(Example(pixels=pixels, bucket=target, caption=row["caption"],
                            original_size=g.original_size, resized_size=g.resized_size,
-                           crop_top_left=g.crop_top_left))
+                           crop_top_left=g.crop_top_left, weight=row.get("weight", 1.0)))
     return out
 
 
@@ -393,6 +397,9 @@ class ImageTask:
             time_ids = torch.stack([(self.time_ids_flipped if f else self.time_ids)[i]
                                     for i, f in zip(batch, flips.tolist(), strict=True)])
         pred = self.family.predict(self.comps, noisy, embeds, time_ids)
+        weights = [self.examples[i].weight for i in batch]
+        if any(w != 1.0 for w in weights):  # regularization images: prior_loss_weight
+            noisy.extra["example_weights"] = torch.tensor(weights)
         return self.family.batch_loss(pred, noisy)
 
 

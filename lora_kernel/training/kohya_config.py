@@ -51,10 +51,11 @@ SAME = {
     "zero_terminal_snr": "zero_terminal_snr",
     "sample_every_n_steps": "sample_every_n_steps",
     "sample_every_n_epochs": "sample_every_n_epochs",
+    "prior_loss_weight": "prior_loss_weight",
     "lr_scheduler_min_lr_ratio": None,  # handled with learning_rate (min_lr)
 }
 PATHS = {"pretrained_model_name_or_path": "base_model", "train_data_dir": "train_data_dir",
-         "output_dir": "output_dir", "network_weights": "init"}
+         "output_dir": "output_dir", "network_weights": "init", "reg_data_dir": "reg_data_dir"}
 
 # Keys with no effect on what is trained here: why.
 IGNORED = {
@@ -90,8 +91,6 @@ UNMAPPED = {
                     "trained here yet; LoRA attaches to the attention projections "
                     "(target_modules)",
     "network_train_text_encoder_only": "training the text encoder alone is not offered",
-    "reg_data_dir": "regularization images are not trained here yet",
-    "prior_loss_weight": "regularization images are not trained here yet",
     "v_parameterization": "the prediction type is read from the base model's scheduler",
     "scale_v_pred_loss_like_noise_pred": "v-prediction loss scaling is not offered here",
     "min_bucket_reso": "buckets here span aspect ratios up to 2:1 at `resolution`",
@@ -191,6 +190,11 @@ def convert_kohya(path: str | Path, *, root: str | Path | None = None) -> Conver
                                  and te_lr not in (0, 0.0))
     if not out["train_text_encoder"]:
         out.pop("text_encoder_lr", None)
+    if "prior_loss_weight" in out and "reg_data_dir" not in out:  # lora-scripts always writes it
+        out.pop("prior_loss_weight")
+        conv.mapped.remove(("prior_loss_weight", "prior_loss_weight"))
+        conv.ignored.append(("prior_loss_weight", "no regularization images (reg_data_dir or "
+                                                  "an is_reg subset): it weights nothing"))
     ratio = flat.get("lr_scheduler_min_lr_ratio")
     if ratio:
         out["min_lr"] = float(ratio) * float(out.get("learning_rate", 1e-4))
@@ -342,9 +346,7 @@ def _convert_dataset(conv: Conversion, path_text: str, source: str, base: Path) 
                 _dataset_key(conv, key, value, "datasets")
         subsets.extend(ds.get("subsets", []))
     train = [s for s in subsets if not s.get("is_reg")]
-    for s in subsets:
-        if s.get("is_reg"):
-            conv.unmapped.append(("datasets.subsets.is_reg", UNMAPPED["reg_data_dir"]))
+    _convert_reg_subsets(conv, [s for s in subsets if s.get("is_reg")], base)
     if len(train) == 1:
         sub = train[0]
         conv.config["train_data_dir"] = _abs(sub["image_dir"], base)
@@ -367,6 +369,33 @@ def _convert_dataset(conv: Conversion, path_text: str, source: str, base: Path) 
                                                   f"platform trains one folder; fix: put "
                                                   f"them as N_concept sub-folders of one "
                                                   f"train_data_dir"))
+
+
+def _convert_reg_subsets(conv: Conversion, reg: list[dict], base: Path) -> None:
+    """The dataset TOML's ``is_reg = true`` subsets: one is ``reg_data_dir`` (its repeats
+    come from N_class folder names, as for the training folder)."""
+    if len(reg) > 1:
+        conv.unmapped.append(("datasets.subsets.is_reg", f"{len(reg)} regularization "
+                                                         f"subsets; fix: put them as N_class "
+                                                         f"sub-folders of one reg_data_dir"))
+        return
+    if not reg:
+        return
+    folder = Path(_abs(reg[0]["image_dir"], base))
+    # an N_class folder: its parent is kohya's reg_data_dir (the class name is the caption)
+    from lora_kernel.training.data import REPEAT_FOLDER
+    conv.config["reg_data_dir"] = str(folder.parent if REPEAT_FOLDER.match(folder.name)
+                                      else folder)
+    conv.mapped.append(("datasets.subsets.is_reg", "reg_data_dir"))
+    value = reg[0].get("num_repeats", 1)
+    if int(value) != 1:
+        conv.unmapped.append(("datasets.subsets.num_repeats (is_reg)",
+                              f"{value}: repeats come from N_class folder names here; fix: "
+                              f"name the folder {value}_<class>"))
+    if "class_tokens" in reg[0]:
+        conv.unmapped.append(("datasets.subsets.class_tokens (is_reg)",
+                              "reg images without a caption file take their N_class folder "
+                              "name as caption here"))
 
 
 def _dataset_key(conv: Conversion, key: str, value: Any, table: str) -> None:

@@ -44,12 +44,18 @@ def sample_weights(cfg, scheduler, timesteps: torch.Tensor) -> torch.Tensor:
 
 
 def diffusion_loss(cfg, scheduler, pred: torch.Tensor, target: torch.Tensor,
-                   timesteps: torch.Tensor) -> torch.Tensor:
-    """MSE of ``pred`` against ``target``, weighted per sample when an option asks."""
-    if not loss_options_on(cfg):
+                   timesteps: torch.Tensor, example_weights: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """MSE of ``pred`` against ``target``, weighted per sample when an option asks and by
+    ``example_weights`` (kohya's ``prior_loss_weight`` of regularization images)."""
+    if not loss_options_on(cfg) and example_weights is None:
         return F.mse_loss(pred.float(), target.float())
     per = F.mse_loss(pred.float(), target.float(), reduction="none")
     per = per.mean(dim=list(range(1, per.ndim)))
+    if example_weights is not None:
+        per = per * example_weights.float().to(per.device)
+    if not loss_options_on(cfg):
+        return per.mean()
     return (per * sample_weights(cfg, scheduler, timesteps).to(per.device)).mean()
 
 

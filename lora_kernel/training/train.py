@@ -240,6 +240,9 @@ def train(cfg, *, resume: bool | str | Path | None = None, progress: bool = True
                     "version": version_info(),
                     "dataset_file_count": len(digests)})
     summary.update(outcome.summary)
+    if getattr(cfg, "reg_data_dir", None):  # the regularization images' own version
+        from lora_kernel.training.reg import reg_version
+        summary["reg_dataset_version"] = reg_version(digests)
     if getattr(cfg, "init_adapter", None):  # text: the adapter it continued, by content
         from lora_kernel.training.text_adapter import init_adapter_sha256
         summary["init_adapter_sha256"] = init_adapter_sha256(cfg)

@@ -76,10 +76,12 @@ def test_lora_scripts_toml_converts_every_key_and_validates(kohya_root, capsys):
     for key in keys:
         assert re.search(rf"^(mapped|not mapped|ignored): {key}\b", report, re.M), key
     assert re.search(r"^mapped: clip_skip -> clip_skip", report, re.M) and cfg["clip_skip"] == 2
-    assert re.search(r"^not mapped: prior_loss_weight: ", report, re.M)
+    # lora-scripts writes prior_loss_weight always: without reg images it weights nothing
+    assert re.search(r"^ignored: prior_loss_weight: no regularization", report, re.M)
+    assert "prior_loss_weight" not in cfg
     assert re.search(r"^ignored: xformers: ", report, re.M)
     # the unmapped keys head the YAML as comments; the file validates with `lora config`
-    assert "#   prior_loss_weight:" in out.read_text()
+    assert "#   max_token_length:" in out.read_text()
     capsys.readouterr()
     assert _lora("config", out) == 0
     assert f"{out}: OK" in capsys.readouterr().out
@@ -95,9 +97,12 @@ def test_dataset_config_subsets_become_the_training_folder(kohya_root):
     assert (conv.config["resolution"], conv.config["batch_size"]) == (64, 2)
     assert conv.config["shuffle_caption"] is True and conv.config["keep_tokens"] == 1
     assert conv.config["train_text_encoder"] is False
+    # the is_reg subset is the regularization folder; its class_tokens come from N_class here
+    assert conv.config["reg_data_dir"] == str(kohya_root / "reg")  # 1_shape: an N_class folder
+    assert ("datasets.subsets.is_reg", "reg_data_dir") in conv.mapped
     why = dict(conv.unmapped)
-    assert "regularization" in why["datasets.subsets.is_reg"]
-    assert "class_tokens" not in why  # the training subset has none
+    assert "datasets.subsets.class_tokens" not in why  # the training subset has none
+    assert "N_class" in why["datasets.subsets.class_tokens (is_reg)"]
 
 
 def test_lycoris_network_is_listed_with_the_algorithm_it_needs(kohya_root):
