@@ -138,7 +138,8 @@ class TrainConfig:
     preference_beta: float = _h(
         "DPO's beta (strength of the KL anchor to the base model) / ORPO's lambda (weight of "
         "the odds-ratio term) (text).", default=0.1)
-    use_dora: bool = _h("Weight-decomposed LoRA (DoRA; text).", default=False)
+    use_dora: bool = _h("Weight-decomposed LoRA (DoRA; text; image with network_type lora "
+                        "or locon).", default=False)
     use_rslora: bool = _h("Rank-stabilised LoRA: scale lora_alpha/sqrt(r) instead of "
                           "lora_alpha/r (text).", default=False)
     init_adapter: str | None = _h(
@@ -276,6 +277,19 @@ class TrainConfig:
         "class name is the caption unless the images have sidecar captions), balanced to the "
         "training images' count each epoch as kohya does; recorded as dataset files "
         "reg:<path> (image; logic in reg.py).", default=None)
+    network_type: str = _h(
+        "Image adapter type: lora, locon (LoRA on the UNet's ResNet and sampler convolutions "
+        "too: conv_dim, conv_alpha), loha or lokr (peft's LoHa / LoKr); exported in the "
+        "LyCORIS / kohya key names A1111/Forge and ComfyUI load, and as a PEFT folder (kohya: "
+        "network_module lycoris.kohya, network_args algo; logic in adapters.py).",
+        default="lora")
+    conv_dim: int | None = _h("Rank of the 3x3 convolutions of locon / loha / lokr (kohya's "
+                              "network_args conv_dim). Default: none (linear layers only).",
+                              default=None)
+    conv_alpha: float | None = _h("Alpha of those convolutions. Default: conv_dim.",
+                                  default=None)
+    lokr_factor: int = _h("Kronecker factor of lokr (kohya's network_args factor; -1: "
+                          "automatic).", default=-1)
     prior_loss_weight: float | None = _h(
         "Loss weight of the regularization images (needs reg_data_dir). Default: 1.0.",
         default=None)
@@ -409,7 +423,7 @@ class TrainConfig:
         if self.task == "image" and self.target_modules == ["all-linear"]:
             raise self._err("target_modules", "all-linear applies to task: text; fix: name "
                                               "the UNet modules, or remove the key")
-        for key in ("use_dora", "use_rslora", "init_adapter"):
+        for key in ("use_rslora", "init_adapter"):
             if self.task == "image" and getattr(self, key):
                 raise self._err(key, "applies to task: text; fix: remove it")
 

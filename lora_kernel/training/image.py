@@ -194,9 +194,11 @@ class ImageTask:
         for te in tes:
             te.eval()
         seed_everything(cfg.seed)
-        self.unet_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha,
-                                      lora_dropout=cfg.lora_dropout, init_lora_weights="gaussian",
-                                      target_modules=cfg.targets)
+        from lora_kernel.training.adapters import is_plain_lora, unet_adapter_config
+        self.unet_config = (LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha,
+                                       lora_dropout=cfg.lora_dropout,
+                                       init_lora_weights="gaussian", target_modules=cfg.targets)
+                            if is_plain_lora(cfg) else unet_adapter_config(cfg, unet))
         unet.add_adapter(self.unet_config)
         self.te_config = None
         if cfg.train_text_encoder:

@@ -87,9 +87,9 @@ IGNORED = {
 
 # Keys we cannot map (yet): why, and what to do.
 UNMAPPED = {
-    "network_args": "LyCORIS / LoCon network arguments (conv_dim, conv_alpha, algo) are not "
-                    "trained here yet; LoRA attaches to the attention projections "
-                    "(target_modules)",
+    "network_args": "network arguments of networks.lora (conv_dim, conv_alpha for LoCon) "
+                    "are read with network_module = lycoris.kohya here; fix: network_module = "
+                    "\"lycoris.kohya\" with algo=locon",
     "network_train_text_encoder_only": "training the text encoder alone is not offered",
     "v_parameterization": "the prediction type is read from the base model's scheduler",
     "scale_v_pred_loss_like_noise_pred": "v-prediction loss scaling is not offered here",
@@ -116,9 +116,19 @@ UNMAPPED = {
     "huber_c": "Huber loss is not offered; the loss is MSE",
     "loss_type": "the loss here is MSE",
 }
-LYCORIS_NEEDS = ("network_module = lycoris.kohya trains a LyCORIS network (algo {algo}); "
-                 "this platform trains plain LoRA only yet; fix: remove network_module or "
-                 "train LoRA")
+LYCORIS_NEEDS = ("network_module = lycoris.kohya with algo {algo}: this platform trains "
+                 "LyCORIS algo lora, locon, loha and lokr (network_type); fix: algo=locon, "
+                 "loha or lokr")
+# LyCORIS network_args -> our keys (algo: network_type; dora_wd: use_dora)
+LYCORIS_ARGS = {"conv_dim": "conv_dim", "conv_alpha": "conv_alpha", "factor": "lokr_factor",
+                "algo": "network_type", "dora_wd": "use_dora"}
+LYCORIS_IGNORED = {"preset": "targets here: target_modules (attention projections) and, with "
+                             "conv_dim, the ResNet / sampler convolutions",
+                   "use_tucker": "Tucker decomposition is not offered",
+                   "use_scalar": "the trainable scalar is not offered",
+                   "rank_dropout": "rank dropout is not offered",
+                   "module_dropout": "module dropout is not offered",
+                   "train_norm": "norm layers are not trained here"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -244,14 +254,9 @@ def _convert_key(conv: Conversion, key: str, value: Any, flat: dict, base: Path,
         out["sample_seeds"] = [int(value)]
         conv.mapped.append((key, "sample_seeds"))
     elif key == "network_module":
-        if str(value) == "networks.lora":
-            conv.ignored.append((key, IGNORED[key]))
-        else:
-            algo = next((a.split("=", 1)[1] for a in flat.get("network_args", [])
-                         if str(a).replace(" ", "").startswith("algo=")), "lora")
-            why = (LYCORIS_NEEDS.format(algo=algo) if "lycoris" in str(value)
-                   else f"network_module = {value} is not trained here; fix: remove it")
-            conv.unmapped.append((key, why))
+        _convert_network(conv, str(value), flat)
+    elif key == "network_args" and str(flat.get("network_module", "")).startswith("lycoris"):
+        pass  # read with network_module
     elif key == "dataset_config":
         conv.mapped.append((key, "train_data_dir (its subsets)"))
     elif key in IGNORED:
@@ -260,6 +265,55 @@ def _convert_key(conv: Conversion, key: str, value: Any, flat: dict, base: Path,
         conv.unmapped.append((key, UNMAPPED[key]))
     else:
         conv.unmapped.append((key, "not a key this converter knows"))
+
+
+def _convert_network(conv: Conversion, module: str, flat: dict) -> None:
+    """``network_module`` (and, for ``lycoris.kohya``, its ``network_args``) as our
+    ``network_type``, ``conv_dim``, ``conv_alpha``, ``lokr_factor``, ``use_dora``."""
+    if module == "networks.lora":
+        conv.ignored.append(("network_module", IGNORED["network_module"]))
+        return
+    if module == "networks.dylora":
+        conv.unmapped.append(("network_module", "networks.dylora (DyLoRA: a LoRA trained at "
+                                                "every rank up to network_dim) is not trained "
+                                                "here; fix: remove network_module (plain "
+                                                "LoRA), then `lora resize` to pick a rank"))
+        return
+    if module != "lycoris.kohya":
+        conv.unmapped.append(("network_module", f"network_module = {module} is not trained "
+                                                f"here; fix: remove it"))
+        return
+    args = {}
+    raw = flat.get("network_args", [])
+    for item in (raw.split() if isinstance(raw, str) else raw):
+        k, _, v = str(item).partition("=")
+        args[k.strip()] = v.strip()
+    algo = args.get("algo", "lycoris").lower()
+    if algo not in ("lora", "locon", "loha", "lokr"):
+        conv.unmapped.append(("network_module", LYCORIS_NEEDS.format(algo=algo)))
+        return
+    conv.config["network_type"] = algo
+    conv.mapped.append(("network_module", "network_type"))
+    for k, v in args.items():
+        name = f"network_args.{k}"
+        if k in LYCORIS_ARGS:
+            ours = LYCORIS_ARGS[k]
+            if ours == "network_type":
+                continue
+            value: Any = v.lower() == "true" if ours == "use_dora" else (
+                float(v) if ours == "conv_alpha" else int(float(v)))
+            conv.config[ours] = value
+            conv.mapped.append((name, ours))
+        elif k in LYCORIS_IGNORED:
+            conv.unmapped.append((name, LYCORIS_IGNORED[k]))
+        else:
+            conv.unmapped.append((name, "not a LyCORIS argument this converter knows"))
+    if algo == "lora" and "conv_dim" in conv.config:  # LyCORIS' lora with convs is LoCon
+        conv.config["network_type"] = "locon"
+    if algo == "locon" and "conv_dim" not in conv.config:  # LyCORIS' default conv rank
+        conv.config["network_type"] = "lora"
+        conv.unmapped.append(("network_args.conv_dim", "locon without conv_dim trains the "
+                                                       "linear layers only: plain LoRA here"))
 
 
 def _refuse_hub_id(value: str, base: Path, path: Path) -> None:

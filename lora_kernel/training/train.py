@@ -272,6 +272,7 @@ class TaskOutcome:
 
 def _train_image(cfg, *, device, out, cache_dir, version, digests, resume, progress,
                  interrupt_at_step, on_step, samples, log, run_loop) -> TaskOutcome:
+    from lora_kernel.training.adapters import is_plain_lora
     from lora_kernel.training.export import adapter_metadata, save_diffusers_lora, save_kohya_lora
     from lora_kernel.training.families import family_of
     from lora_kernel.training.image import ImageTask, sample_grid
@@ -298,6 +299,13 @@ def _train_image(cfg, *, device, out, cache_dir, version, digests, resume, progr
                                 extra={"ss_num_train_steps": str(steps),
                                        **({"ss_epoch": str(epoch)} if epoch else {}),
                                        **family.metadata()})
+        if not is_plain_lora(cfg):  # LoCon / LoHa / LoKr / DoRA: LyCORIS names + PEFT
+            from lora_kernel.training.adapters import save_lycoris, save_peft_unet
+            return {"peft": str(save_peft_unet(folder / f"{stem}_peft", comps.unet,
+                                               task.unet_config, meta)),
+                    "kohya": str(save_lycoris(folder / f"{stem}_kohya.safetensors", cfg,
+                                              comps.unet, task.unet_config, te, meta,
+                                              text_encoder_2=te2, family=family))}
         return {
             "diffusers": str(save_diffusers_lora(folder / f"{stem}.safetensors", comps.unet,
                                                  te, task.unet_config, task.te_config, meta,
