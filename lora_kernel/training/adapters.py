@@ -1,7 +1,8 @@
 """The adapter types image users trade (issue 24): ``network_type`` lora, locon (LoRA on the
 UNet's convolutions too: ``conv_dim`` / ``conv_alpha``), loha (Hadamard product) and lokr
 (Kronecker product, ``lokr_factor``), each with or without DoRA (``use_dora``; lora and locon),
-trained through peft's LoRA / LoHa / LoKr layers on the UNet, and exported in the LyCORIS /
+trained through peft's LoRA / LoHa / LoKr layers on the UNet, and exported (besides one
+peft-format file, :func:`save_peft_unet`) in the LyCORIS /
 kohya key names that A1111/Forge and ComfyUI load (``lora_unet_<module>.lora_down/up``,
 ``.hada_w1_a``..., ``.lokr_w1``..., ``.dora_scale``, ``.alpha``).
 
@@ -203,22 +204,44 @@ def save_lycoris(path: Path, cfg, unet, config, text_encoder, metadata: dict[str
     return Path(path)
 
 
-def save_peft_unet(folder: Path, unet, config, metadata: dict[str, str]) -> Path:
-    """The UNet adapter as a PEFT folder (``adapter_config.json`` +
-    ``adapter_model.safetensors``, what ``peft.inject_adapter_in_model`` plus
-    ``set_peft_model_state_dict`` load): the format of LoHa / LoKr, which diffusers'
-    ``load_lora_weights`` does not read."""
+PEFT_CONFIG_KEY = "lora_enclave.peft_config"
+
+
+def save_peft_unet(path: Path, unet, config, metadata: dict[str, str]) -> Path:
+    """The UNet adapter in peft's own names as one ``.safetensors`` file, its peft config
+    (JSON) in the header under :data:`PEFT_CONFIG_KEY` (one file, as diffusers' LoRA files
+    carry theirs, so a snapshot is one file with one sha256): the loadable format of LoHa /
+    LoKr, which diffusers' ``load_lora_weights`` does not read. :func:`load_peft_unet` loads
+    it with peft."""
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
     from lora_kernel.common.atomic import atomic_path
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     conf = config.to_dict()
     conf["target_modules"] = sorted(conf["target_modules"] or [])
     conf["peft_type"] = str(getattr(conf["peft_type"], "value", conf["peft_type"]))
-    (folder / "adapter_config.json").write_text(json.dumps(conf, indent=1, default=str))
     tensors = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(unet).items()}
-    with atomic_path(folder / "adapter_model.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={**metadata, "format": "pt"})
-    return folder
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={**metadata, "format": "pt",
+                                               PEFT_CONFIG_KEY: json.dumps(conf, default=str)})
+    return Path(path)
+
+
+def load_peft_unet(path: str | Path, unet) -> None:
+    """Attach the adapter of a :func:`save_peft_unet` file to ``unet`` with peft
+    (``inject_adapter_in_model`` + ``set_peft_model_state_dict``); a weight without a layer
+    (another model's file) is a :class:`ConfigError`."""
+    from peft import inject_adapter_in_model, set_peft_model_state_dict
+    from peft.config import PeftConfig
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    with safe_open(str(path), framework="pt") as fh:
+        conf = json.loads((fh.metadata() or {}).get(PEFT_CONFIG_KEY, "null") or "null")
+    if not isinstance(conf, dict):
+        raise ConfigError(f"has no {PEFT_CONFIG_KEY} header: not a PEFT adapter file this "
+                          f"platform wrote", file=path)
+    inject_adapter_in_model(PeftConfig.from_peft_type(**conf), unet)
+    result = set_peft_model_state_dict(unet, load_file(str(path)))
+    if result.unexpected_keys:
+        raise ConfigError(f"does not fit this UNet ({len(result.unexpected_keys)} weights "
+                          f"without a layer, e.g. {result.unexpected_keys[0]})", file=path)

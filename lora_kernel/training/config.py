@@ -280,7 +280,8 @@ class TrainConfig:
     network_type: str = _h(
         "Image adapter type: lora, locon (LoRA on the UNet's ResNet and sampler convolutions "
         "too: conv_dim, conv_alpha), loha or lokr (peft's LoHa / LoKr); exported in the "
-        "LyCORIS / kohya key names A1111/Forge and ComfyUI load, and as a PEFT folder (kohya: "
+        "LyCORIS / kohya key names A1111/Forge and ComfyUI load, and as one peft-format file "
+        "<output_name>_peft.safetensors (kohya: "
         "network_module lycoris.kohya, network_args algo; logic in adapters.py).",
         default="lora")
     conv_dim: int | None = _h("Rank of the 3x3 convolutions of locon / loha / lokr (kohya's "

@@ -301,8 +301,8 @@ def _train_image(cfg, *, device, out, cache_dir, version, digests, resume, progr
                                        **family.metadata()})
         if not is_plain_lora(cfg):  # LoCon / LoHa / LoKr / DoRA: LyCORIS names + PEFT
             from lora_kernel.training.adapters import save_lycoris, save_peft_unet
-            return {"peft": str(save_peft_unet(folder / f"{stem}_peft", comps.unet,
-                                               task.unet_config, meta)),
+            return {"peft": str(save_peft_unet(folder / f"{stem}_peft.safetensors",
+                                               comps.unet, task.unet_config, meta)),
                     "kohya": str(save_lycoris(folder / f"{stem}_kohya.safetensors", cfg,
                                               comps.unet, task.unet_config, te, meta,
                                               text_encoder_2=te2, family=family))}

@@ -1,7 +1,8 @@
 """Adapter types (lora_kernel.training.adapters): LoCon, LoHa, LoKr and DoRA on the UNet, their
 LyCORIS / kohya exports mapped key by key onto the full-size SD1.5 layout (meta device), a
 two-step training per type whose export LyCORIS' own loader rebuilds into the same UNet output
-as peft's (and a changed one), the PEFT folder reloading in peft, and the refusals each paired
+as peft's (and a changed one), the peft-format file reloading in peft, per-epoch snapshots
+of both, and the refusals each paired
 with the config that works."""
 from __future__ import annotations
 
@@ -163,10 +164,9 @@ def _unet_out(unet) -> torch.Tensor:
                          ids=[i for i in IDS if i != "locon-dora"])
 def test_each_type_trains_and_its_export_reloads(demo_home, tmp_path, tiny_unet, four_images,
                                                  kind, dora):
-    from peft import inject_adapter_in_model, set_peft_model_state_dict
-    from peft.config import PeftConfig
     from safetensors.torch import load_file
 
+    from lora_kernel.training.adapters import load_peft_unet
     from lora_kernel.training.checks import load_config
     from lora_kernel.training.export import read_metadata
     from lora_kernel.training.train import train
@@ -176,6 +176,8 @@ def test_each_type_trains_and_its_export_reloads(demo_home, tmp_path, tiny_unet,
                  "metadata_path": str(four_images[0] / "metadata.csv")}
     if kind != "lora":
         overrides.update(conv_dim=4, conv_alpha=1)
+    if kind == "lokr":  # one batch per epoch: two epochs, two loadable snapshots
+        overrides["save_every_n_epochs"] = 1
     cfg = load_config(demo_home / "demo" / "image_lora.yaml", overrides)
     res = train(cfg, progress=False, home=four_images[1], samples=False, log=lambda m: None)
     assert set(res.adapter_files) == {"peft", "kohya"}
@@ -189,14 +191,19 @@ def test_each_type_trains_and_its_export_reloads(demo_home, tmp_path, tiny_unet,
     fresh = copy.deepcopy(tiny_unet)
     assert _lycoris_apply(fresh, kohya) == len({k.split(".")[0] for k in kohya})
     torch.testing.assert_close(_unet_out(fresh), trained, atol=1e-4, rtol=1e-4)
-    # the PEFT folder reloads in peft onto the base UNet with the same output
-    folder = res.adapter_files["peft"]
-    conf = json.loads(open(f"{folder}/adapter_config.json").read())
+    # the PEFT file reloads in peft onto the base UNet with the same output
     again = copy.deepcopy(tiny_unet)
-    inject_adapter_in_model(PeftConfig.from_peft_type(**conf), again)
-    result = set_peft_model_state_dict(again, load_file(f"{folder}/adapter_model.safetensors"))
-    assert not result.unexpected_keys
+    load_peft_unet(res.adapter_files["peft"], again)
     torch.testing.assert_close(_unet_out(again), trained, atol=1e-5, rtol=1e-5)
+    if kind == "lokr":
+        from lora_kernel.common.digests import sha256_file
+        index = json.loads((tmp_path / "snapshots" / "snapshots.json").read_text())
+        assert [e["epoch"] for e in index["snapshots"]] == [1, 2]
+        last = index["snapshots"][-1]["files"]
+        assert set(last) == {"peft", "kohya"}
+        for fmt, f in last.items():  # the last epoch's files are the final adapter's bytes
+            assert f["sha256"] == sha256_file(tmp_path / "snapshots" / f["name"])
+        assert load_file(tmp_path / "snapshots" / last["kohya"]["name"]).keys() == kohya.keys()
 
 
 @pytest.mark.parametrize(("changes", "key"), [
