@@ -35,7 +35,9 @@ make_run (function)
     notebook, events.jsonl, tb/, manifest) under ``state_tmp/runs`` and appends its ledger
     entry; returns the record path. Inputs (dataset, base model) live beside it in ``inputs/``;
     ``status``, ``uid`` and ``kind`` (the manifest's ``extra.kind``; default none, which
-    counts as training) are recorded as given. (records/ledger/review/audit tests.)
+    counts as training) are recorded as given; ``snapshots=(3, 6)`` adds adapters saved
+    mid-run at those steps (``snapshots/`` and its index, epochs 1, 2, ...).
+    (records/ledger/review/audit tests.)
 lora (function)
     ``lora(*argv) -> (exit code, stdout + stderr)``: runs ``lora ...`` in process through
     :func:`lora_kernel.cli.main.main` with only ``lora_kernel.cli.audit`` registered.
@@ -260,7 +262,7 @@ def make_run(state_tmp):
     inputs = state_tmp.parent / "inputs"
 
     def make(run_id, user="alice", dataset="ds-a", base_model="tiny", started=None,
-             ledger=True, seed=42, status="succeeded", uid=None, kind=None):
+             ledger=True, seed=42, status="succeeded", uid=None, kind=None, snapshots=()):
         ddir = inputs / dataset
         if not ddir.exists():
             ddir.mkdir(parents=True)
@@ -276,6 +278,19 @@ def make_run(state_tmp):
         (staging / "adapter").mkdir()
         save_file({"lora_A": torch.full((2, 4), float(seed)), "lora_B": torch.zeros(4, 2)},
                   str(staging / "adapter" / "lora.safetensors"))
+        if snapshots:  # adapters saved mid-run at these steps (snapshots/, epoch i + 1)
+            import json
+            (staging / "snapshots").mkdir()
+            entries = []
+            for i, step in enumerate(snapshots):
+                name = f"lora-e{i + 1:04d}.safetensors"
+                save_file({"lora_A": torch.full((2, 4), float(step))},
+                          str(staging / "snapshots" / name))
+                entries.append({"step": step, "epoch": i + 1, "by": "epoch", "files": {
+                    "diffusers": {"name": name,
+                                  "sha256": sha256_file(staging / "snapshots" / name)}}})
+            (staging / "snapshots" / "snapshots.json").write_text(
+                json.dumps({"snapshots": entries}))
         nb = nbformat.v4.new_notebook()
         nb.cells = [nbformat.v4.new_code_cell("lr = 1e-4", metadata={"tags": ["parameters"]}),
                     nbformat.v4.new_code_cell("print('train')", outputs=[
