@@ -20,6 +20,8 @@ CHUNK = 1 << 20
 OUTSIDE_PREFIX = "outside:"
 # Dataset digests of regularization images (reg_data_dir) are keyed REG_PREFIX + their path in it.
 REG_PREFIX = "reg:"
+# ... and held-out images of an image run (validation_dir) VAL_PREFIX + their path in it.
+VAL_PREFIX = "val:"
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

@@ -46,7 +46,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 # The keys whose values are filesystem paths, resolved against the config's folder.
 PATH_KEYS = ("train_data_dir", "metadata_path", "base_model", "output_dir", "init",
-             "init_adapter", "eval_path", "reg_data_dir")
+             "init_adapter", "eval_path", "reg_data_dir", "validation_dir")
 DEFAULT_IMAGE_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 DEFAULT_TEXT_TARGETS = ["q_proj", "v_proj"]
 
@@ -124,10 +124,15 @@ class TrainConfig:
         "eval_steps and at the end (TensorBoard eval/loss, training_summary.json; text, sft).",
         default=None)
     validation_split: float = _h(
-        "Hold out this fraction of the records (chosen by the seed) instead of eval_path "
-        "(0: none; text, sft).", default=0.0)
+        "Hold out this fraction of the records (text, sft) or of the images (image), chosen "
+        "by the seed, instead of eval_path / validation_dir (0: none).", default=0.0)
+    validation_dir: str | None = _h(
+        "Folder of held-out images (any image dataset layout) whose loss, at fixed noise, is "
+        "measured every eval_steps and at the end (TensorBoard eval/loss, "
+        "training_summary.json held_out_loss); recorded as dataset files val:<path> (image).",
+        default=None)
     eval_steps: int = _h("Measure the held-out loss every N optimizer steps (0: only before "
-                         "and after training; text).", default=0)
+                         "and after training; text, image).", default=0)
     sample_every_n_steps: int = _h(
         "Also write samples every N optimizer steps (0: only at the end): the sample grid "
         "(image; samples/step-N/ and TensorBoard) or sample completions (text; "
@@ -400,11 +405,21 @@ class TrainConfig:
                 raise self._err(key, f"must be >= 0, got {getattr(self, key)}")
         if self.eval_path and self.validation_split:
             raise self._err("validation_split", "give eval_path or validation_split, not both")
-        if (self.eval_path or self.validation_split) and (
-                self.task != "text" or self.objective != "sft"):
+        if (self.eval_path or self.validation_split) and self.task == "text" \
+                and self.objective != "sft":
             raise self._err("eval_path" if self.eval_path else "validation_split",
                             "held-out evaluation is for text SFT runs (task: text, objective: "
-                            "sft); fix: remove it")
+                            "sft) and image runs; fix: remove it")
+        if self.eval_path and self.task == "image":
+            raise self._err("eval_path", "is a held-out .jsonl of a text run; fix: for images "
+                                         "use validation_dir (a folder of held-out images) or "
+                                         "validation_split")
+        if self.validation_dir and self.task != "image":
+            raise self._err("validation_dir", "is a folder of held-out images (task: image); "
+                                              "fix: for text use eval_path")
+        if self.validation_dir and self.validation_split:
+            raise self._err("validation_split", "give validation_dir or validation_split, not "
+                                                "both; fix: remove one of them")
         if self.preference_beta <= 0:
             raise self._err("preference_beta", f"must be > 0, got {self.preference_beta}")
         if self.task == "image" and self.objective != "sft":

@@ -30,7 +30,13 @@ from pathlib import Path
 
 from PIL import Image
 
-from lora_kernel.common.digests import OUTSIDE_PREFIX, REG_PREFIX, listing_sha256, sha256_file
+from lora_kernel.common.digests import (
+    OUTSIDE_PREFIX,
+    REG_PREFIX,
+    VAL_PREFIX,
+    listing_sha256,
+    sha256_file,
+)
 from lora_kernel.common.errors import ConfigError
 
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's default decompression-bomb limit
@@ -374,6 +380,7 @@ def dataset_digests(cfg) -> dict[str, str]:
                               key="train_data_dir")
         out[key] = sha256_file(f)
     out.update(reg_dataset_digests(cfg))
+    out.update(validation_digests(cfg))
     return dict(sorted(out.items()))
 
 
@@ -388,6 +395,26 @@ def reg_dataset_digests(cfg) -> dict[str, str]:
                            caption_extension=getattr(cfg, "caption_extension", None)):
         files.update(f.resolve() for f in (e["image"], e["caption_file"]) if f is not None)
     return {REG_PREFIX + f.relative_to(root).as_posix(): sha256_file(f) for f in sorted(files)}
+
+
+def validation_config(cfg):
+    """``cfg`` reading ``validation_dir`` as its image folder (any of the three layouts)."""
+    from dataclasses import replace
+    root = Path(cfg.validation_dir)
+    return replace(cfg, train_data_dir=str(root), metadata_path=str(root / "metadata.csv"),
+                   reg_data_dir=None, validation_dir=None, prior_loss_weight=None)
+
+
+def validation_digests(cfg) -> dict[str, str]:
+    """``{VAL_PREFIX + path in validation_dir: sha256}`` of an image run's held-out images
+    (and their captions file or sidecars); {} without ``validation_dir``."""
+    if not getattr(cfg, "validation_dir", None) or cfg.task != "image":
+        return {}
+    held = validation_config(cfg)
+    root = Path(held.train_data_dir).resolve()
+    return {VAL_PREFIX + (f.relative_to(root).as_posix() if f.is_relative_to(root)
+                          else OUTSIDE_PREFIX + str(f)): sha256_file(f)
+            for f in dataset_files(held)}
 
 
 def dataset_version(cfg, digests: dict[str, str] | None = None) -> str:

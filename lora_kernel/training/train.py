@@ -328,7 +328,9 @@ def _train_image(cfg, *, device, out, cache_dir, version, digests, resume, progr
                        snapshots=snaps.entries,
                        base_model_sha256=comps.sha256, live={"components": comps},
                        base_weight_dtype=dtype, model_family=family.name,
-                       trainable_dtype=trainable_dtype_name(task.named_trainable()))
+                       trainable_dtype=trainable_dtype_name(task.named_trainable()),
+                       summary={"held_out_loss": task.held_out.history} if task.held_out
+                       else {})
 
 
 def _train_text(cfg, *, device, out, version, digests, resume, progress, interrupt_at_step,

@@ -56,6 +56,10 @@ def _reg_is_training_folder(c: Case) -> list:
     return ["config", c.config(reg_data_dir=str((c.demo / "datasets" / "image").resolve()))]
 
 
+def _validation_dir_is_training_folder(c: Case) -> list:
+    return ["config", c.config(validation_dir=str((c.demo / "datasets" / "image").resolve()))]
+
+
 def _conv_dim_on_lora(c: Case) -> list:
     return ["config", c.config(conv_dim=4)]
 
@@ -76,6 +80,8 @@ CASES: dict[str, Callable[[Case], list]] = {
     "`lora convert` of a file that is not a LoRA in kohya or diffusers format": _convert_not_lora,
     "`prior_loss_weight` without `reg_data_dir`": _prior_without_reg,
     "`reg_data_dir` is the training folder, or a folder inside it": _reg_is_training_folder,
+    "`validation_dir` is the training folder, or a folder inside it":
+        _validation_dir_is_training_folder,
     "`conv_dim`, `conv_alpha`, `lokr_factor` or `use_dora` that does not fit `network_type` "
     "(e.g. `conv_dim` with plain `lora`)": _conv_dim_on_lora,
     "a DDPM loss option (`min_snr_gamma`, `noise_offset`, `multires_noise_iterations`, ...) or "
