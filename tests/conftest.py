@@ -56,6 +56,9 @@ demo_home (session)
     ``lora_kernel.training.demo_assets.build_demo_assets`` (tiny SD folder + single file, tiny
     Llama, image and text datasets, ``demo/image_lora.yaml`` and ``demo/text_lora.yaml``). Treat it
     as read-only: write outputs elsewhere.
+demo_subset (session)
+    Factory ``demo_subset(n)``: config overrides (``train_data_dir``, ``metadata_path``) for
+    the first ``n`` demo images, copied once per session (fast habit tests).
 """
 from __future__ import annotations
 
@@ -326,6 +329,34 @@ def demo_home(tmp_path_factory) -> Path:
     home = tmp_path_factory.mktemp("demo_home")
     build_demo_assets(home)
     return home
+
+
+@pytest.fixture(scope="session")
+def demo_subset(demo_home, tmp_path_factory):
+    """Factory ``demo_subset(n) -> {"train_data_dir": ..., "metadata_path": ...}``: config
+    overrides training on the first ``n`` images of the demo dataset (copied once per session
+    per ``n``), for habit tests whose assertions do not need all 24 (fewer batches per epoch
+    and per evaluation pass)."""
+    import csv
+
+    made: dict[int, dict[str, str]] = {}
+
+    def subset(n: int) -> dict[str, str]:
+        if n not in made:
+            src = demo_home / "demo" / "datasets" / "image"
+            with open(src / "metadata.csv", newline="") as fh:
+                rows = list(csv.DictReader(fh))[:n]
+            data = tmp_path_factory.mktemp(f"demo_subset{n}")
+            with open(data / "metadata.csv", "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+                writer.writeheader()
+                for row in rows:
+                    shutil.copy(src / row["file_name"], data / row["file_name"])
+                    writer.writerow(row)
+            made[n] = {"train_data_dir": str(data), "metadata_path": str(data / "metadata.csv")}
+        return dict(made[n])
+
+    return subset
 
 
 @pytest.fixture

@@ -78,11 +78,12 @@ def test_multires_noise_discount_out_of_range_is_refused():
 
 
 @pytest.mark.slow
-def test_a_run_with_every_loss_option_trains(demo_home, tmp_path):
+def test_a_run_with_every_loss_option_trains(demo_home, demo_subset, tmp_path):
     from lora_kernel.training.checks import load_config
     from lora_kernel.training.train import train
     cfg = load_config(demo_home / "demo" / "image_lora.yaml",
-                      {"output_dir": str(tmp_path), "max_train_steps": 30, "save_steps": 0,
+                      {"output_dir": str(tmp_path), "max_train_steps": 20, "save_steps": 0,
+                       **demo_subset(8),
                        "min_snr_gamma": 5.0, "multires_noise_iterations": 6,
                        "debiased_estimation_loss": True, "zero_terminal_snr": True})
     res = train(cfg, progress=False, home=demo_home, samples=False, log=lambda m: None)
