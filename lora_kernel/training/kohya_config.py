@@ -52,6 +52,7 @@ SAME = {
     "sample_every_n_steps": "sample_every_n_steps",
     "sample_every_n_epochs": "sample_every_n_epochs",
     "prior_loss_weight": "prior_loss_weight",
+    "validation_split": "validation_split", "validate_every_n_steps": "eval_steps",
     "lr_scheduler_min_lr_ratio": None,  # handled with learning_rate (min_lr)
 }
 PATHS = {"pretrained_model_name_or_path": "base_model", "train_data_dir": "train_data_dir",
@@ -115,6 +116,8 @@ UNMAPPED = {
     "network_dropout_rank": "rank dropout is not offered",
     "huber_c": "Huber loss is not offered; the loss is MSE",
     "loss_type": "the loss here is MSE",
+    "validation_seed": "the run's seed chooses the held-out images and their noise",
+    "validate_every_n_epochs": "held-out loss is measured every eval_steps (steps)",
 }
 LYCORIS_NEEDS = ("network_module = lycoris.kohya with algo {algo}: this platform trains "
                  "LyCORIS algo lora, locon, loha and lokr (network_type); fix: algo=locon, "

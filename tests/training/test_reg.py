@@ -127,3 +127,23 @@ def test_prior_loss_weight_scales_the_reg_examples_loss(demo_home, tmp_path):
                 for b in ([0, 1], [n_train, n_train + 1])]
     assert losses[0.25][0] == losses[1.0][0]  # training images: weight 1
     assert losses[0.25][1] == pytest.approx(losses[1.0][1] * 0.25, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_run_with_reg_images_records_their_own_version(demo_home, demo_subset, tmp_path):
+    import json
+
+    from lora_kernel.training.checks import load_config
+    from lora_kernel.training.data import dataset_digests
+    from lora_kernel.training.train import train
+    reg = _reg_folder(demo_home, tmp_path / "reg")
+    cfg = load_config(_config(demo_home, tmp_path, reg_data_dir=str(reg), prior_loss_weight=0.5,
+                              max_train_steps=2, save_steps=0, **demo_subset(4)))
+    res = train(cfg, progress=False, home=tmp_path / "home", samples=False,
+                log=lambda m: None)
+    summary = json.loads(Path(res.summary_path).read_text())
+    digests = dataset_digests(cfg)
+    assert summary["reg_dataset_version"] == reg_version(digests)
+    assert summary["dataset_version"] == res.dataset_version != summary["reg_dataset_version"]
+    assert summary["dataset_file_count"] == 5 + 2  # 4 images + metadata.csv, 2 reg images
+    assert summary["config"]["prior_loss_weight"] == 0.5
