@@ -229,3 +229,36 @@ def test_adapter_keys_in_place_are_accepted():
                     {"network_type": "loha", "conv_dim": 4}, {"use_dora": True}):
         cfg = config_from_mapping({"base_model": "x", **changes})
         assert cfg.network_type == changes.get("network_type", "lora")
+
+
+@pytest.mark.parametrize(("kind", "dora"), [("locon", True), ("lokr", False)],
+                         ids=["locon-dora", "lokr"])
+def test_sdxl_exports_name_modules_of_the_sdxl_layout(kind, dora):
+    """SDXL files name the UNet's modules in its original layout (``input_blocks_4_1_...``,
+    sd-scripts' SDXL names): every exported module, convolutions included, is a real module
+    there, with the shapes of its weight."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from peft import get_peft_model_state_dict
+
+    from lora_kernel.training.export import kohya_module_names
+    from lora_kernel.training.families import family_named
+    from lora_kernel.training.models import bundled_config
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(
+            bundled_config("sdxl") / "unet"))
+    config = unet_adapter_config(_cfg(kind, dora), unet)
+    unet.add_adapter(config)
+    sdxl = family_named("sdxl")
+    sd = {k: torch.zeros(tuple(v.shape)) for k, v in get_peft_model_state_dict(unet).items()}
+    exported = lycoris_state_dict(sd, config, unet, family=sdxl)
+    modules = kohya_module_names(unet, family=sdxl)
+    names = {k.split(".")[0] for k in exported}
+    assert names <= set(modules)
+    assert all(re.match(r"lora_unet_(input_blocks|middle_block|output_blocks)_\d", n)
+               for n in names)
+    assert any("_in_layers_2" in n for n in names)  # a ResNet 3x3 convolution, LDM-named
+    for name in names:
+        parts = {k.split(".", 1)[1]: v for k, v in exported.items() if k.startswith(name + ".")}
+        weight = getattr(modules[name], "base_layer", modules[name]).weight
+        assert _delta_shape(parts) == (weight.shape[0], weight[0].numel()), name
