@@ -35,7 +35,9 @@ make_run (function)
     notebook, events.jsonl, tb/, manifest) under ``state_tmp/runs`` and appends its ledger
     entry; returns the record path. Inputs (dataset, base model) live beside it in ``inputs/``;
     ``status``, ``uid`` and ``kind`` (the manifest's ``extra.kind``; default none, which
-    counts as training) are recorded as given. (records/ledger/review/audit tests.)
+    counts as training) are recorded as given; ``snapshots=(3, 6)`` adds adapters saved
+    mid-run at those steps (``snapshots/`` and its index, epochs 1, 2, ...).
+    (records/ledger/review/audit tests.)
 lora (function)
     ``lora(*argv) -> (exit code, stdout + stderr)``: runs ``lora ...`` in process through
     :func:`lora_kernel.cli.main.main` with only ``lora_kernel.cli.audit`` registered.
@@ -57,6 +59,9 @@ demo_home (session)
     pre-trained (``demo_pretrain``, ``demo_text_pretrain``; cached by content in
     ``$LORA_PRETRAIN_CACHE`` or ``~/.cache/lora-enclave/pretrain``, so a fresh machine pays
     the pre-training once).
+demo_subset (session)
+    Factory ``demo_subset(n)``: config overrides (``train_data_dir``, ``metadata_path``) for
+    the first ``n`` demo images, copied once per session (fast habit tests).
 """
 from __future__ import annotations
 
@@ -263,7 +268,7 @@ def make_run(state_tmp):
     inputs = state_tmp.parent / "inputs"
 
     def make(run_id, user="alice", dataset="ds-a", base_model="tiny", started=None,
-             ledger=True, seed=42, status="succeeded", uid=None, kind=None):
+             ledger=True, seed=42, status="succeeded", uid=None, kind=None, snapshots=()):
         ddir = inputs / dataset
         if not ddir.exists():
             ddir.mkdir(parents=True)
@@ -279,6 +284,19 @@ def make_run(state_tmp):
         (staging / "adapter").mkdir()
         save_file({"lora_A": torch.full((2, 4), float(seed)), "lora_B": torch.zeros(4, 2)},
                   str(staging / "adapter" / "lora.safetensors"))
+        if snapshots:  # adapters saved mid-run at these steps (snapshots/, epoch i + 1)
+            import json
+            (staging / "snapshots").mkdir()
+            entries = []
+            for i, step in enumerate(snapshots):
+                name = f"lora-e{i + 1:04d}.safetensors"
+                save_file({"lora_A": torch.full((2, 4), float(step))},
+                          str(staging / "snapshots" / name))
+                entries.append({"step": step, "epoch": i + 1, "by": "epoch", "files": {
+                    "diffusers": {"name": name,
+                                  "sha256": sha256_file(staging / "snapshots" / name)}}})
+            (staging / "snapshots" / "snapshots.json").write_text(
+                json.dumps({"snapshots": entries}))
         nb = nbformat.v4.new_notebook()
         nb.cells = [nbformat.v4.new_code_cell("lr = 1e-4", metadata={"tags": ["parameters"]}),
                     nbformat.v4.new_code_cell("print('train')", outputs=[
@@ -314,6 +332,34 @@ def demo_home(tmp_path_factory) -> Path:
     home = tmp_path_factory.mktemp("demo_home")
     build_demo_assets(home)
     return home
+
+
+@pytest.fixture(scope="session")
+def demo_subset(demo_home, tmp_path_factory):
+    """Factory ``demo_subset(n) -> {"train_data_dir": ..., "metadata_path": ...}``: config
+    overrides training on the first ``n`` images of the demo dataset (copied once per session
+    per ``n``), for habit tests whose assertions do not need all 24 (fewer batches per epoch
+    and per evaluation pass)."""
+    import csv
+
+    made: dict[int, dict[str, str]] = {}
+
+    def subset(n: int) -> dict[str, str]:
+        if n not in made:
+            src = demo_home / "demo" / "datasets" / "image"
+            with open(src / "metadata.csv", newline="") as fh:
+                rows = list(csv.DictReader(fh))[:n]
+            data = tmp_path_factory.mktemp(f"demo_subset{n}")
+            with open(data / "metadata.csv", "w", newline="") as fh:
+                writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+                writer.writeheader()
+                for row in rows:
+                    shutil.copy(src / row["file_name"], data / row["file_name"])
+                    writer.writerow(row)
+            made[n] = {"train_data_dir": str(data), "metadata_path": str(data / "metadata.csv")}
+        return dict(made[n])
+
+    return subset
 
 
 @pytest.fixture

@@ -291,12 +291,17 @@ def _show_line(key: str, info: dict) -> str | None:
         value = f"{_cell(value)} ({info['dataset_files']} files)"
     elif key == "published":
         value = ", ".join(value) or None
+    elif key == "review_steps":  # approvals of adapters saved mid-run (review approve --step)
+        if not value:
+            return None
+        value = "; ".join(f"step {step}: {what}" for step, what in value.items())
     return f"{key:18s} {_cell(value)}"
 
 
 SHOW_FIELDS = ("run_id", "kind", "status", "error", "user", "uid", "identity", "run_as",
                "isolation", "inputs_read_from", "host",
-               "started", "ended", "review", "reviewer", "notebook", "parameters", "config",
+               "started", "ended", "review", "reviewer", "review_steps", "notebook",
+               "parameters", "config",
                "dataset_version", "base_model", "base_model_sha256", "adapter_digest", "seed",
                "egress_refusals", "published", "html")
 

@@ -15,7 +15,7 @@ KERNEL_NAME = "lora"
 # file's folder (lora_kernel.training.config); the runner re-points them when it lays a run's
 # pinned inputs out from the snapshot store (lora_kernel.trusted.objects).
 CONFIG_PATH_KEYS = ("train_data_dir", "metadata_path", "base_model", "output_dir", "init",
-                    "init_adapter", "eval_path")
+                    "init_adapter", "eval_path", "reg_data_dir", "validation_dir")
 # The modules of the user-side steps (``python -m ...``).
 EXECUTOR_MODULE = "lora_kernel.steps.executor"
 JOBSTEP_MODULE = "lora_kernel.steps.jobstep"

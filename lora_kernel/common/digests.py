@@ -18,6 +18,10 @@ CHUNK = 1 << 20
 # Dataset digest keys of files outside the dataset folder (``allow_outside_dataset``): the
 # prefix + the absolute resolved path, so they never pass for files inside it.
 OUTSIDE_PREFIX = "outside:"
+# Dataset digests of regularization images (reg_data_dir) are keyed REG_PREFIX + their path in it.
+REG_PREFIX = "reg:"
+# ... and held-out images of an image run (validation_dir) VAL_PREFIX + their path in it.
+VAL_PREFIX = "val:"
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:

@@ -24,7 +24,12 @@ from lora_kernel.common.paths import check_run_id, runs_dir, state_dir
 from lora_kernel.common.timeutil import parse_time
 from lora_kernel.provenance.inputs import verify_inputs
 from lora_kernel.provenance.ledger import LedgerReader, open_ledger, trust_root
-from lora_kernel.provenance.publications import publications, review_state, verify_publications
+from lora_kernel.provenance.publications import (
+    publications,
+    review_state,
+    step_reviews,
+    verify_publications,
+)
 from lora_kernel.provenance.records import NOTEBOOK, Problem, load_manifest, summary, verify_record
 
 _HEX64 = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -145,6 +150,10 @@ def run_info(run_id: str, ledger: LedgerReader, state: _State = None,
             "reviewer": review.payload.get("reviewer") if review else None,
             "review_note": review.payload.get("note") if review else None,
             "review_seq": review.seq if review else None,
+            # the adapters saved mid-run that a reviewer decided on (--step): their own state
+            "review_steps": {str(n): f"{e.payload.get('decision')} by "
+                                     f"{e.payload.get('reviewer')} (seq {e.seq})"
+                             for n, e in step_reviews(ledger, run_id).items()},
             "adapter_digest": s.get("adapter_digest"),
             "dataset_version": s.get("dataset_version"), "present": record.is_dir(),
             "pruned": ledger.latest("prune", run_id) is not None,

@@ -9,7 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lora_kernel.common.digests import OUTSIDE_PREFIX, path_sha256, sha256_file
+from lora_kernel.common.digests import (
+    OUTSIDE_PREFIX,
+    REG_PREFIX,
+    VAL_PREFIX,
+    path_sha256,
+    sha256_file,
+)
 from lora_kernel.provenance.records import Problem, summary
 
 
@@ -46,6 +52,10 @@ def verify_inputs(manifest: dict[str, Any], run_id: str) -> list[Problem]:
     for rel, want in sorted(s["dataset_digests"].items()):
         if rel.startswith(OUTSIDE_PREFIX):  # allow_outside_dataset: recorded by absolute path
             path = Path(rel[len(OUTSIDE_PREFIX):])
+        elif rel.startswith(REG_PREFIX) and config.get("reg_data_dir"):  # regularization images
+            path = Path(config["reg_data_dir"]) / rel[len(REG_PREFIX):]
+        elif rel.startswith(VAL_PREFIX) and config.get("validation_dir"):  # held-out images
+            path = Path(config["validation_dir"]) / rel[len(VAL_PREFIX):]
         elif captions is not None and rel == captions.name:
             path = captions
         else:

@@ -20,11 +20,15 @@ from lora_kernel.provenance.records import Problem
 PUBLICATION_FILE = "publication.json"
 
 
-def review_state(ledger: LedgerReader, run_id: str, adapter_digest: str | None = None
-                 ) -> tuple[str, Entry | None]:
-    """``(state, latest review entry)``; state is pending, approved, rejected, or void (an
-    approval whose digest differs from ``adapter_digest``, the adapter's current digest)."""
-    entry = ledger.latest("review", run_id)
+def review_state(ledger: LedgerReader, run_id: str, adapter_digest: str | None = None,
+                 step: int | None = None) -> tuple[str, Entry | None]:
+    """``(state, latest review entry)`` of a run's final adapter, or with ``step`` of the
+    adapter it saved at that step (``lora review approve RUN --step N``): each has reviews of
+    its own, so approving step 6 leaves the final adapter pending. State is pending,
+    approved, rejected, or void (an approval whose digest differs from ``adapter_digest``,
+    that adapter's current digest)."""
+    entry = next((e for e in reversed(ledger.entries("review", run_id))
+                  if e.payload.get("step") == step), None)
     if entry is None:
         return "pending", None
     decision = str(entry.payload.get("decision"))
@@ -32,6 +36,17 @@ def review_state(ledger: LedgerReader, run_id: str, adapter_digest: str | None =
             and entry.payload.get("adapter_digest") != adapter_digest:
         return "void", entry
     return decision, entry
+
+
+def step_reviews(ledger: LedgerReader, run_id: str) -> dict[int, Entry]:
+    """``{step: latest review entry}`` of the adapters a run saved mid-training that a
+    reviewer decided on (``--step``), by step."""
+    out: dict[int, Entry] = {}
+    for e in ledger.entries("review", run_id):
+        step = e.payload.get("step")
+        if isinstance(step, int):
+            out[step] = e
+    return dict(sorted(out.items()))
 
 
 def withdrawals(ledger: LedgerReader) -> dict[int, Entry]:
@@ -101,7 +116,8 @@ def verify_publications(ledger: LedgerReader, run_id: str | None = None) -> list
         if PUBLICATION_FILE not in present or sha256_file(meta) != pub.get("metadata_sha256"):
             problems.append(Problem("publication", str(meta),
                                     "publication.json missing or edited"))
-        state, entry = review_state(ledger, pub["run_id"], pub["adapter_digest"])
+        state, entry = review_state(ledger, pub["run_id"], pub["adapter_digest"],
+                                    pub.get("step"))
         if state != "approved":
             problems.append(Problem("publication", str(dest),
                                     f"run {pub['run_id']} is published but its review is now "

@@ -378,6 +378,11 @@ def _check_image_dataset(cfg: TrainConfig, file: str) -> None:
                             f"trains twice per epoch")
     from lora_kernel.training.captions import keep_tokens_warnings
     warnings += keep_tokens_warnings(cfg, [(w, n, c) for w, n, _, c in entries])
+    from lora_kernel.training.image_eval import check_validation_dir
+    check_validation_dir(cfg, file)  # held-out images (image_eval.py)
+    if cfg.reg_data_dir:  # regularization images: a second kohya-layout set (reg.py)
+        from lora_kernel.training.reg import check_reg_folder
+        check_reg_folder(cfg, file)
     cfg.dataset_warnings = warnings
 
 

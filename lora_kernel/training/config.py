@@ -124,10 +124,15 @@ class TrainConfig:
         "eval_steps and at the end (TensorBoard eval/loss, training_summary.json; text, sft).",
         default=None)
     validation_split: float = _h(
-        "Hold out this fraction of the records (chosen by the seed) instead of eval_path "
-        "(0: none; text, sft).", default=0.0)
+        "Hold out this fraction of the records (text, sft) or of the images (image), chosen "
+        "by the seed, instead of eval_path / validation_dir (0: none).", default=0.0)
+    validation_dir: str | None = _h(
+        "Folder of held-out images (any image dataset layout) whose loss, at fixed noise, is "
+        "measured every eval_steps and at the end (TensorBoard eval/loss, "
+        "training_summary.json held_out_loss); recorded as dataset files val:<path> (image).",
+        default=None)
     eval_steps: int = _h("Measure the held-out loss every N optimizer steps (0: only before "
-                         "and after training; text).", default=0)
+                         "and after training; text, image).", default=0)
     sample_every_n_steps: int = _h(
         "Also write samples every N optimizer steps (0: only at the end): the sample grid "
         "(image; samples/step-N/ and TensorBoard) or sample completions (text; "
@@ -138,7 +143,8 @@ class TrainConfig:
     preference_beta: float = _h(
         "DPO's beta (strength of the KL anchor to the base model) / ORPO's lambda (weight of "
         "the odds-ratio term) (text).", default=0.1)
-    use_dora: bool = _h("Weight-decomposed LoRA (DoRA; text).", default=False)
+    use_dora: bool = _h("Weight-decomposed LoRA (DoRA; text; image with network_type lora "
+                        "or locon).", default=False)
     use_rslora: bool = _h("Rank-stabilised LoRA: scale lora_alpha/sqrt(r) instead of "
                           "lora_alpha/r (text).", default=False)
     init_adapter: str | None = _h(
@@ -285,6 +291,28 @@ class TrainConfig:
     caption_extension: str | None = _h(
         "Suffix of sidecar caption files (kohya layout), e.g. .txt. Default: .txt or "
         ".caption.", default=None)
+    reg_data_dir: str | None = _h(
+        "Regularization (class) images, kohya's layout: N_class folders (N repeats; the "
+        "class name is the caption unless the images have sidecar captions), balanced to the "
+        "training images' count each epoch as kohya does; recorded as dataset files "
+        "reg:<path> (image; logic in reg.py).", default=None)
+    network_type: str = _h(
+        "Image adapter type: lora, locon (LoRA on the UNet's ResNet and sampler convolutions "
+        "too: conv_dim, conv_alpha), loha or lokr (peft's LoHa / LoKr); exported in the "
+        "LyCORIS / kohya key names A1111/Forge and ComfyUI load, and as one peft-format file "
+        "<output_name>_peft.safetensors (kohya: "
+        "network_module lycoris.kohya, network_args algo; logic in adapters.py).",
+        default="lora")
+    conv_dim: int | None = _h("Rank of the 3x3 convolutions of locon / loha / lokr (kohya's "
+                              "network_args conv_dim). Default: none (linear layers only).",
+                              default=None)
+    conv_alpha: float | None = _h("Alpha of those convolutions. Default: conv_dim.",
+                                  default=None)
+    lokr_factor: int = _h("Kronecker factor of lokr (kohya's network_args factor; -1: "
+                          "automatic).", default=-1)
+    prior_loss_weight: float | None = _h(
+        "Loss weight of the regularization images (needs reg_data_dir). Default: 1.0.",
+        default=None)
 
     # Where this config came from (not a user key).
     source: str | None = field(default=None, repr=False, compare=False,
@@ -393,11 +421,21 @@ class TrainConfig:
                 raise self._err(key, f"must be >= 0, got {getattr(self, key)}")
         if self.eval_path and self.validation_split:
             raise self._err("validation_split", "give eval_path or validation_split, not both")
-        if (self.eval_path or self.validation_split) and (
-                self.task != "text" or self.objective != "sft"):
+        if (self.eval_path or self.validation_split) and self.task == "text" \
+                and self.objective != "sft":
             raise self._err("eval_path" if self.eval_path else "validation_split",
                             "held-out evaluation is for text SFT runs (task: text, objective: "
-                            "sft); fix: remove it")
+                            "sft) and image runs; fix: remove it")
+        if self.eval_path and self.task == "image":
+            raise self._err("eval_path", "is a held-out .jsonl of a text run; fix: for images "
+                                         "use validation_dir (a folder of held-out images) or "
+                                         "validation_split")
+        if self.validation_dir and self.task != "image":
+            raise self._err("validation_dir", "is a folder of held-out images (task: image); "
+                                              "fix: for text use eval_path")
+        if self.validation_dir and self.validation_split:
+            raise self._err("validation_split", "give validation_dir or validation_split, not "
+                                                "both; fix: remove one of them")
         if self.preference_beta <= 0:
             raise self._err("preference_beta", f"must be > 0, got {self.preference_beta}")
         if self.task == "image" and self.objective != "sft":
@@ -417,7 +455,7 @@ class TrainConfig:
         if self.task == "image" and self.target_modules == ["all-linear"]:
             raise self._err("target_modules", "all-linear applies to task: text; fix: name "
                                               "the UNet modules, or remove the key")
-        for key in ("use_dora", "use_rslora", "init_adapter"):
+        for key in ("use_rslora", "init_adapter"):
             if self.task == "image" and getattr(self, key):
                 raise self._err(key, "applies to task: text; fix: remove it")
 

@@ -30,7 +30,13 @@ from pathlib import Path
 
 from PIL import Image
 
-from lora_kernel.common.digests import OUTSIDE_PREFIX, listing_sha256, sha256_file
+from lora_kernel.common.digests import (
+    OUTSIDE_PREFIX,
+    REG_PREFIX,
+    VAL_PREFIX,
+    listing_sha256,
+    sha256_file,
+)
 from lora_kernel.common.errors import ConfigError
 
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's default decompression-bomb limit
@@ -373,12 +379,52 @@ def dataset_paths(cfg) -> dict[str, Path]:
                               f"the folder {OUTSIDE_PREFIX!r} in {root}", file=cfg.source,
                               key="train_data_dir")
         out[key] = f
+    out.update(reg_dataset_paths(cfg))
+    out.update(validation_paths(cfg))
     return dict(sorted(out.items()))
 
 
 def dataset_digests(cfg) -> dict[str, str]:
     """``{key: sha256}`` of every dataset file, keyed as :func:`dataset_paths` says."""
     return {key: sha256_file(f) for key, f in dataset_paths(cfg).items()}
+
+
+def reg_dataset_paths(cfg) -> dict[str, Path]:
+    """``{REG_PREFIX + path in reg_data_dir: file}`` of the regularization images and their
+    sidecar captions (:mod:`lora_kernel.training.reg`); {} without ``reg_data_dir``."""
+    if not getattr(cfg, "reg_data_dir", None):
+        return {}
+    root = Path(cfg.reg_data_dir).resolve()
+    files: set[Path] = set()
+    for e in kohya_entries(root, source=cfg.source,
+                           caption_extension=getattr(cfg, "caption_extension", None)):
+        files.update(f.resolve() for f in (e["image"], e["caption_file"]) if f is not None)
+    return {REG_PREFIX + f.relative_to(root).as_posix(): f for f in sorted(files)}
+
+
+def reg_dataset_digests(cfg) -> dict[str, str]:
+    """``{REG_PREFIX + path: sha256}`` of :func:`reg_dataset_paths`."""
+    return {key: sha256_file(f) for key, f in reg_dataset_paths(cfg).items()}
+
+
+def validation_config(cfg):
+    """``cfg`` reading ``validation_dir`` as its image folder (any of the three layouts)."""
+    from dataclasses import replace
+    root = Path(cfg.validation_dir)
+    return replace(cfg, train_data_dir=str(root), metadata_path=str(root / "metadata.csv"),
+                   reg_data_dir=None, validation_dir=None, prior_loss_weight=None)
+
+
+def validation_paths(cfg) -> dict[str, Path]:
+    """``{VAL_PREFIX + path in validation_dir: file}`` of an image run's held-out images
+    (and their captions file or sidecars); {} without ``validation_dir``."""
+    if not getattr(cfg, "validation_dir", None) or cfg.task != "image":
+        return {}
+    held = validation_config(cfg)
+    root = Path(held.train_data_dir).resolve()
+    return {VAL_PREFIX + (f.relative_to(root).as_posix() if f.is_relative_to(root)
+                          else OUTSIDE_PREFIX + str(f)): f
+            for f in dataset_files(held)}
 
 
 def dataset_version(cfg, digests: dict[str, str] | None = None) -> str:

@@ -163,6 +163,10 @@ def check_habits(cfg) -> None:
     if not (0 < cfg.multires_noise_discount <= 1):
         raise err("multires_noise_discount", f"must be in (0, 1], got "
                                              f"{cfg.multires_noise_discount}")
+    from lora_kernel.training.reg import check_reg_keys
+    check_reg_keys(cfg)
+    from lora_kernel.training.adapters import check_adapter_keys
+    check_adapter_keys(cfg)
     ext = cfg.caption_extension
     if ext is not None and (not ext.startswith(".") or "/" in ext or len(ext) < 2):
         raise err("caption_extension", f"must be a file suffix such as .txt, got {ext!r}")

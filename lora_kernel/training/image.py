@@ -113,11 +113,16 @@ class Example:
     original_size: tuple[int, int] = (0, 0)  # (w, h) before resizing
     resized_size: tuple[int, int] = (0, 0)  # (w, h) it was resized to before cropping
     crop_top_left: tuple[int, int] = (0, 0)  # (top, left) of the crop
+    weight: float = 1.0  # loss weight: prior_loss_weight for a regularization image
 
 
-def load_examples(cfg) -> list[Example]:
-    """Preprocess every row of the dataset (deterministic in ``cfg.seed``)."""
-    rows = read_image_rows(cfg)
+def load_examples(cfg, rows: list[dict] | None = None, *, reg: bool = True) -> list[Example]:
+    """Preprocess every row of the dataset, or ``rows`` (deterministic in ``cfg.seed``); with
+    ``reg`` the regularization images after them."""
+    rows = read_image_rows(cfg) if rows is None else rows
+    if reg and getattr(cfg, "reg_data_dir", None):  # regularization images after them (reg.py)
+        from lora_kernel.training.reg import prior_weight, reg_rows
+        rows = rows + [{**r, "weight": prior_weight(cfg)} for r in reg_rows(cfg, len(rows))]
     rng = random.Random(cfg.seed)
     buckets = make_buckets(cfg.resolution) if cfg.enable_bucket else None
     out = []
@@ -133,7 +138,7 @@ def load_examples(cfg) -> list[Example]:
         g = geometry[0]
         out.append(Example(pixels=pixels, bucket=target, caption=row["caption"],
                            original_size=g.original_size, resized_size=g.resized_size,
-                           crop_top_left=g.crop_top_left))
+                           crop_top_left=g.crop_top_left, weight=row.get("weight", 1.0)))
     return out
 
 
@@ -149,6 +154,8 @@ def cache_key(cfg, dataset_version: str, model_sha256: str, family: str = "sd15"
              "text_encoder_cached": not cfg.train_text_encoder}
     if getattr(cfg, "clip_skip", 1) > 1:  # (absent at 1: the keys of earlier caches stay)
         parts["clip_skip"] = cfg.clip_skip
+    if getattr(cfg, "validation_split", 0) or getattr(cfg, "validation_dir", None):
+        parts["held_out"] = [cfg.validation_split, cfg.validation_dir]  # examples' order
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -190,9 +197,11 @@ class ImageTask:
         for te in tes:
             te.eval()
         seed_everything(cfg.seed)
-        self.unet_config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha,
-                                      lora_dropout=cfg.lora_dropout, init_lora_weights="gaussian",
-                                      target_modules=cfg.targets)
+        from lora_kernel.training.adapters import is_plain_lora, unet_adapter_config
+        self.unet_config = (LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.alpha,
+                                       lora_dropout=cfg.lora_dropout,
+                                       init_lora_weights="gaussian", target_modules=cfg.targets)
+                            if is_plain_lora(cfg) else unet_adapter_config(cfg, unet))
         unet.add_adapter(self.unet_config)
         self.te_config = None
         if cfg.train_text_encoder:
@@ -214,7 +223,12 @@ class ImageTask:
                     te.gradient_checkpointing_enable()
         from lora_kernel.training.losses import training_scheduler
         self.scheduler = training_scheduler(cfg, comps.noise_scheduler)  # zero_terminal_snr
-        self.examples = load_examples(cfg)
+        from lora_kernel.training.image_eval import HeldOut, held_out_rows
+        train_rows, held_rows = held_out_rows(cfg)  # validation_split / validation_dir
+        self.examples = load_examples(cfg, train_rows)
+        self.n_train = len(self.examples)  # the held-out images follow, never trained on
+        if held_rows:
+            self.examples += load_examples(cfg, held_rows, reg=False)
         from lora_kernel.training.captions import CaptionHabits
         self.habits = CaptionHabits(cfg)  # per-step captions (shuffle, dropout)
         comps.clip_skip = cfg.clip_skip  # read by the family's encode_prompt
@@ -230,6 +244,7 @@ class ImageTask:
         self.cache_hit = False
         if cfg.cache_latents:
             self._load_or_build_cache(cache_dir, dataset_version)
+        self.held_out = HeldOut(self, self.n_train) if held_rows else None
         if self.te_states is not None and device.type == "cuda":
             # prompts are cached: the frozen encoders (T5-XXL: ~9 GB) leave the GPU for the
             # loop; sample_grid brings them back
@@ -329,7 +344,7 @@ class ImageTask:
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         gen = torch.Generator().manual_seed(self.cfg.seed * 1000003 + epoch)
         by_bucket: dict[tuple[int, int], list[int]] = {}
-        for i in torch.randperm(len(self.examples), generator=gen).tolist():
+        for i in torch.randperm(self.n_train, generator=gen).tolist():
             by_bucket.setdefault(self.examples[i].bucket, []).append(i)
         from lora_kernel.training.distributed import global_batch_size
         b = global_batch_size(self.cfg)  # data-parallel: the batch over all ranks
@@ -345,11 +360,16 @@ class ImageTask:
 
     def eval_batches(self) -> list[list[int]]:
         by_bucket: dict[tuple[int, int], list[int]] = {}
-        for i, e in enumerate(self.examples):
+        for i, e in enumerate(self.examples[:self.n_train]):
             by_bucket.setdefault(e.bucket, []).append(i)
         b = self.cfg.batch_size
         return [idx[i:i + b] for bucket in sorted(by_bucket)
                 for idx in [by_bucket[bucket]] for i in range(0, len(idx), b)]
+
+    def after_step(self, step: int, n_steps: int, writer, output_dir: Path) -> None:
+        """The loop's periodic hook: the held-out loss (image_eval.py)."""
+        if self.held_out is not None:
+            self.held_out.after_step(step, n_steps, writer)
 
     def train_mode(self, enabled: bool) -> None:
         self._training = enabled  # evaluation sees the captions as written
@@ -407,6 +427,9 @@ class ImageTask:
             time_ids = torch.stack([(self.time_ids_flipped if f else self.time_ids)[i]
                                     for i, f in zip(batch, flips.tolist(), strict=True)])
         pred = self.family.predict(self.comps, noisy, embeds, time_ids)
+        weights = [self.examples[i].weight for i in batch]
+        if any(w != 1.0 for w in weights):  # regularization images: prior_loss_weight
+            noisy.extra["example_weights"] = torch.tensor(weights)
         loss = self.family.batch_loss(pred, noisy)
         return loss if shard is None else loss * shard.weight(n_global)
 

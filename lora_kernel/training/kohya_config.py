@@ -51,10 +51,12 @@ SAME = {
     "zero_terminal_snr": "zero_terminal_snr",
     "sample_every_n_steps": "sample_every_n_steps",
     "sample_every_n_epochs": "sample_every_n_epochs",
+    "prior_loss_weight": "prior_loss_weight",
+    "validation_split": "validation_split", "validate_every_n_steps": "eval_steps",
     "lr_scheduler_min_lr_ratio": None,  # handled with learning_rate (min_lr)
 }
 PATHS = {"pretrained_model_name_or_path": "base_model", "train_data_dir": "train_data_dir",
-         "output_dir": "output_dir", "network_weights": "init"}
+         "output_dir": "output_dir", "network_weights": "init", "reg_data_dir": "reg_data_dir"}
 
 # Keys with no effect on what is trained here: why.
 IGNORED = {
@@ -86,12 +88,10 @@ IGNORED = {
 
 # Keys we cannot map (yet): why, and what to do.
 UNMAPPED = {
-    "network_args": "LyCORIS / LoCon network arguments (conv_dim, conv_alpha, algo) are not "
-                    "trained here yet; LoRA attaches to the attention projections "
-                    "(target_modules)",
+    "network_args": "network arguments of networks.lora (conv_dim, conv_alpha for LoCon) "
+                    "are read with network_module = lycoris.kohya here; fix: network_module = "
+                    "\"lycoris.kohya\" with algo=locon",
     "network_train_text_encoder_only": "training the text encoder alone is not offered",
-    "reg_data_dir": "regularization images are not trained here yet",
-    "prior_loss_weight": "regularization images are not trained here yet",
     "v_parameterization": "the prediction type is read from the base model's scheduler",
     "scale_v_pred_loss_like_noise_pred": "v-prediction loss scaling is not offered here",
     "min_bucket_reso": "buckets here span aspect ratios up to 2:1 at `resolution`",
@@ -116,10 +116,22 @@ UNMAPPED = {
     "network_dropout_rank": "rank dropout is not offered",
     "huber_c": "Huber loss is not offered; the loss is MSE",
     "loss_type": "the loss here is MSE",
+    "validation_seed": "the run's seed chooses the held-out images and their noise",
+    "validate_every_n_epochs": "held-out loss is measured every eval_steps (steps)",
 }
-LYCORIS_NEEDS = ("network_module = lycoris.kohya trains a LyCORIS network (algo {algo}); "
-                 "this platform trains plain LoRA only yet; fix: remove network_module or "
-                 "train LoRA")
+LYCORIS_NEEDS = ("network_module = lycoris.kohya with algo {algo}: this platform trains "
+                 "LyCORIS algo lora, locon, loha and lokr (network_type); fix: algo=locon, "
+                 "loha or lokr")
+# LyCORIS network_args -> our keys (algo: network_type; dora_wd: use_dora)
+LYCORIS_ARGS = {"conv_dim": "conv_dim", "conv_alpha": "conv_alpha", "factor": "lokr_factor",
+                "algo": "network_type", "dora_wd": "use_dora"}
+LYCORIS_IGNORED = {"preset": "targets here: target_modules (attention projections) and, with "
+                             "conv_dim, the ResNet / sampler convolutions",
+                   "use_tucker": "Tucker decomposition is not offered",
+                   "use_scalar": "the trainable scalar is not offered",
+                   "rank_dropout": "rank dropout is not offered",
+                   "module_dropout": "module dropout is not offered",
+                   "train_norm": "norm layers are not trained here"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -191,6 +203,11 @@ def convert_kohya(path: str | Path, *, root: str | Path | None = None) -> Conver
                                  and te_lr not in (0, 0.0))
     if not out["train_text_encoder"]:
         out.pop("text_encoder_lr", None)
+    if "prior_loss_weight" in out and "reg_data_dir" not in out:  # lora-scripts always writes it
+        out.pop("prior_loss_weight")
+        conv.mapped.remove(("prior_loss_weight", "prior_loss_weight"))
+        conv.ignored.append(("prior_loss_weight", "no regularization images (reg_data_dir or "
+                                                  "an is_reg subset): it weights nothing"))
     ratio = flat.get("lr_scheduler_min_lr_ratio")
     if ratio:
         out["min_lr"] = float(ratio) * float(out.get("learning_rate", 1e-4))
@@ -240,14 +257,9 @@ def _convert_key(conv: Conversion, key: str, value: Any, flat: dict, base: Path,
         out["sample_seeds"] = [int(value)]
         conv.mapped.append((key, "sample_seeds"))
     elif key == "network_module":
-        if str(value) == "networks.lora":
-            conv.ignored.append((key, IGNORED[key]))
-        else:
-            algo = next((a.split("=", 1)[1] for a in flat.get("network_args", [])
-                         if str(a).replace(" ", "").startswith("algo=")), "lora")
-            why = (LYCORIS_NEEDS.format(algo=algo) if "lycoris" in str(value)
-                   else f"network_module = {value} is not trained here; fix: remove it")
-            conv.unmapped.append((key, why))
+        _convert_network(conv, str(value), flat)
+    elif key == "network_args" and str(flat.get("network_module", "")).startswith("lycoris"):
+        pass  # read with network_module
     elif key == "dataset_config":
         conv.mapped.append((key, "train_data_dir (its subsets)"))
     elif key in IGNORED:
@@ -256,6 +268,55 @@ def _convert_key(conv: Conversion, key: str, value: Any, flat: dict, base: Path,
         conv.unmapped.append((key, UNMAPPED[key]))
     else:
         conv.unmapped.append((key, "not a key this converter knows"))
+
+
+def _convert_network(conv: Conversion, module: str, flat: dict) -> None:
+    """``network_module`` (and, for ``lycoris.kohya``, its ``network_args``) as our
+    ``network_type``, ``conv_dim``, ``conv_alpha``, ``lokr_factor``, ``use_dora``."""
+    if module == "networks.lora":
+        conv.ignored.append(("network_module", IGNORED["network_module"]))
+        return
+    if module == "networks.dylora":
+        conv.unmapped.append(("network_module", "networks.dylora (DyLoRA: a LoRA trained at "
+                                                "every rank up to network_dim) is not trained "
+                                                "here; fix: remove network_module (plain "
+                                                "LoRA), then `lora resize` to pick a rank"))
+        return
+    if module != "lycoris.kohya":
+        conv.unmapped.append(("network_module", f"network_module = {module} is not trained "
+                                                f"here; fix: remove it"))
+        return
+    args = {}
+    raw = flat.get("network_args", [])
+    for item in (raw.split() if isinstance(raw, str) else raw):
+        k, _, v = str(item).partition("=")
+        args[k.strip()] = v.strip()
+    algo = args.get("algo", "lycoris").lower()
+    if algo not in ("lora", "locon", "loha", "lokr"):
+        conv.unmapped.append(("network_module", LYCORIS_NEEDS.format(algo=algo)))
+        return
+    conv.config["network_type"] = algo
+    conv.mapped.append(("network_module", "network_type"))
+    for k, v in args.items():
+        name = f"network_args.{k}"
+        if k in LYCORIS_ARGS:
+            ours = LYCORIS_ARGS[k]
+            if ours == "network_type":
+                continue
+            value: Any = v.lower() == "true" if ours == "use_dora" else (
+                float(v) if ours == "conv_alpha" else int(float(v)))
+            conv.config[ours] = value
+            conv.mapped.append((name, ours))
+        elif k in LYCORIS_IGNORED:
+            conv.unmapped.append((name, LYCORIS_IGNORED[k]))
+        else:
+            conv.unmapped.append((name, "not a LyCORIS argument this converter knows"))
+    if algo == "lora" and "conv_dim" in conv.config:  # LyCORIS' lora with convs is LoCon
+        conv.config["network_type"] = "locon"
+    if algo == "locon" and "conv_dim" not in conv.config:  # LyCORIS' default conv rank
+        conv.config["network_type"] = "lora"
+        conv.unmapped.append(("network_args.conv_dim", "locon without conv_dim trains the "
+                                                       "linear layers only: plain LoRA here"))
 
 
 def _refuse_hub_id(value: str, base: Path, path: Path) -> None:
@@ -342,9 +403,7 @@ def _convert_dataset(conv: Conversion, path_text: str, source: str, base: Path) 
                 _dataset_key(conv, key, value, "datasets")
         subsets.extend(ds.get("subsets", []))
     train = [s for s in subsets if not s.get("is_reg")]
-    for s in subsets:
-        if s.get("is_reg"):
-            conv.unmapped.append(("datasets.subsets.is_reg", UNMAPPED["reg_data_dir"]))
+    _convert_reg_subsets(conv, [s for s in subsets if s.get("is_reg")], base)
     if len(train) == 1:
         sub = train[0]
         conv.config["train_data_dir"] = _abs(sub["image_dir"], base)
@@ -367,6 +426,33 @@ def _convert_dataset(conv: Conversion, path_text: str, source: str, base: Path) 
                                                   f"platform trains one folder; fix: put "
                                                   f"them as N_concept sub-folders of one "
                                                   f"train_data_dir"))
+
+
+def _convert_reg_subsets(conv: Conversion, reg: list[dict], base: Path) -> None:
+    """The dataset TOML's ``is_reg = true`` subsets: one is ``reg_data_dir`` (its repeats
+    come from N_class folder names, as for the training folder)."""
+    if len(reg) > 1:
+        conv.unmapped.append(("datasets.subsets.is_reg", f"{len(reg)} regularization "
+                                                         f"subsets; fix: put them as N_class "
+                                                         f"sub-folders of one reg_data_dir"))
+        return
+    if not reg:
+        return
+    folder = Path(_abs(reg[0]["image_dir"], base))
+    # an N_class folder: its parent is kohya's reg_data_dir (the class name is the caption)
+    from lora_kernel.training.data import REPEAT_FOLDER
+    conv.config["reg_data_dir"] = str(folder.parent if REPEAT_FOLDER.match(folder.name)
+                                      else folder)
+    conv.mapped.append(("datasets.subsets.is_reg", "reg_data_dir"))
+    value = reg[0].get("num_repeats", 1)
+    if int(value) != 1:
+        conv.unmapped.append(("datasets.subsets.num_repeats (is_reg)",
+                              f"{value}: repeats come from N_class folder names here; fix: "
+                              f"name the folder {value}_<class>"))
+    if "class_tokens" in reg[0]:
+        conv.unmapped.append(("datasets.subsets.class_tokens (is_reg)",
+                              "reg images without a caption file take their N_class folder "
+                              "name as caption here"))
 
 
 def _dataset_key(conv: Conversion, key: str, value: Any, table: str) -> None:

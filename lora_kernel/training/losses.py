@@ -22,6 +22,18 @@ def loss_options_on(cfg) -> bool:
                                                              False))
 
 
+# kohya's loss options of the DDPM (UNet) families -> their value when off. Flow-matching
+# families (Flux, SD3.5) have no SNR schedule or epsilon/v target: they refuse these (their
+# own per-example weighting is weighting_scheme, their noise spread timestep_sampling).
+DDPM_ONLY = {"min_snr_gamma": 0.0, "debiased_estimation_loss": False,
+             "multires_noise_iterations": 0, "noise_offset": 0.0, "zero_terminal_snr": False}
+
+
+def ddpm_only_set(cfg) -> list[str]:
+    """The DDPM-only loss options ``cfg`` turns on (see :data:`DDPM_ONLY`)."""
+    return [k for k, off in DDPM_ONLY.items() if getattr(cfg, k, off) != off]
+
+
 def snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
     """Signal-to-noise ratio alpha_bar / (1 - alpha_bar) at ``timesteps``."""
     ab = scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
@@ -44,12 +56,18 @@ def sample_weights(cfg, scheduler, timesteps: torch.Tensor) -> torch.Tensor:
 
 
 def diffusion_loss(cfg, scheduler, pred: torch.Tensor, target: torch.Tensor,
-                   timesteps: torch.Tensor) -> torch.Tensor:
-    """MSE of ``pred`` against ``target``, weighted per sample when an option asks."""
-    if not loss_options_on(cfg):
+                   timesteps: torch.Tensor, example_weights: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """MSE of ``pred`` against ``target``, weighted per sample when an option asks and by
+    ``example_weights`` (kohya's ``prior_loss_weight`` of regularization images)."""
+    if not loss_options_on(cfg) and example_weights is None:
         return F.mse_loss(pred.float(), target.float())
     per = F.mse_loss(pred.float(), target.float(), reduction="none")
     per = per.mean(dim=list(range(1, per.ndim)))
+    if example_weights is not None:
+        per = per * example_weights.float().to(per.device)
+    if not loss_options_on(cfg):
+        return per.mean()
     return (per * sample_weights(cfg, scheduler, timesteps).to(per.device)).mean()
 
 

@@ -251,6 +251,9 @@ def train(cfg, *, resume: bool | str | Path | None = None, progress: bool = True
                     "version": version_info(),
                     "dataset_file_count": len(digests)})
     summary.update(outcome.summary)
+    if getattr(cfg, "reg_data_dir", None):  # the regularization images' own version
+        from lora_kernel.training.reg import reg_version
+        summary["reg_dataset_version"] = reg_version(digests)
     if getattr(cfg, "init_adapter", None):  # text: the adapter it continued, by content
         from lora_kernel.training.text_adapter import init_adapter_sha256
         summary["init_adapter_sha256"] = init_adapter_sha256(cfg)
@@ -280,6 +283,7 @@ class TaskOutcome:
 
 def _train_image(cfg, *, device, out, cache_dir, version, digests, resume, progress,
                  interrupt_at_step, on_step, samples, log, run_loop) -> TaskOutcome:
+    from lora_kernel.training.adapters import is_plain_lora
     from lora_kernel.training.export import adapter_metadata, save_diffusers_lora, save_kohya_lora
     from lora_kernel.training.families import family_of
     from lora_kernel.training.image import ImageTask, sample_grid
@@ -306,6 +310,13 @@ def _train_image(cfg, *, device, out, cache_dir, version, digests, resume, progr
                                 extra={"ss_num_train_steps": str(steps),
                                        **({"ss_epoch": str(epoch)} if epoch else {}),
                                        **family.metadata()})
+        if not is_plain_lora(cfg):  # LoCon / LoHa / LoKr / DoRA: LyCORIS names + PEFT
+            from lora_kernel.training.adapters import save_lycoris, save_peft_unet
+            return {"peft": str(save_peft_unet(folder / f"{stem}_peft.safetensors",
+                                               comps.unet, task.unet_config, meta)),
+                    "kohya": str(save_lycoris(folder / f"{stem}_kohya.safetensors", cfg,
+                                              comps.unet, task.unet_config, te, meta,
+                                              text_encoder_2=te2, family=family))}
         return {
             "diffusers": str(save_diffusers_lora(folder / f"{stem}.safetensors", comps.unet,
                                                  te, task.unet_config, task.te_config, meta,
@@ -331,7 +342,9 @@ def _train_image(cfg, *, device, out, cache_dir, version, digests, resume, progr
                        snapshots=snaps.entries,
                        base_model_sha256=comps.sha256, live={"components": comps},
                        base_weight_dtype=dtype, model_family=family.name,
-                       trainable_dtype=trainable_dtype_name(task.named_trainable()))
+                       trainable_dtype=trainable_dtype_name(task.named_trainable()),
+                       summary={"held_out_loss": task.held_out.history} if task.held_out
+                       else {})
 
 
 def _train_text(cfg, *, device, out, version, digests, resume, progress, interrupt_at_step,

@@ -43,7 +43,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from lora_kernel.common.atomic import atomic_write
-from lora_kernel.common.digests import OUTSIDE_PREFIX, listing_sha256
+from lora_kernel.common.digests import OUTSIDE_PREFIX, REG_PREFIX, VAL_PREFIX, listing_sha256
 from lora_kernel.common.errors import ConfigError, LoraError, VerificationError
 from lora_kernel.common.paths import state_dir
 from lora_kernel.common.timeutil import iso_time
@@ -373,9 +373,11 @@ def _tree_index(got: dict[str, tuple[str, int]], key: str, digest: str, name: st
 
 def lay_out(store: ObjectStore, snap: Snapshot, dest: Path) -> dict[str, str]:
     """Materialize ``snap`` under ``dest``: ``dataset/`` (its keys as relative paths),
-    ``model/`` (the folder, or ``model/<name>`` for a single file), ``config/<name>`` and
-    ``init_adapter/``. Returns :func:`laid_paths`."""
-    store.materialize(snap.dataset, dest / "dataset")
+    ``reg/`` and ``val/`` (regularization and held-out images), ``model/`` (the folder, or
+    ``model/<name>`` for a single file), ``config/<name>`` and ``init_adapter/``. Returns
+    :func:`laid_paths`."""
+    for part, files in _dataset_parts(snap.dataset).items():
+        store.materialize(files, dest / part)
     store.materialize(snap.model_files, dest / "model")
     store.materialize({snap.config_name: snap.config_sha256}, dest / "config")
     if snap.init_files:
@@ -386,6 +388,23 @@ def lay_out(store: ObjectStore, snap: Snapshot, dest: Path) -> dict[str, str]:
     return laid_paths(snap, dest)
 
 
+# Dataset keys of the files of other folders than train_data_dir, and where they are laid out.
+PREFIX_FOLDERS = ((REG_PREFIX, "reg"), (VAL_PREFIX, "val"))
+
+
+def _dataset_parts(dataset: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """The dataset's keys split by folder: ``dataset`` (train_data_dir's), ``reg``
+    (``reg_data_dir``'s, keys ``reg:<path>``) and ``val`` (``validation_dir``'s)."""
+    parts: dict[str, dict[str, str]] = {"dataset": {}}
+    for key, sha in dataset.items():
+        folder, rel = "dataset", key
+        for prefix, name in PREFIX_FOLDERS:
+            if key.startswith(prefix):
+                folder, rel = name, key[len(prefix):]
+        parts.setdefault(folder, {})[rel] = sha
+    return parts
+
+
 def laid_paths(snap: Snapshot, dest: Path) -> dict[str, str]:
     """Where :func:`lay_out` puts ``snap`` under ``dest``: the paths the run's config is
     pointed at (``train_data_dir``, ``base_model``, ``config``, ``init_adapter``)."""
@@ -393,6 +412,10 @@ def laid_paths(snap: Snapshot, dest: Path) -> dict[str, str]:
         else dest / "model"
     out = {"train_data_dir": str(dest / "dataset"), "base_model": str(model),
            "config": str(dest / "config" / snap.config_name)}
+    parts = _dataset_parts(snap.dataset)
+    for key, folder in (("reg_data_dir", "reg"), ("validation_dir", "val")):
+        if folder in parts:
+            out[key] = str(dest / folder)
     if snap.init_files:
         out["init_adapter"] = str(dest / "init_adapter" / next(iter(snap.init_files))
                                   if snap.init_is_file else dest / "init_adapter")

@@ -193,7 +193,11 @@ def reject(run_id: str, note: str = "", *, actor: Actor | None = None,
 def check_approved(run_id: str, s: dict[str, Any], ledger: LedgerReader) -> Entry:
     """The approval entry that lets ``run_id`` (summary ``s``) be published, or
     :class:`PolicyRefusal` saying why not (pending, rejected, replayed/void, self-approved)."""
-    state, entry = review_state(ledger, run_id, s["adapter_digest"])
+    state, entry = review_state(ledger, run_id, s["adapter_digest"], s.get("step"))
+    other = ledger.latest("review", run_id)  # an approval of another step, or of the final
+    if state == "pending" and other is not None and other.payload.get("step") != s.get("step") \
+            and other.payload.get("decision") == "approved":
+        state, entry = "void", other
     if state == "void" and entry is not None and entry.payload.get("step") != s.get("step"):
         approved = entry.payload.get("step")
         what = (f"the adapter it saved at step {approved}; fix: lora publish {run_id} "

@@ -395,7 +395,7 @@ class Runner:
 
         inputs, sources = pinned.inputs, pinned.sources or {}
         digests = inputs.dataset_digests or {}
-        if any(k.startswith(OUTSIDE_PREFIX) for k in digests):
+        if any(OUTSIDE_PREFIX in k for k in digests):
             return pinned._replace(snapshot={
                 "read_from": "the user's files",
                 "why": "the dataset has files outside train_data_dir (allow_outside_dataset)"})
@@ -580,8 +580,9 @@ def _snapshot_paths(config: Mapping[str, Any], laid: Mapping[str, str]) -> dict[
     out = {key: str(config[key]) for key in CONFIG_PATH_KEYS
            if config.get(key) and key != "output_dir"}  # resolved: the config file moves
     out["base_model"] = laid["base_model"]
-    if "init_adapter" in laid:
-        out["init_adapter"] = laid["init_adapter"]
+    for key in ("init_adapter", "reg_data_dir", "validation_dir"):
+        if key in laid:
+            out[key] = laid[key]
     data = Path(laid["train_data_dir"])
     root = config.get("train_data_dir")
     if root:

@@ -48,6 +48,27 @@ def _convert_not_lora(c: Case) -> list:
     return ["convert", path, "--to", "diffusers"]
 
 
+def _prior_without_reg(c: Case) -> list:
+    return ["config", c.config(prior_loss_weight=0.5)]
+
+
+def _reg_is_training_folder(c: Case) -> list:
+    return ["config", c.config(reg_data_dir=str((c.demo / "datasets" / "image").resolve()))]
+
+
+def _validation_dir_is_training_folder(c: Case) -> list:
+    return ["config", c.config(validation_dir=str((c.demo / "datasets" / "image").resolve()))]
+
+
+def _conv_dim_on_lora(c: Case) -> list:
+    return ["config", c.config(conv_dim=4)]
+
+
+def _ddpm_option_for_flux(c: Case) -> list:
+    from exit_cases.flow import _flux_config
+    return ["config", _flux_config(c, min_snr_gamma=5.0)]
+
+
 CASES: dict[str, Callable[[Case], list]] = {
     "kohya TOML names a Hugging Face model id (`lora config --from-kohya`)": _hub_id_toml,
     "`optimizer` needs a package this platform does not ship (D-Adaptation, CAME)":
@@ -57,4 +78,12 @@ CASES: dict[str, Callable[[Case], list]] = {
     "`lora review approve RUN --step N` names a step the run saved no adapter at": _step_not_saved,
     "`lora resize` of a file that is not a kohya-format LoRA": _resize_not_kohya,
     "`lora convert` of a file that is not a LoRA in kohya or diffusers format": _convert_not_lora,
+    "`prior_loss_weight` without `reg_data_dir`": _prior_without_reg,
+    "`reg_data_dir` is the training folder, or a folder inside it": _reg_is_training_folder,
+    "`validation_dir` is the training folder, or a folder inside it":
+        _validation_dir_is_training_folder,
+    "`conv_dim`, `conv_alpha`, `lokr_factor` or `use_dora` that does not fit `network_type` "
+    "(e.g. `conv_dim` with plain `lora`)": _conv_dim_on_lora,
+    "a DDPM loss option (`min_snr_gamma`, `noise_offset`, `multires_noise_iterations`, ...) or "
+    "a LyCORIS `network_type` for a flow-matching model (Flux, SD3.5)": _ddpm_option_for_flux,
 }

@@ -76,10 +76,12 @@ def test_lora_scripts_toml_converts_every_key_and_validates(kohya_root, capsys):
     for key in keys:
         assert re.search(rf"^(mapped|not mapped|ignored): {key}\b", report, re.M), key
     assert re.search(r"^mapped: clip_skip -> clip_skip", report, re.M) and cfg["clip_skip"] == 2
-    assert re.search(r"^not mapped: prior_loss_weight: ", report, re.M)
+    # lora-scripts writes prior_loss_weight always: without reg images it weights nothing
+    assert re.search(r"^ignored: prior_loss_weight: no regularization", report, re.M)
+    assert "prior_loss_weight" not in cfg
     assert re.search(r"^ignored: xformers: ", report, re.M)
     # the unmapped keys head the YAML as comments; the file validates with `lora config`
-    assert "#   prior_loss_weight:" in out.read_text()
+    assert "#   max_token_length:" in out.read_text()
     capsys.readouterr()
     assert _lora("config", out) == 0
     assert f"{out}: OK" in capsys.readouterr().out
@@ -95,19 +97,46 @@ def test_dataset_config_subsets_become_the_training_folder(kohya_root):
     assert (conv.config["resolution"], conv.config["batch_size"]) == (64, 2)
     assert conv.config["shuffle_caption"] is True and conv.config["keep_tokens"] == 1
     assert conv.config["train_text_encoder"] is False
+    # the is_reg subset is the regularization folder; its class_tokens come from N_class here
+    assert conv.config["reg_data_dir"] == str(kohya_root / "reg")  # 1_shape: an N_class folder
+    assert ("datasets.subsets.is_reg", "reg_data_dir") in conv.mapped
     why = dict(conv.unmapped)
-    assert "regularization" in why["datasets.subsets.is_reg"]
-    assert "class_tokens" not in why  # the training subset has none
+    assert "datasets.subsets.class_tokens" not in why  # the training subset has none
+    assert "N_class" in why["datasets.subsets.class_tokens (is_reg)"]
 
 
-def test_lycoris_network_is_listed_with_the_algorithm_it_needs(kohya_root):
+def test_lycoris_network_args_become_the_adapter_keys_and_validate(kohya_root, capsys):
     toml = kohya_root / "k.toml"
     toml.write_text('pretrained_model_name_or_path = "./sd-models/tiny-sd"\n'
+                    'train_data_dir = "./train/enclave"\n'
                     'network_module = "lycoris.kohya"\n'
-                    'network_args = ["conv_dim=4", "conv_alpha=1", "algo=loha"]\n')
-    why = dict(convert_kohya(toml, root=kohya_root).unmapped)
-    assert "lycoris.kohya" in why["network_module"] and "algo loha" in why["network_module"]
-    assert "conv_dim" in why["network_args"]
+                    'network_args = ["conv_dim=8", "conv_alpha=2", "algo=loha", '
+                    '"use_tucker=False"]\n')
+    conv = convert_kohya(toml, root=kohya_root)
+    assert (conv.config["network_type"], conv.config["conv_dim"], conv.config["conv_alpha"]) \
+        == ("loha", 8, 2.0)
+    assert ("network_args.conv_dim", "conv_dim") in conv.mapped
+    assert "Tucker" in dict(conv.unmapped)["network_args.use_tucker"]
+    out = kohya_root / "loha.yaml"
+    out.write_text(conv.to_yaml())
+    assert _lora("config", out) == 0, capsys.readouterr().err
+    toml.write_text('network_module = "lycoris.kohya"\nnetwork_args = ["algo=lokr", '
+                    '"factor=4", "dora_wd=True"]\n')
+    conv = convert_kohya(toml, root=kohya_root)
+    assert (conv.config["network_type"], conv.config["lokr_factor"],
+            conv.config["use_dora"]) == ("lokr", 4, True)
+
+
+@pytest.mark.parametrize(("module", "args", "why"), [
+    ("networks.dylora", "[]", "DyLoRA"),
+    ("lycoris.kohya", '["algo=ia3"]', "algo ia3"),
+])
+def test_networks_not_trained_here_are_listed_with_why(kohya_root, module, args, why):
+    toml = kohya_root / "k.toml"
+    toml.write_text(f'network_module = "{module}"\nnetwork_args = {args}\n')
+    conv = convert_kohya(toml, root=kohya_root)
+    assert why in dict(conv.unmapped)["network_module"]
+    assert "network_type" not in conv.config
 
 
 def test_a_remote_model_id_is_refused_and_nothing_is_written(kohya_root, capsys):

@@ -78,11 +78,12 @@ def test_multires_noise_discount_out_of_range_is_refused():
 
 
 @pytest.mark.slow
-def test_a_run_with_every_loss_option_trains(demo_home, tmp_path):
+def test_a_run_with_every_loss_option_trains(demo_home, demo_subset, tmp_path):
     from lora_kernel.training.checks import load_config
     from lora_kernel.training.train import train
     cfg = load_config(demo_home / "demo" / "image_lora.yaml",
-                      {"output_dir": str(tmp_path), "max_train_steps": 30, "save_steps": 0,
+                      {"output_dir": str(tmp_path), "max_train_steps": 20, "save_steps": 0,
+                       **demo_subset(8),
                        "min_snr_gamma": 5.0, "multires_noise_iterations": 6,
                        "debiased_estimation_loss": True, "zero_terminal_snr": True})
     res = train(cfg, progress=False, home=demo_home, samples=False, log=lambda m: None)
@@ -105,3 +106,28 @@ def test_clip_skip_conditions_on_the_penultimate_layer_through_the_final_norm(de
         torch.testing.assert_close(skipped, te.final_layer_norm(states[-2]))
         torch.testing.assert_close(last, te.final_layer_norm(states[-1]))
     assert not torch.allclose(last, skipped)
+
+
+@pytest.mark.parametrize("key", ["min_snr_gamma", "debiased_estimation_loss",
+                                 "multires_noise_iterations", "noise_offset",
+                                 "zero_terminal_snr", "network_type", "use_dora"])
+def test_ddpm_loss_options_and_lycoris_types_are_refused_for_flow_models(demo_home, tmp_path,
+                                                                          key):
+    """Flux / SD3.5 train by flow matching: kohya's DDPM loss options would be silently
+    ignored there, so each is refused naming its key; flow matching's own weighting works."""
+    import yaml
+
+    from lora_kernel.training.checks import load_config
+    value = {"min_snr_gamma": 5.0, "debiased_estimation_loss": True,
+             "multires_noise_iterations": 6, "noise_offset": 0.05, "zero_terminal_snr": True,
+             "network_type": "loha", "use_dora": True}[key]
+    data = yaml.safe_load((demo_home / "demo" / "flux_lora.yaml").read_text())
+    for k in ("train_data_dir", "metadata_path", "base_model"):
+        data[k] = str((demo_home / "demo" / data[k]).resolve())
+    path = tmp_path / "flux.yaml"
+    path.write_text(yaml.safe_dump({**data, key: value}))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == key and "fix: remove" in str(info.value)
+    path.write_text(yaml.safe_dump({**data, "weighting_scheme": "sigma_sqrt"}))
+    assert load_config(path).weighting_scheme == "sigma_sqrt"

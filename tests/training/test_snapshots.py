@@ -16,30 +16,30 @@ from lora_kernel.training.train import train
 
 pytestmark = pytest.mark.slow
 
-# 24 demo images in batches of 4: 6 steps per epoch, 2 epochs
+# 8 demo images in batches of 4: 2 steps per epoch, 2 epochs
 FEEDBACK = {"epochs": 2, "max_train_steps": None, "save_steps": 0, "save_every_n_epochs": 1,
-            "sample_every_n_steps": 6, "sample_steps": 1, "sample_seeds": [0],
+            "sample_every_n_steps": 2, "sample_steps": 1, "sample_seeds": [0],
             "sample_prompts": ["a red circle in enclave style"]}
 
 
-def _train(demo_home, out: Path, **kw):
+def _train(demo_home, out: Path, data: dict, **kw):
     cfg = load_config(demo_home / "demo" / "image_lora.yaml",
-                      {**FEEDBACK, **kw, "output_dir": str(out)})
+                      {**FEEDBACK, **data, **kw, "output_dir": str(out)})
     return train(cfg, progress=False, home=demo_home, samples=False, log=lambda m: None)
 
 
 @pytest.fixture(scope="module")
-def feedback_run(demo_home, tmp_path_factory):
+def feedback_run(demo_home, demo_subset, tmp_path_factory):
     out = tmp_path_factory.mktemp("feedback")
-    return out, _train(demo_home, out)
+    return out, _train(demo_home, out, demo_subset(8))
 
 
 def test_each_epoch_leaves_a_loadable_adapter_listed_with_its_sha256(feedback_run):
     out, res = feedback_run
-    assert res.steps == 12
+    assert res.steps == 4
     index = json.loads((out / "snapshots" / "snapshots.json").read_text())["snapshots"]
-    assert [(e["step"], e["epoch"], e["by"]) for e in index] == [(6, 1, "epoch"),
-                                                                (12, 2, "epoch")]
+    assert [(e["step"], e["epoch"], e["by"]) for e in index] == [(2, 1, "epoch"),
+                                                                (4, 2, "epoch")]
     assert res.snapshots == index
     for entry in index:
         for fmt in ("diffusers", "kohya"):
@@ -77,7 +77,7 @@ def test_an_epoch_snapshot_loads_in_diffusers_in_kohya_format(feedback_run, demo
 
 def test_samples_during_training_go_to_their_step_folder_and_tensorboard(feedback_run):
     out, _ = feedback_run
-    for step in (6, 12):
+    for step in (2, 4):
         info = json.loads((out / "samples" / f"step-{step:06d}" / "samples.json").read_text())
         assert Path(info["grid"]).is_file() and info["seeds"] == [0]
     events = b"".join(p.read_bytes() for p in (out / "tb").glob("events.out.tfevents*"))
@@ -85,9 +85,10 @@ def test_samples_during_training_go_to_their_step_folder_and_tensorboard(feedbac
 
 
 def test_snapshots_and_samples_do_not_change_what_is_trained(feedback_run, demo_home,
-                                                            tmp_path):
+                                                            demo_subset, tmp_path):
     _, res = feedback_run
-    plain = _train(demo_home, tmp_path, save_every_n_epochs=0, sample_every_n_steps=0)
+    plain = _train(demo_home, tmp_path, demo_subset(8), save_every_n_epochs=0,
+                   sample_every_n_steps=0)
     assert plain.losses == res.losses
     a, b = load_file(plain.adapter_files["diffusers"]), load_file(res.adapter_files["diffusers"])
     assert all(torch.equal(a[k], b[k]) for k in a)

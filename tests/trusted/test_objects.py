@@ -183,3 +183,26 @@ def test_lora_data_versions_show_and_diff_read_the_store(tmp_path, monkeypatch, 
     assert code == 0 and "0 added, 0 removed, 1 changed" in out, out
     code, out = lora("data", "show", "ds-" + "0" * 32, "--state", state)
     assert code == 2 and "lora data versions" in out, out
+
+
+def test_reg_and_held_out_images_are_laid_out_in_their_own_folders(tmp_path):
+    """Dataset keys ``reg:<path>`` (reg_data_dir) and ``val:<path>`` (validation_dir) go to
+    ``reg/`` and ``val/`` beside ``dataset/``, and the run's config points there: the same
+    relative paths, so the training computes the pinned dataset version from them."""
+    pinned, sources, _content = _inputs(tmp_path)
+    extra = {"reg:1_person/r.png": b"reg image", "val:v.png": b"held out"}
+    for key, blob in extra.items():
+        path = tmp_path / key.replace(":", "_")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(blob)
+        sources["dataset"][key] = str(path)
+        pinned["dataset_digests"][key] = sha256_bytes(blob)
+    pinned["dataset_version"] = "ds-" + listing_sha256(pinned["dataset_digests"])[:32]
+    store = objects.ObjectStore(tmp_path / "state" / "objects")
+    got = store.receive(_send(objects.snapshot_request(pinned, sources, store)))
+    snap = objects.accept(pinned, sources, got, store, "run-1")
+    laid = objects.lay_out(store, snap, tmp_path / "inputs")
+    assert (Path(laid["reg_data_dir"]) / "1_person" / "r.png").read_bytes() == b"reg image"
+    assert (Path(laid["validation_dir"]) / "v.png").read_bytes() == b"held out"
+    data = Path(laid["train_data_dir"])
+    assert not any(":" in p.name for p in data.rglob("*"))  # only the training folder's files

@@ -156,18 +156,23 @@ class ModelFamily:
                           **self.unet_kwargs(embeds, time_ids)).sample
 
     def batch_loss(self, pred, batch: NoisyBatch):
-        """Mean squared error of ``pred`` against the target, each example weighted (a DDPM
+        """Mean squared error of ``pred`` against the target, each example weighted (its
+        ``extra["example_weights"]``: a regularization image's ``prior_loss_weight``; a DDPM
         batch: kohya's loss options, min-SNR, debiased estimation, through
         :func:`lora_kernel.training.losses.diffusion_loss`; plain MSE without them)."""
         import torch.nn.functional as F
+        examples = batch.extra.get("example_weights")  # prior_loss_weight of reg images
         if batch.weights is None and "scheduler" in batch.extra:
             from lora_kernel.training.losses import diffusion_loss
             return diffusion_loss(batch.extra["cfg"], batch.extra["scheduler"], pred,
-                                  batch.target, batch.timesteps)
-        if batch.weights is None:
+                                  batch.target, batch.timesteps, example_weights=examples)
+        if batch.weights is None and examples is None:
             return F.mse_loss(pred.float(), batch.target.float())
         per = ((pred.float() - batch.target.float()) ** 2).reshape(pred.shape[0], -1).mean(1)
-        return (batch.weights.float().to(per.device) * per).mean()
+        for w in (batch.weights, examples):
+            if w is not None:
+                per = w.float().to(per.device) * per
+        return per.mean()
 
     def check_config(self, cfg, file: str) -> None:
         """Refuse (:class:`~lora_kernel.common.errors.ConfigError`) settings this family's

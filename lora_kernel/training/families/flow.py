@@ -111,6 +111,20 @@ class FlowMatchingFamily(ModelFamily):
         from pathlib import Path
 
         from lora_kernel.training.flow_models import fp8_supported
+        from lora_kernel.training.losses import ddpm_only_set
+        for key in ddpm_only_set(cfg):  # would be silently ignored by flow matching
+            raise ConfigError(
+                f"is a loss option of the DDPM models (SD 1.x/2.x, SDXL: an SNR schedule, "
+                f"epsilon / v targets); {self.title} trains by flow matching, which has none, "
+                f"so it would be ignored; fix: remove {key} (flow matching's own: "
+                f"weighting_scheme: sigma_sqrt or cosmap, timestep_sampling)", file=file,
+                key=key)
+        if cfg.network_type != "lora" or cfg.use_dora:  # adapters.py: the UNet families
+            key = "use_dora" if cfg.network_type == "lora" else "network_type"
+            raise ConfigError(
+                f"{self.title} trains plain LoRA on its transformer here (LoCon, LoHa, LoKr "
+                f"and DoRA exports are for the UNet families); fix: remove {key}",
+                file=file, key=key)
         p = Path(cfg.base_model)
         if p.is_file() and self.single_file:
             from lora_kernel.training.flow_single_file import missing_error, missing_parts
