@@ -64,23 +64,12 @@ def _ours(home: Path, steps: int, out: Path) -> dict:
             "cache_hit": res.cache_hit}
 
 
-def _quality(home: Path, out: Path) -> dict:
-    """The demo config as shipped, with samples: its style and adherence measures."""
+def _quality(home: Path, out: Path, config: str = "image_lora.yaml") -> dict:
+    """A demo config as shipped (the image one by default), with samples: its measures (style
+    and adherence for images, held-out exact match for text)."""
     from lora_kernel.training.checks import load_config
     from lora_kernel.training.train import train
-    cfg = load_config(home / "demo" / "image_lora.yaml",
-                      {"save_steps": 0, "output_dir": str(out)})
-    res = train(cfg, progress=False, home=home, log=lambda m: None)
-    return {"steps": res.steps, "seconds": res.seconds, "steps_per_s": res.steps / res.seconds,
-            "measures": res.samples["measures"]}
-
-
-def _text_quality(home: Path, out: Path) -> dict:
-    """The demo text config as shipped, with samples: its held-out exact-match measures."""
-    from lora_kernel.training.checks import load_config
-    from lora_kernel.training.train import train
-    cfg = load_config(home / "demo" / "text_lora.yaml",
-                      {"save_steps": 0, "output_dir": str(out)})
+    cfg = load_config(home / "demo" / config, {"save_steps": 0, "output_dir": str(out)})
     res = train(cfg, progress=False, home=home, log=lambda m: None)
     return {"steps": res.steps, "seconds": res.seconds, "steps_per_s": res.steps / res.seconds,
             "measures": res.samples["measures"]}
@@ -208,7 +197,7 @@ def main() -> None:
         if args.child == "quality":
             out = _quality(args.home, Path(tempfile.mkdtemp()))
         elif args.child == "text-quality":
-            out = _text_quality(args.home, Path(tempfile.mkdtemp()))
+            out = _quality(args.home, Path(tempfile.mkdtemp()), "text_lora.yaml")
         else:
             out = _plain(args.home, args.steps) if args.child == "plain" else _ours(
                 args.home, args.steps, Path(tempfile.mkdtemp()))

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+from democonfig import write_config
 from safetensors.torch import load_file
-from test_distributed import TOL, write_config
+from test_distributed import TOL
 
 from lora_kernel.provenance.records import load_manifest
 from lora_kernel.training.dist_launch import free_port, spawn_ranks, supervise
@@ -109,6 +110,23 @@ def test_lora_run_on_two_ranks_seals_a_record_listing_both_and_the_one_rank_adap
     assert extra["losses"] == pytest.approx(one.losses, abs=TOL)
 
 
+def _training_on_two_ranks(demo_home: Path, tmp_path: Path, **changes) -> subprocess.Popen:
+    """``lora train`` of the demo text config on 2 ranks (a long run), returned once its first
+    step is reported (or it ended, or 300 s passed)."""
+    progress = tmp_path / "progress.jsonl"
+    cfg = write_config(demo_home, tmp_path, "text_lora.yaml", num_processes=2, batch_size=4,
+                       max_train_steps=100000, **changes)
+    proc = subprocess.Popen([sys.executable, "-m", "lora_kernel.cli", "train", "--config",
+                             str(cfg), "--quiet", "--no-samples"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, LORA_PROGRESS_FILE=str(progress)))
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not (
+            progress.is_file() and '"event": "step"' in progress.read_text()):
+        time.sleep(0.3)
+    return proc
+
+
 def _ranks_under(root_pid: int) -> list[psutil.Process]:
     """The dist_worker processes below ``root_pid``."""
     try:
@@ -159,19 +177,9 @@ def test_sigterm_to_the_launcher_stops_every_rank_at_one_step_with_a_checkpoint(
     all-reduce), rank 0 saves that step's checkpoint, ``lora train`` exits 130 and nothing
     is left running; its twin, a finished run, is the equality test's."""
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    progress = tmp_path / "progress.jsonl"
     out = tmp_path / "out"
-    cfg = write_config(demo_home, tmp_path, "text_lora.yaml", num_processes=2, batch_size=4,
-                       max_train_steps=100000, output_dir=str(out),
-                       **dict(FAST_TEXT, save_steps=100000))
-    proc = subprocess.Popen([sys.executable, "-m", "lora_kernel.cli", "train", "--config",
-                             str(cfg), "--quiet", "--no-samples"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, LORA_PROGRESS_FILE=str(progress)))
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None and not (
-            progress.is_file() and '"event": "step"' in progress.read_text()):
-        time.sleep(0.3)
+    proc = _training_on_two_ranks(demo_home, tmp_path, output_dir=str(out),
+                                  **dict(FAST_TEXT, save_steps=100000))
     ranks = _ranks_under(proc.pid)
     assert len(ranks) == 2, proc.communicate()
     proc.send_signal(signal.SIGTERM)
@@ -189,17 +197,8 @@ def test_a_rank_killed_mid_training_fails_lora_train_naming_it(demo_home, tmp_pa
     """Killed while the others wait in the gradient all-reduce: rank 0 notices its peer is
     gone (one line, no traceback), the launcher stops it and exits 7 naming rank 1."""
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    progress = tmp_path / "progress.jsonl"
-    cfg = write_config(demo_home, tmp_path, "text_lora.yaml", num_processes=2, batch_size=4,
-                       max_train_steps=100000, output_dir=str(tmp_path / "out"), **FAST_TEXT)
-    proc = subprocess.Popen([sys.executable, "-m", "lora_kernel.cli", "train", "--config",
-                             str(cfg), "--quiet", "--no-samples"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, LORA_PROGRESS_FILE=str(progress)))
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and proc.poll() is None and not (
-            progress.is_file() and '"event": "step"' in progress.read_text()):
-        time.sleep(0.3)
+    proc = _training_on_two_ranks(demo_home, tmp_path, output_dir=str(tmp_path / "out"),
+                                  **FAST_TEXT)
     ranks = {int(p.environ()["LORA_DIST_RANK"]): p for p in _ranks_under(proc.pid)}
     assert set(ranks) == {0, 1}, proc.communicate()
     os.kill(ranks[1].pid, signal.SIGKILL)

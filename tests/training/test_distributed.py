@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import socket
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from democonfig import write_config
 from safetensors.torch import load_file
 
 from lora_kernel.common.errors import ConfigError
@@ -23,19 +22,6 @@ from lora_kernel.training.checks import load_config
 from lora_kernel.training.distributed import Shard
 
 TOL = 1e-5
-
-
-def write_config(demo_home: Path, tmp_path: Path, name: str, **changes) -> Path:
-    """The demo config ``name`` with absolute paths and ``changes``, as a temp file."""
-    demo = demo_home / "demo"
-    data = yaml.safe_load((demo / name).read_text())
-    for key in ("train_data_dir", "metadata_path", "base_model"):
-        if data.get(key):
-            data[key] = str((demo / data[key]).resolve())
-    data.update(changes)
-    path = tmp_path / f"cfg-{len(list(tmp_path.glob('cfg-*')))}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
 
 
 # -- which examples a rank trains ------------------------------------------------------------

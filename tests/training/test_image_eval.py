@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
+from democonfig import write_config
 
 from lora_kernel.common.errors import ConfigError
 from lora_kernel.training.image_eval import split_rows
@@ -28,13 +28,8 @@ def test_validation_split_holds_out_whole_images_chosen_by_the_seed():
 
 
 def _config(demo_home: Path, tmp: Path, **changes) -> Path:
-    data = yaml.safe_load((demo_home / "demo" / "image_lora.yaml").read_text())
-    for key in ("train_data_dir", "metadata_path", "base_model"):
-        data[key] = str((demo_home / "demo" / data[key]).resolve())
-    data.update(output_dir=str(tmp / "out"), **changes)
-    path = tmp / "val.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return write_config(demo_home, tmp, "image_lora.yaml", output_dir=str(tmp / "out"),
+                        **changes)
 
 
 def _held_dir(demo_home: Path, folder: Path, n: int = 3) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from democonfig import write_config
 
 from lora_kernel.common.errors import ConfigError
 from lora_kernel.training.reg import balanced_reg_rows, reg_version
@@ -41,13 +41,8 @@ def _reg_folder(demo_home: Path, where: Path, n: int = 2) -> Path:
 
 
 def _config(demo_home: Path, tmp: Path, **changes) -> Path:
-    data = yaml.safe_load((demo_home / "demo" / "image_lora.yaml").read_text())
-    for key in ("train_data_dir", "metadata_path", "base_model"):
-        data[key] = str((demo_home / "demo" / data[key]).resolve())
-    data.update(output_dir=str(tmp / "out"), **changes)
-    path = tmp / "reg.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return write_config(demo_home, tmp, "image_lora.yaml", output_dir=str(tmp / "out"),
+                        **changes)
 
 
 def test_prior_loss_weight_without_reg_data_dir_is_refused(demo_home, tmp_path):
