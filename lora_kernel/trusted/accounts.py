@@ -118,9 +118,15 @@ def run_accounts(privileges: Privileges, state: str | os.PathLike[str] | None
                               f"useradd --system --no-create-home -g {group} lora-run0",
                               file=policy_path("runs"), key="run_group")
         return None
-    root = Path(str(policy["work_root"])) if policy["work_root"] else \
+    return RunAccounts(group, gr.gr_gid, names, inputs_root(state))
+
+
+def inputs_root(state: str | os.PathLike[str] | None) -> Path:
+    """``<work_root>``: where run accounts' work folders go, and, in service mode without run
+    accounts, each run's laid-out snapshot (``<work_root>/<run_id>/inputs``)."""
+    policy = runs_policy()
+    return Path(str(policy["work_root"])) if policy["work_root"] else \
         state_dir(state).parent / f"{state_dir(state).name}-runs"
-    return RunAccounts(group, gr.gr_gid, names, root)
 
 
 def make_work(accounts: RunAccounts, run_as: RunAs, run_id: str) -> tuple[Path, Path]:

@@ -425,7 +425,7 @@ class Runner:
                           "sha256": snap.base_model_sha256}
         else:
             laid, digest = self._lay_out(store, snap, work)
-        where = resumed if resumed is not None else work / "inputs"
+        where = resumed if resumed is not None else Path(laid["config"]).parent.parent
         requested = dict(pinned.parameters.get("overrides") or {})
         overrides = {**requested, **_snapshot_paths(inputs.config or {}, laid)}
         params = {**pinned.parameters, "config_path": laid["config"], "overrides": overrides}
@@ -452,18 +452,39 @@ class Runner:
 
     def _lay_out(self, store: Any, snap: Any, work: Path) -> tuple[dict[str, str],
                                                                  dict[str, str]]:
-        """Lay ``snap`` out in ``<work>/inputs`` (the runner's files, read-only to the run's
-        user); the laid-out paths and the base model's stat key and digest for the kernel."""
+        """Lay ``snap`` out where the run reads it (the runner's files, read-only to the run's
+        user; :meth:`_inputs_dest`); the laid-out paths and the base model's stat key and
+        digest for the kernel."""
         from lora_kernel.trusted import objects
 
-        dest = work / "inputs"
         with self.ctx.privileges.elevated():
-            _make_run_folders(work, self.ctx.run_as)
+            dest = self._inputs_dest(work)
             dest.mkdir(mode=0o755, exist_ok=False)
             os.chmod(dest, 0o755)
             laid = objects.lay_out(store, snap, dest)
             model_key = stat_key(laid["base_model"])
         return laid, {"key": model_key, "sha256": snap.base_model_sha256}
+
+    def _inputs_dest(self, work: Path) -> Path:
+        """Where a run's snapshot is laid out (as root in service mode): ``<work>/inputs`` in
+        local mode and in a run account's private folder; in service mode without run
+        accounts ``<state>-runs/<run_id>/inputs`` (root's; the run folder mode 0750, group the
+        requester's), so that no root-owned files land in the requester's home, where they
+        could not delete them."""
+        ctx = self.ctx
+        if ctx.isolation is not None or not ctx.run_as.switches:
+            _make_run_folders(work, ctx.run_as)
+            return work / "inputs"
+        from lora_kernel.trusted.accounts import inputs_root
+
+        root = inputs_root(self.state)
+        root.mkdir(parents=True, exist_ok=True, mode=0o711)
+        os.chmod(root, 0o711)
+        top = root / work.name
+        top.mkdir(mode=0o750)
+        os.chown(top, 0, ctx.run_as.gid if ctx.run_as.gid is not None else 0)
+        os.chmod(top, 0o750)
+        return top / "inputs"
 
     def _replay_inputs(self, recorded: Mapping[str, Any], params: dict[str, Any],
                        work: Path) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -525,8 +525,10 @@ def _remove_work(ctx: RunContext, run: RunDescription) -> None:
         with ctx.privileges.elevated():
             shutil.rmtree(run.work, ignore_errors=True)
         return
-    with ctx.privileges.elevated():  # the laid-out snapshot is the runner's, not the user's
-        shutil.rmtree(Path(run.work) / "inputs", ignore_errors=True)
+    inputs = (run.extra.get("snapshot") or {}).get("inputs")
+    if inputs and Path(str(inputs)).parent.name == run.run_id:  # <state>-runs/<run_id>/inputs
+        with ctx.privileges.elevated():  # the laid-out snapshot is the runner's
+            shutil.rmtree(Path(str(inputs)).parent, ignore_errors=True)
     proc = spawn(["rm", "-rf", "--", run.work], run_as=ctx.run_as,
                  privileges=ctx.privileges, env=ctx.child_env(Path(run.home)), cwd="/")
     proc.wait()

@@ -142,6 +142,13 @@ def test_a_run_trains_as_the_user_and_is_sealed_by_the_service_account(service, 
     assert (record / "adapter" / "enclave_style.safetensors").is_file()
     events = [json.loads(x) for x in (record / "events.jsonl").read_text().splitlines()]
     assert events and all(e["user"] == ALICE for e in events)
+    # the run read its snapshot, laid out by the runner outside alice's home (nothing in her
+    # home is root's, so she can always delete it), and removed once sealed
+    snap = meta["extra"]["snapshot"]
+    assert snap["read_from"] == "snapshot"
+    assert Path(snap["inputs"]).parent == state.parent / "state-runs" / run_id
+    assert not Path(snap["inputs"]).parent.exists()
+    assert all(p.stat().st_uid == alice.pw_uid for p in [home, *home.rglob("*")])
     # the auditor (here root) verifies the service's state
     res = subprocess.run([sys.executable, "-m", "lora_kernel.cli", "audit", "verify", run_id,
                           "--state", state], capture_output=True, text=True, timeout=120)
