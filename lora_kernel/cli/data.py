@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from lora_kernel.cli.options import add_state
+from lora_kernel.cli.options import add_runner, add_state
 
 
 def cmd_lint(args) -> int:
@@ -42,9 +42,18 @@ def cmd_diff(args) -> int:
     return 0
 
 
+def _through_service(args, request: dict):
+    """The runner service's answer when this user cannot read the state directory (a trainer
+    in service mode: their own runs' versions), else None."""
+    from lora_kernel.cli.audit import _through_service as ask
+    return ask(args, request)
+
+
 def cmd_versions(args) -> int:
     from lora_kernel.provenance.datasets import dataset_versions
-    versions = dataset_versions(args.state)
+    versions = _through_service(args, {"op": "data_versions"})
+    if versions is None:
+        versions = dataset_versions(args.state)
     if args.json:
         print(json.dumps(versions, indent=1, sort_keys=True))
         return 0
@@ -62,7 +71,9 @@ def cmd_versions(args) -> int:
 
 def cmd_show(args) -> int:
     from lora_kernel.provenance.datasets import dataset_version
-    v = dataset_version(args.version, args.state)
+    v = _through_service(args, {"op": "data_show", "version": args.version})
+    if v is None:
+        v = dataset_version(args.version, args.state)
     if args.json:
         print(json.dumps(v, indent=1, sort_keys=True))
         return 0
@@ -117,12 +128,14 @@ def register(sub) -> None:
                                     "the store keeps (content-addressed, stored once), with "
                                     "the kept runs pinned on each.")
     add_state(q)
+    add_runner(q)
     q.add_argument("--json", action="store_true", help="print them as JSON")
     q.set_defaults(func=cmd_versions)
 
     q = dsub.add_parser("show", help="one dataset version of the store: its files and runs")
     q.add_argument("version", metavar="VERSION", help="a ds-… id from `lora data versions`")
     add_state(q)
+    add_runner(q)
     q.add_argument("--json", action="store_true", help="print it as JSON")
     q.set_defaults(func=cmd_show)
 

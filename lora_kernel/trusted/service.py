@@ -178,10 +178,11 @@ class RunnerServer(socketserver.ForkingMixIn, socketserver.UnixStreamServer):
             from lora_kernel.trusted.recovery import recover
 
             return [r.to_dict() for r in recover(state=self.state, ctx=ctx)]
-        if op in ("audit_list", "audit_show"):
+        if op in ("audit_list", "audit_show", "data_versions", "data_show"):
             return audit_view(op, request, actor, self.state)
         raise ConfigError(f"unknown request {op!r}; one of run, resume, review, publish, "
-                          "withdraw, recover, audit_list, audit_show")
+                          "withdraw, recover, audit_list, audit_show, data_versions, "
+                          "data_show")
 
 
 def sees_every_run(actor: Actor) -> bool:
@@ -221,12 +222,44 @@ def audit_view(op: str, request: dict[str, Any], actor: Actor, state: Path) -> A
                          columns=list(request.get("columns") or []))
         return json.loads(json.dumps([r for r in rows if mine(r.get("user"), r.get("uid"))],
                                      default=str))
+    if op in ("data_versions", "data_show"):
+        return _data_view(op, request, state, everyone, mine)
     run_id = str(request["run"])
     info = show(run_id, state=state)
     if not mine(info.get("user"), info.get("uid")):
         raise PolicyRefusal(f"run {run_id} is not yours; fix: ask a reviewer or auditor, who "
                             "see every run")
     return json.loads(json.dumps(info, default=str))
+
+
+def _data_view(op: str, request: dict[str, Any], state: Path, everyone: bool,
+               mine: Callable[[Any, Any], bool]) -> Any:
+    """``lora data versions`` / ``show`` through the service: the snapshot store's dataset
+    versions the caller's own kept runs were pinned on (reviewers and auditors: all), each
+    naming only the caller's runs."""
+    from lora_kernel.provenance.audit import list_runs
+    from lora_kernel.provenance.datasets import dataset_version, dataset_versions
+
+    own = None if everyone else {r["run_id"] for r in list_runs(state=state)
+                                 if mine(r.get("user"), r.get("uid"))}
+
+    def visible(v: dict[str, Any]) -> dict[str, Any] | None:
+        if own is None:
+            return v
+        runs = [r for r in v.get("runs") or [] if r in own]
+        if not runs:
+            return None
+        return {**v, "runs": runs,
+                "first_run": v.get("first_run") if v.get("first_run") in own else None}
+
+    if op == "data_versions":
+        return [x for x in (visible(v) for v in dataset_versions(state)) if x is not None]
+    version = str(request.get("version"))
+    seen = visible(dataset_version(version, state))
+    if seen is None:
+        raise PolicyRefusal(f"no run of yours was pinned on {version}; fix: ask a reviewer or "
+                            "auditor, who see every dataset version")
+    return seen
 
 
 def serve(socket_path: Path, state: Path, service_user: str) -> None:

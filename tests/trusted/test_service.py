@@ -317,6 +317,16 @@ def test_a_trainer_sees_their_own_runs_through_the_service(service, demo_home):
     res = as_user(BOB, "audit", "list", "--runner", sock)  # bob reviews: sees both
     assert res.returncode == 0 and runs[ALICE] in res.stdout and runs[CAROL] in res.stdout, \
         res.stdout + res.stderr
+    # the snapshot store's dataset versions: a reviewer sees every one (alice's training run
+    # above pinned the demo dataset); carol, whose runs pinned none, sees none and is refused
+    res = as_user(BOB, "data", "versions", "--runner", sock, "--json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    versions = json.loads(res.stdout)
+    assert versions and all(v["id"].startswith("ds-") for v in versions)
+    res = as_user(CAROL, "data", "versions", "--runner", sock, "--json")
+    assert res.returncode == 0 and json.loads(res.stdout) == [], res.stdout + res.stderr
+    res = as_user(CAROL, "data", "show", versions[0]["id"], "--runner", sock)
+    assert res.returncode == 6 and "no run of yours" in res.stderr, res.stdout + res.stderr
 
 
 # -- run accounts (issue 20): the requester cannot touch the run ---------------------------
@@ -419,6 +429,10 @@ def test_a_recorded_run_runs_as_a_run_account_the_requester_cannot_touch(isolate
     assert iso["account"] in names and iso["uid"] in pool
     assert meta["extra"]["snapshot"]["read_from"] == "snapshot"
     assert not (work_root / run_id).exists()  # removed after sealing
+    # the trainer sees the dataset version her run was pinned on, through the service
+    res = as_user(CAROL, "data", "show", meta["extra"]["snapshot"]["dataset_version"],
+                  "--runner", sock)
+    assert res.returncode == 0 and run_id in res.stdout, res.stdout + res.stderr
     # the progress the studio reads, mirrored into the requester's home by a child as them
     mirrored = home / "work" / run_id / "progress.jsonl"
     assert mirrored.stat().st_uid == pwd.getpwnam(CAROL).pw_uid
