@@ -12,6 +12,9 @@ decides what to believe:
              refused before anything runs. To resume an interrupted run (``"resume"``: its id
              and work folder, from its sealed record) it finds and hashes the latest
              checkpoint in that work folder, which is the user's: only this child reads it.
+``pin-resume`` find and hash the latest checkpoint of the run to resume, for a run whose
+             work folder belongs to a run account (:mod:`lora_kernel.trusted.accounts`): run
+             as the account of the run that resumes it, which the runner lent it to.
 ``run``      execute the pinned notebook (its bytes come from the spec, not from disk again)
              with papermill in the ``lora`` kernel into the work folder; on a cell error
              papermill saves the notebook first, then ``error.json`` says what failed (exit 1).
@@ -115,6 +118,15 @@ def pin(spec: dict[str, Any]) -> dict[str, Any]:
                               "resume_from parameter)", file=notebook)
         out["resume"] = _pin_resume(spec["resume"], out["config"])
     return out
+
+
+def pin_resume(spec: dict[str, Any]) -> dict[str, Any]:
+    """``pin-resume``: :func:`_pin_resume` for a run whose checkpoints belong to its run
+    account (the requester's pin step cannot read them); run as that account."""
+    if "resume_from" not in (spec.get("declared") or []):
+        raise ConfigError(f"{Path(str(spec.get('notebook'))).name} cannot resume a run (it "
+                          "declares no resume_from parameter)", file=spec.get("notebook"))
+    return _pin_resume(spec["resume"], spec.get("config") or {})
 
 
 def _pin_resume(resume: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
@@ -601,6 +613,14 @@ def main(argv: list[str]) -> int:
             sys.stderr.flush()
             os._exit(rc)  # the kernel is down: skip tearing down papermill's modules, sockets
     spec = json.loads(first + sys.stdin.read())
+    if command == "pin-resume":  # a run account's own checkpoints (an isolated resume)
+        try:
+            _answer({"resume": pin_resume(spec)})
+        except LoraError as exc:
+            _answer({"error": {"type": type(exc).__name__, "exit_code": exc.exit_code,
+                               "message": str(exc)}})
+            return exc.exit_code
+        return 0
     if command == "pin":
         try:
             _answer(pin(spec))
@@ -615,7 +635,7 @@ def main(argv: list[str]) -> int:
         return collect(spec)
     if command == "snapshot":
         return snapshot(spec)
-    raise SystemExit(f"usage: python -m {EXECUTOR_MODULE} pin|run|snapshot|collect")
+    raise SystemExit(f"usage: python -m {EXECUTOR_MODULE} pin|pin-resume|run|snapshot|collect")
 
 
 if __name__ == "__main__":

@@ -143,6 +143,33 @@ def make_work(accounts: RunAccounts, run_as: RunAs, run_id: str) -> tuple[Path, 
     return work, home
 
 
+def _chown_tree(work: Path, uid: int, gid: int) -> None:
+    """``work`` and everything in it but ``inputs/`` (the laid-out snapshot: hard links to
+    the store's objects, whose owner must not change) to ``uid:gid``; links not followed."""
+    os.lchown(work, uid, gid)
+    for dirpath, dirs, files in os.walk(work):
+        if Path(dirpath) == work and "inputs" in dirs:
+            dirs.remove("inputs")
+        for name in dirs + files:
+            os.lchown(os.path.join(dirpath, name), uid, gid)
+
+
+def secure_work(work: Path) -> None:
+    """A failed isolated run's work folder (its checkpoints, for ``lora run --resume``), made
+    root's (mode 0700): the run account goes back to the pool, and the next run leasing it
+    must not be able to change the checkpoints a resume will pin. As root."""
+    if work.is_dir():
+        _chown_tree(work, 0, 0)
+        os.chmod(work, 0o700)
+
+
+def lend_work(work: Path, run_as: RunAs) -> None:
+    """Give a failed isolated run's work folder to the run account of the run that resumes
+    it (reads its checkpoint and laid-out snapshot at the same paths); :func:`secure_work`
+    takes it back when that run ends. As root."""
+    _chown_tree(work, int(run_as.uid or 0), int(run_as.gid or 0))
+
+
 def remove_work(work: Path) -> None:
     """Remove a run's work folder (as root: the run account's and the runner's files)."""
     shutil.rmtree(work, ignore_errors=True)

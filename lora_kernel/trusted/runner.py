@@ -252,13 +252,9 @@ class Runner:
         accounts = self.ctx.isolation
         if accounts is None:
             return None, self.ctx, home, home / "work" / run_id
-        from lora_kernel.trusted.accounts import make_work
+        from lora_kernel.trusted.accounts import lend_work, make_work
         from lora_kernel.trusted.firewall import enforce
 
-        if hooks.resume is not None:
-            raise ConfigError("resuming a run that ran under a run account is not built yet; "
-                              "fix: start a new run (lora run --config ...), or ask the admin "
-                              "for isolation: none in policies/runs.yaml", key="RUN")
         lease = accounts.acquire(self.state)
         try:
             account = lease.run_as
@@ -266,6 +262,15 @@ class Runner:
                 work, run_home = make_work(accounts, account, run_id)
                 if account.uid is not None:
                     enforce(account.uid)  # the egress firewall covers the run account
+                if hooks.resume is not None:  # the failed run's folder, lent to this run
+                    old = Path(hooks.resume.work)
+                    if not old.is_dir():
+                        raise ConfigError(f"the work folder {old} of run "
+                                          f"{hooks.resume.run_id} is gone, and its "
+                                          "checkpoints with it: nothing to resume from; fix: "
+                                          "start a new run (lora run --config ...)", key="RUN")
+                    lend_work(old, account)
+                    lease.on_release = _then(lease.on_release, self._secure(old))
         except BaseException:
             lease.release()
             raise
@@ -276,7 +281,7 @@ class Runner:
         run_ctx = dataclasses.replace(self.ctx, run_as=run_as, env=env)
         if self.ctx.progress is not None:  # the studio reads <home>/work/<run_id>/progress.jsonl
             mirror = _ProgressMirror(self.ctx, home, home / "work" / run_id / "progress.jsonl")
-            lease.on_release = mirror.close
+            lease.on_release = _then(lease.on_release, mirror.close)
             sink = self.ctx.progress
 
             def tee(chunk: bytes) -> None:
@@ -284,6 +289,15 @@ class Runner:
                 sink(chunk)
             run_ctx.progress = tee
         return lease, run_ctx, run_home, work
+
+    def _secure(self, work: Path) -> Callable[[], None]:
+        """Take a lent work folder back (:func:`~lora_kernel.trusted.accounts.secure_work`)."""
+        def secure() -> None:
+            from lora_kernel.trusted.accounts import secure_work
+
+            with self.ctx.privileges.elevated():
+                secure_work(work)
+        return secure
 
     def _run(self, run_id: str, notebook: Path, params: dict[str, Any], hooks: RunHooks,
              home: Path, run_ctx: RunContext, run_home: Path, work: Path, lease: Any
@@ -300,7 +314,8 @@ class Runner:
             # requester) checks an output folder in the requester's working home instead,
             # and the runner points the pinned config at the real one
             pin_work = home / "work" / run_id if lease is not None else work
-            pinned = self._pin(notebook, params, home, pin_work, hooks, run_work=work)
+            pinned = self._pin(notebook, params, home, pin_work, hooks, run_work=work,
+                               resume_as=(run_ctx, run_home) if lease is not None else None)
             if replayed is not None:
                 pinned = pinned._replace(snapshot=replayed)
             elif pinned.sources is not None:
@@ -340,18 +355,29 @@ class Runner:
             self.log(f"recovered stale run {rec.run_id}: sealed as failed ({rec.error})")
 
     def _pin(self, notebook: Path, params: dict[str, Any], home: Path, work: Path,
-             hooks: RunHooks, run_work: Path | None = None) -> _Pinned:
+             hooks: RunHooks, run_work: Path | None = None,
+             resume_as: tuple[RunContext, Path] | None = None) -> _Pinned:
         """Ask the pin step (as the user) for the run's inputs, check and type its answer,
         keep the base model's digest in the cache, and apply the hooks' checks."""
         spec: dict[str, Any] = {"notebook": str(notebook), "parameters": params,
                                 "home": str(home), "work": str(work)}
-        if hooks.resume is not None:
-            spec["resume"] = {"run_id": hooks.resume.run_id, "work": hooks.resume.work}
+        resume = ({"run_id": hooks.resume.run_id, "work": hooks.resume.work}
+                  if hooks.resume is not None else None)
+        if resume is not None and resume_as is None:
+            spec["resume"] = resume
         ctx = self.ctx
         cache_uid = ctx.run_as.uid if ctx.run_as.uid is not None else os.getuid()
         if hooks.model_hash_cache:
             spec["model_digests"] = hashcache.lookup(cache_uid, self.state)
         answer = _child_json(ctx, "pin", spec, home)
+        if resume is not None and resume_as is not None and "error" not in answer:
+            # an isolated run's checkpoints are its (lent) run account's, not the requester's:
+            # the run account's child finds and hashes the checkpoint
+            run_ctx, run_home = resume_as
+            answer["resume"] = _child_json(run_ctx, "pin-resume", {
+                "resume": resume, "config": answer.get("config") or {},
+                "notebook": spec["notebook"], "declared": answer.get("declared") or []},
+                run_home)["resume"]
         notebook_source = answer.get("notebook_source")
         if not isinstance(notebook_source, str):
             raise LoraError("the pin step answered no notebook source")
@@ -417,7 +443,8 @@ class Runner:
         else:
             got = {}
         snap = objects.accept(doc, sources, got, store, run_id)
-        resumed = self._resumed_inputs(snap, resume)
+        with self.ctx.privileges.elevated():  # an isolated run's folder is its account's
+            resumed = self._resumed_inputs(snap, resume)
         if resumed is not None:  # the interrupted run's laid-out snapshot, the same bytes
             laid = objects.laid_paths(snap, resumed)
             with self.ctx.privileges.elevated():
@@ -549,6 +576,17 @@ def run_notebook(notebook: str | os.PathLike[str], parameters: Mapping[str, Any]
     runner = Runner(home=home, state=state, timeout=timeout, ctx=ctx or RunContext.local(),
                     log=log or (lambda _msg: None))
     return runner.run(notebook, parameters, hooks)
+
+
+def _then(first: Callable[[], None] | None, second: Callable[[], None]) -> Callable[[], None]:
+    """``first`` (if any), then ``second``, the second even when the first raises."""
+    def both() -> None:
+        try:
+            if first is not None:
+                first()
+        finally:
+            second()
+    return both
 
 
 # Appends stdin to a file of the requester's (made with its folder, mode 0700) as it comes.

@@ -352,9 +352,9 @@ def _seal_run(run: RunDescription, staging: Path, *, rc: int | None, reason: str
     extra = _record_extra(run, rc=rc, failure=failure, notes=notes, events=events,
                           result=result)
     isolated = bool((run.extra.get("isolation") or {}).get("account"))
-    if failure and not isolated:
+    if failure:
         extra["work_dir"] = run.work  # checkpoints stay there for `lora run --resume RUN`
-    elif not failure and before_seal is not None:
+    elif before_seal is not None:
         before_seal(staging, extra)
     context = _manifest_context(run, status=status, extra=extra, events=events)
     write_manifest(staging, build_manifest(staging, context))
@@ -364,9 +364,12 @@ def _seal_run(run: RunDescription, staging: Path, *, rc: int | None, reason: str
     rec = RunRecord(run_id=run.run_id, path=record, status=status,
                     manifest_sha256=manifest_sha256(record), ledger_seq=entry.seq,
                     seconds=seconds, result=result, error=failure, files=record_files(record))
+    if failure and isolated:  # kept for a resume, out of reach of the (reused) run account
+        from lora_kernel.trusted.accounts import secure_work
+
+        with ctx.privileges.elevated():
+            secure_work(Path(run.work))
     log(f"run {run.run_id}: {status} in {seconds:.1f}s; record {record}")
-    if failure and isolated:  # a run account's folder: no resume from it (not built yet)
-        _remove_work(ctx, run)
     if failure:
         exc = RunFailed(f"run {run.run_id} failed: {failure}; the failed run is recorded in "
                         f"{record}")

@@ -72,8 +72,13 @@ class _Handler(socketserver.StreamRequestHandler):
     server: RunnerServer
 
     def send(self, obj: dict[str, Any]) -> None:
-        self.wfile.write(json.dumps(obj, default=str).encode() + b"\n")
-        self.wfile.flush()
+        """One JSON line to the client; a client that went away is not an error here (the
+        run it asked for still ends, is sealed and cleaned up)."""
+        try:
+            self.wfile.write(json.dumps(obj, default=str).encode() + b"\n")
+            self.wfile.flush()
+        except OSError:
+            pass
 
     def hung_up(self) -> bool:
         """Whether the client closed its end (poll, without reading its data)."""

@@ -439,3 +439,46 @@ def test_a_recorded_run_runs_as_a_run_account_the_requester_cannot_touch(isolate
     steps = [json.loads(line) for line in mirrored.read_text().splitlines()]
     assert any(r.get("event") == "step" for r in steps), steps[:5]
     assert os.stat(work_root).st_mode & 0o777 == 0o711
+
+
+def test_an_interrupted_isolated_run_resumes_under_another_lease(isolated_service, demo_home):
+    """A run under a run account stopped after a checkpoint (its requester went away) is
+    sealed failed and its private folder kept, made root's so that the next run leasing that
+    account cannot change the checkpoints; `lora run --resume RUN` lends it to the resuming
+    run's account, continues from the latest checkpoint at the same input paths, and takes it
+    back when it ends."""
+    sock, state, names, work_root = isolated_service
+    home = user_home(CAROL, demo_home)
+    args = ["run", "--config", home / "demo" / "image_lora.yaml", "--home", home,
+            "--runner", sock, "-p", "max_train_steps", "30", "-p", "save_steps", "2",
+            "-p", "sample_steps", "1", "-p", "sample_prompts", '["a red circle"]']
+    client = as_user(CAROL, *args, wait=False)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(work_root.glob("*/output/checkpoints/checkpoint-2")):
+            assert client.poll() is None, client.communicate()
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.1)
+        client.kill()  # the requester goes away: the run is cancelled and sealed failed
+        client.communicate(timeout=60)
+    finally:
+        if client.poll() is None:
+            client.kill()
+    old = next(w for w in work_root.iterdir() if (w / "output").is_dir())
+    deadline = time.monotonic() + 60  # sealed, then its folder made root's
+    while not (state / "runs" / old.name / "manifest.json").exists() or \
+            old.stat().st_uid != 0:
+        assert time.monotonic() < deadline, "the cancelled run was not sealed and secured"
+        time.sleep(0.3)
+    assert stat.S_IMODE(old.stat().st_mode) == 0o700
+    assert all(p.stat().st_uid == 0 for p in (old / "output").rglob("*"))
+    res = as_user(CAROL, "run", "--resume", old.name, "--home", home, "--runner", sock)
+    assert res.returncode == 0, res.stdout + res.stderr
+    new = record_of(res)
+    meta = json.loads((state / "runs" / new / "manifest.json").read_text())[
+        "predicate"]["runDetails"]["metadata"]
+    extra = meta["extra"]
+    assert extra["resumed_from_run"] == old.name and extra["steps"] == 30
+    assert extra["resumed_from_checkpoint"]["checkpoint"].startswith(str(old))
+    assert extra["isolation"]["account"] in names
+    assert old.stat().st_uid == 0  # taken back from the resuming run's account
