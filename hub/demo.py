@@ -167,10 +167,11 @@ def hub_processes(api_port: str) -> list[psutil.Process]:
     return found
 
 
-def stop_leftovers(api_port: str, grace_s: float = 10.0) -> list[int]:
-    """SIGTERM what :func:`hub_processes` finds, SIGKILL what is still there after
-    ``grace_s``; returns the pids that had to be stopped here."""
-    procs = hub_processes(api_port)
+def stop_leftovers(api_port: str, grace_s: float = 10.0, settle_s: float = 5.0) -> list[int]:
+    """What :func:`hub_processes` finds still running ``settle_s`` after the hub exited (a
+    kernel notices its server is gone by polling, a second or more under load): SIGTERM,
+    then SIGKILL after ``grace_s``; returns the pids that had to be stopped here."""
+    _gone, procs = psutil.wait_procs(hub_processes(api_port), timeout=settle_s)
     for proc in procs:
         try:
             proc.terminate()
