@@ -1,0 +1,71 @@
+"""The tiny SDXL is pre-trained (lora_kernel.training.demo_sdxl_pretrain): its VAE is the
+tiny SD's pre-trained one, its UNet and both text encoders learned the scenes through the
+SDXL family's conditioning, so the SDXL demo LoRA's effect is measurable like the SD one's:
+the LoRA raises the style measure over the base by the stated margin while the images keep
+the prompted colour, and the same run with a (near) zero learning rate fails that check."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora_kernel.training import demo_assets, style_metrics
+
+# the SDXL check's prompts: colours and shapes the demo dataset has, in its style
+PROMPTS = ["a red circle in enclave style", "a blue square in enclave style",
+           "a green triangle in enclave style"]
+
+
+def test_the_tiny_sdxl_has_the_tiny_sds_pretrained_vae(demo_home):
+    models = demo_home / "demo" / "models"
+    sd = load_file(models / "tiny-sd" / "vae" / "diffusion_pytorch_model.safetensors")
+    xl = load_file(models / "tiny-sdxl" / "vae" / "diffusion_pytorch_model.safetensors")
+    assert sd.keys() == xl.keys()
+    assert all(torch.equal(sd[k], xl[k]) for k in sd)
+    # and its UNet is not the seeded initialisation any more (the pair: a fresh build
+    # without pre-training is exactly that initialisation)
+    init = demo_assets.build_tiny_sdxl_components(0)["unet"].state_dict()
+    unet = load_file(models / "tiny-sdxl" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(init[k], unet[k]) for k in init)
+    again = demo_assets.build_tiny_sdxl_components(0)["unet"].state_dict()
+    assert all(torch.equal(init[k], again[k]) for k in init)
+
+
+@pytest.fixture(scope="module")
+def sdxl_style_runs(demo_home, tmp_path_factory):
+    """The demo SDXL config trained twice with the check's prompts: as shipped, and with
+    learning_rate 1e-8 (it learns nothing; 0 is refused)."""
+    from lora_kernel.training.checks import load_config
+    from lora_kernel.training.train import train
+
+    out = {}
+    for name, lr in (("trained", None), ("frozen", 1e-8)):
+        over = {"output_dir": str(tmp_path_factory.mktemp(f"sdxl-style-{name}")),
+                "save_steps": 0, "sample_prompts": PROMPTS, "sample_seeds": [0, 1]}
+        if lr is not None:
+            over["learning_rate"] = lr
+        cfg = load_config(demo_home / "demo" / "sdxl_lora.yaml", over)
+        out[name] = train(cfg, progress=False, home=demo_home, log=lambda m: None).samples
+    return out
+
+
+def assert_lora_learned_the_style(samples: dict) -> None:
+    """The check the SDXL demo run is held to (the floors of style_metrics)."""
+    m = samples["measures"]
+    assert m["style_gain"] >= style_metrics.STYLE_GAIN_FLOOR, m
+    assert m["lora"]["adherence"] >= style_metrics.ADHERENCE_FLOOR, m
+
+
+@pytest.mark.slow
+def test_the_sdxl_demo_lora_learns_the_style_and_keeps_the_prompted_colour(sdxl_style_runs):
+    samples = sdxl_style_runs["trained"]
+    assert_lora_learned_the_style(samples)
+    # the pre-trained base column draws the prompted colours, without the style
+    assert samples["measures"]["base"]["adherence"] >= style_metrics.ADHERENCE_FLOOR
+    assert samples["measures"]["base"]["stripe_energy"] < 0.05
+
+
+@pytest.mark.slow
+def test_an_sdxl_run_that_does_not_learn_fails_the_check(sdxl_style_runs):
+    with pytest.raises(AssertionError):
+        assert_lora_learned_the_style(sdxl_style_runs["frozen"])
