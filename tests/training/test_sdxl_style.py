@@ -36,7 +36,7 @@ def test_the_tiny_sdxl_has_the_tiny_sds_pretrained_vae(demo_home):
 @pytest.fixture(scope="module")
 def sdxl_style_run(demo_home, tmp_path_factory):
     """The demo SDXL config as shipped, sampled with the check's prompts at seeds 0, 1 (one
-    SDXL run with samples costs ~3-4 min on the loaded 2-core machine, so there is one)."""
+    SDXL run with samples costs ~2.5-3.5 min on the loaded 2-core machine, so there is one)."""
     from lora_kernel.training.checks import load_config
     from lora_kernel.training.train import train
 
