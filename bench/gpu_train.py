@@ -536,7 +536,8 @@ def child_build(spec: dict) -> dict:
         model, data = root / "models" / "sdxl", root / "datasets" / "sdxl"
         if tiny:
             from lora_kernel.training.demo_assets import write_tiny_sdxl
-            write_tiny_sdxl(model, seed=0)
+            # speed rows: the weights' values do not matter, so no pre-training (~2 min)
+            write_tiny_sdxl(model, seed=0, pretrain=False)
             _write_image_dataset(data, xl["images"], IMAGE_SIZE)
         else:
             _write_sdxl(model, seed=0)

@@ -20,7 +20,10 @@ pre-trained base, and the prompt adherence of both columns, against the floors t
 the training code to. A faster loop that learns worse shows here as FAIL. Beside it the text
 quality row: ``lora train`` on the demo text config as shipped and the exact-match rate of
 its greedy completions on held-out demo prompts, base vs LoRA
-(``lora_kernel.training.text_metrics``), against the LoRA floor and the base ceiling.
+(``lora_kernel.training.text_metrics``), against the LoRA floor and the base ceiling. And the
+SDXL quality row: ``lora train`` on the demo SDXL config as shipped (the pre-trained tiny
+SDXL, ``lora_kernel.training.demo_sdxl_pretrain``), sampled with ``SDXL_QUALITY_PROMPTS`` at
+seeds 0 and 1 (the config itself samples one prompt), same measures and floors.
 
     .venv/bin/python bench/train_throughput.py            # both parts
     .venv/bin/python bench/train_throughput.py --skip-full  # tiny model only
@@ -64,15 +67,22 @@ def _ours(home: Path, steps: int, out: Path) -> dict:
             "cache_hit": res.cache_hit}
 
 
-def _quality(home: Path, out: Path, config: str = "image_lora.yaml") -> dict:
-    """A demo config as shipped (the image one by default), with samples: its measures (style
-    and adherence for images, held-out exact match for text)."""
+def _quality(home: Path, out: Path, config: str = "image_lora.yaml",
+             overrides: dict | None = None) -> dict:
+    """A demo config as shipped (the image one by default; ``overrides`` on top), with
+    samples: its measures (style and adherence for images, held-out exact match for text)."""
     from lora_kernel.training.checks import load_config
     from lora_kernel.training.train import train
-    cfg = load_config(home / "demo" / config, {"save_steps": 0, "output_dir": str(out)})
+    cfg = load_config(home / "demo" / config,
+                      {"save_steps": 0, "output_dir": str(out), **(overrides or {})})
     res = train(cfg, progress=False, home=home, log=lambda m: None)
     return {"steps": res.steps, "seconds": res.seconds, "steps_per_s": res.steps / res.seconds,
             "measures": res.samples["measures"]}
+
+
+# the SDXL quality row's sample prompts (tests/training/test_sdxl_style.py uses the same)
+SDXL_QUALITY_PROMPTS = ["a red circle in enclave style", "a blue square in enclave style",
+                        "a green triangle in enclave style"]
 
 
 def text_quality_line(q: dict) -> str:
@@ -86,12 +96,12 @@ def text_quality_line(q: dict) -> str:
             f"{'PASS' if learned(m) else 'FAIL'}")
 
 
-def quality_line(q: dict) -> str:
+def quality_line(q: dict, what: str = "demo config") -> str:
     """The quality row: measures, floors and PASS / FAIL."""
     m = q["measures"]
     ok = (m["style_gain"] >= m["style_gain_floor"]
           and (m["lora"]["adherence"] or 0.0) >= m["adherence_floor"])
-    return (f"quality  demo config, {q['steps']} steps ({q['steps_per_s']:.2f} steps/s): "
+    return (f"quality  {what}, {q['steps']} steps ({q['steps_per_s']:.2f} steps/s): "
             f"style gain {m['style_gain']:+.3f} (floor {m['style_gain_floor']:+.3f}), "
             f"adherence base {m['base']['adherence']:.0%} LoRA {m['lora']['adherence']:.0%} "
             f"(floor {m['adherence_floor']:.0%}) {'PASS' if ok else 'FAIL'}")
@@ -187,7 +197,8 @@ def _full_unet_share(steps: int = 3) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--child", choices=["plain", "ours", "quality", "text-quality"])
+    ap.add_argument("--child", choices=["plain", "ours", "quality", "text-quality",
+                                            "sdxl-quality"])
     ap.add_argument("--home", type=Path)
     ap.add_argument("--steps", type=int, default=STEPS)
     ap.add_argument("--skip-full", action="store_true")
@@ -198,6 +209,9 @@ def main() -> None:
             out = _quality(args.home, Path(tempfile.mkdtemp()))
         elif args.child == "text-quality":
             out = _quality(args.home, Path(tempfile.mkdtemp()), "text_lora.yaml")
+        elif args.child == "sdxl-quality":
+            out = _quality(args.home, Path(tempfile.mkdtemp()), "sdxl_lora.yaml",
+                           {"sample_prompts": SDXL_QUALITY_PROMPTS, "sample_seeds": [0, 1]})
         else:
             out = _plain(args.home, args.steps) if args.child == "plain" else _ours(
                 args.home, args.steps, Path(tempfile.mkdtemp()))
@@ -211,8 +225,10 @@ def main() -> None:
         build_demo_assets(home)
         quality = _child("quality", home, args.steps)
         text_quality = _child("text-quality", home, args.steps)
+        sdxl_quality = _child("sdxl-quality", home, args.steps)
         if args.skip_speed:
             print(quality_line(quality))
+            print(quality_line(sdxl_quality, "demo SDXL config"))
             print(text_quality_line(text_quality))
             return
         plain = _child("plain", home, args.steps)
@@ -226,6 +242,7 @@ def main() -> None:
     print(f"ours-warm / plain = {warm['steps_per_s'] / plain['steps_per_s']:.2f}x "
           f"(target >= 1.0x); cache hit on warm run: {warm['cache_hit']}")
     print(quality_line(quality))
+    print(quality_line(sdxl_quality, "demo SDXL config"))
     print(text_quality_line(text_quality))
     if not args.skip_full:
         full = _full_unet_share()

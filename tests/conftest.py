@@ -55,8 +55,9 @@ demo_home (session)
     A home folder (``Path``) with ``demo/`` built once per session by
     ``lora_kernel.training.demo_assets.build_demo_assets`` (tiny SD folder + single file, tiny
     Llama, image and text datasets, ``demo/image_lora.yaml`` and ``demo/text_lora.yaml``). Treat it
-    as read-only: write outputs elsewhere. Its tiny SD, tiny Llama and tiny chat model are
-    pre-trained (``demo_pretrain``, ``demo_text_pretrain``; cached by content in
+    as read-only: write outputs elsewhere. Its tiny SD, tiny SDXL, tiny Llama and tiny chat
+    model are pre-trained (``demo_pretrain``, ``demo_sdxl_pretrain``, ``demo_text_pretrain``;
+    cached by content in
     ``$LORA_PRETRAIN_CACHE`` or ``~/.cache/lora-enclave/pretrain``, so a fresh machine pays
     the pre-training once).
 demo_subset (session)

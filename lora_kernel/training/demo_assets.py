@@ -399,7 +399,8 @@ def build_tiny_sdxl_components(seed: int = 0) -> dict:
     torch.manual_seed(seed + 10)
     unet = UNet2DConditionModel(**demo_sdxl.TINY_SDXL_UNET)
     torch.manual_seed(seed + 11)
-    vae = AutoencoderKL(**{**VAE_CONFIG, "force_upcast": True})
+    # the tiny SD's VAE: pre-training gives it the tiny SD's pre-trained weights
+    vae = AutoencoderKL(**{**SD_VAE_CONFIG, "force_upcast": True})
     width = dict(intermediate_size=64, projection_dim=demo_sdxl.TINY_PROJECTION, **ids)
     torch.manual_seed(seed + 12)
     te = CLIPTextModel(CLIPTextConfig(hidden_size=demo_sdxl.TINY_TE_HIDDEN,
@@ -411,8 +412,10 @@ def build_tiny_sdxl_components(seed: int = 0) -> dict:
             "scheduler": EulerDiscreteScheduler(**demo_sdxl.SDXL_SCHEDULER)}
 
 
-def write_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
-    """Write the tiny SDXL model as a diffusers folder (safetensors only)."""
+def write_tiny_sdxl(folder: Path, seed: int = 0, pretrain: bool = True) -> Path:
+    """Write the tiny SDXL model as a diffusers folder (safetensors only); ``pretrain``: after
+    :func:`lora_kernel.training.demo_sdxl_pretrain.pretrain_tiny_sdxl` (cached by content),
+    else as initialised."""
     from diffusers import StableDiffusionXLPipeline
     from transformers import CLIPTokenizer
 
@@ -422,6 +425,11 @@ def write_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
     for name, pad in (("tokenizer", "<|endoftext|>"), ("tokenizer_2", "!")):
         toks[name] = CLIPTokenizer.from_pretrained(
             write_clip_tokenizer(folder / name, pad_token=pad), local_files_only=True)
+    if pretrain:
+        from lora_kernel.training.demo_pretrain import SceneVocabulary
+        from lora_kernel.training.demo_sdxl_pretrain import pretrain_tiny_sdxl
+        pretrain_tiny_sdxl(parts, toks, SceneVocabulary(COLOR_RGB, SHAPES), seed=seed,
+                           tiny_sd=build_tiny_sd_components(seed))
     pipe = StableDiffusionXLPipeline(**parts, **toks, force_zeros_for_empty_prompt=True,
                                      add_watermarker=False)
     pipe.save_pretrained(folder, safe_serialization=True)
@@ -537,7 +545,7 @@ def regenerate_bundled_configs(package_configs: Path | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = write_tiny_sd(Path(tmp) / "tiny-sd", pretrain=False)
         write_config_bundle(folder, dst / "tiny-sd")
-        folder = write_tiny_sdxl(Path(tmp) / "tiny-sdxl")
+        folder = write_tiny_sdxl(Path(tmp) / "tiny-sdxl", pretrain=False)
         write_config_bundle(folder, dst / "tiny-sdxl")
     write_sd15_configs(dst / "sd15")
     write_sd15_configs(dst / "sdxl", demo_sdxl.SDXL_CONFIGS)

@@ -2,10 +2,11 @@
 writers are :func:`lora_kernel.training.demo_assets.write_tiny_sdxl` and
 :func:`~lora_kernel.training.demo_assets.regenerate_bundled_configs`).
 
-The tiny SDXL is a randomly initialised model of the real SDXL *architecture*
+The tiny SDXL is a model of the real SDXL *architecture*, seeded and then pre-trained on
+drawn scenes (:mod:`lora_kernel.training.demo_sdxl_pretrain`; its VAE is the tiny SD's)
 (UNet with ``text_time`` added conditioning and linear-projection transformers of several
 layers per block; two text encoders — a CLIP-L-like ``CLIPTextModel`` and an
-OpenCLIP-bigG-like ``CLIPTextModelWithProjection`` with a text projection; the SD VAE; two
+OpenCLIP-bigG-like ``CLIPTextModelWithProjection`` with a text projection; the tiny SD's VAE; two
 tokenizers) at a size that trains on a CPU in seconds: 64 px images, 8x8 latents. Its
 single-file form (:func:`lora_kernel.training.single_file.write_single_file`) uses the
 original layout (``model.diffusion_model.``, ``first_stage_model.``,
