@@ -449,6 +449,12 @@ def pretrain_tiny_sd(parts: dict, tokenizer, vocab: SceneVocabulary, *, seed: in
         state = cached_state("tiny-sd", key, train)
     else:
         state = train()
+    load_parts(parts, names, state)
+
+
+def load_parts(parts: dict, names, state: dict) -> None:
+    """Load each of ``names`` from ``state`` (keys ``<name>.<parameter>``, as the pre-training
+    saves them) into ``parts[name]``, strictly, and put it in eval mode."""
     for part in names:
         prefix = f"{part}."
         parts[part].load_state_dict({k[len(prefix):]: v for k, v in state.items()

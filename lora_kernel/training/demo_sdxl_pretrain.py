@@ -165,8 +165,4 @@ def pretrain_tiny_sdxl(parts: dict, tokenizers: dict, vocab: SceneVocabulary, *,
         state = demo_pretrain.cached_state("tiny-sdxl", key, train)
     else:
         state = train()
-    for part in NAMES:
-        prefix = f"{part}."
-        parts[part].load_state_dict({k[len(prefix):]: v for k, v in state.items()
-                                     if k.startswith(prefix)}, strict=True)
-        parts[part].eval()
+    demo_pretrain.load_parts(parts, NAMES, state)

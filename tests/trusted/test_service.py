@@ -356,6 +356,17 @@ def isolated_service(system_users, tmp_path_factory):
         yield sock, state, names, work_root
 
 
+def _carols_image_run(sock: Path, home: Path, **params) -> subprocess.Popen:
+    """CAROL's ``lora run`` of the demo image config through the runner at ``sock``, with
+    ``params`` (and one sample prompt at one step), started in the background."""
+    args = ["run", "--config", home / "demo" / "image_lora.yaml", "--home", home,
+            "--runner", sock, "-p", "sample_steps", "1", "-p", "sample_prompts",
+            '["a red circle"]']
+    for key, value in params.items():
+        args += ["-p", key, json.dumps(value)]
+    return as_user(CAROL, *args, wait=False)
+
+
 ATTACK = """
 import json, os, signal, sys
 pids, work = json.loads(sys.argv[1]), sys.argv[2]
@@ -394,10 +405,7 @@ def test_a_recorded_run_runs_as_a_run_account_the_requester_cannot_touch(isolate
     sock, state, names, work_root = isolated_service
     pool = {pwd.getpwnam(n).pw_uid for n in names}
     home = user_home(CAROL, demo_home)
-    args = ["run", "--config", home / "demo" / "image_lora.yaml", "--home", home,
-            "--runner", sock, "-p", "max_train_steps", "6", "-p", "sample_steps", "1",
-            "-p", "save_steps", "0", "-p", "sample_prompts", '["a red circle"]']
-    client = as_user(CAROL, *args, wait=False)
+    client = _carols_image_run(sock, home, max_train_steps=6, save_steps=0)
     try:
         deadline = time.monotonic() + 180
         kernels = []
@@ -449,10 +457,7 @@ def test_an_interrupted_isolated_run_resumes_under_another_lease(isolated_servic
     back when it ends."""
     sock, state, names, work_root = isolated_service
     home = user_home(CAROL, demo_home)
-    args = ["run", "--config", home / "demo" / "image_lora.yaml", "--home", home,
-            "--runner", sock, "-p", "max_train_steps", "30", "-p", "save_steps", "2",
-            "-p", "sample_steps", "1", "-p", "sample_prompts", '["a red circle"]']
-    client = as_user(CAROL, *args, wait=False)
+    client = _carols_image_run(sock, home, max_train_steps=30, save_steps=2)
     try:
         deadline = time.monotonic() + 240
         while not list(work_root.glob("*/output/checkpoints/checkpoint-2")):
