@@ -38,7 +38,10 @@ def read_index(root: Path, kind: str, name: str) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        raise VerificationError(f"{path}: unreadable snapshot index ({exc})") from None
+        raise VerificationError(f"{path}: unreadable snapshot index ({exc}); fix: the "
+                                "snapshot store was damaged: restore this file from a backup "
+                                "of the state directory (the records pinned on it can no "
+                                "longer be replayed until then)") from None
     return doc if isinstance(doc, dict) else None
 
 
